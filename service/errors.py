@@ -1,0 +1,75 @@
+"""The host service's error hierarchy.
+
+Each class carries its D-Bus error name, so the D-Bus face maps an exception to
+a named error in one line, and the core raises them without importing D-Bus.
+"""
+
+from __future__ import annotations
+
+from llmux.service.contract import ErrorName
+
+
+class HostError(Exception):
+    """Base of every error the service answers with; the message is for humans."""
+
+    dbus_name: str = ErrorName.INTERNAL
+
+
+class NotFound(HostError):
+    dbus_name = ErrorName.NOT_FOUND
+
+
+class AccessDenied(HostError):
+    dbus_name = ErrorName.ACCESS_DENIED
+
+
+class InvalidArgument(HostError):
+    dbus_name = ErrorName.INVALID_ARGUMENT
+
+
+class NoSpace(HostError):
+    dbus_name = ErrorName.NO_SPACE
+
+
+class PidInUse(HostError):
+    dbus_name = ErrorName.PID_IN_USE
+
+
+class CriuFailed(HostError):
+    """CRIU exited non-zero; the message carries the relevant log excerpt."""
+
+    dbus_name = ErrorName.CRIU_FAILED
+
+
+class CudaFailed(HostError):
+    dbus_name = ErrorName.CUDA_FAILED
+
+
+class ManifestMismatch(HostError):
+    """The checkpoint was taken under conditions this host cannot restore."""
+
+    dbus_name = ErrorName.MANIFEST_MISMATCH
+
+
+class Busy(HostError):
+    dbus_name = ErrorName.BUSY
+
+
+class Cancelled(HostError):
+    dbus_name = ErrorName.CANCELLED
+
+
+class Timeout(HostError):
+    dbus_name = ErrorName.TIMEOUT
+
+
+class Unsupported(HostError):
+    dbus_name = ErrorName.UNSUPPORTED
+
+
+class NoSuchProcess(HostError):
+    dbus_name = ErrorName.NO_SUCH_PROCESS
+
+
+class Internal(HostError):
+    dbus_name = ErrorName.INTERNAL

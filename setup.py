@@ -1,0 +1,21 @@
+"""Maps the repository's top-level folders onto the llmux. namespace.
+
+service/ installs as llmux.service and shim/ as llmux.shim; the package list is
+derived from the tree so that a new subpackage needs no edit here.
+"""
+
+from setuptools import find_packages, setup
+
+ROOTS = {"service": "llmux.service", "shim": "llmux.shim"}
+
+packages = [
+    f"{name}{'.' + sub if sub else ''}"
+    for folder, name in ROOTS.items()
+    for sub in ["", *find_packages(folder)]
+]
+
+setup(
+    packages=packages,
+    package_dir={name: folder for folder, name in ROOTS.items()},
+    package_data={"llmux.shim": ["py.typed"], "llmux.service": ["py.typed"]},
+)
