@@ -1,0 +1,105 @@
+"""The shim's error hierarchy.
+
+Each class carries the HTTP status and the OpenAI error ``type`` it is answered
+with, so the proxy turns any of them into a response in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ShimError(Exception):
+    http_status: int = 500
+    error_type: str = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        """OpenAI-style error body, as the official client expects it."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code if self.code is not None else self.http_status,
+            }
+        }
+
+
+class ConfigError(ShimError):
+    """The configuration is invalid; ``problems`` lists every (key path, why)."""
+
+    error_type = "config_error"
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "config"):
+        self.problems = problems
+        lines = "\n".join(f"  {path}: {why}" for path, why in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
+
+
+class BadRequest(ShimError):
+    http_status = 400
+    error_type = "invalid_request_error"
+
+
+class ModelNotFound(ShimError):
+    http_status = 404
+    error_type = "invalid_request_error"
+
+    def __init__(self, model: str | None, known: list[str]):
+        what = f"The model `{model}` does not exist" if model else "No model was named"
+        super().__init__(
+            f"{what}. Known models: {', '.join(sorted(known)) or '(none)'}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+class PayloadTooLarge(ShimError):
+    http_status = 413
+    error_type = "invalid_request_error"
+
+
+class UnsupportedMediaType(ShimError):
+    http_status = 415
+    error_type = "invalid_request_error"
+
+
+class ServiceUnavailable(ShimError):
+    """The model cannot be made ready (switch failed, engine died, shutting down)."""
+
+    http_status = 503
+    error_type = "service_unavailable"
+
+
+class RequestTimeout(ShimError):
+    """request_timeout_secs passed while the request waited for its model."""
+
+    http_status = 504
+    error_type = "timeout"
+
+
+class EngineFailed(ShimError):
+    """The engine process failed to start, died, or answered garbage."""
+
+    http_status = 502
+    error_type = "engine_error"
+
+
+class Conflict(ShimError):
+    """A control action that the model's current state does not allow."""
+
+    http_status = 409
+    error_type = "invalid_request_error"
+
+
+class HostUnavailable(ShimError):
+    """The host service (llmuxd) is needed but cannot be reached or refused."""
+
+    http_status = 503
+    error_type = "host_service_error"
