@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The demo: sets the machine up, starts the shim with two built-in-engine models, sends
+# chat requests that switch between them, shows /control/status, then stops everything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash packaging/setup-dev.sh
+VENV=${LLMUX_VENV:-$PWD/.venv}
+CONFIG=${1:-packaging/demo/demo.toml}
+PORT=$("$VENV/bin/python" -c "import sys,tomllib;print(tomllib.load(open(sys.argv[1],'rb'))['port'])" "$CONFIG")
+URL=http://127.0.0.1:$PORT
+
+"$VENV/bin/llmux" serve --config "$CONFIG" &
+SHIM=$!
+trap 'kill -TERM $SHIM 2>/dev/null; wait $SHIM 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do
+    curl -fs "$URL/health" >/dev/null 2>&1 && break
+    sleep 0.2
+done
+
+ask() {
+    printf '\n>>> %s: %s\n' "$1" "$2"
+    "$VENV/bin/python" - "$URL" "$1" "$2" <<'PY'
+import sys, time
+from openai import OpenAI
+url, model, prompt = sys.argv[1:4]
+client = OpenAI(base_url=f"{url}/v1", api_key="demo")
+t = time.monotonic()
+r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                   max_tokens=16)
+print(f"<<< {r.model} ({time.monotonic() - t:.2f}s): {r.choices[0].message.content}")
+PY
+}
+ask qwen3-0.6b "Say hello"
+ask gemma-3-1b "Say hello"
+ask qwen3-0.6b "Say hello"
+printf '\n== GET /control/status\n'
+curl -s "$URL/control/status" | "$VENV/bin/python" -m json.tool

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Downloads (here, where PyPI is reachable) the wheels the GPU machine lacks for
+# packaging/gpu/h100-demo.sh: the built-in engine's dependencies and pytest (for --tests).
+# torch is the GPU machine's own. The wheels are for its python3 (CPython 3.12, x86_64).
+#
+# Usage: packaging/gpu/fetch-wheels.sh [DIR]       (default DIR: .whl in the repo root)
+# On the GPU machine: python3 -m pip install -q --no-index --no-deps --no-compile \
+#     --no-cache-dir --upgrade --target /tmp/site DIR/*.whl && export PYTHONPATH=/tmp/site
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+DEST=${1:-.whl}
+PY=${PYTHON:-python3}
+PYVER=${LLMUX_GPU_PYTHON_VERSION:-3.12}
+# Pinned to what the project's own virtualenv runs, so the demo exercises tested versions.
+WHEELS=(
+    starlette==1.10.0 anyio==4.16.0 idna==3.20 typing_extensions==4.16.0
+    uvicorn==0.54.0 click==8.5.1 h11==0.16.0 httptools==0.9.0 pyzmq==27.3.0
+    pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.3
+)
+mkdir -p "$DEST"
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux1_x86_64 --platform any -d "$DEST" "${WHEELS[@]}"
+ls -1 "$DEST"
+du -sh "$DEST"

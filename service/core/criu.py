@@ -1,0 +1,332 @@
+"""Driving the criu binary: version check, dump, restore, and readable failures.
+
+CRIU is run as a subprocess with argv lists (never a shell). Its verbose log goes to a file
+in the images directory; on failure the lines that explain it are cut out of that log and
+carried by CriuFailed. A cancelled run kills CRIU: CRIU detaches from the tree when it dies
+(ptrace), so a dump killed before its end leaves the tree running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import re
+import shutil
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmux.service.errors import CriuFailed, Unsupported
+
+MIN_MAJOR = 4
+BUNDLE_PATH = "/opt/llmux/criu/criu"
+"""Where packaging/criu/install-criu.sh puts the bundle; used when 'criu' is not on PATH."""
+
+INSTALL_HINT = "packaging/criu/install-criu.sh installs CRIU 4.2.1 into /opt/llmux/criu"
+
+_HARMLESS = ("RLIMIT_NOFILE",)
+"""Log lines CRIU prints on every run on hosts without CAP_SYS_RESOURCE."""
+
+_VERSION = re.compile(r"Version:\s*(\d+)\.(\d+)(?:\.(\d+))?")
+
+
+@dataclass(frozen=True)
+class CriuVersion:
+    major: int
+    minor: int
+    sublevel: int
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}.{self.sublevel}"
+
+
+def parse_version(text: str) -> CriuVersion | None:
+    m = _VERSION.search(text)
+    if m is None:
+        return None
+    return CriuVersion(int(m[1]), int(m[2]), int(m[3] or 0))
+
+
+def log_excerpt(log: str, max_lines: int = 25) -> str:
+    """The lines of a CRIU log that say why it failed.
+
+    Every "Error"/"Warn" line with the two lines before it, else the tail of the log.
+    """
+    lines = [ln for ln in log.splitlines() if not any(h in ln for h in _HARMLESS)]
+    picked: list[int] = []
+    for i, line in enumerate(lines):
+        if "Error" in line or "error" in line.split(")", 1)[-1][:40] or "Warn" in line:
+            picked.extend(range(max(0, i - 2), i + 1))
+    if not picked:
+        tail = lines[-max_lines:]
+        return "\n".join(tail)
+    keep = sorted(set(picked))[-max_lines:]
+    return "\n".join(lines[i] for i in keep)
+
+
+@dataclass(frozen=True)
+class DumpRequest:
+    pid: int
+    images_dir: Path
+    leave_running: bool = False
+    ghost_limit_bytes: int = 512 << 20
+    external_mounts: Sequence[tuple[str, str]] = ()
+    """(mount point inside the tree's mount namespace, key) pairs."""
+    shell_job: bool = False
+    foreign_mntns: bool = False
+    plugin_dir: str | None = None
+    log_name: str = "dump.log"
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    images_dir: Path
+    pidfile: Path
+    root: Path | None = None
+    """The target container's merged rootfs as a host path; None for the host's own root."""
+    external_mounts: Sequence[tuple[str, str]] = ()
+    """(key, host path) pairs."""
+    shell_job: bool = False
+    foreign_mntns: bool = False
+    plugin_dir: str | None = None
+    cgroup_procs: Sequence[Path] = ()
+    """cgroup.procs files CRIU is moved into before it forks the tree, which inherits them."""
+    log_name: str = "restore.log"
+
+
+@dataclass
+class CriuRun:
+    """A CRIU process in flight; pid is what restore progress watches."""
+
+    argv: list[str]
+    pid: int = 0
+    returncode: int | None = None
+    output: str = ""
+    log_path: Path | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+_COMMON = ("--tcp-established", "--ext-unix-sk", "--link-remap", "--file-locks")
+
+
+def dump_argv(binary: str, req: DumpRequest) -> list[str]:
+    argv = [
+        binary,
+        "dump",
+        "--tree",
+        str(req.pid),
+        "--images-dir",
+        str(req.images_dir),
+        *_COMMON,
+        "--ghost-limit",
+        str(req.ghost_limit_bytes),
+        "--manage-cgroups=ignore",
+        "-v4",
+        "-o",
+        req.log_name,
+    ]
+    if req.leave_running:
+        argv.append("--leave-running")
+    if req.shell_job:
+        argv.append("--shell-job")
+    if req.foreign_mntns:
+        argv += ["--enable-external-sharing", "--enable-external-masters"]
+    for mount_point, key in req.external_mounts:
+        argv += ["--external", f"mnt[{mount_point}]:{key}"]
+    if req.plugin_dir:
+        argv += ["--libdir", req.plugin_dir]
+    return argv
+
+
+def restore_argv(binary: str, req: RestoreRequest) -> list[str]:
+    argv = [
+        binary,
+        "restore",
+        "--images-dir",
+        str(req.images_dir),
+        "--restore-detached",
+        "--pidfile",
+        str(req.pidfile),
+        *_COMMON,
+        "--manage-cgroups=ignore",
+        "-v4",
+        "-o",
+        req.log_name,
+    ]
+    if req.shell_job:
+        argv.append("--shell-job")
+    if req.foreign_mntns:
+        argv += ["--enable-external-sharing", "--enable-external-masters"]
+    if req.root is not None:
+        argv += ["--root", str(req.root)]
+    for key, host_path in req.external_mounts:
+        argv += ["--external", f"mnt[{key}]:{host_path}"]
+    if req.plugin_dir:
+        argv += ["--libdir", req.plugin_dir]
+    return argv
+
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_prctl = _libc.prctl
+
+
+def _child_setup(cgroup_files: Sequence[Path]) -> Callable[[], None]:
+    """A pre-exec hook: CRIU dies with the service, and joins cgroups before it forks.
+
+    Dying with the service matters: a CRIU left running by a killed service would finish
+    the dump, kill the tree, and leave images no manifest describes. Killed early, it lets
+    the tree go on running. Joining the cgroups first makes a restored tree born in them.
+    Only os-level calls on precomputed values: this runs between fork and exec.
+    """
+    encoded = [os.fsencode(f) for f in cgroup_files]
+    parent = os.getpid()
+
+    def setup() -> None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the service died before prctl took effect
+            os._exit(1)
+        me = str(os.getpid()).encode()
+        for path in encoded:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, me)
+            finally:
+                os.close(fd)
+
+    return setup
+
+
+class CriuTool:
+    """One criu binary whose version was checked."""
+
+    def __init__(self, path: str, version: CriuVersion) -> None:
+        self.path = path
+        self.version = version
+
+    @classmethod
+    async def locate(cls, path: str = "criu") -> CriuTool:
+        """Find the binary and refuse anything older than CRIU 4.0, saying what to do."""
+        found = path if "/" in path else shutil.which(path)
+        if found is None and path == "criu" and os.access(BUNDLE_PATH, os.X_OK):
+            found = BUNDLE_PATH
+        if found is None or not os.access(found, os.X_OK):
+            raise Unsupported(f"CRIU binary {path!r} not found ({INSTALL_HINT})")
+        code, out = await _run_quick([found, "--version"])
+        version = parse_version(out)
+        if code != 0 or version is None:
+            raise Unsupported(
+                f"{found} --version did not report a CRIU version "
+                f"(exit {code}): {out.strip()[:200]}"
+            )
+        if version.major < MIN_MAJOR:
+            raise Unsupported(
+                f"CRIU {version} at {found} is too old: llmux needs CRIU {MIN_MAJOR}.0 or later "
+                f"(CRIU 3.x cannot dump on current kernels); {INSTALL_HINT}"
+            )
+        return cls(found, version)
+
+    async def check(self) -> tuple[bool, str]:
+        code, out = await _run_quick([self.path, "check"])
+        text = "\n".join(ln for ln in out.splitlines() if not any(h in ln for h in _HARMLESS))
+        return code == 0, text.strip()
+
+    async def dump(
+        self, req: DumpRequest, on_start: Callable[[CriuRun], None] | None = None
+    ) -> CriuRun:
+        return await self._run(
+            dump_argv(self.path, req), req.images_dir, req.log_name, "dump", on_start, ()
+        )
+
+    async def restore(
+        self, req: RestoreRequest, on_start: Callable[[CriuRun], None] | None = None
+    ) -> CriuRun:
+        return await self._run(
+            restore_argv(self.path, req),
+            req.images_dir,
+            req.log_name,
+            "restore",
+            on_start,
+            req.cgroup_procs,
+        )
+
+    async def _run(
+        self,
+        argv: list[str],
+        images_dir: Path,
+        log_name: str,
+        what: str,
+        on_start: Callable[[CriuRun], None] | None,
+        cgroup_procs: Sequence[Path],
+    ) -> CriuRun:
+        run = CriuRun(argv=argv, log_path=images_dir / log_name)
+        # Output to a file, not a pipe: a helper CRIU started (an action script) could hold a
+        # pipe open after CRIU is killed, and asyncio waits for its pipes to close.
+        out_path = images_dir / f"{what}.out"
+        fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=fd,
+                stderr=fd,
+                cwd=images_dir,
+                umask=0o077,
+                preexec_fn=_child_setup(cgroup_procs),
+                start_new_session=True,
+            )
+        finally:
+            os.close(fd)
+        run.pid = proc.pid
+        if on_start is not None:
+            on_start(run)
+        try:
+            await proc.wait()
+        except asyncio.CancelledError:
+            await _kill(proc)
+            raise
+        run.returncode = proc.returncode
+        with contextlib.suppress(OSError):
+            run.output = out_path.read_text(errors="replace")
+        if proc.returncode != 0:
+            raise CriuFailed(self.failure_message(run, what))
+        return run
+
+    @staticmethod
+    def failure_message(run: CriuRun, what: str) -> str:
+        log = ""
+        if run.log_path is not None:
+            with contextlib.suppress(OSError):
+                log = run.log_path.read_text(errors="replace")
+        excerpt = log_excerpt(log or run.output)
+        where = f" (full log: {run.log_path})" if run.log_path is not None else ""
+        return f"criu {what} failed with exit code {run.returncode}{where}:\n{excerpt}"
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    """Kill CRIU with its helpers (action scripts; its own process group) and wait for it,
+    even if the caller is being cancelled again. The dumped tree is not in that group."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGKILL)
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.shield(proc.wait())
+
+
+async def _run_quick(argv: list[str]) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
+    except (asyncio.CancelledError, TimeoutError):
+        await _kill(proc)
+        raise
+    return proc.returncode or 0, out.decode(errors="replace")

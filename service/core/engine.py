@@ -1,0 +1,724 @@
+"""The checkpoint engine: CRIU dump/restore and CUDA suspend/resume of process trees.
+
+The facade the D-Bus face calls; usable without D-Bus. Guarantees:
+
+- Failure is never loss. A failed or cancelled dump leaves the tree running (CRIU kills it
+  only on success; CUDA is restored and unlocked) and removes the half-written checkpoint.
+  A failed restore keeps the checkpoint and carries CRIU's log excerpt. Once CRIU has dumped
+  and killed the tree, the checkpoint is committed even if the job is cancelled meanwhile.
+- One job per model (and per root PID) at a time: a second one gets Busy.
+- The caller acts only within its own container (authz); a restore goes into the caller's
+  container: its rootfs, its bind mounts, its cgroups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TypeVar
+
+from llmux.service.core import authz, proctree, upperfiles
+from llmux.service.core.authz import Caller, RestoredRegistry
+from llmux.service.core.container import ContainerContext
+from llmux.service.core.criu import CriuRun, CriuTool, DumpRequest, RestoreRequest
+from llmux.service.core.cuda import CudaCheckpointer, driver_version, make_cuda_checkpointer
+from llmux.service.core.manifest import ExternalMountRecord, Manifest
+from llmux.service.core.store import (
+    CheckpointStore,
+    Staging,
+    check_model,
+    dir_bytes,
+    dump_completed,
+)
+from llmux.service.core.upperfiles import SavedFile, ViewRoot
+from llmux.service.errors import (
+    Busy,
+    CudaFailed,
+    HostError,
+    InvalidArgument,
+    ManifestMismatch,
+    NotFound,
+    PidInUse,
+    Unsupported,
+)
+
+__all__ = [
+    "Caller",
+    "CheckpointEngine",
+    "EngineConfig",
+    "HostInfo",
+    "Manifest",
+    "Progress",
+    "ProgressSink",
+    "SuspendResult",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+PID_FREE_TIMEOUT_S = 10.0
+"""How long a restore waits for dumped PIDs to be reaped before naming who holds them."""
+REAP_AFTER_DUMP_S = 5.0
+PROGRESS_INTERVAL_S = 0.25
+_SIZE_MARGIN = 1.05
+_SIZE_SLACK = 16 << 20
+
+
+def _service_version() -> str:
+    try:
+        return importlib.metadata.version("llmux")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+@dataclass(frozen=True)
+class Progress:
+    fraction: float
+    bytes: int
+    rate: float
+    """Bytes per second since the phase began."""
+    status: str
+
+
+ProgressSink = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    state_dir: Path
+    criu_path: str = "criu"
+    cuda_mode: str = "api"
+    """"api" | "binary" | "plugin" | "off"."""
+    cuda_checkpoint_path: str = "cuda-checkpoint"
+    cuda_plugin_dir: str = "/usr/lib/criu/"
+    ghost_limit_bytes: int = 512 << 20
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    version: str
+    criu_version: str
+    kernel_release: str
+    driver_version: str
+    state_dir: str
+    free_bytes: int
+
+
+@dataclass(frozen=True)
+class SuspendResult:
+    model: str
+    pids: list[int]
+    cuda_pids: list[int]
+    seconds: float
+
+
+class _Reporter:
+    """Sends Progress to a sink; never lets a sink's exception break a job."""
+
+    def __init__(self, sink: ProgressSink | None) -> None:
+        self.sink = sink
+
+    def __call__(self, fraction: float, nbytes: int, rate: float, status: str) -> None:
+        if self.sink is None:
+            return
+        try:
+            self.sink(Progress(max(0.0, min(1.0, fraction)), nbytes, rate, status))
+        except Exception:
+            log.exception("progress sink failed")
+
+    @contextlib.asynccontextmanager
+    async def watching(
+        self, measure: Callable[[], int], expected: int, status: str, lo: float, hi: float
+    ) -> AsyncIterator[None]:
+        """Report measure() against expected, mapped onto [lo, hi], while the body runs."""
+        start = time.monotonic()
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(PROGRESS_INTERVAL_S)
+                try:
+                    done = measure()
+                except OSError:
+                    continue
+                elapsed = max(time.monotonic() - start, 1e-6)
+                part = min(done / expected, 0.99) if expected > 0 else 0.0
+                self(lo + (hi - lo) * part, done, done / elapsed, status)
+
+        task = asyncio.create_task(loop()) if self.sink is not None else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+
+async def _uncancellable(coro: Awaitable[T]) -> T:
+    """Run to completion even if the caller is cancelled meanwhile (past the point of no
+    return: the tree is already dumped and gone, the checkpoint must be kept)."""
+    task = asyncio.ensure_future(coro)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+    if cancelled:
+        current = asyncio.current_task()
+        if current is not None:
+            current.uncancel()
+        log.warning("cancellation arrived after the dump completed; the checkpoint is kept")
+    return result
+
+
+def _session_outside(pids: Sequence[int]) -> bool:
+    """A tree whose session or process group leader is outside it needs --shell-job."""
+    members = set(pids)
+    for pid in pids:
+        st = proctree.read_stat(pid)
+        if st is not None and (st.session not in members or st.pgrp not in members):
+            return True
+    return False
+
+
+class CheckpointEngine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        criu: CriuTool,
+        store: CheckpointStore,
+        cuda: CudaCheckpointer,
+    ) -> None:
+        self.config = config
+        self.criu = criu
+        self.store = store
+        self.cuda = cuda
+        self.restored = RestoredRegistry(store.root / ".restored.json")
+        self._busy_models: set[str] = set()
+        self._busy_pids: set[int] = set()
+        self._suspended: dict[str, tuple[int, list[int]]] = {}
+        self._version = _service_version()
+        self.pid_free_timeout = PID_FREE_TIMEOUT_S
+
+    @classmethod
+    async def open(cls, config: EngineConfig) -> CheckpointEngine:
+        """Check CRIU's version, prepare the state directory (crash leftovers removed) and
+        load the manifests of the checkpoints it holds."""
+        if config.ghost_limit_bytes <= 0:
+            raise InvalidArgument(f"ghost_limit_bytes must be positive: {config.ghost_limit_bytes}")
+        criu = await CriuTool.locate(config.criu_path)
+        store = CheckpointStore(config.state_dir)
+        cleaned = await asyncio.to_thread(store.prepare)
+        if cleaned:
+            log.info("removed leftovers of interrupted dumps: %s", ", ".join(cleaned))
+        cuda = make_cuda_checkpointer(config.cuda_mode, config.cuda_checkpoint_path)
+        return cls(config, criu, store, cuda)
+
+    # ---- queries -------------------------------------------------------------------
+
+    def info(self) -> HostInfo:
+        return HostInfo(
+            version=self._version,
+            criu_version=str(self.criu.version),
+            kernel_release=os.uname().release,
+            driver_version=driver_version(),
+            state_dir=str(self.store.root),
+            free_bytes=self.store.free_bytes(),
+        )
+
+    def list_checkpoints(self) -> list[Manifest]:
+        found: list[Manifest] = self.store.manifests()
+        return found
+
+    def get_checkpoint(self, model: str) -> Manifest:
+        return self.store.get(model)
+
+    def delete_checkpoint(self, caller: Caller, model: str) -> None:
+        check_model(model)
+        if model in self._busy_models:
+            raise Busy(f"a job for model {model!r} is running")
+        manifest = self.store.get(model)
+        authz.check_owner(caller, manifest.owner_uid, model)
+        self.store.delete(model)
+
+    # ---- job bookkeeping ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _claim(self, model: str, root_pid: int | None = None) -> Iterator[None]:
+        if model in self._busy_models:
+            raise Busy(f"a job for model {model!r} is already running")
+        if root_pid is not None and root_pid in self._busy_pids:
+            raise Busy(f"a job for PID {root_pid} is already running")
+        self._busy_models.add(model)
+        if root_pid is not None:
+            self._busy_pids.add(root_pid)
+        try:
+            yield
+        finally:
+            self._busy_models.discard(model)
+            if root_pid is not None:
+                self._busy_pids.discard(root_pid)
+
+    @staticmethod
+    def _check_pid_arg(root_pid: int) -> None:
+        if isinstance(root_pid, bool) or not isinstance(root_pid, int) or root_pid <= 0:
+            raise InvalidArgument(f"root PID must be a positive integer, not {root_pid!r}")
+
+    # ---- checkpoint ------------------------------------------------------------------
+
+    async def checkpoint(
+        self,
+        caller: Caller,
+        model: str,
+        root_pid: int,
+        *,
+        leave_running: bool = False,
+        weights_bytes: int = 0,
+        progress: ProgressSink | None = None,
+    ) -> Manifest:
+        check_model(model)
+        self._check_pid_arg(root_pid)
+        if (
+            isinstance(weights_bytes, bool)
+            or not isinstance(weights_bytes, int)
+            or weights_bytes < 0
+        ):
+            raise InvalidArgument(
+                f"weights_bytes must be a non-negative integer: {weights_bytes!r}"
+            )
+        with self._claim(model, root_pid):
+            return await self._checkpoint(
+                caller, model, root_pid, leave_running, weights_bytes, _Reporter(progress)
+            )
+
+    async def _checkpoint(
+        self,
+        caller: Caller,
+        model: str,
+        root_pid: int,
+        leave_running: bool,
+        weights_bytes: int,
+        report: _Reporter,
+    ) -> Manifest:
+        started = time.monotonic()
+        report(0.0, 0, 0.0, "checking")
+        authz.check_target(caller, root_pid, self.restored)
+        pids = proctree.tree(root_pid)
+        tids = proctree.all_threads(pids)
+        ctx = ContainerContext.from_pid(root_pid)
+        if ctx.foreign and ctx.rootfs_host_path is None:
+            raise Unsupported(
+                f"PID {root_pid} lives in a mount namespace whose root filesystem is not "
+                "visible on the host; it cannot be restored, so it is not dumped"
+            )
+        expected = int((proctree.rss_bytes(pids) + weights_bytes) * _SIZE_MARGIN) + _SIZE_SLACK
+        self.store.check_space(model, expected)
+        cuda_pids = self.cuda.cuda_pids(pids)
+        shell_job = _session_outside(pids)
+
+        pending = Manifest(
+            model=model,
+            owner=authz.user_name(caller.uid),
+            owner_uid=caller.uid,
+            root_pid=root_pid,
+            pids=pids,
+            tids=tids,
+            cuda_pids=cuda_pids,
+            criu_version=str(self.criu.version),
+            kernel_release=os.uname().release,
+            driver_version=driver_version(),
+            created=0.0,
+            rootfs=ctx.rootfs_identity(),
+            foreign_mntns=ctx.foreign,
+            shell_job=shell_job,
+            external_mounts=[ExternalMountRecord(e.key, e.mount_point) for e in ctx.externals],
+            source_cgroups=ctx.cgroup_identity,
+            expected_bytes=expected,
+            leave_running=leave_running,
+        )
+        staging = self.store.begin(model)
+        view = ViewRoot(root_pid if ctx.foreign else None)
+        try:
+            # If the service dies mid-dump, start-up can still finish what CRIU completed.
+            await asyncio.to_thread(self.store.write_pending, staging, pending)
+            _, deleted = upperfiles.open_paths(pids)
+            remap_dirs = upperfiles.link_remap_dirs(deleted, view.path)
+            stale = upperfiles.list_link_remaps(remap_dirs)
+            if stale:
+                log.info("removing stale CRIU link-remap files: %s", stale)
+                upperfiles.remove_files(stale)
+            upper = upperfiles.find_upper_files(pids, ctx)
+
+            cuda_s = 0.0
+            if cuda_pids:
+                report(0.0, 0, 0.0, "cuda-checkpoint")
+                t = time.monotonic()
+                await self.cuda.lock_and_checkpoint(cuda_pids)
+                cuda_s = time.monotonic() - t
+
+            req = DumpRequest(
+                pid=root_pid,
+                images_dir=staging.images,
+                leave_running=leave_running,
+                ghost_limit_bytes=self.config.ghost_limit_bytes,
+                external_mounts=[(e.mount_point, e.key) for e in ctx.externals],
+                shell_job=shell_job,
+                foreign_mntns=ctx.foreign,
+                plugin_dir=self.config.cuda_plugin_dir
+                if self.config.cuda_mode == "plugin"
+                else None,
+            )
+            t = time.monotonic()
+            late_failure: BaseException | None = None
+            try:
+                async with report.watching(
+                    lambda: dir_bytes(staging.images), expected, "dumping", 0.0, 0.95
+                ):
+                    await self.criu.dump(req)
+            except BaseException as exc:
+                if proctree.exists(root_pid) or not dump_completed(staging.images):
+                    await _uncancellable(self._thaw(pids, cuda_pids))
+                    raise
+                # CRIU wrote every image and killed the tree, then failed or was cancelled
+                # on its way out: the images are the tree now; keep them.
+                late_failure = exc
+                current = asyncio.current_task()
+                if isinstance(exc, asyncio.CancelledError) and current is not None:
+                    current.uncancel()
+            dump_s = time.monotonic() - t
+        except BaseException:
+            view.close()
+            self.store.abort(staging)
+            raise
+
+        # Past the point of no return: unless leave_running, the tree is gone and only
+        # these images hold it. Finish even if cancelled; never delete them.
+        try:
+            return await _uncancellable(
+                self._finish_dump(
+                    pending=pending,
+                    model=model,
+                    root_pid=root_pid,
+                    pids=pids,
+                    tids=tids,
+                    cuda_pids=cuda_pids,
+                    ctx=ctx,
+                    view=view,
+                    upper=upper,
+                    remap_dirs=remap_dirs,
+                    staging=staging,
+                    leave_running=leave_running,
+                    shell_job=shell_job,
+                    expected=expected,
+                    cuda_s=cuda_s,
+                    dump_s=dump_s,
+                    started=started,
+                    report=report,
+                    late_failure=late_failure,
+                )
+            )
+        finally:
+            view.close()
+
+    async def _finish_dump(
+        self,
+        *,
+        pending: Manifest,
+        model: str,
+        root_pid: int,
+        pids: list[int],
+        tids: list[int],
+        cuda_pids: list[int],
+        ctx: ContainerContext,
+        view: ViewRoot,
+        upper: list[str],
+        remap_dirs: list[Path],
+        staging: Staging,
+        leave_running: bool,
+        shell_job: bool,
+        expected: int,
+        cuda_s: float,
+        dump_s: float,
+        started: float,
+        report: _Reporter,
+        late_failure: BaseException | None = None,
+    ) -> Manifest:
+        warnings: list[str] = []
+        if late_failure is not None:
+            what = (
+                "cancelled"
+                if isinstance(late_failure, asyncio.CancelledError)
+                else (str(late_failure).splitlines()[0])
+            )
+            warnings.append(f"CRIU completed the dump but then ended badly ({what}); kept")
+        report(0.95, dir_bytes(staging.images), 0.0, "saving files")
+        saved: list[SavedFile] = []
+        try:
+            saved = await asyncio.to_thread(upperfiles.save, upper, view.path, staging.files)
+        except OSError as exc:
+            warnings.append(f"files of the writable layer not saved: {exc}")
+        try:
+            remaps = upperfiles.list_link_remaps(remap_dirs)
+            if remaps:
+                paths = ["/" + str(p.relative_to(view.path)) for p in remaps]
+                saved += await asyncio.to_thread(
+                    upperfiles.save, paths, view.path, staging.files, "link-remap", len(saved)
+                )
+                upperfiles.remove_files(remaps)
+        except (OSError, ValueError) as exc:
+            warnings.append(f"link-remap files not saved: {exc}")
+        for w in warnings:
+            log.warning("checkpoint %s: %s", model, w)
+
+        if leave_running and cuda_pids:
+            report(0.97, 0, 0.0, "cuda-restore")
+            try:
+                await self.cuda.restore_and_unlock(cuda_pids)
+            except HostError:
+                log.exception("resuming CUDA after a leave-running dump failed")
+        if not leave_running:
+            left = await proctree.wait_gone(pids, REAP_AFTER_DUMP_S)
+            if left:
+                log.info("dumped PIDs not reaped yet: %s", left)
+
+        images_bytes = dir_bytes(staging.images)
+        manifest = replace(
+            pending,
+            created=time.time(),
+            images_bytes=images_bytes,
+            files_bytes=sum(f.size for f in saved),
+            dump_seconds=round(dump_s, 3),
+            cuda_seconds=round(cuda_s, 3),
+            total_seconds=round(time.monotonic() - started, 3),
+            files=saved,
+            warnings=warnings,
+        )
+        await asyncio.to_thread(self.store.commit, staging, manifest)
+        report(1.0, images_bytes, images_bytes / max(dump_s, 1e-6), "done")
+        log.info(
+            "checkpointed %s (PIDs %s) in %.2fs: %d MiB", model, pids, dump_s, images_bytes >> 20
+        )
+        return manifest
+
+    async def _thaw(self, pids: Sequence[int], cuda_pids: Sequence[int]) -> None:
+        """Make a tree whose dump failed run again: no job-control stop, CUDA unlocked."""
+        for pid in proctree.stopped(pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        if cuda_pids:
+            try:
+                await self.cuda.restore_and_unlock([p for p in cuda_pids if proctree.exists(p)])
+            except HostError:
+                log.exception("resuming CUDA after a failed dump failed")
+
+    # ---- restore ---------------------------------------------------------------------
+
+    async def restore(
+        self,
+        caller: Caller,
+        model: str,
+        *,
+        keep_images: bool = True,
+        progress: ProgressSink | None = None,
+    ) -> Manifest:
+        check_model(model)
+        with self._claim(model):
+            return await self._restore(caller, model, keep_images, _Reporter(progress))
+
+    def check_manifest(self, manifest: Manifest, target: ContainerContext) -> None:
+        """Refuse, precisely, a checkpoint this host or this container cannot take back."""
+        major = manifest.criu_version.split(".", 1)[0]
+        if major != str(self.criu.version.major):
+            raise ManifestMismatch(
+                f"checkpoint {manifest.model!r} was dumped by CRIU {manifest.criu_version}; "
+                f"this host runs CRIU {self.criu.version}"
+            )
+        kernel = os.uname().release
+        if manifest.kernel_release != kernel:
+            raise ManifestMismatch(
+                f"checkpoint {manifest.model!r} was taken on kernel {manifest.kernel_release}; "
+                f"this host runs {kernel}"
+            )
+        if manifest.cuda_pids:
+            driver = driver_version()
+            if manifest.driver_version != driver:
+                raise ManifestMismatch(
+                    f"checkpoint {manifest.model!r} holds CUDA state from NVIDIA driver "
+                    f"{manifest.driver_version or 'none'}; this host has "
+                    f"{driver or 'no NVIDIA driver'}"
+                )
+        identity = target.rootfs_identity()
+        if manifest.rootfs != identity:
+            raise ManifestMismatch(
+                f"checkpoint {manifest.model!r} was taken in a filesystem {manifest.rootfs}; "
+                f"the caller's container has {identity} (another image?)"
+            )
+        if target.foreign and target.rootfs_host_path is None:
+            raise Unsupported("the caller's container root filesystem is not visible on the host")
+        for ext in manifest.external_mounts:
+            mine = target.external_for(ext.mount_point)
+            if mine is None or mine.host_source is None:
+                raise ManifestMismatch(
+                    f"checkpoint {manifest.model!r} needs a bind mount at {ext.mount_point}, "
+                    "which the caller's container does not have"
+                )
+
+    async def _wait_pids_free(self, manifest: Manifest) -> None:
+        wanted = sorted(set(manifest.pids) | set(manifest.tids))
+        left = await proctree.wait_gone(wanted, self.pid_free_timeout)
+        if left:
+            who = "; ".join(f"PID {p} is held by {proctree.holder(p)}" for p in left[:3])
+            more = f" (and {len(left) - 3} more)" if len(left) > 3 else ""
+            raise PidInUse(
+                f"checkpoint {manifest.model!r} must restore PIDs {manifest.pids}, but {who}{more}"
+            )
+
+    async def _restore(
+        self, caller: Caller, model: str, keep_images: bool, report: _Reporter
+    ) -> Manifest:
+        started = time.monotonic()
+        report(0.0, 0, 0.0, "checking")
+        manifest = self.store.get(model)
+        authz.check_owner(caller, manifest.owner_uid, model)
+        if proctree.read_stat(caller.pid) is None:
+            raise NotFound(f"caller PID {caller.pid} is gone")
+        target = ContainerContext.from_pid(caller.pid)
+        self.check_manifest(manifest, target)
+        await self._wait_pids_free(manifest)
+
+        images = self.store.images_dir(model)
+        files = self.store.files_dir(model)
+        await asyncio.to_thread(upperfiles.verify, manifest.files, files)
+        with ViewRoot(caller.pid if target.foreign else None) as view:
+            await asyncio.to_thread(upperfiles.put_back, manifest.files, files, view.path)
+
+        externals: list[tuple[str, str]] = []
+        for ext in manifest.external_mounts:
+            mine = target.external_for(ext.mount_point)
+            if mine is not None and mine.host_source is not None:
+                externals.append((ext.key, mine.host_source))
+        root = target.rootfs_host_path if target.foreign else None
+        pidfile = images / "restore.pid"
+        with contextlib.suppress(FileNotFoundError):
+            pidfile.unlink()
+        req = RestoreRequest(
+            images_dir=images,
+            pidfile=pidfile,
+            root=Path(root) if root else None,
+            external_mounts=externals,
+            shell_job=manifest.shell_job,
+            foreign_mntns=manifest.foreign_mntns or target.foreign,
+            plugin_dir=self.config.cuda_plugin_dir if self.config.cuda_mode == "plugin" else None,
+            cgroup_procs=target.cgroup_procs_files(),
+        )
+        run_holder: list[CriuRun] = []
+
+        def measure() -> int:
+            if not run_holder:
+                return 0
+            criu_pid = run_holder[0].pid
+            done: int = proctree.io_read_bytes([criu_pid, *manifest.pids])
+            return done
+
+        t = time.monotonic()
+        async with report.watching(measure, manifest.images_bytes, "restoring", 0.0, 0.9):
+            await self.criu.restore(req, on_start=run_holder.append)
+        restore_s = time.monotonic() - t
+        try:
+            restored_root = int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            restored_root = manifest.root_pid
+        if restored_root != manifest.root_pid:
+            log.warning("restored root PID %s, expected %s", restored_root, manifest.root_pid)
+
+        if manifest.cuda_pids:
+            report(0.9, 0, 0.0, "cuda-restore")
+            try:
+                await self.cuda.restore_and_unlock(manifest.cuda_pids)
+            except HostError as exc:
+                raise CudaFailed(
+                    f"CRIU restored {model!r} (PIDs {manifest.pids}) but its CUDA state could "
+                    f"not be resumed: {exc}; the checkpoint is kept"
+                ) from exc
+
+        self.restored.add(restored_root, target.cgroup_identity, model)
+        if not keep_images:
+            self.store.delete(model)
+        report(1.0, manifest.images_bytes, manifest.images_bytes / max(restore_s, 1e-6), "done")
+        log.info(
+            "restored %s (PIDs %s) in %.2fs (%.2fs total)",
+            model,
+            manifest.pids,
+            restore_s,
+            time.monotonic() - started,
+        )
+        return manifest
+
+    # ---- CUDA suspend / resume -------------------------------------------------------
+
+    async def suspend(
+        self,
+        caller: Caller,
+        model: str,
+        root_pid: int,
+        progress: ProgressSink | None = None,
+    ) -> SuspendResult:
+        check_model(model)
+        self._check_pid_arg(root_pid)
+        report = _Reporter(progress)
+        with self._claim(model, root_pid):
+            started = time.monotonic()
+            report(0.0, 0, 0.0, "checking")
+            authz.check_target(caller, root_pid, self.restored)
+            pids = proctree.tree(root_pid)
+            cuda_pids = self.cuda.cuda_pids(pids)
+            if cuda_pids:
+                report(0.1, 0, 0.0, "cuda-checkpoint")
+                try:
+                    await self.cuda.lock_and_checkpoint(cuda_pids)
+                except BaseException:
+                    await _uncancellable(self._thaw(pids, cuda_pids))
+                    raise
+            self._suspended[model] = (root_pid, cuda_pids)
+            report(1.0, 0, 0.0, "done")
+            return SuspendResult(model, pids, cuda_pids, time.monotonic() - started)
+
+    async def resume(
+        self,
+        caller: Caller,
+        model: str,
+        root_pid: int,
+        progress: ProgressSink | None = None,
+    ) -> SuspendResult:
+        check_model(model)
+        self._check_pid_arg(root_pid)
+        report = _Reporter(progress)
+        with self._claim(model, root_pid):
+            started = time.monotonic()
+            report(0.0, 0, 0.0, "checking")
+            authz.check_target(caller, root_pid, self.restored)
+            pids = proctree.tree(root_pid)
+            known = self._suspended.get(model)
+            if known is not None and known[0] == root_pid:
+                cuda_pids = [p for p in known[1] if p in pids]
+            else:
+                cuda_pids = self.cuda.cuda_pids(pids)
+            if cuda_pids:
+                report(0.1, 0, 0.0, "cuda-restore")
+                await self.cuda.restore_and_unlock(cuda_pids)
+            self._suspended.pop(model, None)
+            report(1.0, 0, 0.0, "done")
+            return SuspendResult(model, pids, cuda_pids, time.monotonic() - started)

@@ -1,0 +1,117 @@
+"""The manifest: what a checkpoint holds and the conditions it was taken under.
+
+Written last into a checkpoint directory (its presence marks a complete checkpoint), read
+at start-up, and compared against the host before a restore so that a mismatch gives a
+precise error instead of CRIU's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from llmux.service.core.upperfiles import SavedFile
+from llmux.service.errors import ManifestMismatch
+
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ExternalMountRecord:
+    key: str
+    mount_point: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: str
+    owner: str
+    """The owner's user name (or uid as text when it has none)."""
+    owner_uid: int
+    root_pid: int
+    pids: list[int]
+    """Every process of the tree, root first."""
+    cuda_pids: list[int]
+    criu_version: str
+    kernel_release: str
+    driver_version: str
+    created: float
+    """Unix time at the end of the dump."""
+    tids: list[int] = field(default_factory=list)
+    """Every thread ID of the tree: all must be free for a restore."""
+    rootfs: dict[str, Any] = field(default_factory=lambda: {"kind": "host"})
+    """Identity of the source container's filesystem (kind, lower layers)."""
+    foreign_mntns: bool = False
+    shell_job: bool = False
+    external_mounts: list[ExternalMountRecord] = field(default_factory=list)
+    source_cgroups: str = ""
+    images_bytes: int = 0
+    files_bytes: int = 0
+    expected_bytes: int = 0
+    dump_seconds: float = 0.0
+    """CRIU's dump alone."""
+    cuda_seconds: float = 0.0
+    total_seconds: float = 0.0
+    leave_running: bool = False
+    files: list[SavedFile] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    """What went wrong after the dump without losing it (e.g. a file not saved)."""
+    format: int = FORMAT
+
+    @property
+    def size_bytes(self) -> int:
+        return self.images_bytes + self.files_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "files":
+                value = [s.to_dict() for s in value]
+            elif f.name == "external_mounts":
+                value = [{"key": e.key, "mount_point": e.mount_point} for e in value]
+            out[f.name] = value
+        out["size_bytes"] = self.size_bytes
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        if not isinstance(data, dict):
+            raise ManifestMismatch("manifest is not a JSON object")
+        fmt = data.get("format", FORMAT)
+        if fmt != FORMAT:
+            raise ManifestMismatch(
+                f"manifest format {fmt} is not supported (this service: {FORMAT})"
+            )
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        try:
+            kwargs["files"] = [SavedFile.from_dict(d) for d in data.get("files", [])]
+            kwargs["external_mounts"] = [
+                ExternalMountRecord(key=str(d["key"]), mount_point=str(d["mount_point"]))
+                for d in data.get("external_mounts", [])
+            ]
+            manifest = cls(**kwargs)
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ManifestMismatch(f"manifest is malformed: {exc}") from exc
+        manifest._validate()
+        return manifest
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ManifestMismatch(f"manifest is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    def _validate(self) -> None:
+        ints = [self.root_pid, *self.pids, *self.tids, *self.cuda_pids]
+        if not all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in ints):
+            raise ManifestMismatch("manifest has invalid PIDs")
+        if not self.pids or self.pids[0] != self.root_pid:
+            raise ManifestMismatch("manifest's PID list does not start with its root PID")

@@ -1,0 +1,238 @@
+"""Process trees read from /proc: who belongs to a tree, who holds a PID, when PIDs are free.
+
+Everything here reads /proc directly (no library exposes mountinfo, map_files or the
+zombie-versus-reaped distinction that a restore depends on). A process may vanish between
+any two reads, so every reader treats a missing /proc entry as "gone", never as an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmux.service.errors import NoSuchProcess
+
+PROC = Path("/proc")
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """The fields of /proc/PID/stat that the engine needs."""
+
+    pid: int
+    comm: str
+    state: str
+    ppid: int
+    pgrp: int
+    session: int
+    start_time: int
+    """Clock ticks since boot; with the PID it names one process for its whole life."""
+
+
+def parse_stat(text: str) -> ProcStat:
+    # comm may contain spaces and parentheses: it ends at the last ')'.
+    open_paren = text.index("(")
+    close_paren = text.rindex(")")
+    pid = int(text[:open_paren])
+    comm = text[open_paren + 1 : close_paren]
+    rest = text[close_paren + 2 :].split()
+    return ProcStat(
+        pid=pid,
+        comm=comm,
+        state=rest[0],
+        ppid=int(rest[1]),
+        pgrp=int(rest[2]),
+        session=int(rest[3]),
+        start_time=int(rest[19]),
+    )
+
+
+def read_stat(pid: int) -> ProcStat | None:
+    try:
+        return parse_stat((PROC / str(pid) / "stat").read_text())
+    except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+        return None
+
+
+def exists(pid: int) -> bool:
+    """True while the PID names a process that is not a zombie."""
+    st = read_stat(pid)
+    return st is not None and st.state not in ("Z", "X")
+
+
+def require(pid: int) -> ProcStat:
+    if pid <= 0:
+        raise NoSuchProcess(f"PID {pid} is not a valid process ID")
+    st = read_stat(pid)
+    if st is None or st.state in ("Z", "X"):
+        raise NoSuchProcess(f"no process with PID {pid}")
+    return st
+
+
+def all_stats() -> list[ProcStat]:
+    out = []
+    for entry in os.listdir(PROC):
+        if entry.isdigit():
+            st = read_stat(int(entry))
+            if st is not None:
+                out.append(st)
+    return out
+
+
+def tree(root: int) -> list[int]:
+    """The root and all its descendants (processes, not threads), root first."""
+    require(root)
+    children: dict[int, list[int]] = {}
+    for st in all_stats():
+        if st.state not in ("Z", "X"):
+            children.setdefault(st.ppid, []).append(st.pid)
+    out: list[int] = []
+    todo = [root]
+    while todo:
+        pid = todo.pop(0)
+        out.append(pid)
+        todo.extend(sorted(children.get(pid, [])))
+    return out
+
+
+def threads(pid: int) -> list[int]:
+    try:
+        return sorted(int(t) for t in os.listdir(PROC / str(pid) / "task"))
+    except FileNotFoundError:
+        return []
+
+
+def all_threads(pids: Iterable[int]) -> list[int]:
+    return sorted({tid for pid in pids for tid in threads(pid)})
+
+
+def ancestors(pid: int) -> list[int]:
+    """Parent, grandparent, ... up to PID 1 (excluded: PID 0)."""
+    out = []
+    st = read_stat(pid)
+    seen = {pid}
+    while st is not None and st.ppid > 0 and st.ppid not in seen:
+        out.append(st.ppid)
+        seen.add(st.ppid)
+        st = read_stat(st.ppid)
+    return out
+
+
+def is_descendant(pid: int, of: int) -> bool:
+    """Strict: a process is not its own descendant."""
+    return pid != of and of in ancestors(pid)
+
+
+def cmdline(pid: int) -> str:
+    try:
+        raw = (PROC / str(pid) / "cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+    return " ".join(p.decode(errors="replace") for p in raw.split(b"\0") if p)
+
+
+def uid_of(pid: int) -> int | None:
+    try:
+        for line in (PROC / str(pid) / "status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+def tgid_of(tid: int) -> int | None:
+    """The process a thread ID belongs to (/proc/TID exists for threads, unlisted)."""
+    try:
+        for line in (PROC / str(tid) / "status").read_text().splitlines():
+            if line.startswith("Tgid:"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+def describe(pid: int) -> str:
+    """A human description of a process, for error messages."""
+    st = read_stat(pid)
+    if st is None:
+        return f"PID {pid} (gone)"
+    cmd = cmdline(pid) or f"[{st.comm}]"
+    if len(cmd) > 120:
+        cmd = cmd[:117] + "..."
+    text = f"PID {pid} '{cmd}' (uid {uid_of(pid)}, parent {st.ppid})"
+    if st.state == "Z":
+        parent = read_stat(st.ppid)
+        pname = parent.comm if parent else "?"
+        text += f", a zombie not yet reaped by its parent {st.ppid} ({pname})"
+    return text
+
+
+def holder(pid: int) -> str | None:
+    """Who holds a PID (as a process or as a thread of one), or None when it is free."""
+    st = read_stat(pid)
+    if st is None:
+        return None
+    tgid = tgid_of(pid)
+    if tgid is not None and tgid != pid:
+        return f"thread {pid} of {describe(tgid)}"
+    return describe(pid)
+
+
+def taken(pids: Iterable[int]) -> list[int]:
+    return [p for p in pids if (PROC / str(p)).exists()]
+
+
+async def wait_gone(pids: Sequence[int], within: float, interval: float = 0.05) -> list[int]:
+    """Wait until no PID of the list exists any more (reaped, not merely dead).
+
+    Returns the PIDs still present when the timeout passed (empty on success).
+    """
+    deadline = time.monotonic() + within
+    left = taken(pids)
+    while left and time.monotonic() < deadline:
+        await asyncio.sleep(interval)
+        left = taken(left)
+    return left
+
+
+def rss_bytes(pids: Iterable[int]) -> int:
+    """Resident memory of the processes: what a dump has to write, roughly, from above."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in (PROC / str(pid) / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def io_read_bytes(pids: Iterable[int]) -> int:
+    """Bytes read by the processes (rchar), for restore progress."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in (PROC / str(pid) / "io").read_text().splitlines():
+                if line.startswith("rchar:"):
+                    total += int(line.split()[1])
+                    break
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return total
+
+
+def stopped(pids: Iterable[int]) -> list[int]:
+    """Processes in job-control stop (T), which a killed CRIU may leave behind."""
+    out = []
+    for pid in pids:
+        st = read_stat(pid)
+        if st is not None and st.state == "T":
+            out.append(pid)
+    return out

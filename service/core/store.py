@@ -1,0 +1,268 @@
+"""The state directory: one complete checkpoint per model, never a half one.
+
+Layout: <state>/<model>/{images/, files/, manifest.json}. A dump writes into
+<state>/.tmp-<model>-<random>/ and is renamed into place only when complete (manifest
+written and synced last); a replaced checkpoint goes to .old-<model>-<random>/ first. A
+crash therefore leaves only dot-names behind, which prepare() removes at start-up. Images
+are root-only: 0700 directories, 0600 files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from llmux.service.contract import DEFAULT_STATE_DIR, valid_model_name
+from llmux.service.core.manifest import Manifest
+from llmux.service.errors import HostError, InvalidArgument, NoSpace, NotFound
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+PENDING = "pending.json"
+IMAGES = "images"
+FILES = "files"
+_TMP = ".tmp-"
+_OLD = ".old-"
+_MB = 1 << 20
+
+
+def check_model(model: str) -> str:
+    if not isinstance(model, str) or not valid_model_name(model):
+        raise InvalidArgument(
+            f"invalid model name {model!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, without '..'"
+        )
+    return model
+
+
+@dataclass(frozen=True)
+class Staging:
+    """A checkpoint being written."""
+
+    model: str
+    path: Path
+
+    @property
+    def images(self) -> Path:
+        return self.path / IMAGES
+
+    @property
+    def files(self) -> Path:
+        return self.path / FILES
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def dir_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _, names in os.walk(path):
+        for n in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, n)).st_size
+    return total
+
+
+def dump_completed(images: Path) -> bool:
+    """CRIU's own word that every image is written (the last line of its dump log)."""
+    try:
+        with (images / "dump.log").open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return False
+    lines = tail.rstrip().splitlines()
+    return bool(lines) and "Dumping finished successfully" in lines[-1]
+
+
+def restrict(path: Path) -> None:
+    """0700 for every directory, 0600 for every file (CRIU's logs and images included)."""
+    os.chmod(path, 0o700)
+    for dirpath, dirnames, names in os.walk(path):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o700, follow_symlinks=False)
+        for n in names:
+            p = os.path.join(dirpath, n)
+            if not os.path.islink(p):
+                os.chmod(p, 0o600)
+
+
+class CheckpointStore:
+    def __init__(self, root: Path | str = DEFAULT_STATE_DIR) -> None:
+        self.root = Path(root)
+        self._manifests: dict[str, Manifest] = {}
+
+    def prepare(self) -> list[str]:
+        """Create the directory (0700), remove crash leftovers, load the manifests.
+
+        Returns what was cleaned, for the log.
+        """
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.root, 0o700)
+        if os.geteuid() == 0:
+            os.chown(self.root, 0, 0)
+        cleaned = []
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith(_TMP) and self._salvage(entry):
+                cleaned.append(f"{entry.name} (completed dump salvaged)")
+            elif entry.name.startswith((_TMP, _OLD)):
+                shutil.rmtree(entry, ignore_errors=True)
+                cleaned.append(entry.name)
+        self._manifests = {}
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            try:
+                manifest = self._read_manifest(entry)
+            except HostError as exc:
+                log.warning("ignoring %s: %s", entry, exc)
+                continue
+            self._manifests[manifest.model] = manifest
+        return cleaned
+
+    def write_pending(self, staging: Staging, pending: Manifest) -> None:
+        """What is known before CRIU runs, for _salvage after a crash of the service."""
+        fd = os.open(staging.path / PENDING, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(pending.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _salvage(self, tmp: Path) -> bool:
+        """Finish a dump that CRIU completed while the service died before committing it.
+
+        CRIU kills the tree only after writing every image; then these images are the
+        only copy of it, so they must not be cleaned away. Files of a container's
+        writable layer were not saved yet: a restore into the same container still works.
+        """
+        log_path = tmp / IMAGES / "dump.log"
+        try:
+            pending = Manifest.from_json((tmp / PENDING).read_text())
+        except (OSError, HostError):
+            return False
+        if not dump_completed(tmp / IMAGES) or not valid_model_name(pending.model):
+            return False
+        if any(Path(f"/proc/{p}").exists() for p in pending.pids) and not pending.leave_running:
+            return False  # the tree still runs: nothing to salvage, just a leftover
+        manifest = replace(
+            pending,
+            created=log_path.stat().st_mtime,
+            images_bytes=dir_bytes(tmp / IMAGES),
+            warnings=[
+                *pending.warnings,
+                "salvaged at start-up after the service stopped mid-dump; files of the "
+                "container's writable layer were not saved",
+            ],
+        )
+        (tmp / PENDING).unlink()
+        staging = Staging(model=pending.model, path=tmp)
+        try:
+            self.commit(staging, manifest)
+        except OSError:
+            log.exception("could not salvage %s", tmp)
+            return False
+        log.warning("salvaged a completed dump of %s from %s", pending.model, tmp)
+        return True
+
+    def _read_manifest(self, path: Path) -> Manifest:
+        mpath = path / MANIFEST
+        try:
+            text = mpath.read_text()
+        except FileNotFoundError as exc:
+            raise NotFound(f"{path} has no {MANIFEST}: not a complete checkpoint") from exc
+        manifest = Manifest.from_json(text)
+        if manifest.model != path.name:
+            raise InvalidArgument(f"{mpath} is for model {manifest.model!r}, not {path.name!r}")
+        return manifest
+
+    def path(self, model: str) -> Path:
+        return self.root / check_model(model)
+
+    def images_dir(self, model: str) -> Path:
+        return self.path(model) / IMAGES
+
+    def files_dir(self, model: str) -> Path:
+        return self.path(model) / FILES
+
+    def manifests(self) -> list[Manifest]:
+        return [self._manifests[m] for m in sorted(self._manifests)]
+
+    def get(self, model: str) -> Manifest:
+        check_model(model)
+        try:
+            return self._manifests[model]
+        except KeyError:
+            raise NotFound(f"no checkpoint for model {model!r} in {self.root}") from None
+
+    def has(self, model: str) -> bool:
+        return model in self._manifests
+
+    def begin(self, model: str) -> Staging:
+        check_model(model)
+        path = self.root / f"{_TMP}{model}-{secrets.token_hex(4)}"
+        path.mkdir(mode=0o700)
+        (path / IMAGES).mkdir(mode=0o700)
+        (path / FILES).mkdir(mode=0o700)
+        return Staging(model=model, path=path)
+
+    def abort(self, staging: Staging) -> None:
+        shutil.rmtree(staging.path, ignore_errors=True)
+
+    def commit(self, staging: Staging, manifest: Manifest) -> Path:
+        """Manifest last, synced; then one rename makes the checkpoint exist."""
+        with contextlib.suppress(FileNotFoundError):
+            (staging.path / PENDING).unlink()
+        restrict(staging.path)
+        mpath = staging.path / MANIFEST
+        fd = os.open(mpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(manifest.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(staging.path)
+        final = self.root / staging.model
+        old = None
+        if final.exists():
+            old = self.root / f"{_OLD}{staging.model}-{secrets.token_hex(4)}"
+            os.rename(final, old)
+        os.rename(staging.path, final)
+        _fsync_dir(self.root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self._manifests[staging.model] = manifest
+        return final
+
+    def delete(self, model: str) -> None:
+        self.get(model)
+        final = self.path(model)
+        trash = self.root / f"{_OLD}{model}-{secrets.token_hex(4)}"
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(final, trash)
+        self._manifests.pop(model, None)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def check_space(self, model: str, expected: int) -> None:
+        """Refuse a dump that would not fit (an existing checkpoint of the model is only
+        replaced after the new one is complete, so it does not count as free)."""
+        free = self.free_bytes()
+        if expected > free:
+            raise NoSpace(
+                f"checkpoint of {model!r} needs about {expected // _MB} MiB, but the state "
+                f"directory {self.root} has only {free // _MB} MiB free"
+            )

@@ -1,0 +1,327 @@
+"""Files a tree needs that a fresh container would not have, carried inside the checkpoint.
+
+CRIU restores open files by path and checks them (size, existence). A file the tree holds open
+or mapped that lives only in the old container's writable layer (an ipc socket directory in
+/tmp, a JIT log under a cache dir) is missing from a new container, and the restore fails or
+the process talks to nothing. They are found by inspection (/proc/PID/fd, map_files, cwd,
+bound unix sockets), saved with checksums at dump, and written back into the target's view
+(/proc/CALLER/root, which includes its bind mounts) before CRIU runs.
+
+The same mechanism carries CRIU's link_remap.* files (hard links to open-but-deleted files
+that --link-remap leaves next to them): moved into the checkpoint after a dump, so no stale
+link ever makes a later dump fail with "File exists", and put back before the restore.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import stat
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+
+from llmux.service.core.container import ContainerContext
+from llmux.service.errors import InvalidArgument, ManifestMismatch
+
+_DELETED = " (deleted)"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class SavedFile:
+    path: str
+    """Absolute path as the tree sees it (its mount namespace)."""
+    kind: str
+    """"file" or "dir"."""
+    mode: int
+    uid: int
+    gid: int
+    size: int = 0
+    sha256: str = ""
+    stored: str = ""
+    """Name under the checkpoint's files/ directory ("" for directories)."""
+    mtime_ns: int = 0
+    reason: str = "upper"
+    """"upper" (only in the container's writable layer) or "link-remap"."""
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> SavedFile:
+        return cls(
+            path=str(data["path"]),
+            kind=str(data["kind"]),
+            mode=int(str(data["mode"])),
+            uid=int(str(data["uid"])),
+            gid=int(str(data["gid"])),
+            size=int(str(data.get("size", 0))),
+            sha256=str(data.get("sha256", "")),
+            stored=str(data.get("stored", "")),
+            mtime_ns=int(str(data.get("mtime_ns", 0))),
+            reason=str(data.get("reason", "upper")),
+        )
+
+
+def _links(pid: int) -> list[str]:
+    """Paths of the files a process has open, mapped, or as cwd, as it sees them.
+
+    The kernel writes these links relative to its mount namespace's root; a process
+    whose root is a directory below that (chroot) sees them without that prefix.
+    """
+    raw = []
+    base = Path(f"/proc/{pid}")
+    for sub in ("fd", "map_files"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError, PermissionError):
+            for entry in os.scandir(base / sub):
+                with contextlib.suppress(OSError):
+                    raw.append(os.readlink(entry.path))
+    with contextlib.suppress(OSError):
+        raw.append(os.readlink(base / "cwd"))
+    try:
+        root = os.readlink(base / "root").rstrip("/")
+    except OSError:
+        root = ""
+    if not root:
+        return raw
+    return [link[len(root) :] if link.startswith(root + "/") else link for link in raw]
+
+
+_UNIX_INODE = re.compile(r"socket:\[(\d+)\]")
+
+
+def bound_socket_paths(pids: Iterable[int]) -> list[str]:
+    """Filesystem paths of the unix sockets the processes hold (bound or connected to)."""
+    inodes: set[str] = set()
+    pid_list = list(pids)
+    for pid in pid_list:
+        for link in _links(pid):
+            m = _UNIX_INODE.fullmatch(link)
+            if m:
+                inodes.add(m[1])
+    paths: set[str] = set()
+    for pid in pid_list[:1]:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]:
+                f = line.split()
+                if len(f) >= 8 and f[6] in inodes and f[7].startswith("/"):
+                    paths.add(f[7])
+    return sorted(paths)
+
+
+def open_paths(pids: Iterable[int]) -> tuple[list[str], list[str]]:
+    """(live paths, deleted paths) the processes hold open or mapped."""
+    live: set[str] = set()
+    deleted: set[str] = set()
+    for pid in pids:
+        for link in _links(pid):
+            if not link.startswith("/"):
+                continue
+            if link.endswith(_DELETED):
+                deleted.add(link[: -len(_DELETED)])
+            else:
+                live.add(link)
+    return sorted(live), sorted(deleted)
+
+
+def _in_upper(ctx: ContainerContext, path: str) -> bool:
+    upper = ctx.upper_path(path)
+    if upper is None:
+        return False
+    try:
+        st = upper.lstat()
+    except OSError:
+        return False
+    # A whiteout (char device 0:0) marks a deletion, not a file.
+    return not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0)
+
+
+def find_upper_files(pids: Sequence[int], ctx: ContainerContext) -> list[str]:
+    """Paths (as the tree sees them) of files and directories it uses that are in the upper
+    layer, with every directory on their way that is also only there, parents first."""
+    if ctx.overlay is None:
+        return []
+    live, _ = open_paths(pids)
+    sockets = bound_socket_paths(pids)
+    wanted: set[str] = set()
+    for path in live:
+        if _in_upper(ctx, path):
+            wanted.add(path)
+    for path in [*live, *sockets]:
+        for parent in PurePosixPath(path).parents:
+            p = str(parent)
+            if p == "/":
+                break
+            if _in_upper(ctx, p) and _is_dir_in_upper(ctx, p):
+                wanted.add(p)
+    return sorted(wanted, key=lambda p: (p.count("/"), p))
+
+
+def _is_dir_in_upper(ctx: ContainerContext, path: str) -> bool:
+    upper = ctx.upper_path(path)
+    return upper is not None and upper.is_dir() and not upper.is_symlink()
+
+
+def _hash_copy(src: Path, dst: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with src.open("rb") as fin, os.fdopen(fd, "wb") as fout:
+        while chunk := fin.read(_CHUNK):
+            h.update(chunk)
+            fout.write(chunk)
+            size += len(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
+    return h.hexdigest(), size
+
+
+def save(
+    paths: Sequence[str],
+    view_root: Path,
+    files_dir: Path,
+    reason: str = "upper",
+    start_index: int = 0,
+) -> list[SavedFile]:
+    """Copy the paths (read through view_root, e.g. /proc/PID/root) into files_dir."""
+    out = []
+    for i, path in enumerate(paths, start=start_index):
+        src = view_root / path.lstrip("/")
+        try:
+            st = src.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            out.append(
+                SavedFile(
+                    path=path,
+                    kind="dir",
+                    mode=stat.S_IMODE(st.st_mode),
+                    uid=st.st_uid,
+                    gid=st.st_gid,
+                    reason=reason,
+                )
+            )
+        elif stat.S_ISREG(st.st_mode):
+            stored = f"{i:05d}-{PurePosixPath(path).name}"[:200]
+            digest, size = _hash_copy(src, files_dir / stored)
+            out.append(
+                SavedFile(
+                    path=path,
+                    kind="file",
+                    mode=stat.S_IMODE(st.st_mode),
+                    uid=st.st_uid,
+                    gid=st.st_gid,
+                    size=size,
+                    sha256=digest,
+                    stored=stored,
+                    mtime_ns=st.st_mtime_ns,
+                    reason=reason,
+                )
+            )
+    return out
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(saved: Sequence[SavedFile], files_dir: Path) -> None:
+    """Every saved file is there with its checksum, before anything is written anywhere."""
+    for f in saved:
+        if f.kind != "file":
+            continue
+        copy = files_dir / f.stored
+        if not copy.is_file():
+            raise ManifestMismatch(f"saved file {f.path} is missing from the checkpoint ({copy})")
+        if sha256_of(copy) != f.sha256:
+            raise ManifestMismatch(f"saved file {f.path} is corrupt: checksum differs ({copy})")
+
+
+def _safe_target(view_root: Path, path: str) -> Path:
+    pure = PurePosixPath(path)
+    if not pure.is_absolute() or ".." in pure.parts:
+        raise InvalidArgument(f"saved path {path!r} is not a plain absolute path")
+    return view_root / path.lstrip("/")
+
+
+def put_back(saved: Sequence[SavedFile], files_dir: Path, view_root: Path) -> None:
+    """Write the saved files into the target's view (parents first), replacing what is there.
+
+    Files go in through a temporary name and a rename, so a reader never sees half a file.
+    """
+    for f in saved:
+        target = _safe_target(view_root, f.path)
+        if f.kind == "dir":
+            if not target.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            os.chmod(target, f.mode)
+            os.lchown(target, f.uid, f.gid)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.llmux-tmp")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        shutil.copyfile(files_dir / f.stored, tmp)
+        os.chmod(tmp, f.mode)
+        os.lchown(tmp, f.uid, f.gid)
+        os.utime(tmp, ns=(f.mtime_ns, f.mtime_ns))
+        os.replace(tmp, target)
+
+
+class ViewRoot:
+    """A process's root directory, held open so that it stays reachable after the process
+    is gone (a dump kills the tree; its container, and so the mount namespace, lives on)."""
+
+    def __init__(self, pid: int | None) -> None:
+        self._fd: int | None = None
+        if pid is None:
+            self.path = Path("/")
+            return
+        self._fd = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY)
+        self.path = Path(f"/proc/self/fd/{self._fd}")
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> ViewRoot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+LINK_REMAP_GLOB = "link_remap.*"
+
+
+def link_remap_dirs(deleted_paths: Iterable[str], view_root: Path) -> list[Path]:
+    """Directories (through view_root) where CRIU may put link_remap files: those of the
+    deleted files the tree holds, and /dev/shm."""
+    dirs = {view_root / "dev/shm"}
+    for p in deleted_paths:
+        dirs.add(view_root / str(PurePosixPath(p).parent).lstrip("/"))
+    return sorted(d for d in dirs if d.is_dir())
+
+
+def list_link_remaps(dirs: Iterable[Path]) -> list[Path]:
+    out = []
+    for d in dirs:
+        with contextlib.suppress(OSError):
+            out.extend(sorted(d.glob(LINK_REMAP_GLOB)))
+    return out
+
+
+def remove_files(paths: Iterable[Path]) -> None:
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()

@@ -1,0 +1,274 @@
+"""Long operations as job objects, the way systemd-importd and udisks2 do them.
+
+A method call answers (job id, path) once the core has accepted the work: it
+reported progress past its PREFLIGHT_STATUS phase (where it validates names,
+PIDs, ownership, free space), finished, or ACCEPT_WAIT_S passed. A failure before
+that (a foreign PID, a full disk) is the call's own named error and no job
+appears; a failure after it ends the job and JobRemoved carries the error name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dbus_next.aio.message_bus import MessageBus
+from llmux.service import errors
+from llmux.service.contract import ErrorName, JobState, Operation, job_path
+from llmux.service.core.engine import Caller, Progress, ProgressSink
+from llmux.service.dbus.interfaces import JobInterface, JobView, ManagerInterface
+from llmux.service.journal import fields
+
+log = logging.getLogger(__name__)
+
+ACCEPT_WAIT_S = 2.0
+PREFLIGHT_STATUS = "checking"  # the core's Progress.status while it validates a request
+PROGRESS_INTERVAL_S = 0.25
+FINISHED_KEPT = 256
+
+Work = Callable[[ProgressSink], Awaitable[object]]
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    result: JobState
+    error_name: str = ""
+    message: str = ""
+
+
+class Job:
+    def __init__(self, job_id: int, operation: Operation, model: str, caller: Caller):
+        self.view = JobView(id=job_id, operation=operation, model=model)
+        self.caller = caller
+        self.path = job_path(job_id)
+        self.interface = JobInterface(self.view)
+        self.accepted = asyncio.Event()
+        self.finished = asyncio.Event()
+        self.task: asyncio.Task[JobOutcome] | None = None
+        self.error: BaseException | None = None
+        self.outcome: JobOutcome | None = None
+        self.cancelled_by: str = ""
+        self.exported = False
+        self._last_emit = -math.inf
+        self._pending_emit: asyncio.TimerHandle | None = None
+
+    @property
+    def id(self) -> int:
+        return int(self.view.id)
+
+    def log_fields(self) -> dict[str, Any]:
+        found: dict[str, Any] = fields(
+            job_id=self.id,
+            operation=self.view.operation,
+            model=self.view.model,
+            caller_pid=self.caller.pid,
+            caller_uid=self.caller.uid,
+        )
+        return found
+
+
+class JobTable:
+    def __init__(
+        self,
+        bus: MessageBus,
+        manager: ManagerInterface,
+        on_change: Callable[[], None],
+        on_finished: Callable[[Job], None],
+    ):
+        self._bus = bus
+        self._manager = manager
+        self._on_change = on_change
+        self._on_finished = on_finished
+        self._next_id = 1
+        self._running: dict[int, Job] = {}
+        self._finished: OrderedDict[int, JobOutcome] = OrderedDict()
+        self._completions: set[asyncio.Task[None]] = set()
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+
+    def running(self) -> list[JobView]:
+        return [job.view for job in self._running.values()]
+
+    def ensure_idle(self, model: str) -> None:
+        """One job per model at a time: a second one would fight over the same tree."""
+        for job in self._running.values():
+            if job.view.model == model:
+                raise errors.Busy(
+                    f"model {model!r} is busy with job {job.id} ({job.view.operation})"
+                )
+
+    async def start(self, operation: Operation, model: str, caller: Caller, work: Work) -> Job:
+        """Runs ``work`` as a job; returns once accepted, raises its early failure."""
+        self.ensure_idle(model)
+        job = Job(self._next_id, operation, model, caller)
+        self._next_id += 1
+        self._running[job.id] = job
+        job.task = asyncio.create_task(self._work(job, work), name=f"llmux-job-{job.id}")
+        accepted = asyncio.create_task(job.accepted.wait())
+        try:
+            await asyncio.wait(
+                {job.task, accepted}, timeout=ACCEPT_WAIT_S, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            accepted.cancel()
+        if job.task.done() and job.error is not None and not job.accepted.is_set():
+            del self._running[job.id]
+            raise _early_error(job.error)
+        self._bus.export(job.path, job.interface)
+        job.exported = True
+        self._manager.JobNew(job.id, job.path)
+        log.info("job %d started: %s %s", job.id, operation, model, extra=job.log_fields())
+        self._on_change()
+        return job
+
+    def announce(self, job: Job) -> None:
+        """The (id, path) reply is on its way: from now on the job may end in public."""
+        completion = asyncio.create_task(self._complete(job))
+        self._completions.add(completion)
+        completion.add_done_callback(self._completions.discard)
+
+    def cancel(self, job_id: int, caller: Caller) -> None:
+        job = self._running.get(job_id)
+        if job is None or job.task is None:
+            raise errors.NotFound(f"no running job {job_id}")
+        if caller.uid not in (0, job.caller.uid):
+            raise errors.AccessDenied(f"job {job_id} belongs to another user")
+        job.cancelled_by = f"cancelled by PID {caller.pid}"
+        job.task.cancel()
+
+    async def wait(self, job_id: int, timeout_s: float) -> JobOutcome:
+        if not math.isfinite(timeout_s) or timeout_s < 0:
+            raise errors.InvalidArgument(f"timeout_s must be a finite number >= 0, not {timeout_s}")
+        if (outcome := self._finished.get(job_id)) is not None:
+            return outcome
+        job = self._running.get(job_id)
+        if job is None:
+            raise errors.NotFound(f"no job {job_id} (job ids are not kept across restarts)")
+        try:
+            await asyncio.wait_for(job.finished.wait(), timeout_s)
+        except TimeoutError:
+            raise errors.Timeout(
+                f"job {job_id} still running after {timeout_s:g} s (it goes on)"
+            ) from None
+        assert job.outcome is not None
+        return job.outcome
+
+    async def shutdown(self) -> None:
+        """Cancels every job (the core puts its processes back) and waits for their end."""
+        for job in list(self._running.values()):
+            if job.task is not None and not job.task.done():
+                job.cancelled_by = "cancelled: llmuxd is stopping"
+                job.task.cancel()
+        tasks = [job.task for job in self._running.values() if job.task is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._completions, return_exceptions=True)
+
+    # -- inside the job's own task -------------------------------------------------
+
+    async def _work(self, job: Job, work: Work) -> JobOutcome:
+        def sink(progress: Progress) -> None:
+            if threading.get_ident() == self._loop_thread:
+                self._progress(job, progress)
+            else:
+                self._loop.call_soon_threadsafe(self._progress, job, progress)
+
+        try:
+            await work(sink)
+        except asyncio.CancelledError:
+            job.error = errors.Cancelled(job.cancelled_by or "cancelled")
+            return JobOutcome(JobState.CANCELLED, ErrorName.CANCELLED, str(job.error))
+        except errors.HostError as exc:
+            job.error = exc
+            return JobOutcome(JobState.FAILED, exc.dbus_name, str(exc))
+        except Exception as exc:
+            log.exception("job %d failed unexpectedly", job.id, extra=job.log_fields())
+            job.error = exc
+            return JobOutcome(JobState.FAILED, ErrorName.INTERNAL, _internal_message(job.id))
+        return JobOutcome(JobState.DONE)
+
+    def _progress(self, job: Job, progress: Progress) -> None:
+        view = job.view
+        view.progress = min(max(progress.fraction, 0.0), 1.0)
+        view.bytes = max(progress.bytes, 0)
+        view.rate = max(progress.rate, 0.0)
+        view.status = progress.status
+        if progress.status != PREFLIGHT_STATUS:
+            job.accepted.set()
+        if not job.exported or job.finished.is_set() or job._pending_emit is not None:
+            return
+        wait = job._last_emit + PROGRESS_INTERVAL_S - self._loop.time()
+        if wait <= 0:
+            self._emit_progress(job)
+        else:
+            job._pending_emit = self._loop.call_later(wait, self._emit_progress, job)
+
+    def _emit_progress(self, job: Job) -> None:
+        job._pending_emit = None
+        if job.finished.is_set() or not job.exported:
+            return
+        job._last_emit = self._loop.time()
+        job.interface.changed("Progress", "Bytes", "Rate")
+        self._on_change()
+
+    async def _complete(self, job: Job) -> None:
+        assert job.task is not None
+        await asyncio.wait({job.task})
+        if job.task.cancelled():  # cancelled before its first step: nothing was touched
+            message = job.cancelled_by or "cancelled"
+            outcome = JobOutcome(JobState.CANCELLED, ErrorName.CANCELLED, message)
+        else:
+            outcome = job.task.result()
+        job.outcome = outcome
+        if job._pending_emit is not None:
+            job._pending_emit.cancel()
+            job._pending_emit = None
+        job.view.state = outcome.result
+        if outcome.result == JobState.DONE:
+            job.view.progress = 1.0
+        job.interface.changed("State", "Progress", "Bytes", "Rate")
+        try:
+            self._on_finished(job)
+        except Exception:
+            log.exception("updating objects after job %d failed", job.id, extra=job.log_fields())
+        self._manager.JobRemoved(
+            job.id, job.path, str(outcome.result), outcome.error_name, outcome.message
+        )
+        with contextlib.suppress(Exception):
+            self._bus.unexport(job.path)
+        del self._running[job.id]
+        self._finished[job.id] = outcome
+        while len(self._finished) > FINISHED_KEPT:
+            self._finished.popitem(last=False)
+        job.finished.set()
+        level = logging.INFO if outcome.result == JobState.DONE else logging.WARNING
+        extra = job.log_fields()
+        if outcome.error_name:
+            extra["journal_fields"]["ERROR"] = outcome.error_name
+        log.log(
+            level,
+            "job %d %s: %s %s%s",
+            job.id,
+            outcome.result,
+            job.view.operation,
+            job.view.model,
+            f": {outcome.message}" if outcome.message else "",
+            extra=extra,
+        )
+        self._on_change()
+
+
+def _internal_message(job_id: int) -> str:
+    return f"internal error in llmuxd (job {job_id}); the daemon's log has the details"
+
+
+def _early_error(error: BaseException) -> errors.HostError:
+    if isinstance(error, errors.HostError):
+        return error
+    return errors.Internal("internal error in llmuxd; the daemon's log has the details")

@@ -1,0 +1,248 @@
+"""Assembly of the shim: lifecycle, switcher, proxy, control API, metrics, servers.
+
+``serve(config)`` is what ``llmux serve`` runs; ``run(config)`` wraps it in a
+uvloop event loop (the shim may use uvloop; the engines must not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import uvicorn
+from llmux.shim.config import Config
+from llmux.shim.control import ControlAPI, StatusSource, error_json
+from llmux.shim.errors import ModelNotFound, ShimError
+from llmux.shim.metrics import CONTENT_TYPE, ShimMetrics
+from llmux.shim.proxy import ASGIApp, ProxyApp, Receive, Scope, Send
+from llmux.shim.switcher import Switcher
+from llmux.shim.upstream import UpstreamPool
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+log = logging.getLogger("llmux.app")
+
+#: how long a shutdown waits for in-flight requests before cancelling them
+SHUTDOWN_GRACE_SECS = 30
+
+
+def build_app(config: Config, lifecycle: StatusSource, switcher: Switcher,
+              upstream: UpstreamPool, metrics: ShimMetrics) -> ASGIApp:
+    """The shim's ASGI app: the raw /v1 proxy in front of a Starlette app for the rest."""
+    control = ControlAPI(config.models, switcher, lifecycle)
+    created = int(time.time())
+
+    def model_entry(name: str) -> dict[str, Any]:
+        st = lifecycle.status(name)
+        return {"id": name, "object": "model", "created": created, "owned_by": "llmux",
+                "root": config.models[name].model_path, "state": str(st.state),
+                "active": switcher.is_active(name)}
+
+    async def list_models(request: Request) -> Response:
+        return JSONResponse({"object": "list",
+                             "data": [model_entry(name) for name in config.models]})
+
+    async def get_model(request: Request) -> Response:
+        name = request.path_params["model"]
+        if name not in config.models:
+            missing: Response = error_json(ModelNotFound(name, list(config.models)))
+            return missing
+        return JSONResponse(model_entry(name))
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "active": switcher.active})
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+        msg = (f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405)
+               else str(exc.detail))
+        return JSONResponse({"error": {"message": msg, "type": kind, "param": None,
+                                       "code": exc.status_code}},
+                            status_code=exc.status_code)
+
+    async def shim_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ShimError)
+        answer: Response = error_json(exc)
+        return answer
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        *control.routes(),
+    ]
+    rest = Starlette(routes=routes, exception_handlers={HTTPException: http_error,
+                                                        ShimError: shim_error})
+    return ProxyApp(config, switcher, upstream, rest, count=metrics.count)
+
+
+def metrics_app(metrics: ShimMetrics) -> ASGIApp:
+    """The separate Prometheus port: /metrics only."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] != "/metrics":
+            await send({"type": "http.response.start", "status": 404,
+                        "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"only /metrics here\n"})
+            return
+        body = metrics.render()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", CONTENT_TYPE.encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: :func:`serve` owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def uvicorn_config(app: ASGIApp, host: str, port: int, **kw: Any) -> uvicorn.Config:
+    return uvicorn.Config(
+        app, host=host, port=port, loop="none", http="httptools", lifespan="off",
+        access_log=False, server_header=False, date_header=False, log_config=None,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_SECS, backlog=2048, **kw)
+
+
+class Shim:
+    """Every part of the shim, wired together; :func:`serve` and the tests use it."""
+
+    def __init__(self, config: Config) -> None:
+        from llmux.shim.lifecycle import Lifecycle
+        from llmux.shim.supervisor import Supervisor
+
+        self.config = config
+        self.supervisor = Supervisor(config)
+        backend: Any = None
+        if config.needs_host:
+            from llmux.shim.backend import HostServiceBackend
+
+            cp = config.checkpoint
+            backend = HostServiceBackend(
+                cp.bus if cp else "system",
+                job_timeout_secs=cp.job_timeout_secs if cp else 1800.0)
+        holder: list[Switcher] = []
+
+        def in_flight() -> Mapping[str, int]:
+            counts: Mapping[str, int] = holder[0].in_flight_all()
+            return counts
+
+        self.metrics = ShimMetrics(in_flight=in_flight,
+                                   queue_depth=lambda: holder[0].queue_depth,
+                                   active_models=lambda: holder[0].active_models)
+        self.upstream = UpstreamPool(self.supervisor.base_url)
+        self.lifecycle: Lifecycle = Lifecycle(
+            config, self.supervisor, backend, observer=self.metrics.observe_transition,
+            release_connections=self.upstream.release)
+        self.switcher = Switcher(config, self.lifecycle, on_switch=self.metrics.observe_switch)
+        holder.append(self.switcher)
+        self.supervisor.add_death_listener(lambda model, rc: self.switcher.mark_failed(model))
+        self.app = build_app(config, self.lifecycle, self.switcher, self.upstream, self.metrics)
+        self.servers = [_Server(uvicorn_config(self.app, config.host, config.port))]
+        if config.metrics_port:
+            self.servers.append(_Server(uvicorn_config(metrics_app(self.metrics), config.host,
+                                                       config.metrics_port)))
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = False
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::", "") else self.config.host
+        return f"http://{host}:{self.config.port}"
+
+    async def start(self) -> None:
+        """Check the strategies (lifecycle.start), then listen; raises if a port is taken."""
+        await self.lifecycle.start()
+        self._tasks = [asyncio.create_task(s.serve(), name=f"llmux-uvicorn-{i}")
+                       for i, s in enumerate(self.servers)]
+        while not all(s.started for s in self.servers):
+            if any(t.done() for t in self._tasks):
+                await self.stop()
+                raise SystemExit(f"llmux: cannot listen on {self.config.host}:"
+                                 f"{self.config.port} (or metrics port {self.config.metrics_port})")
+            await asyncio.sleep(0.02)
+        log.info("action=listening port=%d metrics_port=%d models=%s", self.config.port,
+                 self.config.metrics_port, ",".join(self.config.models))
+
+    def request_stop(self) -> None:
+        """Stop accepting (a second call cancels what is still in flight)."""
+        for s in self.servers:
+            if s.should_exit:
+                s.force_exit = True
+            s.should_exit = True
+
+    async def wait(self) -> None:
+        """Until the main server has ended (after :meth:`request_stop`)."""
+        if self._tasks:
+            await asyncio.wait([self._tasks[0]])
+
+    async def stop(self) -> None:
+        """Graceful: finish in-flight requests, 503 the queued ones, stop every engine."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.request_stop()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.switcher.aclose()
+        await self.upstream.aclose()
+        t0 = time.monotonic()
+        await self.lifecycle.aclose()
+        await self.supervisor.aclose()
+        log.info("action=stopped seconds=%.3f", time.monotonic() - t0)
+
+
+async def serve(config: Config) -> None:
+    """Run the shim until SIGTERM/SIGINT, then shut down gracefully.
+
+    Stop accepting, let in-flight requests finish (SHUTDOWN_GRACE_SECS at most),
+    answer still-queued ones with 503, stop every engine.
+    """
+    shim = Shim(config)
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("action=shutdown signal=%s", sig.name)
+        shim.request_stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await shim.start()
+        await shim.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await shim.stop()
+
+
+def run(config: Config) -> None:
+    """Blocking entry for ``llmux serve``: serve() on uvloop, logs on stderr."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+        asyncio.run(serve(config))
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(config))

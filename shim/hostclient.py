@@ -1,0 +1,367 @@
+"""The shim's client of the host service (llmuxd, org.llmux.Host1).
+
+Long operations are jobs: the client subscribes to JobRemoved and to the jobs'
+PropertiesChanged *before* it starts one (a short job may end before the call's
+reply is read), then waits for the JobRemoved of its job id. A failure becomes
+HostServiceError carrying the D-Bus error name (contract.ErrorName) and the
+service's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from dbus_next.aio.message_bus import MessageBus
+from dbus_next.constants import BusType, MessageType
+from dbus_next.message import Message
+from dbus_next.signature import Variant
+from llmux.service.contract import (
+    BUS_NAME,
+    CHECKPOINT_INTERFACE,
+    ERROR_PREFIX,
+    JOB_INTERFACE,
+    JOB_PATH_PREFIX,
+    MANAGER_INTERFACE,
+    OBJECT_PATH,
+    ErrorName,
+    JobState,
+    checkpoint_path,
+)
+
+log = logging.getLogger(__name__)
+
+PROPERTIES = "org.freedesktop.DBus.Properties"
+OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+CONNECTION_FAILED = f"{ERROR_PREFIX}.Client.ConnectionFailed"
+_REMOVED_KEPT = 1024
+CANCEL_SETTLE_S = 60.0
+
+
+class HostServiceError(Exception):
+    """The host service refused or failed; ``dbus_name`` says which condition."""
+
+    def __init__(self, dbus_name: str, message: str):
+        super().__init__(f"{dbus_name}: {message}")
+        self.dbus_name = dbus_name
+        self.message = message
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    job_id: int
+    fraction: float
+    bytes: int
+    rate: float
+
+
+ProgressCallback = Callable[[JobProgress], None]
+
+
+@dataclass(frozen=True)
+class _JobEnd:
+    result: str
+    error_name: str
+    message: str
+
+
+def _plain(value: Any) -> Any:
+    """Variants (and containers of them) to plain Python values."""
+    if isinstance(value, Variant):
+        return _plain(value.value)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
+
+class HostClient:
+    def __init__(self, bus: str = "system"):
+        """``bus``: "system", "session" or a D-Bus address (the shim's [checkpoint] bus)."""
+        self.bus_spec = bus
+        self._bus: MessageBus | None = None
+        self._ended: OrderedDict[int, _JobEnd] = OrderedDict()
+        self._waiters: dict[int, asyncio.Future[_JobEnd]] = {}
+        self._progress: dict[str, tuple[int, ProgressCallback]] = {}
+        self._early_progress: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        self._in_flight = 0
+
+    async def __aenter__(self) -> HostClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        if self._bus is not None:
+            return
+        try:  # dbus-next opens the socket in the constructor already
+            if self.bus_spec == "system":
+                bus = MessageBus(bus_type=BusType.SYSTEM)
+            elif self.bus_spec == "session":
+                bus = MessageBus(bus_type=BusType.SESSION)
+            else:
+                bus = MessageBus(bus_address=self.bus_spec)
+            await bus.connect()
+        except Exception as exc:
+            raise HostServiceError(
+                CONNECTION_FAILED, f"cannot connect to the {self.bus_spec} bus: {exc}"
+            ) from exc
+        bus.add_message_handler(self._on_message)
+        self._bus = bus
+        for rule in (
+            f"type='signal',sender='{BUS_NAME}',path='{OBJECT_PATH}',"
+            f"interface='{MANAGER_INTERFACE}',member='JobRemoved'",
+            f"type='signal',sender='{BUS_NAME}',path_namespace='{JOB_PATH_PREFIX}',"
+            f"interface='{PROPERTIES}',member='PropertiesChanged'",
+        ):
+            await self._call(
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus",
+                "AddMatch",
+                "s",
+                [rule],
+                destination="org.freedesktop.DBus",
+            )
+
+    async def close(self) -> None:
+        if self._bus is not None:
+            self._bus.disconnect()  # type: ignore[no-untyped-call]
+            self._bus = None
+        for waiter in self._waiters.values():
+            waiter.cancel()
+
+    # -- signals ----------------------------------------------------------------------
+
+    def _on_message(self, msg: Message) -> bool:
+        if msg.message_type != MessageType.SIGNAL:
+            return False
+        if msg.member == "JobRemoved" and msg.interface == MANAGER_INTERFACE:
+            job_id, _path, result, error_name, message = msg.body
+            end = _JobEnd(result, error_name, message)
+            waiter = self._waiters.get(job_id)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(end)
+            elif self._in_flight:
+                # our call's reply may not have been read yet: keep it for the waiter
+                self._ended[job_id] = end
+                while len(self._ended) > _REMOVED_KEPT:
+                    self._ended.popitem(last=False)
+        elif msg.member == "PropertiesChanged" and msg.interface == PROPERTIES:
+            interface, changed, _invalidated = msg.body
+            if interface != JOB_INTERFACE or "Progress" not in changed:
+                return False
+            if msg.path in self._progress:
+                self._report(msg.path, changed)
+            elif self._in_flight:
+                # the reply naming this job may not have been read yet
+                kept = self._early_progress.setdefault(msg.path, [])
+                kept.append(changed)
+                del kept[:-16]
+                while len(self._early_progress) > _REMOVED_KEPT:
+                    self._early_progress.popitem(last=False)
+        return False
+
+    def _report(self, path: str, changed: dict[str, Any]) -> None:
+        job_id, callback = self._progress[path]
+        try:
+            callback(
+                JobProgress(
+                    job_id=job_id,
+                    fraction=float(changed["Progress"].value),
+                    bytes=int(changed["Bytes"].value) if "Bytes" in changed else 0,
+                    rate=float(changed["Rate"].value) if "Rate" in changed else 0.0,
+                )
+            )
+        except Exception:
+            log.exception("progress callback failed")
+
+    # -- calls ------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        path: str,
+        interface: str,
+        member: str,
+        signature: str = "",
+        body: list[Any] | None = None,
+        *,
+        destination: str = BUS_NAME,
+    ) -> list[Any]:
+        if self._bus is None:
+            await self.connect()
+        assert self._bus is not None
+        reply = await self._bus.call(
+            Message(
+                destination=destination,
+                path=path,
+                interface=interface,
+                member=member,
+                signature=signature,
+                body=body or [],
+            )
+        )
+        if reply is None:
+            raise HostServiceError(CONNECTION_FAILED, "the bus connection closed")
+        if reply.message_type == MessageType.ERROR:
+            text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
+            raise HostServiceError(reply.error_name or ErrorName.INTERNAL, text)
+        return list(reply.body)
+
+    async def _run_job(
+        self,
+        member: str,
+        signature: str,
+        body: list[Any],
+        progress: ProgressCallback | None,
+        timeout: float | None,  # noqa: ASYNC109 - cancels the job too
+    ) -> None:
+        self._in_flight += 1
+        job_id = 0
+        path = ""
+        try:
+            job_id, path = await self._call(OBJECT_PATH, MANAGER_INTERFACE, member, signature, body)
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[_JobEnd] = loop.create_future()
+            if job_id in self._ended:
+                waiter.set_result(self._ended.pop(job_id))
+            self._waiters[job_id] = waiter
+            early = self._early_progress.pop(path, [])
+            if progress is not None:
+                self._progress[path] = (job_id, progress)
+                for changed in early:
+                    self._report(path, changed)
+            try:
+                end = await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            except TimeoutError:
+                await self._cancel_quietly(path)
+                # let the service settle (tree thawed, job gone) before the caller retries
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(waiter), CANCEL_SETTLE_S)
+                raise HostServiceError(
+                    ErrorName.TIMEOUT,
+                    f"{member} job {job_id} did not end within {timeout} s; cancelled",
+                ) from None
+            except asyncio.CancelledError:
+                await self._cancel_quietly(path)
+                raise
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._ended.clear()
+                self._early_progress.clear()
+            self._waiters.pop(job_id, None)
+            self._progress.pop(path, None)
+        if end.result != JobState.DONE:
+            raise HostServiceError(end.error_name or ErrorName.INTERNAL, end.message or end.result)
+
+    async def _cancel_quietly(self, path: str) -> None:
+        with contextlib.suppress(HostServiceError):
+            await asyncio.shield(self._call(path, JOB_INTERFACE, "Cancel"))
+
+    # -- the API the shim uses ----------------------------------------------------------
+
+    async def checkpoint(
+        self,
+        model: str,
+        root_pid: int,
+        *,
+        leave_running: bool = False,
+        weights_bytes: int = 0,
+        progress: ProgressCallback | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - cancels the job too
+    ) -> dict[str, Any]:
+        """Dumps the tree under root_pid; returns the checkpoint's properties."""
+        options = {
+            "leave_running": Variant("b", leave_running),
+            "weights_bytes": Variant("t", weights_bytes),
+        }
+        await self._run_job("Checkpoint", "sua{sv}", [model, root_pid, options], progress, timeout)
+        found = await self.get_checkpoint(model)
+        if found is None:
+            raise HostServiceError(ErrorName.NOT_FOUND, f"checkpoint of {model} vanished")
+        return found
+
+    async def restore(
+        self,
+        model: str,
+        *,
+        keep_images: bool = True,
+        progress: ProgressCallback | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - cancels the job too
+    ) -> dict[str, Any]:
+        """Restores into the caller's container; returns the checkpoint's properties
+        (RootPid, Pids: CRIU gives the processes their PIDs back)."""
+        before = await self.get_checkpoint(model)
+        if before is None:
+            raise HostServiceError(ErrorName.NOT_FOUND, f"no checkpoint of {model}")
+        options = {"keep_images": Variant("b", keep_images)}
+        await self._run_job("Restore", "sa{sv}", [model, options], progress, timeout)
+        after = await self.get_checkpoint(model) if keep_images else None
+        return after or before
+
+    async def suspend(
+        self,
+        model: str,
+        root_pid: int,
+        *,
+        progress: ProgressCallback | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - cancels the job too
+    ) -> None:
+        """Moves the tree's CUDA state to host memory; the processes stay alive."""
+        await self._run_job("Suspend", "sua{sv}", [model, root_pid, {}], progress, timeout)
+
+    async def resume(
+        self,
+        model: str,
+        root_pid: int,
+        *,
+        progress: ProgressCallback | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - cancels the job too
+    ) -> None:
+        await self._run_job("Resume", "sua{sv}", [model, root_pid, {}], progress, timeout)
+
+    async def list_checkpoints(self) -> list[dict[str, Any]]:
+        (objects,) = await self._call(OBJECT_PATH, OBJECT_MANAGER, "GetManagedObjects")
+        found = [
+            _plain(interfaces[CHECKPOINT_INTERFACE])
+            for interfaces in objects.values()
+            if CHECKPOINT_INTERFACE in interfaces
+        ]
+        return sorted(found, key=lambda props: str(props.get("Model", "")))
+
+    async def get_checkpoint(self, model: str) -> dict[str, Any] | None:
+        try:
+            (props,) = await self._call(
+                checkpoint_path(model), PROPERTIES, "GetAll", "s", [CHECKPOINT_INTERFACE]
+            )
+        except HostServiceError as exc:
+            if exc.dbus_name in (
+                "org.freedesktop.DBus.Error.UnknownObject",
+                "org.freedesktop.DBus.Error.UnknownInterface",
+            ):
+                return None
+            raise
+        result: dict[str, Any] = _plain(props)
+        return result
+
+    async def delete_checkpoint(self, model: str) -> None:
+        await self._call(OBJECT_PATH, MANAGER_INTERFACE, "DeleteCheckpoint", "s", [model])
+
+    async def info(self) -> dict[str, Any]:
+        (props,) = await self._call(OBJECT_PATH, PROPERTIES, "GetAll", "s", [MANAGER_INTERFACE])
+        result: dict[str, Any] = _plain(props)
+        return result

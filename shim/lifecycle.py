@@ -1,0 +1,443 @@
+"""The model lifecycle: one state machine per model over eviction and wake.
+
+States: running, sleeping (engine alive, weights offloaded/discarded or kept),
+suspended (CUDA state moved to host memory by llmuxd), checkpointed (the tree
+dumped to images by llmuxd and gone), stopped. Eviction applies the weights
+strategy first (vLLM /sleep) and then the process strategy; activation undoes
+whatever was done. A failed eviction escalates to stop so the GPU is freed; a
+failed wake falls back to a cold start. The switcher decides *when*; this module
+only knows *how*, one transition per model at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from llmux.shim.backend import ProcessBackend
+from llmux.shim.config import (
+    Config,
+    EngineKind,
+    EvictionPolicy,
+    ModelConfig,
+    ProcessStrategy,
+    WeightStrategy,
+)
+from llmux.shim.errors import (
+    ConfigError,
+    Conflict,
+    EngineFailed,
+    HostUnavailable,
+    ModelNotFound,
+    ShimError,
+)
+from llmux.shim.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(StrEnum):
+    RUNNING = "running"
+    SLEEPING = "sleeping"
+    SUSPENDED = "suspended"
+    CHECKPOINTED = "checkpointed"
+    STOPPED = "stopped"
+
+
+class WakeKind(StrEnum):
+    COLD = "cold"
+    WAKE = "wake"
+    RESUME = "resume"
+    RESTORE = "restore"
+
+
+#: (model, action, strategy, seconds). Actions: "cold_start", "restart" (after a
+#: crash or a failed wake), "wake", "sleep", "escalate" (a failed eviction that
+#: ended in stop), "stop" (shutdown). Strategy: the eviction policy as
+#: "offload+keep_running", "cold", or "restore" for a checkpoint found at start-up.
+TransitionObserver = Callable[[str, str, str, float], None]
+
+#: engine states in which a process tree of ours exists
+_ALIVE_STATES = frozenset({"running", "sleeping", "suspended"})
+_WEIGHT_LEVEL = {WeightStrategy.RETAIN: 0, WeightStrategy.OFFLOAD: 1, WeightStrategy.DISCARD: 2}
+
+
+@dataclass
+class ModelStatus:
+    name: str
+    state: ModelState
+    pids: list[int]
+    last_wake: WakeKind | None
+    eviction: EvictionPolicy
+    port: int
+    engine: str
+    #: unix time of the last state change
+    since: float
+    #: vLLM sleep level the engine is in: 0 none, 1 weights in host memory, 2 discarded,
+    #: None unknown (a checkpoint found at start-up)
+    sleep_level: int | None = 0
+    #: the policy of the eviction that put the model in its current state
+    evicted_with: EvictionPolicy | None = None
+    restarts: int = 0
+    last_error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "pids": list(self.pids),
+            "last_wake": self.last_wake.value if self.last_wake else None,
+            "eviction": str(self.eviction),
+            "port": self.port,
+            "engine": self.engine,
+            "since": self.since,
+            "sleep_level": self.sleep_level,
+            "evicted_with": str(self.evicted_with) if self.evicted_with else None,
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+        }
+
+
+@dataclass
+class _Model:
+    config: ModelConfig
+    state: ModelState = ModelState.STOPPED
+    last_wake: WakeKind | None = None
+    since: float = field(default_factory=time.time)
+    sleep_level: int | None = 0
+    evicted_with: EvictionPolicy | None = None
+    restarts: int = 0
+    last_error: str | None = None
+    crashed: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def set(self, state: ModelState) -> None:
+        self.state = state
+        self.since = time.time()
+
+
+class Lifecycle:
+    def __init__(self, config: Config, supervisor: Supervisor, backend: ProcessBackend | None,
+                 *, observer: TransitionObserver | None = None,
+                 release_connections: Callable[[str], Awaitable[None]] | None = None,
+                 engine_call_timeout_secs: float = 600.0) -> None:
+        self.config = config
+        self.supervisor = supervisor
+        self.backend = backend
+        self.observer = observer
+        self.release_connections = release_connections
+        #: bound on one /sleep, /wake_up or reload call (offloading large weights is slow)
+        self.engine_call_timeout_secs = engine_call_timeout_secs
+        self._models = {name: _Model(m) for name, m in config.models.items()}
+        #: why the configured host service was dropped at start-up, for later errors
+        self._host_problem: str | None = None
+        supervisor.add_death_listener(self._on_death)
+
+    # ------------------------------------------------------------------ start-up
+
+    async def start(self) -> None:
+        """Check that every configured strategy can be carried out; find existing checkpoints.
+
+        A host strategy without a backend is refused here, never downgraded.
+        """
+        needing = [m for m in self.config.models.values() if m.eviction.needs_host]
+        if needing and self.backend is None:
+            raise ConfigError(
+                [(f"models.{m.name}.eviction.process",
+                  f"{m.eviction.process} is carried out by the llmux host service (llmuxd), "
+                  "but no host service is configured: add a [checkpoint] section (bus = ...) "
+                  "or choose keep_running or stop") for m in needing],
+                source=self.config.source)
+        if self.backend is None:
+            for m in self.config.models.values():
+                if m.checkpoint_path is not None:
+                    log.warning("model %s: checkpoint_path is set but no host service is "
+                                "configured; it will cold-start", m.name)
+            return
+        try:
+            await self.backend.check()
+        except HostUnavailable as e:
+            if needing:
+                raise
+            log.warning("%s; no model's eviction needs it, going on without it", e.message)
+            self._host_problem = e.message
+            self.backend = None
+            return
+        for name, rec in self._models.items():
+            cp = rec.config.checkpoint_path
+            if await self.backend.has_checkpoint(name) or (cp is not None and cp.exists()):
+                rec.set(ModelState.CHECKPOINTED)
+                rec.sleep_level = None
+                log.info("model %s: a checkpoint exists; the first request restores it", name)
+
+    # ------------------------------------------------------------------ queries
+
+    def _rec(self, model: str) -> _Model:
+        try:
+            return self._models[model]
+        except KeyError:
+            raise ModelNotFound(model, list(self._models)) from None
+
+    def _effective_state(self, rec: _Model) -> ModelState:
+        if rec.state in _ALIVE_STATES and not self.supervisor.is_alive(rec.config.name):
+            return ModelState.STOPPED
+        return rec.state
+
+    def status(self, model: str) -> ModelStatus:
+        rec = self._rec(model)
+        state = self._effective_state(rec)
+        alive = state in _ALIVE_STATES
+        m = rec.config
+        return ModelStatus(
+            name=m.name, state=state,
+            pids=self.supervisor.pids(m.name) if alive else [],
+            last_wake=rec.last_wake, eviction=m.eviction, port=m.port, engine=m.engine.value,
+            since=rec.since, sleep_level=rec.sleep_level if alive or
+            state is ModelState.CHECKPOINTED else 0,
+            evicted_with=rec.evicted_with, restarts=rec.restarts, last_error=rec.last_error)
+
+    def statuses(self) -> dict[str, ModelStatus]:
+        return {name: self.status(name) for name in self._models}
+
+    def base_url(self, model: str) -> str:
+        return f"http://127.0.0.1:{self._rec(model).config.port}"
+
+    def _on_death(self, model: str, returncode: int | None) -> None:
+        rec = self._models.get(model)
+        if rec is None:
+            return
+        rec.crashed = True
+        rec.last_error = f"engine exited unexpectedly (exit code {returncode})"
+        if not rec.lock.locked():
+            rec.set(ModelState.STOPPED)
+            rec.sleep_level = 0
+
+    def _observe(self, model: str, action: str, strategy: str, seconds: float) -> None:
+        log.info("model %s: %s (%s) took %.3f s", model, action, strategy, seconds)
+        if self.observer is not None:
+            try:
+                self.observer(model, action, strategy, seconds)
+            except Exception:
+                log.exception("transition observer failed")
+
+    # ------------------------------------------------------------------ activate
+
+    async def activate(self, model: str) -> WakeKind | None:
+        """Make the model running and healthy, whatever its state.
+
+        Returns how it was brought up, or None when it was already running.
+        Raises EngineFailed when even a cold start fails (state: stopped).
+        """
+        rec = self._rec(model)
+        async with rec.lock:
+            state = self._effective_state(rec)
+            if state is ModelState.RUNNING:
+                return None
+            crashed = rec.crashed or (rec.state in _ALIVE_STATES and state is ModelState.STOPPED)
+            t0 = time.monotonic()
+            if state is ModelState.STOPPED:
+                return await self._cold_start(rec, restart=crashed, t0=t0)
+            try:
+                kind = await self._warm_start(rec, state)
+            except Exception as e:
+                msg = _why(e)
+                log.error("model %s: %s from %s failed (%s); falling back to a cold start",
+                          model, "wake", state, msg)
+                rec.last_error = f"wake from {state} failed: {msg}"
+                await self.supervisor.stop(model)
+                return await self._cold_start(rec, restart=True, t0=t0)
+            strategy = str(rec.evicted_with) if rec.evicted_with else kind.value
+            self._done_waking(rec, kind)
+            self._observe(model, "wake", strategy, time.monotonic() - t0)
+            return kind
+
+    async def _cold_start(self, rec: _Model, *, restart: bool, t0: float) -> WakeKind:
+        name = rec.config.name
+        await self.supervisor.stop(name)  # whatever is left of a dead tree
+        try:
+            await self.supervisor.spawn(name)
+        except ShimError as e:
+            rec.set(ModelState.STOPPED)
+            rec.sleep_level = 0
+            rec.last_error = e.message
+            raise
+        if restart:
+            rec.restarts += 1
+        self._done_waking(rec, WakeKind.COLD)
+        self._observe(name, "restart" if restart else "cold_start", "cold",
+                      time.monotonic() - t0)
+        return WakeKind.COLD
+
+    def _done_waking(self, rec: _Model, kind: WakeKind) -> None:
+        rec.crashed = False
+        rec.last_wake = kind
+        rec.sleep_level = 0
+        rec.evicted_with = None
+        rec.set(ModelState.RUNNING)
+
+    async def _warm_start(self, rec: _Model, state: ModelState) -> WakeKind:
+        name = rec.config.name
+        if state is ModelState.SLEEPING:
+            await self._wake_weights(rec)
+            return WakeKind.WAKE
+        backend = self._need_backend(name, str(state))
+        if state is ModelState.SUSPENDED:
+            eng = self.supervisor.engine(name)
+            assert eng is not None  # state SUSPENDED is effective only while it is alive
+            await backend.resume(name, eng.root_pid)
+            await self.supervisor.wait_healthy(name, within_secs=self.engine_call_timeout_secs)
+            await self._wake_weights(rec)
+            return WakeKind.RESUME
+        if state is ModelState.CHECKPOINTED:
+            keep = self.config.checkpoint.keep_images if self.config.checkpoint else True
+            tree = await backend.restore(name, keep_images=keep)
+            await self.supervisor.adopt(name, tree.root_pid, tree.pids)
+            await self.supervisor.wait_healthy(name)
+            await self._wake_weights(rec)
+            return WakeKind.RESTORE
+        raise Conflict(f"model {name}: cannot activate from state {state}")
+
+    async def _wake_weights(self, rec: _Model) -> None:
+        """Undo /sleep: wake_up, reload discarded weights, drop the stale prefix cache."""
+        name = rec.config.name
+        level = rec.sleep_level
+        if level is None:
+            # a checkpoint from an earlier run: ask the engine whether it sleeps; the
+            # level is not knowable, and reloading is always correct (only slower)
+            r = await self._call(name, "GET", "/is_sleeping")
+            level = 2 if r.json().get("is_sleeping") else 0
+        if level == 0:
+            return
+        if level >= 2:
+            # vLLM's order for level 2: weights memory first, reload, then the KV cache,
+            # so that the peak never holds both an empty KV cache and half-loaded weights
+            await self._call(name, "POST", "/wake_up", params={"tags": "weights"})
+            await self._call(name, "POST", "/collective_rpc", json={"method": "reload_weights"})
+            await self._call(name, "POST", "/wake_up", params={"tags": "kv_cache"})
+        else:
+            await self._call(name, "POST", "/wake_up")
+        await self._call(name, "POST", "/reset_prefix_cache")
+
+    async def _call(self, model: str, method: str, path: str, **kw: Any) -> Any:
+        return await self.supervisor.call(model, method, path,
+                                          timeout_secs=self.engine_call_timeout_secs, **kw)
+
+    def _need_backend(self, model: str, what: str) -> ProcessBackend:
+        if self.backend is None:
+            why = (f"which is unavailable: {self._host_problem}" if self._host_problem
+                   else "and none is configured (add a [checkpoint] section)")
+            raise HostUnavailable(f"model {model}: {what} needs the llmux host service "
+                                  f"(llmuxd), {why}")
+        return self.backend
+
+    # ------------------------------------------------------------------ evict
+
+    async def evict(self, model: str, policy: EvictionPolicy | None = None) -> ModelState:
+        """Apply the weights strategy, then the process strategy; return the new state.
+
+        A policy that needs the host service when there is none is refused
+        (HostUnavailable) before anything is touched. Any failure on the way
+        escalates to stop, so that the GPU is freed, and the observer is told.
+        """
+        rec = self._rec(model)
+        policy = policy or rec.config.eviction
+        if policy.needs_host:
+            self._need_backend(model, f"eviction {policy}")
+        async with rec.lock:
+            state = self._effective_state(rec)
+            if state is ModelState.STOPPED:
+                if rec.state is not ModelState.STOPPED:
+                    rec.set(ModelState.STOPPED)
+                    rec.sleep_level = 0
+                return ModelState.STOPPED
+            if state is ModelState.CHECKPOINTED:
+                return state
+            if state is ModelState.SUSPENDED and policy.process is not ProcessStrategy.STOP:
+                return state
+            t0 = time.monotonic()
+            try:
+                new_state = await self._evict(rec, state, policy)
+            except Exception as e:
+                msg = _why(e)
+                log.error("model %s: eviction %s failed (%s); escalating to stop",
+                          model, policy, msg)
+                rec.last_error = f"eviction {policy} failed: {msg}"
+                self.supervisor.expect_exit(model, False)
+                await self.supervisor.stop(model)
+                rec.set(ModelState.STOPPED)
+                rec.sleep_level = 0
+                rec.evicted_with = policy
+                self._observe(model, "escalate", str(policy), time.monotonic() - t0)
+                return ModelState.STOPPED
+            rec.evicted_with = policy
+            rec.set(new_state)
+            self._observe(model, "sleep", str(policy), time.monotonic() - t0)
+            return new_state
+
+    async def _evict(self, rec: _Model, state: ModelState, policy: EvictionPolicy) -> ModelState:
+        name = rec.config.name
+        if state is ModelState.RUNNING:
+            level = _WEIGHT_LEVEL[policy.weights]
+            if level:
+                await self._call(name, "POST", "/sleep", params={"level": str(level)})
+            rec.sleep_level = level
+        process = policy.process
+        if process is ProcessStrategy.KEEP_RUNNING:
+            return ModelState.SLEEPING
+        if process is ProcessStrategy.STOP:
+            await self.supervisor.stop(name)
+            rec.sleep_level = 0
+            return ModelState.STOPPED
+        backend = self._need_backend(name, f"eviction {policy}")
+        eng = self.supervisor.engine(name)
+        if eng is None or not eng.alive:
+            raise EngineFailed(f"model {name}: the engine died during eviction")
+        if process is ProcessStrategy.CUDA_SUSPEND:
+            await backend.suspend(name, eng.root_pid)
+            return ModelState.SUSPENDED
+        # no established TCP connection into the tree at dump time: ours and the proxy's
+        await self.supervisor.release_connections(name)
+        if self.release_connections is not None:
+            await self.release_connections(name)
+        self.supervisor.expect_exit(name)
+        await backend.checkpoint(name, eng.root_pid, weights_bytes=self._weights_bytes(rec))
+        await self.supervisor.wait_exit(name)
+        return ModelState.CHECKPOINTED
+
+    def _weights_bytes(self, rec: _Model) -> int:
+        """A size hint for llmuxd's free-space check: weights still in the process."""
+        m = rec.config
+        if m.engine is not EngineKind.BUILTIN or rec.sleep_level == 2:
+            return 0
+        return int(m.weights_mb) << 20
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def aclose(self) -> None:
+        """Stop every engine we run; checkpoints stay where they are."""
+        async def stop(rec: _Model) -> None:
+            async with rec.lock:
+                name = rec.config.name
+                if self.supervisor.engine(name) is None:
+                    return
+                t0 = time.monotonic()
+                await self.supervisor.stop(name)
+                if rec.state is not ModelState.CHECKPOINTED:
+                    rec.set(ModelState.STOPPED)
+                    rec.sleep_level = 0
+                self._observe(name, "stop", "stop", time.monotonic() - t0)
+
+        await asyncio.gather(*(stop(r) for r in self._models.values()))
+        closer = getattr(self.backend, "aclose", None)
+        if closer is not None:
+            with contextlib.suppress(Exception):
+                await closer()
+
+
+def _why(e: BaseException) -> str:
+    return e.message if isinstance(e, ShimError) else (str(e) or type(e).__name__)

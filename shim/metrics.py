@@ -1,0 +1,118 @@
+"""Prometheus metrics of the shim, in a registry of its own.
+
+Per-request counts are plain dict increments on the hot path; a custom
+collector turns them (and the switcher's live in-flight and queue figures)
+into series only when /metrics is scraped. Rare events (switches, sleep/wake
+transitions, engine restarts) use prometheus-client's own types directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("llmux.metrics")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: Lifecycle observer actions that put a model away (escalate: a failed eviction that stopped it)
+_SLEEP_ACTIONS = frozenset({"sleep", "escalate"})
+#: ... and that bring one back (restart: after a crash or a failed wake)
+_WAKE_ACTIONS = frozenset({"wake", "cold_start", "restart"})
+_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0,
+            1800.0)
+
+
+class _Live(Collector):
+    def __init__(self, metrics: ShimMetrics) -> None:
+        self._m = metrics
+
+    def describe(self) -> Iterator[Metric]:
+        """The names only, so that registering does not read live state yet."""
+        yield CounterMetricFamily("llmux_requests", "", labels=["model", "status"])
+        yield GaugeMetricFamily("llmux_requests_in_flight", "", labels=["model"])
+        yield GaugeMetricFamily("llmux_queue_depth", "")
+        yield GaugeMetricFamily("llmux_model_active", "", labels=["model"])
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._m
+        req = CounterMetricFamily("llmux_requests", "Proxied /v1 requests by model and status",
+                                  labels=["model", "status"])
+        for (model, status), n in list(m.requests.items()):
+            req.add_metric([model, str(status)], n)
+        yield req
+        in_flight = m.in_flight()
+        g = GaugeMetricFamily("llmux_requests_in_flight", "Requests being served, by model",
+                              labels=["model"])
+        for model, n in in_flight.items():
+            g.add_metric([model], n)
+        yield g
+        yield GaugeMetricFamily("llmux_queue_depth", "Requests waiting for their model",
+                                value=m.queue_depth())
+        active = GaugeMetricFamily("llmux_model_active", "1 while the model may serve",
+                                   labels=["model"])
+        current = set(m.active_models())
+        for model in in_flight:
+            active.add_metric([model], 1 if model in current else 0)
+        yield active
+
+
+class ShimMetrics:
+    """The shim's metrics; feed it from the proxy, the switcher and the lifecycle."""
+
+    def __init__(self, *, in_flight: Callable[[], Mapping[str, int]],
+                 queue_depth: Callable[[], int],
+                 active_models: Callable[[], list[str]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests: dict[tuple[str, int], int] = {}
+        self.in_flight = in_flight
+        self.queue_depth = queue_depth
+        self.active_models = active_models
+        self.registry.register(_Live(self))
+        self.switch_seconds = Histogram(
+            "llmux_switch_duration_seconds", "Switching the active model (evict + activate)",
+            ["model", "outcome"], buckets=_BUCKETS, registry=self.registry)
+        self.sleep_seconds = Histogram(
+            "llmux_sleep_duration_seconds", "Putting a model away, by eviction strategy",
+            ["model", "strategy"], buckets=_BUCKETS, registry=self.registry)
+        self.wake_seconds = Histogram(
+            "llmux_wake_duration_seconds", "Bringing a model back, by strategy",
+            ["model", "strategy"], buckets=_BUCKETS, registry=self.registry)
+        self.transition_seconds = Histogram(
+            "llmux_transition_duration_seconds", "Every lifecycle transition, by action",
+            ["model", "action", "strategy"], buckets=_BUCKETS, registry=self.registry)
+        self.engine_restarts = Counter(
+            "llmux_engine_restarts", "Engines started again after dying",
+            ["model"], registry=self.registry)
+
+    # hot path: one dict update
+    def count(self, model: str, status: int) -> None:
+        key = (model, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+    def observe_switch(self, source: str | None, target: str, seconds: float, ok: bool) -> None:
+        self.switch_seconds.labels(target, "ok" if ok else "failed").observe(seconds)
+
+    def observe_transition(self, model: str, action: str, strategy: str,
+                           seconds: float) -> None:
+        """A ``TransitionObserver`` for the Lifecycle: (model, action, strategy, seconds)."""
+        self.transition_seconds.labels(model, action, strategy).observe(seconds)
+        a = action.lower()
+        if a in _SLEEP_ACTIONS:
+            self.sleep_seconds.labels(model, strategy).observe(seconds)
+        elif a in _WAKE_ACTIONS:
+            self.wake_seconds.labels(model, strategy).observe(seconds)
+        if a == "restart":
+            self.engine_restarted(model)
+        log.info("model=%s action=%s strategy=%s seconds=%.3f", model, action, strategy,
+                 seconds)
+
+    def engine_restarted(self, model: str) -> None:
+        self.engine_restarts.labels(model).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,554 @@
+"""The operator commands of ``llmux``: the host service over D-Bus, a shim over HTTP.
+
+  llmux host status                         llmuxd's versions, state directory, free space
+  llmux checkpoints list | inspect NAME | delete NAME
+  llmux checkpoint MODEL --pid PID          dump a model's process tree (a job, with progress)
+  llmux restore MODEL                       restore it into the caller's container
+  llmux status [--url URL]                  a shim's GET /control/status as a table
+
+Each takes ``--json`` (one JSON document on stdout, for scripts) and the D-Bus ones ``--bus``
+(system, session or an address). Tables and the progress bar are drawn here rather than with
+a library: on a host the command runs on Debian's python3 with python3-dbus-next and
+python3-httpx only. Exit codes: 0 success, 1 the service or shim refused or failed (its error
+name is printed), 2 bad usage, 130 interrupted (a running job is cancelled first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TextIO
+
+from llmux.service.contract import ErrorName, valid_model_name
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+DEFAULT_URL = "http://127.0.0.1:3000"
+BUS_ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+BUS_SERVICE_UNKNOWN = "org.freedesktop.DBus.Error.ServiceUnknown"
+BUS_NO_REPLY = "org.freedesktop.DBus.Error.NoReply"
+
+#: what to try next, by error name: the service's message says what, this says where to look
+HINTS = {
+    BUS_ACCESS_DENIED: "the bus policy lets root and members of group 'llmux' call llmuxd "
+    "(usermod -aG llmux USER, then log in again)",
+    BUS_SERVICE_UNKNOWN: "llmuxd is not installed or cannot start: systemctl status llmuxd; "
+    "journalctl -u llmuxd",
+    BUS_NO_REPLY: "llmuxd did not answer: systemctl status llmuxd; journalctl -u llmuxd",
+    ErrorName.CRIU_FAILED: "the CRIU log excerpt above says why; journalctl -u llmuxd has more",
+}
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+# ------------------------------------------------------------------------------ formatting
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB': binary units, as df -h and systemctl status show memory."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_rate(bytes_per_s: float) -> str:
+    return f"{bytes_per_s / 1e6:.0f} MB/s" if bytes_per_s > 0 else "-"
+
+
+def format_time(unix: float) -> str:
+    return datetime.fromtimestamp(unix).strftime("%Y-%m-%d %H:%M:%S") if unix > 0 else "-"
+
+
+def format_pids(pids: Sequence[int], limit: int = 4) -> str:
+    shown = ",".join(str(p) for p in pids[:limit])
+    return f"{shown},+{len(pids) - limit}" if len(pids) > limit else (shown or "-")
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns separated by two spaces, like systemctl list-units."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    lines = [headers, *rows]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def render_fields(pairs: Sequence[tuple[str, str]]) -> str:
+    """'Key: value' lines with the values aligned, like systemctl status."""
+    width = max((len(k) for k, _ in pairs), default=0)
+    return "\n".join(f"{k.rjust(width)}: {v}" for k, v in pairs)
+
+
+def print_json(value: Any, out: TextIO | None = None) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True, default=str), file=out or sys.stdout)
+
+
+# ------------------------------------------------------------------------------ progress
+
+
+@dataclass
+class ProgressReporter:
+    """Follows a job's Progress property: a redrawn bar on a TTY, plain lines otherwise.
+
+    Plain lines come at every ``step`` of progress (10% by default) so that a log or CI
+    output stays short; the bar is redrawn at most every ``min_interval`` seconds.
+    """
+
+    label: str
+    stream: TextIO = field(default_factory=lambda: sys.stderr)
+    tty: bool | None = None
+    step: float = 0.1
+    min_interval: float = 0.1
+    width: int = 30
+    _last_step: int = field(default=-1, init=False)
+    _last_draw: float = field(default=0.0, init=False)
+    _drawn: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        if self.tty is None:
+            self.tty = self.stream.isatty()
+
+    def __call__(self, progress: Any) -> None:
+        """Takes a hostclient.JobProgress (fraction, bytes, rate)."""
+        self.update(float(progress.fraction), int(progress.bytes), float(progress.rate))
+
+    def update(self, fraction: float, nbytes: int = 0, rate: float = 0.0) -> None:
+        fraction = min(max(fraction, 0.0), 1.0)
+        detail = ", ".join(part for part in (format_bytes(nbytes) if nbytes else "",
+                                             format_rate(rate) if rate > 0 else "") if part)
+        if self.tty:
+            now = time.monotonic()
+            if now - self._last_draw < self.min_interval and fraction < 1.0:
+                return
+            self._last_draw = now
+            filled = round(self.width * fraction)
+            bar = "#" * filled + "-" * (self.width - filled)
+            line = f"{self.label} [{bar}] {fraction * 100:3.0f}%"
+            if detail:
+                line += f"  {detail}"
+            columns = _columns(self.stream)
+            self.stream.write("\r" + line[: columns - 1] + "\x1b[K")  # then clear to line end
+            self._drawn = True
+        else:
+            reached = int(fraction / self.step + 1e-9)
+            if reached <= self._last_step:
+                return
+            self._last_step = reached
+            self.stream.write(f"{self.label}: {fraction * 100:.0f}%"
+                              + (f" ({detail})" if detail else "") + "\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        """Ends the bar's line, so that what follows starts on a fresh one."""
+        if self.tty and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _columns(stream: TextIO) -> int:
+    """The width of the terminal the bar is drawn on (stderr), not of stdout."""
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, io.UnsupportedOperation):
+        columns = 0
+    return columns if columns > 0 else shutil.get_terminal_size((100, 20)).columns
+
+
+# ------------------------------------------------------------------------------ running
+
+
+@dataclass(frozen=True)
+class Failure:
+    name: str
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": {"name": self.name, "message": self.message}}
+
+
+def _report(failure: Failure, as_json: bool) -> int:
+    if as_json:
+        print_json(failure.to_json())
+    print(f"llmux: error: {failure.name}: {failure.message}", file=sys.stderr)
+    hint = HINTS.get(failure.name)
+    if hint:
+        print(f"llmux: hint: {hint}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _run(args: argparse.Namespace, work: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Runs one command's coroutine; every failure becomes a named error and an exit code."""
+    from llmux.shim.hostclient import HostServiceError
+
+    try:
+        return asyncio.run(work())
+    except HostServiceError as exc:
+        return _report(Failure(exc.dbus_name, exc.message), args.json)
+    except ShimHTTPError as exc:
+        return _report(Failure(exc.name, exc.message), args.json)
+    except KeyboardInterrupt:
+        print("llmux: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _usage(message: str) -> int:
+    print(f"llmux: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _checkpoint_row(props: dict[str, Any]) -> list[str]:
+    return [
+        str(props.get("Model", "?")),
+        format_bytes(int(props.get("SizeBytes", 0))),
+        format_time(float(props.get("Created", 0.0))),
+        str(props.get("RootPid", "")),
+        format_pids(list(props.get("Pids", []))),
+        str(props.get("Owner", "")),
+        f"{float(props.get('DumpSeconds', 0.0)):.1f} s",
+    ]
+
+
+def _checkpoint_json(props: dict[str, Any]) -> dict[str, Any]:
+    """The properties with the Manifest property parsed (it is JSON text on the bus)."""
+    out = dict(props)
+    if isinstance(out.get("Manifest"), str):
+        with contextlib.suppress(ValueError):
+            out["Manifest"] = json.loads(out["Manifest"])
+    return out
+
+
+# ------------------------------------------------------------------------------ D-Bus commands
+
+
+def cmd_host_status(args: argparse.Namespace) -> int:
+    from llmux.shim.hostclient import HostClient, HostServiceError
+
+    async def work() -> int:
+        async with HostClient(args.bus) as client:
+            info = await client.info()
+            try:
+                count: int | None = len(await client.list_checkpoints())
+            except HostServiceError as exc:
+                if exc.dbus_name != BUS_ACCESS_DENIED:
+                    raise
+                count = None  # the policy lets anyone read the properties, not the list
+        if args.json:
+            print_json({**info, "Checkpoints": count, "Bus": args.bus})
+            return EXIT_OK
+        print(render_fields([
+            ("Service", f"llmuxd {info.get('Version', '?')}"),
+            ("Bus", args.bus),
+            ("CRIU", str(info.get("CriuVersion", "?"))),
+            ("Kernel", str(info.get("KernelRelease", "?"))),
+            ("NVIDIA driver", str(info.get("DriverVersion") or "none")),
+            ("State directory", str(info.get("StateDirectory", "?"))),
+            ("Free space", format_bytes(int(info.get("FreeBytes", 0)))),
+            ("Checkpoints", "(not permitted: root or group llmux)" if count is None
+             else str(count)),
+        ]))
+        return EXIT_OK
+
+    return _run(args, work)
+
+
+def cmd_checkpoints_list(args: argparse.Namespace) -> int:
+    from llmux.shim.hostclient import HostClient
+
+    async def work() -> int:
+        async with HostClient(args.bus) as client:
+            found = await client.list_checkpoints()
+        if args.json:
+            print_json([_checkpoint_json(p) for p in found])
+            return EXIT_OK
+        if not found:
+            print("no checkpoints")
+            return EXIT_OK
+        headers = ["MODEL", "SIZE", "CREATED", "ROOT PID", "PIDS", "OWNER", "DUMP"]
+        print(render_table(headers, [_checkpoint_row(p) for p in found]))
+        total = sum(int(p.get("SizeBytes", 0)) for p in found)
+        print(f"\n{len(found)} checkpoint(s), {format_bytes(total)}")
+        return EXIT_OK
+
+    return _run(args, work)
+
+
+def cmd_checkpoints_inspect(args: argparse.Namespace) -> int:
+    from llmux.shim.hostclient import HostClient
+
+    if not valid_model_name(args.name):
+        return _usage(f"invalid model name {args.name!r}")
+
+    async def work() -> int:
+        async with HostClient(args.bus) as client:
+            props = await client.get_checkpoint(args.name)
+        if props is None:
+            return _report(Failure(ErrorName.NOT_FOUND, f"no checkpoint of {args.name}"),
+                           args.json)
+        if args.json:
+            print_json(_checkpoint_json(props))
+            return EXIT_OK
+        pairs = [
+            ("Model", str(props.get("Model", ""))),
+            ("Owner", str(props.get("Owner", ""))),
+            ("Created", format_time(float(props.get("Created", 0.0)))),
+            ("Size", format_bytes(int(props.get("SizeBytes", 0)))),
+            ("Dump time", f"{float(props.get('DumpSeconds', 0.0)):.2f} s"),
+            ("Root PID", str(props.get("RootPid", ""))),
+            ("PIDs", " ".join(str(p) for p in props.get("Pids", [])) or "-"),
+            ("CUDA PIDs", " ".join(str(p) for p in props.get("CudaPids", [])) or "-"),
+            ("CRIU", str(props.get("CriuVersion", ""))),
+            ("Kernel", str(props.get("KernelRelease", ""))),
+            ("NVIDIA driver", str(props.get("DriverVersion") or "none")),
+        ]
+        print(render_fields(pairs))
+        manifest = _checkpoint_json(props).get("Manifest")
+        if isinstance(manifest, dict):
+            print("\nManifest:")
+            print(json.dumps(manifest, indent=2, sort_keys=True))
+        return EXIT_OK
+
+    return _run(args, work)
+
+
+def cmd_checkpoints_delete(args: argparse.Namespace) -> int:
+    from llmux.shim.hostclient import HostClient
+
+    if not valid_model_name(args.name):
+        return _usage(f"invalid model name {args.name!r}")
+
+    async def work() -> int:
+        async with HostClient(args.bus) as client:
+            await client.delete_checkpoint(args.name)
+        if args.json:
+            print_json({"deleted": args.name})
+        else:
+            print(f"deleted the checkpoint of {args.name}")
+        return EXIT_OK
+
+    return _run(args, work)
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from llmux.shim.hostclient import HostClient
+
+    if not valid_model_name(args.model):
+        return _usage(f"invalid model name {args.model!r}")
+    if args.pid < 2:
+        return _usage(f"--pid must be the model engine's root PID, got {args.pid}")
+
+    async def work() -> int:
+        progress = ProgressReporter(f"checkpoint {args.model}")
+        started = time.monotonic()
+        try:
+            async with HostClient(args.bus) as client:
+                props = await client.checkpoint(
+                    args.model, args.pid, leave_running=args.leave_running,
+                    progress=progress, timeout=args.timeout)
+            progress.update(1.0, int(props.get("SizeBytes", 0)))
+        finally:
+            progress.finish()
+        elapsed = time.monotonic() - started
+        if args.json:
+            print_json({**_checkpoint_json(props), "ElapsedSeconds": elapsed})
+            return EXIT_OK
+        size = int(props.get("SizeBytes", 0))
+        dump = float(props.get("DumpSeconds", 0.0))
+        print(f"checkpointed {args.model} (PID {args.pid}, {len(props.get('Pids', []))} "
+              f"process(es)): {format_bytes(size)}; CRIU dump {dump:.1f} s "
+              f"({format_rate(size / dump if dump > 0 else 0.0)}), {elapsed:.1f} s in all"
+              + ("; left running" if args.leave_running else ""))
+        return EXIT_OK
+
+    return _run(args, work)
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from llmux.shim.hostclient import HostClient
+
+    if not valid_model_name(args.model):
+        return _usage(f"invalid model name {args.model!r}")
+
+    async def work() -> int:
+        progress = ProgressReporter(f"restore {args.model}")
+        started = time.monotonic()
+        try:
+            async with HostClient(args.bus) as client:
+                props = await client.restore(args.model, keep_images=not args.delete_images,
+                                             progress=progress, timeout=args.timeout)
+            progress.update(1.0, int(props.get("SizeBytes", 0)))
+        finally:
+            progress.finish()
+        elapsed = time.monotonic() - started
+        if args.json:
+            print_json({**_checkpoint_json(props), "ElapsedSeconds": elapsed,
+                        "ImagesKept": not args.delete_images})
+            return EXIT_OK
+        print(f"restored {args.model}: root PID {props.get('RootPid', '?')}, PIDs "
+              f"{format_pids(list(props.get('Pids', [])), limit=8)} in {elapsed:.1f} s"
+              + ("; checkpoint deleted" if args.delete_images else ""))
+        return EXIT_OK
+
+    return _run(args, work)
+
+
+# ------------------------------------------------------------------------------ HTTP command
+
+
+class ShimHTTPError(Exception):
+    """The shim could not be reached or answered with an error."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+        self.message = message
+
+
+async def fetch_status(url: str, timeout: float = 10.0) -> dict[str, Any]:  # noqa: ASYNC109
+    """GET URL/control/status; the shim's JSON, or ShimHTTPError saying what went wrong."""
+    import httpx
+
+    target = url.rstrip("/") + "/control/status"
+    try:
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            response = await client.get(target)
+    except httpx.HTTPError as exc:
+        raise ShimHTTPError("Unreachable", f"cannot reach the shim at {target}: {exc}") from exc
+    if response.status_code != 200:
+        raise ShimHTTPError(f"HTTP{response.status_code}",
+                            f"{target} answered {response.status_code}: {response.text[:300]}")
+    try:
+        body = response.json()
+    except ValueError:
+        raise ShimHTTPError("BadResponse", f"{target} did not answer JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("models"), dict):
+        raise ShimHTTPError("BadResponse", f"{target} answered no models table: {body!r:.300}")
+    return body
+
+
+def status_rows(body: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for name, model in sorted(body["models"].items()):
+        model = model if isinstance(model, dict) else {}
+        rows.append([
+            name,
+            str(model.get("state", "?")),
+            "*" if model.get("active") or body.get("active") == name else "",
+            format_pids(list(model.get("pids") or [])),
+            str(model.get("last_wake") or "-"),
+            str(model.get("in_flight", 0)),
+            str(model.get("queued", 0)),
+        ])
+    return rows
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    async def work() -> int:
+        body = await fetch_status(args.url, args.timeout)
+        if args.json:
+            print_json(body)
+            return EXIT_OK
+        headers = ["MODEL", "STATE", "ACTIVE", "PIDS", "LAST WAKE", "IN FLIGHT", "QUEUED"]
+        print(render_table(headers, status_rows(body)))
+        summary = [f"active: {body.get('active') or 'none'}"]
+        if "queue_depth" in body:
+            summary.append(f"queued: {body['queue_depth']}")
+        if body.get("switching"):
+            summary.append("switching")
+        print("\n" + "  ".join(summary))
+        return EXIT_OK
+
+    return _run(args, work)
+
+
+# ------------------------------------------------------------------------------ wiring
+
+
+def _common(parser: argparse.ArgumentParser, *, bus: bool = True) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON document on stdout (for scripts)")
+    if bus:
+        parser.add_argument("--bus", default=os.environ.get("LLMUX_BUS", "system"),
+                            help='where llmuxd is: "system" (default, or $LLMUX_BUS), '
+                                 '"session" or a D-Bus address')
+
+
+def _timeout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="give up (and cancel the job) after this long; default: wait")
+
+
+def add_client_commands(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    """Adds host, checkpoints, checkpoint, restore and status to ``llmux``'s subparsers.
+
+    Each command sets ``func`` (Namespace -> exit code), as cli.main expects.
+    """
+    host = subparsers.add_parser("host", help="the host service (llmuxd) over D-Bus")
+    host_sub = host.add_subparsers(dest="host_command", metavar="COMMAND")
+    host.set_defaults(func=lambda _a: _usage("llmux host: give a command (status)"))
+    host_status = host_sub.add_parser("status", help="llmuxd's versions, state dir, free space")
+    _common(host_status)
+    host_status.set_defaults(func=cmd_host_status)
+
+    cps = subparsers.add_parser("checkpoints", help="list, inspect or delete checkpoints")
+    cps_sub = cps.add_subparsers(dest="checkpoints_command", metavar="COMMAND")
+    cps.set_defaults(
+        func=lambda _a: _usage("llmux checkpoints: give a command (list, inspect, delete)"))
+    listing = cps_sub.add_parser("list", help="every checkpoint on this host")
+    _common(listing)
+    listing.set_defaults(func=cmd_checkpoints_list)
+    inspect = cps_sub.add_parser("inspect", help="one checkpoint's manifest")
+    inspect.add_argument("name", metavar="NAME", help="model name")
+    _common(inspect)
+    inspect.set_defaults(func=cmd_checkpoints_inspect)
+    delete = cps_sub.add_parser("delete", help="delete a checkpoint (its images and files)")
+    delete.add_argument("name", metavar="NAME", help="model name")
+    _common(delete)
+    delete.set_defaults(func=cmd_checkpoints_delete)
+
+    checkpoint = subparsers.add_parser(
+        "checkpoint", help="dump a model's process tree to disk (CRIU, via llmuxd)")
+    checkpoint.add_argument("model", metavar="MODEL", help="name to store the checkpoint under")
+    checkpoint.add_argument("--pid", type=int, required=True,
+                            help="root PID of the model's engine process tree")
+    checkpoint.add_argument("--leave-running", action="store_true",
+                            help="keep the tree running after the dump")
+    _timeout(checkpoint)
+    _common(checkpoint)
+    checkpoint.set_defaults(func=cmd_checkpoint)
+
+    restore = subparsers.add_parser(
+        "restore", help="restore a model's checkpoint into the caller's container")
+    restore.add_argument("model", metavar="MODEL")
+    restore.add_argument("--delete-images", action="store_true",
+                         help="delete the checkpoint once restored (default: keep it)")
+    _timeout(restore)
+    _common(restore)
+    restore.set_defaults(func=cmd_restore)
+
+    status = subparsers.add_parser("status", help="a running shim's models (GET /control/status)")
+    status.add_argument("--url", default=DEFAULT_URL,
+                        help=f"the shim's base URL (default {DEFAULT_URL})")
+    status.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
+    _common(status, bus=False)
+    status.set_defaults(func=cmd_status)

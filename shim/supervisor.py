@@ -1,0 +1,554 @@
+"""Engine supervisor: spawns, watches, adopts and stops one engine process tree per model.
+
+The supervisor knows processes, not policies: the lifecycle decides when an
+engine starts or stops. Every engine is watched through a pidfd, for the ones
+spawned here and for trees handed over by the host service alike, so that a
+death is noticed at once without polling and a recycled PID can never be
+signalled by mistake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from llmux.shim.config import Config, EngineKind, ModelConfig
+from llmux.shim.errors import Conflict, EngineFailed, ModelNotFound
+
+log = logging.getLogger(__name__)
+
+#: (model, exit code or None when unknown, i.e. an adopted process) -> None
+DeathListener = Callable[[str, int | None], None]
+
+#: environment every engine gets (UV_USE_IO_URING: libuv's io_uring rings cannot be dumped by CRIU)
+ENGINE_ENV = {"NO_COLOR": "1", "VLLM_SERVER_DEV_MODE": "1", "UV_USE_IO_URING": "0",
+              "PYTHONUNBUFFERED": "1"}
+
+LOG_TAIL_LINES = 20
+_POLL_SECS = 0.05
+_KILL_WAIT_SECS = 10.0
+
+
+@dataclass
+class EngineProcess:
+    """One engine's process tree, spawned here or adopted."""
+
+    model: str
+    root_pid: int
+    adopted: bool
+    log_path: Path
+    started_at: float = field(default_factory=time.time)
+    #: set for engines spawned here: we are the parent and reap them
+    popen: subprocess.Popen[bytes] | None = None
+    #: pidfds of every member known so far (root first); pidfds never point at a recycled PID
+    pidfds: dict[int, int] = field(default_factory=dict)
+    returncode: int | None = None
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    #: health seen once: a death after this point is a crash, before it a start-up failure
+    ready: bool = False
+    #: set while someone else (a checkpoint) or stop() is ending the tree on purpose
+    exit_expected: bool = False
+    #: the root leads its own process group (always for spawned engines)
+    leads_group: bool = True
+    #: the one termination in progress; stop() and a crash clean-up share it
+    ending: asyncio.Future[None] | None = None
+
+    @property
+    def alive(self) -> bool:
+        return not self.exited.is_set()
+
+
+class Supervisor:
+    def __init__(self, config: Config, *, grace_secs: float = 10.0,
+                 health_interval_secs: float = 0.25) -> None:
+        self.config = config
+        self.grace_secs = grace_secs
+        self.health_interval_secs = health_interval_secs
+        self._engines: dict[str, EngineProcess] = {}
+        self._listeners: list[DeathListener] = []
+        #: one pool per model, so that one engine's connections can be closed alone
+        self._http: dict[str, httpx.AsyncClient] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ queries
+
+    def model(self, name: str) -> ModelConfig:
+        try:
+            return self.config.models[name]
+        except KeyError:
+            raise ModelNotFound(name, list(self.config.models)) from None
+
+    def engine(self, model: str) -> EngineProcess | None:
+        return self._engines.get(model)
+
+    def is_alive(self, model: str) -> bool:
+        eng = self._engines.get(model)
+        return eng is not None and eng.alive
+
+    def pids(self, model: str) -> list[int]:
+        """The live tree: root first, then its descendants and its process group."""
+        eng = self._engines.get(model)
+        if eng is None or not eng.alive:
+            return []
+        return [p for p in _tree_pids(eng.root_pid) if _running(p)]
+
+    def base_url(self, model: str) -> str:
+        return f"http://127.0.0.1:{self.model(model).port}"
+
+    def log_path(self, model: str) -> Path:
+        return Path(self.config.log_dir) / f"{model}.log"
+
+    def add_death_listener(self, listener: DeathListener) -> None:
+        """Called (model, exit code) when a ready engine dies without being asked to."""
+        self._listeners.append(listener)
+
+    # ------------------------------------------------------------------ argv and env
+
+    def argv(self, m: ModelConfig) -> list[str]:
+        """The engine's argv; never passed through a shell."""
+        common = ["serve", m.model_path, "--port", str(m.port), "--enable-sleep-mode",
+                  "--served-model-name", m.name]
+        if m.command is not None:
+            prefix = list(m.command)
+        elif m.engine is EngineKind.BUILTIN:
+            prefix = [sys.executable, "-m", "llmux.shim.builtin"]
+        else:
+            prefix = [self.config.vllm_command]
+        argv = [*prefix, *common]
+        if m.engine is EngineKind.BUILTIN:
+            argv += ["--weights-mb", str(m.weights_mb)]
+        return [*argv, *m.extra_args]
+
+    def env(self, m: ModelConfig) -> dict[str, str]:
+        return {**os.environ, **ENGINE_ENV, **m.env}
+
+    # ------------------------------------------------------------------ spawn
+
+    async def spawn(self, model: str) -> EngineProcess:
+        """Start the model's engine and wait until /health answers 200.
+
+        Raises EngineFailed (naming the model, the exit code and the log's last
+        lines) when it exits or stays unhealthy; nothing is left running then.
+        """
+        m = self.model(model)
+        current = self._engines.get(model)
+        if current is not None:
+            if current.alive:
+                raise Conflict(f"model {model}: an engine is already running "
+                               f"(pid {current.root_pid})")
+            self._forget(current)
+        argv = self.argv(m)
+        log_path = self._open_log_header(model, argv)
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            # subprocess.Popen, not the event loop's subprocess support: uvloop ignores
+            # close_fds and would leak every inheritable fd of the shim into the engine
+            proc = await asyncio.to_thread(
+                subprocess.Popen, argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
+                env=self.env(m), close_fds=True, pass_fds=(), start_new_session=True)
+        except OSError as e:
+            raise EngineFailed(f"model {model}: cannot start engine {argv[0]!r}: "
+                               f"{e.strerror or e}") from e
+        finally:
+            os.close(fd)
+        eng = EngineProcess(model=model, root_pid=proc.pid, adopted=False, log_path=log_path,
+                            popen=proc)
+        self._engines[model] = eng
+        self._watch(eng, proc.pid)
+        log.info("model %s: engine started, pid %d, log %s", model, proc.pid, log_path)
+        try:
+            await self._wait_healthy(eng, m.startup_timeout_secs)
+        except BaseException:
+            await self._end(eng, self.grace_secs)
+            raise
+        self._learn_members(eng)
+        eng.ready = True
+        return eng
+
+    def _open_log_header(self, model: str, argv: list[str]) -> Path:
+        log_dir = self.config.log_dir
+        log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.log_path(model)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, f"--- llmux {time.strftime('%Y-%m-%dT%H:%M:%S')}: starting "
+                         f"{' '.join(argv)}\n".encode())
+        finally:
+            os.close(fd)
+        return path
+
+    async def wait_healthy(self, model: str, within_secs: float | None = None) -> None:
+        """Wait until the model's engine (spawned or adopted) answers /health with 200."""
+        eng = self._require(model)
+        await self._wait_healthy(eng, within_secs if within_secs is not None
+                                 else self.model(model).startup_timeout_secs)
+        eng.ready = True
+
+    async def _wait_healthy(self, eng: EngineProcess, within_secs: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_secs
+        url = f"{self.base_url(eng.model)}/health"
+        client = self.http(eng.model)
+        while True:
+            if not eng.alive:
+                raise EngineFailed(self._death_message(eng, "during start-up"))
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise EngineFailed(
+                    f"model {eng.model}: engine (pid {eng.root_pid}) did not answer /health "
+                    f"within {within_secs:g} s (startup_timeout_secs){self._tail_text(eng)}")
+            with contextlib.suppress(httpx.HTTPError):
+                r = await client.get(url, timeout=min(5.0, max(remaining, 0.1)))
+                if r.status_code == 200:
+                    return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(eng.exited.wait(),
+                                       min(self.health_interval_secs,
+                                           max(deadline - loop.time(), 0.0)))
+
+    # ------------------------------------------------------------------ adopt
+
+    async def adopt(self, model: str, root_pid: int, pids: Iterable[int] = ()) -> EngineProcess:
+        """Track a tree this supervisor did not spawn (one the host service restored).
+
+        The tree is watched through pidfds and stopped like a spawned one, but
+        it is never reaped here (it is not our child) and never treated as a
+        stray. Health is the caller's to wait for (wait_healthy).
+        """
+        self.model(model)
+        current = self._engines.get(model)
+        if current is not None:
+            if current.alive:
+                raise Conflict(f"model {model}: cannot adopt pid {root_pid}, an engine is "
+                               f"already tracked (pid {current.root_pid})")
+            self._forget(current)
+        eng = EngineProcess(model=model, root_pid=root_pid, adopted=True,
+                            log_path=self.log_path(model))
+        try:
+            eng.pidfds[root_pid] = os.pidfd_open(root_pid)
+            eng.leads_group = os.getpgid(root_pid) == root_pid
+        except ProcessLookupError:
+            raise EngineFailed(f"model {model}: cannot adopt pid {root_pid}: "
+                               "no such process") from None
+        self._engines[model] = eng
+        self._watch(eng, root_pid, opened=True)
+        for pid in pids:
+            self._open_pidfd(eng, pid)
+        self._learn_members(eng)
+        log.info("model %s: adopted engine tree %s", model, sorted(eng.pidfds))
+        return eng
+
+    # ------------------------------------------------------------------ death watch
+
+    def _watch(self, eng: EngineProcess, pid: int, *, opened: bool = False) -> None:
+        if not opened:
+            # our unreaped child: its PID cannot have been recycled, even if it exited
+            eng.pidfds[pid] = os.pidfd_open(pid)
+        asyncio.get_running_loop().add_reader(eng.pidfds[pid], self._on_root_readable, eng)
+
+    def _on_root_readable(self, eng: EngineProcess) -> None:
+        fd = eng.pidfds.get(eng.root_pid)
+        if fd is not None:
+            asyncio.get_running_loop().remove_reader(fd)
+        self._spawn_task(self._root_exited(eng))
+
+    async def _root_exited(self, eng: EngineProcess) -> None:
+        self._reap(eng)
+        if eng.exited.is_set():
+            return
+        eng.exited.set()
+        if eng.exit_expected or not eng.ready:
+            return
+        log.error("%s", self._death_message(eng, "unexpectedly"))
+        for listener in list(self._listeners):
+            try:
+                listener(eng.model, eng.returncode)
+            except Exception:
+                log.exception("death listener failed for model %s", eng.model)
+        # the API server is gone: end what is left of the tree (the GPU-holding core)
+        eng.exit_expected = True
+        await self._end(eng, self.grace_secs)
+
+    def _spawn_task(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ stop
+
+    async def stop(self, model: str, *, grace_secs: float | None = None) -> int | None:
+        """End the model's whole tree: SIGTERM, then SIGKILL after the grace period.
+
+        Signals go to the process group and to every descendant found through
+        /proc, since a restored tree may not share our process group. Returns
+        the root's exit code when known. A model with no engine is a no-op.
+        """
+        eng = self._engines.get(model)
+        if eng is None:
+            return None
+        eng.exit_expected = True
+        await self._end(eng, self.grace_secs if grace_secs is None else grace_secs)
+        return eng.returncode
+
+    def expect_exit(self, model: str, expected: bool = True) -> None:
+        """Someone else (a checkpoint) is about to end the tree: not a crash."""
+        eng = self._engines.get(model)
+        if eng is not None:
+            eng.exit_expected = expected
+
+    async def wait_exit(self, model: str, within_secs: float = _KILL_WAIT_SECS) -> int | None:
+        """Wait until every member of the tree has gone (after a checkpoint), then forget it.
+
+        Raises EngineFailed if a member is still there after ``within_secs``;
+        the tree stays tracked then.
+        """
+        eng = self._engines.get(model)
+        if eng is None:
+            return None
+        self._learn_members(eng)
+        left = await self._wait_gone(eng, within_secs)
+        if left:
+            raise EngineFailed(f"model {model}: processes {left} still exist {within_secs:g} s "
+                               "after the tree should have ended")
+        self._reap(eng)
+        self._forget(eng)
+        return eng.returncode
+
+    async def _end(self, eng: EngineProcess, grace: float) -> None:
+        """Terminate the tree once; concurrent callers share the one termination."""
+        if eng.ending is None:
+            eng.ending = asyncio.ensure_future(self._terminate(eng, grace))
+        await asyncio.shield(eng.ending)
+
+    async def _terminate(self, eng: EngineProcess, grace: float) -> None:
+        self._learn_members(eng)
+        self._signal_tree(eng, signal.SIGTERM)
+        self._signal_tree(eng, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+        left = await self._wait_gone(eng, grace)
+        if left:
+            log.warning("model %s: %s still running %g s after SIGTERM, sending SIGKILL",
+                        eng.model, left, grace)
+            self._learn_members(eng)
+            self._signal_tree(eng, signal.SIGKILL)
+            left = await self._wait_gone(eng, _KILL_WAIT_SECS)
+            if left:
+                log.error("model %s: %s survived SIGKILL (uninterruptible sleep?)",
+                          eng.model, left)
+        self._reap(eng)
+        self._forget(eng)
+
+    @staticmethod
+    def _reap(eng: EngineProcess) -> None:
+        """Collect the exit status of a spawned root that has exited (never blocks)."""
+        if eng.popen is not None and eng.returncode is None:
+            eng.returncode = eng.popen.poll()
+
+    def _signal_tree(self, eng: EngineProcess, sig: signal.Signals) -> None:
+        # the group as a whole catches a fork racing with the scan; only while the
+        # root is unreaped, so that the group id cannot have been recycled
+        root_fd = eng.pidfds.get(eng.root_pid)
+        if eng.leads_group and root_fd is not None and not _pidfd_exited(root_fd):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(eng.root_pid, sig)
+        for fd in eng.pidfds.values():
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pidfd_send_signal(fd, sig)
+
+    async def _wait_gone(self, eng: EngineProcess, within_secs: float) -> list[int]:
+        """Wait for every known member to exit; return those still running."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_secs
+        while True:
+            left = [pid for pid, fd in eng.pidfds.items() if not _pidfd_exited(fd)]
+            if not left or loop.time() >= deadline:
+                return left
+            await asyncio.sleep(_POLL_SECS)
+
+    def _learn_members(self, eng: EngineProcess) -> None:
+        """Open pidfds for the root's descendants and the members of its group.
+
+        After the root died its children are reparented, but they keep its
+        process group, which cannot be recycled while it has members.
+        """
+        table = _proc_table()
+        root_fd = eng.pidfds.get(eng.root_pid)
+        pids: list[int] = []
+        if root_fd is not None and not _pidfd_exited(root_fd):
+            pids = _descendants(table, eng.root_pid)
+        if eng.leads_group:
+            pids += [p for p, (_, pgid) in table.items() if pgid == eng.root_pid]
+        for pid in pids:
+            self._open_pidfd(eng, pid)
+
+    @staticmethod
+    def _open_pidfd(eng: EngineProcess, pid: int) -> None:
+        if pid in eng.pidfds:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            eng.pidfds[pid] = os.pidfd_open(pid)
+
+    def _forget(self, eng: EngineProcess) -> None:
+        loop = asyncio.get_running_loop()
+        for fd in eng.pidfds.values():
+            loop.remove_reader(fd)
+            os.close(fd)
+        eng.pidfds.clear()
+        eng.exited.set()
+        if self._engines.get(eng.model) is eng:
+            del self._engines[eng.model]
+
+    def _require(self, model: str) -> EngineProcess:
+        eng = self._engines.get(model)
+        if eng is None:
+            raise EngineFailed(f"model {model}: no engine is running")
+        return eng
+
+    # ------------------------------------------------------------------ log and HTTP
+
+    def log_tail(self, model: str, lines: int = LOG_TAIL_LINES) -> list[str]:
+        return _tail(self.log_path(model), lines)
+
+    def _tail_text(self, eng: EngineProcess) -> str:
+        tail = _tail(eng.log_path, LOG_TAIL_LINES)
+        if not tail:
+            return f" (log {eng.log_path} is empty)"
+        body = "\n".join(f"    {line}" for line in tail)
+        return f"; last lines of {eng.log_path}:\n{body}"
+
+    def _death_message(self, eng: EngineProcess, when: str) -> str:
+        code = "unknown" if eng.returncode is None else str(eng.returncode)
+        if eng.returncode is not None and eng.returncode < 0:
+            code = f"{eng.returncode} ({signal.Signals(-eng.returncode).name})"
+        return (f"model {eng.model}: engine (pid {eng.root_pid}) exited {when}, "
+                f"exit code {code}{self._tail_text(eng)}")
+
+    def http(self, model: str) -> httpx.AsyncClient:
+        """The model's connection pool to its engine; environment proxies are ignored."""
+        client = self._http.get(model)
+        if client is None:
+            client = self._http[model] = httpx.AsyncClient(trust_env=False, timeout=30.0)
+        return client
+
+    async def release_connections(self, model: str) -> None:
+        """Close our keep-alive connections to the engine (before a CRIU dump)."""
+        client = self._http.pop(model, None)
+        if client is not None:
+            await client.aclose()
+
+    async def call(self, model: str, method: str, path: str, *,
+                   json: Any = None, params: Mapping[str, str] | None = None,
+                   timeout_secs: float = 30.0) -> httpx.Response:
+        """Call the engine's own HTTP API directly (not through the proxy).
+
+        Raises EngineFailed on a transport error or a status >= 400.
+        """
+        url = f"{self.base_url(model)}{path}"
+        try:
+            r = await self.http(model).request(method, url, json=json, params=params,
+                                               timeout=timeout_secs)
+        except httpx.TimeoutException as e:
+            raise EngineFailed(f"model {model}: {method} {path} timed out after "
+                               f"{timeout_secs:g} s") from e
+        except httpx.HTTPError as e:
+            raise EngineFailed(f"model {model}: {method} {path} failed: {e!r}") from e
+        if r.status_code >= 400:
+            raise EngineFailed(f"model {model}: {method} {path} answered {r.status_code}: "
+                               f"{r.text[:300]}")
+        return r
+
+    async def aclose(self) -> None:
+        """Stop every engine tracked here (spawned or adopted) and close the pool."""
+        await asyncio.gather(*(self.stop(m) for m in list(self._engines)),
+                             return_exceptions=True)
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        for model in list(self._http):
+            await self.release_connections(model)
+
+
+# ---------------------------------------------------------------------- /proc helpers
+
+
+def _pidfd_exited(fd: int) -> bool:
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(0))
+
+
+def _running(pid: int) -> bool:
+    """Exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _proc_table() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, pgid) for every process visible in /proc."""
+    table: dict[int, tuple[int, int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        table[int(entry.name)] = (int(fields[1]), int(fields[2]))
+    return table
+
+
+def _descendants(table: Mapping[int, tuple[int, int]], root: int) -> list[int]:
+    """root and everything below it, breadth first."""
+    if root not in table:
+        return []
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found = [root]
+    seen = {root}
+    i = 0
+    while i < len(found):
+        for child in children.get(found[i], ()):
+            if child not in seen:
+                seen.add(child)
+                found.append(child)
+        i += 1
+    return found
+
+
+def _tree_pids(root: int) -> list[int]:
+    """root, its descendants, and the members of its process group when it leads one."""
+    table = _proc_table()
+    found = _descendants(table, root)
+    if found and table[root][1] == root:
+        seen = set(found)
+        found += sorted(p for p, (_, pgid) in table.items() if pgid == root and p not in seen)
+    return found
+
+
+def _tail(path: Path, lines: int) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 16384))
+            data = f.read()
+    except OSError:
+        return []
+    return data.decode(errors="replace").splitlines()[-lines:]

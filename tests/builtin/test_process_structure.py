@@ -1,0 +1,175 @@
+"""vLLM's process shape: API server + engine-core child over ZMQ ipc, and their lifecycle."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import signal
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from llmux.shim.builtin.checkpoint import ModelConfig
+from llmux.shim.builtin.testing import EngineProcess, spawn_engine, start_engine
+
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+O_APPEND = 0o2000
+EngineEnv = Callable[[str], dict[str, str]]
+
+
+def state_of(engine: EngineProcess) -> dict[str, object]:
+    body: dict[str, object] = httpx.get(f"{engine.base_url}/engine_state").json()
+    return body
+
+
+def core_pid(engine: EngineProcess) -> int:
+    pid = state_of(engine)["pid_core"]
+    assert isinstance(pid, int)
+    return pid
+
+
+def wait_until_gone(pid: int, seconds: float = 30.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            return True
+        if fields[0] == "Z":
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_api_server_and_engine_core_are_parent_and_child(shared_engine: EngineProcess) -> None:
+    state = state_of(shared_engine)
+    assert state["pid_api"] == shared_engine.pid
+    core = core_pid(shared_engine)
+    assert shared_engine.child_pids() == [core]
+    status = Path(f"/proc/{core}/status").read_text()
+    assert f"PPid:\t{shared_engine.pid}\n" in status
+    cmdline = Path(f"/proc/{core}/cmdline").read_bytes().split(b"\0")
+    assert b"llmux.shim.builtin.engine_core" in cmdline
+    assert os.readlink(f"/proc/{core}/fd/0") == "/dev/null"
+
+
+def test_zmq_ipc_sockets_live_in_tmp_with_random_names(shared_engine: EngineProcess) -> None:
+    sockets = state_of(shared_engine)["zmq_sockets"]
+    assert isinstance(sockets, list) and len(sockets) == 2
+    bound = Path("/proc/net/unix").read_text()
+    for path in sockets:
+        assert Path(path).parent == Path("/tmp")
+        assert UUID_RE.match(Path(path).name)
+        assert stat.S_ISSOCK(os.stat(path).st_mode)
+        assert path in bound
+
+
+def test_engine_core_keeps_a_jit_log_open_for_append(
+    shared_engine: EngineProcess, cache_root: Path
+) -> None:
+    jit_log = state_of(shared_engine)["jit_log"]
+    assert isinstance(jit_log, str)
+    assert Path(jit_log).parent == cache_root / "xdg" / "llmux-builtin" / "jit"
+    assert re.match(r"^shared-model-[0-9a-f]{12}\.log$", Path(jit_log).name)
+    core = core_pid(shared_engine)
+    open_fds = {fd.name: os.readlink(fd) for fd in Path(f"/proc/{core}/fd").iterdir()}
+    [fd] = [fd for fd, target in open_fds.items() if target == jit_log]
+    flags = int(Path(f"/proc/{core}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8)
+    assert flags & O_APPEND
+    assert "graphs ready" in Path(jit_log).read_text()
+
+
+def test_health_is_503_until_the_engine_core_is_ready(
+    engine_env: EngineEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The core waits on the checkpoint lock we hold, so 'starting' lasts as long as we like."""
+    env = engine_env("pure")
+    model = "test-org/slow-start"
+    monkeypatch.setenv("HF_HOME", env["HF_HOME"])
+    directory = ModelConfig.for_model(model, "pure", 1).directory
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        engine = spawn_engine(model, weights_mb=1, extra_env=env)
+        try:
+            status = None
+            while status is None:
+                engine._check_not_exited()
+                try:
+                    status = httpx.get(f"{engine.base_url}/health").status_code
+                except httpx.TransportError:
+                    time.sleep(0.05)
+            assert status == 503
+            completion = httpx.post(f"{engine.base_url}/v1/completions", json={"prompt": "x"})
+            assert completion.status_code == 503
+            assert "starting" in completion.json()["error"]["message"]
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            engine.wait_ready()
+            assert httpx.get(f"{engine.base_url}/health").status_code == 200
+        finally:
+            engine.stop()
+
+
+def test_vllm_only_options_are_accepted_and_ignored(engine_env: EngineEnv) -> None:
+    extra = ["--gpu-memory-utilization", "0.5", "--enforce-eager", "--tensor-parallel-size", "1",
+             "--disable-custom-all-reduce", "--max-num-seqs=8", "--served-model-name", "alias"]
+    with start_engine("test-org/flags", weights_mb=1, extra_args=extra,
+                      extra_env=engine_env("pure")) as engine:
+        assert httpx.get(f"{engine.base_url}/v1/models").json()["data"][0]["id"] == "alias"
+        ok = httpx.post(f"{engine.base_url}/v1/completions", json={"model": "alias", "prompt": "x"})
+        assert ok.status_code == 200
+        log = engine.log_text()
+    assert "Ignoring vLLM option(s)" in log
+    assert "--gpu-memory-utilization 0.5" in log
+
+
+def test_sigterm_stops_both_processes_cleanly(engine_env: EngineEnv) -> None:
+    engine = start_engine("test-org/sigterm", weights_mb=1, extra_env=engine_env("pure"))
+    try:
+        state = state_of(engine)
+        core = core_pid(engine)
+        sockets = state["zmq_sockets"]
+        assert isinstance(sockets, list)
+        os.kill(engine.pid, signal.SIGTERM)  # the API server alone, as a supervisor would
+        assert engine.process.wait(timeout=30) == 0
+        assert wait_until_gone(core)
+        assert not any(Path(p).exists() for p in sockets)
+        assert "Shutdown requested by the API server" in engine.log_text()
+    finally:
+        engine.stop()
+
+
+def test_api_server_exits_non_zero_when_the_engine_core_dies(engine_env: EngineEnv) -> None:
+    engine = start_engine("test-org/core-dies", weights_mb=1, extra_env=engine_env("pure"))
+    try:
+        os.kill(core_pid(engine), signal.SIGKILL)
+        assert engine.process.wait(timeout=30) == 1
+        assert "died unexpectedly" in engine.log_text()
+    finally:
+        engine.stop()
+
+
+def test_engine_core_exits_when_the_api_server_is_killed(engine_env: EngineEnv) -> None:
+    engine = start_engine("test-org/api-dies", weights_mb=1, extra_env=engine_env("pure"))
+    try:
+        core = core_pid(engine)
+        os.kill(engine.pid, signal.SIGKILL)
+        engine.process.wait(timeout=30)
+        assert wait_until_gone(core)
+    finally:
+        engine.stop()
+
+
+def test_engine_that_cannot_start_exits_non_zero(engine_env: EngineEnv) -> None:
+    env = engine_env("pure")
+    engine = spawn_engine("test-org/no-cuda", weights_mb=1, extra_env=env,
+                          extra_args=["--device", "cuda"])
+    try:
+        assert engine.process.wait(timeout=60) == 1
+        assert "needs PyTorch" in engine.log_text()
+    finally:
+        engine.stop()

@@ -1,0 +1,170 @@
+"""vLLM's sleep levels on the built-in engine, seen through /is_sleeping and /engine_state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from llmux.shim.builtin.testing import EngineProcess, start_engine
+
+EngineEnv = Callable[[str], dict[str, str]]
+MIB = 1 << 20
+
+
+@pytest.fixture
+def engine(engine_env: EngineEnv, backend: str) -> Iterator[EngineProcess]:
+    with start_engine("test-org/sleepy", weights_mb=4, extra_env=engine_env(backend)) as running:
+        yield running
+
+
+def state(engine: EngineProcess) -> dict[str, Any]:
+    body: dict[str, Any] = httpx.get(f"{engine.base_url}/engine_state").json()
+    return body
+
+
+def is_sleeping(engine: EngineProcess) -> bool:
+    body = httpx.get(f"{engine.base_url}/is_sleeping").json()
+    assert set(body) == {"is_sleeping"}
+    value: bool = body["is_sleeping"]
+    return value
+
+
+def post(engine: EngineProcess, path: str, **kwargs: Any) -> httpx.Response:
+    return httpx.post(f"{engine.base_url}{path}", timeout=60, **kwargs)
+
+
+def answer(engine: EngineProcess) -> httpx.Response:
+    return post(engine, "/v1/completions", json={"prompt": "the old tower", "max_tokens": 6})
+
+
+def text(engine: EngineProcess) -> str:
+    response = answer(engine)
+    assert response.status_code == 200, response.text
+    value: str = response.json()["choices"][0]["text"]
+    return value
+
+
+def core_rss(engine: EngineProcess) -> int:
+    status = Path(f"/proc/{state(engine)['pid_core']}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) * 1024
+
+
+def test_awake_state(engine: EngineProcess) -> None:
+    current = state(engine)
+    assert current["weights"] == "device"
+    assert current["device"] in ("cpu", "cuda")
+    assert current["sleeping"] is False and current["level"] == 0
+    assert current["weights_bytes"] >= 4 * MIB
+    assert current["resident_weight_bytes"] == current["weights_bytes"]
+    assert not is_sleeping(engine)
+
+
+def test_level_1_offloads_and_wakes_with_the_same_weights(engine: EngineProcess) -> None:
+    before = text(engine)
+    assert post(engine, "/sleep", params={"level": 1}).status_code == 200
+    assert is_sleeping(engine)
+    asleep = state(engine)
+    assert (asleep["weights"], asleep["level"], asleep["sleeping"]) == ("host", 1, True)
+    assert asleep["resident_weight_bytes"] == asleep["weights_bytes"]
+    assert asleep["prefix_cache_entries"] == 0
+    refused = answer(engine)
+    assert refused.status_code == 503
+    assert "sleeping" in refused.json()["error"]["message"]
+    streamed = post(engine, "/v1/completions", json={"prompt": "x", "stream": True})
+    assert streamed.status_code == 503
+    assert post(engine, "/wake_up").status_code == 200
+    awake = state(engine)
+    assert (awake["weights"], awake["level"], awake["sleeping"]) == ("device", 0, False)
+    assert not is_sleeping(engine)
+    assert text(engine) == before
+
+
+def test_level_2_discards_and_reload_reads_the_checkpoint_again(engine: EngineProcess) -> None:
+    before = text(engine)
+    assert post(engine, "/sleep?level=2").status_code == 200
+    asleep = state(engine)
+    assert (asleep["weights"], asleep["level"], asleep["resident_weight_bytes"]) == (
+        "discarded", 2, 0)
+    assert is_sleeping(engine)
+    refused = post(engine, "/reload_weights")
+    assert refused.status_code == 400 and "wake_up first" in refused.json()["error"]["message"]
+    assert post(engine, "/wake_up").status_code == 200
+    woken = state(engine)
+    assert (woken["weights"], woken["sleeping"], woken["level"]) == ("discarded", False, 0)
+    assert not is_sleeping(engine)
+    refused = answer(engine)
+    assert refused.status_code == 503
+    assert "reload_weights" in refused.json()["error"]["message"]
+    rpc = post(engine, "/collective_rpc", json={"method": "reload_weights"})
+    assert rpc.status_code == 200 and rpc.json() == {"results": [None]}
+    reloaded = state(engine)
+    assert reloaded["weights"] == "device"
+    assert reloaded["resident_weight_bytes"] == reloaded["weights_bytes"]
+    assert text(engine) == before
+
+
+def test_wake_up_by_tags_like_vllm(engine: EngineProcess) -> None:
+    before = text(engine)
+    assert post(engine, "/sleep?level=1").status_code == 200
+    assert post(engine, "/wake_up?tags=weights").status_code == 200
+    partly = state(engine)
+    assert partly["weights"] == "device"
+    assert partly["sleeping_tags"] == ["kv_cache"]
+    assert is_sleeping(engine)
+    assert answer(engine).status_code == 503
+    assert post(engine, "/wake_up?tags=kv_cache").status_code == 200
+    assert not is_sleeping(engine)
+    assert text(engine) == before
+    # Both tags in one call, repeated query parameters as vLLM takes them.
+    assert post(engine, "/sleep?level=2").status_code == 200
+    assert post(engine, "/wake_up?tags=weights&tags=kv_cache").status_code == 200
+    assert not is_sleeping(engine)
+    assert post(engine, "/reload_weights").status_code == 200
+    assert text(engine) == before
+
+
+def test_level_2_after_level_1_drops_the_host_copy(engine: EngineProcess) -> None:
+    assert post(engine, "/sleep?level=1").status_code == 200
+    assert post(engine, "/sleep?level=2").status_code == 200
+    current = state(engine)
+    assert (current["weights"], current["level"], current["resident_weight_bytes"]) == (
+        "discarded", 2, 0)
+    assert post(engine, "/wake_up").status_code == 200
+    assert post(engine, "/reload_weights").status_code == 200
+    assert state(engine)["weights"] == "device"
+
+
+def test_wake_up_when_awake_is_harmless(engine: EngineProcess) -> None:
+    before = text(engine)
+    assert post(engine, "/wake_up").status_code == 200
+    assert state(engine)["weights"] == "device"
+    assert text(engine) == before
+
+
+def test_sleep_needs_sleep_mode(engine_env: EngineEnv) -> None:
+    with start_engine("test-org/no-sleep", weights_mb=1, sleep_mode=False,
+                      extra_env=engine_env("pure")) as engine:
+        refused = post(engine, "/sleep?level=1")
+        assert refused.status_code == 400
+        assert "--enable-sleep-mode" in refused.json()["error"]["message"]
+        assert not is_sleeping(engine)
+
+
+@pytest.mark.parametrize("backend", ["pure", "torch"], indirect=True)
+def test_level_2_frees_the_memory_and_reload_brings_it_back(
+    engine_env: EngineEnv, backend: str
+) -> None:
+    with start_engine("test-org/heavy", weights_mb=256, extra_env=engine_env(backend),
+                      extra_args=["--device", "cpu"]) as engine:
+        before = text(engine)
+        loaded = core_rss(engine)
+        assert post(engine, "/sleep?level=2").status_code == 200
+        freed = core_rss(engine)
+        assert loaded - freed > 200 * MIB, (loaded, freed)
+        assert post(engine, "/wake_up").status_code == 200
+        assert post(engine, "/collective_rpc", json={"method": "reload_weights"}).status_code == 200
+        assert core_rss(engine) - freed > 200 * MIB
+        assert text(engine) == before

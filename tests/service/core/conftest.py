@@ -1,0 +1,151 @@
+"""Fixtures for the checkpoint engine tests: real CRIU, real process trees, real mounts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from criu_testlib import TARGET, Target, TargetFactory, reap
+from llmux.service.core import proctree
+from llmux.service.core.criu import BUNDLE_PATH, parse_version
+from llmux.service.core.engine import CheckpointEngine, EngineConfig
+
+
+def find_criu() -> str | None:
+    for candidate in (os.environ.get("LLMUX_CRIU"), BUNDLE_PATH, shutil.which("criu")):
+        if not candidate or not os.access(candidate, os.X_OK):
+            continue
+        out = subprocess.run([candidate, "--version"], capture_output=True, text=True).stdout
+        v = parse_version(out)
+        if v is not None and v.major >= 4:
+            return candidate
+    return None
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@pytest.fixture(scope="session", autouse=True)
+def subreaper() -> None:
+    """Make the test process the reaper of the trees CRIU restores for it.
+
+    A restored tree is reparented to the nearest subreaper (else PID 1); PID 1 of some
+    sandboxes never reaps, which would leave zombies holding the PIDs a restore needs.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+@pytest.fixture(scope="session")
+def criu_path() -> str:
+    if os.geteuid() != 0:
+        pytest.skip("CRIU tests need root")
+    path = find_criu()
+    if path is None:
+        pytest.skip("CRIU >= 4 not installed (run packaging/criu/install-criu.sh)")
+    return path
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture
+async def engine(criu_path: str, state_dir: Path) -> CheckpointEngine:
+    eng = await CheckpointEngine.open(
+        EngineConfig(state_dir=state_dir, criu_path=criu_path, cuda_mode="off")
+    )
+    eng.pid_free_timeout = 1.0
+    return eng
+
+
+@pytest.fixture
+async def spawn_target(tmp_path: Path) -> AsyncIterator[TargetFactory]:
+    """Starts target trees as children of the test (their own session, stdio on /dev/null);
+    every one is killed at teardown, restored or not. A background reaper collects their
+    zombies as the shim (their real parent) would: a restore needs the PIDs free."""
+    started: list[Target] = []
+
+    def reapable() -> list[int]:
+        out = []
+        for t in started:
+            out.append(t.child)
+            if t.proc.returncode is not None:  # the original root was reaped by asyncio
+                out.append(t.pid)
+        return out
+
+    async def reaper() -> None:
+        while True:
+            reap(reapable())
+            await asyncio.sleep(0.05)
+
+    reaper_task = asyncio.create_task(reaper())
+
+    async def spawn(ballast_mb: int = 0) -> Target:
+        workdir = tmp_path / f"target{len(started)}"
+        workdir.mkdir()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(TARGET),
+            str(workdir),
+            str(ballast_mb),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        ready = workdir / "ready"
+        for _ in range(600):
+            if ready.exists():
+                break
+            if proc.returncode is not None:
+                raise RuntimeError(f"target exited with {proc.returncode}")
+            await asyncio.sleep(0.05)
+        info = json.loads(ready.read_text())
+        t = Target(workdir, info["pid"], info["child"], info["port"], info["ipc"], proc)
+        started.append(t)
+        return t
+
+    yield spawn
+    for t in started:
+        t.kill()
+    for t in started:
+        if t.proc.returncode is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(t.proc.wait(), 10)
+        for _ in range(100):
+            if not proctree.taken(t.pids):
+                break
+            await asyncio.sleep(0.05)
+    for t in started:
+        with contextlib.suppress(OSError):
+            os.unlink(t.ipc.removeprefix("ipc://"))
+    reaper_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reaper_task
+    reap(reapable())
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs, unmounted at teardown."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mnt)], check=True
+    )
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -1,0 +1,115 @@
+"""The built-in engine (API server + engine core over ZMQ ipc) through a real CRIU round trip.
+
+The shim's discard + checkpoint flow: sleep level 2 (weights discarded), checkpoint, the
+processes are gone; restore, same PIDs, wake_up and reload_weights through the engine's ZMQ
+channel, and the answer is the one from before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from criu_testlib import reap
+from llmux.service.core import proctree
+from llmux.service.core.engine import Caller, CheckpointEngine
+from llmux.shim.builtin.testing import EngineProcess, start_engine_async
+
+pytestmark = pytest.mark.criu
+
+BACKENDS = [
+    pytest.param(
+        "torch",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("torch") is None, reason="PyTorch not installed"
+        ),
+    ),
+    "pure",
+]
+
+
+@pytest.fixture(params=BACKENDS)
+async def builtin(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[EngineProcess]:
+    env = {
+        "HF_HOME": str(tmp_path / "hf"),
+        "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+        "LLMUX_BUILTIN_BACKEND": request.param,
+    }
+    engine = await start_engine_async("test-org/ckpt", weights_mb=8, extra_env=env)
+    pids: list[int] = [engine.pid, *engine.child_pids()]
+
+    async def reaper() -> None:
+        # The shim (the engine's parent) reaps it; here the test is parent and subreaper.
+        while True:
+            engine.process.poll()
+            reap(pids[1:])
+            await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(reaper())
+    try:
+        yield engine
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await engine.stop_async()
+        for _ in range(100):
+            reap(pids)
+            if not proctree.taken(pids):
+                break
+            await asyncio.sleep(0.05)
+
+
+async def _post(client: httpx.AsyncClient, path: str, **kw: Any) -> httpx.Response:
+    return await client.post(path, timeout=60, **kw)
+
+
+async def _text(client: httpx.AsyncClient) -> str:
+    r = await _post(client, "/v1/completions", json={"prompt": "the old tower", "max_tokens": 6})
+    assert r.status_code == 200, r.text
+    value: str = r.json()["choices"][0]["text"]
+    return value
+
+
+async def test_builtin_engine_checkpoint_restore_reload(
+    engine: CheckpointEngine, builtin: EngineProcess
+) -> None:
+    me = Caller(pid=os.getpid(), uid=0)
+    async with httpx.AsyncClient(base_url=builtin.base_url) as client:
+        before = await _text(client)
+        state = (await client.get("/engine_state")).json()
+        core = state["pid_core"]
+        assert (await _post(client, "/sleep", params={"level": 2})).status_code == 200
+
+        began = time.monotonic()
+        m = await engine.checkpoint(me, "builtin", builtin.pid)
+        dump_s = time.monotonic() - began
+        assert builtin.pid in m.pids and core in m.pids
+        deadline = time.monotonic() + 30
+        while proctree.taken(m.pids) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not proctree.taken(m.pids)
+
+        began = time.monotonic()
+        r = await engine.restore(me, "builtin")
+        restore_s = time.monotonic() - began
+        assert r.pids == m.pids
+        after = (await client.get("/engine_state")).json()
+        assert after["pid_core"] == core
+        assert (await _post(client, "/wake_up")).status_code == 200
+        rpc = await _post(client, "/collective_rpc", json={"method": "reload_weights"})
+        assert rpc.status_code == 200, rpc.text
+        assert await _text(client) == before
+        print(
+            f"\n[bench] builtin engine ({len(m.pids)} processes, {m.images_bytes >> 20} MiB "
+            f"images): criu dump {m.dump_seconds:.2f}s (job {dump_s:.2f}s), "
+            f"restore job {restore_s:.2f}s"
+        )

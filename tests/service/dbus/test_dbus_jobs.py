@@ -1,0 +1,388 @@
+"""Jobs for real: CRIU dumps and restores driven through llmuxd over D-Bus.
+
+The targets are small Python processes started by the test (own session,
+stdin /dev/null, counting into an O_APPEND log): a restored one goes on counting
+from the number it had reached, under the same PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dbus_next.aio.message_bus import MessageBus
+from dbus_next.message import Message
+from llmux.shim.hostclient import HostClient, HostServiceError, JobProgress
+from llmuxd_harness import (
+    BUS_NAME,
+    OBJECT_PATH,
+    Llmuxd,
+    Target,
+    children_of,
+    pid_alive,
+    pid_state,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.dbus, pytest.mark.criu]
+
+JOB = "org.llmux.Host1.Job"
+CHECKPOINT = "org.llmux.Host1.Checkpoint"
+
+
+class SignalRecorder:
+    """A second client that records every signal llmuxd sends."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.bus: MessageBus | None = None
+        self.signals: list[tuple[str, str, list[Any]]] = []
+
+    async def __aenter__(self) -> SignalRecorder:
+        self.bus = await MessageBus(bus_address=self.address).connect()
+        self.bus.add_message_handler(self._record)
+        await self.bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="AddMatch",
+                signature="s",
+                body=[f"type='signal',sender='{BUS_NAME}'"],
+            )
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.bus is not None
+        self.bus.disconnect()
+
+    def _record(self, msg: Message) -> bool:
+        if msg.message_type.name == "SIGNAL":
+            self.signals.append((msg.member, msg.path, msg.body))
+        return False
+
+    def members(self, member: str) -> list[list[Any]]:
+        return [body for name, _path, body in self.signals if name == member]
+
+    async def wait_for(self, member: str, timeout: float = 60) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if found := self.members(member):
+                return found[-1]
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no {member} signal in {self.signals}")
+
+
+def counts_on(target: Target, after: int) -> None:
+    wait_until(lambda: target.last() > after + 3, 30, "the restored target to count on")
+    numbers = [int(n) for n in target.log.read_text().split()]
+    # one process, one memory: no restart from 1, no gap, no repeat
+    assert numbers == list(range(1, len(numbers) + 1))
+
+
+def no_half_checkpoints(state_dir: Path) -> None:
+    leftovers = [p.name for p in state_dir.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+    assert leftovers == []
+
+
+async def test_hostclient_checkpoint_then_restore(llmuxd: Llmuxd, spawn_target) -> None:
+    target = spawn_target(megabytes=64)
+    progress: list[JobProgress] = []
+    async with (
+        SignalRecorder(llmuxd.bus.address) as recorder,
+        HostClient(llmuxd.bus.address) as client,
+    ):
+        props = await client.checkpoint(
+            "tiny-0.1b", target.pid, progress=progress.append, timeout=120
+        )
+        assert props["Model"] == "tiny-0.1b"
+        assert props["RootPid"] == target.pid and props["Pids"][0] == target.pid
+        assert props["SizeBytes"] > 64 << 20
+        assert json.loads(props["Manifest"])["root_pid"] == target.pid
+        assert progress and progress[-1].fraction == 1.0
+        assert all(0.0 <= p.fraction <= 1.0 for p in progress)
+
+        job_id, job_path = recorder.members("JobNew")[0]
+        removed = await recorder.wait_for("JobRemoved")
+        assert removed == [job_id, job_path, "done", "", ""]
+        added = [b[0] for b in recorder.members("InterfacesAdded")]
+        assert f"{OBJECT_PATH}/checkpoint/tiny_2d0_2e1b" in added
+        assert [c["Model"] for c in await client.list_checkpoints()] == ["tiny-0.1b"]
+        assert llmuxd.ok("ListCheckpoints") == [
+            [["tiny-0.1b", f"{OBJECT_PATH}/checkpoint/tiny_2d0_2e1b"]]
+        ]
+
+        # our unreaped zombie holds the PID: the restore waits, the client gives up and cancels
+        with pytest.raises(HostServiceError) as late:
+            await client.restore("tiny-0.1b", timeout=0.5)
+        assert late.value.dbus_name == "org.llmux.Error.Timeout"
+        assert [b[2:4] for b in recorder.members("JobRemoved")][-1] == [
+            "cancelled",
+            "org.llmux.Error.Cancelled",
+        ]
+        assert await client.get_checkpoint("tiny-0.1b") is not None
+
+        target.reap()  # CRIU killed it after the dump
+        reached = target.last()
+        restored = await client.restore("tiny-0.1b", keep_images=False, timeout=120)
+        assert restored["RootPid"] == target.pid
+        assert pid_alive(target.pid)
+        counts_on(target, reached)
+        assert await client.list_checkpoints() == []
+        assert await client.get_checkpoint("tiny-0.1b") is None
+        removed_paths = [b[0] for b in recorder.members("InterfacesRemoved")]
+        assert f"{OBJECT_PATH}/checkpoint/tiny_2d0_2e1b" in removed_paths
+
+        with pytest.raises(HostServiceError) as refused:
+            await client.restore("tiny-0.1b")
+        assert refused.value.dbus_name == "org.llmux.Error.NotFound"
+        with pytest.raises(HostServiceError) as denied:
+            await client.checkpoint("other", 1)
+        assert denied.value.dbus_name == "org.llmux.Error.AccessDenied"
+    no_half_checkpoints(llmuxd.state_dir)
+
+
+def test_busctl_alone_drives_checkpoint_restore_and_reads_progress(
+    llmuxd: Llmuxd, spawn_target
+) -> None:
+    """As root on the host busctl is the administrator: it may act on the test's process."""
+    target = spawn_target(megabytes=16)
+    job_id, job_path = llmuxd.ok("Checkpoint", "sua{sv}", "m1", target.pid, 0)
+    assert job_path == f"{OBJECT_PATH}/job/{job_id}"
+    assert llmuxd.ok("WaitJob", "ud", job_id, 120) == ["done", "", ""]
+    root = llmuxd.busctl(
+        "--json=short",
+        "get-property",
+        BUS_NAME,
+        f"{OBJECT_PATH}/checkpoint/m1",
+        CHECKPOINT,
+        "RootPid",
+    )
+    assert json.loads(root.stdout)["data"] == target.pid
+    shape = llmuxd.busctl("introspect", BUS_NAME, f"{OBJECT_PATH}/checkpoint/m1")
+    for member in (
+        CHECKPOINT,
+        ".Model",
+        ".Owner",
+        ".RootPid",
+        ".Pids",
+        ".Created",
+        ".SizeBytes",
+        ".DumpSeconds",
+        ".CriuVersion",
+        ".CudaPids",
+        ".Manifest",
+    ):
+        assert member in shape.stdout
+    reached = target.last()
+
+    # The dumped process is our zombie until we reap it, so its PID is not free: the
+    # restore job waits in its checking phase and busctl can watch it.
+    job_id, job_path = llmuxd.ok("Restore", "sa{sv}", "m1", 0)
+    props = llmuxd.busctl(
+        "--json=short",
+        "get-property",
+        BUS_NAME,
+        job_path,
+        JOB,
+        "Operation",
+        "Model",
+        "State",
+        "Progress",
+        "Bytes",
+        "Rate",
+    )
+    operation, model, state, progress, done_bytes, rate = (
+        json.loads(line)["data"] for line in props.stdout.splitlines()
+    )
+    assert (operation, model, state) == ("restore", "m1", "running")
+    assert 0.0 <= progress < 1.0 and done_bytes >= 0 and rate >= 0.0
+    shape = llmuxd.busctl("introspect", BUS_NAME, job_path)
+    assert JOB in shape.stdout and ".Cancel" in shape.stdout and ".Progress" in shape.stdout
+    assert llmuxd.notify is not None
+    llmuxd.notify.wait_for(lambda line: line.startswith("STATUS=restoring m1:"))
+    target.reap()
+    assert llmuxd.ok("WaitJob", "ud", job_id, 120) == ["done", "", ""]
+    assert pid_alive(target.pid)
+    counts_on(target, reached)
+    llmuxd.notify.wait_for(lambda line: line == "STATUS=idle; 1 checkpoint")
+    assert llmuxd.ok("DeleteCheckpoint", "s", "m1") is None
+    assert llmuxd.ok("ListCheckpoints") == [[]]
+
+
+def test_cancel_keeps_the_checkpoint_and_the_state(llmuxd: Llmuxd, spawn_target) -> None:
+    target = spawn_target()
+    job_id, _ = llmuxd.ok("Checkpoint", "sua{sv}", "m2", target.pid, 0)
+    assert llmuxd.ok("WaitJob", "ud", job_id, 120) == ["done", "", ""]
+    # a restore held in its checking phase by our unreaped zombie, then cancelled
+    job_id, job_path = llmuxd.ok("Restore", "sa{sv}", "m2", 0)
+    stranger = llmuxd.busctl(
+        "call", BUS_NAME, job_path, JOB, "Cancel", prefix=("unshare", "--mount")
+    )
+    assert stranger.rc == 0  # same uid (root) may cancel; the job belongs to uid 0
+    result, error_name, message = llmuxd.ok("WaitJob", "ud", job_id, 60)
+    assert (result, error_name) == ("cancelled", "org.llmux.Error.Cancelled")
+    assert "cancelled" in message
+    assert llmuxd.ok("ListCheckpoints") == [[["m2", f"{OBJECT_PATH}/checkpoint/m2"]]]
+    target.reap()
+    job_id, _ = llmuxd.ok("Restore", "sa{sv}", "m2", 0)
+    assert llmuxd.ok("WaitJob", "ud", job_id, 120) == ["done", "", ""]
+    assert pid_alive(target.pid)
+
+
+def test_a_second_job_on_the_same_model_is_busy(llmuxd: Llmuxd, spawn_target) -> None:
+    target = spawn_target()
+    job_id, _ = llmuxd.ok("Checkpoint", "sua{sv}", "m3", target.pid, 0)
+    assert llmuxd.ok("WaitJob", "ud", job_id, 120)[0] == "done"
+    job_id, _ = llmuxd.ok("Restore", "sa{sv}", "m3", 0)  # waits for our zombie
+    llmuxd.expect_error("org.llmux.Error.Busy", "Restore", "sa{sv}", "m3", 0)
+    llmuxd.expect_error("org.llmux.Error.Busy", "DeleteCheckpoint", "s", "m3")
+    target.reap()
+    assert llmuxd.ok("WaitJob", "ud", job_id, 120)[0] == "done"
+
+
+def test_sigterm_cancels_running_jobs_and_exits_cleanly(llmuxd: Llmuxd, spawn_target) -> None:
+    target = spawn_target()
+    job_id, _ = llmuxd.ok("Checkpoint", "sua{sv}", "m4", target.pid, 0)
+    assert llmuxd.ok("WaitJob", "ud", job_id, 120)[0] == "done"
+    llmuxd.ok("Restore", "sa{sv}", "m4", 0)  # held by our zombie
+    assert llmuxd.proc is not None and llmuxd.notify is not None
+    llmuxd.proc.send_signal(signal.SIGTERM)
+    assert llmuxd.proc.wait(60) == 0
+    llmuxd.notify.wait_for(lambda line: line == "STOPPING=1")
+    assert "job 2 cancelled: restore m4" in llmuxd.log()
+    owner = llmuxd.busctl(
+        "call",
+        "org.freedesktop.DBus",
+        "/org/freedesktop/DBus",
+        "org.freedesktop.DBus",
+        "NameHasOwner",
+        "s",
+        BUS_NAME,
+    )
+    assert owner.stdout.strip() == "b false"
+    # nothing lost: the checkpoint is there for the next llmuxd
+    llmuxd.start()
+    assert llmuxd.ok("ListCheckpoints") == [[["m4", f"{OBJECT_PATH}/checkpoint/m4"]]]
+    target.reap()
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "like-systemd",
+        pytest.param(
+            "daemon-only",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="core: CRIU (own session, no PR_SET_PDEATHSIG) outlives a SIGKILLed "
+                "llmuxd, finishes the dump and kills the tree; the restart then removes the "
+                "uncommitted images. Under systemd the same happens for TimeoutStopSec.",
+            ),
+        ),
+    ],
+)
+def test_llmuxd_killed_mid_dump_loses_nothing(llmuxd: Llmuxd, spawn_target, how: str) -> None:
+    """like-systemd: the unit's cgroup dies with llmuxd (KillMode=mixed SIGKILLs CRIU too);
+    daemon-only: CRIU, in its own session, outlives llmuxd and finishes on its own."""
+    target = spawn_target(megabytes=1024)
+    job_id, _ = llmuxd.ok("Checkpoint", "sua{sv}", "big", target.pid, 0)
+    assert llmuxd.proc is not None
+    helpers = children_of(llmuxd.proc.pid)  # CRIU, mid-dump
+    assert helpers, "no CRIU running after the job was accepted"
+    llmuxd.proc.kill()
+    if how == "like-systemd":
+        for pid in helpers:
+            os.kill(pid, signal.SIGKILL)
+    llmuxd.proc.wait(30)
+    for pid in helpers:
+        wait_until(lambda pid=pid: not pid_alive(pid), 120, f"llmuxd's helper {pid} to end")
+    llmuxd.start()
+    listed = llmuxd.ok("ListCheckpoints")
+    no_half_checkpoints(llmuxd.state_dir)
+    if pid_alive(target.pid):
+        assert pid_state(target.pid) not in ("T", "t"), "target left stopped"
+        before = target.last()
+        wait_until(lambda: target.last() > before + 3, 30, "the target to run on")
+        assert listed in ([[]], [[["big", f"{OBJECT_PATH}/checkpoint/big"]]])
+    else:
+        # the dump had completed: the checkpoint must be complete and restorable
+        assert listed == [[["big", f"{OBJECT_PATH}/checkpoint/big"]]], (
+            f"target gone and no checkpoint: lost\n{llmuxd.log()}"
+        )
+        target.reap()
+        job_id, _ = llmuxd.ok("Restore", "sa{sv}", "big", 0)
+        assert llmuxd.ok("WaitJob", "ud", job_id, 120) == ["done", "", ""]
+        assert pid_alive(target.pid)
+
+
+def test_hostclient_reports_named_failures(llmuxd: Llmuxd) -> None:
+    async def run() -> None:
+        async with HostClient(llmuxd.bus.address) as client:
+            info = await client.info()
+            assert info["StateDirectory"] == str(llmuxd.state_dir)
+            with pytest.raises(HostServiceError) as bad:
+                await client.checkpoint("../x", os.getpid())
+            assert bad.value.dbus_name == "org.llmux.Error.InvalidArgument"
+            with pytest.raises(HostServiceError) as missing:
+                await client.delete_checkpoint("nothing")
+            assert missing.value.dbus_name == "org.llmux.Error.NotFound"
+            assert await client.get_checkpoint("nothing") is None
+
+    asyncio.run(run())
+    with pytest.raises(HostServiceError) as unreachable:
+        asyncio.run(HostClient("unix:path=/nonexistent/socket").connect())
+    assert unreachable.value.dbus_name == "org.llmux.Error.Client.ConnectionFailed"
+
+
+def test_signals_reach_root_but_not_an_unprivileged_user(
+    llmuxd: Llmuxd, spawn_target, tmp_path: Path
+) -> None:
+    """The policy keeps job and checkpoint signals (models, PIDs, owners) from strangers."""
+    monitors = {}
+    for who, prefix in (
+        ("root", []),
+        ("nobody", ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]),
+    ):
+        out = open(tmp_path / f"monitor-{who}.txt", "w")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen(
+            [*prefix, "gdbus", "monitor", "--address", llmuxd.bus.address, "--dest", BUS_NAME],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        monitors[who] = (proc, out)
+    try:
+        for who in monitors:
+            wait_until(
+                lambda who=who: (
+                    "Monitoring signals" in (tmp_path / f"monitor-{who}.txt").read_text()
+                ),
+                30,
+                f"{who}'s monitor",
+            )
+        target = spawn_target()
+        job_id, _ = llmuxd.ok("Checkpoint", "sua{sv}", "secret-model", target.pid, 0)
+        assert llmuxd.ok("WaitJob", "ud", job_id, 120)[0] == "done"
+        wait_until(
+            lambda: "JobRemoved" in (tmp_path / "monitor-root.txt").read_text(),
+            30,
+            "root's monitor to see JobRemoved",
+        )
+        llmuxd.ok("ListCheckpoints")  # one more round trip through the bus
+        seen_by_root = (tmp_path / "monitor-root.txt").read_text()
+        assert "JobNew" in seen_by_root and "InterfacesAdded" in seen_by_root
+        assert "secret-model" not in (tmp_path / "monitor-nobody.txt").read_text()
+        target.reap()
+    finally:
+        for proc, out in monitors.values():
+            proc.terminate()
+            proc.wait(10)
+            out.close()

@@ -1,0 +1,226 @@
+"""Shared fixtures for the shim's tests: free ports, a log folder, builtin-engine configs.
+
+Kept generic so that every shim test module (supervisor, lifecycle, proxy, CLI)
+can build a real configuration of real built-in engines on free loopback ports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from llmux.shim.config import Config, config_from_dict
+
+#: small weights keep engine start-up quick on a 2-core machine
+TEST_WEIGHTS_MB = 4
+
+# The pure-Python model starts about four times faster than the PyTorch one on a
+# 2-core machine; a test that wants PyTorch sets it in the model's env.
+os.environ.setdefault("LLMUX_BUILTIN_BACKEND", "pure")
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (bind port 0, read it back)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports (sockets held open together so none repeats)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def wait_until(predicate: Callable[[], bool], within: float = 30.0, step: float = 0.05) -> bool:
+    """Poll ``predicate`` until true or ``within`` seconds passed (no timing asserted)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def pids_with_marker(marker: str) -> list[int]:
+    """Running processes whose command line contains ``marker``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if marker.encode() in cmdline and running(int(name)):
+                found.append(int(name))
+    return found
+
+
+class ProcTracker:
+    """Process helpers for tests; every tracked PID still running at teardown is killed."""
+
+    running = staticmethod(running)
+    wait_until = staticmethod(wait_until)
+    pids_with_marker = staticmethod(pids_with_marker)
+
+    def __init__(self) -> None:
+        self.tracked: set[int] = set()
+
+    def track(self, *pids: int) -> None:
+        self.tracked.update(pids)
+
+    def any_running(self, pids: list[int]) -> bool:
+        return any(running(p) for p in pids)
+
+    async def wait_gone(self, pids: list[int], within: float = 30.0) -> bool:
+        """Async poll until none of ``pids`` runs (death clean-up is asynchronous)."""
+        import asyncio
+
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if not self.any_running(pids):
+                return True
+            await asyncio.sleep(0.05)
+        return not self.any_running(pids)
+
+    def kill_leftovers(self) -> list[int]:
+        leaked = [p for p in self.tracked if running(p)]
+        for pid in leaked:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return leaked
+
+
+@pytest.fixture
+def procs() -> Iterator[ProcTracker]:
+    """Process helpers; fails the test if a tracked process outlived it."""
+    tracker = ProcTracker()
+    yield tracker
+    leaked = tracker.kill_leftovers()
+    assert not leaked, f"processes leaked by the test (killed now): {leaked}"
+
+
+@pytest.fixture
+def log_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "logs"
+    d.mkdir()
+    return d
+
+
+ConfigDict = dict[str, Any]
+
+
+@pytest.fixture
+def builtin_config_dict(log_dir: Path) -> Callable[..., ConfigDict]:
+    """Build a raw config (dict) of built-in-engine models on free ports.
+
+    ``make(["a", "b"], eviction="offload+keep_running", a={"weights_mb": 8}, port=...)``:
+    names, an optional eviction applied to every model, per-model overrides as
+    keyword arguments named like the model, and top-level overrides in ``top``.
+    """
+
+    def make(names: list[str] | tuple[str, ...] = ("m1",), *, eviction: str | None = None,
+             top: dict[str, Any] | None = None, **per_model: dict[str, Any]) -> ConfigDict:
+        ports = free_ports(len(names) + 2)
+        models: dict[str, Any] = {}
+        for name, port in zip(names, ports[2:], strict=False):
+            m: dict[str, Any] = {"model_path": f"llmux-test/{name}", "port": port,
+                                 "engine": "builtin", "weights_mb": TEST_WEIGHTS_MB,
+                                 "startup_timeout_secs": 120}
+            if eviction is not None:
+                m["eviction"] = eviction
+            m.update(per_model.get(name.replace("-", "_"), {}))
+            models[name] = m
+        raw: dict[str, Any] = {"models": models, "host": "127.0.0.1", "port": ports[0],
+                               "metrics_port": 0, "log_dir": str(log_dir)}
+        raw.update(top or {})
+        return raw
+
+    return make
+
+
+@pytest.fixture
+def builtin_config(builtin_config_dict: Callable[..., ConfigDict]) -> Callable[..., Config]:
+    """Like builtin_config_dict, but validated into a Config."""
+
+    def make(*args: Any, **kwargs: Any) -> Config:
+        return config_from_dict(builtin_config_dict(*args, **kwargs), source="test")
+
+    return make
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[[ConfigDict, str], Path]:
+    """Write a raw config as JSON (``.json``) or TOML (``.toml``, flat values only)."""
+
+    def write(raw: ConfigDict, suffix: str = ".json") -> Path:
+        path = tmp_path / f"config{suffix}"
+        path.write_text(json.dumps(raw) if suffix == ".json" else _to_toml(raw))
+        return path
+
+    return write
+
+
+def _to_toml(raw: ConfigDict) -> str:
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return str(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
+        raise TypeError(type(v))
+
+    lines: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
+    for k, v in raw.items():
+        if isinstance(v, dict) and k != "models":
+            tables.append((k, v))
+        elif k != "models":
+            lines.append(f"{k} = {value(v)}")
+    for k, v in tables:
+        lines.append(f"\n[{k}]")
+        lines += [f"{kk} = {value(vv)}" for kk, vv in v.items()]
+    for name, m in raw.get("models", {}).items():
+        lines.append(f"\n[models.{json.dumps(name)}]")
+        lines += [f"{kk} = {value(vv)}" for kk, vv in m.items()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def sentinel_fd(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """An inheritable fd (no CLOEXEC) open in the test process: a child must not get it."""
+    path = tmp_path / "sentinel"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.set_inheritable(fd, True)
+    try:
+        yield fd, path
+    finally:
+        os.close(fd)

@@ -1,0 +1,111 @@
+"""Fixtures for the proxy/switcher/control tests: a whole shim running in the test's loop.
+
+The shim is the real one (uvicorn on a free loopback port, the real lifecycle
+spawning real built-in engines); only the process boundary is saved, so that
+the tests can look at the switcher's counters directly as well as over HTTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from llmux.shim.app import Shim
+from llmux.shim.config import Config, config_from_dict
+
+#: the pure-Python model starts fastest on a 2-core machine
+os.environ.setdefault("LLMUX_BUILTIN_BACKEND", "pure")
+
+ShimFactory = Callable[..., Awaitable[Shim]]
+
+
+@pytest.fixture
+async def shim_factory(builtin_config_dict: Callable[..., dict[str, Any]]
+                       ) -> AsyncIterator[ShimFactory]:
+    """``await make(["a", "b"], policy={...}, top={...}, a={...})`` -> a started Shim."""
+    started: list[Shim] = []
+
+    async def make(names: list[str] | tuple[str, ...] = ("a", "b"), *,
+                   policy: dict[str, Any] | None = None, top: dict[str, Any] | None = None,
+                   eviction: str | None = "offload+keep_running",
+                   **per_model: dict[str, Any]) -> Shim:
+        raw = builtin_config_dict(list(names), eviction=eviction, top=top, **per_model)
+        raw["policy"] = {"min_active_secs": 0, "request_timeout_secs": 120,
+                         **(policy or {})}
+        config: Config = config_from_dict(raw, source="test")
+        shim = Shim(config)
+        started.append(shim)
+        await shim.start()
+        return shim
+
+    yield make
+    for shim in reversed(started):
+        await shim.stop()
+        for name in shim.config.models:
+            assert not shim.supervisor.pids(name), f"engine of {name} left running"
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=120) as client:
+        yield client
+
+
+def chat_body(model: str, prompt: str, *, max_tokens: int = 8, stream: bool = False
+              ) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+
+
+async def direct_chat(client: httpx.AsyncClient, shim: Shim, model: str, prompt: str,
+                      max_tokens: int = 8) -> str:
+    """The engine's own answer (bypassing the proxy); the engine must be running."""
+    port = shim.config.models[model].port
+    body = chat_body(model, prompt, max_tokens=max_tokens)
+    r = await client.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body)
+    r.raise_for_status()
+    return str(r.json()["choices"][0]["message"]["content"])
+
+
+async def proxy_chat(client: httpx.AsyncClient, shim: Shim, model: str, prompt: str,
+                     max_tokens: int = 8) -> str:
+    r = await client.post(f"{shim.url}/v1/chat/completions",
+                          json=chat_body(model, prompt, max_tokens=max_tokens))
+    assert r.status_code == 200, r.text
+    data = r.json()
+    return str(data["choices"][0]["message"]["content"])
+
+
+def sse_events(raw: bytes) -> list[Any]:
+    out: list[Any] = []
+    for block in raw.decode().split("\n\n"):
+        block = block.strip()
+        if not block.startswith("data:"):
+            continue
+        payload = block[5:].strip()
+        out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def pid_running(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def kill_pids(pids: list[int]) -> None:
+    """Last-resort clean-up of processes a failed test may have left."""
+    for pid in pids:
+        if pid_running(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

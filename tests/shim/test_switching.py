@@ -1,0 +1,279 @@
+"""Switching between models through the proxy: correctness under load, FIFO, min_active,
+drain, request timeout, failed switches, client disconnects, a killed engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from typing import Any
+
+import httpx
+import pytest
+from llmux.shim.app import Shim
+from proxy_fixtures import (  # noqa: F401
+    ShimFactory,
+    chat_body,
+    direct_chat,
+    http,
+    proxy_chat,
+    shim_factory,
+    sse_events,
+)
+
+PROMPTS = [f"prompt number {i}" for i in range(6)]
+
+
+async def expected_answers(http: httpx.AsyncClient, shim: Shim,  # noqa: F811
+                           models: list[str]) -> dict[tuple[str, str], str]:
+    """Each model's own answer to each prompt, asked of the engine directly."""
+    out: dict[tuple[str, str], str] = {}
+    for m in models:
+        await shim.switcher.wake(m)
+        for p in PROMPTS:
+            out[(m, p)] = await direct_chat(http, shim, m, p)
+    assert out[("a", PROMPTS[0])] != out[("b", PROMPTS[0])], "models must answer differently"
+    return out
+
+
+async def test_twenty_clients_switch_back_and_forth(shim_factory: ShimFactory,  # noqa: F811
+                                                    http: httpx.AsyncClient) -> None:  # noqa: F811
+    shim = await shim_factory(["a", "b"])
+    expected = await expected_answers(http, shim, ["a", "b"])
+    switches_before = shim.switcher.switches
+
+    async def client(i: int) -> list[tuple[str, str, str]]:
+        got = []
+        async with httpx.AsyncClient(timeout=120) as c:
+            for j in range(4):
+                model = "ab"[(i + j) % 2]
+                prompt = PROMPTS[(i * 3 + j) % len(PROMPTS)]
+                got.append((model, prompt, await proxy_chat(c, shim, model, prompt)))
+        return got
+
+    results = await asyncio.gather(*(client(i) for i in range(20)))
+    answers = [r for rs in results for r in rs]
+    assert len(answers) == 80  # none lost
+    wrong = [(m, p, a) for m, p, a in answers if a != expected[(m, p)]]
+    assert not wrong, f"answers from the wrong model: {wrong[:3]}"
+    assert shim.switcher.switches > switches_before  # it did switch under load
+    assert shim.switcher.queue_depth == 0
+    assert shim.switcher.in_flight_all() == {"a": 0, "b": 0}
+
+
+async def test_streams_switch_back_and_forth(shim_factory: ShimFactory) -> None:  # noqa: F811
+    shim = await shim_factory(["a", "b"])
+
+    async def one(model: str) -> list[Any]:
+        async with httpx.AsyncClient(timeout=120) as c:
+            r = await c.post(f"{shim.url}/v1/chat/completions",
+                             json=chat_body(model, "stream me", max_tokens=12, stream=True))
+            assert r.status_code == 200
+            return sse_events(r.content)
+
+    results = await asyncio.gather(*(one("ab"[i % 2]) for i in range(10)))
+    for events in results:
+        assert events[-1] == "[DONE]"
+        assert len(events) >= 3
+    a_text = ["".join(e["choices"][0]["delta"].get("content") or "" for e in ev[:-1]
+                      if e.get("choices")) for ev in results[0::2]]
+    assert len(set(a_text)) == 1  # deterministic and from the same model every time
+
+
+async def test_fifo_order_between_models(shim_factory: ShimFactory,  # noqa: F811
+                                         http: httpx.AsyncClient) -> None:  # noqa: F811
+    """With `a` active and past min_active: b then a queued; b is served first."""
+    shim = await shim_factory(["a", "b"], policy={"min_active_secs": 0})
+    await shim.switcher.wake("a")
+    done: list[str] = []
+    # hold `a` busy with a stream so that the next requests queue up behind the drain
+    hold = asyncio.create_task(http.post(f"{shim.url}/v1/completions", json={
+        "model": "a", "prompt": "long", "max_tokens": 400, "stream": True}))
+    while shim.switcher.in_flight("a") == 0:
+        await asyncio.sleep(0.01)
+
+    async def req(model: str) -> None:
+        await proxy_chat(http, shim, model, "order")
+        done.append(model)
+
+    tb = asyncio.create_task(req("b"))
+    while shim.switcher.queue_depth < 1:
+        await asyncio.sleep(0.005)
+    ta = asyncio.create_task(req("a"))
+    while shim.switcher.queue_depth < 2:
+        await asyncio.sleep(0.005)
+    await asyncio.gather(tb, ta, hold)
+    assert done == ["b", "a"]  # arrival order across models, no overtaking
+    assert (await hold).status_code == 200
+
+
+async def test_min_active_keeps_admitting_the_active_model(
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+    shim = await shim_factory(["a", "b"], policy={"min_active_secs": 3})
+    await shim.switcher.wake("a")  # a just became active: protected for 3 s
+    order: list[str] = []
+
+    async def req(model: str) -> None:
+        await proxy_chat(http, shim, model, "x")
+        order.append(model)
+
+    tb = asyncio.create_task(req("b"))
+    while shim.switcher.queue_depth < 1:
+        await asyncio.sleep(0.005)
+    # a keeps being served while b waits for a's minimum active time to pass
+    for _ in range(3):
+        await req("a")
+    assert shim.switcher.active == "a" and shim.switcher.queue_depth == 1
+    await tb
+    assert order == ["a", "a", "a", "b"]
+    assert shim.switcher.active == "b"
+
+
+async def test_drain_before_switch_lets_streams_finish(
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+    shim = await shim_factory(["a", "b"], policy={"drain_before_switch": True})
+    await shim.switcher.wake("a")
+    events: list[str] = []
+    first_chunk = asyncio.Event()
+
+    async def long_stream() -> list[Any]:
+        async with http.stream("POST", f"{shim.url}/v1/completions", json={
+                "model": "a", "prompt": "drain", "max_tokens": 200, "stream": True}) as r:
+            raw = b""
+            async for chunk in r.aiter_bytes():
+                raw += chunk
+                first_chunk.set()
+            events.append("a-stream-done")
+            return sse_events(raw)
+
+    ts = asyncio.create_task(long_stream())
+    await first_chunk.wait()
+    await proxy_chat(http, shim, "b", "after the drain")
+    events.append("b-answered")
+    sse = await ts
+    assert sse[-1] == "[DONE]" and len(sse) > 100  # the stream was not cut by the switch
+    assert events == ["a-stream-done", "b-answered"]
+
+
+async def test_request_timeout_answers_504(shim_factory: ShimFactory,  # noqa: F811
+                                           http: httpx.AsyncClient) -> None:  # noqa: F811
+    shim = await shim_factory(["a", "b"], policy={"min_active_secs": 60,
+                                                  "request_timeout_secs": 0.5})
+    await shim.switcher.wake("a")
+    r = await http.post(f"{shim.url}/v1/chat/completions", json=chat_body("b", "late"))
+    assert r.status_code == 504
+    err = r.json()["error"]
+    assert "request_timeout_secs=0.5" in err["message"] and "`b`" in err["message"]
+    assert shim.switcher.queue_depth == 0
+    # the active model is untouched
+    assert (await http.post(f"{shim.url}/v1/chat/completions",
+                            json=chat_body("a", "still here"))).status_code == 200
+
+
+async def test_failed_switch_answers_503_and_leaves_others(
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+    shim = await shim_factory(["a", "bad"], bad={"command": ["/bin/false"],
+                                                 "startup_timeout_secs": 5})
+
+    async def ask(model: str) -> httpx.Response:
+        return await http.post(f"{shim.url}/v1/chat/completions", json=chat_body(model, "x"))
+
+    results = await asyncio.gather(ask("a"), ask("bad"), ask("bad"), ask("a"))
+    codes = [r.status_code for r in results]
+    assert codes == [200, 503, 503, 200], [r.text for r in results]
+    msg = results[1].json()["error"]["message"]
+    assert "switching to model `bad` failed" in msg
+    assert (await ask("a")).status_code == 200
+
+
+async def test_client_disconnect_mid_stream_releases_the_slot(
+        shim_factory: ShimFactory, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    caplog.set_level(logging.INFO)
+    shim = await shim_factory(["a", "b"])
+    await shim.switcher.wake("a")
+    async with httpx.AsyncClient(timeout=60) as c:  # noqa: SIM117
+        async with c.stream("POST", f"{shim.url}/v1/completions", json={
+                "model": "a", "prompt": "endless", "max_tokens": 1500, "stream": True}) as r:
+            assert r.status_code == 200
+            async for _ in r.aiter_bytes():
+                assert shim.switcher.in_flight("a") == 1
+                break
+    # the client is gone (connection closed): the slot is released before the stream's end
+    for _ in range(500):
+        if shim.switcher.in_flight("a") == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert shim.switcher.in_flight("a") == 0
+    assert shim.metrics.requests.get(("a", 200)) == 1
+    assert "action=client_disconnect" in caplog.text
+    assert "Exception in ASGI application" not in caplog.text
+    # the engine connection was dropped (the engine aborts), and the next stream is whole
+    async with httpx.AsyncClient(timeout=60) as c:
+        r = await c.post(f"{shim.url}/v1/completions", json={
+            "model": "a", "prompt": "next", "max_tokens": 20, "stream": True})
+        assert sse_events(r.content)[-1] == "[DONE]"
+
+
+async def test_client_gone_while_queued_leaves_the_queue(
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+    shim = await shim_factory(["a", "b"], policy={"min_active_secs": 60})
+    await shim.switcher.wake("a")
+    with_timeout = httpx.AsyncClient(timeout=httpx.Timeout(120, read=0.5))
+    try:
+        r = await with_timeout.post(f"{shim.url}/v1/chat/completions", json=chat_body("b", "x"))
+        raise AssertionError(f"expected a client-side timeout, got {r.status_code}")
+    except httpx.ReadTimeout:
+        pass
+    finally:
+        await with_timeout.aclose()
+    for _ in range(500):
+        if shim.switcher.queue_depth == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert shim.switcher.queue_depth == 0
+    assert shim.switcher.active == "a"
+
+
+async def test_killed_engine_is_restarted_on_next_request(
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+    shim = await shim_factory(["a"])
+    first = await proxy_chat(http, shim, "a", "before")
+    pid = shim.supervisor.pids("a")[0]
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(500):
+        if not shim.supervisor.is_alive("a"):
+            break
+        await asyncio.sleep(0.01)
+    assert await proxy_chat(http, shim, "a", "before") == first
+    status = (await http.get(f"{shim.url}/control/status")).json()["models"]["a"]
+    assert status["state"] == "running" and status["restarts"] >= 1 and pid not in status["pids"]
+    metrics = (await http.get(f"{shim.url}/metrics")).text
+    assert 'llmux_engine_restarts_total{model="a"} 1.0' in metrics
+
+
+async def test_max_active_two_keeps_both_models(shim_factory: ShimFactory,  # noqa: F811
+                                                http: httpx.AsyncClient) -> None:  # noqa: F811
+    shim = await shim_factory(["a", "b", "c"], top={"max_active": 2})
+    for model in ("a", "b", "a", "b"):
+        await proxy_chat(http, shim, model, "both")
+    assert sorted(shim.switcher.active_models) == ["a", "b"]
+    assert shim.lifecycle.status("a").state == "running"
+    assert shim.lifecycle.status("b").state == "running"
+    assert shim.switcher.switches == 2  # two cold starts, no eviction
+    await proxy_chat(http, shim, "c", "third")  # evicts the longest-active one
+    assert sorted(shim.switcher.active_models) == ["b", "c"]
+    assert shim.lifecycle.status("a").state == "sleeping"
+
+
+async def test_shutdown_answers_queued_requests_with_503(
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+    shim = await shim_factory(["a", "b"], policy={"min_active_secs": 60})
+    await shim.switcher.wake("a")
+    queued = asyncio.create_task(http.post(f"{shim.url}/v1/chat/completions",
+                                           json=chat_body("b", "never")))
+    while shim.switcher.queue_depth == 0:
+        await asyncio.sleep(0.01)
+    await shim.switcher.aclose()
+    r = await queued
+    assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
