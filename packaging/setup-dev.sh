@@ -30,6 +30,9 @@ if [ ! -f /etc/containers/containers.conf ] || ! grep -q "default_ulimits" /etc/
     printf '[containers]\ndefault_ulimits = []\n\n[engine]\nruntime = "runc"\n' | $SUDO tee /etc/containers/containers.conf >/dev/null
 fi
 
+# The group whose members may call llmuxd (units/llmux.sysusers.conf on a real install).
+getent group llmux >/dev/null || $SUDO groupadd --system llmux
+
 # CRIU 4.2 (Debian 12's 3.17 fails on this kernel): a self-contained bundle.
 $SUDO bash packaging/criu/install-criu.sh
 

@@ -8,9 +8,9 @@ Forms:
 
 Exit codes: 0 success, 1 a validation cycle failed, 2 bad usage or an invalid
 configuration (every problem printed with its key path).
-Client subcommands (status, checkpoints, ...) are added as further subparsers
-in ``build_parser``; each sets ``func`` to a callable taking the parsed args and
-returning the exit code.
+The client subcommands (host, checkpoints, checkpoint, restore, status) come
+from llmux.shim.opscli; every subcommand sets ``func``, a callable taking the
+parsed args and returning the exit code.
 """
 
 from __future__ import annotations
@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("validate-config", help="check a config file and list its problems")
     check.add_argument("--config", required=True, metavar="PATH")
     check.set_defaults(func=cmd_validate_config)
+
+    from llmux.shim.opscli import add_client_commands  # host, checkpoints, status, ...
+
+    add_client_commands(sub)
     return parser
 
 

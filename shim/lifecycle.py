@@ -15,10 +15,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from llmux.shim.backend import ProcessBackend
 from llmux.shim.config import (
@@ -40,6 +40,7 @@ from llmux.shim.errors import (
 from llmux.shim.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ModelState(StrEnum):
@@ -136,6 +137,7 @@ class Lifecycle:
         self._models = {name: _Model(m) for name, m in config.models.items()}
         #: why the configured host service was dropped at start-up, for later errors
         self._host_problem: str | None = None
+        self._transitions: set[asyncio.Future[Any]] = set()
         supervisor.add_death_listener(self._on_death)
 
     # ------------------------------------------------------------------ start-up
@@ -231,9 +233,15 @@ class Lifecycle:
         """Make the model running and healthy, whatever its state.
 
         Returns how it was brought up, or None when it was already running.
-        Raises EngineFailed when even a cold start fails (state: stopped).
+        Raises EngineFailed when even a cold start fails (state: stopped). A
+        caller that is cancelled (a request timeout) does not cut the
+        transition short: it completes, so that no half-restored tree is lost.
         """
         rec = self._rec(model)
+        return await self._unbroken(self._activate(rec))
+
+    async def _activate(self, rec: _Model) -> WakeKind | None:
+        model = rec.config.name
         async with rec.lock:
             state = self._effective_state(rec)
             if state is ModelState.RUNNING:
@@ -246,8 +254,8 @@ class Lifecycle:
                 kind = await self._warm_start(rec, state)
             except Exception as e:
                 msg = _why(e)
-                log.error("model %s: %s from %s failed (%s); falling back to a cold start",
-                          model, "wake", state, msg)
+                log.error("model %s: wake from %s failed (%s); falling back to a cold start",
+                          model, state, msg)
                 rec.last_error = f"wake from {state} failed: {msg}"
                 await self.supervisor.stop(model)
                 return await self._cold_start(rec, restart=True, t0=t0)
@@ -348,6 +356,10 @@ class Lifecycle:
         policy = policy or rec.config.eviction
         if policy.needs_host:
             self._need_backend(model, f"eviction {policy}")
+        return await self._unbroken(self._evict_locked(rec, policy))
+
+    async def _evict_locked(self, rec: _Model, policy: EvictionPolicy) -> ModelState:
+        model = rec.config.name
         async with rec.lock:
             state = self._effective_state(rec)
             if state is ModelState.STOPPED:
@@ -359,6 +371,8 @@ class Lifecycle:
                 return state
             if state is ModelState.SUSPENDED and policy.process is not ProcessStrategy.STOP:
                 return state
+            if state is ModelState.SLEEPING and policy.process is ProcessStrategy.KEEP_RUNNING:
+                return state  # already evicted; the weights cannot sleep twice
             t0 = time.monotonic()
             try:
                 new_state = await self._evict(rec, state, policy)
@@ -416,6 +430,14 @@ class Lifecycle:
             return 0
         return int(m.weights_mb) << 20
 
+    async def _unbroken(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a transition to its end even if the caller is cancelled meanwhile."""
+        task = asyncio.ensure_future(coro)
+        self._transitions.add(task)
+        task.add_done_callback(self._transitions.discard)
+        task.add_done_callback(_settle)
+        return await asyncio.shield(task)
+
     # ------------------------------------------------------------------ shutdown
 
     async def aclose(self) -> None:
@@ -432,11 +454,19 @@ class Lifecycle:
                     rec.sleep_level = 0
                 self._observe(name, "stop", "stop", time.monotonic() - t0)
 
+        if self._transitions:  # let transitions whose callers gave up finish first
+            await asyncio.gather(*self._transitions, return_exceptions=True)
         await asyncio.gather(*(stop(r) for r in self._models.values()))
         closer = getattr(self.backend, "aclose", None)
         if closer is not None:
             with contextlib.suppress(Exception):
                 await closer()
+
+
+def _settle(task: asyncio.Future[Any]) -> None:
+    """Retrieve a finished transition's error, which its caller may no longer await."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("transition ended with %r", task.exception())
 
 
 def _why(e: BaseException) -> str:

@@ -357,7 +357,7 @@ class Supervisor:
 
     def _signal_tree(self, eng: EngineProcess, sig: signal.Signals) -> None:
         # the group as a whole catches a fork racing with the scan; only while the
-        # root is unreaped, so that the group id cannot have been recycled
+        # root has not exited, so that the group id cannot have been recycled
         root_fd = eng.pidfds.get(eng.root_pid)
         if eng.leads_group and root_fd is not None and not _pidfd_exited(root_fd):
             with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -109,6 +109,8 @@ class Switcher:
         self._not_busy.set()
         self._drained = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
+        #: the active model being drained for a switch (admits nothing new meanwhile)
+        self._draining: _Slot | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._max_active = config.max_active
@@ -240,8 +242,10 @@ class Switcher:
 
     def _kick(self) -> None:
         """Admit what can be admitted; start the next switch if one is due."""
-        if not self._queue or self._closed:
+        if self._closed:
             return
+        if self._draining is not None and not self._draining.active:
+            self._draining = None  # evicted meanwhile (a control sleep)
         now = self._clock()
         slots = self._slots
         other_waiting = False
@@ -262,14 +266,25 @@ class Switcher:
                 other_waiting = True
                 if head is None:
                     head = w
-        if head is None or self._busy:
+        if head is None:
+            victim = self._draining
+            if victim is not None and not self._busy:
+                # nobody waits for another model any more (they timed out or left):
+                # the model being drained serves again instead of being evicted for nothing
+                self._draining = None
+                victim.closing = False
+                log.info("model=%s action=drain_cancelled", victim.name)
+                if self._queue:
+                    self._kick()
+            return
+        if self._busy:
             return
         active = [s for s in slots.values() if s.active]
         if len(active) < self._max_active:
             self._start(None, head.model)
             return
-        # a victim: one already closing, else the longest-active one past min_active
-        victim = next((s for s in active if s.closing), None)
+        # a victim: the one being drained, else the longest-active one past min_active
+        victim = self._draining
         if victim is None:
             victim = min(active, key=lambda s: s.active_since)
             wait = victim.active_since + self._min_active - now
@@ -278,10 +293,12 @@ class Switcher:
                     self._timer = asyncio.get_running_loop().call_later(wait, self._tick)
                 return
             victim.closing = True
+            self._draining = victim
             log.info("model=%s action=drain in_flight=%d next=%s", victim.name,
                      victim.in_flight, head.model)
         if self._drain and victim.in_flight > 0:
             return  # leave() kicks again when it reaches 0
+        self._draining = None
         self._start(victim.name, head.model)
 
     def _tick(self) -> None:

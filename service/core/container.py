@@ -108,6 +108,7 @@ def host_path_of(entry: MountEntry, host: Sequence[MountEntry]) -> str | None:
         hroot = h.root.rstrip("/")
         if entry.root == h.root or entry.root.startswith(hroot + "/") or h.root == "/":
             rest = entry.root[len(hroot) :] if h.root != "/" else entry.root
+            rest = "" if rest == "/" else rest
             candidate = (h.mount_point.rstrip("/") + rest) or "/"
             score = len(h.root)
             if best is None or score > best[0]:
@@ -227,10 +228,10 @@ class ContainerContext:
         host = read_mountinfo("self")
         root = next((m for m in reversed(mounts) if m.mount_point == "/"), None)
         overlay = _overlay_of(root, host) if root is not None else None
-        externals = []
+        externals: list[ExternalMount] = []
         for m in mounts:
-            if m.mount_point == "/":
-                continue
+            if m.mount_point == "/" or any(e.mount_point == m.mount_point for e in externals):
+                continue  # the root, or a mount stacked on one already declared
             if m.root != "/" or (m.fstype not in _PSEUDO_FS and any(h.dev == m.dev for h in host)):
                 externals.append(
                     ExternalMount(

@@ -83,6 +83,28 @@ class ManagerInterface(ServiceInterface):  # type: ignore[misc]
             log.exception("reading host information failed; answering the last known values")
         return self._last
 
+    def refresh(self) -> None:
+        """Announces changed host properties (free space after a dump or a deletion)."""
+        before = self._last
+        after = self._info()
+        if before is None or after is None:
+            return
+        names = {
+            "Version": "version",
+            "CriuVersion": "criu_version",
+            "KernelRelease": "kernel_release",
+            "DriverVersion": "driver_version",
+            "StateDirectory": "state_dir",
+            "FreeBytes": "free_bytes",
+        }
+        changed = {
+            prop: getattr(after, name)
+            for prop, name in names.items()
+            if getattr(after, name) != getattr(before, name)
+        }
+        if changed:
+            self.emit_properties_changed(changed)
+
     def _field(self, name: str, default: Any) -> Any:
         info = self._info()
         return default if info is None else getattr(info, name)

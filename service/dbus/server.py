@@ -206,6 +206,7 @@ class HostServer:
                 interface = CheckpointInterface(view)
                 self._bus.export(checkpoint_path(model), interface)
                 self._checkpoints[model] = interface
+        self.manager.refresh()
         self._status_changed()
 
     def _job_reply(self, job: Job) -> Reply:

@@ -180,7 +180,9 @@ def build_app(state: AppState) -> Starlette:
             core_state = await engine.call("engine_state")
         except EngineError as exc:
             return error_response(exc)
+        loop = asyncio.get_running_loop()
         return JSONResponse({"pid_api": os.getpid(), **core_state,
+                             "api_event_loop": f"{type(loop).__module__}.{type(loop).__name__}",
                              "zmq_sockets": engine.socket_paths,
                              "served_model_name": args.served_model_name,
                              "model_path": args.model_path})

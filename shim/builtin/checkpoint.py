@@ -104,6 +104,8 @@ def ensure_checkpoint(
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _is_complete(config_file, config.weights_file, expected):
             return False
+        for stale in directory.glob(".*.tmp"):  # left by a writer that was killed
+            stale.unlink(missing_ok=True)
         log.info("Writing checkpoint for %s (%d MiB ballast) to %s",
                  config.model_path, config.weights_mb, directory)
         tensors = [*make_tensors(config)]

@@ -49,6 +49,7 @@ class EngineCore:
         self.config = config
         self.stopping = False
         self.running: dict[str, RunningRequest] = {}
+        self.aborted_requests = 0
         self.context = zmq.Context(io_threads=1)
         self.input = self.context.socket(zmq.PULL)
         self.output = self.context.socket(zmq.PUSH)
@@ -118,7 +119,8 @@ class EngineCore:
             log.info("Shutdown requested by the API server")
             self.stopping = True
         elif kind == protocol.ABORT:
-            self.running.pop(request_id, None)
+            if self.running.pop(request_id, None) is not None:
+                self.aborted_requests += 1
         elif kind == protocol.GENERATE:
             try:
                 self._backend().check_ready()
@@ -190,6 +192,7 @@ class EngineCore:
         state = self._backend().describe()
         state["pid_core"] = os.getpid()
         state["running_requests"] = len(self.running)
+        state["aborted_requests"] = self.aborted_requests
         state["jit_log"] = self.jit_log.name if self.jit_log is not None else None
         return state
 

@@ -6,10 +6,11 @@ import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from llmux.shim.builtin.testing import EngineProcess, start_engine
+from llmux.shim.builtin.testing import EngineProcess, spawn_engine, start_engine
 
 EngineEnv = Callable[[str], dict[str, str]]
 PROMPTS = ["the king and the queen", "a cold night in the forest", "what is the answer"]
@@ -25,8 +26,8 @@ def answers(engine: EngineProcess) -> list[str]:
     return out
 
 
-def engine_state(engine: EngineProcess) -> dict[str, object]:
-    body: dict[str, object] = httpx.get(f"{engine.base_url}/engine_state").json()
+def engine_state(engine: EngineProcess) -> dict[str, Any]:
+    body: dict[str, Any] = httpx.get(f"{engine.base_url}/engine_state").json()
     return body
 
 
@@ -100,3 +101,18 @@ def test_the_served_name_does_not_change_the_model(engine_env: EngineEnv, backen
         response = httpx.post(f"{renamed.base_url}/v1/completions",
                               json={"model": "renamed", "prompt": PROMPTS[0], "max_tokens": 10})
         assert response.json()["choices"][0]["text"] == expected[0]
+
+
+def test_simultaneous_first_starts_write_the_checkpoint_once(engine_env: EngineEnv,
+                                                             backend: str) -> None:
+    env = engine_env(backend)
+    engines = [spawn_engine("test-org/twins", weights_mb=8, extra_env=env) for _ in range(2)]
+    try:
+        for engine in engines:
+            engine.wait_ready()
+        assert answers(engines[0]) == answers(engines[1])
+        logs = [engine.log_text() for engine in engines]
+    finally:
+        for engine in engines:
+            engine.stop()
+    assert sum(log.count("Writing checkpoint") for log in logs) == 1

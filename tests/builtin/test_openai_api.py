@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -192,3 +193,19 @@ def test_health_version_and_collective_rpc_echo(shared_engine: EngineProcess) ->
                      json={"method": "echo", "args": [1, "two"], "kwargs": {"k": 3}})
     assert rpc.json() == {"results": [{"args": [1, "two"], "kwargs": {"k": 3}}]}
     assert httpx.post(f"{base}/reset_prefix_cache").status_code == 200
+
+
+def test_a_client_that_leaves_mid_stream_frees_the_engine(shared_engine: EngineProcess) -> None:
+    base = shared_engine.base_url
+    request = {"model": MODEL, "prompt": "a very long story", "max_tokens": 2000, "stream": True}
+    with httpx.stream("POST", f"{base}/v1/completions", json=request) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                break  # leave after the first chunk; closing the stream drops the connection
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{base}/engine_state").json()["running_requests"]:
+        assert time.monotonic() < deadline, "the abandoned request never left the engine"
+        time.sleep(0.05)
+    ok = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "x"})
+    assert ok.status_code == 200

@@ -6,6 +6,7 @@ import fcntl
 import os
 import re
 import signal
+import socket
 import stat
 import time
 from collections.abc import Callable
@@ -55,6 +56,15 @@ def test_api_server_and_engine_core_are_parent_and_child(shared_engine: EnginePr
     cmdline = Path(f"/proc/{core}/cmdline").read_bytes().split(b"\0")
     assert b"llmux.shim.builtin.engine_core" in cmdline
     assert os.readlink(f"/proc/{core}/fd/0") == "/dev/null"
+
+
+def test_api_server_runs_the_plain_asyncio_loop(shared_engine: EngineProcess) -> None:
+    """Not uvloop: libuv's io_uring and its helper fds are what CRIU cannot checkpoint."""
+    assert state_of(shared_engine)["api_event_loop"] == "asyncio.unix_events._UnixSelectorEventLoop"
+    maps = Path(f"/proc/{shared_engine.pid}/maps").read_text()
+    assert "uvloop" not in maps
+    targets = [os.readlink(fd) for fd in Path(f"/proc/{shared_engine.pid}/fd").iterdir()]
+    assert not any("io_uring" in target for target in targets)
 
 
 def test_zmq_ipc_sockets_live_in_tmp_with_random_names(shared_engine: EngineProcess) -> None:
@@ -157,11 +167,15 @@ def test_engine_core_exits_when_the_api_server_is_killed(engine_env: EngineEnv) 
     engine = start_engine("test-org/api-dies", weights_mb=1, extra_env=engine_env("pure"))
     try:
         core = core_pid(engine)
+        sockets = state_of(engine)["zmq_sockets"]
+        assert isinstance(sockets, list)
         os.kill(engine.pid, signal.SIGKILL)
         engine.process.wait(timeout=30)
         assert wait_until_gone(core)
     finally:
         engine.stop()
+    for path in sockets:  # a killed server cannot remove its socket files; do it for it
+        Path(path).unlink(missing_ok=True)
 
 
 def test_engine_that_cannot_start_exits_non_zero(engine_env: EngineEnv) -> None:
@@ -173,3 +187,19 @@ def test_engine_that_cannot_start_exits_non_zero(engine_env: EngineEnv) -> None:
         assert "needs PyTorch" in engine.log_text()
     finally:
         engine.stop()
+
+
+def test_a_port_in_use_is_refused_before_anything_starts(engine_env: EngineEnv) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        engine = spawn_engine("test-org/port-clash", port, weights_mb=1,
+                              extra_env=engine_env("pure"))
+        try:
+            assert engine.process.wait(timeout=60) == 1
+            log = engine.log_text()
+        finally:
+            engine.stop()
+    assert f"Cannot serve on 127.0.0.1:{port}" in log
+    assert "Started engine core" not in log

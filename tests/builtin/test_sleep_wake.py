@@ -14,10 +14,20 @@ EngineEnv = Callable[[str], dict[str, str]]
 MIB = 1 << 20
 
 
-@pytest.fixture
-def engine(engine_env: EngineEnv, backend: str) -> Iterator[EngineProcess]:
+@pytest.fixture(scope="module")
+def sleepy_engine(engine_env: EngineEnv, backend: str) -> Iterator[EngineProcess]:
     with start_engine("test-org/sleepy", weights_mb=4, extra_env=engine_env(backend)) as running:
         yield running
+
+
+@pytest.fixture
+def engine(sleepy_engine: EngineProcess) -> Iterator[EngineProcess]:
+    """The module's engine, put back awake with its weights loaded after every test."""
+    yield sleepy_engine
+    if sleepy_engine.process.poll() is None:
+        post(sleepy_engine, "/wake_up")
+        if state(sleepy_engine)["weights"] != "device":
+            post(sleepy_engine, "/reload_weights")
 
 
 def state(engine: EngineProcess) -> dict[str, Any]:

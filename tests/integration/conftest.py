@@ -1,8 +1,8 @@
 """The whole system on one machine: a private bus, llmuxd on it, a real shim in front of it.
 
 The private system-style dbus-daemon (with the project's policy) and the llmuxd fixture
-are the ones tests/service/dbus uses, loaded from there by path (tests/ is not a
-package), so both suites exercise the same set-up. The shim runs as `llmux serve
+are the ones tests/service/dbus uses (its llmuxd_harness.py, loaded by path under the
+same module name: tests/ is not a package), so both suites exercise the same set-up. The shim runs as `llmux serve
 --config FILE`, a separate process: llmuxd resolves it from the bus as the caller, and
 its engines are its own descendants, as in a container.
 
@@ -30,12 +30,14 @@ from typing import Any
 import httpx
 import pytest
 
-_DBUS_CONFTEST = Path(__file__).resolve().parents[1] / "service" / "dbus" / "conftest.py"
+_HARNESS = Path(__file__).resolve().parents[1] / "service" / "dbus" / "llmuxd_harness.py"
 
 
 def _load_dbus_fixtures() -> Any:
-    spec = importlib.util.spec_from_file_location("llmux_tests_dbus_fixtures", _DBUS_CONFTEST)
-    assert spec is not None and spec.loader is not None, f"cannot load {_DBUS_CONFTEST}"
+    if "llmuxd_harness" in sys.modules:  # already imported by tests/service/dbus
+        return sys.modules["llmuxd_harness"]
+    spec = importlib.util.spec_from_file_location("llmuxd_harness", _HARNESS)
+    assert spec is not None and spec.loader is not None, f"cannot load {_HARNESS}"
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while being made
     spec.loader.exec_module(module)

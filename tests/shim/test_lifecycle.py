@@ -218,6 +218,30 @@ async def test_host_policy_on_demand_without_backend_touches_nothing(
     assert lc.status("m1").state is ModelState.RUNNING
 
 
+async def test_a_cancelled_caller_does_not_cut_a_transition_short(
+        builtin_config: Callable[..., Config], harness: Callable[..., Harness],
+        procs: Any) -> None:
+    h = harness(builtin_config(["m1"], eviction="discard+keep_running"))
+    lc = h.lifecycle
+    await lc.start()
+    caller = asyncio.create_task(lc.activate("m1"))
+    await asyncio.sleep(0.1)  # the engine is starting
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert await lc.activate("m1") is None, "the cold start went on and completed"
+    status = lc.status("m1")
+    procs.track(*status.pids)
+    assert status.state is ModelState.RUNNING and status.last_wake is WakeKind.COLD
+    caller = asyncio.create_task(lc.evict("m1"))
+    await asyncio.sleep(0)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert await lc.evict("m1") is ModelState.SLEEPING
+    assert (await h.get("m1", "/engine_state"))["weights"] == "discarded"
+
+
 async def test_unknown_model(builtin_config: Callable[..., Config],
                              harness: Callable[..., Harness]) -> None:
     lc = harness(builtin_config(["m1"])).lifecycle

@@ -277,3 +277,31 @@ async def test_shutdown_answers_queued_requests_with_503(
     await shim.switcher.aclose()
     r = await queued
     assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+
+
+async def test_drain_is_cancelled_when_nobody_waits_any_more(
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+    """b gives up (timeout) while a drains for it: a serves new requests again."""
+    shim = await shim_factory(["a", "b"], policy={"request_timeout_secs": 0.3})
+    await shim.switcher.wake("a")
+    first = asyncio.Event()
+
+    async def long_stream() -> bytes:
+        raw = b""
+        async with http.stream("POST", f"{shim.url}/v1/completions", json={
+                "model": "a", "prompt": "hold", "max_tokens": 1500, "stream": True}) as r:
+            async for chunk in r.aiter_bytes():
+                raw += chunk
+                first.set()
+                await asyncio.sleep(0.002)  # a slow reader keeps a's slot busy
+        return raw
+
+    ts = asyncio.create_task(long_stream())
+    await first.wait()
+    r = await http.post(f"{shim.url}/v1/chat/completions", json=chat_body("b", "x"))
+    if shim.switcher.in_flight("a"):  # the stream outlived b's patience (the usual case)
+        assert r.status_code == 504
+        ra = await http.post(f"{shim.url}/v1/chat/completions", json=chat_body("a", "y"))
+        assert ra.status_code == 200
+        assert shim.switcher.active == "a"
+    assert sse_events(await ts)[-1] == "[DONE]"

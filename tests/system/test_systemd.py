@@ -302,7 +302,9 @@ def test_upgrade_restarts_the_service_and_keeps_the_config(installed: Booted,
 def test_remove_and_purge_in_the_running_system(installed: Booted, deb_path: Path) -> None:
     installed.exec("systemctl", "start", UNIT)
     installed.exec("dpkg", "-r", "llmux-host")
-    assert installed.show(UNIT, "LoadState")["LoadState"] == "not-found"
+    props = installed.show(UNIT, "LoadState", "ActiveState")
+    assert props == {"LoadState": "not-found", "ActiveState": "inactive"}, props
+    assert installed.exec("pgrep", "-f", "/usr/bin/llmuxd", check=False).returncode == 1
     for path in PACKAGE_FILES:
         assert installed.exec("test", "-e", path, check=False).returncode != 0, path
     installed.exec("test", "-e", CONFFILE)  # a removed package keeps its conffiles
@@ -316,6 +318,7 @@ def test_remove_and_purge_in_the_running_system(installed: Booted, deb_path: Pat
     assert installed.exec("dpkg-query", "-W", "llmux-host", check=False).returncode != 0
 
     # and installing it again into the running system starts it right away
+    run(["podman", "cp", str(deb_path), f"{installed.name}:/tmp/{deb_path.name}"])
     installed.exec("dpkg", "-i", f"/tmp/{deb_path.name}")
     installed.wait_for(UNIT, "start on install", is_active, 60)
     assert json.loads(busctl_call(installed, "ListCheckpoints"))["data"] == [[]]

@@ -123,15 +123,24 @@ async def test_leave_running_then_restore_refused_while_pids_live(
 
 
 def _take_pid(pid: int) -> subprocess.Popen[bytes] | None:
-    """Start a process that gets exactly this PID (via ns_last_pid), or None."""
-    for _ in range(50):
-        Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
-        p = subprocess.Popen(["sleep", "300"])
-        if p.pid == pid:
-            return p
-        p.kill()
-        p.wait()
-    return None
+    """Start a process that gets exactly this PID (via ns_last_pid), or None.
+
+    The PID counter is put back afterwards, so that other processes do not go on to take
+    the PIDs right after it (the tree's thread IDs)."""
+    last = Path("/proc/sys/kernel/ns_last_pid")
+    before = int(last.read_text())
+    try:
+        for _ in range(50):
+            last.write_text(str(pid - 1))
+            p = subprocess.Popen(["sleep", "300"])
+            if p.pid == pid:
+                return p
+            p.kill()
+            p.wait()
+        return None
+    finally:
+        if int(last.read_text()) < before:
+            last.write_text(str(before))
 
 
 async def test_restore_with_pid_taken_names_the_holder_and_keeps_checkpoint(

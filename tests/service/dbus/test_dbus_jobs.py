@@ -113,6 +113,12 @@ async def test_hostclient_checkpoint_then_restore(llmuxd: Llmuxd, spawn_target) 
         job_id, job_path = recorder.members("JobNew")[0]
         removed = await recorder.wait_for("JobRemoved")
         assert removed == [job_id, job_path, "done", "", ""]
+        host_changes = [
+            body[1]
+            for name, path, body in recorder.signals
+            if name == "PropertiesChanged" and path == OBJECT_PATH
+        ]
+        assert any("FreeBytes" in changed for changed in host_changes)  # 64 MB less free
         added = [b[0] for b in recorder.members("InterfacesAdded")]
         assert f"{OBJECT_PATH}/checkpoint/tiny_2d0_2e1b" in added
         assert [c["Model"] for c in await client.list_checkpoints()] == ["tiny-0.1b"]
@@ -275,21 +281,7 @@ def test_sigterm_cancels_running_jobs_and_exits_cleanly(llmuxd: Llmuxd, spawn_ta
     target.reap()
 
 
-@pytest.mark.parametrize(
-    "how",
-    [
-        "like-systemd",
-        pytest.param(
-            "daemon-only",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="core: CRIU (own session, no PR_SET_PDEATHSIG) outlives a SIGKILLed "
-                "llmuxd, finishes the dump and kills the tree; the restart then removes the "
-                "uncommitted images. Under systemd the same happens for TimeoutStopSec.",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("how", ["like-systemd", "daemon-only"])
 def test_llmuxd_killed_mid_dump_loses_nothing(llmuxd: Llmuxd, spawn_target, how: str) -> None:
     """like-systemd: the unit's cgroup dies with llmuxd (KillMode=mixed SIGKILLs CRIU too);
     daemon-only: CRIU, in its own session, outlives llmuxd and finishes on its own."""
