@@ -25,14 +25,17 @@ from llmux.service.contract import ErrorName
 from llmux.shim.opscli import ProgressReporter, add_client_commands, render_table
 from proxy_fixtures import ShimFactory, shim_factory  # noqa: F401
 
-# The D-Bus fixtures of the host service's tests, loaded under a name of their own
-# (every test folder has a module called conftest).
-_DBUS_FIXTURES = Path(__file__).resolve().parents[1] / "service" / "dbus" / "conftest.py"
-_spec = importlib.util.spec_from_file_location("llmux_test_dbus_fixtures", _DBUS_FIXTURES)
-assert _spec is not None and _spec.loader is not None
-dbus_fixtures: Any = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = dbus_fixtures
-_spec.loader.exec_module(dbus_fixtures)
+# The D-Bus harness of the host service's tests (tests/service/dbus/llmuxd_harness.py), the
+# module itself when pytest has already imported it for that folder.
+_HARNESS = Path(__file__).resolve().parents[1] / "service" / "dbus" / "llmuxd_harness.py"
+if "llmuxd_harness" in sys.modules:
+    dbus_fixtures: Any = sys.modules["llmuxd_harness"]
+else:
+    _spec = importlib.util.spec_from_file_location("llmuxd_harness", _HARNESS)
+    assert _spec is not None and _spec.loader is not None
+    dbus_fixtures = importlib.util.module_from_spec(_spec)
+    sys.modules[_spec.name] = dbus_fixtures
+    _spec.loader.exec_module(dbus_fixtures)
 private_bus = dbus_fixtures.private_bus
 llmuxd = dbus_fixtures.llmuxd
 spawn_target = dbus_fixtures.spawn_target
@@ -42,33 +45,11 @@ Target = Any  # dbus_fixtures.Target: a checkpointable process
 NOBODY = 65534
 BUS_ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 
-# The commands as ``llmux`` runs them. Until shim/cli.py wires add_client_commands, the
-# same functions are driven by a parser of their own (test_llmux_has_the_client_commands
-# says whether the wiring is there).
-DRIVER = """
-import argparse, sys
-from llmux.shim.opscli import add_client_commands
-parser = argparse.ArgumentParser(prog="llmux")
-add_client_commands(parser.add_subparsers(dest="command"))
-args = parser.parse_args()
-sys.exit(args.func(args))
-"""
-
-
-def _cli_is_wired() -> bool:
-    from llmux.shim import cli
-
-    for action in cli.build_parser()._actions:
-        choices = getattr(action, "choices", None)
-        if isinstance(choices, dict) and "checkpoints" in choices:
-            return True
-    return False
 
 
 def llmux_argv(*args: str) -> list[str]:
-    if _cli_is_wired():
-        return [sys.executable, "-m", "llmux.shim.cli", *args]
-    return [sys.executable, "-c", DRIVER, *args]
+    """The ``llmux`` command (shim/cli.py, which wires in add_client_commands)."""
+    return [sys.executable, "-m", "llmux.shim.cli", *args]
 
 
 def llmux(*args: str, user: int | None = None, timeout: float = 120
