@@ -148,7 +148,7 @@ class Supervisor:
             if current.alive:
                 raise Conflict(f"model {model}: an engine is already running "
                                f"(pid {current.root_pid})")
-            self._forget(current)
+            await self._finish_ending(current)
         argv = self.argv(m)
         log_path = self._open_log_header(model, argv)
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
@@ -233,7 +233,7 @@ class Supervisor:
             if current.alive:
                 raise Conflict(f"model {model}: cannot adopt pid {root_pid}, an engine is "
                                f"already tracked (pid {current.root_pid})")
-            self._forget(current)
+            await self._finish_ending(current)
         eng = EngineProcess(model=model, root_pid=root_pid, adopted=True,
                             log_path=self.log_path(model))
         try:
@@ -325,6 +325,12 @@ class Supervisor:
         self._reap(eng)
         self._forget(eng)
         return eng.returncode
+
+    async def _finish_ending(self, eng: EngineProcess) -> None:
+        """A dead engine's clean-up (the rest of its tree) completes before a successor."""
+        if eng.ending is not None:
+            await asyncio.shield(eng.ending)
+        self._forget(eng)
 
     async def _end(self, eng: EngineProcess, grace: float) -> None:
         """Terminate the tree once; concurrent callers share the one termination."""

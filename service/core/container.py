@@ -197,6 +197,30 @@ def cgroup_procs_files(cgroups: dict[str, str], host: Sequence[MountEntry]) -> l
 _PSEUDO_FS = frozenset({"proc", "sysfs", "devpts", "mqueue", "cgroup", "cgroup2", "overlay"})
 
 
+def _host_visible(m: MountEntry, host: Sequence[MountEntry]) -> bool:
+    """A whole filesystem (root "/") that the host mounts too: its content lives outside."""
+    return m.fstype not in _PSEUDO_FS and any(h.dev == m.dev for h in host)
+
+
+def _is_external(m: MountEntry, mounts: Sequence[MountEntry], host: Sequence[MountEntry]) -> bool:
+    """Whether CRIU must be told about the mount (external) or can rebuild it by itself.
+
+    A bind of a host path, or a host filesystem mounted whole, is external. A bind whose
+    source is a namespace-private filesystem that the namespace also mounts whole (a
+    container runtime's read-only /proc/sys, /proc/bus binds and its /dev/null masks over
+    /proc/keys) is a bind inside the dumped tree: CRIU recreates it, and no other
+    container could supply it as an external mount.
+    """
+    if m.root == "/":
+        return _host_visible(m, host)
+    for other in mounts:
+        if other is m or other.dev != m.dev or other.root != "/":
+            continue
+        if not _host_visible(other, host) and not any(h.dev == m.dev for h in host):
+            return False
+    return True
+
+
 @dataclass(frozen=True)
 class ContainerContext:
     """A process's view of the filesystem and cgroups, mapped to host paths."""
@@ -232,7 +256,7 @@ class ContainerContext:
         for m in mounts:
             if m.mount_point == "/" or any(e.mount_point == m.mount_point for e in externals):
                 continue  # the root, or a mount stacked on one already declared
-            if m.root != "/" or (m.fstype not in _PSEUDO_FS and any(h.dev == m.dev for h in host)):
+            if _is_external(m, mounts, host):
                 externals.append(
                     ExternalMount(
                         key=external_mount_key(m.mount_point),

@@ -106,6 +106,17 @@ class ProcTracker:
             await asyncio.sleep(0.05)
         return not self.any_running(pids)
 
+    async def eventually(self, predicate: Callable[[], bool], within: float = 30.0) -> bool:
+        """Async poll of ``predicate`` (for what the event loop must process first)."""
+        import asyncio
+
+        deadline = time.monotonic() + within
+        while not predicate():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     def kill_leftovers(self) -> list[int]:
         leaked = [p for p in self.tracked if running(p)]
         for pid in leaked:

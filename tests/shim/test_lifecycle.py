@@ -144,6 +144,7 @@ async def test_dead_engine_is_restarted_on_next_activate(
     procs.track(*old)
     os.kill(old[0], signal.SIGKILL)
     assert await procs.wait_gone(old)
+    assert await procs.eventually(lambda: lc.status("m1").state is ModelState.STOPPED)
     status = lc.status("m1")
     assert status.state is ModelState.STOPPED and status.pids == []
     assert "exited unexpectedly" in (status.last_error or "")
@@ -369,9 +370,12 @@ async def test_cuda_suspend_and_resume(builtin_config: Callable[..., Config],
     procs.track(*pids)
     assert await lc.evict("m1") is ModelState.SUSPENDED
     assert lc.status("m1").pids == pids
-    with open(f"/proc/{pids[0]}/stat") as f:
-        state = f.read().rsplit(")", 1)[1].split()[0]
-    assert state == "T", "the tree is stopped while suspended"
+
+    def stopped() -> bool:
+        with open(f"/proc/{pids[0]}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+    assert procs.wait_until(stopped), "the tree is stopped while suspended"
     assert await lc.activate("m1") is WakeKind.RESUME
     assert lc.status("m1").pids == pids, "resume keeps the same processes"
     assert (await h.get("m1", "/engine_state"))["weights"] == "device"
