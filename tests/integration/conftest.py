@@ -2,9 +2,9 @@
 
 The private system-style dbus-daemon (with the project's policy) and the llmuxd fixture
 are the ones tests/service/dbus uses (its llmuxd_harness.py, loaded by path under the
-same module name: tests/ is not a package), so both suites exercise the same set-up. The shim runs as `llmux serve
---config FILE`, a separate process: llmuxd resolves it from the bus as the caller, and
-its engines are its own descendants, as in a container.
+same module name: tests/ is not a package), so both suites exercise the same set-up.
+The shim runs as `llmux serve --config FILE`, a separate process: llmuxd resolves it
+from the bus as the caller, and its engines are its own descendants, as in a container.
 
 Every engine gets a random LLMUX_TEST_TAG in its environment; a restored engine is not
 the shim's child (CRIU restores it under llmuxd), so teardown finds anything left by

@@ -1,0 +1,69 @@
+"""End to end in real containers: llmuxd on the host, the shim in podman containers.
+
+The private system-style dbus-daemon (with the project's policy) and the llmuxd fixture are
+tests/service/dbus/llmuxd_harness.py's, loaded by path under the same module name as the
+other suites do. The bus socket's directory is bind-mounted into every container.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from podman_shim import ShimFactory, prepare_rootfs
+
+_HARNESS = Path(__file__).resolve().parents[1] / "service" / "dbus" / "llmuxd_harness.py"
+
+
+def _load_harness() -> Any:
+    if "llmuxd_harness" in sys.modules:
+        return sys.modules["llmuxd_harness"]
+    spec = importlib.util.spec_from_file_location("llmuxd_harness", _HARNESS)
+    assert spec is not None and spec.loader is not None, f"cannot load {_HARNESS}"
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_dbus = _load_harness()
+private_bus = _dbus.private_bus
+llmuxd = _dbus.llmuxd
+
+
+@pytest.fixture(scope="session")
+def rootfs() -> str:
+    """The shim containers' --rootfs, checked once per session by packaging's script."""
+    if os.geteuid() != 0:
+        pytest.skip("rootful podman is needed (run as root)")
+    if shutil.which("podman") is None or shutil.which("runc") is None:
+        pytest.skip("podman and runc are needed (bash packaging/setup-dev.sh)")
+    try:
+        return prepare_rootfs()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+
+
+@pytest.fixture
+def shims(rootfs: str, llmuxd: Any, tmp_path: Path) -> Iterator[ShimFactory]:
+    """Start shim containers; every container and engine process is gone afterwards."""
+    bus_dir = Path(llmuxd.bus.socket_path).parent
+    factory = ShimFactory(
+        rootfs=rootfs,
+        bus_dir=bus_dir,
+        bus_address_in=f"unix:path=/run/llmux-bus/{Path(llmuxd.bus.socket_path).name}",
+        workdir=tmp_path / "shared",
+        backend=os.environ.get("LLMUX_E2E_BACKEND", "pure"),
+    )
+    try:
+        yield factory
+    finally:
+        leftovers = factory.cleanup()
+        assert not leftovers, f"processes left running after the containers were removed: " \
+                              f"{leftovers}"

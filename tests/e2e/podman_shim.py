@@ -1,0 +1,309 @@
+"""The shim in real podman containers, as an operator runs it: used by the end-to-end tests
+and by tests/bench/bench_cross_container.py (loaded by path: tests/ is not a package).
+
+Each container: `podman --runtime runc run -d --network=host --pid=host --ipc=host` (no
+--privileged, no --init) on the rootfs packaging/containers/prepare-rootfs.sh checks (an
+overlay of the host root: the container's own writable layer, mount namespace and
+cgroups), with three bind mounts: the private bus's socket directory, a
+Hugging-Face-style cache and the config (read-only). `llmux serve` runs as its command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+PREPARE = REPO / "packaging" / "containers" / "prepare-rootfs.sh"
+VENV = Path(sys.prefix)
+LLMUX = VENV / "bin" / "llmux"
+
+#: where the containers see the bus socket's directory, the HF cache and the config
+BUS_DIR_IN = "/run/llmux-bus"
+HF_IN = "/root/.cache/huggingface"
+CONFIG_IN = "/etc/llmux/config.toml"
+MODEL = "qwen3-0.6b"
+PROMPT = [{"role": "user", "content": "Say hello"}]
+
+SHIM_START_TIMEOUT_S = 90.0
+REQUEST_TIMEOUT_S = 300.0
+
+
+def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(["podman", "--runtime", "runc", *args], capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def prepare_rootfs() -> str:
+    """The --rootfs value (e.g. "/:O"), checked by the project's own script."""
+    proc = subprocess.run(["bash", str(PREPARE), "--venv", str(VENV)], capture_output=True,
+                          text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{PREPARE} failed:\n{proc.stderr}")
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def pid_alive(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def processes_tagged(tag: str) -> list[int]:
+    """Live PIDs whose environment carries LLMUX_TEST_TAG=tag (engines, restored or not)."""
+    needle = f"LLMUX_TEST_TAG={tag}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0") and pid_alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def kill_tagged(tag: str) -> list[int]:
+    """SIGKILL every live process carrying the tag; wait until none is left alive."""
+    left = processes_tagged(tag)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if left:
+        wait_until(lambda: not any(pid_alive(p) for p in left), 30, f"processes {left} to die")
+    return left
+
+
+def read_cgroups(pid: int) -> dict[str, str]:
+    out = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, hierarchy, path = line.split(":", 2)
+        out[hierarchy] = path
+    return out
+
+
+def pidfd_targets(pid: int) -> set[int]:
+    """PIDs that process `pid` holds pidfds for (from /proc/PID/fdinfo)."""
+    found: set[int] = set()
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in fd_dir.iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) != "anon_inode:[pidfd]":
+                continue
+            for line in Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().splitlines():
+                if line.startswith("Pid:"):
+                    found.add(int(line.split()[1]))
+    return found
+
+
+def toml_config(*, port: int, engine_port: int, bus_address: str, tag: str,
+                weights_mb: int, backend: str, keep_images: bool = True) -> str:
+    """The shim config mounted read-only at CONFIG_IN: one built-in model, discard+checkpoint."""
+    env = {"LLMUX_TEST_TAG": tag, "LLMUX_BUILTIN_BACKEND": backend}
+    env_text = ", ".join(f"{k} = {json.dumps(v)}" for k, v in env.items())
+    return f"""\
+host = "127.0.0.1"
+port = {port}
+metrics_port = 0
+log_dir = "/tmp/llmux-logs"
+
+[policy]
+min_active_secs = 0
+request_timeout_secs = {REQUEST_TIMEOUT_S:g}
+
+[checkpoint]
+bus = {json.dumps(bus_address)}
+keep_images = {"true" if keep_images else "false"}
+job_timeout_secs = 600
+
+[models."{MODEL}"]
+model_path = "Qwen/Qwen3-0.6B"
+port = {engine_port}
+engine = "builtin"
+weights_mb = {weights_mb}
+eviction = {{ weights = "discard", process = "checkpoint" }}
+startup_timeout_secs = 300
+env = {{ {env_text} }}
+"""
+
+
+@dataclass
+class ShimContainer:
+    """One `llmux serve` container and an HTTP client for its port."""
+
+    name: str
+    port: int
+    engine_port: int
+    client: httpx.Client
+    cid: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def inspect(self, fmt: str) -> str:
+        return podman("inspect", self.name, "--format", fmt).stdout.strip()
+
+    @property
+    def shim_pid(self) -> int:
+        """The container's first process, `llmux serve` (a host PID: --pid=host)."""
+        return int(self.inspect("{{.State.Pid}}"))
+
+    def logs(self) -> str:
+        proc = podman("logs", self.name, check=False)
+        return (proc.stdout + proc.stderr)[-6000:]
+
+    def status(self) -> dict[str, Any]:
+        answer = self.client.get(f"{self.url}/control/status")
+        assert answer.status_code == 200, answer.text
+        body: dict[str, Any] = answer.json()
+        return body
+
+    def model_status(self) -> dict[str, Any]:
+        found: dict[str, Any] = self.status()["models"][MODEL]
+        return found
+
+    def chat(self, max_tokens: int = 10) -> httpx.Response:
+        return self.client.post(f"{self.url}/v1/chat/completions", json={
+            "model": MODEL, "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0})
+
+    def answer(self) -> str:
+        """The assistant's text for the fixed prompt; fails with the shim's log otherwise."""
+        r = self.chat()
+        assert r.status_code == 200, f"{r.status_code} {r.text}\n{self.logs()}"
+        body = r.json()
+        text = str(body["choices"][0]["message"]["content"])
+        assert text.strip(), f"empty answer: {body}"
+        return text
+
+    def control(self, action: str) -> dict[str, Any]:
+        r = self.client.post(f"{self.url}/control/{action}", json={"model": MODEL})
+        assert r.status_code == 200, f"/control/{action}: {r.status_code} {r.text}\n{self.logs()}"
+        body: dict[str, Any] = r.json()
+        return body
+
+    def engine(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """The engine's own API (host network: its port is on the host's loopback)."""
+        return self.client.request(method, f"http://127.0.0.1:{self.engine_port}{path}", **kw)
+
+    def kill(self) -> None:
+        """SIGKILL the shim: it cannot stop its engines; only the container's end can."""
+        podman("kill", "--signal", "KILL", self.name)
+        podman("wait", self.name, check=False)
+
+    def stop(self) -> None:
+        podman("stop", "--time", "30", self.name)
+
+    def remove(self) -> None:
+        self.client.close()
+        podman("rm", "--force", "--time", "5", self.name, check=False)
+
+
+@dataclass
+class ShimFactory:
+    """Starts shim containers that all share one bus, cache and config; removes them all."""
+
+    rootfs: str
+    bus_dir: Path
+    bus_address_in: str
+    workdir: Path
+    weights_mb: int = 16
+    backend: str = "pure"
+    tag: str = field(default_factory=lambda: secrets.token_hex(6))
+    port: int = field(default_factory=free_port)
+    engine_port: int = field(default_factory=free_port)
+    started: list[ShimContainer] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.hf = self.workdir / "hf"
+        self.hf.mkdir(parents=True, exist_ok=True)
+        self.config = self.workdir / "config.toml"
+        self.config.write_text(toml_config(
+            port=self.port, engine_port=self.engine_port, bus_address=self.bus_address_in,
+            tag=self.tag, weights_mb=self.weights_mb, backend=self.backend))
+
+    def argv(self, name: str) -> list[str]:
+        """`podman run` for one shim container: the flags the README documents."""
+        return ["run", "-d", "--name", name, "--network=host", "--pid=host", "--ipc=host",
+                "--label", f"llmux-e2e={self.tag}",
+                "-v", f"{self.bus_dir}:{BUS_DIR_IN}",
+                "-v", f"{self.hf}:{HF_IN}",
+                "-v", f"{self.config}:{CONFIG_IN}:ro",
+                "--rootfs", self.rootfs,
+                str(LLMUX), "serve", "--config", CONFIG_IN]
+
+    def start(self, letter: str) -> ShimContainer:
+        name = f"llmux-e2e-{self.tag}-{letter}"
+        shim = ShimContainer(name, self.port, self.engine_port,
+                             httpx.Client(timeout=REQUEST_TIMEOUT_S, trust_env=False))
+        self.started.append(shim)
+        shim.cid = podman(*self.argv(name)).stdout.strip()
+        deadline = time.monotonic() + SHIM_START_TIMEOUT_S
+        while True:
+            state = shim.inspect("{{.State.Status}}")
+            if state not in ("running", "created", "configured"):
+                raise AssertionError(f"container {name} is {state}:\n{shim.logs()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if shim.client.get(f"{shim.url}/health", timeout=2).status_code == 200:
+                    return shim
+            if time.monotonic() > deadline:
+                raise AssertionError(f"shim in {name} not healthy in {SHIM_START_TIMEOUT_S:g} s:"
+                                     f"\n{shim.logs()}")
+            time.sleep(0.1)
+
+    def cleanup(self) -> list[int]:
+        """Remove every container started here; kill and return anything left behind."""
+        for shim in self.started:
+            shim.remove()
+        leftovers = podman("ps", "-a", "-q", "--filter", f"label=llmux-e2e={self.tag}",
+                           check=False).stdout.split()
+        for cid in leftovers:
+            podman("rm", "--force", cid, check=False)
+        return kill_tagged(self.tag)
+
+
+@contextlib.contextmanager
+def shim_factory(**kw: Any) -> Iterator[ShimFactory]:
+    factory = ShimFactory(**kw)
+    try:
+        yield factory
+    finally:
+        factory.cleanup()
