@@ -15,6 +15,12 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
 from llmux.shim.config import Config
 from llmux.shim.control import ControlAPI, StatusSource, error_json
 from llmux.shim.errors import ModelNotFound, ShimError
@@ -22,11 +28,6 @@ from llmux.shim.metrics import CONTENT_TYPE, ShimMetrics
 from llmux.shim.proxy import ASGIApp, ProxyApp, Receive, Scope, Send
 from llmux.shim.switcher import Switcher
 from llmux.shim.upstream import UpstreamPool
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 log = logging.getLogger("llmux.app")
 
@@ -132,14 +133,11 @@ class Shim:
 
         self.config = config
         self.supervisor = Supervisor(config)
-        backend: Any = None
-        if config.needs_host:
-            from llmux.shim.backend import HostServiceBackend
+        from llmux.shim.backend import backend_for
 
-            cp = config.checkpoint
-            backend = HostServiceBackend(
-                cp.bus if cp else "system",
-                job_timeout_secs=cp.job_timeout_secs if cp else 1800.0)
+        # A [checkpoint] section alone is enough: checkpoints left by an earlier container are
+        # then restored on first use instead of cold-starting.
+        backend = backend_for(config)
         holder: list[Switcher] = []
 
         def in_flight() -> Mapping[str, int]:

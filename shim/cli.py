@@ -102,10 +102,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_USAGE
-    from llmux.shim.app import serve  # the proxy; imported only when it is run
+    from llmux.shim.app import run  # the proxy; imported only when it is run
 
     try:
-        asyncio.run(serve(config))
+        run(config)  # on uvloop
     except ConfigError as e:  # start-up checks (a host strategy without a host service)
         print(e.message, file=sys.stderr)
         return EXIT_USAGE

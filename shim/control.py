@@ -11,6 +11,10 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
 from llmux.shim.config import (
     EvictionPolicy,
     ModelConfig,
@@ -19,9 +23,6 @@ from llmux.shim.config import (
 )
 from llmux.shim.errors import BadRequest, ModelNotFound, ShimError, UnsupportedMediaType
 from llmux.shim.switcher import Switcher
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 log = logging.getLogger("llmux.control")
 

@@ -22,6 +22,7 @@ from dbus_next.aio.message_bus import MessageBus
 from dbus_next.constants import BusType, MessageType
 from dbus_next.message import Message
 from dbus_next.signature import Variant
+
 from llmux.service.contract import (
     BUS_NAME,
     CHECKPOINT_INTERFACE,

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import aiohttp
+
 from llmux.shim.config import Config
 from llmux.shim.errors import (
     BadRequest,

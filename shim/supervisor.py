@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
 from llmux.shim.config import Config, EngineKind, ModelConfig
 from llmux.shim.errors import Conflict, EngineFailed, ModelNotFound
 

@@ -360,7 +360,7 @@ class CheckpointEngine:
             if stale:
                 log.info("removing stale CRIU link-remap files: %s", stale)
                 upperfiles.remove_files(stale)
-            upper: list[str] = []
+            upper = upperfiles.find_upper_files(pids, ctx)
 
             cuda_s = 0.0
             if cuda_pids:

@@ -15,6 +15,7 @@ from dbus_next.aio.message_bus import MessageBus
 from dbus_next.constants import BusType, MessageType
 from dbus_next.message import Message
 from dbus_next.service import ServiceInterface
+
 from llmux.service import errors
 from llmux.service.contract import OBJECT_PATH
 from llmux.service.core.engine import Caller

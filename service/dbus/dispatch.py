@@ -21,6 +21,7 @@ from typing import Any
 from dbus_next.aio.message_bus import MessageBus
 from dbus_next.constants import MessageFlag, MessageType
 from dbus_next.message import Message
+
 from llmux.service import errors
 from llmux.service.core.engine import Caller
 from llmux.service.dbus.bus import caller_of

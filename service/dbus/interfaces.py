@@ -22,6 +22,7 @@ from dbus_next.errors import DBusError
 from dbus_next.service import ServiceInterface, method, signal
 from dbus_next.service import dbus_property as _dbus_property
 from dbus_next.signature import Variant
+
 from llmux.service.contract import (
     CHECKPOINT_INTERFACE,
     JOB_INTERFACE,

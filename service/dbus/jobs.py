@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dbus_next.aio.message_bus import MessageBus
+
 from llmux.service import errors
 from llmux.service.contract import ErrorName, JobState, Operation, job_path
 from llmux.service.core.engine import Caller, Progress, ProgressSink

@@ -18,6 +18,7 @@ from dbus_next.errors import DBusError
 from dbus_next.message import Message
 from dbus_next.service import ServiceInterface
 from dbus_next.signature import Variant
+
 from llmux.service import errors
 from llmux.service.contract import (
     BUS_NAME,

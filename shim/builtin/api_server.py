@@ -21,15 +21,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
-from llmux.shim.builtin import openai_api, vocab
-from llmux.shim.builtin.backend import SLEEP_TAGS, EngineError
-from llmux.shim.builtin.core_client import EngineCoreClient, TokenOutput
-from llmux.shim.builtin.openai_api import GenerationRequest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from llmux.shim.builtin import openai_api, vocab
+from llmux.shim.builtin.backend import SLEEP_TAGS, EngineError
+from llmux.shim.builtin.core_client import EngineCoreClient, TokenOutput
+from llmux.shim.builtin.openai_api import GenerationRequest
 
 log = logging.getLogger("llmux.builtin.api_server")
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+
 from llmux.shim.builtin import protocol
 from llmux.shim.builtin.backend import EngineError
 from llmux.shim.builtin.protocol import CoreConfig

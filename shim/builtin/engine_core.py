@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 import zmq
+
 from llmux.shim.builtin import protocol
 from llmux.shim.builtin.backend import (
     EngineError,

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from llmux.shim.builtin import safetensors_io
 from llmux.shim.builtin.backend import EngineError, ModelBackend
 from llmux.shim.builtin.checkpoint import ModelConfig

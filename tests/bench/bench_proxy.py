@@ -135,6 +135,7 @@ def run_shim_trivial(port: int, upstream_port: int) -> None:
     """The shim's real app (proxy, switcher, metrics) in front of the trivial upstream."""
     import uvicorn
     import uvloop
+
     from llmux.shim.app import build_app, uvicorn_config
     from llmux.shim.config import config_from_dict
     from llmux.shim.metrics import ShimMetrics

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from llmux.shim.builtin.testing import EngineProcess, start_engine
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from llmux.shim.builtin.cli import parse_args
 
 

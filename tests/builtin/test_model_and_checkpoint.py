@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from llmux.shim.builtin.testing import EngineProcess, spawn_engine, start_engine
 
 EngineEnv = Callable[[str], dict[str, str]]

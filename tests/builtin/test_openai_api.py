@@ -9,6 +9,7 @@ import time
 import httpx
 import openai
 import pytest
+
 from llmux.shim.builtin.testing import EngineProcess
 
 MODEL = "test-org/shared-model"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from llmux.shim.builtin.checkpoint import ModelConfig
 from llmux.shim.builtin.testing import EngineProcess, spawn_engine, start_engine
 

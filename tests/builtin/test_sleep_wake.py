@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from llmux.shim.builtin.testing import EngineProcess, start_engine
 
 EngineEnv = Callable[[str], dict[str, str]]

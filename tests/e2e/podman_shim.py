@@ -41,7 +41,8 @@ SHIM_START_TIMEOUT_S = 90.0
 REQUEST_TIMEOUT_S = 300.0
 
 
-def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def podman(*args: str, check: bool = True,
+           timeout: float = 120) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(["podman", "--runtime", "runc", *args], capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+
 from llmux.service.core import cuda
 from llmux.service.core.cuda import (
     MODES,

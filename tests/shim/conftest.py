@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from llmux.shim.config import Config, config_from_dict
 
 #: small weights keep engine start-up quick on a 2-core machine

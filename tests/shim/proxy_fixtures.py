@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from llmux.shim.app import Shim
 from llmux.shim.config import Config, config_from_dict
 

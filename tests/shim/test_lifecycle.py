@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from llmux.shim.backend import RestoredTree
 from llmux.shim.config import Config, EvictionPolicy, ProcessStrategy, WeightStrategy
 from llmux.shim.errors import ConfigError, HostUnavailable, ModelNotFound

@@ -21,9 +21,10 @@ from typing import Any
 
 import httpx
 import pytest
+from proxy_fixtures import ShimFactory, shim_factory  # noqa: F401
+
 from llmux.service.contract import ErrorName
 from llmux.shim.opscli import ProgressReporter, add_client_commands, render_table
-from proxy_fixtures import ShimFactory, shim_factory  # noqa: F401
 
 # The D-Bus harness of the host service's tests (tests/service/dbus/llmuxd_harness.py), the
 # module itself when pytest has already imported it for that folder.

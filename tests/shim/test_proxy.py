@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from llmux.shim.app import Shim
 from proxy_fixtures import (  # noqa: F401
     ShimFactory,
     chat_body,
@@ -24,6 +23,8 @@ from proxy_fixtures import (  # noqa: F401
     shim_factory,
     sse_events,
 )
+
+from llmux.shim.app import Shim
 
 
 async def raw_post(shim: Shim, path: str, head: bytes, body: bytes = b"") -> tuple[int, bytes]:

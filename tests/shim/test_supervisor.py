@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from llmux.shim.config import Config
 from llmux.shim.errors import EngineFailed
 from llmux.shim.supervisor import Supervisor

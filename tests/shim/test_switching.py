@@ -11,7 +11,6 @@ from typing import Any
 
 import httpx
 import pytest
-from llmux.shim.app import Shim
 from proxy_fixtures import (  # noqa: F401
     ShimFactory,
     chat_body,
@@ -21,6 +20,8 @@ from proxy_fixtures import (  # noqa: F401
     shim_factory,
     sse_events,
 )
+
+from llmux.shim.app import Shim
 
 PROMPTS = [f"prompt number {i}" for i in range(6)]
 

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+from systemtest import Booted, Overlay, boot, remove_container, run
+
 from llmux.service.contract import (
     BUS_NAME,
     MANAGER_INTERFACE,
@@ -21,7 +23,6 @@ from llmux.service.contract import (
     POLICY_GROUP,
     ErrorName,
 )
-from systemtest import Booted, Overlay, boot, remove_container, run
 
 pytestmark = [pytest.mark.systemd, pytest.mark.podman]
 

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from dbus_next.aio.message_bus import MessageBus
 from dbus_next.message import Message
-from llmux.shim.hostclient import HostClient, HostServiceError, JobProgress
 from llmuxd_harness import (
     BUS_NAME,
     OBJECT_PATH,
@@ -30,6 +29,8 @@ from llmuxd_harness import (
     pid_state,
     wait_until,
 )
+
+from llmux.shim.hostclient import HostClient, HostServiceError, JobProgress
 
 pytestmark = [pytest.mark.dbus, pytest.mark.criu]
 

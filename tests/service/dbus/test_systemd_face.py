@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from llmuxd_harness import LLMUXD, REPO, Llmuxd, PrivateBus, criu_usable
+
 from llmux.service.journal import JournalHandler, fields
 from llmux.service.notify import watchdog_interval
-from llmuxd_harness import LLMUXD, REPO, Llmuxd, PrivateBus, criu_usable
 
 UNITS = REPO / "units"
 
