@@ -194,6 +194,22 @@ def cgroup_procs_files(cgroups: dict[str, str], host: Sequence[MountEntry]) -> l
     return out
 
 
+_INIT_LAYER_SUFFIX = "-init/diff"
+
+
+def _per_container_layer(lowerdir: str) -> bool:
+    """Docker's overlay2 puts a per-container "<layer>-init" layer (/etc/hosts, /dev/console
+    placeholders) under the image's layers, often through an l/<short> symlink: it differs
+    between two containers of one image, so it is no part of the image's identity."""
+    if lowerdir.rstrip("/").endswith(_INIT_LAYER_SUFFIX):
+        return True
+    try:
+        target = os.readlink(lowerdir)
+    except OSError:
+        return False
+    return target.rstrip("/").endswith(_INIT_LAYER_SUFFIX)
+
+
 _PSEUDO_FS = frozenset({"proc", "sysfs", "devpts", "mqueue", "cgroup", "cgroup2", "overlay"})
 
 
@@ -295,7 +311,8 @@ class ContainerContext:
         if not self.foreign:
             return {"kind": "host"}
         if self.overlay is not None:
-            return {"kind": "overlay", "lowerdirs": list(self.overlay.lowerdirs)}
+            layers = [d for d in self.overlay.lowerdirs if not _per_container_layer(d)]
+            return {"kind": "overlay", "lowerdirs": layers}
         root = self.root
         return {"kind": root.fstype if root else "unknown", "source": root.source if root else ""}
 

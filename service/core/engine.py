@@ -676,13 +676,19 @@ class CheckpointEngine:
             authz.check_target(caller, root_pid, self.restored)
             pids = proctree.tree(root_pid)
             cuda_pids = self.cuda.cuda_pids(pids)
-            if cuda_pids:
-                report(0.1, 0, 0.0, "cuda-checkpoint")
-                try:
-                    await self.cuda.lock_and_checkpoint(cuda_pids)
-                except BaseException:
-                    await _uncancellable(self._thaw(pids, cuda_pids))
-                    raise
+            if not cuda_pids:
+                # Succeeding here would turn cuda_suspend into keep_running behind the
+                # operator's back: the GPU memory they wanted freed would stay held.
+                raise Unsupported(
+                    f"no process of the tree {pids} holds CUDA state "
+                    f"(CUDA mode {self.config.cuda_mode!r}): nothing to suspend"
+                )
+            report(0.1, 0, 0.0, "cuda-checkpoint")
+            try:
+                await self.cuda.lock_and_checkpoint(cuda_pids)
+            except BaseException:
+                await _uncancellable(self._thaw(pids, cuda_pids))
+                raise
             self._suspended[model] = (root_pid, cuda_pids)
             report(1.0, 0, 0.0, "done")
             return SuspendResult(model, pids, cuda_pids, time.monotonic() - started)

@@ -65,6 +65,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_tree(path: Path) -> None:
+    """Every image and saved file on disk before the manifest says the checkpoint is whole."""
+    for dirpath, dirnames, names in os.walk(path):
+        for name in names:
+            p = os.path.join(dirpath, name)
+            if os.path.islink(p) or not os.path.isfile(p):
+                continue
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for name in dirnames:
+            _fsync_dir(Path(dirpath) / name)
+
+
 def dir_bytes(path: Path) -> int:
     total = 0
     for dirpath, _, names in os.walk(path):
@@ -225,6 +241,8 @@ class CheckpointStore:
         with contextlib.suppress(FileNotFoundError):
             (staging.path / PENDING).unlink()
         restrict(staging.path)
+        # A power loss after the rename must not leave a manifest over missing pages.
+        _fsync_tree(staging.path)
         mpath = staging.path / MANIFEST
         fd = os.open(mpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:

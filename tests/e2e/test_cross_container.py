@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from llmux.service.core.container import ContainerContext
 from podman_shim import (
     MODEL,
     ShimContainer,
@@ -34,6 +33,8 @@ from podman_shim import (
     read_cgroups,
     wait_until,
 )
+
+from llmux.service.core.container import ContainerContext
 
 pytestmark = [pytest.mark.podman, pytest.mark.criu, pytest.mark.dbus]
 

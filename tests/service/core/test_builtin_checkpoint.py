@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from criu_testlib import reap
+
 from llmux.service.core import proctree
 from llmux.service.core.engine import Caller, CheckpointEngine
 from llmux.shim.builtin.testing import EngineProcess, start_engine_async

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from criu_testlib import TargetFactory, blocking_criu, criu_after_dump
+
 from llmux.service.core import proctree
 from llmux.service.core.engine import (
     Caller,
@@ -332,7 +333,8 @@ async def test_authorization_rules(engine: CheckpointEngine, spawn_target: Targe
         # A tree restored for a container may be targeted by others in that container
         # (same cgroups), though it is not their descendant.
         assert not proctree.is_descendant(t.pid, stranger.pid)
-        await engine.suspend(outsider, "a", t.pid)
+        with pytest.raises(Unsupported):  # authorized; refused only for lack of CUDA state
+            await engine.suspend(outsider, "a", t.pid)
         await engine.resume(outsider, "a", t.pid)
         engine.delete_checkpoint(user, "a")
         assert engine.list_checkpoints() == []
@@ -361,12 +363,12 @@ async def test_info(engine: CheckpointEngine, state_dir: Path) -> None:
     assert info.free_bytes > 0
 
 
-async def test_suspend_resume_without_cuda_is_a_noop(
+async def test_suspend_without_cuda_is_refused_and_leaves_the_tree_running(
     engine: CheckpointEngine, spawn_target: TargetFactory
 ) -> None:
     t = await spawn_target()
-    res = await engine.suspend(ME, "s", t.pid)
-    assert res.pids == t.pids and res.cuda_pids == []
+    with pytest.raises(Unsupported, match="holds CUDA state"):
+        await engine.suspend(ME, "s", t.pid)
     res = await engine.resume(ME, "s", t.pid)
     assert res.cuda_pids == []
     assert (await t.ping())[0] == "pong"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from llmux.service.core import upperfiles
 from llmux.service.core.container import (
     ContainerContext,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from criu_testlib import TARGET, reap
+
 from llmux.service.core import proctree
 from llmux.service.core.container import ContainerContext
 from llmux.service.core.engine import Caller, CheckpointEngine

@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""Cold start vs restore into a new container, for the built-in engine, side by side.
+
+Run as root: ``.venv/bin/python tests/bench/bench_cross_container.py [--sizes 256,2048]``.
+
+The same set-up as tests/e2e: a private dbus-daemon with the project's policy, llmuxd on the
+host (CRIU 4.2, --cuda-mode off), the shim in podman containers (runc, host PID/network/IPC
+namespaces, no --privileged) serving the built-in engine (torch backend by default) as
+qwen3-0.6b with eviction discard + checkpoint. For each weight size, one after the other:
+
+1. warm-up container: the first start writes the model's weights file into the HF cache;
+   the container is then removed (its engine with it).
+2. container A: cold start, timed from POST /control/wake to the first token of a chat
+   completion (max_tokens=1); then POST /control/sleep: llmuxd dumps the tree (the
+   checkpoint's size and CRIU's dump time come from its manifest). A is removed.
+3. container B: restore, timed the same way: POST /control/wake (llmuxd restores the
+   tree into B, the shim reloads the weights through the engine's ZMQ channel) to the
+   first token. The answers of A and B to the same prompt must be identical.
+
+With --drop-caches (the default) the page cache is emptied before each timed phase, so
+that the cold start reads the weights and the restore reads the images from the disk.
+llmuxd runs CRIU from $LLMUX_CRIU (default /opt/llmux/criu/criu, packaging/criu).
+This is a benchmark that prints numbers, not a test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+TESTS = Path(__file__).resolve().parents[1]
+MB = 1 << 20
+
+
+def _load(name: str, path: Path) -> ModuleType:
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, f"cannot load {path}"
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+harness = _load("llmuxd_harness", TESTS / "service" / "dbus" / "llmuxd_harness.py")
+podman_shim = _load("podman_shim", TESTS / "e2e" / "podman_shim.py")
+
+
+@dataclass
+class Row:
+    weights_mb: int
+    cold_s: float
+    restore_s: float
+    restore_wake_s: float
+    images_bytes: int
+    files_bytes: int
+    dump_s: float
+    sleep_s: float
+    identical: bool
+    cache_dropped: bool
+
+
+def drop_caches() -> bool:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def private_bus(workdir: Path) -> Iterator[Any]:
+    """A system-style dbus-daemon with the project's policy (as the tests' harness)."""
+    bus_dir = workdir / "bus"
+    bus_dir.mkdir(mode=0o755)
+    sock = bus_dir / "system_bus_socket"
+    config = bus_dir / "bus.conf"
+    config.write_text(harness.BUS_CONFIG.format(
+        socket=sock, policy=harness.REPO / "units" / "org.llmux.Host1.conf"))
+    proc = subprocess.Popen(["dbus-daemon", f"--config-file={config}", "--nofork",
+                             "--print-address=1"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    address = proc.stdout.readline().strip()
+    try:
+        if not address.startswith("unix:"):
+            raise RuntimeError(f"dbus-daemon did not start: {address!r}")
+        yield harness.PrivateBus(address=address, socket_path=str(sock))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def first_token(shim: Any) -> str:
+    """One chat completion of one token: the time to the first token."""
+    r = shim.chat(max_tokens=1)
+    if r.status_code != 200:
+        raise RuntimeError(f"chat completion failed: {r.status_code} {r.text}\n{shim.logs()}")
+    return str(r.json()["choices"][0]["message"]["content"])
+
+
+def timed_wake(shim: Any, expect: str, drop: bool) -> tuple[float, float, str, bool]:
+    """(wake call -> first token s, wake call s, first token, caches dropped)."""
+    dropped = drop_caches() if drop else False
+    t0 = time.perf_counter()
+    body = shim.control("wake")
+    t_wake = time.perf_counter() - t0
+    token = first_token(shim)
+    total = time.perf_counter() - t0
+    if body.get("wake") != expect:
+        raise RuntimeError(f"expected a {expect} wake, got {body}\n{shim.model_status()}\n"
+                           f"{shim.logs()}")
+    return total, t_wake, token, dropped
+
+
+def measure(size: int, args: argparse.Namespace, rootfs: str, daemon: Any,
+            workdir: Path) -> Row:
+    with podman_shim.shim_factory(
+        rootfs=rootfs, bus_dir=Path(daemon.bus.socket_path).parent,
+        bus_address_in="unix:path=/run/llmux-bus/system_bus_socket",
+        workdir=workdir / f"w{size}", weights_mb=size, backend=args.backend,
+    ) as shims:
+        print(f"[{size} MB] warm-up: writing the weights file", file=sys.stderr)
+        warm = shims.start("warm")
+        warm.control("wake")
+        warm.remove()
+        podman_shim.wait_until(lambda: not podman_shim.processes_tagged(shims.tag), 60,
+                               "the warm-up engine to end with its container")
+
+        print(f"[{size} MB] container A: cold start", file=sys.stderr)
+        a = shims.start("a")
+        cold_s, _, cold_token, dropped_a = timed_wake(a, "cold", args.drop_caches)
+        cold_answer = a.answer()
+        t0 = time.perf_counter()
+        slept = a.control("sleep")
+        sleep_s = time.perf_counter() - t0
+        if slept.get("state") != "checkpointed":
+            raise RuntimeError(f"sleep did not checkpoint: {slept}\n{a.logs()}")
+        manifest = json.loads(
+            (daemon.state_dir / podman_shim.MODEL / "manifest.json").read_text())
+        a.stop()
+        a.remove()
+
+        print(f"[{size} MB] container B: restore", file=sys.stderr)
+        b = shims.start("b")
+        restore_s, wake_s, restore_token, dropped_b = timed_wake(b, "restore",
+                                                                 args.drop_caches)
+        restore_answer = b.answer()
+        b.remove()
+        # the next size starts from an empty state directory
+        daemon.ok("DeleteCheckpoint", "s", podman_shim.MODEL)
+        return Row(
+            weights_mb=size, cold_s=cold_s, restore_s=restore_s, restore_wake_s=wake_s,
+            images_bytes=int(manifest["images_bytes"]), files_bytes=int(manifest["files_bytes"]),
+            dump_s=float(manifest["dump_seconds"]), sleep_s=sleep_s,
+            identical=(cold_token == restore_token and cold_answer == restore_answer),
+            cache_dropped=dropped_a and dropped_b)
+
+
+def print_table(rows: list[Row], backend: str) -> None:
+    print(f"\nbuilt-in engine ({backend} backend), eviction discard+checkpoint, restore into a "
+          "new container; times from POST /control/wake to the first token")
+    head = (f"{'weights':>8} | {'cold start':>10} | {'restore':>8} | {'speed-up':>8} | "
+            f"{'(restore call)':>14} | {'checkpoint':>10} | {'dump':>6} | {'sleep call':>10} | "
+            f"{'same answer':>11} | {'cache dropped':>13}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        size = (r.images_bytes + r.files_bytes) / MB
+        print(f"{r.weights_mb:>5} MB | {r.cold_s:>8.2f} s | {r.restore_s:>6.2f} s | "
+              f"{r.cold_s / r.restore_s:>7.1f}x | {r.restore_wake_s:>12.2f} s | "
+              f"{size:>7.0f} MB | {r.dump_s:>4.2f} s | {r.sleep_s:>8.2f} s | "
+              f"{'yes' if r.identical else 'NO':>11} | {'yes' if r.cache_dropped else 'no':>13}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--sizes", default="256,2048", help="weights in MB, comma-separated")
+    p.add_argument("--backend", choices=["torch", "pure"], default="torch")
+    p.add_argument("--no-drop-caches", dest="drop_caches", action="store_false",
+                   help="keep the page cache between the phases")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("run as root (rootful podman, CRIU)", file=sys.stderr)
+        return 2
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    rootfs = podman_shim.prepare_rootfs()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="llmux-bench-xc-") as tmp:
+        workdir = Path(tmp)
+        (workdir / "llmuxd.toml").write_text("# empty: the flags say it all\n")
+        with private_bus(workdir) as bus:
+            daemon = harness.Llmuxd(bus=bus, state_dir=workdir / "state", workdir=workdir)
+            daemon.start()
+            try:
+                for size in sizes:
+                    rows.append(measure(size, args, rootfs, daemon, workdir))
+            finally:
+                daemon.stop()
+                if daemon.notify is not None:
+                    daemon.notify.close()
+    print_table(rows, args.backend)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
