@@ -26,13 +26,14 @@ Object ``/org/llmux/Host1``, interface ``org.llmux.Host1`` (also
   Properties: Version s, CriuVersion s, KernelRelease s, DriverVersion s,
               StateDirectory s, FreeBytes t
   Signals: JobNew(u id, o path)
-           JobRemoved(u id, o path, s result, s error_name, s message)
-               result is one of JOB_RESULTS; error_name is "" on success.
+           JobRemoved(u id, o path, s result)      result is one of JOB_RESULTS
 
 Job objects ``/org/llmux/Host1/job/<id>``, interface ``org.llmux.Host1.Job``:
   Properties: Id u, Operation s, Model s, State s, Progress d (0..1),
               Bytes t (bytes written or read so far), Rate d (bytes/s)
   Cancel() -> ()
+  Signal Completed(b success, s error_name, s message), sent just before JobRemoved
+  (as udisks2's Job.Completed); error_name is "" on success.
 
 Checkpoint objects ``/org/llmux/Host1/checkpoint/<escaped model>``, interface
 ``org.llmux.Host1.Checkpoint``:

@@ -89,6 +89,7 @@ class HostClient:
         self.bus_spec = bus
         self._bus: MessageBus | None = None
         self._ended: OrderedDict[int, _JobEnd] = OrderedDict()
+        self._completed: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._waiters: dict[int, asyncio.Future[_JobEnd]] = {}
         self._progress: dict[str, tuple[int, ProgressCallback]] = {}
         self._early_progress: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
@@ -127,6 +128,8 @@ class HostClient:
             f"type='signal',sender='{BUS_NAME}',path='{OBJECT_PATH}',"
             f"interface='{MANAGER_INTERFACE}',member='JobRemoved'",
             f"type='signal',sender='{BUS_NAME}',path_namespace='{JOB_PATH_PREFIX}',"
+            f"interface='{JOB_INTERFACE}',member='Completed'",
+            f"type='signal',sender='{BUS_NAME}',path_namespace='{JOB_PATH_PREFIX}',"
             f"interface='{PROPERTIES}',member='PropertiesChanged'",
         ):
             await self._call(
@@ -150,8 +153,15 @@ class HostClient:
     def _on_message(self, msg: Message) -> bool:
         if msg.message_type != MessageType.SIGNAL:
             return False
-        if msg.member == "JobRemoved" and msg.interface == MANAGER_INTERFACE:
-            job_id, _path, result, error_name, message = msg.body
+        if msg.member == "Completed" and msg.interface == JOB_INTERFACE:
+            # sent just before JobRemoved on the same connection: why the job ended
+            _success, error_name, message = msg.body
+            self._completed[msg.path] = (error_name, message)
+            while len(self._completed) > _REMOVED_KEPT:
+                self._completed.popitem(last=False)
+        elif msg.member == "JobRemoved" and msg.interface == MANAGER_INTERFACE:
+            job_id, path, result = msg.body
+            error_name, message = self._completed.pop(path, ("", ""))
             end = _JobEnd(result, error_name, message)
             waiter = self._waiters.get(job_id)
             if waiter is not None and not waiter.done():

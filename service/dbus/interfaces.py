@@ -166,11 +166,9 @@ class ManagerInterface(ServiceInterface):  # type: ignore[misc]
     def JobNew(self, job_id: int, path: str) -> list[Any]:
         return [job_id, path]
 
-    @dbus_signal("uosss")
-    def JobRemoved(
-        self, job_id: int, path: str, result: str, error_name: str, message: str
-    ) -> list[Any]:
-        return [job_id, path, result, error_name, message]
+    @dbus_signal("uos")
+    def JobRemoved(self, job_id: int, path: str, result: str) -> list[Any]:
+        return [job_id, path, result]
 
 
 @dataclass
@@ -225,6 +223,11 @@ class JobInterface(ServiceInterface):  # type: ignore[misc]
     @read_only("d")
     def Rate(self) -> float:
         return self.view.rate
+
+    @dbus_signal("bss")
+    def Completed(self, success: bool, error_name: str, message: str) -> list[Any]:
+        """udisks-style: why the job ended, sent just before JobRemoved."""
+        return [success, error_name, message]
 
     def changed(self, *names: str) -> None:
         values = {

@@ -4,7 +4,8 @@ A method call answers (job id, path) once the core has accepted the work: it
 reported progress past its PREFLIGHT_STATUS phase (where it validates names,
 PIDs, ownership, free space), finished, or ACCEPT_WAIT_S passed. A failure before
 that (a foreign PID, a full disk) is the call's own named error and no job
-appears; a failure after it ends the job and JobRemoved carries the error name.
+appears; a failure after it ends the job: the job's Completed signal carries the error name,
+then JobRemoved(id, path, result) follows.
 """
 
 from __future__ import annotations
@@ -238,9 +239,10 @@ class JobTable:
             self._on_finished(job)
         except Exception:
             log.exception("updating objects after job %d failed", job.id, extra=job.log_fields())
-        self._manager.JobRemoved(
-            job.id, job.path, str(outcome.result), outcome.error_name, outcome.message
+        job.interface.Completed(
+            outcome.result == JobState.DONE, outcome.error_name, outcome.message
         )
+        self._manager.JobRemoved(job.id, job.path, str(outcome.result))
         with contextlib.suppress(Exception):
             self._bus.unexport(job.path)
         del self._running[job.id]

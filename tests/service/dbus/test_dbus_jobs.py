@@ -113,7 +113,9 @@ async def test_hostclient_checkpoint_then_restore(llmuxd: Llmuxd, spawn_target) 
 
         job_id, job_path = recorder.members("JobNew")[0]
         removed = await recorder.wait_for("JobRemoved")
-        assert removed == [job_id, job_path, "done", "", ""]
+        assert removed == [job_id, job_path, "done"]
+        completed = [b for n, path, b in recorder.signals if n == "Completed" and path == job_path]
+        assert completed == [[True, "", ""]]
         host_changes = [
             body[1]
             for name, path, body in recorder.signals
@@ -131,10 +133,8 @@ async def test_hostclient_checkpoint_then_restore(llmuxd: Llmuxd, spawn_target) 
         with pytest.raises(HostServiceError) as late:
             await client.restore("tiny-0.1b", timeout=0.5)
         assert late.value.dbus_name == "org.llmux.Error.Timeout"
-        assert [b[2:4] for b in recorder.members("JobRemoved")][-1] == [
-            "cancelled",
-            "org.llmux.Error.Cancelled",
-        ]
+        assert recorder.members("JobRemoved")[-1][2] == "cancelled"
+        assert recorder.members("Completed")[-1][:2] == [False, "org.llmux.Error.Cancelled"]
         assert await client.get_checkpoint("tiny-0.1b") is not None
 
         target.reap()  # CRIU killed it after the dump
