@@ -358,9 +358,16 @@ class Supervisor:
 
     @staticmethod
     def _reap(eng: EngineProcess) -> None:
-        """Collect the exit status of a spawned root that has exited (never blocks)."""
+        """Collect exit statuses (never blocks): the spawned root's, and those of members
+        that became our children (orphans re-parented to us when this process is a child
+        subreaper). An unreaped zombie keeps its PID, and a restore needs those PIDs free."""
         if eng.popen is not None and eng.returncode is None:
             eng.returncode = eng.popen.poll()
+        for pid in list(eng.pidfds):
+            if pid == eng.root_pid and eng.popen is not None:
+                continue
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)
 
     def _signal_tree(self, eng: EngineProcess, sig: signal.Signals) -> None:
         # the group as a whole catches a fork racing with the scan; only while the

@@ -30,6 +30,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -65,6 +66,7 @@ class Row:
     cold_s: float
     restore_s: float
     restore_wake_s: float
+    criu_restore_s: float
     images_bytes: int
     files_bytes: int
     dump_s: float
@@ -160,10 +162,14 @@ def measure(size: int, args: argparse.Namespace, rootfs: str, daemon: Any,
                                                                  args.drop_caches)
         restore_answer = b.answer()
         b.remove()
+        # llmuxd's own log line: "restored MODEL (PIDs [...]) in 0.34s (0.35s total)"
+        found = re.findall(r"restored \S+ \(PIDs [^)]*\) in ([0-9.]+)s", daemon.log())
+        criu_restore_s = float(found[-1]) if found else float("nan")
         # the next size starts from an empty state directory
         daemon.ok("DeleteCheckpoint", "s", podman_shim.MODEL)
         return Row(
             weights_mb=size, cold_s=cold_s, restore_s=restore_s, restore_wake_s=wake_s,
+            criu_restore_s=criu_restore_s,
             images_bytes=int(manifest["images_bytes"]), files_bytes=int(manifest["files_bytes"]),
             dump_s=float(manifest["dump_seconds"]), sleep_s=sleep_s,
             identical=(cold_token == restore_token and cold_answer == restore_answer),
@@ -174,7 +180,8 @@ def print_table(rows: list[Row], backend: str) -> None:
     print(f"\nbuilt-in engine ({backend} backend), eviction discard+checkpoint, restore into a "
           "new container; times from POST /control/wake to the first token")
     head = (f"{'weights':>8} | {'cold start':>10} | {'restore':>8} | {'speed-up':>8} | "
-            f"{'(restore call)':>14} | {'checkpoint':>10} | {'dump':>6} | {'sleep call':>10} | "
+            f"{'(restore call)':>14} | {'(CRIU)':>6} | {'checkpoint':>10} | {'dump':>6} | "
+            f"{'sleep call':>10} | "
             f"{'same answer':>11} | {'cache dropped':>13}")
     print(head)
     print("-" * len(head))
@@ -182,6 +189,7 @@ def print_table(rows: list[Row], backend: str) -> None:
         size = (r.images_bytes + r.files_bytes) / MB
         print(f"{r.weights_mb:>5} MB | {r.cold_s:>8.2f} s | {r.restore_s:>6.2f} s | "
               f"{r.cold_s / r.restore_s:>7.1f}x | {r.restore_wake_s:>12.2f} s | "
+              f"{r.criu_restore_s:>4.2f} s | "
               f"{size:>7.0f} MB | {r.dump_s:>4.2f} s | {r.sleep_s:>8.2f} s | "
               f"{'yes' if r.identical else 'NO':>11} | {'yes' if r.cache_dropped else 'no':>13}")
 

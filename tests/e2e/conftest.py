@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from podman_shim import ShimFactory, prepare_rootfs
+from podman_shim import Reaper, ShimFactory, prepare_rootfs
 
 _HARNESS = Path(__file__).resolve().parents[1] / "service" / "dbus" / "llmuxd_harness.py"
 
@@ -48,6 +48,13 @@ def rootfs() -> str:
         return prepare_rootfs()
     except RuntimeError as exc:
         pytest.fail(str(exc))
+
+
+@pytest.fixture
+def reaper() -> Iterator[Reaper]:
+    """Reaps the engine PIDs a test registers if they end as zombies of pytest."""
+    with Reaper() as r:
+        yield r
 
 
 @pytest.fixture

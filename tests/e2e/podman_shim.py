@@ -17,6 +17,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -111,6 +112,45 @@ def kill_tagged(tag: str) -> list[int]:
     if left:
         wait_until(lambda: not any(pid_alive(p) for p in left), 30, f"processes {left} to die")
     return left
+
+
+class Reaper:
+    """Reaps the engine PIDs it is told about when they end as zombies of this process.
+
+    CRIU restores a tree detached: its root is reparented to the nearest subreaper, which
+    is this process when it is one (tests/service/core makes pytest one for the session),
+    else PID 1. A zombie nobody reaps keeps its PID, and the next restore needs it.
+    """
+
+    def __init__(self) -> None:
+        self.pids: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="reaper", daemon=True)
+
+    def watch(self, pids: list[int]) -> None:
+        self.pids.update(pids)
+
+    def _loop(self) -> None:
+        me = os.getpid()
+        while not self._stop.wait(0.05):
+            for pid in list(self.pids):
+                try:
+                    stat = Path(f"/proc/{pid}/stat").read_text()
+                except OSError:
+                    continue
+                name = stat[stat.index("(") + 1:stat.rindex(")")]
+                state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
+                if state == "Z" and int(ppid) == me and name.startswith("python"):
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, os.WNOHANG)
+
+    def __enter__(self) -> Reaper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 def read_cgroups(pid: int) -> dict[str, str]:

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from podman_shim import (
     MODEL,
+    Reaper,
     ShimContainer,
     ShimFactory,
     pid_alive,
@@ -74,13 +75,14 @@ def engine_log(pid: int) -> str:
     return Path(f"/proc/{pid}/fd/1").read_text(errors="replace")
 
 
-def cold_start(shim: ShimContainer) -> tuple[str, list[int]]:
+def cold_start(shim: ShimContainer, reaper: Reaper) -> tuple[str, list[int]]:
     """Step 2: a chat completion cold-starts the model; (answer, engine PIDs)."""
     text = shim.answer()
     status = shim.model_status()
     assert status["state"] == "running" and status["last_wake"] == "cold", status
     pids = list(status["pids"])
     assert len(pids) >= 2, f"the built-in engine is an API server plus an engine core: {pids}"
+    reaper.watch(pids)
     return text, pids
 
 
@@ -144,11 +146,13 @@ def wake_restore(shim: ShimContainer, pids: list[int], *, via: str = "control") 
 # ------------------------------------------------------------------------------- the flow
 
 
-def test_checkpoint_in_a_restores_in_b_and_c(llmuxd: Llmuxd, shims: ShimFactory) -> None:
+def test_checkpoint_in_a_restores_in_b_and_c(
+    llmuxd: Llmuxd, shims: ShimFactory, reaper: Reaper
+) -> None:
     # 1-2: container A, cold start, a valid answer
     a = shims.start("a")
     assert a.model_status()["state"] == "stopped"
-    first, pids = cold_start(a)
+    first, pids = cold_start(a, reaper)
     check_in_container(a, pids)
     core_pid = a.engine("GET", "/engine_state").json()["pid_core"]
     jit_log = a.engine("GET", "/engine_state").json()["jit_log"]
@@ -220,10 +224,10 @@ def test_checkpoint_in_a_restores_in_b_and_c(llmuxd: Llmuxd, shims: ShimFactory)
 
 @pytest.mark.parametrize("field", ["kernel_release", "rootfs"])
 def test_mismatched_manifest_is_refused_and_kept(
-    llmuxd: Llmuxd, shims: ShimFactory, field: str
+    llmuxd: Llmuxd, shims: ShimFactory, reaper: Reaper, field: str
 ) -> None:
     a = shims.start("a")
-    first, pids = cold_start(a)
+    first, pids = cold_start(a, reaper)
     sleep_checkpoint(a, llmuxd, pids)
     a.stop()
     a.remove()

@@ -34,17 +34,40 @@ def find_criu() -> str | None:
 PR_SET_CHILD_SUBREAPER = 36
 
 
-@pytest.fixture(scope="session", autouse=True)
-def subreaper() -> None:
-    """Make the test process the reaper of the trees CRIU restores for it.
+def _reap_zombie_children() -> None:
+    """waitpid only our children that are already zombies: never a live one's status."""
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] == "Z" and int(fields[1]) == me:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(int(entry), os.WNOHANG)
+
+
+@pytest.fixture(autouse=True)
+def subreaper() -> Iterator[None]:
+    """Make the test process the reaper of the trees CRIU restores for it, for one test.
 
     A restored tree is reparented to the nearest subreaper (else PID 1); PID 1 of some
     sandboxes never reaps, which would leave zombies holding the PIDs a restore needs.
+    Switched off again afterwards, so that tests elsewhere in the session are not left
+    with orphans re-parented to pytest that nobody reaps.
     """
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        _reap_zombie_children()
 
 
 @pytest.fixture(scope="session")
