@@ -12,10 +12,12 @@ URL=http://127.0.0.1:$PORT
 "$VENV/bin/llmux" serve --config "$CONFIG" &
 SHIM=$!
 trap 'kill -TERM $SHIM 2>/dev/null; wait $SHIM 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do
+for _ in $(seq 1 150); do
     curl -fs "$URL/health" >/dev/null 2>&1 && break
+    kill -0 $SHIM 2>/dev/null || { echo "demo: the shim exited (see above)" >&2; exit 1; }
     sleep 0.2
 done
+curl -fs "$URL/health" >/dev/null || { echo "demo: the shim did not answer on $URL" >&2; exit 1; }
 
 ask() {
     printf '\n>>> %s: %s\n' "$1" "$2"

@@ -357,6 +357,12 @@ class _Validator:
         if not isinstance(raw, dict):
             self.bad(path, "expected a table/object with model_path and port")
             return None
+        nested = all(isinstance(v, dict) for v in raw.values())
+        if raw and nested and not raw.keys() & _MODEL_KEYS:
+            sub = next(iter(raw))
+            self.bad(path, f"a table of tables, not a model: in TOML a model name with a dot "
+                     f"must be quoted, e.g. [models.\"{name}.{sub}\"]")
+            return None
         self.unknown(raw, _MODEL_KEYS, f"{path}.")
         p = f"{path}."
         model_path = self.get(raw, "model_path", p, str, "", _nonempty)

@@ -334,3 +334,12 @@ def test_tensor_parallel_allowed_with_flags_or_local_strategies() -> None:
 ])
 def test_bad_tensor_parallel_size(args: list[str], why: str) -> None:
     assert why in problem(model(extra_args=args), "models.a.extra_args")
+
+
+def test_an_unquoted_dotted_model_name_gets_a_hint() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config('[models.qwen3-0.6b]\nmodel_path = "Qwen/Qwen3-0.6B"\nport = 8001\n')
+    assert e.value.problems == [
+        ("models.qwen3-0", 'a table of tables, not a model: in TOML a model name with a dot '
+                           'must be quoted, e.g. [models."qwen3-0.6b"]')
+    ]
