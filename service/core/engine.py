@@ -37,6 +37,8 @@ from llmux.service.core.store import (
     check_model,
     dir_bytes,
     dump_completed,
+    prefetch,
+    start_writeback,
 )
 from llmux.service.core.upperfiles import SavedFile, ViewRoot
 from llmux.service.errors import (
@@ -69,6 +71,8 @@ PID_FREE_TIMEOUT_S = 10.0
 """How long a restore waits for dumped PIDs to be reaped before naming who holds them."""
 REAP_AFTER_DUMP_S = 5.0
 PROGRESS_INTERVAL_S = 0.25
+#: how often the images written so far are handed to the disk during a dump
+WRITEBACK_INTERVAL_S = 0.25
 _SIZE_MARGIN = 1.05
 _SIZE_SLACK = 16 << 20
 
@@ -161,6 +165,24 @@ class _Reporter:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+
+@contextlib.asynccontextmanager
+async def _writing_back(images: Path) -> AsyncIterator[None]:
+    """Keep the disk busy while CRIU fills the page cache: dump and writeback overlap."""
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(WRITEBACK_INTERVAL_S)
+            await asyncio.to_thread(start_writeback, images)
+
+    task = asyncio.create_task(loop())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _uncancellable(coro: Awaitable[T]) -> T:
@@ -384,8 +406,11 @@ class CheckpointEngine:
             t = time.monotonic()
             late_failure: BaseException | None = None
             try:
-                async with report.watching(
-                    lambda: dir_bytes(staging.images), expected, "dumping", 0.0, 0.95
+                async with (
+                    report.watching(
+                        lambda: dir_bytes(staging.images), expected, "dumping", 0.0, 0.95
+                    ),
+                    _writing_back(staging.images),
                 ):
                     await self.criu.dump(req)
             except BaseException as exc:
@@ -625,8 +650,15 @@ class CheckpointEngine:
             return done
 
         t = time.monotonic()
-        async with report.watching(measure, manifest.images_bytes, "restoring", 0.0, 0.9):
-            await self.criu.restore(req, on_start=run_holder.append)
+        readahead = asyncio.create_task(
+            asyncio.to_thread(prefetch, images, manifest.images_bytes)
+        )
+        try:
+            async with report.watching(measure, manifest.images_bytes, "restoring", 0.0, 0.9):
+                await self.criu.restore(req, on_start=run_holder.append)
+        finally:
+            with contextlib.suppress(Exception):
+                await readahead
         restore_s = time.monotonic() - t
         try:
             restored_root = int(pidfile.read_text().strip())
