@@ -43,7 +43,7 @@ fi
 if ! "$VENV/bin/python" -c "import llmux.shim, llmux.service, openai, pytest" 2>/dev/null \
    || [ pyproject.toml -nt "$VENV/.llmux-installed" ]; then
     log "installing llmux (editable) and test dependencies"
-    "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+    "$VENV/bin/pip" install -q --upgrade pip "setuptools>=77" >/dev/null
     "$VENV/bin/pip" install -q -e ".[test]"
     touch "$VENV/.llmux-installed"
 fi

@@ -66,7 +66,7 @@ PY=${LLMUX_VENV:-$ROOT/.venv}/bin/python
 if ! { [[ -x $PY ]] && "$PY" -c 'import setuptools, pip' 2>/dev/null; }; then
     log "no project .venv: making a build venv with setuptools from PyPI"
     python3 -m venv "$WORK/venv" || die "python3 -m venv failed (apt-get install python3-venv)"
-    "$WORK/venv/bin/pip" install -q "setuptools>=68" wheel
+    "$WORK/venv/bin/pip" install -q "setuptools>=77" wheel
     PY=$WORK/venv/bin/python
 fi
 mkdir -p "$WORK/src" "$WORK/wheel"
