@@ -418,6 +418,9 @@ class Lifecycle:
         await self.supervisor.release_connections(name)
         if self.release_connections is not None:
             await self.release_connections(name)
+        # ... and wait for the engine to close its ends: a connection CRIU dumps half-closed
+        # comes back with its 4-tuple, which a later restore can find taken (EADDRNOTAVAIL)
+        await self.supervisor.wait_connections_closed(name)
         self.supervisor.expect_exit(name)
         await backend.checkpoint(name, eng.root_pid, weights_bytes=self._weights_bytes(rec))
         await self.supervisor.wait_exit(name)

@@ -461,6 +461,23 @@ class Supervisor:
         if client is not None:
             await client.aclose()
 
+    async def wait_connections_closed(self, model: str, within_secs: float = 2.0) -> None:
+        """Wait until no TCP connection to the engine's port is open (before a CRIU dump).
+
+        Clients other than the shim may hold one; after ``within_secs`` the dump goes on
+        and CRIU carries what is left (--tcp-established).
+        """
+        port = self.config.models[model].port
+        deadline = time.monotonic() + within_secs
+        for _ in range(10_000):  # kernel state: nothing to await but time
+            left = open_connections(port)
+            if not left or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.02)
+        if left:
+            log.warning("model %s: %d connection(s) to port %d still open before the dump",
+                        model, left, port)
+
     async def call(self, model: str, method: str, path: str, *,
                    json: Any = None, params: Mapping[str, str] | None = None,
                    timeout_secs: float = 30.0) -> httpx.Response:
@@ -566,3 +583,24 @@ def _tail(path: Path, lines: int) -> list[str]:
     except OSError:
         return []
     return data.decode(errors="replace").splitlines()[-lines:]
+
+
+#: TCP states in /proc/net/tcp* that are not a live connection: TIME_WAIT, CLOSE, LISTEN
+_NOT_OPEN = {"06", "07", "0A"}
+
+
+def open_connections(port: int) -> int:
+    """Connections (any state but listening or closed) whose local port is ``port``."""
+    wanted = f"{port:04X}"
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[1].rsplit(":", 1)[-1] == wanted \
+                    and fields[3] not in _NOT_OPEN:
+                count += 1
+    return count

@@ -699,31 +699,7 @@ class CheckpointEngine:
         root_pid: int,
         progress: ProgressSink | None = None,
     ) -> SuspendResult:
-        check_model(model)
-        self._check_pid_arg(root_pid)
-        report = _Reporter(progress)
-        with self._claim(model, root_pid):
-            started = time.monotonic()
-            report(0.0, 0, 0.0, "checking")
-            authz.check_target(caller, root_pid, self.restored)
-            pids = proctree.tree(root_pid)
-            cuda_pids = self.cuda.cuda_pids(pids)
-            if not cuda_pids:
-                # Succeeding here would turn cuda_suspend into keep_running behind the
-                # operator's back: the GPU memory they wanted freed would stay held.
-                raise Unsupported(
-                    f"no process of the tree {pids} holds CUDA state "
-                    f"(CUDA mode {self.config.cuda_mode!r}): nothing to suspend"
-                )
-            report(0.1, 0, 0.0, "cuda-checkpoint")
-            try:
-                await self.cuda.lock_and_checkpoint(cuda_pids)
-            except BaseException:
-                await _uncancellable(self._thaw(pids, cuda_pids))
-                raise
-            self._suspended[model] = (root_pid, cuda_pids)
-            report(1.0, 0, 0.0, "done")
-            return SuspendResult(model, pids, cuda_pids, time.monotonic() - started)
+        return await self._cuda_job(caller, model, root_pid, progress, self._suspend_tree)
 
     async def resume(
         self,
@@ -732,6 +708,17 @@ class CheckpointEngine:
         root_pid: int,
         progress: ProgressSink | None = None,
     ) -> SuspendResult:
+        return await self._cuda_job(caller, model, root_pid, progress, self._resume_tree)
+
+    async def _cuda_job(
+        self,
+        caller: Caller,
+        model: str,
+        root_pid: int,
+        progress: ProgressSink | None,
+        body: Callable[[str, int, list[int], _Reporter], Awaitable[list[int]]],
+    ) -> SuspendResult:
+        """What suspend and resume share: checks, the model's claim, progress, timing."""
         check_model(model)
         self._check_pid_arg(root_pid)
         report = _Reporter(progress)
@@ -740,14 +727,40 @@ class CheckpointEngine:
             report(0.0, 0, 0.0, "checking")
             authz.check_target(caller, root_pid, self.restored)
             pids = proctree.tree(root_pid)
-            known = self._suspended.get(model)
-            if known is not None and known[0] == root_pid:
-                cuda_pids = [p for p in known[1] if p in pids]
-            else:
-                cuda_pids = self.cuda.cuda_pids(pids)
-            if cuda_pids:
-                report(0.1, 0, 0.0, "cuda-restore")
-                await self.cuda.restore_and_unlock(cuda_pids)
-            self._suspended.pop(model, None)
+            cuda_pids = await body(model, root_pid, pids, report)
             report(1.0, 0, 0.0, "done")
             return SuspendResult(model, pids, cuda_pids, time.monotonic() - started)
+
+    async def _suspend_tree(
+        self, model: str, root_pid: int, pids: list[int], report: _Reporter
+    ) -> list[int]:
+        cuda_pids = self.cuda.cuda_pids(pids)
+        if not cuda_pids:
+            # Succeeding here would turn cuda_suspend into keep_running behind the
+            # operator's back: the GPU memory they wanted freed would stay held.
+            raise Unsupported(
+                f"no process of the tree {pids} holds CUDA state "
+                f"(CUDA mode {self.config.cuda_mode!r}): nothing to suspend"
+            )
+        report(0.1, 0, 0.0, "cuda-checkpoint")
+        try:
+            await self.cuda.lock_and_checkpoint(cuda_pids)
+        except BaseException:
+            await _uncancellable(self._thaw(pids, cuda_pids))
+            raise
+        self._suspended[model] = (root_pid, cuda_pids)
+        return cuda_pids
+
+    async def _resume_tree(
+        self, model: str, root_pid: int, pids: list[int], report: _Reporter
+    ) -> list[int]:
+        known = self._suspended.get(model)
+        if known is not None and known[0] == root_pid:
+            cuda_pids = [p for p in known[1] if p in pids]
+        else:
+            cuda_pids = self.cuda.cuda_pids(pids)
+        if cuda_pids:
+            report(0.1, 0, 0.0, "cuda-restore")
+            await self.cuda.restore_and_unlock(cuda_pids)
+        self._suspended.pop(model, None)
+        return cuda_pids

@@ -252,28 +252,22 @@ class HostServer:
         return self._job_reply(job)
 
     async def suspend(self, caller: Caller, msg: Message) -> Reply:
-        model, root_pid, raw = msg.body
-        check_model(model)
-        check_pid(root_pid)
-        read_options("Suspend", raw, {})
-        job = await self.jobs.start(
-            Operation.SUSPEND,
-            model,
-            caller,
-            lambda sink: self.engine.suspend(caller, model, root_pid, progress=sink),
-        )
-        return self._job_reply(job)
+        return await self._cuda_job(Operation.SUSPEND, caller, msg)
 
     async def resume(self, caller: Caller, msg: Message) -> Reply:
+        return await self._cuda_job(Operation.RESUME, caller, msg)
+
+    async def _cuda_job(self, operation: Operation, caller: Caller, msg: Message) -> Reply:
         model, root_pid, raw = msg.body
         check_model(model)
         check_pid(root_pid)
-        read_options("Resume", raw, {})
+        read_options(msg.member, raw, {})
+        run = self.engine.suspend if operation == Operation.SUSPEND else self.engine.resume
         job = await self.jobs.start(
-            Operation.RESUME,
+            operation,
             model,
             caller,
-            lambda sink: self.engine.resume(caller, model, root_pid, progress=sink),
+            lambda sink: run(caller, model, root_pid, progress=sink),
         )
         return self._job_reply(job)
 

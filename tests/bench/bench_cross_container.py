@@ -42,6 +42,9 @@ from types import ModuleType
 from typing import Any
 
 TESTS = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(TESTS))  # the shared test helpers (testprocs)
+import testprocs  # noqa: E402
+
 MB = 1 << 20
 
 
@@ -139,7 +142,7 @@ def measure(size: int, args: argparse.Namespace, rootfs: str, daemon: Any,
         warm = shims.start("warm")
         warm.control("wake")
         warm.remove()
-        podman_shim.wait_until(lambda: not podman_shim.processes_tagged(shims.tag), 60,
+        testprocs.wait_until(lambda: not testprocs.processes_tagged(shims.tag), 60,
                                "the warm-up engine to end with its container")
 
         print(f"[{size} MB] container A: cold start", file=sys.stderr)

@@ -14,17 +14,17 @@ import contextlib
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+from testprocs import free_port, kill_tagged
 
 REPO = Path(__file__).resolve().parents[2]
 PREPARE = REPO / "packaging" / "containers" / "prepare-rootfs.sh"
@@ -59,59 +59,6 @@ def prepare_rootfs() -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"{PREPARE} failed:\n{proc.stderr}")
     return proc.stdout.strip().splitlines()[-1]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def pid_alive(pid: int) -> bool:
-    """Alive and not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def processes_tagged(tag: str) -> list[int]:
-    """Live PIDs whose environment carries LLMUX_TEST_TAG=tag (engines, restored or not)."""
-    needle = f"LLMUX_TEST_TAG={tag}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if needle in environ.split(b"\0") and pid_alive(int(entry.name)):
-            found.append(int(entry.name))
-    return found
-
-
-def kill_tagged(tag: str) -> list[int]:
-    """SIGKILL every live process carrying the tag; wait until none is left alive."""
-    left = processes_tagged(tag)
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    if left:
-        wait_until(lambda: not any(pid_alive(p) for p in left), 30, f"processes {left} to die")
-    return left
 
 
 class Reaper:
@@ -262,8 +209,14 @@ class ShimContainer:
         return body
 
     def engine(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        """The engine's own API (host network: its port is on the host's loopback)."""
-        return self.client.request(method, f"http://127.0.0.1:{self.engine_port}{path}", **kw)
+        """The engine's own API (host network: its port is on the host's loopback).
+
+        Connection: close, so that the test holds no connection into the engine that a later
+        dump would have to carry (the shim waits for the engine's port to be idle first).
+        """
+        headers = {"Connection": "close", **kw.pop("headers", {})}
+        url = f"http://127.0.0.1:{self.engine_port}{path}"
+        return self.client.request(method, url, headers=headers, **kw)
 
     def kill(self) -> None:
         """SIGKILL the shim: it cannot stop its engines; only the container's end can."""

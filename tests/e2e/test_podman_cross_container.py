@@ -28,12 +28,10 @@ from podman_shim import (
     Reaper,
     ShimContainer,
     ShimFactory,
-    pid_alive,
     pidfd_targets,
-    processes_tagged,
     read_cgroups,
-    wait_until,
 )
+from testprocs import pid_alive, processes_tagged, wait_until
 
 from llmux.service.core.container import ContainerContext
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import os
 import secrets
 import signal
 import subprocess
@@ -29,6 +28,7 @@ from typing import Any
 
 import httpx
 import pytest
+from testprocs import free_port, kill_tagged
 
 _HARNESS = Path(__file__).resolve().parents[1] / "service" / "dbus" / "llmuxd_harness.py"
 
@@ -52,48 +52,10 @@ llmuxd = _dbus.llmuxd
 PrivateBus = _dbus.PrivateBus
 Llmuxd = _dbus.Llmuxd
 BusCall = _dbus.BusCall
-wait_until: Callable[[Callable[[], bool], float, str], None] = _dbus.wait_until
-pid_alive: Callable[[int], bool] = _dbus.pid_alive
 
 LLMUX = Path(sys.executable).with_name("llmux")
 SHIM_START_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 180.0
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def processes_tagged(tag: str) -> list[int]:
-    """PIDs whose environment carries LLMUX_TEST_TAG=tag (engines, restored or not)."""
-    needle = f"LLMUX_TEST_TAG={tag}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if needle in environ.split(b"\0") and pid_alive(int(entry.name)):
-            found.append(int(entry.name))
-    return found
-
-
-def kill_tagged(tag: str) -> list[int]:
-    """SIGKILL every live process carrying the tag; wait until none is left alive."""
-    left = processes_tagged(tag)
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    if left:
-        wait_until(lambda: not any(pid_alive(p) for p in left), 20, f"engines {left} to die")
-    return left
 
 
 def toml_value(value: Any) -> str:

@@ -9,12 +9,11 @@ CRIU 4.2, `llmux serve` with two built-in engines, HTTP on loopback.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from testprocs import pid_alive, wait_until
 
 # The fixtures' types (conftest.Llmuxd, conftest.Shim); tests/ is not a package, so
 # they are not imported here.
@@ -33,23 +32,6 @@ def checkpoints(daemon: Llmuxd) -> list[str]:
     assert call.rc == 0, f"ListCheckpoints failed: {call.error_name} {call.error_message}"
     data: dict[str, Any] = json.loads(call.stdout)
     return [str(entry[0]) for entry in data["data"][0]]
-
-
-def pid_alive(pid: int) -> bool:
-    """Alive and not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state != "Z"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def gone(pids: list[int]) -> bool:

@@ -288,3 +288,25 @@ def test_vllm_argv_is_a_list_with_extra_args(builtin_config_dict: Callable[..., 
     assert argv == ["/opt/vllm env/bin/vllm", "serve", "llmux-test/q", "--port", port,
                     "--enable-sleep-mode", "--served-model-name", "q",
                     "--max-model-len", "4096; rm -rf /"]
+
+
+def test_open_connections_counts_live_tcp_connections_to_a_port() -> None:
+    import socket
+
+    from testprocs import wait_until
+
+    from llmux.shim.supervisor import open_connections
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert open_connections(port) == 0  # the listener alone is not a connection
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = server.accept()
+        assert open_connections(port) == 1  # the accepted end, local port == port
+        client.close()
+        accepted.close()
+        # the server side closes second (LAST_ACK, then gone): nothing left that a dump carries
+        wait_until(lambda: open_connections(port) == 0, 5, "the connection to close")
+

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from testprocs import pid_alive, wait_until
 
 REPO = Path(__file__).resolve().parents[3]
 LLMUXD = Path(sys.executable).with_name("llmuxd")
@@ -61,23 +62,6 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
   <include>{policy}</include>
 </busconfig>
 """
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def pid_alive(pid: int) -> bool:
-    """Alive and not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state != "Z"
 
 
 def pid_state(pid: int) -> str:

@@ -1,0 +1,67 @@
+"""Process helpers shared by the test folders and the benchmarks: one copy of each.
+
+Importable as ``testprocs`` (pytest puts tests/ on sys.path for its rootdir conftest;
+the benchmarks add it themselves).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def pid_alive(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def processes_tagged(tag: str) -> list[int]:
+    """Live PIDs whose environment carries LLMUX_TEST_TAG=tag (engines, restored or not)."""
+    needle = f"LLMUX_TEST_TAG={tag}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0") and pid_alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def kill_tagged(tag: str, timeout: float = 30.0) -> list[int]:
+    """SIGKILL every live process carrying the tag; wait until none is left alive."""
+    left = processes_tagged(tag)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if left:
+        wait_until(lambda: not any(pid_alive(p) for p in left), timeout,
+                   f"processes {left} to die")
+    return left
