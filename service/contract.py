@@ -86,6 +86,7 @@ class ErrorName(StrEnum):
     INVALID_ARGUMENT = f"{ERROR_PREFIX}.InvalidArgument"
     NO_SPACE = f"{ERROR_PREFIX}.NoSpace"
     PID_IN_USE = f"{ERROR_PREFIX}.PidInUse"
+    PORT_IN_USE = f"{ERROR_PREFIX}.PortInUse"
     CRIU_FAILED = f"{ERROR_PREFIX}.CriuFailed"
     CUDA_FAILED = f"{ERROR_PREFIX}.CudaFailed"
     MANIFEST_MISMATCH = f"{ERROR_PREFIX}.ManifestMismatch"

@@ -35,6 +35,12 @@ class PidInUse(HostError):
     dbus_name = ErrorName.PID_IN_USE
 
 
+class PortInUse(HostError):
+    """A TCP port the checkpointed tree listened on is taken on this host."""
+
+    dbus_name = ErrorName.PORT_IN_USE
+
+
 class CriuFailed(HostError):
     """CRIU exited non-zero; the message carries the relevant log excerpt."""
 

@@ -82,10 +82,22 @@ class ModelConfig:
     command: tuple[str, ...] | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     startup_timeout_secs: float = 1800.0
+    #: run the engine with vLLM's sleep mode; None: exactly when the eviction uses it
+    sleep_mode_override: bool | None = None
+    #: bound on the one-token completion that proves an engine ready after each start
+    probe_timeout_secs: float = 60.0
 
     @property
     def tensor_parallel_size(self) -> int:
         return _tensor_parallel_size(self.extra_args)
+
+    @property
+    def sleep_mode(self) -> bool:
+        """Pass --enable-sleep-mode? vLLM refuses it where the platform has none (CPU), so
+        only engines whose eviction sleeps (offload, discard) get it, unless overridden."""
+        if self.sleep_mode_override is not None:
+            return self.sleep_mode_override
+        return self.eviction.weights is not WeightStrategy.RETAIN
 
 
 @dataclass(frozen=True)
@@ -185,7 +197,7 @@ _TOP_KEYS = {
 }
 _MODEL_KEYS = {
     "model_path", "port", "engine", "weights_mb", "extra_args", "eviction", "checkpoint_path",
-    "command", "env", "startup_timeout_secs",
+    "command", "env", "startup_timeout_secs", "sleep_mode", "probe_timeout_secs",
 }
 _POLICY_KEYS = {"policy_type", "request_timeout_secs", "drain_before_switch", "eviction",
                 "min_active_secs"}
@@ -396,7 +408,14 @@ class _Validator:
             env=dict(env),
             startup_timeout_secs=self.get(raw, "startup_timeout_secs", p, float, startup,
                                           _positive),
+            sleep_mode_override=(self.get(raw, "sleep_mode", p, bool, False)
+                                 if "sleep_mode" in raw else None),
+            probe_timeout_secs=self.get(raw, "probe_timeout_secs", p, float, 60.0, _positive),
         )
+        if mc.sleep_mode_override is False and eviction.weights is not WeightStrategy.RETAIN:
+            self.bad(f"{path}.sleep_mode",
+                     f"false, but the eviction {eviction} puts the weights to sleep, which "
+                     "needs vLLM's sleep mode (use weights = \"retain\" or sleep_mode = true)")
         try:
             tp = mc.tensor_parallel_size
         except ValueError as e:

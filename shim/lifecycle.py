@@ -247,29 +247,46 @@ class Lifecycle:
             if state is ModelState.RUNNING:
                 return None
             crashed = rec.crashed or (rec.state in _ALIVE_STATES and state is ModelState.STOPPED)
+            # last_error tells of this transition (a failed wake behind a cold start), not of
+            # one long past that later successes have overtaken
+            rec.last_error = None
             t0 = time.monotonic()
             if state is ModelState.STOPPED:
                 return await self._cold_start(rec, restart=crashed, t0=t0)
             try:
                 kind = await self._warm_start(rec, state)
+                await self.supervisor.probe(model)
             except Exception as e:
                 msg = _why(e)
                 log.error("model %s: wake from %s failed (%s); falling back to a cold start",
                           model, state, msg)
                 rec.last_error = f"wake from {state} failed: {msg}"
                 await self.supervisor.stop(model)
-                return await self._cold_start(rec, restart=True, t0=t0)
+                return await self._cold_start(rec, restart=True, t0=t0, retry=False)
             strategy = str(rec.evicted_with) if rec.evicted_with else kind.value
             self._done_waking(rec, kind)
             self._observe(model, "wake", strategy, time.monotonic() - t0)
             return kind
 
-    async def _cold_start(self, rec: _Model, *, restart: bool, t0: float) -> WakeKind:
+    async def _cold_start(self, rec: _Model, *, restart: bool, t0: float,
+                          retry: bool = True) -> WakeKind:
+        """Spawn and probe; an engine that starts but fails the probe is stopped and
+        started once more (``retry``), then reported as failed."""
         name = rec.config.name
         await self.supervisor.stop(name)  # whatever is left of a dead tree
         try:
             await self.supervisor.spawn(name)
+            try:
+                await self.supervisor.probe(name)
+            except EngineFailed as e:
+                if not retry:
+                    raise
+                log.error("%s; stopping it and starting it once more", e.message)
+                await self.supervisor.stop(name)
+                await self.supervisor.spawn(name)
+                await self.supervisor.probe(name)
         except ShimError as e:
+            await self.supervisor.stop(name)
             rec.set(ModelState.STOPPED)
             rec.sleep_level = 0
             rec.last_error = e.message
@@ -354,6 +371,10 @@ class Lifecycle:
         """
         rec = self._rec(model)
         policy = policy or rec.config.eviction
+        if policy.weights is not WeightStrategy.RETAIN and not rec.config.sleep_mode:
+            raise Conflict(f"model {model}: eviction {policy} puts the weights to sleep, but "
+                           "its engine runs without vLLM's sleep mode (set sleep_mode = true "
+                           "for it, or keep the weights: retain)")
         if policy.needs_host:
             self._need_backend(model, f"eviction {policy}")
         return await self._unbroken(self._evict_locked(rec, policy))
@@ -374,6 +395,7 @@ class Lifecycle:
             if state is ModelState.SLEEPING and policy.process is ProcessStrategy.KEEP_RUNNING:
                 return state  # already evicted; the weights cannot sleep twice
             t0 = time.monotonic()
+            rec.last_error = None
             try:
                 new_state = await self._evict(rec, state, policy)
             except Exception as e:

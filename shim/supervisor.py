@@ -13,10 +13,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import select
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,8 +29,10 @@ from typing import Any
 
 import httpx
 
+from llmux.service.core import resources
 from llmux.shim.config import Config, EngineKind, ModelConfig
 from llmux.shim.errors import Conflict, EngineFailed, ModelNotFound
+from llmux.shim.launch import launcher_argv
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,9 @@ DeathListener = Callable[[str, int | None], None]
 #: environment every engine gets (UV_USE_IO_URING: libuv's io_uring rings cannot be dumped by CRIU)
 ENGINE_ENV = {"NO_COLOR": "1", "VLLM_SERVER_DEV_MODE": "1", "UV_USE_IO_URING": "0",
               "PYTHONUNBUFFERED": "1"}
+
+#: engines listen here only
+ENGINE_HOST = "127.0.0.1"
 
 LOG_TAIL_LINES = 20
 _POLL_SECS = 0.05
@@ -65,6 +74,9 @@ class EngineProcess:
     leads_group: bool = True
     #: the one termination in progress; stop() and a crash clean-up share it
     ending: asyncio.Future[None] | None = None
+    #: files the tree made that outlive it (ipc sockets, /dev/shm segments): removed when
+    #: it is stopped or dies, kept when it ends by a checkpoint (the restore needs them)
+    made: set[str] = field(default_factory=set)
 
     @property
     def alive(self) -> bool:
@@ -118,9 +130,16 @@ class Supervisor:
     # ------------------------------------------------------------------ argv and env
 
     def argv(self, m: ModelConfig) -> list[str]:
-        """The engine's argv; never passed through a shell."""
-        common = ["serve", m.model_path, "--port", str(m.port), "--enable-sleep-mode",
+        """The engine's argv (its cmdline once running); never passed through a shell.
+
+        On loopback only: the proxy is the engine's one client, and vLLM's dev endpoints
+        (/sleep, /collective_rpc) must not be reachable from the network. spawn() runs it
+        through llmux.shim.launch (io_uring unavailable, so that CRIU can dump the tree).
+        """
+        common = ["serve", m.model_path, "--host", ENGINE_HOST, "--port", str(m.port),
                   "--served-model-name", m.name]
+        if m.sleep_mode:
+            common.append("--enable-sleep-mode")
         if m.command is not None:
             prefix = list(m.command)
         elif m.engine is EngineKind.BUILTIN:
@@ -151,13 +170,16 @@ class Supervisor:
                                f"(pid {current.root_pid})")
             await self._finish_ending(current)
         argv = self.argv(m)
+        if shutil.which(argv[0]) is None:
+            raise EngineFailed(f"model {model}: cannot start engine {argv[0]!r}: not found "
+                               "or not executable")
         log_path = self._open_log_header(model, argv)
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             # subprocess.Popen, not the event loop's subprocess support: uvloop ignores
             # close_fds and would leak every inheritable fd of the shim into the engine
             proc = await asyncio.to_thread(
-                subprocess.Popen, argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
+                subprocess.Popen, launcher_argv(argv), stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
                 env=self.env(m), close_fds=True, pass_fds=(), start_new_session=True)
         except OSError as e:
             raise EngineFailed(f"model {model}: cannot start engine {argv[0]!r}: "
@@ -176,6 +198,7 @@ class Supervisor:
             raise
         self._learn_members(eng)
         eng.ready = True
+        await self._learn_files(eng)
         return eng
 
     def _open_log_header(self, model: str, argv: list[str]) -> Path:
@@ -196,6 +219,11 @@ class Supervisor:
         await self._wait_healthy(eng, within_secs if within_secs is not None
                                  else self.model(model).startup_timeout_secs)
         eng.ready = True
+        await self._learn_files(eng)
+
+    async def _learn_files(self, eng: EngineProcess) -> None:
+        pids = [p for p, fd in eng.pidfds.items() if not _pidfd_exited(fd)]
+        eng.made |= await asyncio.to_thread(_made_files, pids)
 
     async def _wait_healthy(self, eng: EngineProcess, within_secs: float) -> None:
         loop = asyncio.get_running_loop()
@@ -218,6 +246,33 @@ class Supervisor:
                 await asyncio.wait_for(eng.exited.wait(),
                                        min(self.health_interval_secs,
                                            max(deadline - loop.time(), 0.0)))
+
+    async def probe(self, model: str, within_secs: float | None = None) -> None:
+        """One greedy token through the engine's completion API, within a bound.
+
+        /health alone is not readiness: vLLM answers 200 there while its EngineCore's
+        output thread is dead and every request hangs. Raises EngineFailed.
+        """
+        m = self.model(model)
+        bound = m.probe_timeout_secs if within_secs is None else within_secs
+        body = {"model": m.name, "prompt": "ready?", "max_tokens": 1, "temperature": 0}
+        what = f"model {model}: readiness probe (a one-token completion)"
+        try:
+            async with asyncio.timeout(bound):
+                r = await self.http(model).post(f"{self.base_url(model)}/v1/completions",
+                                                 json=body, timeout=bound)
+        except TimeoutError:
+            raise EngineFailed(f"{what} got no answer within {bound:g} s "
+                               "(probe_timeout_secs): the engine answers /health but "
+                               "does not serve") from None
+        except httpx.HTTPError as e:
+            raise EngineFailed(f"{what} failed: {e!r}") from e
+        try:
+            ok = r.status_code == 200 and bool(r.json().get("choices"))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise EngineFailed(f"{what} answered {r.status_code}: {r.text[:300]}")
 
     # ------------------------------------------------------------------ adopt
 
@@ -354,6 +409,11 @@ class Supervisor:
                 log.error("model %s: %s survived SIGKILL (uninterruptible sleep?)",
                           eng.model, left)
         self._reap(eng)
+        if eng.made and not left:
+            removed = await asyncio.to_thread(_remove_leftovers, eng.made)
+            if removed:
+                log.info("model %s: removed what the engine left behind: %s", eng.model,
+                         ", ".join(removed))
         self._forget(eng)
 
     @staticmethod
@@ -445,8 +505,10 @@ class Supervisor:
         code = "unknown" if eng.returncode is None else str(eng.returncode)
         if eng.returncode is not None and eng.returncode < 0:
             code = f"{eng.returncode} ({signal.Signals(-eng.returncode).name})"
+        reason = engine_reason(_tail(eng.log_path, 200))
+        said = f": {reason}" if reason else ""
         return (f"model {eng.model}: engine (pid {eng.root_pid}) exited {when}, "
-                f"exit code {code}{self._tail_text(eng)}")
+                f"exit code {code}{said}{self._tail_text(eng)}")
 
     def http(self, model: str) -> httpx.AsyncClient:
         """The model's connection pool to its engine; environment proxies are ignored."""
@@ -571,6 +633,57 @@ def _tree_pids(root: int) -> list[int]:
         seen = set(found)
         found += sorted(p for p, (_, pgid) in table.items() if pgid == root and p not in seen)
     return found
+
+
+def _made_files(pids: list[int]) -> set[str]:
+    """The tree's own ipc socket files in the temp directory and its /dev/shm files."""
+    tmp = tempfile.gettempdir().rstrip("/") + "/"
+    sockets = {p for p in resources.bound_unix_paths(pids) if p.startswith(tmp)}
+    return sockets | set(resources.shm_paths(resources.mapped_or_open(pids)))
+
+
+def _remove_leftovers(paths: Iterable[str]) -> list[str]:
+    """Remove those no live process uses: a socket file nobody is bound to any more, a
+    segment nobody maps or holds open (vLLM's own clean stop removes some of them)."""
+    bound: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+            f = line.split()
+            if len(f) >= 8:
+                bound.add(f[7])
+    removed: list[str] = []
+    for path in sorted(paths):
+        p = Path(path)
+        try:
+            st = p.lstat()
+        except OSError:
+            continue
+        if stat.S_ISSOCK(st.st_mode):
+            if path not in bound:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed.append(path)
+        elif stat.S_ISREG(st.st_mode):
+            removed += [str(r) for r in resources.remove_unused([p])]
+    return removed
+
+
+_VALUE_ERROR = re.compile(r"Value error, (.+?)(?:\s*\[type=.*)?$")
+_RAISED = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception)):\s*(.+)$")
+
+
+def engine_reason(lines: list[str]) -> str | None:
+    """The engine's own words for why it stopped, from its log: a pydantic "Value error"
+    (vLLM's config checks), else the last "SomethingError: why" line."""
+    for line in reversed(lines):
+        m = _VALUE_ERROR.search(line)
+        if m:
+            return m[1].strip()
+    for line in reversed(lines):
+        m = _RAISED.match(line)
+        if m and m[1] not in ("ValidationError",):
+            return f"{m[1]}: {m[2].strip()}"
+    return None
 
 
 def _tail(path: Path, lines: int) -> list[str]:

@@ -46,7 +46,11 @@ class PolicyResult:
 
 
 async def run_validation(config: Config, model: str, policies: list[EvictionPolicy]) -> bool:
-    only = dataclasses.replace(config, models={model: config.models[model]})
+    m = config.models[model]
+    if m.sleep_mode_override is None and any(p.weights != "retain" for p in policies):
+        # the cycles put the weights to sleep: the engine needs vLLM's sleep mode for them
+        m = dataclasses.replace(m, sleep_mode_override=True)
+    only = dataclasses.replace(config, models={model: m})
     needs_host = only.needs_host or any(p.needs_host for p in policies)
     backend = backend_for(only) if needs_host or only.checkpoint else None
     if needs_host and backend is None:

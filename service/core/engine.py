@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
-from llmux.service.core import authz, proctree, upperfiles
+from llmux.service.core import authz, proctree, resources, upperfiles
 from llmux.service.core.authz import Caller, RestoredRegistry
 from llmux.service.core.container import ContainerContext
 from llmux.service.core.criu import CriuRun, CriuTool, DumpRequest, RestoreRequest
@@ -49,6 +49,7 @@ from llmux.service.errors import (
     ManifestMismatch,
     NotFound,
     PidInUse,
+    PortInUse,
     Unsupported,
 )
 
@@ -247,7 +248,9 @@ class CheckpointEngine:
         if cleaned:
             log.info("removed leftovers of interrupted dumps: %s", ", ".join(cleaned))
         cuda = make_cuda_checkpointer(config.cuda_mode, config.cuda_checkpoint_path)
-        return cls(config, criu, store, cuda)
+        engine = cls(config, criu, store, cuda)
+        await asyncio.to_thread(engine.sweep_shm)
+        return engine
 
     # ---- queries -------------------------------------------------------------------
 
@@ -338,9 +341,20 @@ class CheckpointEngine:
         started = time.monotonic()
         report(0.0, 0, 0.0, "checking")
         authz.check_target(caller, root_pid, self.restored)
-        pids = proctree.tree(root_pid)
-        tids = proctree.all_threads(pids)
-        ctx = ContainerContext.from_pid(root_pid)
+        pids = await asyncio.to_thread(proctree.tree, root_pid)
+        bad = await asyncio.to_thread(resources.undumpable_fds, pids)
+        if bad:
+            raise Unsupported(
+                f"the tree of PID {root_pid} cannot be checkpointed: {bad[0]}, which CRIU "
+                "cannot dump"
+                + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                + "; engines started by llmux run with io_uring unavailable "
+                "(python -m llmux.shim.launch)"
+            )
+        await asyncio.to_thread(self.sweep_shm)
+        tids = await asyncio.to_thread(proctree.all_threads, pids)
+        listen_ports = await asyncio.to_thread(resources.listening_ports, pids)
+        ctx = await asyncio.to_thread(ContainerContext.from_pid, root_pid)
         if ctx.foreign and ctx.rootfs_host_path is None:
             raise Unsupported(
                 f"PID {root_pid} lives in a mount namespace whose root filesystem is not "
@@ -370,13 +384,15 @@ class CheckpointEngine:
             source_cgroups=ctx.cgroup_identity,
             expected_bytes=expected,
             leave_running=leave_running,
+            listen_ports=listen_ports,
         )
         staging = self.store.begin(model)
         view = ViewRoot(root_pid if ctx.foreign else None)
         try:
             # If the service dies mid-dump, start-up can still finish what CRIU completed.
             await asyncio.to_thread(self.store.write_pending, staging, pending)
-            _, deleted = upperfiles.open_paths(pids)
+            live, deleted = await asyncio.to_thread(upperfiles.open_paths, pids)
+            shm = resources.shm_paths(live)
             remap_dirs = upperfiles.link_remap_dirs(deleted, view.path)
             stale = upperfiles.list_link_remaps(remap_dirs)
             if stale:
@@ -440,6 +456,7 @@ class CheckpointEngine:
                     cuda_pids=cuda_pids,
                     view=view,
                     upper=upper,
+                    shm=shm,
                     remap_dirs=remap_dirs,
                     staging=staging,
                     leave_running=leave_running,
@@ -462,6 +479,7 @@ class CheckpointEngine:
         cuda_pids: list[int],
         view: ViewRoot,
         upper: list[str],
+        shm: list[str],
         remap_dirs: list[Path],
         staging: Staging,
         leave_running: bool,
@@ -487,6 +505,14 @@ class CheckpointEngine:
         except OSError as exc:
             warnings.append(f"files of the writable layer not saved: {exc}")
         try:
+            # CRIU restores file-backed shared mappings from the file, not from its images,
+            # and the engine deletes its segments on a clean stop: keep their contents here.
+            saved += await asyncio.to_thread(
+                upperfiles.save, shm, view.path, staging.files, "dev-shm", len(saved)
+            )
+        except OSError as exc:
+            warnings.append(f"/dev/shm files not saved: {exc}")
+        try:
             remaps = upperfiles.list_link_remaps(remap_dirs)
             if remaps:
                 paths = ["/" + str(p.relative_to(view.path)) for p in remaps]
@@ -509,6 +535,14 @@ class CheckpointEngine:
             left = await proctree.wait_gone(pids, REAP_AFTER_DUMP_S)
             if left:
                 log.info("dumped PIDs not reaped yet: %s", left)
+            # the tree is gone and its segments are in the checkpoint: free the memory
+            kept = {f.path for f in saved if f.reason == "dev-shm"}
+            removed = await asyncio.to_thread(
+                resources.remove_unused, [view.path / p.lstrip("/") for p in sorted(kept)]
+            )
+            if removed:
+                log.info("checkpoint %s: removed %d /dev/shm file(s) of the dumped tree",
+                         model, len(removed))
 
         images_bytes = dir_bytes(staging.images)
         manifest = replace(
@@ -614,12 +648,73 @@ class CheckpointEngine:
         target = ContainerContext.from_pid(caller.pid)
         self.check_manifest(manifest, target)
         await self._wait_pids_free(manifest)
+        await self._check_ports_free(manifest, caller.pid)
 
-        images = self.store.images_dir(model)
         files = self.store.files_dir(model)
         await asyncio.to_thread(upperfiles.verify, manifest.files, files)
-        with ViewRoot(caller.pid if target.foreign else None) as view:
-            await asyncio.to_thread(upperfiles.put_back, manifest.files, files, view.path)
+        view_pid = caller.pid if target.foreign else None
+        with ViewRoot(view_pid) as view:
+            put_back = await asyncio.to_thread(self._put_back, manifest, files, view.path)
+        try:
+            return await self._restore_tree(manifest, target, caller, keep_images, report,
+                                            started)
+        except BaseException:
+            with contextlib.suppress(OSError), ViewRoot(view_pid) as view:
+                await _uncancellable(asyncio.to_thread(
+                    resources.remove_unused, [view.path / p.lstrip("/") for p in put_back]))
+            raise
+
+    async def _check_ports_free(self, manifest: Manifest, caller_pid: int) -> None:
+        """Each TCP port the tree listened on is free in the caller's network namespace."""
+        holders = await asyncio.to_thread(resources.port_holders, manifest.listen_ports,
+                                          caller_pid)
+        if holders:
+            who = "; ".join(f"port {port} is held by {h}" for port, h in holders.items())
+            raise PortInUse(
+                f"checkpoint {manifest.model!r} must listen again on TCP ports "
+                f"{manifest.listen_ports}, but {who}"
+            )
+
+    def _put_back(self, manifest: Manifest, files: Path, view_root: Path) -> list[str]:
+        """Write the saved files into the target; return the paths a failed restore should
+        take back (link-remaps, /dev/shm segments). A /dev/shm file that a process uses is
+        left alone; a missing or unused one gets the contents of dump time."""
+        wanted: list[SavedFile] = []
+        for f in manifest.files:
+            if f.reason == "dev-shm":
+                target = view_root / f.path.lstrip("/")
+                if target.exists() and resources.users_of(target):
+                    log.warning("restore %s: %s is in use; not replaced", manifest.model, f.path)
+                    continue
+            wanted.append(f)
+        upperfiles.put_back(wanted, files, view_root)
+        return [f.path for f in wanted if f.reason in ("dev-shm", "link-remap")]
+
+    def sweep_shm(self) -> list[str]:
+        """Remove /dev/shm segments that a checkpoint holds a copy of and nothing uses
+        (left by a restored tree that was killed, with its container for instance)."""
+        paths = {
+            f.path
+            for m in self.store.manifests()
+            for f in m.files
+            if f.reason == "dev-shm"
+        }
+        removed = resources.remove_unused(Path(p) for p in sorted(paths))
+        if removed:
+            log.info("removed %d unused /dev/shm file(s) kept in checkpoints", len(removed))
+        return [str(p) for p in removed]
+
+    async def _restore_tree(
+        self,
+        manifest: Manifest,
+        target: ContainerContext,
+        caller: Caller,
+        keep_images: bool,
+        report: _Reporter,
+        started: float,
+    ) -> Manifest:
+        model = manifest.model
+        images = self.store.images_dir(model)
 
         externals: list[tuple[str, str]] = []
         for ext in manifest.external_mounts:

@@ -54,6 +54,8 @@ class Manifest:
     cuda_seconds: float = 0.0
     total_seconds: float = 0.0
     leave_running: bool = False
+    listen_ports: list[int] = field(default_factory=list)
+    """TCP ports the tree listened on: each must be free for a restore."""
     files: list[SavedFile] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     """What went wrong after the dump without losing it (e.g. a file not saved)."""

@@ -435,7 +435,7 @@ async def test_torch_engine_offload_then_discard(
     """The same cycles on the PyTorch model, whose weights really move and reload."""
     pytest.importorskip("torch")
     cfg = builtin_config(["m1"], m1={"env": {"LLMUX_BUILTIN_BACKEND": "torch"},
-                                     "weights_mb": 16})
+                                     "weights_mb": 16, "sleep_mode": True})
     h = harness(cfg)
     lc = h.lifecycle
     await lc.start()

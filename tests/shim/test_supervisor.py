@@ -57,7 +57,12 @@ async def test_spawn_clean_fds_env_session_and_stop(
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
         assert cmdline == sup.argv(cfg.models["m1"])
         assert cmdline[:3] == [sys.executable, "-m", "llmux.shim.builtin"]
-        assert "--enable-sleep-mode" in cmdline and "--weights-mb" in cmdline
+        assert "--weights-mb" in cmdline and "--enable-sleep-mode" not in cmdline
+        # run through the launcher: io_uring is unavailable in the whole tree
+        for p in pids:
+            status = Path(f"/proc/{p}/status").read_text()
+            assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status, p
+            assert "anon_inode:[io_uring]" not in _fd_targets(p).values()
 
         # stdin /dev/null, stdout+stderr the per-model log, nothing inherited
         fds = _fd_targets(pid)
@@ -285,9 +290,17 @@ def test_vllm_argv_is_a_list_with_extra_args(builtin_config_dict: Callable[..., 
     cfg = config_from_dict(raw)
     argv = Supervisor(cfg).argv(cfg.models["q"])
     port = str(cfg.models["q"].port)
-    assert argv == ["/opt/vllm env/bin/vllm", "serve", "llmux-test/q", "--port", port,
-                    "--enable-sleep-mode", "--served-model-name", "q",
+    assert argv == ["/opt/vllm env/bin/vllm", "serve", "llmux-test/q", "--host", "127.0.0.1",
+                    "--port", port, "--served-model-name", "q",
                     "--max-model-len", "4096; rm -rf /"]
+    # sleep mode only for an eviction that sleeps, or when the model asks for it
+    for extra, flagged in (({"eviction": "offload+keep_running"}, True),
+                           ({"eviction": "discard+stop"}, True),
+                           ({"eviction": "retain+checkpoint"}, False),
+                           ({"eviction": "retain+stop", "sleep_mode": True}, True)):
+        raw = builtin_config_dict(["q"], q={"engine": "vllm", **extra})
+        cfg = config_from_dict(raw)
+        assert ("--enable-sleep-mode" in Supervisor(cfg).argv(cfg.models["q"])) is flagged, extra
 
 
 def test_open_connections_counts_live_tcp_connections_to_a_port() -> None:

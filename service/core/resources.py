@@ -1,0 +1,237 @@
+"""What a process tree holds on the host besides its memory, read from /proc.
+
+CRIU's log is the worst place to learn that a dump or a restore cannot work: a dump
+fails on an fd it cannot handle after freezing the tree, a restore fails on a taken
+port after half the tree is back. These checks run first and name the process, the fd,
+the port and its holder. They also find the tree's files in /dev/shm, which CRIU does
+not put in its images (file-backed shared mappings are restored from the file) and which
+a clean stop of the engine deletes.
+
+Every function here reads /proc synchronously: the engine runs them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmux.service.core import proctree
+
+SHM_DIR = "/dev/shm"
+
+#: fd targets CRIU cannot dump (anon inodes it has no dumper for)
+UNDUMPABLE = ("anon_inode:[io_uring]", "anon_inode:[perf_event]", "anon_inode:[userfaultfd]",
+              "anon_inode:kvm-vm", "anon_inode:kvm-vcpu")
+
+#: /proc/net/tcp states: LISTEN, and the ones in which a socket no longer holds its port
+_LISTEN = "0A"
+_FREE_STATES = {"06", "07"}  # TIME_WAIT (SO_REUSEADDR binds over it), CLOSE
+_SOCKET = re.compile(r"socket:\[(\d+)\]")
+
+
+@dataclass(frozen=True)
+class Undumpable:
+    pid: int
+    fd: str
+    """fd number, or "map" for a mapping without an fd"""
+    target: str
+
+    def __str__(self) -> str:
+        where = f"fd {self.fd}" if self.fd != "map" else "a memory mapping"
+        return f"{proctree.describe(self.pid)} holds {where} -> {self.target}"
+
+
+def undumpable_fds(pids: Iterable[int]) -> list[Undumpable]:
+    """Fds and mappings of the tree that CRIU has no dumper for (io_uring first of all)."""
+    found: list[Undumpable] = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(entry.path)
+                    if target.startswith(UNDUMPABLE):
+                        found.append(Undumpable(pid, entry.name, target))
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                if "anon_inode:[io_uring]" in line and not any(
+                    u.pid == pid and u.target == "anon_inode:[io_uring]" for u in found
+                ):
+                    found.append(Undumpable(pid, "map", "anon_inode:[io_uring]"))
+    return found
+
+
+def shm_paths(live_paths: Iterable[str]) -> list[str]:
+    """The /dev/shm files among the paths the tree holds open or mapped (no link-remaps)."""
+    out = {
+        p
+        for p in live_paths
+        if p.startswith(SHM_DIR + "/")
+        and "/" not in p[len(SHM_DIR) + 1 :]
+        and not p[len(SHM_DIR) + 1 :].startswith("link_remap.")
+    }
+    return sorted(out)
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def users_of(path: Path) -> list[int]:
+    """PIDs (any on the host) that hold the file open or mapped, by device and inode."""
+    ident = _file_id(path)
+    if ident is None:
+        return []
+    dev, ino = ident
+    users: list[int] = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        if _maps_hold(pid, dev, ino) or _fds_hold(pid, dev, ino):
+            users.append(pid)
+    return users
+
+
+def _maps_hold(pid: int, dev: int, ino: int) -> bool:
+    want_dev = f"{os.major(dev):02x}:{os.minor(dev):02x}"
+    want_ino = str(ino)
+    try:
+        text = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        f = line.split(maxsplit=5)
+        if len(f) >= 5 and f[4] == want_ino and f[3] == want_dev:
+            return True
+    return False
+
+
+def _fds_hold(pid: int, dev: int, ino: int) -> bool:
+    try:
+        entries = list(os.scandir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            st = os.stat(entry.path)
+            if st.st_ino == ino and st.st_dev == dev:
+                return True
+    return False
+
+
+def remove_unused(paths: Iterable[Path]) -> list[Path]:
+    """Delete the files no process holds open or mapped; return the ones deleted."""
+    removed: list[Path] = []
+    for p in paths:
+        if not p.exists() or users_of(p):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+# ---------------------------------------------------------------------- TCP ports
+
+
+def _tcp_rows(pid: int | str) -> list[tuple[str, int, str, str]]:
+    """(local address hex, local port, state, inode) of every TCP socket in pid's netns."""
+    rows: list[tuple[str, int, str, str]] = []
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) < 10:
+                continue
+            addr, _, port = f[1].rpartition(":")
+            rows.append((addr, int(port, 16), f[3], f[9]))
+    return rows
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes: set[str] = set()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                m = _SOCKET.fullmatch(os.readlink(entry.path))
+                if m:
+                    inodes.add(m[1])
+    return inodes
+
+
+def listening_ports(pids: Sequence[int]) -> list[int]:
+    """TCP ports the tree listens on (any address), sorted."""
+    if not pids:
+        return []
+    inodes: set[str] = set()
+    for pid in pids:
+        inodes |= _socket_inodes(pid)
+    return sorted({port for _, port, state, ino in _tcp_rows(pids[0])
+                   if state == _LISTEN and ino in inodes})
+
+
+def port_holders(ports: Iterable[int], netns_pid: int | str = "self") -> dict[int, str]:
+    """For each port taken in netns_pid's network namespace: who holds it, in words."""
+    wanted = set(ports)
+    taken: dict[int, set[str]] = {}
+    for _, port, state, ino in _tcp_rows(netns_pid):
+        if port in wanted and state not in _FREE_STATES:
+            taken.setdefault(port, set()).add(ino)
+    if not taken:
+        return {}
+    owners: dict[str, int] = {}
+    all_inodes = set().union(*taken.values())
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            for ino in _socket_inodes(int(entry.name)) & all_inodes:
+                owners.setdefault(ino, int(entry.name))
+    out: dict[int, str] = {}
+    for port, inodes in sorted(taken.items()):
+        pids = sorted({owners[i] for i in inodes if i in owners})
+        out[port] = (proctree.describe(pids[0]) if pids
+                     else "a socket of no visible process (a connection closing down?)")
+    return out
+
+
+# ---------------------------------------------------------------------- what a tree made
+
+
+def bound_unix_paths(pids: Sequence[int]) -> list[str]:
+    """Filesystem paths of the unix sockets the tree has bound (its ZMQ ipc endpoints)."""
+    if not pids:
+        return []
+    inodes: set[str] = set()
+    for pid in pids:
+        inodes |= _socket_inodes(pid)
+    paths: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pids[0]}/net/unix").read_text().splitlines()[1:]:
+            f = line.split()
+            if len(f) >= 8 and f[6] in inodes and f[7].startswith("/"):
+                paths.add(f[7])
+    return sorted(paths)
+
+
+def mapped_or_open(pids: Iterable[int]) -> list[str]:
+    """Live (not deleted) absolute paths the tree holds open or mapped."""
+    found: set[str] = set()
+    for pid in pids:
+        for sub in ("fd", "map_files"):
+            with contextlib.suppress(OSError):
+                for entry in os.scandir(f"/proc/{pid}/{sub}"):
+                    with contextlib.suppress(OSError):
+                        link = os.readlink(entry.path)
+                        if link.startswith("/") and not link.endswith(" (deleted)"):
+                            found.add(link)
+    return sorted(found)
