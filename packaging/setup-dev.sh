@@ -53,4 +53,9 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "$VENV/bin/pip" install -q "torch==2.13.0" 2>/dev/null && log "installed torch" \
         || log "torch not available: the built-in engine uses its pure-Python backend"
 fi
+# Real vLLM (the CPU build) for the `vllm` test tier, in a virtualenv of its own: it pins
+# its own torch and must not change the project's. LLMUX_SKIP_VLLM=1 leaves it out.
+if [ "${LLMUX_SKIP_VLLM:-0}" != 1 ]; then
+    bash packaging/vllm/install-vllm.sh "${LLMUX_VLLM_VENV:-$ROOT/.cache/vllm-venv}"
+fi
 log "ready: $VENV"

@@ -179,8 +179,8 @@ class Supervisor:
             # subprocess.Popen, not the event loop's subprocess support: uvloop ignores
             # close_fds and would leak every inheritable fd of the shim into the engine
             proc = await asyncio.to_thread(
-                subprocess.Popen, launcher_argv(argv), stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
-                env=self.env(m), close_fds=True, pass_fds=(), start_new_session=True)
+                subprocess.Popen, launcher_argv(argv), stdin=subprocess.DEVNULL, stdout=fd,
+                stderr=fd, env=self.env(m), close_fds=True, pass_fds=(), start_new_session=True)
         except OSError as e:
             raise EngineFailed(f"model {model}: cannot start engine {argv[0]!r}: "
                                f"{e.strerror or e}") from e

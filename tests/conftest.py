@@ -13,7 +13,7 @@ from collections.abc import Generator
 
 import pytest
 
-TIERS = ("criu", "dbus", "podman", "systemd", "gpu")
+TIERS = ("criu", "dbus", "podman", "systemd", "vllm", "gpu")
 
 
 def _required() -> set[str]:
@@ -60,3 +60,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             reporter.write_line(
                 f"FAILED: required test tier(s) ran no test: {', '.join(missing)}", red=True
             )
+
+
+@pytest.fixture(scope="session")
+def vllm_bed() -> object:
+    """Real vLLM and its two test models (tests/vllmbed.py); skips where not installed."""
+    from vllmbed import find_bed
+
+    return find_bed()

@@ -1,9 +1,15 @@
 """The API server process: vLLM's HTTP surface (OpenAI + sleep/wake dev endpoints).
 
-Starlette under uvicorn on the plain asyncio loop with the httptools parser: uvloop's
-libuv (and its io_uring use) cannot be checkpointed by CRIU. Every call that touches
-the model is a ZMQ round trip to the engine core; this process only validates requests,
-(de)tokenizes and formats responses, as vLLM's API server does.
+Starlette under uvicorn with the httptools parser, on uvloop, as vLLM's API server
+(``uvloop.run`` in cli.py). That is one of vLLM's inconvenient traits, copied on purpose:
+uvloop's libuv sets up an io_uring instance, which CRIU cannot dump. The product starts
+engines through ``python -m llmux.shim.launch`` (a seccomp filter that makes
+``io_uring_setup`` fail, so libuv falls back to epoll); an engine started without it
+holds an ``anon_inode:[io_uring]`` fd and cannot be checkpointed.
+
+Every call that touches the model is a ZMQ round trip to the engine core; this process
+only validates requests, (de)tokenizes and formats responses, as vLLM's API server does.
+It also creates the tree's ``psm_<hex>`` shared-memory segment (see shm.py).
 """
 
 from __future__ import annotations
@@ -185,6 +191,8 @@ def build_app(state: AppState) -> Starlette:
         return JSONResponse({"pid_api": os.getpid(), **core_state,
                              "api_event_loop": f"{type(loop).__module__}.{type(loop).__name__}",
                              "zmq_sockets": engine.socket_paths,
+                             "shm_segments": engine.shm_paths,
+                             "shm_counters": engine.shm_counters(),
                              "served_model_name": args.served_model_name,
                              "model_path": args.model_path})
 
@@ -296,10 +304,15 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 async def serve(args: ServeArgs) -> int:
+    """Serve until stopped; run it on uvloop (``uvloop.run``), as cli.main does.
+
+    ``server.serve()`` runs on the caller's loop: ``loop="uvloop"`` below only says so
+    (uvicorn applies it in ``Server.run()``, which vLLM does not use either).
+    """
     sock = bind_socket(args.host, args.port)
     state = AppState(args)
     config = uvicorn.Config(
-        build_app(state), loop="asyncio", http="httptools", ws="none", lifespan="on",
+        build_app(state), loop="uvloop", http="httptools", ws="none", lifespan="on",
         log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     state.server = server

@@ -8,11 +8,12 @@ that only mean something to vLLM (--gpu-memory-utilization 0.9, --enforce-eager,
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
 from collections.abc import Sequence
+
+import uvloop
 
 from llmux.shim.builtin.api_server import ServeArgs, serve
 from llmux.shim.builtin.logging_setup import setup_logging
@@ -123,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(f"APIServer pid={os.getpid()}")
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        return asyncio.run(serve(args))
+        return uvloop.run(serve(args))  # as vLLM's ``vllm serve``
     except OSError as exc:
         log.error("Cannot serve on %s:%d: %s", args.host, args.port, exc)
         return 1

@@ -5,6 +5,9 @@ starts the core as a plain child process that connects to them. A monitor task p
 the child (no pidfd or SIGCHLD tricks, which CRIU and uvicorn's signal handling make
 fragile); when the core dies unexpectedly every waiting request fails at once and the
 ``on_death`` callback stops the server, which then exits non-zero.
+
+The client also owns the tree's ``psm_<hex>`` shared-memory segment (see shm.py): created
+here, named to the core in its config, unlinked by ``shutdown()`` once the core is gone.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from llmux.shim.builtin import protocol
+from llmux.shim.builtin import protocol, shm
 from llmux.shim.builtin.backend import EngineError
 from llmux.shim.builtin.protocol import CoreConfig
 
@@ -63,11 +66,13 @@ class EngineCoreClient:
         self.output = self.context.socket(zmq.PULL)
         self.input.bind(self.input_address)
         self.output.bind(self.output_address)
+        self.segment = shm.create_segment()  # also starts the resource tracker
         self.config = CoreConfig(
             model_path=model_path, served_model_name=served_model_name, weights_mb=weights_mb,
             device=device, sleep_mode=sleep_mode, seed=seed,
             input_address=self.input_address, output_address=self.output_address,
-            parent_pid=os.getpid())
+            parent_pid=os.getpid(), shm_name=self.segment.name,
+            resource_tracker_fd=shm.tracker_fd())
         self.on_death = on_death
         self.process: subprocess.Popen[bytes] | None = None
         self.ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -83,9 +88,19 @@ class EngineCoreClient:
     def socket_paths(self) -> list[str]:
         return [a.removeprefix("ipc://") for a in (self.input_address, self.output_address)]
 
+    @property
+    def shm_paths(self) -> list[str]:
+        return [f"{shm.SHM_DIR}/{self.segment.name}"]
+
+    def shm_counters(self) -> dict[str, int]:
+        """What the core last wrote to the shared segment (heartbeat, tokens generated)."""
+        return shm.read_counters(self.segment)
+
     def start(self) -> None:
         argv = [sys.executable, "-m", "llmux.shim.builtin.engine_core", self.config.to_arg()]
-        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, close_fds=True)
+        tracker = self.config.resource_tracker_fd
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, close_fds=True,
+                                        pass_fds=() if tracker is None else (tracker,))
         log.info("Started engine core (pid %d)", self.process.pid)
         self._tasks = [asyncio.create_task(self._read_outputs(), name="engine-outputs"),
                        asyncio.create_task(self._monitor(), name="engine-monitor")]
@@ -220,6 +235,7 @@ class EngineCoreClient:
         for path in self.socket_paths:  # libzmq leaves named ipc files behind
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+        shm.release(self.segment, unlink=True)
 
     @staticmethod
     async def _wait_exit(process: subprocess.Popen[bytes], grace_s: float) -> bool:

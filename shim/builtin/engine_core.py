@@ -4,6 +4,9 @@ Like vLLM v1's EngineCoreProc it is a busy loop: drain the input socket, advance
 running request by one token (a continuous batch of one-token steps, so a long request
 never starves a short one), push the outputs. It exits when told to, on SIGTERM, or
 when its parent API server is gone.
+
+It attaches to the API server's ``psm_<hex>`` shared-memory segment (see shm.py) and
+keeps two counters there: a heartbeat (one per loop pass) and the tokens generated.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import IO, Any
 
 import zmq
 
-from llmux.shim.builtin import protocol
+from llmux.shim.builtin import protocol, shm
 from llmux.shim.builtin.backend import (
     EngineError,
     ModelBackend,
@@ -51,6 +54,9 @@ class EngineCore:
         self.stopping = False
         self.running: dict[str, RunningRequest] = {}
         self.aborted_requests = 0
+        self.heartbeat = 0
+        self.tokens_generated = 0
+        self.segment = shm.attach_segment(config.shm_name, config.resource_tracker_fd)
         self.context = zmq.Context(io_threads=1)
         self.input = self.context.socket(zmq.PULL)
         self.output = self.context.socket(zmq.PUSH)
@@ -99,6 +105,8 @@ class EngineCore:
                 log.warning("API server (pid %d) is gone; engine core exiting",
                             self.config.parent_pid)
                 return
+            self.heartbeat += 1
+            shm.write_counters(self.segment, self.heartbeat, self.tokens_generated)
             timeout = 0 if self.running else _IDLE_POLL_MS
             if poller.poll(timeout):
                 self._drain_input()
@@ -143,6 +151,7 @@ class EngineCore:
             token = backend.next_token(request.ids)
             request.ids.append(token)
             request.remaining -= 1
+            self.tokens_generated += 1
             finished = request.remaining <= 0
             outputs.append({
                 "id": request.request_id,
@@ -195,6 +204,7 @@ class EngineCore:
         state["running_requests"] = len(self.running)
         state["aborted_requests"] = self.aborted_requests
         state["jit_log"] = self.jit_log.name if self.jit_log is not None else None
+        state["tokens_generated"] = self.tokens_generated
         return state
 
     def _collective_rpc(self, method: str, args: list[Any] | None = None,
@@ -236,6 +246,7 @@ class EngineCore:
         self.output.close(linger=1000)
         self.input.close(linger=0)
         self.context.term()
+        shm.release(self.segment, unlink=False)  # the API server owns (and unlinks) it
         if self.jit_log is not None:
             self.jit_log.close()
 

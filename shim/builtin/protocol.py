@@ -37,6 +37,10 @@ class CoreConfig:
     input_address: str
     output_address: str
     parent_pid: int
+    #: the POSIX shared-memory segment (``psm_<hex>`` in /dev/shm) the core writes its counters to
+    shm_name: str
+    #: the write end of the API server's multiprocessing resource-tracker pipe (passed down)
+    resource_tracker_fd: int | None
 
     def to_arg(self) -> str:
         return json.dumps(asdict(self))

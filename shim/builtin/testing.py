@@ -8,6 +8,10 @@
 
 The engine runs in its own session (process group), so ``stop()`` ends the API server
 and its engine core together even if one of them was killed or restored separately.
+
+It is started as the product starts engines: through ``python -m llmux.shim.launch``,
+which makes io_uring unavailable so uvloop's libuv uses epoll and CRIU can dump the
+tree. ``io_uring=True`` starts it bare (vLLM's trait shows: an io_uring fd).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from types import TracebackType
 
 import httpx
 
+from llmux.shim.launch import launcher_argv
+
 DEFAULT_START_TIMEOUT_S = 120.0
 
 
@@ -44,13 +50,19 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def engine_argv(model_path: str, port: int, *, weights_mb: int = 64, sleep_mode: bool = True,
-                host: str = "127.0.0.1", extra_args: Sequence[str] = ()) -> list[str]:
-    """The command line, shaped like ``vllm serve MODEL --port PORT ...``."""
+                host: str = "127.0.0.1", extra_args: Sequence[str] = (),
+                io_uring: bool = False) -> list[str]:
+    """The command line, shaped like ``vllm serve MODEL --port PORT ...``.
+
+    Wrapped in ``python -m llmux.shim.launch --`` as the supervisor does, unless
+    ``io_uring`` (then the API server's uvloop sets up an io_uring CRIU cannot dump).
+    """
     argv = [sys.executable, "-m", "llmux.shim.builtin", "serve", model_path, "--host", host,
             "--port", str(port), "--weights-mb", str(weights_mb)]
     if sleep_mode:
         argv.append("--enable-sleep-mode")
-    return [*argv, *extra_args]
+    argv = [*argv, *extra_args]
+    return argv if io_uring else launcher_argv(argv)
 
 
 @dataclass
@@ -80,7 +92,7 @@ class EngineProcess:
             return ""
 
     def child_pids(self) -> list[int]:
-        """Direct children of the API server (the engine core), from /proc."""
+        """Direct children of the API server (engine core, resource tracker), from /proc."""
         children: list[int] = []
         for task in Path(f"/proc/{self.pid}/task").glob("*/children"):
             with contextlib.suppress(OSError):
@@ -179,7 +191,8 @@ def _group_alive(pgid: int) -> bool:
 
 def spawn_engine(model_path: str, port: int | None = None, *, weights_mb: int = 64,
                  extra_env: Mapping[str, str] | None = None, extra_args: Sequence[str] = (),
-                 sleep_mode: bool = True, log_path: Path | None = None) -> EngineProcess:
+                 sleep_mode: bool = True, log_path: Path | None = None,
+                 io_uring: bool = False) -> EngineProcess:
     """Start the engine without waiting for it (its own session, output to a log file)."""
     port = free_port() if port is None else port
     own_log = log_path is None
@@ -189,7 +202,7 @@ def spawn_engine(model_path: str, port: int | None = None, *, weights_mb: int = 
         log_path = Path(name)
     env = {**os.environ, "NO_COLOR": "1", **(extra_env or {})}
     argv = engine_argv(model_path, port, weights_mb=weights_mb, sleep_mode=sleep_mode,
-                       extra_args=extra_args)
+                       extra_args=extra_args, io_uring=io_uring)
     with open(log_path, "ab") as log:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                    env=env, start_new_session=True, close_fds=True)
@@ -199,10 +212,12 @@ def spawn_engine(model_path: str, port: int | None = None, *, weights_mb: int = 
 def start_engine(model_path: str, port: int | None = None, *, weights_mb: int = 64,
                  extra_env: Mapping[str, str] | None = None, extra_args: Sequence[str] = (),
                  sleep_mode: bool = True, log_path: Path | None = None,
-                 timeout_s: float = DEFAULT_START_TIMEOUT_S) -> EngineProcess:
+                 timeout_s: float = DEFAULT_START_TIMEOUT_S,
+                 io_uring: bool = False) -> EngineProcess:
     """Start the engine and wait for /health; stops it again if it never gets ready."""
     engine = spawn_engine(model_path, port, weights_mb=weights_mb, extra_env=extra_env,
-                          extra_args=extra_args, sleep_mode=sleep_mode, log_path=log_path)
+                          extra_args=extra_args, sleep_mode=sleep_mode, log_path=log_path,
+                          io_uring=io_uring)
     try:
         engine.wait_ready(timeout_s)
     except BaseException:
@@ -215,10 +230,12 @@ async def start_engine_async(model_path: str, port: int | None = None, *, weight
                              extra_env: Mapping[str, str] | None = None,
                              extra_args: Sequence[str] = (), sleep_mode: bool = True,
                              log_path: Path | None = None,
-                             timeout_s: float = DEFAULT_START_TIMEOUT_S) -> EngineProcess:
+                             timeout_s: float = DEFAULT_START_TIMEOUT_S,
+                             io_uring: bool = False) -> EngineProcess:
     """start_engine for async tests: the event loop keeps running while the engine starts."""
     engine = spawn_engine(model_path, port, weights_mb=weights_mb, extra_env=extra_env,
-                          extra_args=extra_args, sleep_mode=sleep_mode, log_path=log_path)
+                          extra_args=extra_args, sleep_mode=sleep_mode, log_path=log_path,
+                          io_uring=io_uring)
     try:
         await engine.wait_ready_async(timeout_s)
     except BaseException:

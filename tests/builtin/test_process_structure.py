@@ -48,24 +48,17 @@ def wait_until_gone(pid: int, seconds: float = 30.0) -> bool:
 
 
 def test_api_server_and_engine_core_are_parent_and_child(shared_engine: EngineProcess) -> None:
+    """The API server's children: the engine core and multiprocessing's resource tracker."""
     state = state_of(shared_engine)
     assert state["pid_api"] == shared_engine.pid
     core = core_pid(shared_engine)
-    assert shared_engine.child_pids() == [core]
+    children = shared_engine.child_pids()
+    assert core in children and len(children) == 2
     status = Path(f"/proc/{core}/status").read_text()
     assert f"PPid:\t{shared_engine.pid}\n" in status
     cmdline = Path(f"/proc/{core}/cmdline").read_bytes().split(b"\0")
     assert b"llmux.shim.builtin.engine_core" in cmdline
     assert os.readlink(f"/proc/{core}/fd/0") == "/dev/null"
-
-
-def test_api_server_runs_the_plain_asyncio_loop(shared_engine: EngineProcess) -> None:
-    """Not uvloop: libuv's io_uring and its helper fds are what CRIU cannot checkpoint."""
-    assert state_of(shared_engine)["api_event_loop"] == "asyncio.unix_events._UnixSelectorEventLoop"
-    maps = Path(f"/proc/{shared_engine.pid}/maps").read_text()
-    assert "uvloop" not in maps
-    targets = [os.readlink(fd) for fd in Path(f"/proc/{shared_engine.pid}/fd").iterdir()]
-    assert not any("io_uring" in target for target in targets)
 
 
 def test_zmq_ipc_sockets_live_in_tmp_with_random_names(shared_engine: EngineProcess) -> None:

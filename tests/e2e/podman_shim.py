@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from shimproc import toml_value
 from testprocs import free_port, kill_tagged
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,12 +124,27 @@ def pidfd_targets(pid: int) -> set[int]:
 
 
 def toml_config(*, port: int, engine_port: int, bus_address: str, tag: str,
-                weights_mb: int, backend: str, keep_images: bool = True) -> str:
-    """The shim config mounted read-only at CONFIG_IN: one built-in model, discard+checkpoint."""
+                weights_mb: int, backend: str, keep_images: bool = True,
+                model: dict[str, Any] | None = None, top: dict[str, Any] | None = None) -> str:
+    """The shim config mounted read-only at CONFIG_IN: one model, MODEL. By default the
+    built-in engine with discard+checkpoint; ``model`` replaces its table (e.g. real vLLM)."""
     env = {"LLMUX_TEST_TAG": tag, "LLMUX_BUILTIN_BACKEND": backend}
     env_text = ", ".join(f"{k} = {json.dumps(v)}" for k, v in env.items())
+    if model is not None:
+        table = {**model, "port": engine_port, "env": {**model.get("env", {}), **env}}
+        model_text = "\n".join(f"{k} = {toml_value(v)}" for k, v in table.items())
+    else:
+        model_text = f"""\
+model_path = "Qwen/Qwen3-0.6B"
+port = {engine_port}
+engine = "builtin"
+weights_mb = {weights_mb}
+eviction = {{ weights = "discard", process = "checkpoint" }}
+startup_timeout_secs = 300
+env = {{ {env_text} }}"""
+    top_text = "".join(f"{k} = {toml_value(v)}\n" for k, v in (top or {}).items())
     return f"""\
-host = "127.0.0.1"
+{top_text}host = "127.0.0.1"
 port = {port}
 metrics_port = 0
 log_dir = "/tmp/llmux-logs"
@@ -143,13 +159,7 @@ keep_images = {"true" if keep_images else "false"}
 job_timeout_secs = 600
 
 [models."{MODEL}"]
-model_path = "Qwen/Qwen3-0.6B"
-port = {engine_port}
-engine = "builtin"
-weights_mb = {weights_mb}
-eviction = {{ weights = "discard", process = "checkpoint" }}
-startup_timeout_secs = 300
-env = {{ {env_text} }}
+{model_text}
 """
 
 
@@ -245,6 +255,9 @@ class ShimFactory:
     port: int = field(default_factory=free_port)
     engine_port: int = field(default_factory=free_port)
     started: list[ShimContainer] = field(default_factory=list)
+    #: the model's table instead of the built-in engine's, and extra top-level keys
+    model: dict[str, Any] | None = None
+    top: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.hf = self.workdir / "hf"
@@ -252,7 +265,8 @@ class ShimFactory:
         self.config = self.workdir / "config.toml"
         self.config.write_text(toml_config(
             port=self.port, engine_port=self.engine_port, bus_address=self.bus_address_in,
-            tag=self.tag, weights_mb=self.weights_mb, backend=self.backend))
+            tag=self.tag, weights_mb=self.weights_mb, backend=self.backend,
+            model=self.model, top=self.top))
 
     def argv(self, name: str) -> list[str]:
         """`podman run` for one shim container: the flags the README documents."""

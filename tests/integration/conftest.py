@@ -13,21 +13,15 @@ that tag in /proc/*/environ and kills it.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import json
 import secrets
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+from shimproc import REQUEST_TIMEOUT_S, Shim, launch_shim
 from testprocs import free_port, kill_tagged
 
 _HARNESS = Path(__file__).resolve().parents[1] / "service" / "dbus" / "llmuxd_harness.py"
@@ -53,94 +47,6 @@ PrivateBus = _dbus.PrivateBus
 Llmuxd = _dbus.Llmuxd
 BusCall = _dbus.BusCall
 
-LLMUX = Path(sys.executable).with_name("llmux")
-SHIM_START_TIMEOUT_S = 60.0
-REQUEST_TIMEOUT_S = 180.0
-
-
-def toml_value(value: Any) -> str:
-    """Enough TOML for a shim config: strings, numbers, booleans and inline tables."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML for {value!r}")
-
-
-def to_toml(config: dict[str, Any]) -> str:
-    lines = [f"{k} = {toml_value(v)}" for k, v in config.items() if not isinstance(v, dict)]
-    for section, body in config.items():
-        if not isinstance(body, dict):
-            continue
-        if section == "models":
-            for name, model in body.items():
-                lines.append(f"\n[models.{name}]")
-                lines += [f"{k} = {toml_value(v)}" for k, v in model.items()]
-        else:
-            lines.append(f"\n[{section}]")
-            lines += [f"{k} = {toml_value(v)}" for k, v in body.items()]
-    return "\n".join(lines) + "\n"
-
-
-@dataclass
-class Shim:
-    """A running `llmux serve` process and an HTTP client for it."""
-
-    proc: subprocess.Popen[bytes]
-    port: int
-    config_path: Path
-    log_path: Path
-    tag: str
-    client: httpx.Client
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def status(self) -> dict[str, Any]:
-        answer = self.client.get(f"{self.url}/control/status")
-        assert answer.status_code == 200, answer.text
-        body: dict[str, Any] = answer.json()
-        return body
-
-    def model_status(self, model: str) -> dict[str, Any]:
-        found: dict[str, Any] = self.status()["models"][model]
-        return found
-
-    def complete(self, model: str, prompt: str = "the old sailor said",
-                 max_tokens: int = 12) -> httpx.Response:
-        return self.client.post(f"{self.url}/v1/completions",
-                                json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                                      "temperature": 0})
-
-    def text(self, model: str) -> str:
-        answer = self.complete(model)
-        assert answer.status_code == 200, (
-            f"{answer.status_code} {answer.text}\n{self.log()[-4000:]}")
-        return str(answer.json()["choices"][0]["text"])
-
-    def control(self, action: str, body: dict[str, Any]) -> httpx.Response:
-        return self.client.post(f"{self.url}/control/{action}", json=body)
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.client.close()
-        return self.proc.returncode
 
 
 def builtin_model(port: int, tag: str, workdir: Path, eviction: str,
@@ -178,27 +84,10 @@ def start_shim(tmp_path: Path) -> Iterator[Callable[..., Shim]]:
             "models": {name: builtin_model(free_port(), tag, tmp_path, eviction)
                        for name, eviction in models.items()},
         }
-        config_path = tmp_path / f"shim-{len(started)}.toml"
-        config_path.write_text(to_toml(config))
-        log_path = tmp_path / f"shim-{len(started)}.log"
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [str(LLMUX), "serve", "--config", str(config_path), "--log-level", "debug"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-        shim = Shim(proc, port, config_path, log_path, tag,
-                    httpx.Client(timeout=REQUEST_TIMEOUT_S))
+        shim = launch_shim(config, tmp_path / f"shim-{len(started)}.toml",
+                           tmp_path / f"shim-{len(started)}.log", tag)
         started.append(shim)
-        deadline = time.monotonic() + SHIM_START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"llmux serve exited {proc.returncode}:\n{shim.log()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if shim.client.get(f"{shim.url}/health", timeout=2).status_code == 200:
-                    return shim
-            if time.monotonic() > deadline:
-                raise AssertionError(f"llmux serve not healthy in {SHIM_START_TIMEOUT_S} s:\n"
-                                     f"{shim.log()}")
-            time.sleep(0.1)
+        return shim
 
     try:
         yield start

@@ -3,6 +3,10 @@
 The shim's discard + checkpoint flow: sleep level 2 (weights discarded), checkpoint, the
 processes are gone; restore, same PIDs, wake_up and reload_weights through the engine's ZMQ
 channel, and the answer is the one from before.
+
+The engine runs on uvloop, started through llmux.shim.launch (no io_uring), and its API
+server and engine core share a /dev/shm ``psm_<hex>`` segment, as vLLM's do: after the
+restore both map it again and the core's counters written there reach the API server.
 """
 
 from __future__ import annotations
@@ -105,10 +109,19 @@ async def test_builtin_engine_checkpoint_restore_reload(
         assert r.pids == m.pids
         after = (await client.get("/engine_state")).json()
         assert after["pid_core"] == core
+        assert after["api_event_loop"] == "uvloop.Loop"
+        assert after["shm_segments"] == state["shm_segments"]
+        [segment] = after["shm_segments"]
+        for pid in (builtin.pid, core):
+            assert segment in Path(f"/proc/{pid}/maps").read_text()
         assert (await _post(client, "/wake_up")).status_code == 200
         rpc = await _post(client, "/collective_rpc", json={"method": "reload_weights"})
         assert rpc.status_code == 200, rpc.text
         assert await _text(client) == before
+        # the core counts tokens in its memory and in the segment the API server reads
+        shared = (await client.get("/engine_state")).json()
+        assert shared["tokens_generated"] == state["tokens_generated"] + 6
+        assert shared["shm_counters"]["tokens_generated"] == shared["tokens_generated"]
         print(
             f"\n[bench] builtin engine ({len(m.pids)} processes, {m.images_bytes >> 20} MiB "
             f"images): criu dump {m.dump_seconds:.2f}s (job {dump_s:.2f}s), "

@@ -1,0 +1,76 @@
+"""The `vllm` tier: real vLLM (the CPU build) behind the real shim (see tests/vllmbed.py).
+
+llmuxd and its private bus are tests/service/dbus/llmuxd_harness.py's, loaded by path as
+the other suites do.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import secrets
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from shimproc import Shim, launch_shim
+from testprocs import free_port, kill_tagged
+from vllmbed import REQUEST_TIMEOUT_S, VllmBed
+
+_HARNESS = Path(__file__).resolve().parents[1] / "service" / "dbus" / "llmuxd_harness.py"
+
+
+def _load_harness() -> Any:
+    if "llmuxd_harness" in sys.modules:
+        return sys.modules["llmuxd_harness"]
+    spec = importlib.util.spec_from_file_location("llmuxd_harness", _HARNESS)
+    assert spec is not None and spec.loader is not None, f"cannot load {_HARNESS}"
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_dbus = _load_harness()
+private_bus = _dbus.private_bus
+llmuxd = _dbus.llmuxd
+
+
+@pytest.fixture
+def start_vllm_shim(tmp_path: Path, vllm_bed: VllmBed) -> Iterator[Callable[..., Shim]]:
+    """start(models, bus=None, extra=None, names=None) -> a running `llmux serve`."""
+    started: list[Shim] = []
+    tag = secrets.token_hex(8)
+
+    def start(models: dict[str, str], bus: str | None = None,
+              extra: dict[str, dict[str, Any]] | None = None,
+              names: dict[str, str] | None = None) -> Shim:
+        """models: {config name: eviction}; names: config name -> test model (alpha, beta)."""
+        config: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "metrics_port": 0,
+            "log_dir": str(tmp_path / "engine-logs"),
+            "vllm_command": str(vllm_bed.vllm),
+            "policy": {"min_active_secs": 0, "request_timeout_secs": REQUEST_TIMEOUT_S},
+            "models": {name: vllm_bed.model((names or {}).get(name, name), free_port(),
+                                            eviction, tag,
+                                            **(extra or {}).get(name, {}))
+                       for name, eviction in models.items()},
+        }
+        if bus is not None:
+            config["checkpoint"] = {"bus": bus, "keep_images": True, "job_timeout_secs": 600}
+        n = len(started)
+        shim = launch_shim(config, tmp_path / f"shim-{n}.toml", tmp_path / f"shim-{n}.log",
+                           tag, request_timeout_s=REQUEST_TIMEOUT_S)
+        started.append(shim)
+        return shim
+
+    try:
+        yield start
+    finally:
+        for shim in started:
+            shim.stop()
+        leftovers = kill_tagged(tag)
+        assert not leftovers, f"engines left running after the shim stopped: {leftovers}"
