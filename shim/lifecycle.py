@@ -320,6 +320,7 @@ class Lifecycle:
             return WakeKind.RESUME
         if state is ModelState.CHECKPOINTED:
             keep = self.config.checkpoint.keep_images if self.config.checkpoint else True
+            await asyncio.to_thread(self.supervisor.prepare_tmp_dir, name, fresh=False)
             tree = await backend.restore(name, keep_images=keep)
             await self.supervisor.adopt(name, tree.root_pid, tree.pids)
             await self.supervisor.wait_healthy(name)

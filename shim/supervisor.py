@@ -39,9 +39,12 @@ log = logging.getLogger(__name__)
 #: (model, exit code or None when unknown, i.e. an adopted process) -> None
 DeathListener = Callable[[str, int | None], None]
 
-#: environment every engine gets (UV_USE_IO_URING: libuv's io_uring rings cannot be dumped by CRIU)
+#: environment every engine gets. UV_USE_IO_URING: libuv's io_uring rings cannot be dumped
+#: by CRIU (recent libuv ignores it; llmux.shim.launch is what makes io_uring unavailable).
+#: GLOO_SOCKET_IFNAME: vLLM's CPU workers open a dozen gloo listeners on whatever the host
+#: name resolves to; one host, one process group: loopback.
 ENGINE_ENV = {"NO_COLOR": "1", "VLLM_SERVER_DEV_MODE": "1", "UV_USE_IO_URING": "0",
-              "PYTHONUNBUFFERED": "1"}
+              "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "lo"}
 
 #: engines listen here only
 ENGINE_HOST = "127.0.0.1"
@@ -152,7 +155,21 @@ class Supervisor:
         return [*argv, *m.extra_args]
 
     def env(self, m: ModelConfig) -> dict[str, str]:
-        return {**os.environ, **ENGINE_ENV, **m.env}
+        return {**os.environ, **ENGINE_ENV, "TMPDIR": str(self.tmp_dir(m.name)), **m.env}
+
+    def tmp_dir(self, model: str) -> Path:
+        """The engine's own TMPDIR: vLLM's ZMQ ipc sockets, its vllm_dist_* file store and
+        torch's caches land here, not among other processes' files in /tmp. Removed when
+        the tree is stopped or dies; kept when it ends by a checkpoint (a restore binds
+        its sockets here again)."""
+        return Path(tempfile.gettempdir()) / f"llmux-engine-{model}"
+
+    def prepare_tmp_dir(self, model: str, *, fresh: bool) -> None:
+        """Create the model's TMPDIR (empty for a cold start, kept for a restore)."""
+        path = self.tmp_dir(model)
+        if fresh:
+            shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ spawn
 
@@ -174,6 +191,7 @@ class Supervisor:
             raise EngineFailed(f"model {model}: cannot start engine {argv[0]!r}: not found "
                                "or not executable")
         log_path = self._open_log_header(model, argv)
+        await asyncio.to_thread(self.prepare_tmp_dir, model, fresh=True)
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             # subprocess.Popen, not the event loop's subprocess support: uvloop ignores
@@ -409,7 +427,9 @@ class Supervisor:
                 log.error("model %s: %s survived SIGKILL (uninterruptible sleep?)",
                           eng.model, left)
         self._reap(eng)
-        if eng.made and not left:
+        if not left:
+            if self.env(self.model(eng.model))["TMPDIR"] == str(self.tmp_dir(eng.model)):
+                await asyncio.to_thread(shutil.rmtree, self.tmp_dir(eng.model), True)
             removed = await asyncio.to_thread(_remove_leftovers, eng.made)
             if removed:
                 log.info("model %s: removed what the engine left behind: %s", eng.model,

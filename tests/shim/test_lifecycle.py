@@ -16,11 +16,13 @@ import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from llmux.service.core import resources
 from llmux.shim.backend import RestoredTree
 from llmux.shim.config import Config, EvictionPolicy, ProcessStrategy, WeightStrategy
 from llmux.shim.errors import ConfigError, HostUnavailable, ModelNotFound
@@ -256,6 +258,13 @@ async def test_unknown_model(builtin_config: Callable[..., Config],
 # ------------------------------------------------------------------------ host strategies
 
 
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
 class SignalBackend:
     """Stands in for llmuxd with real processes: what it does to a tree is observable.
 
@@ -290,7 +299,16 @@ class SignalBackend:
             weights = (await c.get(f"http://127.0.0.1:{port}/engine_state")).json()["weights"]
         self.images[model] = {"device": 0, "host": 1, "discarded": 2}[weights]
         assert sleeping["is_sleeping"] is (self.images[model] > 0)
+        # as llmuxd: the tree's /dev/shm segments go into the checkpoint, the tree ends
+        members = [int(p) for p in os.listdir("/proc") if p.isdigit()
+                   and _pgid(int(p)) == root_pid]
+        shm = resources.shm_paths(resources.mapped_or_open(members))
         os.killpg(root_pid, signal.SIGKILL)
+        for _ in range(250):  # until no member maps them any more (zombies map nothing)
+            if not resources.remove_unused(Path(p) for p in shm) and not any(
+                    Path(p).exists() for p in shm):
+                break
+            await asyncio.sleep(0.02)
 
     async def restore(self, model: str, *, keep_images: bool) -> RestoredTree:
         self.calls.append(("restore", model))
