@@ -3,6 +3,11 @@
 Outside systemd (no NOTIFY_SOCKET) every call is a no-op. The variables are
 taken out of the environment at start, as sd_notify's unset_environment does,
 so that CRIU and the processes it restores do not inherit them.
+
+Sends never block: they come from the event loop, and a datagram socket whose reader
+lags (its queue is only net.unix.max_dgram_qlen = 10 deep by default) would otherwise
+stall the whole daemon in sendall(). A message that does not fit is dropped; the next
+STATUS or WATCHDOG supersedes it.
 """
 
 from __future__ import annotations
@@ -33,15 +38,26 @@ def watchdog_interval(environ: MutableMapping[str, str]) -> float | None:
 class Notifier:
     def __init__(self, environ: MutableMapping[str, str] = os.environ):
         self.enabled = bool(environ.get("NOTIFY_SOCKET"))
-        self._notifier = SystemdNotifier()  # connects to NOTIFY_SOCKET while it is set
+        self._notifier = SystemdNotifier(debug=False)  # connects while NOTIFY_SOCKET is set
+        if self._notifier.socket is not None:
+            self._notifier.socket.setblocking(False)
+        self.dropped = 0
         self.watchdog_interval = watchdog_interval(environ)
         for name in _VARIABLES:
             environ.pop(name, None)
         self._status = ""
 
     def _send(self, state: str) -> None:
-        if self.enabled:
-            self._notifier.notify(state)
+        sock = self._notifier.socket
+        if not self.enabled or sock is None:
+            return
+        try:
+            sock.send(state.encode())
+        except BlockingIOError:
+            self.dropped += 1
+            log.debug("notify socket full: dropped %r (%d so far)", state, self.dropped)
+        except OSError as e:
+            log.debug("notify failed: %s", e)
 
     def ready(self, status: str) -> None:
         self._status = status
