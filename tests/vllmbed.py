@@ -39,7 +39,7 @@ class VllmBed:
     models: dict[str, Path]
 
     def model(self, name: str, port: int, eviction: str, tag: str,
-              **extra: Any) -> dict[str, Any]:
+              extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """A shim config entry for a real vLLM model."""
         weights, process = eviction.split("+")
         return {
@@ -51,7 +51,7 @@ class VllmBed:
             "startup_timeout_secs": STARTUP_TIMEOUT_S,
             "probe_timeout_secs": 120,
             "env": {"LLMUX_TEST_TAG": tag, "HF_HUB_OFFLINE": "1"},
-            **extra,
+            **(extra or {}),
         }
 
 

@@ -55,8 +55,7 @@ def start_vllm_shim(tmp_path: Path, vllm_bed: VllmBed) -> Iterator[Callable[...,
             "vllm_command": str(vllm_bed.vllm),
             "policy": {"min_active_secs": 0, "request_timeout_secs": REQUEST_TIMEOUT_S},
             "models": {name: vllm_bed.model((names or {}).get(name, name), free_port(),
-                                            eviction, tag,
-                                            **(extra or {}).get(name, {}))
+                                            eviction, tag, (extra or {}).get(name))
                        for name, eviction in models.items()},
         }
         if bus is not None:
