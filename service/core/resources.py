@@ -186,7 +186,9 @@ def port_holders(ports: Iterable[int], netns_pid: int | str = "self") -> dict[in
     wanted = set(ports)
     taken: dict[int, set[str]] = {}
     for _, port, state, ino in _tcp_rows(netns_pid):
-        if port in wanted and state not in _FREE_STATES:
+        # inode 0: an orphan closing down (TIME_WAIT, FIN_WAIT2 of a dead server); it
+        # inherited its listener's SO_REUSEADDR, so a restored listener binds over it
+        if port in wanted and state not in _FREE_STATES and ino != "0":
             taken.setdefault(port, set()).add(ino)
     if not taken:
         return {}
@@ -199,8 +201,8 @@ def port_holders(ports: Iterable[int], netns_pid: int | str = "self") -> dict[in
     out: dict[int, str] = {}
     for port, inodes in sorted(taken.items()):
         pids = sorted({owners[i] for i in inodes if i in owners})
-        out[port] = (proctree.describe(pids[0]) if pids
-                     else "a socket of no visible process (a connection closing down?)")
+        if pids:
+            out[port] = proctree.describe(pids[0])
     return out
 
 

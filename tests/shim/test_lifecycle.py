@@ -25,7 +25,7 @@ import pytest
 from llmux.service.core import resources
 from llmux.shim.backend import RestoredTree
 from llmux.shim.config import Config, EvictionPolicy, ProcessStrategy, WeightStrategy
-from llmux.shim.errors import ConfigError, HostUnavailable, ModelNotFound
+from llmux.shim.errors import ConfigError, EngineFailed, HostUnavailable, ModelNotFound
 from llmux.shim.lifecycle import Lifecycle, ModelState, WakeKind
 from llmux.shim.supervisor import Supervisor
 
@@ -590,3 +590,63 @@ async def test_cuda_suspend_through_llmuxd(
     assert not any(procs.running(p) for p in pids)
     assert await lc.activate("m1") is WakeKind.COLD
     assert await h.ask("m1") == baseline
+
+
+# ------------------------------------------------------------------ readiness by a real answer
+
+#: an engine that looks healthy and never answers a request: vLLM with its EngineCore's
+#: output thread dead (/health 200, every completion hangs)
+_HEALTHY_BUT_DEAD = """
+import sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+port = int(sys.argv[sys.argv.index("--port") + 1])
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Length", "0"); self.end_headers()
+    def do_POST(self):
+        time.sleep(3600)
+print("serving", flush=True)
+ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+async def test_an_engine_that_answers_health_but_not_requests_is_not_running(
+        builtin_config: Callable[..., Config], harness: Callable[..., Harness],
+        procs: Any) -> None:
+    import sys
+
+    cfg = builtin_config(["m1"], m1={"command": [sys.executable, "-c", _HEALTHY_BUT_DEAD],
+                                     "probe_timeout_secs": 1})
+    h = harness(cfg)
+    lc = h.lifecycle
+    await lc.start()
+    with pytest.raises(EngineFailed) as info:
+        await lc.activate("m1")
+    message = info.value.message
+    assert "m1" in message and "readiness probe" in message and "within 1 s" in message
+    status = lc.status("m1")
+    assert status.state is ModelState.STOPPED and status.pids == []
+    assert "readiness probe" in (status.last_error or "")
+    # stopped and cold-started once, then reported: two starts in the engine's log
+    starts = h.supervisor.log_path("m1").read_text().count("--- llmux ")
+    assert starts == 2, starts
+
+
+async def test_a_success_clears_an_old_error(
+        builtin_config: Callable[..., Config], harness: Callable[..., Harness],
+        procs: Any) -> None:
+    h = harness(builtin_config(["m1"], eviction="retain+keep_running"))
+    lc = h.lifecycle
+    await lc.start()
+    await lc.activate("m1")
+    pids = lc.status("m1").pids
+    procs.track(*pids)
+    os.kill(pids[0], signal.SIGKILL)
+    assert await procs.eventually(lambda: lc.status("m1").state is ModelState.STOPPED)
+    assert "exited unexpectedly" in (lc.status("m1").last_error or "")
+    assert await lc.activate("m1") is WakeKind.COLD
+    procs.track(*lc.status("m1").pids)
+    assert lc.status("m1").last_error is None
+    assert await lc.evict("m1") is ModelState.SLEEPING
+    assert lc.status("m1").last_error is None

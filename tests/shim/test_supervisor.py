@@ -323,3 +323,37 @@ def test_open_connections_counts_live_tcp_connections_to_a_port() -> None:
         # the server side closes second (LAST_ACK, then gone): nothing left that a dump carries
         wait_until(lambda: open_connections(port) == 0, 5, "the connection to close")
 
+
+
+async def test_what_a_tree_leaves_behind_is_removed_when_it_ends(
+        builtin_config: Callable[..., Config], procs: Any) -> None:
+    """The engine's TMPDIR (its ZMQ ipc sockets) and its /dev/shm segment outlive a
+    SIGKILLed tree; the supervisor removes them, and touches nothing else."""
+    import signal
+
+    cfg = builtin_config(["m1", "m2"])
+    sup = Supervisor(cfg)
+    try:
+        eng = await sup.spawn("m1")
+        other = await sup.spawn("m2")
+        procs.track(*sup.pids("m1"), *sup.pids("m2"))
+        tmp = sup.tmp_dir("m1")
+        assert any(p.is_socket() for p in tmp.iterdir()), sorted(tmp.iterdir())
+        state = (await sup.call("m1", "GET", "/engine_state")).json()
+        [segment] = state["shm_segments"]
+        assert Path(segment).exists()
+        os.killpg(eng.root_pid, signal.SIGKILL)
+        for _ in range(200):
+            if not tmp.exists() and not Path(segment).exists():
+                break
+            await asyncio.sleep(0.05)
+        assert not tmp.exists(), f"{tmp} outlived its tree"
+        assert not Path(segment).exists(), f"{segment} outlived its tree"
+        # the other engine's files are untouched, and it still answers
+        assert sup.tmp_dir("m2").is_dir() and other.alive
+        [other_segment] = (await sup.call("m2", "GET", "/engine_state")).json()["shm_segments"]
+        assert Path(other_segment).exists()
+        await sup.stop("m2")
+        assert not sup.tmp_dir("m2").exists() and not Path(other_segment).exists()
+    finally:
+        await sup.aclose()

@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import importlib.util
 import os
+import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,6 +28,7 @@ from criu_testlib import reap
 
 from llmux.service.core import proctree
 from llmux.service.core.engine import Caller, CheckpointEngine
+from llmux.service.errors import CriuFailed, PortInUse, Unsupported
 from llmux.shim.builtin.testing import EngineProcess, start_engine_async
 
 pytestmark = pytest.mark.criu
@@ -127,3 +130,138 @@ async def test_builtin_engine_checkpoint_restore_reload(
             f"images): criu dump {m.dump_seconds:.2f}s (job {dump_s:.2f}s), "
             f"restore job {restore_s:.2f}s"
         )
+
+
+# ----------------------------------------------------------------- checks before CRIU, /dev/shm
+
+
+@pytest.fixture
+async def pure(tmp_path: Path) -> AsyncIterator[Any]:
+    """start(io_uring=False) -> a pure-backend built-in engine, reaped and stopped after."""
+    engines: list[EngineProcess] = []
+    known: list[int] = []
+    env = {"HF_HOME": str(tmp_path / "hf"), "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+           "LLMUX_BUILTIN_BACKEND": "pure"}
+
+    async def start(io_uring: bool = False) -> EngineProcess:
+        e = await start_engine_async("test-org/prechecks", weights_mb=1, extra_env=env,
+                                     io_uring=io_uring)
+        engines.append(e)
+        known.extend([e.pid, *e.child_pids()])
+        return e
+
+    async def reaper() -> None:
+        while True:
+            for e in engines:
+                e.process.poll()
+            reap(known)
+            await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(reaper())
+    try:
+        yield start
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for e in engines:
+            await e.stop_async()
+
+
+async def _gone(pids: list[int]) -> None:
+    deadline = time.monotonic() + 30
+    while proctree.taken(pids) and time.monotonic() < deadline:
+        reap(pids)
+        await asyncio.sleep(0.05)
+    assert not proctree.taken(pids), f"PIDs {proctree.taken(pids)} still taken"
+
+
+async def test_io_uring_is_refused_before_criu_and_the_tree_keeps_running(
+    engine: CheckpointEngine, pure: Any
+) -> None:
+    """An engine started without llmux's launcher holds an io_uring fd (uvloop): llmuxd
+    names it instead of letting CRIU fail on it, and nothing of the tree is touched."""
+    target = await pure(io_uring=True)
+    me = Caller(pid=os.getpid(), uid=0)
+    with pytest.raises(Unsupported) as info:
+        await engine.checkpoint(me, "uring", target.pid)
+    message = str(info.value)
+    assert "anon_inode:[io_uring]" in message and f"PID {target.pid}" in message, message
+    assert "llmux.shim.launch" in message
+    assert not engine.store.has("uring")
+    async with httpx.AsyncClient(base_url=target.base_url) as client:
+        assert len(await _text(client)) > 0
+
+
+async def test_dev_shm_segments_travel_in_the_checkpoint(
+    engine: CheckpointEngine, pure: Any
+) -> None:
+    """The tree's psm_* segment is saved at dump, removed from /dev/shm, put back at
+    restore; after a clean stop (which deletes it) the kept checkpoint restores again."""
+    target = await pure()
+    me = Caller(pid=os.getpid(), uid=0)
+    async with httpx.AsyncClient(base_url=target.base_url) as client:
+        before = await _text(client)
+        [segment] = (await client.get("/engine_state")).json()["shm_segments"]
+        m = await engine.checkpoint(me, "shm", target.pid)
+        saved = [f for f in m.files if f.reason == "dev-shm"]
+        assert [f.path for f in saved] == [segment], m.files
+        assert not Path(segment).exists(), "the dumped tree's segment was left in /dev/shm"
+        assert target.port in m.listen_ports
+        await _gone(m.pids)
+
+        for round_ in range(2):
+            restored = await engine.restore(me, "shm")
+            assert restored.pids == m.pids
+            assert Path(segment).exists()
+            assert await _text(client) == before
+            # a clean stop of the restored engine deletes its segment, as vLLM's does
+            os.killpg(m.root_pid, signal.SIGTERM)
+            await _gone(m.pids)
+            assert not Path(segment).exists(), f"round {round_}: segment survived SIGTERM"
+        assert engine.store.has("shm")
+
+
+async def test_a_taken_port_is_refused_before_criu(
+    engine: CheckpointEngine, pure: Any
+) -> None:
+    target = await pure()
+    me = Caller(pid=os.getpid(), uid=0)
+    m = await engine.checkpoint(me, "port", target.pid)
+    await _gone(m.pids)
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", target.port))
+        squatter.listen()
+        with pytest.raises(PortInUse) as info:
+            await engine.restore(me, "port")
+        message = str(info.value)
+        assert f"port {target.port}" in message and f"PID {os.getpid()}" in message, message
+        assert not proctree.taken(m.pids), "nothing was restored"
+    assert engine.store.has("port")
+    restored = await engine.restore(me, "port")
+    assert restored.pids == m.pids
+    async with httpx.AsyncClient(base_url=target.base_url) as client:
+        assert len(await _text(client)) > 0
+
+
+async def test_a_failed_restore_takes_back_the_files_it_put_back(
+    engine: CheckpointEngine, pure: Any
+) -> None:
+    target = await pure()
+    me = Caller(pid=os.getpid(), uid=0)
+    m = await engine.checkpoint(me, "undo", target.pid)
+    await _gone(m.pids)
+    [segment] = [f.path for f in m.files if f.reason == "dev-shm"]
+    inventory = engine.store.images_dir("undo") / "inventory.img"
+    hidden = inventory.with_name("inventory.img.hidden")
+    inventory.rename(hidden)
+    try:
+        with pytest.raises(CriuFailed):
+            await engine.restore(me, "undo")
+        assert not Path(segment).exists(), "a failed restore left its /dev/shm file behind"
+        assert not proctree.taken(m.pids)
+    finally:
+        hidden.rename(inventory)
+    assert engine.store.has("undo")
+    assert (await engine.restore(me, "undo")).pids == m.pids

@@ -1,0 +1,328 @@
+#!/usr/bin/env python3
+"""Cold start vs restore through llmux for real vLLM (CPU), same and new container.
+
+Run as root: ``.venv/bin/python tests/bench/bench_vllm.py [--sizes tiny,1gb]``.
+
+The set-up of tests/e2e/test_vllm_podman.py: a private dbus-daemon with the project's
+policy, llmuxd on the host (CRIU 4.2, --cuda-mode off), the shim in podman containers
+(runc, host PID/network/IPC namespaces, no --privileged) serving real vLLM (the CPU build
+in .cache/vllm-venv, tests/vllmbed.py's engine flags) as qwen3-0.6b with eviction
+retain+checkpoint. The models are tests/vllmbed.py's: Llama-architecture, random weights,
+"tiny" (hidden 128, 2 layers, ~2 MB) and "1gb" (hidden 1024, 16 layers, fp32, ~1 GB).
+For each size, one after the other:
+
+1. warm-up container (unless --no-warm-up): one cold start, so that the timed one does not
+   pay for first-use costs; the container is then removed (its engine with it).
+2. container A: cold start, timed from POST /control/wake to the first token of a chat
+   completion (max_tokens=1, temperature 0); POST /control/sleep: llmuxd dumps the tree
+   (the checkpoint's size and CRIU's dump time come from its manifest); POST /control/wake
+   again in A, timed the same way: the restore in the same container. Sleep again.
+3. A is removed; container B: POST /control/wake timed to the first token: the restore
+   into a new container. The greedy answers of the cold start and of both restores to the
+   same prompt must be identical (reported, not asserted).
+
+The CRIU restore time alone is llmuxd's ("restored MODEL (PIDs [...]) in 0.34s ...").
+With --drop-caches (the default) the page cache is emptied before each timed phase, so
+that the cold start reads the weights and the restores read the images from the disk.
+llmuxd runs CRIU from $LLMUX_CRIU (default /opt/llmux/criu/criu, packaging/criu).
+This is a benchmark that prints numbers, not a test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+TESTS = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(TESTS))  # the shared test helpers (testprocs, shimproc, vllmbed)
+import testprocs  # noqa: E402
+import vllmbed  # noqa: E402
+
+MB = 1 << 20
+#: restore should be at least this much faster than a cold start
+TARGET_SPEEDUP = 10.0
+
+
+def _load(name: str, path: Path) -> ModuleType:
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, f"cannot load {path}"
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+harness = _load("llmuxd_harness", TESTS / "service" / "dbus" / "llmuxd_harness.py")
+podman_shim = _load("podman_shim", TESTS / "e2e" / "podman_shim.py")
+
+
+@dataclass
+class Timed:
+    """One timed wake: POST /control/wake to the first token."""
+
+    total_s: float
+    wake_call_s: float
+    token: str
+    answer: str
+    criu_restore_s: float
+    cache_dropped: bool
+
+
+@dataclass
+class Row:
+    size: str
+    model_mb: float
+    cold: Timed
+    same: Timed
+    new: Timed
+    images_bytes: int
+    files_bytes: int
+    dump_s: float
+    sleep_s: float
+    dump2_s: float
+
+    @property
+    def identical(self) -> bool:
+        return (self.cold.token == self.same.token == self.new.token
+                and self.cold.answer == self.same.answer == self.new.answer)
+
+    @property
+    def cache_dropped(self) -> bool:
+        return self.cold.cache_dropped and self.same.cache_dropped and self.new.cache_dropped
+
+
+def drop_caches() -> bool:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def dir_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / MB
+
+
+@contextlib.contextmanager
+def private_bus(workdir: Path) -> Iterator[Any]:
+    """A system-style dbus-daemon with the project's policy (as the tests' harness)."""
+    bus_dir = workdir / "bus"
+    bus_dir.mkdir(mode=0o755)
+    sock = bus_dir / "system_bus_socket"
+    config = bus_dir / "bus.conf"
+    config.write_text(harness.BUS_CONFIG.format(
+        socket=sock, policy=harness.REPO / "units" / "org.llmux.Host1.conf"))
+    proc = subprocess.Popen(["dbus-daemon", f"--config-file={config}", "--nofork",
+                             "--print-address=1"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    address = proc.stdout.readline().strip()
+    try:
+        if not address.startswith("unix:"):
+            raise RuntimeError(f"dbus-daemon did not start: {address!r}")
+        yield harness.PrivateBus(address=address, socket_path=str(sock))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def first_token(shim: Any) -> str:
+    """One chat completion of one token: the time to the first token."""
+    r = shim.chat(max_tokens=1)
+    if r.status_code != 200:
+        raise RuntimeError(f"chat completion failed: {r.status_code} {r.text}\n{shim.logs()}")
+    return str(r.json()["choices"][0]["message"]["content"])
+
+
+def criu_restores(daemon: Any) -> list[float]:
+    # llmuxd's own log line: "restored MODEL (PIDs [...]) in 0.34s (0.35s total)"
+    return [float(s) for s in
+            re.findall(r"restored \S+ \(PIDs [^)]*\) in ([0-9.]+)s", daemon.log())]
+
+
+def timed_wake(shim: Any, expect: str, drop: bool, daemon: Any) -> Timed:
+    """Drop the caches, POST /control/wake, one token; then the full answer (untimed)."""
+    restores_before = len(criu_restores(daemon))
+    dropped = drop_caches() if drop else False
+    t0 = time.perf_counter()
+    body = shim.control("wake")
+    t_wake = time.perf_counter() - t0
+    token = first_token(shim)
+    total = time.perf_counter() - t0
+    if body.get("wake") != expect:
+        raise RuntimeError(f"expected a {expect} wake, got {body}\n{shim.model_status()}\n"
+                           f"{shim.logs()}")
+    criu_s = float("nan")
+    if expect == "restore":
+        found = criu_restores(daemon)
+        if len(found) > restores_before:
+            criu_s = found[-1]
+    return Timed(total, t_wake, token, shim.answer(), criu_s, dropped)
+
+
+def sleep(shim: Any, daemon: Any) -> tuple[float, dict[str, Any]]:
+    """POST /control/sleep (llmuxd dumps the tree): (sleep call s, llmuxd's manifest)."""
+    t0 = time.perf_counter()
+    slept = shim.control("sleep")
+    sleep_s = time.perf_counter() - t0
+    if slept.get("state") != "checkpointed":
+        raise RuntimeError(f"sleep did not checkpoint: {slept}\n{shim.logs()}")
+    manifest: dict[str, Any] = json.loads(
+        (daemon.state_dir / podman_shim.MODEL / "manifest.json").read_text())
+    return sleep_s, manifest
+
+
+def say(size: str, what: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] [{size}] {what}", file=sys.stderr, flush=True)
+
+
+def measure(size: str, model_dir: Path, bed: Any, args: argparse.Namespace, rootfs: str,
+            daemon: Any, workdir: Path) -> Row:
+    model = bed.model(size, 0, "retain+checkpoint", "")
+    model.pop("port")  # the factory's engine port
+    model["env"] = {"HF_HUB_OFFLINE": "1"}  # the factory adds its LLMUX_TEST_TAG
+    with podman_shim.shim_factory(
+        rootfs=rootfs, bus_dir=Path(daemon.bus.socket_path).parent,
+        bus_address_in=f"unix:path={podman_shim.BUS_DIR_IN}/"
+                       f"{Path(daemon.bus.socket_path).name}",
+        workdir=workdir / f"w-{size}", model=model, top={"vllm_command": str(bed.vllm)},
+    ) as shims:
+        if args.warm_up:
+            say(size, "warm-up container: one cold start")
+            warm = shims.start("warm")
+            warm.control("wake")
+            first_token(warm)
+            warm.remove()
+            testprocs.wait_until(lambda: not testprocs.processes_tagged(shims.tag), 120,
+                                 "the warm-up engine to end with its container")
+
+        say(size, "container A: cold start")
+        a = shims.start("a")
+        cold = timed_wake(a, "cold", args.drop_caches, daemon)
+        say(size, f"cold start {cold.total_s:.2f} s; sleep (dump)")
+        sleep_s, manifest = sleep(a, daemon)
+        say(size, f"dumped in {manifest['dump_seconds']} s "
+                  f"({(manifest['images_bytes'] + manifest['files_bytes']) / MB:.0f} MB); "
+                  "container A: restore")
+        same = timed_wake(a, "restore", args.drop_caches, daemon)
+        say(size, f"restore in the same container {same.total_s:.2f} s; sleep (dump) again")
+        _, manifest2 = sleep(a, daemon)
+        a.stop()
+        a.remove()
+
+        say(size, "container B: restore into a new container")
+        b = shims.start("b")
+        new = timed_wake(b, "restore", args.drop_caches, daemon)
+        say(size, f"restore into a new container {new.total_s:.2f} s")
+        b.remove()
+        testprocs.wait_until(lambda: not testprocs.processes_tagged(shims.tag), 120,
+                             "the restored engine to end with container B")
+        # the next size starts from an empty state directory
+        daemon.ok("DeleteCheckpoint", "s", podman_shim.MODEL)
+        return Row(
+            size=size, model_mb=dir_mb(model_dir), cold=cold, same=same, new=new,
+            images_bytes=int(manifest["images_bytes"]),
+            files_bytes=int(manifest["files_bytes"]),
+            dump_s=float(manifest["dump_seconds"]), sleep_s=sleep_s,
+            dump2_s=float(manifest2["dump_seconds"]))
+
+
+def print_table(rows: list[Row]) -> None:
+    print("\nreal vLLM (CPU), eviction retain+checkpoint; times from POST /control/wake to the "
+          "first token (max_tokens=1)")
+    head = (f"{'size':>4} | {'model':>8} | {'cold start':>10} | "
+            f"{'restore same container':>22} | {'restore new container':>21} | "
+            f"{'CRIU restore same/new':>21} | {'checkpoint':>10} | {'dump':>7} | "
+            f"{'sleep call':>10} | {'same answer':>11} | {'cache dropped':>13}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        ckpt = (r.images_bytes + r.files_bytes) / MB
+        same = f"{r.same.total_s:.2f} s ({r.cold.total_s / r.same.total_s:.1f}x)"
+        new = f"{r.new.total_s:.2f} s ({r.cold.total_s / r.new.total_s:.1f}x)"
+        criu = f"{r.same.criu_restore_s:.2f} / {r.new.criu_restore_s:.2f} s"
+        print(f"{r.size:>4} | {r.model_mb:>5.0f} MB | {r.cold.total_s:>8.2f} s | "
+              f"{same:>22} | {new:>21} | {criu:>21} | {ckpt:>7.0f} MB | "
+              f"{r.dump_s:>5.2f} s | {r.sleep_s:>8.2f} s | "
+              f"{'yes' if r.identical else 'MISMATCH':>11} | "
+              f"{'yes' if r.cache_dropped else 'no':>13}")
+    print(f"\ntarget: restore >= {TARGET_SPEEDUP:g}x faster than the cold start")
+    for r in rows:
+        for where, t in (("same container", r.same), ("new container", r.new)):
+            ratio = r.cold.total_s / t.total_s
+            print(f"  {r.size:>4} {where:<15} {ratio:6.1f}x  "
+                  f"{'met' if ratio >= TARGET_SPEEDUP else 'NOT met'}  "
+                  f"(wake call {t.wake_call_s:.2f} s of {t.total_s:.2f} s)")
+        if not r.identical:
+            print(f"  {r.size:>4} answers differ: cold {r.cold.answer!r}, same container "
+                  f"{r.same.answer!r}, new container {r.new.answer!r}")
+        print(f"  {r.size:>4} second dump (after the restore in A): {r.dump2_s:.2f} s")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--sizes", default="tiny,1gb",
+                   help="model sizes (tests/vllmbed.py's: tiny, 1gb), comma-separated")
+    p.add_argument("--drop-caches", dest="drop_caches", action="store_true", default=True,
+                   help="empty the page cache before each timed phase (the default)")
+    p.add_argument("--no-drop-caches", dest="drop_caches", action="store_false",
+                   help="keep the page cache between the phases")
+    p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                   help="no untimed cold start before the timed one")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("run as root (rootful podman, CRIU)", file=sys.stderr)
+        return 2
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    exe = vllmbed.VLLM_VENV / "bin" / "vllm"
+    python = vllmbed.VLLM_VENV / "bin" / "python"
+    if not exe.exists():
+        print(f"real vLLM is not installed at {vllmbed.VLLM_VENV}: run "
+              "packaging/vllm/install-vllm.sh", file=sys.stderr)
+        return 2
+    models = {size: vllmbed.make_model(python, "alpha", size) for size in sizes}
+    bed = vllmbed.VllmBed(exe, python, models)
+    rootfs = podman_shim.prepare_rootfs()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="llmux-bench-vllm-") as tmp:
+        workdir = Path(tmp)
+        free_gb = shutil.disk_usage(workdir).free / (1 << 30)
+        print(f"state directory under {workdir}: {free_gb:.0f} GB free", file=sys.stderr)
+        (workdir / "llmuxd.toml").write_text("# empty: the flags say it all\n")
+        with private_bus(workdir) as bus:
+            daemon = harness.Llmuxd(bus=bus, state_dir=workdir / "state", workdir=workdir)
+            daemon.start()
+            try:
+                for size in sizes:
+                    rows.append(measure(size, models[size], bed, args, rootfs, daemon,
+                                        workdir))
+            finally:
+                daemon.stop()
+                if daemon.notify is not None:
+                    daemon.notify.close()
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
