@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -65,3 +66,20 @@ def kill_tagged(tag: str, timeout: float = 30.0) -> list[int]:
         wait_until(lambda: not any(pid_alive(p) for p in left), timeout,
                    f"processes {left} to die")
     return left
+
+
+def llmuxd_harness() -> Any:
+    """tests/service/dbus/llmuxd_harness.py, loaded once by path under its own name (tests/
+    is not a package), so that every suite shares its private bus and llmuxd fixtures."""
+    import importlib.util
+    import sys
+
+    if "llmuxd_harness" in sys.modules:
+        return sys.modules["llmuxd_harness"]
+    path = Path(__file__).resolve().parent / "service" / "dbus" / "llmuxd_harness.py"
+    spec = importlib.util.spec_from_file_location("llmuxd_harness", path)
+    assert spec is not None and spec.loader is not None, f"cannot load {path}"
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being made
+    spec.loader.exec_module(module)
+    return module

@@ -17,13 +17,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import shutil
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
+from llmux.service.core import resources
 from llmux.service.core.container import ContainerContext
 from llmux.service.errors import InvalidArgument, ManifestMismatch
 
@@ -91,26 +91,9 @@ def _links(pid: int) -> list[str]:
     return [link[len(root) :] if link.startswith(root + "/") else link for link in raw]
 
 
-_UNIX_INODE = re.compile(r"socket:\[(\d+)\]")
-
-
 def bound_socket_paths(pids: Iterable[int]) -> list[str]:
-    """Filesystem paths of the unix sockets the processes hold (bound or connected to)."""
-    inodes: set[str] = set()
-    pid_list = list(pids)
-    for pid in pid_list:
-        for link in _links(pid):
-            m = _UNIX_INODE.fullmatch(link)
-            if m:
-                inodes.add(m[1])
-    paths: set[str] = set()
-    for pid in pid_list[:1]:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]:
-                f = line.split()
-                if len(f) >= 8 and f[6] in inodes and f[7].startswith("/"):
-                    paths.add(f[7])
-    return sorted(paths)
+    """Filesystem paths of the unix sockets the processes have bound."""
+    return resources.bound_unix_paths(list(pids))
 
 
 def open_paths(pids: Iterable[int]) -> tuple[list[str], list[str]]:

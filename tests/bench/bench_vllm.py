@@ -96,6 +96,7 @@ class Row:
     dump_s: float
     sleep_s: float
     dump2_s: float
+    checkpoint2_bytes: int
 
     @property
     def identical(self) -> bool:
@@ -240,7 +241,8 @@ def measure(size: str, model_dir: Path, bed: Any, args: argparse.Namespace, root
             images_bytes=int(manifest["images_bytes"]),
             files_bytes=int(manifest["files_bytes"]),
             dump_s=float(manifest["dump_seconds"]), sleep_s=sleep_s,
-            dump2_s=float(manifest2["dump_seconds"]))
+            dump2_s=float(manifest2["dump_seconds"]),
+            checkpoint2_bytes=int(manifest2["images_bytes"]) + int(manifest2["files_bytes"]))
 
 
 def print_table(rows: list[Row]) -> None:
@@ -272,7 +274,8 @@ def print_table(rows: list[Row]) -> None:
         if not r.identical:
             print(f"  {r.size:>4} answers differ: cold {r.cold.answer!r}, same container "
                   f"{r.same.answer!r}, new container {r.new.answer!r}")
-        print(f"  {r.size:>4} second dump (after the restore in A): {r.dump2_s:.2f} s")
+        print(f"  {r.size:>4} second dump (after the restore in A): {r.dump2_s:.2f} s, "
+              f"{r.checkpoint2_bytes / MB:.0f} MB")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -283,6 +286,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="empty the page cache before each timed phase (the default)")
     p.add_argument("--no-drop-caches", dest="drop_caches", action="store_false",
                    help="keep the page cache between the phases")
+    p.add_argument("--llmuxd-log", type=Path, default=None,
+                   help="keep a copy of llmuxd's log there")
     p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                    help="no untimed cold start before the timed one")
     return p.parse_args(argv)
@@ -320,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                 daemon.stop()
                 if daemon.notify is not None:
                     daemon.notify.close()
+                if args.llmuxd_log is not None:
+                    args.llmuxd_log.write_text(daemon.log())
     print_table(rows)
     return 0
 

@@ -7,32 +7,17 @@ other suites do. The bus socket's directory is bind-mounted into every container
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from podman_shim import Reaper, ShimFactory, prepare_rootfs
+from testprocs import llmuxd_harness
 
-_HARNESS = Path(__file__).resolve().parents[1] / "service" / "dbus" / "llmuxd_harness.py"
-
-
-def _load_harness() -> Any:
-    if "llmuxd_harness" in sys.modules:
-        return sys.modules["llmuxd_harness"]
-    spec = importlib.util.spec_from_file_location("llmuxd_harness", _HARNESS)
-    assert spec is not None and spec.loader is not None, f"cannot load {_HARNESS}"
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_dbus = _load_harness()
+_dbus = llmuxd_harness()
 private_bus = _dbus.private_bus
 llmuxd = _dbus.llmuxd
 

@@ -13,32 +13,16 @@ that tag in /proc/*/environ and kills it.
 
 from __future__ import annotations
 
-import importlib.util
 import secrets
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from shimproc import REQUEST_TIMEOUT_S, Shim, launch_shim
-from testprocs import free_port, kill_tagged
+from testprocs import free_port, kill_tagged, llmuxd_harness
 
-_HARNESS = Path(__file__).resolve().parents[1] / "service" / "dbus" / "llmuxd_harness.py"
-
-
-def _load_dbus_fixtures() -> Any:
-    if "llmuxd_harness" in sys.modules:  # already imported by tests/service/dbus
-        return sys.modules["llmuxd_harness"]
-    spec = importlib.util.spec_from_file_location("llmuxd_harness", _HARNESS)
-    assert spec is not None and spec.loader is not None, f"cannot load {_HARNESS}"
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being made
-    spec.loader.exec_module(module)
-    return module
-
-
-_dbus = _load_dbus_fixtures()
+_dbus = llmuxd_harness()
 
 # Re-exported fixtures: pytest registers fixtures found in a conftest's namespace.
 private_bus = _dbus.private_bus
