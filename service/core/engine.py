@@ -398,7 +398,11 @@ class CheckpointEngine:
             if stale:
                 log.info("removing stale CRIU link-remap files: %s", stale)
                 upperfiles.remove_files(stale)
-            upper = upperfiles.find_upper_files(pids, ctx)
+            upper = await asyncio.to_thread(upperfiles.find_upper_files, pids, ctx)
+            # what the restore will need from the target as it is, not carried here
+            carried = set(upper) | set(shm)
+            pending = replace(pending, external_files=await asyncio.to_thread(
+                resources.regular_files, [p for p in live if p not in carried], view.path))
 
             cuda_s = 0.0
             if cuda_pids:
@@ -649,6 +653,7 @@ class CheckpointEngine:
         self.check_manifest(manifest, target)
         await self._wait_pids_free(manifest)
         await self._check_ports_free(manifest, caller.pid)
+        await self._check_files_present(manifest, caller.pid if target.foreign else None)
 
         files = self.store.files_dir(model)
         await asyncio.to_thread(upperfiles.verify, manifest.files, files)
@@ -673,6 +678,21 @@ class CheckpointEngine:
             raise PortInUse(
                 f"checkpoint {manifest.model!r} must listen again on TCP ports "
                 f"{manifest.listen_ports}, but {who}"
+            )
+
+    async def _check_files_present(self, manifest: Manifest, view_pid: int | None) -> None:
+        """The files the tree had open or mapped, that the checkpoint does not carry (its
+        libraries, the model's weights), exist in the target: CRIU would fail on the first
+        missing one, after half the tree is back."""
+        with ViewRoot(view_pid) as view:
+            missing = await asyncio.to_thread(
+                lambda: [p for p in manifest.external_files
+                         if not (view.path / p.lstrip("/")).is_file()])
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise ManifestMismatch(
+                f"checkpoint {manifest.model!r} needs files the tree had open, which the "
+                f"caller's container lacks: {', '.join(missing[:3])}{more}"
             )
 
     def _put_back(self, manifest: Manifest, files: Path, view_root: Path) -> list[str]:

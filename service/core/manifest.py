@@ -56,6 +56,8 @@ class Manifest:
     leave_running: bool = False
     listen_ports: list[int] = field(default_factory=list)
     """TCP ports the tree listened on: each must be free for a restore."""
+    external_files: list[str] = field(default_factory=list)
+    """Regular files the tree had open or mapped that the checkpoint does not carry."""
     files: list[SavedFile] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     """What went wrong after the dump without losing it (e.g. a file not saved)."""

@@ -76,6 +76,16 @@ def shm_paths(live_paths: Iterable[str]) -> list[str]:
     return sorted(out)
 
 
+def regular_files(paths: Iterable[str], view_root: Path) -> list[str]:
+    """The paths (as the tree sees them) that are regular files, read through view_root."""
+    out: list[str] = []
+    for p in paths:
+        with contextlib.suppress(OSError):
+            if (view_root / p.lstrip("/")).is_file():
+                out.append(p)
+    return sorted(out)
+
+
 def _file_id(path: Path) -> tuple[int, int] | None:
     try:
         st = path.stat()

@@ -28,7 +28,7 @@ from criu_testlib import reap
 
 from llmux.service.core import proctree
 from llmux.service.core.engine import Caller, CheckpointEngine
-from llmux.service.errors import CriuFailed, PortInUse, Unsupported
+from llmux.service.errors import CriuFailed, ManifestMismatch, PortInUse, Unsupported
 from llmux.shim.builtin.testing import EngineProcess, start_engine_async
 
 pytestmark = pytest.mark.criu
@@ -265,3 +265,24 @@ async def test_a_failed_restore_takes_back_the_files_it_put_back(
         hidden.rename(inventory)
     assert engine.store.has("undo")
     assert (await engine.restore(me, "undo")).pids == m.pids
+
+
+async def test_a_missing_file_the_tree_had_open_is_refused_before_criu(
+    engine: CheckpointEngine, pure: Any
+) -> None:
+    target = await pure()
+    me = Caller(pid=os.getpid(), uid=0)
+    async with httpx.AsyncClient(base_url=target.base_url) as client:
+        jit_log = Path((await client.get("/engine_state")).json()["jit_log"])
+    m = await engine.checkpoint(me, "files", target.pid)
+    assert str(jit_log) in m.external_files, m.external_files
+    await _gone(m.pids)
+    moved = jit_log.with_name(jit_log.name + ".away")
+    jit_log.rename(moved)
+    try:
+        with pytest.raises(ManifestMismatch, match=str(jit_log)):
+            await engine.restore(me, "files")
+        assert not proctree.taken(m.pids)
+    finally:
+        moved.rename(jit_log)
+    assert (await engine.restore(me, "files")).pids == m.pids
