@@ -17,11 +17,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
 
 from llmux.service.core import resources
 from llmux.service.core.container import ContainerContext
@@ -149,15 +149,30 @@ def _is_dir_in_upper(ctx: ContainerContext, path: str) -> bool:
     return upper is not None and upper.is_dir() and not upper.is_symlink()
 
 
+_ZEROS = bytes(_CHUNK)
+
+
+def _sparse_copy(fin: BinaryIO, fout: BinaryIO, digest: Any = None) -> int:
+    """Copy, leaving holes where the source has whole chunks of zeros: vLLM's /dev/shm
+    ring buffers are hundreds of MiB, mostly never written. Returns the size."""
+    size = 0
+    while chunk := fin.read(_CHUNK):
+        if digest is not None:
+            digest.update(chunk)
+        if chunk == _ZEROS[: len(chunk)]:
+            fout.seek(len(chunk), os.SEEK_CUR)
+        else:
+            fout.write(chunk)
+        size += len(chunk)
+    fout.truncate(size)
+    return size
+
+
 def _hash_copy(src: Path, dst: Path) -> tuple[str, int]:
     h = hashlib.sha256()
-    size = 0
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with src.open("rb") as fin, os.fdopen(fd, "wb") as fout:
-        while chunk := fin.read(_CHUNK):
-            h.update(chunk)
-            fout.write(chunk)
-            size += len(chunk)
+        size = _sparse_copy(fin, fout, h)
         fout.flush()
         os.fsync(fout.fileno())
     return h.hexdigest(), size
@@ -253,7 +268,8 @@ def put_back(saved: Sequence[SavedFile], files_dir: Path, view_root: Path) -> No
         tmp = target.with_name(f".{target.name}.llmux-tmp")
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        shutil.copyfile(files_dir / f.stored, tmp)
+        with (files_dir / f.stored).open("rb") as fin, tmp.open("wb") as fout:
+            _sparse_copy(fin, fout)
         os.chmod(tmp, f.mode)
         os.lchown(tmp, f.uid, f.gid)
         os.utime(tmp, ns=(f.mtime_ns, f.mtime_ns))

@@ -117,6 +117,25 @@ def drop_caches() -> bool:
     return True
 
 
+def engine_args(model_dir: Path) -> list[str]:
+    """tests/vllmbed.py's flags, with a KV cache big enough for one max-length request.
+
+    vLLM reads "64M" as 64 * 10**6 bytes; the 1gb model's KV cache for 512 tokens (16
+    layers, 16 KV heads of 64, fp32) is 64 MiB, so its engine would refuse to start.
+    """
+    args = list(vllmbed.ENGINE_ARGS)
+    config = json.loads((model_dir / "config.json").read_text())
+    layers = int(config["num_hidden_layers"])
+    heads = int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    max_len = int(args[args.index("--max-model-len") + 1])
+    needed = 2 * layers * max_len * heads * head_dim * 4  # K and V, fp32
+    i = args.index("--kv-cache-memory-bytes") + 1
+    if needed * 1.25 > 64 * 10**6:
+        args[i] = f"{-(-needed * 5 // 4 // 10**6)}M"
+    return args
+
+
 def dir_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / MB
 
@@ -157,6 +176,17 @@ def criu_restores(daemon: Any) -> list[float]:
             re.findall(r"restored \S+ \(PIDs [^)]*\) in ([0-9.]+)s", daemon.log())]
 
 
+def criu_errors(daemon: Any) -> str:
+    """The lines before CRIU's first error in the last restore's log (it goes with the run)."""
+    log = daemon.state_dir / podman_shim.MODEL / "images" / "restore.log"
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    first = next((i for i, line in enumerate(lines) if "Error (" in line), len(lines))
+    return f"\n{log} around its first error:\n" + "\n".join(lines[max(0, first - 30):first + 5])
+
+
 def timed_wake(shim: Any, expect: str, drop: bool, daemon: Any) -> Timed:
     """Drop the caches, POST /control/wake, one token; then the full answer (untimed)."""
     restores_before = len(criu_restores(daemon))
@@ -168,7 +198,7 @@ def timed_wake(shim: Any, expect: str, drop: bool, daemon: Any) -> Timed:
     total = time.perf_counter() - t0
     if body.get("wake") != expect:
         raise RuntimeError(f"expected a {expect} wake, got {body}\n{shim.model_status()}\n"
-                           f"{shim.logs()}")
+                           f"{shim.logs()}{criu_errors(daemon)}")
     criu_s = float("nan")
     if expect == "restore":
         found = criu_restores(daemon)
@@ -198,6 +228,8 @@ def measure(size: str, model_dir: Path, bed: Any, args: argparse.Namespace, root
     model = bed.model(size, 0, "retain+checkpoint", "")
     model.pop("port")  # the factory's engine port
     model["env"] = {"HF_HUB_OFFLINE": "1"}  # the factory adds its LLMUX_TEST_TAG
+    model["extra_args"] = engine_args(model_dir)
+    say(size, f"vLLM flags: {' '.join(model['extra_args'])}")
     with podman_shim.shim_factory(
         rootfs=rootfs, bus_dir=Path(daemon.bus.socket_path).parent,
         bus_address_in=f"unix:path={podman_shim.BUS_DIR_IN}/"
