@@ -162,7 +162,9 @@ class Supervisor:
         torch's caches land here, not among other processes' files in /tmp. Removed when
         the tree is stopped or dies; kept when it ends by a checkpoint (a restore binds
         its sockets here again)."""
-        return Path(tempfile.gettempdir()) / f"llmux-engine-{model}"
+        # the port makes it unique on the host (two shims cannot share one) and the same in
+        # every container that restores the engine (a restored engine keeps its port)
+        return Path(tempfile.gettempdir()) / f"llmux-engine-{model}-{self.model(model).port}"
 
     def prepare_tmp_dir(self, model: str, *, fresh: bool) -> None:
         """Create the model's TMPDIR (empty for a cold start, kept for a restore)."""

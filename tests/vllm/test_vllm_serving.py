@@ -95,7 +95,7 @@ def test_openai_client_two_real_vllm_models(start_vllm_shim: Any) -> None:
     wait_until(lambda: not any(pid_alive(p) for p in pids), 60, "alpha's tree to end")
     left = [p for p in made if Path(p).exists()]
     assert not left, f"alpha's ipc socket files outlived its tree: {left}"
-    tmp = Path("/tmp/llmux-engine-alpha")
+    tmp = Path(f"/tmp/llmux-engine-alpha-{port}")
     assert all(p.startswith(f"{tmp}/") for p in made), made
     assert not tmp.exists(), f"alpha's TMPDIR (vllm_dist_*, ipc sockets) outlived it: " \
                              f"{sorted(tmp.iterdir())}"
