@@ -71,6 +71,8 @@ T = TypeVar("T")
 PID_FREE_TIMEOUT_S = 10.0
 """How long a restore waits for dumped PIDs to be reaped before naming who holds them."""
 REAP_AFTER_DUMP_S = 5.0
+#: a link_remap.N file this old that nobody uses was left by an interrupted job
+STALE_REMAP_AGE_S = 600.0
 PROGRESS_INTERVAL_S = 0.25
 #: how often the images written so far are handed to the disk during a dump
 WRITEBACK_INTERVAL_S = 0.25
@@ -394,10 +396,12 @@ class CheckpointEngine:
             live, deleted = await asyncio.to_thread(upperfiles.open_paths, pids)
             shm = resources.shm_paths(live)
             remap_dirs = upperfiles.link_remap_dirs(deleted, view.path)
-            stale = upperfiles.list_link_remaps(remap_dirs)
+            stale = await asyncio.to_thread(
+                resources.stale, upperfiles.list_link_remaps(remap_dirs), STALE_REMAP_AGE_S)
             if stale:
                 log.info("removing stale CRIU link-remap files: %s", stale)
                 upperfiles.remove_files(stale)
+            deleted_ids = await asyncio.to_thread(resources.deleted_file_ids, pids)
             upper = await asyncio.to_thread(upperfiles.find_upper_files, pids, ctx)
             # what the restore will need from the target as it is, not carried here
             carried = set(upper) | set(shm)
@@ -462,6 +466,7 @@ class CheckpointEngine:
                     upper=upper,
                     shm=shm,
                     remap_dirs=remap_dirs,
+                    deleted_ids=deleted_ids,
                     staging=staging,
                     leave_running=leave_running,
                     cuda_s=cuda_s,
@@ -485,6 +490,7 @@ class CheckpointEngine:
         upper: list[str],
         shm: list[str],
         remap_dirs: list[Path],
+        deleted_ids: set[tuple[int, int]],
         staging: Staging,
         leave_running: bool,
         cuda_s: float,
@@ -517,7 +523,8 @@ class CheckpointEngine:
         except OSError as exc:
             warnings.append(f"/dev/shm files not saved: {exc}")
         try:
-            remaps = upperfiles.list_link_remaps(remap_dirs)
+            # only this tree's: another job's link-remaps may sit in the same directory
+            remaps = resources.owned_by(upperfiles.list_link_remaps(remap_dirs), deleted_ids)
             if remaps:
                 paths = ["/" + str(p.relative_to(view.path)) for p in remaps]
                 saved += await asyncio.to_thread(
@@ -716,6 +723,7 @@ class CheckpointEngine:
         paths = {
             f.path
             for m in self.store.manifests()
+            if m.model not in self._busy_models  # a restore may have just put them back
             for f in m.files
             if f.reason == "dev-shm"
         }

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,3 +248,42 @@ def mapped_or_open(pids: Iterable[int]) -> list[str]:
                         if link.startswith("/") and not link.endswith(" (deleted)"):
                             found.add(link)
     return sorted(found)
+
+
+# ---------------------------------------------------------------------- CRIU link-remaps
+
+
+def deleted_file_ids(pids: Iterable[int]) -> set[tuple[int, int]]:
+    """(device, inode) of the deleted files the tree holds open or mapped: the files CRIU's
+    --link-remap gives a link_remap.N name during a dump. Matching by inode tells this
+    tree's link-remaps from those of any other dump or restore going on at the same time."""
+    ids: set[tuple[int, int]] = set()
+    for pid in pids:
+        for sub in ("fd", "map_files"):
+            with contextlib.suppress(OSError):
+                for entry in os.scandir(f"/proc/{pid}/{sub}"):
+                    with contextlib.suppress(OSError):
+                        if os.readlink(entry.path).endswith(" (deleted)"):
+                            st = os.stat(entry.path)
+                            ids.add((st.st_dev, st.st_ino))
+    return ids
+
+
+def owned_by(paths: Iterable[Path], ids: set[tuple[int, int]]) -> list[Path]:
+    """The paths that are links to one of the files ``ids`` names."""
+    return [p for p in paths if _file_id(p) in ids]
+
+
+def stale(paths: Iterable[Path], min_age_s: float) -> list[Path]:
+    """Link-remaps left by an interrupted job: unchanged for min_age_s and used by nobody.
+    A young one belongs to a dump or restore in progress (its ctime is that of its link)."""
+    now = time.time()
+    out: list[Path] = []
+    for p in paths:
+        try:
+            age = now - p.stat().st_ctime
+        except OSError:
+            continue
+        if age >= min_age_s and not users_of(p):
+            out.append(p)
+    return out
