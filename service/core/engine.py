@@ -233,6 +233,7 @@ class CheckpointEngine:
         self.cuda = cuda
         self.restored = RestoredRegistry(store.root / ".restored.json")
         self._busy_models: set[str] = set()
+        self._remap_lock = asyncio.Lock()
         self._busy_pids: set[int] = set()
         self._suspended: dict[str, tuple[int, list[int]]] = {}
         self._version = _service_version()
@@ -327,9 +328,23 @@ class CheckpointEngine:
                 f"weights_bytes must be a non-negative integer: {weights_bytes!r}"
             )
         with self._claim(model, root_pid):
-            return await self._checkpoint(
-                caller, model, root_pid, leave_running, weights_bytes, _Reporter(progress)
-            )
+            remaps = bool(await asyncio.to_thread(
+                lambda: resources.deleted_file_ids(proctree.tree(root_pid))))
+            async with self._remap_guard(remaps):
+                return await self._checkpoint(
+                    caller, model, root_pid, leave_running, weights_bytes, _Reporter(progress)
+                )
+
+    @contextlib.asynccontextmanager
+    async def _remap_guard(self, needed: bool) -> AsyncIterator[None]:
+        """One job at a time among those that use CRIU link-remaps: CRIU names them
+        link_remap.<file id>, and the same engine's trees get the same ids, so a restore's
+        put-back link_remap.237 in /dev/shm is another dump's link_remap.237."""
+        if not needed:
+            yield
+            return
+        async with self._remap_lock:
+            yield
 
     async def _checkpoint(
         self,
@@ -665,16 +680,18 @@ class CheckpointEngine:
         files = self.store.files_dir(model)
         await asyncio.to_thread(upperfiles.verify, manifest.files, files)
         view_pid = caller.pid if target.foreign else None
-        with ViewRoot(view_pid) as view:
-            put_back = await asyncio.to_thread(self._put_back, manifest, files, view.path)
-        try:
-            return await self._restore_tree(manifest, target, caller, keep_images, report,
-                                            started)
-        except BaseException:
-            with contextlib.suppress(OSError), ViewRoot(view_pid) as view:
-                await _uncancellable(asyncio.to_thread(
-                    resources.remove_unused, [view.path / p.lstrip("/") for p in put_back]))
-            raise
+        async with self._remap_guard(any(f.reason == "link-remap" for f in manifest.files)):
+            with ViewRoot(view_pid) as view:
+                put_back = await asyncio.to_thread(self._put_back, manifest, files, view.path)
+            try:
+                return await self._restore_tree(manifest, target, caller, keep_images, report,
+                                                started)
+            except BaseException:
+                with contextlib.suppress(OSError), ViewRoot(view_pid) as view:
+                    await _uncancellable(asyncio.to_thread(
+                        resources.remove_unused,
+                        [view.path / p.lstrip("/") for p in put_back]))
+                raise
 
     async def _check_ports_free(self, manifest: Manifest, caller_pid: int) -> None:
         """Each TCP port the tree listened on is free in the caller's network namespace."""
