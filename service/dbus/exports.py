@@ -87,7 +87,7 @@ def routes(owner: object) -> list[tuple[Callable[[str], bool], Route]]:
         if method in handlers:
             raise TypeError(f"two handlers for {method.interface}.{method.name}")
         handlers[method] = getattr(owner, name)
-    found = []
+    found: list[tuple[Callable[[str], bool], Route]] = []
     for interface in contract.INTERFACES:
         for method in interface.methods:
             if method not in handlers:

@@ -11,6 +11,7 @@ properties come from the contract's records (HostInfo, CheckpointInfo, JobProgre
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -138,7 +139,7 @@ class HostServer:
                 self._checkpoints[model] = (interface, info)
                 interface.refresh()
             else:
-                interface = CheckpointObject(lambda model=model: self._checkpoint_props(model))
+                interface = CheckpointObject(functools.partial(self._checkpoint_props, model))
                 self._checkpoints[model] = (interface, info)
                 interface.values()
                 self._bus.export(checkpoint_path(model), interface)
