@@ -4,9 +4,20 @@ service/ installs as llmux.service, client/ as llmux.client and shim/ as llmux.s
 the package list is derived from the tree so that a new subpackage needs no edit here.
 """
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
-ROOTS = {"service": "llmux.service", "client": "llmux.client", "shim": "llmux.shim"}
+HERE = Path(__file__).resolve().parent
+# a folder left out of the sources is left out of the wheel: the host .deb builds
+# from service/ and client/ alone (packaging/deb/build.sh)
+ROOTS = {
+    folder: name
+    for folder, name in {
+        "service": "llmux.service", "client": "llmux.client", "shim": "llmux.shim"
+    }.items()
+    if (HERE / folder).is_dir()
+}
 
 packages = [
     f"{name}{'.' + sub if sub else ''}"
