@@ -1,12 +1,23 @@
 """Maps the repository's top-level folders onto the llmux. namespace.
 
-service/ installs as llmux.service and shim/ as llmux.shim; the package list is
-derived from the tree so that a new subpackage needs no edit here.
+service/ installs as llmux.service, client/ as llmux.client and shim/ as llmux.shim;
+the package list is derived from the tree so that a new subpackage needs no edit here.
 """
+
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
-ROOTS = {"service": "llmux.service", "shim": "llmux.shim"}
+HERE = Path(__file__).resolve().parent
+# a folder left out of the sources is left out of the wheel: the host .deb builds
+# from service/ and client/ alone (packaging/deb/build.sh)
+ROOTS = {
+    folder: name
+    for folder, name in {
+        "service": "llmux.service", "client": "llmux.client", "shim": "llmux.shim"
+    }.items()
+    if (HERE / folder).is_dir()
+}
 
 packages = [
     f"{name}{'.' + sub if sub else ''}"
@@ -17,5 +28,5 @@ packages = [
 setup(
     packages=packages,
     package_dir={name: folder for folder, name in ROOTS.items()},
-    package_data={"llmux.shim": ["py.typed"], "llmux.service": ["py.typed"]},
+    package_data={name: ["py.typed"] for name in ROOTS.values()},
 )

@@ -1,51 +1,37 @@
-"""The one contract between the shim and the host service: D-Bus names and shapes.
+"""The one contract between the shim and the host service, written once as data.
 
-Both sides import this module and nothing else of each other, so a rename here
-is a rename everywhere. It imports no D-Bus library: the core and the shim's
-tests can read it without a bus.
+Both sides import this module and nothing else of each other, so a rename here is a
+rename everywhere. It imports no D-Bus library: the core, the client's tests and the
+shim can read it without a bus. From these declarations
+
+  - the service's D-Bus face (llmux.service.dbus) generates its three interfaces (what
+    ``busctl introspect`` shows), routes each method call to the one handler that says
+    ``@exports(<Method>)`` and reads the a{sv} options into the method's typed options;
+  - the client (llmux.client) builds its calls (signature, options as variants) and
+    reads properties into the typed records below (``from_properties``).
 
 Shape of the API (modelled on systemd-importd and udisks2 jobs):
 
 Object ``/org/llmux/Host1``, interface ``org.llmux.Host1`` (also
-``org.freedesktop.DBus.ObjectManager``):
+``org.freedesktop.DBus.ObjectManager``): ``MANAGER`` below, properties ``HostInfo``.
+Long operations (Checkpoint, Restore, Suspend, Resume) answer (job id, job path) and
+run as job objects ``/org/llmux/Host1/job/<id>`` (``JOB``): properties Id, Operation,
+Model, State and ``JobProgress``; Cancel(); signal Completed(b success, s error_name,
+s message) just before the manager's JobRemoved (as udisks2's Job.Completed).
+WaitJob(u job_id, d timeout_s) -> (s result, s error_name, s message) answers when the
+job ends or the timeout passes (then org.llmux.Error.Timeout; the job keeps running).
 
-  Checkpoint(s model, u root_pid, a{sv} options) -> (u job_id, o job_path)
-      options: "leave_running" b (dump but keep the tree running),
-               "weights_bytes" t (hint for the free-space check)
-  Restore(s model, a{sv} options) -> (u job_id, o job_path)
-      always restores into the caller's own container.
-      options: "keep_images" b (default true)
-  Suspend(s model, u root_pid, a{sv} options) -> (u job_id, o job_path)
-      CUDA state of every process of the tree to host memory; tree stays alive.
-  Resume(s model, u root_pid, a{sv} options) -> (u job_id, o job_path)
-  DeleteCheckpoint(s model) -> ()
-  ListCheckpoints() -> a(so)                       model name, object path
-  WaitJob(u job_id, d timeout_s) -> (s result, s error_name, s message)
-      blocking convenience: answers when the job ends or the timeout passes
-      (then org.llmux.Error.Timeout; the job keeps running).
-  Properties: Version s, CriuVersion s, KernelRelease s, DriverVersion s,
-              StateDirectory s, FreeBytes t
-  Signals: JobNew(u id, o path)
-           JobRemoved(u id, o path, s result)      result is one of JOB_RESULTS
-
-Job objects ``/org/llmux/Host1/job/<id>``, interface ``org.llmux.Host1.Job``:
-  Properties: Id u, Operation s, Model s, State s, Progress d (0..1),
-              Bytes t (bytes written or read so far), Rate d (bytes/s)
-  Cancel() -> ()
-  Signal Completed(b success, s error_name, s message), sent just before JobRemoved
-  (as udisks2's Job.Completed); error_name is "" on success.
-
-Checkpoint objects ``/org/llmux/Host1/checkpoint/<escaped model>``, interface
-``org.llmux.Host1.Checkpoint``:
-  Properties: Model s, Owner s, RootPid u, Pids au, Created d (unix time),
-              SizeBytes t, DumpSeconds d, CriuVersion s, KernelRelease s,
-              DriverVersion s, CudaPids au, Manifest s (the whole manifest, JSON)
+Checkpoint objects ``/org/llmux/Host1/checkpoint/<escaped model>`` (``CHECKPOINT``):
+properties ``CheckpointInfo``. Every failure is one of ``ErrorName``.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from enum import StrEnum
+from typing import Any, TypeVar
 
 BUS_NAME = "org.llmux.Host1"
 OBJECT_PATH = "/org/llmux/Host1"
@@ -136,3 +122,255 @@ def checkpoint_path(model: str) -> str:
 
 def job_path(job_id: int) -> str:
     return f"{JOB_PATH_PREFIX}/{job_id}"
+
+
+# ---------------------------------------------------------------------------- declarations
+
+
+@dataclass(frozen=True)
+class Arg:
+    name: str
+    signature: str
+
+
+@dataclass(frozen=True)
+class Property:
+    """A read-only property: its D-Bus name, signature and the record field it shows."""
+
+    name: str
+    signature: str
+    attr: str = ""
+
+
+@dataclass(frozen=True)
+class Signal:
+    interface: str
+    name: str
+    args: tuple[Arg, ...]
+
+    @property
+    def signature(self) -> str:
+        return "".join(arg.signature for arg in self.args)
+
+
+def _dbus(name: str, signature: str, default: Any = MISSING,
+          factory: Callable[[], Any] | None = None) -> Any:
+    """A record field shown on the bus as property ``name`` of type ``signature``."""
+    meta = {"dbus": (name, signature)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _option(signature: str, default: Any) -> Any:
+    """An a{sv} option: named as the field, typed ``signature``."""
+    return field(default=default, metadata={"dbus": ("", signature)})
+
+
+R = TypeVar("R", bound="Record")
+
+
+class Record:
+    """A dataclass whose ``_dbus`` fields are D-Bus properties; the rest stay off the bus."""
+
+    @classmethod
+    def properties(cls) -> tuple[Property, ...]:
+        return tuple(
+            Property(f.metadata["dbus"][0], f.metadata["dbus"][1], f.name)
+            for f in fields(cls)  # type: ignore[arg-type]
+            if "dbus" in f.metadata
+        )
+
+    @classmethod
+    def from_properties(cls: type[R], props: Mapping[str, Any], **extra: Any) -> R:
+        """From a GetAll or PropertiesChanged dict (plain values); absent ones take defaults."""
+        values = {p.attr: props[p.name] for p in cls.properties() if p.name in props}
+        return cls(**values, **extra)
+
+    def to_properties(self) -> dict[str, Any]:
+        return {p.name: getattr(self, p.attr) for p in self.properties()}
+
+
+class Options:
+    """A method's a{sv} options as a dataclass: one field per option, with its default."""
+
+    @classmethod
+    def signatures(cls) -> dict[str, str]:
+        return {f.name: f.metadata["dbus"][1] for f in fields(cls)}  # type: ignore[arg-type]
+
+    def items(self) -> list[tuple[str, str, Any]]:
+        """(name, signature, value) of every option, for the client's variants."""
+        return [(name, sig, getattr(self, name)) for name, sig in self.signatures().items()]
+
+
+@dataclass(frozen=True)
+class NoOptions(Options):
+    pass
+
+
+@dataclass(frozen=True)
+class CheckpointOptions(Options):
+    leave_running: bool = _option("b", False)
+    """Dump but keep the tree running."""
+    weights_bytes: int = _option("t", 0)
+    """Hint for the free-space check: weights still in the processes."""
+
+
+@dataclass(frozen=True)
+class RestoreOptions(Options):
+    keep_images: bool = _option("b", True)
+
+
+@dataclass(frozen=True)
+class Method:
+    interface: str
+    name: str
+    args: tuple[Arg, ...] = ()
+    returns: tuple[Arg, ...] = ()
+    options: type[Options] | None = None
+    """Set when the last argument is ``a{sv} options``: the typed options it carries."""
+
+    @property
+    def in_signature(self) -> str:
+        return "".join(arg.signature for arg in self.args)
+
+    @property
+    def out_signature(self) -> str:
+        return "".join(arg.signature for arg in self.returns)
+
+
+@dataclass(frozen=True)
+class Interface:
+    name: str
+    path: str
+    """The object's path, or the prefix of its objects' paths when ``under``."""
+    under: bool = False
+    methods: tuple[Method, ...] = ()
+    properties: tuple[Property, ...] = ()
+    signals: tuple[Signal, ...] = ()
+
+    def serves(self, path: str) -> bool:
+        return path.startswith(self.path + "/") if self.under else path == self.path
+
+
+# ---------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class HostInfo(Record):
+    """The manager's properties."""
+
+    version: str = _dbus("Version", "s", "")
+    criu_version: str = _dbus("CriuVersion", "s", "")
+    kernel_release: str = _dbus("KernelRelease", "s", "")
+    driver_version: str = _dbus("DriverVersion", "s", "")
+    state_dir: str = _dbus("StateDirectory", "s", "")
+    free_bytes: int = _dbus("FreeBytes", "t", 0)
+
+
+@dataclass(frozen=True)
+class JobProgress(Record):
+    """How far a job is: the core reports it, the job object shows it, the client reads it."""
+
+    fraction: float = _dbus("Progress", "d", 0.0)
+    """0..1"""
+    bytes: int = _dbus("Bytes", "t", 0)
+    """Bytes written or read so far."""
+    rate: float = _dbus("Rate", "d", 0.0)
+    """Bytes per second since the phase began."""
+    status: str = ""
+    """The core's phase (off the bus): "checking" while it validates a request."""
+    job_id: int = 0
+    """The job's id (off the bus: the client knows it from the call's reply)."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo(Record):
+    """One checkpoint object's properties (the manifest in the shapes the bus shows)."""
+
+    model: str = _dbus("Model", "s", "")
+    owner: str = _dbus("Owner", "s", "")
+    root_pid: int = _dbus("RootPid", "u", 0)
+    pids: list[int] = _dbus("Pids", "au", factory=list)  # noqa: RUF009
+    created: float = _dbus("Created", "d", 0.0)
+    """Unix time."""
+    size_bytes: int = _dbus("SizeBytes", "t", 0)
+    dump_seconds: float = _dbus("DumpSeconds", "d", 0.0)
+    criu_version: str = _dbus("CriuVersion", "s", "")
+    kernel_release: str = _dbus("KernelRelease", "s", "")
+    driver_version: str = _dbus("DriverVersion", "s", "")
+    cuda_pids: list[int] = _dbus("CudaPids", "au", factory=list)  # noqa: RUF009
+    manifest: str = _dbus("Manifest", "s", "{}")
+    """The whole manifest, JSON."""
+
+
+JOB_OBJECT_PROPERTIES = (
+    Property("Id", "u", "id"),
+    Property("Operation", "s", "operation"),
+    Property("Model", "s", "model"),
+    Property("State", "s", "state"),
+)
+
+
+# ---------------------------------------------------------------------------- the API
+
+_JOB = (Arg("job_id", "u"), Arg("job_path", "o"))
+_OPTIONS = Arg("options", "a{sv}")
+
+CHECKPOINT = Method(
+    MANAGER_INTERFACE, "Checkpoint",
+    (Arg("model", "s"), Arg("root_pid", "u"), _OPTIONS), _JOB, CheckpointOptions,
+)
+RESTORE = Method(
+    MANAGER_INTERFACE, "Restore", (Arg("model", "s"), _OPTIONS), _JOB, RestoreOptions
+)
+"""Always restores into the caller's own container."""
+SUSPEND = Method(
+    MANAGER_INTERFACE, "Suspend", (Arg("model", "s"), Arg("root_pid", "u"), _OPTIONS), _JOB,
+    NoOptions,
+)
+"""CUDA state of every process of the tree to host memory; the tree stays alive."""
+RESUME = Method(
+    MANAGER_INTERFACE, "Resume", (Arg("model", "s"), Arg("root_pid", "u"), _OPTIONS), _JOB,
+    NoOptions,
+)
+DELETE_CHECKPOINT = Method(MANAGER_INTERFACE, "DeleteCheckpoint", (Arg("model", "s"),))
+LIST_CHECKPOINTS = Method(
+    MANAGER_INTERFACE, "ListCheckpoints", (), (Arg("checkpoints", "a(so)"),)
+)
+"""(model name, object path) of every checkpoint."""
+WAIT_JOB = Method(
+    MANAGER_INTERFACE, "WaitJob", (Arg("job_id", "u"), Arg("timeout_s", "d")),
+    (Arg("result", "s"), Arg("error_name", "s"), Arg("message", "s")),
+)
+CANCEL = Method(JOB_INTERFACE, "Cancel")
+
+JOB_NEW = Signal(MANAGER_INTERFACE, "JobNew", (Arg("id", "u"), Arg("path", "o")))
+JOB_REMOVED = Signal(
+    MANAGER_INTERFACE, "JobRemoved", (Arg("id", "u"), Arg("path", "o"), Arg("result", "s"))
+)
+"""result is one of JOB_RESULTS."""
+COMPLETED = Signal(
+    JOB_INTERFACE, "Completed",
+    (Arg("success", "b"), Arg("error_name", "s"), Arg("message", "s")),
+)
+"""error_name is "" on success."""
+
+MANAGER = Interface(
+    MANAGER_INTERFACE, OBJECT_PATH,
+    methods=(CHECKPOINT, RESTORE, SUSPEND, RESUME, DELETE_CHECKPOINT, LIST_CHECKPOINTS,
+             WAIT_JOB),
+    properties=HostInfo.properties(),
+    signals=(JOB_NEW, JOB_REMOVED),
+)
+JOB = Interface(
+    JOB_INTERFACE, JOB_PATH_PREFIX, under=True,
+    methods=(CANCEL,),
+    properties=JOB_OBJECT_PROPERTIES + JobProgress.properties(),
+    signals=(COMPLETED,),
+)
+CHECKPOINT_OBJECT = Interface(
+    CHECKPOINT_INTERFACE, CHECKPOINT_PATH_PREFIX, under=True,
+    properties=CheckpointInfo.properties(),
+)
+INTERFACES = (MANAGER, JOB, CHECKPOINT_OBJECT)

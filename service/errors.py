@@ -1,7 +1,8 @@
-"""The host service's error hierarchy.
+"""The host service's error hierarchy, one class per contract.ErrorName.
 
 Each class carries its D-Bus error name, so the D-Bus face maps an exception to
-a named error in one line, and the core raises them without importing D-Bus.
+a named error in one line, the core raises them without importing D-Bus, and the
+client (llmux.client) raises the same classes again from the names (``BY_NAME``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ class HostError(Exception):
     """Base of every error the service answers with; the message is for humans."""
 
     dbus_name: str = ErrorName.INTERNAL
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class NotFound(HostError):
@@ -79,3 +84,15 @@ class NoSuchProcess(HostError):
 
 class Internal(HostError):
     dbus_name = ErrorName.INTERNAL
+
+
+BY_NAME: dict[str, type[HostError]] = {
+    cls.dbus_name: cls
+    for cls in (
+        NotFound, AccessDenied, InvalidArgument, NoSpace, PidInUse, PortInUse, CriuFailed,
+        CudaFailed, ManifestMismatch, Busy, Cancelled, Timeout, Unsupported, NoSuchProcess,
+        Internal,
+    )
+}
+"""Every ErrorName to its class: what a client raises for an error reply."""
+assert set(BY_NAME) == set(ErrorName), "one class per contract.ErrorName"

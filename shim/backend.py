@@ -3,7 +3,9 @@
 cuda_suspend and checkpoint need root on the host (CRIU, the CUDA checkpoint
 API), so the shim never does them itself: it asks llmuxd over D-Bus. The
 lifecycle sees only the ProcessBackend protocol; HostServiceBackend is the real
-implementation, and errors come back as shim errors naming the operation.
+implementation (over llmux.client), and errors come back as shim errors naming the
+operation: each of the service's own error classes with its HTTP status (HOST_ERRORS),
+HostUnavailable (503) only when llmuxd cannot be reached or the bus refuses.
 """
 
 from __future__ import annotations
@@ -13,12 +15,43 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from llmux.client.errors import BusError
+from llmux.service import errors
+from llmux.service.contract import CheckpointInfo
 from llmux.shim.config import Config
-from llmux.shim.errors import HostUnavailable
+from llmux.shim.errors import HostRefused, HostUnavailable, ShimError
 
 log = logging.getLogger(__name__)
 
-_NOT_FOUND = "org.llmux.Error.NotFound"
+#: the service's errors as HTTP: (status, OpenAI-style error type); the rest is 502
+HOST_ERRORS: dict[type[errors.HostError], tuple[int, str]] = {
+    errors.InvalidArgument: (400, "invalid_request_error"),
+    errors.AccessDenied: (403, "permission_error"),
+    errors.NotFound: (404, "not_found_error"),
+    errors.Busy: (409, "conflict_error"),
+    errors.PidInUse: (409, "conflict_error"),
+    errors.PortInUse: (409, "conflict_error"),
+    errors.ManifestMismatch: (409, "conflict_error"),
+    errors.NoSuchProcess: (410, "engine_error"),
+    errors.Unsupported: (501, "unsupported_error"),
+    errors.NoSpace: (507, "insufficient_storage"),
+    errors.Cancelled: (503, "host_service_error"),
+    errors.Timeout: (504, "timeout"),
+    errors.CriuFailed: (502, "host_service_error"),
+    errors.CudaFailed: (502, "host_service_error"),
+    errors.Internal: (502, "host_service_error"),
+}
+
+
+def host_error(what: str, e: BaseException) -> ShimError:
+    """A failure of the host service as the shim answers it."""
+    if isinstance(e, ShimError):
+        return e
+    text = f"host service: {what} failed: {_describe(e)}"
+    if isinstance(e, errors.HostError) and not isinstance(e, BusError):
+        status, kind = HOST_ERRORS.get(type(e), (502, "host_service_error"))
+        return HostRefused(text, http_status=status, error_type=kind, code=e.dbus_name)
+    return HostUnavailable(text, code=getattr(e, "dbus_name", None))
 
 
 @dataclass(frozen=True)
@@ -46,7 +79,7 @@ class ProcessBackend(Protocol):
 
 
 class HostServiceBackend:
-    """ProcessBackend over llmuxd's D-Bus API (llmux.shim.hostclient)."""
+    """ProcessBackend over llmuxd's D-Bus API (llmux.client.hostclient)."""
 
     def __init__(self, bus: str = "system", *, job_timeout_secs: float = 1800.0) -> None:
         self.bus = bus
@@ -57,10 +90,8 @@ class HostServiceBackend:
     async def _connected(self) -> Any:
         async with self._lock:
             if self._client is None:
-                try:
-                    from llmux.shim.hostclient import HostClient
-                except ImportError as e:  # pragma: no cover - a broken installation
-                    raise HostUnavailable(f"the host service client is missing: {e}") from e
+                from llmux.client.hostclient import HostClient
+
                 client = HostClient(self.bus)
                 try:
                     await client.connect()
@@ -76,12 +107,8 @@ class HostServiceBackend:
         client = await self._connected()
         try:
             return await call(client)
-        except HostUnavailable:
-            raise
         except Exception as e:
-            name = getattr(e, "dbus_name", None)
-            raise HostUnavailable(f"host service: {what} of model {model} failed: "
-                                  f"{_describe(e)}", code=name) from e
+            raise host_error(f"{what} of model {model}", e) from e
 
     async def check(self) -> None:
         client = await self._connected()
@@ -106,26 +133,21 @@ class HostServiceBackend:
             timeout=self.job_timeout_secs))
 
     async def restore(self, model: str, *, keep_images: bool) -> RestoredTree:
-        result = await self._run("restore", model, lambda c: c.restore(
+        result: CheckpointInfo = await self._run("restore", model, lambda c: c.restore(
             model, keep_images=keep_images, timeout=self.job_timeout_secs))
-        try:
-            root = int(result["RootPid"])
-            pids = [int(p) for p in result.get("Pids", [root])]
-        except (KeyError, TypeError, ValueError) as e:
+        if result.root_pid <= 0:
             raise HostUnavailable(f"host service: restore of model {model} answered without "
-                                  f"a usable RootPid/Pids: {result!r}") from e
-        return RestoredTree(root_pid=root, pids=pids)
+                                  f"a usable RootPid/Pids: {result!r}")
+        return RestoredTree(root_pid=result.root_pid, pids=result.pids or [result.root_pid])
 
     async def has_checkpoint(self, model: str) -> bool:
         client = await self._connected()
         try:
             return await client.get_checkpoint(model) is not None
+        except errors.NotFound:
+            return False
         except Exception as e:
-            if getattr(e, "dbus_name", None) == _NOT_FOUND:
-                return False
-            raise HostUnavailable(f"host service: cannot look up the checkpoint of model "
-                                  f"{model}: {_describe(e)}",
-                                  code=getattr(e, "dbus_name", None)) from e
+            raise host_error(f"looking up the checkpoint of model {model}", e) from e
 
     async def aclose(self) -> None:
         if self._client is not None:

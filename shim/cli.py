@@ -9,7 +9,7 @@ Forms:
 Exit codes: 0 success, 1 a validation cycle failed, 2 bad usage or an invalid
 configuration (every problem printed with its key path).
 The client subcommands (host, checkpoints, checkpoint, restore, status) come
-from llmux.shim.opscli; every subcommand sets ``func``, a callable taking the
+from llmux.client.opscli; every subcommand sets ``func``, a callable taking the
 parsed args and returning the exit code.
 """
 
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", required=True, metavar="PATH")
     check.set_defaults(func=cmd_validate_config)
 
-    from llmux.shim.opscli import add_client_commands  # host, checkpoints, status, ...
+    from llmux.client.opscli import add_client_commands  # host, checkpoints, status, ...
 
     add_client_commands(sub)
     return parser

@@ -103,3 +103,21 @@ class HostUnavailable(ShimError):
 
     http_status = 503
     error_type = "host_service_error"
+
+
+class HostRefused(ShimError):
+    """The host service answered with one of its named errors (contract.ErrorName).
+
+    ``http_status`` and ``error_type`` follow the error's kind (shim.backend's table):
+    a missing checkpoint is 404, a busy model or taken PID/port 409, a full disk 507,
+    ...; ``code`` is the D-Bus error name.
+    """
+
+    error_type = "host_service_error"
+
+    def __init__(self, message: str, *, http_status: int, error_type: str | None = None,
+                 code: str | None = None):
+        super().__init__(message, code=code)
+        self.http_status = http_status
+        if error_type is not None:
+            self.error_type = error_type

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from llmux.shim.config import Config, EvictionPolicy
 from llmux.shim.errors import (
     BadRequest,
+    HostRefused,
     ModelNotFound,
     RequestTimeout,
     ServiceUnavailable,
@@ -368,8 +369,11 @@ class Switcher:
         except Exception as e:
             msg = e.message if isinstance(e, ShimError) else f"{type(e).__name__}: {e}"
             log.error("model=%s action=activate error=%s", name, msg)
-            self._fail_waiters(name, ServiceUnavailable(
-                f"switching to model `{name}` failed: {msg}", code="switch_failed"))
+            err = ServiceUnavailable(f"switching to model `{name}` failed: {msg}",
+                                     code="switch_failed")
+            if isinstance(e, HostRefused):  # the host service's own error: its status
+                err.http_status, err.error_type = e.http_status, e.error_type
+            self._fail_waiters(name, err)
             return False
         s.active = True
         s.closing = False

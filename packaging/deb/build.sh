@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds llmux-host_<version>_<arch>.deb: llmuxd and the llmux CLI for Debian's python3, the
+# Builds llmux-host_<version>_<arch>.deb: llmuxd (llmux.service) and the llmux operator CLI
+# (llmux.client, without the shim) for Debian's python3, the
 # systemd unit, D-Bus policy and activation file, tmpfiles/sysusers entries, a default
 # /etc/llmux/llmuxd.toml (conffile) and the CRIU 4.2 bundle under /usr/lib/llmux/criu.
 #
@@ -70,7 +71,8 @@ if ! { [[ -x $PY ]] && "$PY" -c 'import setuptools, pip' 2>/dev/null; }; then
     PY=$WORK/venv/bin/python
 fi
 mkdir -p "$WORK/src" "$WORK/wheel"
-cp -r "$ROOT/service" "$ROOT/shim" "$ROOT/setup.py" "$ROOT/pyproject.toml" "$WORK/src/"
+# the service and the client only: the shim runs in containers, not on the host
+cp -r "$ROOT/service" "$ROOT/client" "$ROOT/setup.py" "$ROOT/pyproject.toml" "$WORK/src/"
 if [[ -f $ROOT/README.md ]]; then cp "$ROOT/README.md" "$WORK/src/"; else echo "# llmux" >"$WORK/src/README.md"; fi
 find "$WORK/src" \( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
 log "building the llmux $VERSION wheel"
@@ -84,9 +86,13 @@ python3 -m zipfile -e "$WHEEL" "$SITE"
 rm -f "$SITE"/llmux-*.dist-info/RECORD "$SITE"/llmux-*.dist-info/direct_url.json
 echo dpkg >"$SITE"/llmux-"$VERSION".dist-info/INSTALLER
 [[ -f $SITE/llmux/service/main.py ]] || die "the wheel has no llmux/service/main.py"
+[[ -f $SITE/llmux/client/opscli.py ]] || die "the wheel has no llmux/client/opscli.py"
+[[ ! -e $SITE/llmux/shim ]] || die "the host package must not carry the shim (llmux/shim)"
+# the wheel's entry points name the shim's llmux; /usr/bin below is what runs
+rm -f "$SITE"/llmux-"$VERSION".dist-info/entry_points.txt
 
 mkdir -p "$STAGE/usr/bin"
-for entry in "llmuxd:llmux.service.main" "llmux:llmux.shim.cli"; do
+for entry in "llmuxd:llmux.service.main" "llmux:llmux.client.opscli"; do
     cat >"$STAGE/usr/bin/${entry%%:*}" <<EOF
 #!/usr/bin/python3
 import sys

@@ -93,12 +93,12 @@ class Report:
 
 
 def make_import_root(workdir: Path) -> Path:
-    """A folder whose llmux/ package points at this checkout's service/ and shim/."""
+    """A folder whose llmux/ package points at this checkout's service/, client/ and shim/."""
     root = workdir / "pyroot"
     pkg = root / "llmux"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
-    for name in ("service", "shim"):
+    for name in ("service", "client", "shim"):
         (pkg / name).symlink_to(REPO / name, target_is_directory=True)
     sys.path.insert(0, str(root))
     old = os.environ.get("PYTHONPATH", "")

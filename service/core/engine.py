@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
+from llmux.service.contract import CheckpointInfo, HostInfo, JobProgress
 from llmux.service.core import authz, proctree, resources, upperfiles
 from llmux.service.core.authz import Caller, RestoredRegistry
 from llmux.service.core.container import ContainerContext
@@ -56,8 +57,10 @@ from llmux.service.errors import (
 __all__ = [
     "Caller",
     "CheckpointEngine",
+    "CheckpointInfo",
     "EngineConfig",
     "HostInfo",
+    "JobProgress",
     "Manifest",
     "Progress",
     "ProgressSink",
@@ -87,16 +90,9 @@ def _service_version() -> str:
         return "0.0.0"
 
 
-@dataclass(frozen=True)
-class Progress:
-    fraction: float
-    bytes: int
-    rate: float
-    """Bytes per second since the phase began."""
-    status: str
-
-
-ProgressSink = Callable[[Progress], None]
+Progress = JobProgress
+"""The core reports the contract's own JobProgress (its status is the phase)."""
+ProgressSink = Callable[[JobProgress], None]
 
 
 @dataclass(frozen=True)
@@ -108,16 +104,6 @@ class EngineConfig:
     cuda_checkpoint_path: str = "cuda-checkpoint"
     cuda_plugin_dir: str = "/usr/lib/criu/"
     ghost_limit_bytes: int = 512 << 20
-
-
-@dataclass(frozen=True)
-class HostInfo:
-    version: str
-    criu_version: str
-    kernel_release: str
-    driver_version: str
-    state_dir: str
-    free_bytes: int
 
 
 @dataclass(frozen=True)
@@ -138,7 +124,7 @@ class _Reporter:
         if self.sink is None:
             return
         try:
-            self.sink(Progress(max(0.0, min(1.0, fraction)), nbytes, rate, status))
+            self.sink(JobProgress(max(0.0, min(1.0, fraction)), nbytes, rate, status))
         except Exception:
             log.exception("progress sink failed")
 

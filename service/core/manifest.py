@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from llmux.service.contract import CheckpointInfo
 from llmux.service.core.upperfiles import SavedFile
 from llmux.service.errors import ManifestMismatch
 
@@ -78,6 +79,23 @@ class Manifest:
             out[f.name] = value
         out["size_bytes"] = self.size_bytes
         return out
+
+    def info(self) -> CheckpointInfo:
+        """What the checkpoint's D-Bus object shows (contract.CheckpointInfo)."""
+        return CheckpointInfo(
+            model=self.model,
+            owner=self.owner,
+            root_pid=self.root_pid,
+            pids=list(self.pids),
+            created=self.created,
+            size_bytes=self.size_bytes,
+            dump_seconds=self.dump_seconds,
+            criu_version=self.criu_version,
+            kernel_release=self.kernel_release,
+            driver_version=self.driver_version,
+            cuda_pids=list(self.cuda_pids),
+            manifest=self.to_json(),
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -1,6 +1,13 @@
 """The daemon's bus connection and the one question it asks the bus daemon.
 
-dbus-next 0.2.3 (its last release) emits ObjectManager.InterfacesAdded and
+This is the one module that touches dbus-next's private internals (the rest of
+the service goes through the helpers here): dbus-next 0.2.3 is its last release,
+and it has no public API for what follows, so the workarounds are kept together.
+
+- ``exported`` and ``connected`` read MessageBus._path_exports and _disconnected:
+  the dispatcher answers Properties calls on absent objects itself, and nothing
+  is sent on a closed connection.
+- dbus-next 0.2.3 (its last release) emits ObjectManager.InterfacesAdded and
 InterfacesRemoved from the added object's own path. The D-Bus specification,
 GDBus and sd-bus clients expect them from the manager's path, so HostBus sends
 them from /org/llmux/Host1, where clients subscribe.
@@ -60,6 +67,15 @@ class HostBus(MessageBus):  # type: ignore[misc]
                 body=[path, removed_interfaces],
             )
         )
+
+
+def exported(bus: MessageBus, path: str) -> bool:
+    """Whether an object is exported at ``path`` (dbus-next has no public question for it)."""
+    return path in bus._path_exports
+
+
+def connected(bus: MessageBus) -> bool:
+    return not bus._disconnected
 
 
 async def connect_bus(bus: str) -> HostBus:

@@ -3,11 +3,11 @@
 dbus-next does not tell a method handler who called (its issue #129). Its
 user message handlers run before its own dispatch (BaseMessageBus._process_message),
 so ``Dispatcher.handle`` claims the METHOD_CALLs of org.llmux.Host1 and
-org.llmux.Host1.Job, asks the bus daemon for the sender's PID and UID, runs
-the route and sends the reply itself. Every failure is answered with a name
-from contract.ErrorName: dbus-next would answer an exception with the Python
-traceback in the text. Introspection, properties and ObjectManager calls are
-left to dbus-next.
+org.llmux.Host1.Job (the routes exports.py makes from the contract), asks
+the bus daemon for the sender's PID and UID, runs the route and sends the
+reply itself. Every failure is answered with a name from contract.ErrorName:
+dbus-next would answer an exception with the Python traceback in the text.
+Introspection, properties and ObjectManager calls are left to dbus-next.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dbus_next.message import Message
 
 from llmux.service import errors
 from llmux.service.core.engine import Caller
-from llmux.service.dbus.bus import caller_of
+from llmux.service.dbus.bus import caller_of, connected, exported
 from llmux.service.journal import fields
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class Dispatcher:
         """The bus's message handler: True claims the call for us."""
         if msg.message_type != MessageType.METHOD_CALL:
             return False
-        if msg.interface == PROPERTIES and msg.path not in self._bus._path_exports:
+        if msg.interface == PROPERTIES and not exported(self._bus, msg.path):
             # dbus-next would answer the same, but log it at ERROR level with a traceback
             self._reply(msg, Message.new_error(msg, UNKNOWN_OBJECT, f"no object at {msg.path}"))
             return True
@@ -117,7 +117,7 @@ class Dispatcher:
             after()
 
     def _reply(self, msg: Message, answer: Message) -> None:
-        if not msg.flags & MessageFlag.NO_REPLY_EXPECTED and not self._bus._disconnected:
+        if not msg.flags & MessageFlag.NO_REPLY_EXPECTED and connected(self._bus):
             self._bus.send(answer)
 
     async def drain(self) -> None:

@@ -1,174 +1,134 @@
-"""What ``busctl introspect`` shows: the three interfaces of contract.py.
+"""The three interfaces of contract.py as dbus-next objects, generated from the contract.
 
-Method bodies here never run: dispatch.py answers every method call of these
-interfaces before dbus-next's own dispatch (it must know the caller first).
-The classes still declare the methods so that introspection lists the full
-API, and serve the properties and signals through dbus-next.
+Nothing here is written per method or per property: each class is built from a
+``contract.Interface``, so what ``busctl introspect`` shows is the contract. Method
+stubs never run: dispatch.py answers every method call of these interfaces before
+dbus-next's own dispatch (it must know the caller first) and hands it to the one
+handler marked ``@exports(<Method>)`` (exports.py). Properties are read from a
+source (a record's ``to_properties()``), signals are sent with ``emit``.
 
-D-Bus signatures are given to the decorators below as strings, so the Python
-annotations stay real types for mypy. Property getters never raise: dbus-next
-would put the traceback in the error text.
+Only dbus-next's public decorators are used (method, signal, dbus_property); the
+signatures they need as annotations are given as the contract's strings. Property
+getters never raise: dbus-next would put the traceback in the error text.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, ClassVar
 
 from dbus_next.constants import PropertyAccess
 from dbus_next.errors import DBusError
-from dbus_next.service import ServiceInterface, method, signal
-from dbus_next.service import dbus_property as _dbus_property
-from dbus_next.signature import Variant
+from dbus_next.service import ServiceInterface, dbus_property, method, signal
 
-from llmux.service.contract import (
-    CHECKPOINT_INTERFACE,
-    JOB_INTERFACE,
-    MANAGER_INTERFACE,
-    ErrorName,
-    JobState,
-    Operation,
-)
-from llmux.service.core.engine import HostInfo
+from llmux.service import contract
+from llmux.service.contract import ErrorName, JobProgress, JobState, Operation
 
 log = logging.getLogger(__name__)
 
-F = TypeVar("F", bound=Callable[..., Any])
+_ZERO = {"s": "", "o": "/", "b": False, "d": 0.0}
 
 
-def _annotate(fn: F, out: str, args: dict[str, str]) -> F:
-    fn.__annotations__ = {**args, "return": out}
-    return fn
+def _zero(signature: str) -> Any:
+    if signature.startswith("a"):
+        return {} if signature.startswith("a{") else []
+    return _ZERO.get(signature, 0)
 
 
-def dbus_method(out: str = "", **args: str) -> Callable[[F], F]:
-    def decorate(fn: F) -> F:
-        return cast(F, method()(_annotate(fn, out, args)))
+class ContractObject(ServiceInterface):  # type: ignore[misc]
+    """A contract.Interface served by dbus-next; subclasses are made by ``object_class``."""
 
-    return decorate
+    spec: ClassVar[contract.Interface]
 
+    def __init__(self, source: Callable[[], Mapping[str, Any]]):
+        super().__init__(self.spec.name)
+        self._source = source
+        self._last: dict[str, Any] = {p.name: _zero(p.signature) for p in self.spec.properties}
+        self._read = False
 
-def dbus_signal(out: str) -> Callable[[F], F]:
-    def decorate(fn: F) -> F:
-        return cast(F, signal()(_annotate(fn, out, {})))
-
-    return decorate
-
-
-def read_only(out: str) -> Callable[[Callable[[Any], Any]], Any]:
-    def decorate(fn: Callable[[Any], Any]) -> Any:
-        return _dbus_property(access=PropertyAccess.READ)(_annotate(fn, out, {}))
-
-    return decorate
-
-
-def _not_dispatched() -> DBusError:
-    """Reached only if dispatch.py failed to claim a call."""
-    return DBusError(ErrorName.INTERNAL, "the call was not dispatched")  # type: ignore[no-untyped-call]
-
-
-class ManagerInterface(ServiceInterface):  # type: ignore[misc]
-    """org.llmux.Host1 on /org/llmux/Host1."""
-
-    def __init__(self, host_info: Callable[[], HostInfo]):
-        super().__init__(MANAGER_INTERFACE)
-        self._host_info = host_info
-        self._last: HostInfo | None = None
-
-    def _info(self) -> HostInfo | None:
+    def values(self) -> dict[str, Any]:
+        """The properties now; the last known ones if the source fails."""
         try:
-            self._last = self._host_info()
+            self._last = {**self._last, **self._source()}
+            self._read = True
         except Exception:
-            log.exception("reading host information failed; answering the last known values")
+            log.exception("reading the properties of %s failed; answering the last known",
+                          self.spec.name)
         return self._last
 
-    def refresh(self) -> None:
-        """Announces changed host properties (free space after a dump or a deletion)."""
+    def refresh(self, *names: str) -> None:
+        """Announces changed properties (PropertiesChanged): those named, else every changed one."""
+        first = not self._read
         before = self._last
-        after = self._info()
-        if before is None or after is None:
+        after = self.values()
+        if names:
+            changed = {name: after[name] for name in names}
+        elif first:
             return
-        names = {
-            "Version": "version",
-            "CriuVersion": "criu_version",
-            "KernelRelease": "kernel_release",
-            "DriverVersion": "driver_version",
-            "StateDirectory": "state_dir",
-            "FreeBytes": "free_bytes",
-        }
-        changed = {
-            prop: getattr(after, name)
-            for prop, name in names.items()
-            if getattr(after, name) != getattr(before, name)
-        }
+        else:
+            changed = {name: value for name, value in after.items() if before.get(name) != value}
         if changed:
             self.emit_properties_changed(changed)
 
-    def _field(self, name: str, default: Any) -> Any:
-        info = self._info()
-        return default if info is None else getattr(info, name)
+    def emit(self, sig: contract.Signal, *args: Any) -> None:
+        if sig not in self.spec.signals:
+            raise ValueError(f"{sig.name} is not a signal of {self.spec.name}")
+        getattr(self, sig.name)(*args)
 
-    @dbus_method("uo", model="s", root_pid="u", options="a{sv}")
-    def Checkpoint(self, model: str, root_pid: int, options: dict[str, Variant]) -> list[Any]:
-        raise _not_dispatched()
 
-    @dbus_method("uo", model="s", options="a{sv}")
-    def Restore(self, model: str, options: dict[str, Variant]) -> list[Any]:
-        raise _not_dispatched()
+def _stub(m: contract.Method) -> Any:
+    def stub(self: ContractObject, *args: Any) -> None:
+        # reached only if dispatch.py failed to claim a call
+        raise DBusError(ErrorName.INTERNAL, "the call was not dispatched")  # type: ignore[no-untyped-call]
 
-    @dbus_method("uo", model="s", root_pid="u", options="a{sv}")
-    def Suspend(self, model: str, root_pid: int, options: dict[str, Variant]) -> list[Any]:
-        raise _not_dispatched()
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)] + [
+        inspect.Parameter(arg.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                          annotation=arg.signature)
+        for arg in m.args
+    ]
+    stub.__name__ = m.name
+    stub.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        params, return_annotation=m.out_signature or inspect.Signature.empty
+    )
+    return method(name=m.name)(stub)
 
-    @dbus_method("uo", model="s", root_pid="u", options="a{sv}")
-    def Resume(self, model: str, root_pid: int, options: dict[str, Variant]) -> list[Any]:
-        raise _not_dispatched()
 
-    @dbus_method("", model="s")
-    def DeleteCheckpoint(self, model: str) -> None:
-        raise _not_dispatched()
+def _getter(p: contract.Property) -> Any:
+    def get(self: ContractObject) -> Any:
+        return self.values().get(p.name, _zero(p.signature))
 
-    @dbus_method("a(so)")
-    def ListCheckpoints(self) -> list[Any]:
-        raise _not_dispatched()
+    get.__name__ = p.name  # dbus-next reads the value back by this attribute name
+    get.__annotations__ = {"return": p.signature}
+    return dbus_property(access=PropertyAccess.READ, name=p.name)(get)
 
-    @dbus_method("sss", job_id="u", timeout_s="d")
-    def WaitJob(self, job_id: int, timeout_s: float) -> list[Any]:
-        raise _not_dispatched()
 
-    @read_only("s")
-    def Version(self) -> str:
-        return str(self._field("version", ""))
+def _emitter(s: contract.Signal) -> Any:
+    def emit(self: ContractObject, *args: Any) -> Any:
+        return args[0] if len(s.args) == 1 else list(args)
 
-    @read_only("s")
-    def CriuVersion(self) -> str:
-        return str(self._field("criu_version", ""))
+    emit.__name__ = s.name
+    emit.__annotations__ = {"return": s.signature}
+    return signal(name=s.name)(emit)
 
-    @read_only("s")
-    def KernelRelease(self) -> str:
-        return str(self._field("kernel_release", ""))
 
-    @read_only("s")
-    def DriverVersion(self) -> str:
-        return str(self._field("driver_version", ""))
+def object_class(spec: contract.Interface) -> type[ContractObject]:
+    attrs: dict[str, Any] = {"spec": spec, "__doc__": f"{spec.name} (from contract.py)"}
+    for m in spec.methods:
+        attrs[m.name] = _stub(m)
+    for p in spec.properties:
+        attrs[p.name] = _getter(p)
+    for s in spec.signals:
+        attrs[s.name] = _emitter(s)
+    name = spec.name.rsplit(".", 1)[-1] + "Object"
+    return type(name, (ContractObject,), attrs)
 
-    @read_only("s")
-    def StateDirectory(self) -> str:
-        return str(self._field("state_dir", ""))
 
-    @read_only("t")
-    def FreeBytes(self) -> int:
-        return int(self._field("free_bytes", 0))
-
-    @dbus_signal("uo")
-    def JobNew(self, job_id: int, path: str) -> list[Any]:
-        return [job_id, path]
-
-    @dbus_signal("uos")
-    def JobRemoved(self, job_id: int, path: str, result: str) -> list[Any]:
-        return [job_id, path, result]
+ManagerObject = object_class(contract.MANAGER)
+JobObject = object_class(contract.JOB)
+CheckpointObject = object_class(contract.CHECKPOINT_OBJECT)
 
 
 @dataclass
@@ -179,159 +139,9 @@ class JobView:
     operation: Operation
     model: str
     state: JobState = JobState.RUNNING
-    progress: float = 0.0
-    bytes: int = 0
-    rate: float = 0.0
-    status: str = "starting"
-
-
-class JobInterface(ServiceInterface):  # type: ignore[misc]
-    """org.llmux.Host1.Job on /org/llmux/Host1/job/<id>."""
-
-    def __init__(self, view: JobView):
-        super().__init__(JOB_INTERFACE)
-        self.view = view
-
-    @dbus_method("")
-    def Cancel(self) -> None:
-        raise _not_dispatched()
-
-    @read_only("u")
-    def Id(self) -> int:
-        return self.view.id
-
-    @read_only("s")
-    def Operation(self) -> str:
-        return str(self.view.operation)
-
-    @read_only("s")
-    def Model(self) -> str:
-        return self.view.model
-
-    @read_only("s")
-    def State(self) -> str:
-        return str(self.view.state)
-
-    @read_only("d")
-    def Progress(self) -> float:
-        return self.view.progress
-
-    @read_only("t")
-    def Bytes(self) -> int:
-        return self.view.bytes
-
-    @read_only("d")
-    def Rate(self) -> float:
-        return self.view.rate
-
-    @dbus_signal("bss")
-    def Completed(self, success: bool, error_name: str, message: str) -> list[Any]:
-        """udisks-style: why the job ended, sent just before JobRemoved."""
-        return [success, error_name, message]
-
-    def changed(self, *names: str) -> None:
-        values = {
-            "State": str(self.view.state),
-            "Progress": self.view.progress,
-            "Bytes": self.view.bytes,
-            "Rate": self.view.rate,
-        }
-        self.emit_properties_changed({name: values[name] for name in names})
-
-
-@dataclass
-class CheckpointView:
-    """One checkpoint's manifest in the shapes contract.py gives its properties."""
-
-    model: str
-    owner: str = ""
-    root_pid: int = 0
-    pids: list[int] = field(default_factory=list)
-    created: float = 0.0
-    size_bytes: int = 0
-    dump_seconds: float = 0.0
-    criu_version: str = ""
-    kernel_release: str = ""
-    driver_version: str = ""
-    cuda_pids: list[int] = field(default_factory=list)
-    manifest_json: str = "{}"
+    progress: JobProgress = field(default_factory=JobProgress)
 
     def properties(self) -> dict[str, Any]:
-        return {
-            "Model": self.model,
-            "Owner": self.owner,
-            "RootPid": self.root_pid,
-            "Pids": self.pids,
-            "Created": self.created,
-            "SizeBytes": self.size_bytes,
-            "DumpSeconds": self.dump_seconds,
-            "CriuVersion": self.criu_version,
-            "KernelRelease": self.kernel_release,
-            "DriverVersion": self.driver_version,
-            "CudaPids": self.cuda_pids,
-            "Manifest": self.manifest_json,
-        }
-
-
-class CheckpointInterface(ServiceInterface):  # type: ignore[misc]
-    """org.llmux.Host1.Checkpoint on /org/llmux/Host1/checkpoint/<escaped model>."""
-
-    def __init__(self, view: CheckpointView):
-        super().__init__(CHECKPOINT_INTERFACE)
-        self.view = view
-
-    def update(self, view: CheckpointView) -> None:
-        old = self.view.properties()
-        self.view = view
-        new = view.properties()
-        changed = {name: value for name, value in new.items() if old[name] != value}
-        if changed:
-            self.emit_properties_changed(changed)
-
-    @read_only("s")
-    def Model(self) -> str:
-        return self.view.model
-
-    @read_only("s")
-    def Owner(self) -> str:
-        return self.view.owner
-
-    @read_only("u")
-    def RootPid(self) -> int:
-        return self.view.root_pid
-
-    @read_only("au")
-    def Pids(self) -> list[int]:
-        return self.view.pids
-
-    @read_only("d")
-    def Created(self) -> float:
-        return self.view.created
-
-    @read_only("t")
-    def SizeBytes(self) -> int:
-        return self.view.size_bytes
-
-    @read_only("d")
-    def DumpSeconds(self) -> float:
-        return self.view.dump_seconds
-
-    @read_only("s")
-    def CriuVersion(self) -> str:
-        return self.view.criu_version
-
-    @read_only("s")
-    def KernelRelease(self) -> str:
-        return self.view.kernel_release
-
-    @read_only("s")
-    def DriverVersion(self) -> str:
-        return self.view.driver_version
-
-    @read_only("au")
-    def CudaPids(self) -> list[int]:
-        return self.view.cuda_pids
-
-    @read_only("s")
-    def Manifest(self) -> str:
-        return self.view.manifest_json
+        own = {p.name: getattr(self, p.attr) for p in contract.JOB_OBJECT_PROPERTIES}
+        own.update(Operation=str(self.operation), State=str(self.state))
+        return {**own, **self.progress.to_properties()}

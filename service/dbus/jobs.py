@@ -17,15 +17,15 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dbus_next.aio.message_bus import MessageBus
 
-from llmux.service import errors
-from llmux.service.contract import ErrorName, JobState, Operation, job_path
-from llmux.service.core.engine import Caller, Progress, ProgressSink
-from llmux.service.dbus.interfaces import JobInterface, JobView, ManagerInterface
+from llmux.service import contract, errors
+from llmux.service.contract import ErrorName, JobProgress, JobState, Operation, job_path
+from llmux.service.core.engine import Caller, ProgressSink
+from llmux.service.dbus.interfaces import ContractObject, JobObject, JobView
 from llmux.service.journal import fields
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class Job:
         self.view = JobView(id=job_id, operation=operation, model=model)
         self.caller = caller
         self.path = job_path(job_id)
-        self.interface = JobInterface(self.view)
+        self.interface = JobObject(self.view.properties)
         self.accepted = asyncio.Event()
         self.finished = asyncio.Event()
         self.task: asyncio.Task[JobOutcome] | None = None
@@ -80,7 +80,7 @@ class JobTable:
     def __init__(
         self,
         bus: MessageBus,
-        manager: ManagerInterface,
+        manager: ContractObject,
         on_change: Callable[[], None],
         on_finished: Callable[[Job], None],
     ):
@@ -125,7 +125,7 @@ class JobTable:
             raise _early_error(job.error)
         self._bus.export(job.path, job.interface)
         job.exported = True
-        self._manager.JobNew(job.id, job.path)
+        self._manager.emit(contract.JOB_NEW, job.id, job.path)
         log.info("job %d started: %s %s", job.id, operation, model, extra=job.log_fields())
         self._on_change()
         return job
@@ -175,7 +175,7 @@ class JobTable:
     # -- inside the job's own task -------------------------------------------------
 
     async def _work(self, job: Job, work: Work) -> JobOutcome:
-        def sink(progress: Progress) -> None:
+        def sink(progress: JobProgress) -> None:
             if threading.get_ident() == self._loop_thread:
                 self._progress(job, progress)
             else:
@@ -195,12 +195,15 @@ class JobTable:
             return JobOutcome(JobState.FAILED, ErrorName.INTERNAL, _internal_message(job.id))
         return JobOutcome(JobState.DONE)
 
-    def _progress(self, job: Job, progress: Progress) -> None:
+    def _progress(self, job: Job, progress: JobProgress) -> None:
         view = job.view
-        view.progress = min(max(progress.fraction, 0.0), 1.0)
-        view.bytes = max(progress.bytes, 0)
-        view.rate = max(progress.rate, 0.0)
-        view.status = progress.status
+        view.progress = replace(
+            progress,
+            fraction=min(max(progress.fraction, 0.0), 1.0),
+            bytes=max(progress.bytes, 0),
+            rate=max(progress.rate, 0.0),
+            job_id=job.id,
+        )
         if progress.status != PREFLIGHT_STATUS:
             job.accepted.set()
         if not job.exported or job.finished.is_set() or job._pending_emit is not None:
@@ -216,7 +219,7 @@ class JobTable:
         if job.finished.is_set() or not job.exported:
             return
         job._last_emit = self._loop.time()
-        job.interface.changed("Progress", "Bytes", "Rate")
+        job.interface.refresh("Progress", "Bytes", "Rate")
         self._on_change()
 
     async def _complete(self, job: Job) -> None:
@@ -233,16 +236,16 @@ class JobTable:
             job._pending_emit = None
         job.view.state = outcome.result
         if outcome.result == JobState.DONE:
-            job.view.progress = 1.0
-        job.interface.changed("State", "Progress", "Bytes", "Rate")
+            job.view.progress = replace(job.view.progress, fraction=1.0)
+        job.interface.refresh("State", "Progress", "Bytes", "Rate")
         try:
             self._on_finished(job)
         except Exception:
             log.exception("updating objects after job %d failed", job.id, extra=job.log_fields())
-        job.interface.Completed(
-            outcome.result == JobState.DONE, outcome.error_name, outcome.message
+        job.interface.emit(
+            contract.COMPLETED, outcome.result == JobState.DONE, outcome.error_name, outcome.message
         )
-        self._manager.JobRemoved(job.id, job.path, str(outcome.result))
+        self._manager.emit(contract.JOB_REMOVED, job.id, job.path, str(outcome.result))
         with contextlib.suppress(Exception):
             self._bus.unexport(job.path)
         del self._running[job.id]

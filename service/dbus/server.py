@@ -3,43 +3,40 @@
 No checkpoint logic lives here: authorization of target PIDs, manifests,
 CRIU and CUDA are the core's (llmux.service.core.engine). This module owns
 what is D-Bus-shaped: argument checks, job objects, one object per checkpoint.
+Each method of contract.py has one handler here, marked ``@exports(contract.X)``;
+its arguments arrive unpacked and its options typed (exports.py). The objects'
+properties come from the contract's records (HostInfo, CheckpointInfo, JobProgress).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dbus_next.aio.message_bus import MessageBus
 from dbus_next.constants import NameFlag, RequestNameReply
 from dbus_next.errors import DBusError
-from dbus_next.message import Message
-from dbus_next.service import ServiceInterface
-from dbus_next.signature import Variant
 
-from llmux.service import errors
+from llmux.service import contract, errors
 from llmux.service.contract import (
     BUS_NAME,
-    JOB_INTERFACE,
-    JOB_PATH_PREFIX,
-    MANAGER_INTERFACE,
     OBJECT_PATH,
+    CheckpointInfo,
+    CheckpointOptions,
+    NoOptions,
     Operation,
+    RestoreOptions,
     checkpoint_path,
     valid_model_name,
 )
-from llmux.service.core.engine import Caller, CheckpointEngine
-from llmux.service.core.manifest import Manifest
-from llmux.service.dbus.dispatch import Dispatcher, Reply, Route
-from llmux.service.dbus.interfaces import (
-    CheckpointInterface,
-    CheckpointView,
-    JobInterface,
-    JobView,
-    ManagerInterface,
-)
+from llmux.service.core.engine import Caller, CheckpointEngine, ProgressSink
+from llmux.service.dbus.bus import connected
+from llmux.service.dbus.dispatch import Dispatcher, Reply
+from llmux.service.dbus.exports import Call, exports, routes
+from llmux.service.dbus.interfaces import CheckpointObject, ContractObject, ManagerObject
 from llmux.service.dbus.jobs import Job, JobTable
 from llmux.service.journal import fields
 
@@ -68,50 +65,6 @@ def check_pid(pid: int) -> int:
     return pid
 
 
-def read_options(
-    method: str, raw: dict[str, Variant], known: dict[str, tuple[str, Any]]
-) -> dict[str, Any]:
-    """a{sv} options: unknown names and wrong types are refused, not ignored."""
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise errors.InvalidArgument(
-            f"{method}: unknown option(s) {', '.join(unknown)}; known: {', '.join(known) or 'none'}"
-        )
-    values = {name: default for name, (_, default) in known.items()}
-    for name, variant in raw.items():
-        signature = known[name][0]
-        if variant.signature != signature:
-            raise errors.InvalidArgument(
-                f"{method}: option {name!r} has type {signature}, not {variant.signature}"
-            )
-        values[name] = variant.value
-    return values
-
-
-def in_signatures(interface: ServiceInterface) -> dict[str, str]:
-    return {
-        method.name: "".join(str(arg.signature) for arg in method.in_args)
-        for method in interface.introspect().methods
-    }
-
-
-def checkpoint_view(manifest: Manifest) -> CheckpointView:
-    return CheckpointView(
-        model=manifest.model,
-        owner=manifest.owner,
-        root_pid=manifest.root_pid,
-        pids=list(manifest.pids),
-        created=manifest.created,
-        size_bytes=manifest.size_bytes,
-        dump_seconds=manifest.dump_seconds,
-        criu_version=manifest.criu_version,
-        kernel_release=manifest.kernel_release,
-        driver_version=manifest.driver_version,
-        cuda_pids=list(manifest.cuda_pids),
-        manifest_json=manifest.to_json(),
-    )
-
-
 class HostServer:
     def __init__(
         self,
@@ -122,33 +75,13 @@ class HostServer:
         self.engine = engine
         self._bus = bus
         self._on_status = on_status
-        self.manager = ManagerInterface(engine.info)
+        self.manager = ManagerObject(lambda: engine.info().to_properties())
         self.jobs = JobTable(bus, self.manager, self._status_changed, self._job_finished)
-        self._checkpoints: dict[str, CheckpointInterface] = {}
+        self._checkpoints: dict[str, tuple[ContractObject, CheckpointInfo]] = {}
         self.dispatcher = Dispatcher(bus)
-
-        def manager(path: str) -> bool:
-            return bool(path == OBJECT_PATH)
-
-        def job(path: str) -> bool:
-            return path.startswith(JOB_PATH_PREFIX + "/")
-
-        # signatures come from the introspected interfaces: what busctl shows is what is served
-        signatures = in_signatures(self.manager)
-        for handler in (
-            self.checkpoint,
-            self.restore,
-            self.suspend,
-            self.resume,
-            self.delete_checkpoint,
-            self.list_checkpoints,
-            self.wait_job,
-        ):
-            member = "".join(part.title() for part in handler.__name__.split("_"))
-            route = Route(MANAGER_INTERFACE, member, signatures[member], handler)
-            self.dispatcher.add(manager, route)
-        cancel = in_signatures(JobInterface(JobView(0, Operation.CHECKPOINT, "")))["Cancel"]
-        self.dispatcher.add(job, Route(JOB_INTERFACE, "Cancel", cancel, self.cancel_job))
+        # every method of contract.py, each to the one handler marked @exports(...) below
+        for on_path, route in routes(self):
+            self.dispatcher.add(on_path, route)
 
     # -- lifetime -------------------------------------------------------------------
 
@@ -172,7 +105,7 @@ class HostServer:
             await asyncio.wait_for(self.dispatcher.drain(), 5)
         except TimeoutError:
             log.warning("some calls were still being answered at shutdown")
-        if not self._bus._disconnected:
+        if connected(self._bus):
             try:
                 await self._bus.release_name(BUS_NAME)
             except DBusError as exc:
@@ -182,7 +115,7 @@ class HostServer:
         running = self.jobs.running()
         if running:
             return "; ".join(
-                f"{VERBS[view.operation]} {view.model}: {int(view.progress * 100)}%"
+                f"{VERBS[view.operation]} {view.model}: {int(view.progress.fraction * 100)}%"
                 for view in running
             )
         count = len(self._checkpoints)
@@ -196,106 +129,105 @@ class HostServer:
 
     def sync_checkpoints(self) -> None:
         """One object per checkpoint on disk; InterfacesAdded/Removed as they come and go."""
-        views = {view.model: view for view in map(checkpoint_view, self.engine.list_checkpoints())}
-        for model in [m for m in self._checkpoints if m not in views]:
+        infos = {m.model: m.info() for m in self.engine.list_checkpoints()}
+        for model in [m for m in self._checkpoints if m not in infos]:
             self._bus.unexport(checkpoint_path(model))
             del self._checkpoints[model]
-        for model, view in views.items():
+        for model, info in infos.items():
             if model in self._checkpoints:
-                self._checkpoints[model].update(view)
+                interface, _old = self._checkpoints[model]
+                self._checkpoints[model] = (interface, info)
+                interface.refresh()
             else:
-                interface = CheckpointInterface(view)
+                interface = CheckpointObject(functools.partial(self._checkpoint_props, model))
+                self._checkpoints[model] = (interface, info)
+                interface.values()
                 self._bus.export(checkpoint_path(model), interface)
-                self._checkpoints[model] = interface
         self.manager.refresh()
         self._status_changed()
 
+    def _checkpoint_props(self, model: str) -> dict[str, Any]:
+        return self._checkpoints[model][1].to_properties()
+
     def _job_reply(self, job: Job) -> Reply:
-        return Reply("uo", (job.id, job.path), after=lambda: self.jobs.announce(job))
+        return Reply(body=(job.id, job.path), after=lambda: self.jobs.announce(job))
 
-    # -- org.llmux.Host1 ------------------------------------------------------------
+    async def _job(
+        self, operation: Operation, model: str, caller: Caller,
+        work: Callable[[ProgressSink], Awaitable[object]],
+    ) -> Reply:
+        return self._job_reply(await self.jobs.start(operation, model, caller, work))
 
-    async def checkpoint(self, caller: Caller, msg: Message) -> Reply:
-        model, root_pid, raw = msg.body
+    # -- org.llmux.Host1: one handler per method of contract.MANAGER -------------------
+
+    @exports(contract.CHECKPOINT)
+    async def checkpoint(
+        self, call: Call, model: str, root_pid: int, options: CheckpointOptions
+    ) -> Reply:
         check_model(model)
         check_pid(root_pid)
-        opts = read_options(
-            "Checkpoint", raw, {"leave_running": ("b", False), "weights_bytes": ("t", 0)}
-        )
-        job = await self.jobs.start(
-            Operation.CHECKPOINT,
-            model,
-            caller,
+        return await self._job(
+            Operation.CHECKPOINT, model, call.caller,
             lambda sink: self.engine.checkpoint(
-                caller,
-                model,
-                root_pid,
-                leave_running=opts["leave_running"],
-                weights_bytes=opts["weights_bytes"],
-                progress=sink,
+                call.caller, model, root_pid, leave_running=options.leave_running,
+                weights_bytes=options.weights_bytes, progress=sink,
             ),
         )
-        return self._job_reply(job)
 
-    async def restore(self, caller: Caller, msg: Message) -> Reply:
-        model, raw = msg.body
+    @exports(contract.RESTORE)
+    async def restore(self, call: Call, model: str, options: RestoreOptions) -> Reply:
         check_model(model)
-        opts = read_options("Restore", raw, {"keep_images": ("b", True)})
-        job = await self.jobs.start(
-            Operation.RESTORE,
-            model,
-            caller,
+        return await self._job(
+            Operation.RESTORE, model, call.caller,
             lambda sink: self.engine.restore(
-                caller, model, keep_images=opts["keep_images"], progress=sink
+                call.caller, model, keep_images=options.keep_images, progress=sink
             ),
         )
-        return self._job_reply(job)
 
-    async def suspend(self, caller: Caller, msg: Message) -> Reply:
-        return await self._cuda_job(Operation.SUSPEND, caller, msg)
-
-    async def resume(self, caller: Caller, msg: Message) -> Reply:
-        return await self._cuda_job(Operation.RESUME, caller, msg)
-
-    async def _cuda_job(self, operation: Operation, caller: Caller, msg: Message) -> Reply:
-        model, root_pid, raw = msg.body
+    @exports(contract.SUSPEND)
+    async def suspend(self, call: Call, model: str, root_pid: int, _options: NoOptions) -> Reply:
         check_model(model)
         check_pid(root_pid)
-        read_options(msg.member, raw, {})
-        run = self.engine.suspend if operation == Operation.SUSPEND else self.engine.resume
-        job = await self.jobs.start(
-            operation,
-            model,
-            caller,
-            lambda sink: run(caller, model, root_pid, progress=sink),
+        return await self._job(
+            Operation.SUSPEND, model, call.caller,
+            lambda sink: self.engine.suspend(call.caller, model, root_pid, progress=sink),
         )
-        return self._job_reply(job)
 
-    async def delete_checkpoint(self, caller: Caller, msg: Message) -> Reply:
-        (model,) = msg.body
+    @exports(contract.RESUME)
+    async def resume(self, call: Call, model: str, root_pid: int, _options: NoOptions) -> Reply:
+        check_model(model)
+        check_pid(root_pid)
+        return await self._job(
+            Operation.RESUME, model, call.caller,
+            lambda sink: self.engine.resume(call.caller, model, root_pid, progress=sink),
+        )
+
+    @exports(contract.DELETE_CHECKPOINT)
+    async def delete_checkpoint(self, call: Call, model: str) -> None:
         check_model(model)
         self.jobs.ensure_idle(model)
-        await asyncio.to_thread(self.engine.delete_checkpoint, caller, model)
+        await asyncio.to_thread(self.engine.delete_checkpoint, call.caller, model)
         log.info(
-            "checkpoint of %s deleted", model, extra=fields(model=model, caller_pid=caller.pid)
+            "checkpoint of %s deleted", model,
+            extra=fields(model=model, caller_pid=call.caller.pid),
         )
         self.sync_checkpoints()
-        return Reply()
 
-    async def list_checkpoints(self, caller: Caller, msg: Message) -> Reply:
+    @exports(contract.LIST_CHECKPOINTS)
+    async def list_checkpoints(self, call: Call) -> tuple[list[list[str]]]:
         models = [m.model for m in self.engine.list_checkpoints()]
-        return Reply("a(so)", ([[model, checkpoint_path(model)] for model in models],))
+        return ([[model, checkpoint_path(model)] for model in models],)
 
-    async def wait_job(self, caller: Caller, msg: Message) -> Reply:
-        job_id, timeout_s = msg.body
+    @exports(contract.WAIT_JOB)
+    async def wait_job(self, call: Call, job_id: int, timeout_s: float) -> tuple[str, str, str]:
         outcome = await self.jobs.wait(job_id, timeout_s)
-        return Reply("sss", (str(outcome.result), outcome.error_name, outcome.message))
+        return (str(outcome.result), outcome.error_name, outcome.message)
 
-    # -- org.llmux.Host1.Job ---------------------------------------------------------
+    # -- org.llmux.Host1.Job -------------------------------------------------------------
 
-    async def cancel_job(self, caller: Caller, msg: Message) -> Reply:
-        element = msg.path.rsplit("/", 1)[-1]
+    @exports(contract.CANCEL)
+    async def cancel_job(self, call: Call) -> None:
+        element = call.path.rsplit("/", 1)[-1]
         if not element.isdigit():
-            raise errors.NotFound(f"no job at {msg.path}")
-        self.jobs.cancel(int(element), caller)
-        return Reply()
+            raise errors.NotFound(f"no job at {call.path}")
+        self.jobs.cancel(int(element), call.caller)

@@ -1,4 +1,4 @@
-"""The operator commands (shim/opscli.py) against a real llmuxd and a real shim.
+"""The operator commands (client/opscli.py) against a real llmuxd and a real shim.
 
 llmuxd runs on the private system-style dbus-daemon of tests/service/dbus (the project's
 policy included), with CRIU 4.2; the commands run as separate processes, as an operator
@@ -23,8 +23,8 @@ import httpx
 import pytest
 from proxy_fixtures import ShimFactory, shim_factory  # noqa: F401
 
+from llmux.client.opscli import ProgressReporter, add_client_commands, render_table
 from llmux.service.contract import ErrorName
-from llmux.shim.opscli import ProgressReporter, add_client_commands, render_table
 
 # The D-Bus harness of the host service's tests (tests/service/dbus/llmuxd_harness.py), the
 # module itself when pytest has already imported it for that folder.

@@ -30,7 +30,9 @@ from llmuxd_harness import (
     wait_until,
 )
 
-from llmux.shim.hostclient import HostClient, HostServiceError, JobProgress
+from llmux.client.errors import ConnectionFailed
+from llmux.client.hostclient import HostClient, JobProgress
+from llmux.service import errors
 
 pytestmark = [pytest.mark.dbus, pytest.mark.criu]
 
@@ -104,10 +106,10 @@ async def test_hostclient_checkpoint_then_restore(llmuxd: Llmuxd, spawn_target) 
         props = await client.checkpoint(
             "tiny-0.1b", target.pid, progress=progress.append, timeout=120
         )
-        assert props["Model"] == "tiny-0.1b"
-        assert props["RootPid"] == target.pid and props["Pids"][0] == target.pid
-        assert props["SizeBytes"] > 64 << 20
-        assert json.loads(props["Manifest"])["root_pid"] == target.pid
+        assert props.model == "tiny-0.1b"
+        assert props.root_pid == target.pid and props.pids[0] == target.pid
+        assert props.size_bytes > 64 << 20
+        assert json.loads(props.manifest)["root_pid"] == target.pid
         assert progress and progress[-1].fraction == 1.0
         assert all(0.0 <= p.fraction <= 1.0 for p in progress)
 
@@ -124,13 +126,13 @@ async def test_hostclient_checkpoint_then_restore(llmuxd: Llmuxd, spawn_target) 
         assert any("FreeBytes" in changed for changed in host_changes)  # 64 MB less free
         added = [b[0] for b in recorder.members("InterfacesAdded")]
         assert f"{OBJECT_PATH}/checkpoint/tiny_2d0_2e1b" in added
-        assert [c["Model"] for c in await client.list_checkpoints()] == ["tiny-0.1b"]
+        assert [c.model for c in await client.list_checkpoints()] == ["tiny-0.1b"]
         assert llmuxd.ok("ListCheckpoints") == [
             [["tiny-0.1b", f"{OBJECT_PATH}/checkpoint/tiny_2d0_2e1b"]]
         ]
 
         # our unreaped zombie holds the PID: the restore waits, the client gives up and cancels
-        with pytest.raises(HostServiceError) as late:
+        with pytest.raises(errors.Timeout) as late:
             await client.restore("tiny-0.1b", timeout=0.5)
         assert late.value.dbus_name == "org.llmux.Error.Timeout"
         assert recorder.members("JobRemoved")[-1][2] == "cancelled"
@@ -140,7 +142,7 @@ async def test_hostclient_checkpoint_then_restore(llmuxd: Llmuxd, spawn_target) 
         target.reap()  # CRIU killed it after the dump
         reached = target.last()
         restored = await client.restore("tiny-0.1b", keep_images=False, timeout=120)
-        assert restored["RootPid"] == target.pid
+        assert restored.root_pid == target.pid
         assert pid_alive(target.pid)
         counts_on(target, reached)
         assert await client.list_checkpoints() == []
@@ -148,10 +150,10 @@ async def test_hostclient_checkpoint_then_restore(llmuxd: Llmuxd, spawn_target) 
         removed_paths = [b[0] for b in recorder.members("InterfacesRemoved")]
         assert f"{OBJECT_PATH}/checkpoint/tiny_2d0_2e1b" in removed_paths
 
-        with pytest.raises(HostServiceError) as refused:
+        with pytest.raises(errors.NotFound) as refused:  # the service's own class
             await client.restore("tiny-0.1b")
         assert refused.value.dbus_name == "org.llmux.Error.NotFound"
-        with pytest.raises(HostServiceError) as denied:
+        with pytest.raises(errors.AccessDenied) as denied:
             await client.checkpoint("other", 1)
         assert denied.value.dbus_name == "org.llmux.Error.AccessDenied"
     no_half_checkpoints(llmuxd.state_dir)
@@ -321,17 +323,17 @@ def test_hostclient_reports_named_failures(llmuxd: Llmuxd) -> None:
     async def run() -> None:
         async with HostClient(llmuxd.bus.address) as client:
             info = await client.info()
-            assert info["StateDirectory"] == str(llmuxd.state_dir)
-            with pytest.raises(HostServiceError) as bad:
+            assert info.state_dir == str(llmuxd.state_dir)
+            with pytest.raises(errors.InvalidArgument) as bad:
                 await client.checkpoint("../x", os.getpid())
             assert bad.value.dbus_name == "org.llmux.Error.InvalidArgument"
-            with pytest.raises(HostServiceError) as missing:
+            with pytest.raises(errors.NotFound) as missing:
                 await client.delete_checkpoint("nothing")
             assert missing.value.dbus_name == "org.llmux.Error.NotFound"
             assert await client.get_checkpoint("nothing") is None
 
     asyncio.run(run())
-    with pytest.raises(HostServiceError) as unreachable:
+    with pytest.raises(ConnectionFailed) as unreachable:
         asyncio.run(HostClient("unix:path=/nonexistent/socket").connect())
     assert unreachable.value.dbus_name == "org.llmux.Error.Client.ConnectionFailed"
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TextIO
 
-from llmux.service.contract import ErrorName, valid_model_name
+from llmux.service.contract import CheckpointInfo, ErrorName, valid_model_name
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -128,7 +128,7 @@ class ProgressReporter:
             self.tty = self.stream.isatty()
 
     def __call__(self, progress: Any) -> None:
-        """Takes a hostclient.JobProgress (fraction, bytes, rate)."""
+        """Takes a contract.JobProgress (fraction, bytes, rate)."""
         self.update(float(progress.fraction), int(progress.bytes), float(progress.rate))
 
     def update(self, fraction: float, nbytes: int = 0, rate: float = 0.0) -> None:
@@ -197,7 +197,7 @@ def _report(failure: Failure, as_json: bool) -> int:
 
 def _run(args: argparse.Namespace, work: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """Runs one command's coroutine; every failure becomes a named error and an exit code."""
-    from llmux.shim.hostclient import HostServiceError
+    from llmux.client.hostclient import HostServiceError
 
     try:
         return asyncio.run(work())
@@ -215,21 +215,21 @@ def _usage(message: str) -> int:
     return EXIT_USAGE
 
 
-def _checkpoint_row(props: dict[str, Any]) -> list[str]:
+def _checkpoint_row(info: CheckpointInfo) -> list[str]:
     return [
-        str(props.get("Model", "?")),
-        format_bytes(int(props.get("SizeBytes", 0))),
-        format_time(float(props.get("Created", 0.0))),
-        str(props.get("RootPid", "")),
-        format_pids(list(props.get("Pids", []))),
-        str(props.get("Owner", "")),
-        f"{float(props.get('DumpSeconds', 0.0)):.1f} s",
+        info.model or "?",
+        format_bytes(info.size_bytes),
+        format_time(info.created),
+        str(info.root_pid),
+        format_pids(info.pids),
+        info.owner,
+        f"{info.dump_seconds:.1f} s",
     ]
 
 
-def _checkpoint_json(props: dict[str, Any]) -> dict[str, Any]:
+def _checkpoint_json(info: CheckpointInfo) -> dict[str, Any]:
     """The properties with the Manifest property parsed (it is JSON text on the bus)."""
-    out = dict(props)
+    out = info.to_properties()
     if isinstance(out.get("Manifest"), str):
         with contextlib.suppress(ValueError):
             out["Manifest"] = json.loads(out["Manifest"])
@@ -240,7 +240,7 @@ def _checkpoint_json(props: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_host_status(args: argparse.Namespace) -> int:
-    from llmux.shim.hostclient import HostClient, HostServiceError
+    from llmux.client.hostclient import HostClient, HostServiceError
 
     async def work() -> int:
         async with HostClient(args.bus) as client:
@@ -252,16 +252,16 @@ def cmd_host_status(args: argparse.Namespace) -> int:
                     raise
                 count = None  # the policy lets anyone read the properties, not the list
         if args.json:
-            print_json({**info, "Checkpoints": count, "Bus": args.bus})
+            print_json({**info.to_properties(), "Checkpoints": count, "Bus": args.bus})
             return EXIT_OK
         print(render_fields([
-            ("Service", f"llmuxd {info.get('Version', '?')}"),
+            ("Service", f"llmuxd {info.version or '?'}"),
             ("Bus", args.bus),
-            ("CRIU", str(info.get("CriuVersion", "?"))),
-            ("Kernel", str(info.get("KernelRelease", "?"))),
-            ("NVIDIA driver", str(info.get("DriverVersion") or "none")),
-            ("State directory", str(info.get("StateDirectory", "?"))),
-            ("Free space", format_bytes(int(info.get("FreeBytes", 0)))),
+            ("CRIU", info.criu_version or "?"),
+            ("Kernel", info.kernel_release or "?"),
+            ("NVIDIA driver", info.driver_version or "none"),
+            ("State directory", info.state_dir or "?"),
+            ("Free space", format_bytes(info.free_bytes)),
             ("Checkpoints", "(not permitted: root or group llmux)" if count is None
              else str(count)),
         ]))
@@ -271,7 +271,7 @@ def cmd_host_status(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoints_list(args: argparse.Namespace) -> int:
-    from llmux.shim.hostclient import HostClient
+    from llmux.client.hostclient import HostClient
 
     async def work() -> int:
         async with HostClient(args.bus) as client:
@@ -284,7 +284,7 @@ def cmd_checkpoints_list(args: argparse.Namespace) -> int:
             return EXIT_OK
         headers = ["MODEL", "SIZE", "CREATED", "ROOT PID", "PIDS", "OWNER", "DUMP"]
         print(render_table(headers, [_checkpoint_row(p) for p in found]))
-        total = sum(int(p.get("SizeBytes", 0)) for p in found)
+        total = sum(p.size_bytes for p in found)
         print(f"\n{len(found)} checkpoint(s), {format_bytes(total)}")
         return EXIT_OK
 
@@ -292,7 +292,7 @@ def cmd_checkpoints_list(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoints_inspect(args: argparse.Namespace) -> int:
-    from llmux.shim.hostclient import HostClient
+    from llmux.client.hostclient import HostClient
 
     if not valid_model_name(args.name):
         return _usage(f"invalid model name {args.name!r}")
@@ -307,17 +307,17 @@ def cmd_checkpoints_inspect(args: argparse.Namespace) -> int:
             print_json(_checkpoint_json(props))
             return EXIT_OK
         pairs = [
-            ("Model", str(props.get("Model", ""))),
-            ("Owner", str(props.get("Owner", ""))),
-            ("Created", format_time(float(props.get("Created", 0.0)))),
-            ("Size", format_bytes(int(props.get("SizeBytes", 0)))),
-            ("Dump time", f"{float(props.get('DumpSeconds', 0.0)):.2f} s"),
-            ("Root PID", str(props.get("RootPid", ""))),
-            ("PIDs", " ".join(str(p) for p in props.get("Pids", [])) or "-"),
-            ("CUDA PIDs", " ".join(str(p) for p in props.get("CudaPids", [])) or "-"),
-            ("CRIU", str(props.get("CriuVersion", ""))),
-            ("Kernel", str(props.get("KernelRelease", ""))),
-            ("NVIDIA driver", str(props.get("DriverVersion") or "none")),
+            ("Model", props.model),
+            ("Owner", props.owner),
+            ("Created", format_time(props.created)),
+            ("Size", format_bytes(props.size_bytes)),
+            ("Dump time", f"{props.dump_seconds:.2f} s"),
+            ("Root PID", str(props.root_pid)),
+            ("PIDs", " ".join(str(p) for p in props.pids) or "-"),
+            ("CUDA PIDs", " ".join(str(p) for p in props.cuda_pids) or "-"),
+            ("CRIU", props.criu_version),
+            ("Kernel", props.kernel_release),
+            ("NVIDIA driver", props.driver_version or "none"),
         ]
         print(render_fields(pairs))
         manifest = _checkpoint_json(props).get("Manifest")
@@ -330,7 +330,7 @@ def cmd_checkpoints_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoints_delete(args: argparse.Namespace) -> int:
-    from llmux.shim.hostclient import HostClient
+    from llmux.client.hostclient import HostClient
 
     if not valid_model_name(args.name):
         return _usage(f"invalid model name {args.name!r}")
@@ -348,7 +348,7 @@ def cmd_checkpoints_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
-    from llmux.shim.hostclient import HostClient
+    from llmux.client.hostclient import HostClient
 
     if not valid_model_name(args.model):
         return _usage(f"invalid model name {args.model!r}")
@@ -363,16 +363,16 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
                 props = await client.checkpoint(
                     args.model, args.pid, leave_running=args.leave_running,
                     progress=progress, timeout=args.timeout)
-            progress.update(1.0, int(props.get("SizeBytes", 0)))
+            progress.update(1.0, props.size_bytes)
         finally:
             progress.finish()
         elapsed = time.monotonic() - started
         if args.json:
             print_json({**_checkpoint_json(props), "ElapsedSeconds": elapsed})
             return EXIT_OK
-        size = int(props.get("SizeBytes", 0))
-        dump = float(props.get("DumpSeconds", 0.0))
-        print(f"checkpointed {args.model} (PID {args.pid}, {len(props.get('Pids', []))} "
+        size = props.size_bytes
+        dump = props.dump_seconds
+        print(f"checkpointed {args.model} (PID {args.pid}, {len(props.pids)} "
               f"process(es)): {format_bytes(size)}; CRIU dump {dump:.1f} s "
               f"({format_rate(size / dump if dump > 0 else 0.0)}), {elapsed:.1f} s in all"
               + ("; left running" if args.leave_running else ""))
@@ -382,7 +382,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from llmux.shim.hostclient import HostClient
+    from llmux.client.hostclient import HostClient
 
     if not valid_model_name(args.model):
         return _usage(f"invalid model name {args.model!r}")
@@ -394,7 +394,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             async with HostClient(args.bus) as client:
                 props = await client.restore(args.model, keep_images=not args.delete_images,
                                              progress=progress, timeout=args.timeout)
-            progress.update(1.0, int(props.get("SizeBytes", 0)))
+            progress.update(1.0, props.size_bytes)
         finally:
             progress.finish()
         elapsed = time.monotonic() - started
@@ -402,8 +402,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
             print_json({**_checkpoint_json(props), "ElapsedSeconds": elapsed,
                         "ImagesKept": not args.delete_images})
             return EXIT_OK
-        print(f"restored {args.model}: root PID {props.get('RootPid', '?')}, PIDs "
-              f"{format_pids(list(props.get('Pids', [])), limit=8)} in {elapsed:.1f} s"
+        print(f"restored {args.model}: root PID {props.root_pid or '?'}, PIDs "
+              f"{format_pids(props.pids, limit=8)} in {elapsed:.1f} s"
               + ("; checkpoint deleted" if args.delete_images else ""))
         return EXIT_OK
 
@@ -552,3 +552,29 @@ def add_client_commands(
     status.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
     _common(status, bus=False)
     status.set_defaults(func=cmd_status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``llmux`` with the operator commands only: the host package's /usr/bin/llmux.
+
+    In a shim's container ``llmux`` is llmux.shim.cli, which adds these same commands
+    to serve and validate-config.
+    """
+    parser = argparse.ArgumentParser(
+        prog="llmux", description="llmux operator commands: the host service and the shims.")
+    add_client_commands(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Handler | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_usage(sys.stderr)
+        return _usage("give a command (host, checkpoints, checkpoint, restore, status)")
+    return func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

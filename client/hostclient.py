@@ -1,10 +1,14 @@
-"""The shim's client of the host service (llmuxd, org.llmux.Host1).
+"""The client of the host service (llmuxd, org.llmux.Host1): the shim's and the CLI's.
+
+Every call is built from its declaration in service/contract.py (``call(contract.X,
+...)``: signature, typed options as variants); properties come back as the contract's
+records (HostInfo, CheckpointInfo, JobProgress).
 
 Long operations are jobs: the client subscribes to JobRemoved and to the jobs'
 PropertiesChanged *before* it starts one (a short job may end before the call's
-reply is read), then waits for the JobRemoved of its job id. A failure becomes
-HostServiceError carrying the D-Bus error name (contract.ErrorName) and the
-service's message.
+reply is read), then waits for the JobRemoved of its job id. A failure raises the
+service's own error class (llmux.service.errors: NotFound, NoSpace, ...) with the
+service's message; what the bus itself answers is a BusError (llmux.client.errors).
 """
 
 from __future__ import annotations
@@ -23,16 +27,24 @@ from dbus_next.constants import BusType, MessageType
 from dbus_next.message import Message
 from dbus_next.signature import Variant
 
+from llmux.client.errors import ConnectionFailed, error_from_name
+from llmux.service import contract, errors
 from llmux.service.contract import (
     BUS_NAME,
     CHECKPOINT_INTERFACE,
-    ERROR_PREFIX,
     JOB_INTERFACE,
     JOB_PATH_PREFIX,
     MANAGER_INTERFACE,
     OBJECT_PATH,
+    CheckpointInfo,
+    CheckpointOptions,
     ErrorName,
+    HostInfo,
+    JobProgress,
     JobState,
+    NoOptions,
+    Options,
+    RestoreOptions,
     checkpoint_path,
 )
 
@@ -40,27 +52,15 @@ log = logging.getLogger(__name__)
 
 PROPERTIES = "org.freedesktop.DBus.Properties"
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
-CONNECTION_FAILED = f"{ERROR_PREFIX}.Client.ConnectionFailed"
 _REMOVED_KEPT = 1024
 CANCEL_SETTLE_S = 60.0
 
 
-class HostServiceError(Exception):
-    """The host service refused or failed; ``dbus_name`` says which condition."""
+HostServiceError = errors.HostError
+"""What every failure of a call is (``dbus_name``, ``message``): a service error class
+(errors.NotFound, ...) or a client.errors.BusError."""
 
-    def __init__(self, dbus_name: str, message: str):
-        super().__init__(f"{dbus_name}: {message}")
-        self.dbus_name = dbus_name
-        self.message = message
-
-
-@dataclass(frozen=True)
-class JobProgress:
-    job_id: int
-    fraction: float
-    bytes: int
-    rate: float
-
+__all__ = ["HostClient", "HostServiceError", "JobProgress", "ProgressCallback"]
 
 ProgressCallback = Callable[[JobProgress], None]
 
@@ -119,16 +119,14 @@ class HostClient:
                 bus = MessageBus(bus_address=self.bus_spec)
             await bus.connect()
         except Exception as exc:
-            raise HostServiceError(
-                CONNECTION_FAILED, f"cannot connect to the {self.bus_spec} bus: {exc}"
-            ) from exc
+            raise ConnectionFailed(f"cannot connect to the {self.bus_spec} bus: {exc}") from exc
         bus.add_message_handler(self._on_message)
         self._bus = bus
         for rule in (
             f"type='signal',sender='{BUS_NAME}',path='{OBJECT_PATH}',"
-            f"interface='{MANAGER_INTERFACE}',member='JobRemoved'",
+            f"interface='{MANAGER_INTERFACE}',member='{contract.JOB_REMOVED.name}'",
             f"type='signal',sender='{BUS_NAME}',path_namespace='{JOB_PATH_PREFIX}',"
-            f"interface='{JOB_INTERFACE}',member='Completed'",
+            f"interface='{JOB_INTERFACE}',member='{contract.COMPLETED.name}'",
             f"type='signal',sender='{BUS_NAME}',path_namespace='{JOB_PATH_PREFIX}',"
             f"interface='{PROPERTIES}',member='PropertiesChanged'",
         ):
@@ -153,13 +151,13 @@ class HostClient:
     def _on_message(self, msg: Message) -> bool:
         if msg.message_type != MessageType.SIGNAL:
             return False
-        if msg.member == "Completed" and msg.interface == JOB_INTERFACE:
+        if msg.member == contract.COMPLETED.name and msg.interface == JOB_INTERFACE:
             # sent just before JobRemoved on the same connection: why the job ended
             _success, error_name, message = msg.body
             self._completed[msg.path] = (error_name, message)
             while len(self._completed) > _REMOVED_KEPT:
                 self._completed.popitem(last=False)
-        elif msg.member == "JobRemoved" and msg.interface == MANAGER_INTERFACE:
+        elif msg.member == contract.JOB_REMOVED.name and msg.interface == MANAGER_INTERFACE:
             job_id, path, result = msg.body
             error_name, message = self._completed.pop(path, ("", ""))
             end = _JobEnd(result, error_name, message)
@@ -189,14 +187,7 @@ class HostClient:
     def _report(self, path: str, changed: dict[str, Any]) -> None:
         job_id, callback = self._progress[path]
         try:
-            callback(
-                JobProgress(
-                    job_id=job_id,
-                    fraction=float(changed["Progress"].value),
-                    bytes=int(changed["Bytes"].value) if "Bytes" in changed else 0,
-                    rate=float(changed["Rate"].value) if "Rate" in changed else 0.0,
-                )
-            )
+            callback(JobProgress.from_properties(_plain(changed), job_id=job_id))
         except Exception:
             log.exception("progress callback failed")
 
@@ -226,17 +217,37 @@ class HostClient:
             )
         )
         if reply is None:
-            raise HostServiceError(CONNECTION_FAILED, "the bus connection closed")
+            raise ConnectionFailed("the bus connection closed")
         if reply.message_type == MessageType.ERROR:
             text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
-            raise HostServiceError(reply.error_name or ErrorName.INTERNAL, text)
+            raise error_from_name(reply.error_name or ErrorName.INTERNAL, text)
         return list(reply.body)
+
+    async def call(
+        self,
+        method: contract.Method,
+        *args: Any,
+        options: Options | None = None,
+        path: str | None = None,
+    ) -> list[Any]:
+        """Calls a method as the contract declares it; its options go as typed a{sv}."""
+        body = list(args)
+        if method.options is not None:
+            chosen = options if options is not None else method.options()
+            if not isinstance(chosen, method.options):
+                raise TypeError(f"{method.name} takes {method.options.__name__}")
+            body.append({name: Variant(sig, value) for name, sig, value in chosen.items()})
+        elif options is not None:
+            raise TypeError(f"{method.name} takes no options")
+        return await self._call(
+            path or OBJECT_PATH, method.interface, method.name, method.in_signature, body
+        )
 
     async def _run_job(
         self,
-        member: str,
-        signature: str,
-        body: list[Any],
+        method: contract.Method,
+        args: list[Any],
+        options: Options,
         progress: ProgressCallback | None,
         timeout: float | None,  # noqa: ASYNC109 - cancels the job too
     ) -> None:
@@ -244,7 +255,7 @@ class HostClient:
         job_id = 0
         path = ""
         try:
-            job_id, path = await self._call(OBJECT_PATH, MANAGER_INTERFACE, member, signature, body)
+            job_id, path = await self.call(method, *args, options=options)
             loop = asyncio.get_running_loop()
             waiter: asyncio.Future[_JobEnd] = loop.create_future()
             if job_id in self._ended:
@@ -262,9 +273,8 @@ class HostClient:
                 # let the service settle (tree thawed, job gone) before the caller retries
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(waiter), CANCEL_SETTLE_S)
-                raise HostServiceError(
-                    ErrorName.TIMEOUT,
-                    f"{member} job {job_id} did not end within {timeout} s; cancelled",
+                raise errors.Timeout(
+                    f"{method.name} job {job_id} did not end within {timeout} s; cancelled"
                 ) from None
             except asyncio.CancelledError:
                 await self._cancel_quietly(path)
@@ -277,11 +287,11 @@ class HostClient:
             self._waiters.pop(job_id, None)
             self._progress.pop(path, None)
         if end.result != JobState.DONE:
-            raise HostServiceError(end.error_name or ErrorName.INTERNAL, end.message or end.result)
+            raise error_from_name(end.error_name or ErrorName.INTERNAL, end.message or end.result)
 
     async def _cancel_quietly(self, path: str) -> None:
         with contextlib.suppress(HostServiceError):
-            await asyncio.shield(self._call(path, JOB_INTERFACE, "Cancel"))
+            await asyncio.shield(self.call(contract.CANCEL, path=path))
 
     # -- the API the shim uses ----------------------------------------------------------
 
@@ -294,16 +304,13 @@ class HostClient:
         weights_bytes: int = 0,
         progress: ProgressCallback | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - cancels the job too
-    ) -> dict[str, Any]:
+    ) -> CheckpointInfo:
         """Dumps the tree under root_pid; returns the checkpoint's properties."""
-        options = {
-            "leave_running": Variant("b", leave_running),
-            "weights_bytes": Variant("t", weights_bytes),
-        }
-        await self._run_job("Checkpoint", "sua{sv}", [model, root_pid, options], progress, timeout)
+        options = CheckpointOptions(leave_running=leave_running, weights_bytes=weights_bytes)
+        await self._run_job(contract.CHECKPOINT, [model, root_pid], options, progress, timeout)
         found = await self.get_checkpoint(model)
         if found is None:
-            raise HostServiceError(ErrorName.NOT_FOUND, f"checkpoint of {model} vanished")
+            raise errors.NotFound(f"checkpoint of {model} vanished")
         return found
 
     async def restore(
@@ -313,14 +320,14 @@ class HostClient:
         keep_images: bool = True,
         progress: ProgressCallback | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - cancels the job too
-    ) -> dict[str, Any]:
+    ) -> CheckpointInfo:
         """Restores into the caller's container; returns the checkpoint's properties
-        (RootPid, Pids: CRIU gives the processes their PIDs back)."""
+        (root_pid, pids: CRIU gives the processes their PIDs back)."""
         before = await self.get_checkpoint(model)
         if before is None:
-            raise HostServiceError(ErrorName.NOT_FOUND, f"no checkpoint of {model}")
-        options = {"keep_images": Variant("b", keep_images)}
-        await self._run_job("Restore", "sa{sv}", [model, options], progress, timeout)
+            raise errors.NotFound(f"no checkpoint of {model}")
+        options = RestoreOptions(keep_images=keep_images)
+        await self._run_job(contract.RESTORE, [model], options, progress, timeout)
         after = await self.get_checkpoint(model) if keep_images else None
         return after or before
 
@@ -333,7 +340,7 @@ class HostClient:
         timeout: float | None = None,  # noqa: ASYNC109 - cancels the job too
     ) -> None:
         """Moves the tree's CUDA state to host memory; the processes stay alive."""
-        await self._run_job("Suspend", "sua{sv}", [model, root_pid, {}], progress, timeout)
+        await self._run_job(contract.SUSPEND, [model, root_pid], NoOptions(), progress, timeout)
 
     async def resume(
         self,
@@ -343,36 +350,34 @@ class HostClient:
         progress: ProgressCallback | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - cancels the job too
     ) -> None:
-        await self._run_job("Resume", "sua{sv}", [model, root_pid, {}], progress, timeout)
+        await self._run_job(contract.RESUME, [model, root_pid], NoOptions(), progress, timeout)
 
-    async def list_checkpoints(self) -> list[dict[str, Any]]:
+    async def list_checkpoints(self) -> list[CheckpointInfo]:
         (objects,) = await self._call(OBJECT_PATH, OBJECT_MANAGER, "GetManagedObjects")
         found = [
-            _plain(interfaces[CHECKPOINT_INTERFACE])
+            CheckpointInfo.from_properties(_plain(interfaces[CHECKPOINT_INTERFACE]))
             for interfaces in objects.values()
             if CHECKPOINT_INTERFACE in interfaces
         ]
-        return sorted(found, key=lambda props: str(props.get("Model", "")))
+        return sorted(found, key=lambda info: info.model)
 
-    async def get_checkpoint(self, model: str) -> dict[str, Any] | None:
+    async def get_checkpoint(self, model: str) -> CheckpointInfo | None:
         try:
             (props,) = await self._call(
                 checkpoint_path(model), PROPERTIES, "GetAll", "s", [CHECKPOINT_INTERFACE]
             )
-        except HostServiceError as exc:
+        except errors.HostError as exc:
             if exc.dbus_name in (
                 "org.freedesktop.DBus.Error.UnknownObject",
                 "org.freedesktop.DBus.Error.UnknownInterface",
             ):
                 return None
             raise
-        result: dict[str, Any] = _plain(props)
-        return result
+        return CheckpointInfo.from_properties(_plain(props))
 
     async def delete_checkpoint(self, model: str) -> None:
-        await self._call(OBJECT_PATH, MANAGER_INTERFACE, "DeleteCheckpoint", "s", [model])
+        await self.call(contract.DELETE_CHECKPOINT, model)
 
-    async def info(self) -> dict[str, Any]:
+    async def info(self) -> HostInfo:
         (props,) = await self._call(OBJECT_PATH, PROPERTIES, "GetAll", "s", [MANAGER_INTERFACE])
-        result: dict[str, Any] = _plain(props)
-        return result
+        return HostInfo.from_properties(_plain(props))
