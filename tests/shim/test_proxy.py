@@ -19,10 +19,10 @@ from proxy_fixtures import (  # noqa: F401
     chat_body,
     http,
     kill_pids,
-    pid_running,
     shim_factory,
     sse_events,
 )
+from testprocs import pid_alive
 
 from llmux.shim.app import Shim
 
@@ -263,7 +263,7 @@ async def test_serve_shuts_down_gracefully_on_sigterm(
         assert await asyncio.wait_for(proc.wait(), 60) == 0
         out = (await proc.stdout.read()).decode() if proc.stdout else ""
         assert "action=shutdown signal=SIGTERM" in out and "action=stopped" in out
-        assert pids and not any(pid_running(p) for p in pids)
+        assert pids and not any(pid_alive(p) for p in pids)
     finally:
         if proc.returncode is None:
             os.killpg(proc.pid, signal.SIGKILL)
