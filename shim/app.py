@@ -23,11 +23,11 @@ from starlette.routing import Route
 
 from llmux.shim.config import Config
 from llmux.shim.control import ControlAPI, StatusSource, error_json
+from llmux.shim.engineclient import EngineClient
 from llmux.shim.errors import ModelNotFound, ShimError
 from llmux.shim.metrics import CONTENT_TYPE, ShimMetrics
 from llmux.shim.proxy import ASGIApp, ProxyApp, Receive, Scope, Send
 from llmux.shim.switcher import Switcher
-from llmux.shim.upstream import UpstreamPool
 
 log = logging.getLogger("llmux.app")
 
@@ -36,7 +36,7 @@ SHUTDOWN_GRACE_SECS = 30
 
 
 def build_app(config: Config, lifecycle: StatusSource, switcher: Switcher,
-              upstream: UpstreamPool, metrics: ShimMetrics) -> ASGIApp:
+              engines: EngineClient, metrics: ShimMetrics) -> ASGIApp:
     """The shim's ASGI app: the raw /v1 proxy in front of a Starlette app for the rest."""
     control = ControlAPI(config.models, switcher, lifecycle)
     created = int(time.time())
@@ -87,7 +87,7 @@ def build_app(config: Config, lifecycle: StatusSource, switcher: Switcher,
     ]
     rest = Starlette(routes=routes, exception_handlers={HTTPException: http_error,
                                                         ShimError: shim_error})
-    return ProxyApp(config, switcher, upstream, rest, count=metrics.count)
+    return ProxyApp(config, switcher, engines, rest, count=metrics.count)
 
 
 def metrics_app(metrics: ShimMetrics) -> ASGIApp:
@@ -132,7 +132,9 @@ class Shim:
         from llmux.shim.supervisor import Supervisor
 
         self.config = config
-        self.supervisor = Supervisor(config)
+        #: every call to an engine's API: the proxy's, the lifecycle's, the supervisor's
+        self.engines = EngineClient(config.models)
+        self.supervisor = Supervisor(config, engines=self.engines)
         from llmux.shim.backend import backend_for
 
         # A [checkpoint] section alone is enough: checkpoints left by an earlier container are
@@ -147,14 +149,12 @@ class Shim:
         self.metrics = ShimMetrics(in_flight=in_flight,
                                    queue_depth=lambda: holder[0].queue_depth,
                                    active_models=lambda: holder[0].active_models)
-        self.upstream = UpstreamPool(self.supervisor.base_url)
         self.lifecycle: Lifecycle = Lifecycle(
-            config, self.supervisor, backend, observer=self.metrics.observe_transition,
-            release_connections=self.upstream.release)
+            config, self.supervisor, backend, observer=self.metrics.observe_transition)
         self.switcher = Switcher(config, self.lifecycle, on_switch=self.metrics.observe_switch)
         holder.append(self.switcher)
-        self.supervisor.add_death_listener(lambda model, rc: self.switcher.mark_failed(model))
-        self.app = build_app(config, self.lifecycle, self.switcher, self.upstream, self.metrics)
+        self.lifecycle.add_loss_listener(self.switcher.mark_failed)
+        self.app = build_app(config, self.lifecycle, self.switcher, self.engines, self.metrics)
         self.servers = [_Server(uvicorn_config(self.app, config.host, config.port))]
         if config.metrics_port:
             self.servers.append(_Server(uvicorn_config(metrics_app(self.metrics), config.host,
@@ -201,10 +201,10 @@ class Shim:
         self.request_stop()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.switcher.aclose()
-        await self.upstream.aclose()
         t0 = time.monotonic()
         await self.lifecycle.aclose()
         await self.supervisor.aclose()
+        await self.engines.aclose()
         log.info("action=stopped seconds=%.3f", time.monotonic() - t0)
 
 

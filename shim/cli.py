@@ -138,10 +138,8 @@ def cmd_validate_model(args: argparse.Namespace) -> int:
     for text in (args.policies or "offload+keep_running,discard+keep_running").split(","):
         try:
             policies.append(EvictionPolicy.parse(text.strip()))
-        except ValueError as e:
-            print(f"llmux: error: --policies: {text.strip()!r}: {e} (WEIGHTS is retain, "
-                  "offload or discard; PROCESS is keep_running, cuda_suspend, checkpoint "
-                  "or stop)", file=sys.stderr)
+        except ValueError as e:  # the message names the valid strategies
+            print(f"llmux: error: --policies: {e}", file=sys.stderr)
             return EXIT_USAGE
     from llmux.shim.validate import run_validation
 

@@ -1,28 +1,37 @@
 """Typed shim configuration, loaded and validated once at start-up.
 
 TOML is the native format; the original (Rust) llmux JSON config is accepted
-unchanged. Validation collects every problem with its key path instead of
-stopping at the first, so an operator fixes a file in one pass.
+unchanged. The dataclasses below are the schema: each key's default is written
+once, as the field's default, and validation is derived from the field's type
+(plus a check where the type says too little). Every problem is collected with
+its key path instead of stopping at the first, so an operator fixes a file in
+one pass. Keys of the original that mean nothing here are accepted with one log
+line each (:data:`RETIRED`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
-import sys
+import tomllib
+import types
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from llmux.service.contract import valid_model_name
 from llmux.shim.errors import ConfigError
 
-if sys.version_info >= (3, 11):  # noqa: UP036  (tomli is the fallback the card names)
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+log = logging.getLogger(__name__)
+
+#: a value's check: None when it is fine, else why not
+Check = Callable[[Any], str | None]
 
 
 class WeightStrategy(StrEnum):
@@ -43,8 +52,26 @@ class EngineKind(StrEnum):
     BUILTIN = "builtin"
 
 
+#: what a value of each enumeration is called in messages
+_ENUM_WORDS: dict[type, str] = {WeightStrategy: "weights strategy",
+                                ProcessStrategy: "process strategy", EngineKind: "engine"}
+
 #: Process strategies that are carried out by the host service (llmuxd).
 HOST_STRATEGIES = frozenset({ProcessStrategy.CUDA_SUSPEND, ProcessStrategy.CHECKPOINT})
+
+
+def _names(enum: type[StrEnum]) -> str:
+    return ", ".join(e.value for e in enum)
+
+
+class PolicyError(ValueError):
+    """A bad eviction policy: ``key`` is "" (the policy itself), "weights", "process" or
+    an unknown key of the table form."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.message = message
 
 
 @dataclass(frozen=True)
@@ -60,32 +87,128 @@ class EvictionPolicy:
         return self.process in HOST_STRATEGIES
 
     @classmethod
-    def parse(cls, text: str) -> EvictionPolicy:
-        """``"offload+keep_running"`` form, as the original's --eviction flag."""
-        weights, sep, process = text.partition("+")
-        if not sep:
-            raise ValueError(f"expected WEIGHTS+PROCESS, got {text!r}")
-        return cls(WeightStrategy(weights.strip()), ProcessStrategy(process.strip()))
+    def read(cls, raw: Any, default: EvictionPolicy | None = None
+             ) -> tuple[EvictionPolicy, list[tuple[str, str]]]:
+        """A policy written as "WEIGHTS+PROCESS" or as {weights, process} (a missing half
+        is ``default``'s), and every problem found as (key, why); the one parser of
+        policies, for the config file, the control API and --policies alike."""
+        base = default or cls()
+        if isinstance(raw, str):
+            weights, sep, process = raw.partition("+")
+            try:
+                if not sep:
+                    raise ValueError(raw)
+                return cls(WeightStrategy(weights.strip()),
+                           ProcessStrategy(process.strip())), []
+            except ValueError:
+                return base, [("", f"unknown strategy {raw!r}: expected WEIGHTS+PROCESS like "
+                                   f"'offload+keep_running', WEIGHTS one of: "
+                                   f"{_names(WeightStrategy)}; PROCESS one of: "
+                                   f"{_names(ProcessStrategy)}")]
+        if not isinstance(raw, dict):
+            return base, [("", "expected 'WEIGHTS+PROCESS' or "
+                               "{weights = ..., process = ...}")]
+        problems = [(str(k), "unknown key (allowed: process, weights)")
+                    for k in raw if k not in ("weights", "process")]
+        parts: dict[str, Any] = {"weights": base.weights, "process": base.process}
+        for key, enum in (("weights", WeightStrategy), ("process", ProcessStrategy)):
+            if key in raw:
+                value, why = _convert(enum, raw[key])
+                if why is None:
+                    parts[key] = value
+                else:
+                    problems.append((key, why))
+        return cls(**parts), problems
+
+    @classmethod
+    def parse(cls, raw: Any, default: EvictionPolicy | None = None) -> EvictionPolicy:
+        """:meth:`read`, raising PolicyError for the first problem."""
+        policy, problems = cls.read(raw, default)
+        if problems:
+            raise PolicyError(*problems[0])
+        return policy
+
+
+def _key(default: Any = dataclasses.MISSING, *, check: Check | None = None,
+         required: str | None = None, key: str | None = None,
+         factory: Callable[[], Any] | None = None) -> Any:
+    """A config key: its default, and what the type alone does not say (a check, that it
+    must be given, the name it has in the file when that is not the field's)."""
+    meta = {"check": check, "required": required, "key": key}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _internal(default: Any = dataclasses.MISSING) -> Any:
+    """A field that is not a key of the file."""
+    return field(default=default, metadata={"internal": True})
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def _port(v: int) -> str | None:
+    return None if 1 <= v <= 65535 else f"{v} is not a port (1-65535)"
+
+
+def _port_or_zero(v: int) -> str | None:
+    return None if 0 <= v <= 65535 else f"{v} is not a port (0 disables, else 1-65535)"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else f"must be greater than 0, got {v}"
+
+
+def _non_negative(v: float) -> str | None:
+    return None if v >= 0 else f"must not be negative, got {v}"
+
+
+def _at_least(n: int) -> Check:
+    return lambda v: None if v >= n else f"must be at least {n}, got {v}"
+
+
+def _nonempty(v: str | tuple[str, ...]) -> str | None:
+    empty = not v.strip() if isinstance(v, str) else not v
+    return "must not be empty" if empty else None
+
+
+_POLICY_TYPES = ("fifo",)
+_ORIGINAL_POLICY_TYPES = ("cost_aware", "time_slice")
+
+
+def _policy_type(v: str) -> str | None:
+    if v in _ORIGINAL_POLICY_TYPES:
+        return f"{v!r} is not implemented here; use 'fifo'"
+    if v not in _POLICY_TYPES:
+        return f"unknown policy {v!r} (one of: {', '.join(_POLICY_TYPES)})"
+    return None
+
+
+# ---------------------------------------------------------------------------- the schema
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str
-    model_path: str
-    port: int
-    engine: EngineKind = EngineKind.VLLM
-    weights_mb: int = 64
-    extra_args: tuple[str, ...] = ()
-    eviction: EvictionPolicy = EvictionPolicy()
-    checkpoint_path: Path | None = None
+    name: str = _internal()
+    model_path: str = _key("", check=_nonempty, required="a Hugging Face id or a local path")
+    port: int = _key(0, check=_port, required="the port this model's engine listens on")
+    engine: EngineKind = _key(EngineKind.VLLM)
+    weights_mb: int = _key(64, check=_non_negative)
+    #: argv appended to the engine's (never run through a shell)
+    extra_args: tuple[str, ...] = _key(())
+    #: default: [policy] eviction
+    eviction: EvictionPolicy = _key(EvictionPolicy())
+    checkpoint_path: Path | None = _key(None)
     #: argv prefix replacing the engine's default command (never run through a shell)
-    command: tuple[str, ...] | None = None
-    env: Mapping[str, str] = field(default_factory=dict)
-    startup_timeout_secs: float = 1800.0
+    command: tuple[str, ...] | None = _key(None, check=_nonempty)
+    env: Mapping[str, str] = _key(factory=dict)
+    #: default: the top-level startup_timeout_secs
+    startup_timeout_secs: float = _key(1800.0, check=_positive)
     #: run the engine with vLLM's sleep mode; None: exactly when the eviction uses it
-    sleep_mode_override: bool | None = None
+    sleep_mode_override: bool | None = _key(None, key="sleep_mode")
     #: bound on the one-token completion that proves an engine ready after each start
-    probe_timeout_secs: float = 60.0
+    probe_timeout_secs: float = _key(60.0, check=_positive)
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -102,54 +225,70 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    policy_type: str = "fifo"
-    request_timeout_secs: float = 300.0
-    drain_before_switch: bool = True
-    eviction: EvictionPolicy = EvictionPolicy()
-    min_active_secs: float = 5.0
-    #: the original's tuning knobs for its other policies; kept, not used by fifo
-    extras: Mapping[str, Any] = field(default_factory=dict)
+    policy_type: str = _key("fifo", check=_policy_type)
+    request_timeout_secs: float = _key(300.0, check=_positive)
+    drain_before_switch: bool = _key(True)
+    eviction: EvictionPolicy = _key(EvictionPolicy())
+    min_active_secs: float = _key(5.0, check=_non_negative)
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
     #: where the host service listens: "system", "session" or a D-Bus address
-    bus: str = "system"
-    keep_images: bool = True
-    # The original ran CRIU itself; these are accepted for compatibility and
-    # passed on as hints. The host service owns its own CRIU configuration.
-    criu_path: str = "criu"
-    cuda_plugin_dir: str = "/usr/lib/criu/"
-    images_dir: Path = Path("/tmp/llmux-checkpoints")
-    cuda_checkpoint_path: str = "cuda-checkpoint"
+    bus: str = _key("system", check=_nonempty)
+    keep_images: bool = _key(True)
     #: seconds a host job (dump/restore) may take before the shim gives up waiting
-    job_timeout_secs: float = 1800.0
+    job_timeout_secs: float = _key(1800.0, check=_positive)
 
 
 @dataclass(frozen=True)
 class Config:
-    models: Mapping[str, ModelConfig]
-    policy: PolicyConfig = PolicyConfig()
-    host: str = "0.0.0.0"
-    port: int = 3000
+    models: Mapping[str, ModelConfig] = _internal()
+    policy: PolicyConfig = _key(PolicyConfig())
+    host: str = _key("0.0.0.0", check=_nonempty)
+    port: int = _key(3000, check=_port)
     #: a separate Prometheus port; 0 disables it (/metrics on the proxy port stays)
-    metrics_port: int = 9090
-    admin_port: int | None = None
-    vllm_command: str = "vllm"
-    checkpoint: CheckpointConfig | None = None
-    startup_timeout_secs: float = 1800.0
-    warmup: bool = False
+    metrics_port: int = _key(9090, check=_port_or_zero)
+    vllm_command: str = _key("vllm", check=_nonempty)
+    #: present: the host service (llmuxd) is used, also to restore earlier checkpoints
+    checkpoint: CheckpointConfig | None = _key(None)
+    startup_timeout_secs: float = _key(1800.0, check=_positive)
     #: models allowed on the GPU at once
-    max_active: int = 1
+    max_active: int = _key(1, check=_at_least(1))
     #: request bodies above this are refused with 413 before any engine sees them
-    max_body_bytes: int = 16 << 20
+    max_body_bytes: int = _key(16 << 20, check=_at_least(1024))
     #: per-model engine logs (stdout/stderr) are written here
-    log_dir: Path = Path("/tmp/llmux-logs")
-    source: str = "<memory>"
+    log_dir: Path = _key(Path("/tmp/llmux-logs"))
+    source: str = _internal("<memory>")
 
     @property
     def needs_host(self) -> bool:
         return any(m.eviction.needs_host for m in self.models.values())
+
+
+_LLMUXD = "llmuxd's config (/etc/llmux/llmuxd.toml)"
+
+#: keys the original llmux had that mean nothing here, per section: accepted, and each
+#: one found is logged with where the setting lives now or why it is gone
+RETIRED: dict[type, dict[str, str]] = {
+    Config: {
+        "admin_port": "deprecated and ignored: the control API is served on `port`",
+        "warmup": "deprecated and ignored: an engine starts on its model's first request",
+    },
+    PolicyConfig: {key: "deprecated and ignored: a tuning knob of the original's other "
+                        "policies; only fifo is implemented"
+                   for key in ("coalesce_window_ms", "amortization_factor", "max_wait_secs",
+                               "tick_interval_ms", "min_quantum_ms")},
+    CheckpointConfig: {
+        "criu_path": f"ignored: CRIU runs in llmuxd now; set `criu` in {_LLMUXD}",
+        "cuda_plugin_dir": f"ignored: CRIU runs in llmuxd now; set `cuda_plugin_dir` in "
+                           f"{_LLMUXD}",
+        "images_dir": f"ignored: llmuxd keeps the checkpoints; set `state_dir` in {_LLMUXD}",
+        "cuda_checkpoint_path": f"ignored: llmuxd checkpoints CUDA now; set "
+                                f"`cuda_checkpoint` in {_LLMUXD}",
+        "object_store": "deprecated and ignored: checkpoints stay on the host (llmuxd)",
+    },
+}
 
 
 # --------------------------------------------------------------------------- loading
@@ -182,82 +321,150 @@ def parse_config(text: str, *, source: str = "<string>", fmt: str = "toml") -> C
 
 
 def config_from_dict(raw: Any, *, source: str = "<dict>") -> Config:
-    v = _Validator()
-    cfg = v.config(raw, source)
-    if v.problems or cfg is None:
-        raise ConfigError(v.problems, source=source)
+    r = _Reader()
+    cfg = r.config(raw, source)
+    if r.problems or cfg is None:
+        raise ConfigError(r.problems, source=source)
+    for note in r.notices:
+        log.warning("%s: %s", source, note)
     return cfg
 
 
-T = TypeVar("T")
-
-_TOP_KEYS = {
-    "models", "policy", "host", "port", "metrics_port", "admin_port", "vllm_command",
-    "checkpoint", "startup_timeout_secs", "warmup", "max_active", "max_body_bytes", "log_dir",
-}
-_MODEL_KEYS = {
-    "model_path", "port", "engine", "weights_mb", "extra_args", "eviction", "checkpoint_path",
-    "command", "env", "startup_timeout_secs", "sleep_mode", "probe_timeout_secs",
-}
-_POLICY_KEYS = {"policy_type", "request_timeout_secs", "drain_before_switch", "eviction",
-                "min_active_secs"}
-_POLICY_EXTRA_KEYS = {"coalesce_window_ms", "amortization_factor", "max_wait_secs",
-                      "tick_interval_ms", "min_quantum_ms"}
-_CHECKPOINT_KEYS = {"bus", "keep_images", "criu_path", "cuda_plugin_dir", "images_dir",
-                    "cuda_checkpoint_path", "job_timeout_secs", "object_store"}
-_POLICY_TYPES = {"fifo"}
-_ORIGINAL_POLICY_TYPES = {"cost_aware", "time_slice"}
 _TP_SAFE_FLAGS = ("--enforce-eager", "--disable-custom-all-reduce")
 
 
-class _Validator:
+@cache
+def _keys(cls: type) -> dict[str, dataclasses.Field[Any]]:
+    """The section's keys as written in a file, and their fields."""
+    return {str(f.metadata.get("key") or f.name): f for f in dataclasses.fields(cls)
+            if not f.metadata.get("internal")}
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _kind_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             Path: "a string", tuple: "a list", Mapping: "a table/object"}
+    return names.get(typing.get_origin(tp) or tp, "a string")
+
+
+def _expected(tp: Any, value: Any) -> str:
+    got = "a boolean" if isinstance(value, bool) else type(value).__name__
+    return f"expected {_kind_name(tp)}, got {got}"
+
+
+def _convert(tp: Any, value: Any) -> tuple[Any, str | None]:
+    """``value`` as the field type ``tp`` wants it, or why it cannot be."""
+    origin = typing.get_origin(tp)
+    if origin is types.UnionType or origin is typing.Union:
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        origin = typing.get_origin(tp)
+    if isinstance(tp, type) and issubclass(tp, StrEnum):
+        if not isinstance(value, str):
+            return None, _expected(str, value)
+        try:
+            return tp(value), None
+        except ValueError:
+            return None, f"unknown {_ENUM_WORDS[tp]} {value!r} (one of: {_names(tp)})"
+    if origin is tuple:
+        if not isinstance(value, list):
+            return None, _expected(tp, value)
+        bad = [x for x in value if not isinstance(x, str)]
+        if bad:
+            return None, f"every item must be a string, got {bad[0]!r}"
+        return tuple(value), None
+    if origin is Mapping:
+        if not isinstance(value, dict):
+            return None, _expected(tp, value)
+        bad = [k for k, x in value.items() if not isinstance(x, str)]
+        if bad:
+            return None, f"value of {bad[0]!r} must be a string"
+        return dict(value), None
+    ok = isinstance(value, bool) if tp is bool else (
+        not isinstance(value, bool) and isinstance(value, (int, float) if tp is float
+                                                   else str if tp is Path else tp))
+    if not ok:
+        return None, _expected(tp, value)
+    if tp is Path:
+        return (None, "must not be empty") if not value.strip() else (Path(value), None)
+    return (float(value) if tp is float else value), None
+
+
+class _Reader:
     def __init__(self) -> None:
         self.problems: list[tuple[str, str]] = []
+        self.notices: list[str] = []
 
     def bad(self, path: str, why: str) -> None:
         self.problems.append((path, why))
 
-    # -- typed getters: record a problem and return the default on a bad value
+    # -- derived from the schema
 
-    def get(self, d: Mapping[str, Any], key: str, path: str, kind: type[T] | tuple[type, ...],
-            default: T, check: Callable[[Any], str | None] | None = None) -> T:
-        if key not in d:
-            return default
-        value = d[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if isinstance(value, bool) and bool not in kinds:
-            self.bad(f"{path}{key}", f"expected {_kind_name(kinds)}, got a boolean")
-            return default
-        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kinds):
-            self.bad(f"{path}{key}", f"expected {_kind_name(kinds)}, got {type(value).__name__}")
-            return default
-        if check is not None and (why := check(value)) is not None:
-            self.bad(f"{path}{key}", why)
-            return default
-        return value  # type: ignore[return-value]
+    def section(self, cls: type, raw: Any, path: str, *, elsewhere: frozenset[str] = frozenset(),
+                **defaults: Any) -> dict[str, Any] | None:
+        """The fields of ``cls`` read from the table ``raw`` at ``path``; ``defaults``
+        replace the fields' own (a model's inherit the policy's eviction). Keys in
+        ``elsewhere`` are read by the caller."""
+        if not isinstance(raw, dict):
+            self.bad(path, "expected a table/object")
+            return None
+        prefix = f"{path}." if path else ""
+        keys, retired = _keys(cls), RETIRED.get(cls, {})
+        for key in raw:
+            if key in retired:
+                self.notices.append(f"{prefix}{key} is {retired[key]}")
+            elif key not in keys and key not in elsewhere:
+                allowed = ", ".join(sorted(keys.keys() | elsewhere))
+                self.bad(f"{prefix}{key}", f"unknown key (allowed: {allowed})")
+        out: dict[str, Any] = {}
+        for key, f in keys.items():
+            default = defaults[f.name] if f.name in defaults else _default(f)
+            if key not in raw:
+                if f.metadata.get("required"):
+                    self.bad(f"{prefix}{key}", f"missing ({f.metadata['required']})")
+                out[f.name] = default
+            else:
+                out[f.name] = self.value(_hints(cls)[f.name], raw[key], f"{prefix}{key}",
+                                         default, f.metadata.get("check"))
+        return out
 
-    def unknown(self, d: Mapping[str, Any], allowed: set[str], path: str) -> None:
-        for key in d:
-            if key not in allowed:
-                self.bad(f"{path}{key}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
+    def value(self, tp: Any, raw: Any, path: str, default: Any, check: Check | None) -> Any:
+        if typing.get_origin(tp) is types.UnionType:
+            (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        if tp is EvictionPolicy:
+            policy, problems = EvictionPolicy.read(raw, default)
+            for key, problem in problems:
+                self.bad(f"{path}.{key}" if key else path, problem)
+            return policy
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            fields = self.section(tp, raw, path)
+            return default if fields is None else tp(**fields)
+        value, why = _convert(tp, raw)
+        if why is None and check is not None:
+            why = check(value)
+        if why is not None:
+            self.bad(path, why)
+            return default
+        return value
 
-    # -- sections
+    # -- what a type cannot say: models, and rules across keys
 
     def config(self, raw: Any, source: str) -> Config | None:
         if not isinstance(raw, dict):
             self.bad("", "the top level must be a table/object")
             return None
-        self.unknown(raw, _TOP_KEYS, "")
-        policy = self.policy(raw.get("policy", {}))
-        checkpoint = self.checkpoint(raw["checkpoint"]) if "checkpoint" in raw else None
-        port = self.get(raw, "port", "", int, 3000, _port)
-        metrics_port = self.get(raw, "metrics_port", "", int, 9090, _port_or_zero)
-        admin_port = self.get(raw, "admin_port", "", int, 0, _port_or_zero) or None
-        startup = self.get(raw, "startup_timeout_secs", "", float, 1800.0, _positive)
-        vllm_command = self.get(raw, "vllm_command", "", str, "vllm", _nonempty)
-
+        top = self.section(Config, raw, "", elsewhere=frozenset({"models"}))
+        assert top is not None
+        policy: PolicyConfig = top["policy"]
         models: dict[str, ModelConfig] = {}
         all_models: dict[str, ModelConfig] = {}
         raw_models = raw.get("models")
@@ -268,97 +475,13 @@ class _Validator:
         else:
             for name, m in raw_models.items():
                 n_before = len(self.problems)
-                mc = self.model(str(name), m, policy, startup)
+                mc = self.model(str(name), m, policy, top["startup_timeout_secs"])
                 if mc is not None:
                     all_models[mc.name] = mc
                     if len(self.problems) == n_before:
                         models[mc.name] = mc
-        self.ports(all_models, port, metrics_port, admin_port)
-        cfg = Config(
-            models=models,
-            policy=policy,
-            host=self.get(raw, "host", "", str, "0.0.0.0", _nonempty),
-            port=port,
-            metrics_port=metrics_port,
-            admin_port=admin_port,
-            vllm_command=vllm_command,
-            checkpoint=checkpoint,
-            startup_timeout_secs=startup,
-            warmup=self.get(raw, "warmup", "", bool, False),
-            max_active=self.get(raw, "max_active", "", int, 1, _at_least(1)),
-            max_body_bytes=self.get(raw, "max_body_bytes", "", int, 16 << 20, _at_least(1024)),
-            log_dir=Path(self.get(raw, "log_dir", "", str, "/tmp/llmux-logs", _nonempty)),
-            source=source,
-        )
-        return cfg
-
-    def eviction(self, raw: Any, path: str, default: EvictionPolicy) -> EvictionPolicy:
-        if isinstance(raw, str):
-            try:
-                return EvictionPolicy.parse(raw)
-            except ValueError:
-                self.bad(path, f"expected WEIGHTS+PROCESS like 'offload+keep_running', got {raw!r}")
-                return default
-        if not isinstance(raw, dict):
-            self.bad(path, "expected {weights = ..., process = ...}")
-            return default
-        self.unknown(raw, {"weights", "process"}, f"{path}.")
-        weights, process = default.weights, default.process
-        if "weights" in raw:
-            try:
-                weights = WeightStrategy(raw["weights"])
-            except ValueError:
-                self.bad(f"{path}.weights", f"unknown weight strategy {raw['weights']!r} "
-                         f"(one of: {', '.join(s.value for s in WeightStrategy)})")
-        if "process" in raw:
-            try:
-                process = ProcessStrategy(raw["process"])
-            except ValueError:
-                self.bad(f"{path}.process", f"unknown process strategy {raw['process']!r} "
-                         f"(one of: {', '.join(s.value for s in ProcessStrategy)})")
-        return EvictionPolicy(weights, process)
-
-    def policy(self, raw: Any) -> PolicyConfig:
-        if not isinstance(raw, dict):
-            self.bad("policy", "expected a table/object")
-            return PolicyConfig()
-        self.unknown(raw, _POLICY_KEYS | _POLICY_EXTRA_KEYS, "policy.")
-        ptype = self.get(raw, "policy_type", "policy.", str, "fifo")
-        if ptype in _ORIGINAL_POLICY_TYPES:
-            self.bad("policy.policy_type", f"{ptype!r} is not implemented here; use 'fifo'")
-        elif ptype not in _POLICY_TYPES:
-            self.bad("policy.policy_type", f"unknown policy {ptype!r} (one of: fifo)")
-        eviction = (self.eviction(raw["eviction"], "policy.eviction", EvictionPolicy())
-                    if "eviction" in raw else EvictionPolicy())
-        return PolicyConfig(
-            policy_type=ptype,
-            request_timeout_secs=self.get(raw, "request_timeout_secs", "policy.", float, 300.0,
-                                          _positive),
-            drain_before_switch=self.get(raw, "drain_before_switch", "policy.", bool, True),
-            eviction=eviction,
-            min_active_secs=self.get(raw, "min_active_secs", "policy.", float, 5.0,
-                                     _non_negative),
-            extras={k: raw[k] for k in _POLICY_EXTRA_KEYS if k in raw},
-        )
-
-    def checkpoint(self, raw: Any) -> CheckpointConfig | None:
-        if not isinstance(raw, dict):
-            self.bad("checkpoint", "expected a table/object")
-            return None
-        self.unknown(raw, _CHECKPOINT_KEYS, "checkpoint.")
-        p = "checkpoint."
-        d = CheckpointConfig()
-        return CheckpointConfig(
-            bus=self.get(raw, "bus", p, str, d.bus, _nonempty),
-            keep_images=self.get(raw, "keep_images", p, bool, d.keep_images),
-            criu_path=self.get(raw, "criu_path", p, str, d.criu_path, _nonempty),
-            cuda_plugin_dir=self.get(raw, "cuda_plugin_dir", p, str, d.cuda_plugin_dir),
-            images_dir=Path(self.get(raw, "images_dir", p, str, str(d.images_dir), _nonempty)),
-            cuda_checkpoint_path=self.get(raw, "cuda_checkpoint_path", p, str,
-                                          d.cuda_checkpoint_path, _nonempty),
-            job_timeout_secs=self.get(raw, "job_timeout_secs", p, float, d.job_timeout_secs,
-                                      _positive),
-        )
+        self.ports(all_models, top["port"], top["metrics_port"])
+        return Config(models=models, source=source, **top)
 
     def model(self, name: str, raw: Any, policy: PolicyConfig,
               startup: float) -> ModelConfig | None:
@@ -370,48 +493,16 @@ class _Validator:
             self.bad(path, "expected a table/object with model_path and port")
             return None
         nested = all(isinstance(v, dict) for v in raw.values())
-        if raw and nested and not raw.keys() & _MODEL_KEYS:
+        if raw and nested and not raw.keys() & _keys(ModelConfig).keys():
             sub = next(iter(raw))
             self.bad(path, f"a table of tables, not a model: in TOML a model name with a dot "
                      f"must be quoted, e.g. [models.\"{name}.{sub}\"]")
             return None
-        self.unknown(raw, _MODEL_KEYS, f"{path}.")
-        p = f"{path}."
-        model_path = self.get(raw, "model_path", p, str, "", _nonempty)
-        if "model_path" not in raw:
-            self.bad(f"{path}.model_path", "missing (a Hugging Face id or a local path)")
-        port = self.get(raw, "port", p, int, 0, _port)
-        if "port" not in raw:
-            self.bad(f"{path}.port", "missing (the port this model's engine listens on)")
-        engine_name = self.get(raw, "engine", p, str, EngineKind.VLLM.value)
-        try:
-            engine = EngineKind(engine_name)
-        except ValueError:
-            self.bad(f"{path}.engine", f"unknown engine {engine_name!r} (one of: vllm, builtin)")
-            engine = EngineKind.VLLM
-        extra_args = self.get(raw, "extra_args", p, list, [], _str_list)
-        command = self.get(raw, "command", p, list, [], _str_list_nonempty) or None
-        env = self.get(raw, "env", p, dict, {}, _str_dict)
-        eviction = (self.eviction(raw["eviction"], f"{path}.eviction", policy.eviction)
-                    if "eviction" in raw else policy.eviction)
-        cp = self.get(raw, "checkpoint_path", p, str, "", _nonempty)
-        mc = ModelConfig(
-            name=name,
-            model_path=model_path,
-            port=port,
-            engine=engine,
-            weights_mb=self.get(raw, "weights_mb", p, int, 64, _non_negative),
-            extra_args=tuple(extra_args),
-            eviction=eviction,
-            checkpoint_path=Path(cp) if cp else None,
-            command=tuple(command) if command else None,
-            env=dict(env),
-            startup_timeout_secs=self.get(raw, "startup_timeout_secs", p, float, startup,
-                                          _positive),
-            sleep_mode_override=(self.get(raw, "sleep_mode", p, bool, False)
-                                 if "sleep_mode" in raw else None),
-            probe_timeout_secs=self.get(raw, "probe_timeout_secs", p, float, 60.0, _positive),
-        )
+        fields = self.section(ModelConfig, raw, path, eviction=policy.eviction,
+                              startup_timeout_secs=startup)
+        assert fields is not None
+        mc = ModelConfig(name=name, **fields)
+        eviction = mc.eviction
         if mc.sleep_mode_override is False and eviction.weights is not WeightStrategy.RETAIN:
             self.bad(f"{path}.sleep_mode",
                      f"false, but the eviction {eviction} puts the weights to sleep, which "
@@ -431,15 +522,15 @@ class _Validator:
                          "a CUDA checkpoint)")
         return mc
 
-    def ports(self, models: Mapping[str, ModelConfig], port: int, metrics_port: int,
-              admin_port: int | None) -> None:
+    def ports(self, models: Mapping[str, ModelConfig], port: int, metrics_port: int) -> None:
         owners: dict[int, str] = {port: "port"}
-        for key, value in (("metrics_port", metrics_port), ("admin_port", admin_port or 0)):
-            if value:
-                if value in owners:
-                    self.bad(key, f"port {value} is already used by {owners[value]}")
-                owners.setdefault(value, key)
+        if metrics_port:
+            if metrics_port in owners:
+                self.bad("metrics_port", f"port {metrics_port} is already used by port")
+            owners.setdefault(metrics_port, "metrics_port")
         for m in models.values():
+            if not m.port:
+                continue  # missing, said already
             key = f"models.{m.name}.port"
             if m.port in owners:
                 self.bad(key, f"port {m.port} is already used by {owners[m.port]}")
@@ -464,47 +555,3 @@ def _tensor_parallel_size(args: tuple[str, ...]) -> int:
                 raise ValueError(f"{a}: must be at least 1")
             return n
     return 1
-
-
-def _kind_name(kinds: tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-             list: "a list", dict: "a table/object"}
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
-def _port(v: int) -> str | None:
-    return None if 1 <= v <= 65535 else f"{v} is not a port (1-65535)"
-
-
-def _port_or_zero(v: int) -> str | None:
-    return None if 0 <= v <= 65535 else f"{v} is not a port (0 disables, else 1-65535)"
-
-
-def _positive(v: float) -> str | None:
-    return None if v > 0 else f"must be greater than 0, got {v}"
-
-
-def _non_negative(v: float) -> str | None:
-    return None if v >= 0 else f"must not be negative, got {v}"
-
-
-def _at_least(n: int) -> Callable[[int], str | None]:
-    return lambda v: None if v >= n else f"must be at least {n}, got {v}"
-
-
-def _nonempty(v: str) -> str | None:
-    return None if v.strip() else "must not be empty"
-
-
-def _str_list(v: list[Any]) -> str | None:
-    bad = [x for x in v if not isinstance(x, str)]
-    return None if not bad else f"every item must be a string, got {bad[0]!r}"
-
-
-def _str_list_nonempty(v: list[Any]) -> str | None:
-    return _str_list(v) or (None if v else "must not be empty")
-
-
-def _str_dict(v: dict[str, Any]) -> str | None:
-    bad = [k for k, x in v.items() if not isinstance(x, str)]
-    return None if not bad else f"value of {bad[0]!r} must be a string"

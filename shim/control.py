@@ -18,6 +18,7 @@ from starlette.routing import Route
 from llmux.shim.config import (
     EvictionPolicy,
     ModelConfig,
+    PolicyError,
     ProcessStrategy,
     WeightStrategy,
 )
@@ -155,39 +156,11 @@ class ControlAPI:
             return EvictionPolicy(w, ProcessStrategy.KEEP_RUNNING)
         if raw is None:
             return None
-        default = self._models[model].eviction
-        if isinstance(raw, str):
-            try:
-                return EvictionPolicy.parse(raw)
-            except ValueError:
-                raise BadRequest(
-                    f"unknown strategy {raw!r}: expected WEIGHTS+PROCESS, WEIGHTS one of "
-                    f"{_names(WeightStrategy)}, PROCESS one of {_names(ProcessStrategy)}",
-                    param="strategy") from None
-        if isinstance(raw, dict):
-            unknown = set(raw) - {"weights", "process"}
-            if unknown:
-                raise BadRequest(f"unknown strategy key(s): {', '.join(sorted(unknown))} "
-                                 "(allowed: weights, process)", param="strategy")
-            try:
-                weights = WeightStrategy(raw.get("weights", default.weights))
-            except ValueError:
-                raise BadRequest(f"unknown weights strategy {raw.get('weights')!r} "
-                                 f"(one of {_names(WeightStrategy)})",
-                                 param="strategy.weights") from None
-            try:
-                process = ProcessStrategy(raw.get("process", default.process))
-            except ValueError:
-                raise BadRequest(f"unknown process strategy {raw.get('process')!r} "
-                                 f"(one of {_names(ProcessStrategy)})",
-                                 param="strategy.process") from None
-            return EvictionPolicy(weights, process)
-        raise BadRequest("`strategy` must be a string like 'offload+keep_running' or "
-                         "an object {weights, process}", param="strategy")
-
-
-def _names(enum: Any) -> str:
-    return ", ".join(e.value for e in enum)
+        try:
+            return EvictionPolicy.parse(raw, self._models[model].eviction)
+        except PolicyError as e:
+            raise BadRequest(e.message, param=f"strategy.{e.key}" if e.key
+                             else "strategy") from None
 
 
 async def _json_body(request: Request, *, allowed: set[str]) -> dict[str, Any]:

@@ -6,7 +6,9 @@ dumped to images by llmuxd and gone), stopped. Eviction applies the weights
 strategy first (vLLM /sleep) and then the process strategy; activation undoes
 whatever was done. A failed eviction escalates to stop so the GPU is freed; a
 failed wake falls back to a cold start. The switcher decides *when*; this module
-only knows *how*, one transition per model at a time.
+only knows *how*, one transition per model at a time. It is the one owner of model
+state: an engine's death reaches it (from the supervisor) and it tells the listeners
+given to :meth:`Lifecycle.add_loss_listener` (the switcher stops admitting for it).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -63,6 +65,9 @@ class WakeKind(StrEnum):
 #: ended in stop), "stop" (shutdown). Strategy: the eviction policy as
 #: "offload+keep_running", "cold", or "restore" for a checkpoint found at start-up.
 TransitionObserver = Callable[[str, str, str, float], None]
+
+#: (model) -> None: the model's engine died without being asked to
+LossListener = Callable[[str], None]
 
 #: engine states in which a process tree of ours exists
 _ALIVE_STATES = frozenset({"running", "sleeping", "suspended"})
@@ -125,13 +130,14 @@ class _Model:
 class Lifecycle:
     def __init__(self, config: Config, supervisor: Supervisor, backend: ProcessBackend | None,
                  *, observer: TransitionObserver | None = None,
-                 release_connections: Callable[[str], Awaitable[None]] | None = None,
                  engine_call_timeout_secs: float = 600.0) -> None:
         self.config = config
         self.supervisor = supervisor
+        #: every call to an engine's API (the proxy's too): one pool per model
+        self.engines = supervisor.engines
         self.backend = backend
         self.observer = observer
-        self.release_connections = release_connections
+        self._loss_listeners: list[LossListener] = []
         #: bound on one /sleep, /wake_up or reload call (offloading large weights is slow)
         self.engine_call_timeout_secs = engine_call_timeout_secs
         self._models = {name: _Model(m) for name, m in config.models.items()}
@@ -206,8 +212,9 @@ class Lifecycle:
     def statuses(self) -> dict[str, ModelStatus]:
         return {name: self.status(name) for name in self._models}
 
-    def base_url(self, model: str) -> str:
-        return f"http://127.0.0.1:{self._rec(model).config.port}"
+    def add_loss_listener(self, listener: LossListener) -> None:
+        """Called (model) when a model's engine dies without being asked to."""
+        self._loss_listeners.append(listener)
 
     def _on_death(self, model: str, returncode: int | None) -> None:
         rec = self._models.get(model)
@@ -218,6 +225,11 @@ class Lifecycle:
         if not rec.lock.locked():
             rec.set(ModelState.STOPPED)
             rec.sleep_level = 0
+        for listener in list(self._loss_listeners):
+            try:
+                listener(model)
+            except Exception:
+                log.exception("loss listener failed for model %s", model)
 
     def _observe(self, model: str, action: str, strategy: str, seconds: float) -> None:
         log.info("model %s: %s (%s) took %.3f s", model, action, strategy, seconds)
@@ -255,7 +267,7 @@ class Lifecycle:
                 return await self._cold_start(rec, restart=crashed, t0=t0)
             try:
                 kind = await self._warm_start(rec, state)
-                await self.supervisor.probe(model)
+                await self.engines.probe(model)
             except Exception as e:
                 msg = _why(e)
                 log.error("model %s: wake from %s failed (%s); falling back to a cold start",
@@ -277,14 +289,14 @@ class Lifecycle:
         try:
             await self.supervisor.spawn(name)
             try:
-                await self.supervisor.probe(name)
+                await self.engines.probe(name)
             except EngineFailed as e:
                 if not retry:
                     raise
                 log.error("%s; stopping it and starting it once more", e.message)
                 await self.supervisor.stop(name)
                 await self.supervisor.spawn(name)
-                await self.supervisor.probe(name)
+                await self.engines.probe(name)
         except ShimError as e:
             await self.supervisor.stop(name)
             rec.set(ModelState.STOPPED)
@@ -350,8 +362,8 @@ class Lifecycle:
         await self._call(name, "POST", "/reset_prefix_cache")
 
     async def _call(self, model: str, method: str, path: str, **kw: Any) -> Any:
-        return await self.supervisor.call(model, method, path,
-                                          timeout_secs=self.engine_call_timeout_secs, **kw)
+        return await self.engines.call(model, method, path,
+                                       timeout_secs=self.engine_call_timeout_secs, **kw)
 
     def _need_backend(self, model: str, what: str) -> ProcessBackend:
         if self.backend is None:
@@ -437,13 +449,8 @@ class Lifecycle:
         if process is ProcessStrategy.CUDA_SUSPEND:
             await backend.suspend(name, eng.root_pid)
             return ModelState.SUSPENDED
-        # no established TCP connection into the tree at dump time: ours and the proxy's
-        await self.supervisor.release_connections(name)
-        if self.release_connections is not None:
-            await self.release_connections(name)
-        # ... and wait for the engine to close its ends: a connection CRIU dumps half-closed
-        # comes back with its 4-tuple, which a later restore can find taken (EADDRNOTAVAIL)
-        await self.supervisor.wait_connections_closed(name)
+        # no established TCP connection into the tree at dump time
+        await self.engines.prepare_dump(name)
         self.supervisor.expect_exit(name)
         await backend.checkpoint(name, eng.root_pid, weights_bytes=self._weights_bytes(rec))
         await self.supervisor.wait_exit(name)

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 
 from llmux.shim.config import Config
+from llmux.shim.engineclient import EngineClient
 from llmux.shim.errors import (
     BadRequest,
     EngineFailed,
@@ -28,7 +29,6 @@ from llmux.shim.errors import (
     UnsupportedMediaType,
 )
 from llmux.shim.switcher import Switcher
-from llmux.shim.upstream import UpstreamPool
 
 log = logging.getLogger("llmux.proxy")
 
@@ -102,13 +102,13 @@ class _DisconnectWatch:
 class ProxyApp:
     """ASGI entry: POST /v1/* here, everything else to ``fallback``."""
 
-    def __init__(self, config: Config, switcher: Switcher, upstream: UpstreamPool,
+    def __init__(self, config: Config, switcher: Switcher, engines: EngineClient,
                  fallback: ASGIApp, *, count: RequestCounter | None = None) -> None:
         self._models = config.models
         self._known = sorted(config.models)
         self._max_body = config.max_body_bytes
         self._switcher = switcher
-        self._upstream = upstream
+        self._engines = engines
         self._fallback = fallback
         self._count = count if count is not None else (lambda model, status: None)
 
@@ -287,8 +287,8 @@ class ProxyApp:
     async def _request(self, model: str, path_qs: str, body: bytes,
                        headers: list[tuple[str, str]]) -> aiohttp.ClientResponse:
         try:
-            resp: aiohttp.ClientResponse = await self._upstream.session(model).request(
-                "POST", self._upstream.url(model, path_qs), data=body, headers=headers,
+            resp: aiohttp.ClientResponse = await self._engines.session(model).request(
+                "POST", self._engines.url(model, path_qs), data=body, headers=headers,
                 allow_redirects=False)
             return resp
         except _UPSTREAM_GONE as e:

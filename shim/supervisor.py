@@ -1,10 +1,13 @@
 """Engine supervisor: spawns, watches, adopts and stops one engine process tree per model.
 
-The supervisor knows processes, not policies: the lifecycle decides when an
-engine starts or stops. Every engine is watched through a pidfd, for the ones
-spawned here and for trees handed over by the host service alike, so that a
-death is noticed at once without polling and a recycled PID can never be
-signalled by mistake.
+The supervisor knows processes, not policies nor HTTP: the lifecycle decides when an
+engine starts or stops, and every call to an engine's API (the /health polls here
+included) goes through :class:`llmux.shim.engineclient.EngineClient`. Process trees are
+read with the host service's own /proc code (llmux.service.core.proctree, resources).
+
+Every engine is watched through a pidfd, for the ones spawned here and for trees
+handed over by the host service alike, so that a death is noticed at once without
+polling and a recycled PID can never be signalled by mistake.
 """
 
 from __future__ import annotations
@@ -22,15 +25,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from llmux.service.core import resources
+from llmux.service.core import proctree, resources
 from llmux.shim.config import Config, EngineKind, ModelConfig
+from llmux.shim.engineclient import ENGINE_HOST, EngineClient
 from llmux.shim.errors import Conflict, EngineFailed, ModelNotFound
 from llmux.shim.launch import launcher_argv
 
@@ -45,9 +47,6 @@ DeathListener = Callable[[str, int | None], None]
 #: name resolves to; one host, one process group: loopback.
 ENGINE_ENV = {"NO_COLOR": "1", "VLLM_SERVER_DEV_MODE": "1", "UV_USE_IO_URING": "0",
               "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "lo"}
-
-#: engines listen here only
-ENGINE_HOST = "127.0.0.1"
 
 LOG_TAIL_LINES = 20
 _POLL_SECS = 0.05
@@ -87,15 +86,16 @@ class EngineProcess:
 
 
 class Supervisor:
-    def __init__(self, config: Config, *, grace_secs: float = 10.0,
-                 health_interval_secs: float = 0.25) -> None:
+    def __init__(self, config: Config, *, engines: EngineClient | None = None,
+                 grace_secs: float = 10.0, health_interval_secs: float = 0.25) -> None:
         self.config = config
         self.grace_secs = grace_secs
         self.health_interval_secs = health_interval_secs
+        #: the engines' HTTP API (readiness); made and closed here unless given
+        self.engines = engines if engines is not None else EngineClient(config.models)
+        self._owns_client = engines is None
         self._engines: dict[str, EngineProcess] = {}
         self._listeners: list[DeathListener] = []
-        #: one pool per model, so that one engine's connections can be closed alone
-        self._http: dict[str, httpx.AsyncClient] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ queries
@@ -118,10 +118,7 @@ class Supervisor:
         eng = self._engines.get(model)
         if eng is None or not eng.alive:
             return []
-        return [p for p in _tree_pids(eng.root_pid) if _running(p)]
-
-    def base_url(self, model: str) -> str:
-        return f"http://127.0.0.1:{self.model(model).port}"
+        return _tree_pids(eng.root_pid)
 
     def log_path(self, model: str) -> Path:
         return Path(self.config.log_dir) / f"{model}.log"
@@ -248,8 +245,6 @@ class Supervisor:
     async def _wait_healthy(self, eng: EngineProcess, within_secs: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within_secs
-        url = f"{self.base_url(eng.model)}/health"
-        client = self.http(eng.model)
         while True:
             if not eng.alive:
                 raise EngineFailed(self._death_message(eng, "during start-up"))
@@ -258,41 +253,12 @@ class Supervisor:
                 raise EngineFailed(
                     f"model {eng.model}: engine (pid {eng.root_pid}) did not answer /health "
                     f"within {within_secs:g} s (startup_timeout_secs){self._tail_text(eng)}")
-            with contextlib.suppress(httpx.HTTPError):
-                r = await client.get(url, timeout=min(5.0, max(remaining, 0.1)))
-                if r.status_code == 200:
-                    return
+            if await self.engines.healthy(eng.model, min(5.0, max(remaining, 0.1))):
+                return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(eng.exited.wait(),
                                        min(self.health_interval_secs,
                                            max(deadline - loop.time(), 0.0)))
-
-    async def probe(self, model: str, within_secs: float | None = None) -> None:
-        """One greedy token through the engine's completion API, within a bound.
-
-        /health alone is not readiness: vLLM answers 200 there while its EngineCore's
-        output thread is dead and every request hangs. Raises EngineFailed.
-        """
-        m = self.model(model)
-        bound = m.probe_timeout_secs if within_secs is None else within_secs
-        body = {"model": m.name, "prompt": "ready?", "max_tokens": 1, "temperature": 0}
-        what = f"model {model}: readiness probe (a one-token completion)"
-        try:
-            async with asyncio.timeout(bound):
-                r = await self.http(model).post(f"{self.base_url(model)}/v1/completions",
-                                                 json=body, timeout=bound)
-        except TimeoutError:
-            raise EngineFailed(f"{what} got no answer within {bound:g} s "
-                               "(probe_timeout_secs): the engine answers /health but "
-                               "does not serve") from None
-        except httpx.HTTPError as e:
-            raise EngineFailed(f"{what} failed: {e!r}") from e
-        try:
-            ok = r.status_code == 200 and bool(r.json().get("choices"))
-        except ValueError:
-            ok = False
-        if not ok:
-            raise EngineFailed(f"{what} answered {r.status_code}: {r.text[:300]}")
 
     # ------------------------------------------------------------------ adopt
 
@@ -478,13 +444,13 @@ class Supervisor:
         After the root died its children are reparented, but they keep its
         process group, which cannot be recycled while it has members.
         """
-        table = _proc_table()
+        stats = proctree.all_stats()
         root_fd = eng.pidfds.get(eng.root_pid)
         pids: list[int] = []
         if root_fd is not None and not _pidfd_exited(root_fd):
-            pids = _descendants(table, eng.root_pid)
+            pids = proctree.descendants(eng.root_pid, stats)
         if eng.leads_group:
-            pids += [p for p, (_, pgid) in table.items() if pgid == eng.root_pid]
+            pids += proctree.group(eng.root_pid, stats)
         for pid in pids:
             self._open_pidfd(eng, pid)
 
@@ -532,66 +498,15 @@ class Supervisor:
         return (f"model {eng.model}: engine (pid {eng.root_pid}) exited {when}, "
                 f"exit code {code}{said}{self._tail_text(eng)}")
 
-    def http(self, model: str) -> httpx.AsyncClient:
-        """The model's connection pool to its engine; environment proxies are ignored."""
-        client = self._http.get(model)
-        if client is None:
-            client = self._http[model] = httpx.AsyncClient(trust_env=False, timeout=30.0)
-        return client
-
-    async def release_connections(self, model: str) -> None:
-        """Close our keep-alive connections to the engine (before a CRIU dump)."""
-        client = self._http.pop(model, None)
-        if client is not None:
-            await client.aclose()
-
-    async def wait_connections_closed(self, model: str, within_secs: float = 2.0) -> None:
-        """Wait until no TCP connection to the engine's port is open (before a CRIU dump).
-
-        Clients other than the shim may hold one; after ``within_secs`` the dump goes on
-        and CRIU carries what is left (--tcp-established).
-        """
-        port = self.config.models[model].port
-        deadline = time.monotonic() + within_secs
-        for _ in range(10_000):  # kernel state: nothing to await but time
-            left = open_connections(port)
-            if not left or time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(0.02)
-        if left:
-            log.warning("model %s: %d connection(s) to port %d still open before the dump",
-                        model, left, port)
-
-    async def call(self, model: str, method: str, path: str, *,
-                   json: Any = None, params: Mapping[str, str] | None = None,
-                   timeout_secs: float = 30.0) -> httpx.Response:
-        """Call the engine's own HTTP API directly (not through the proxy).
-
-        Raises EngineFailed on a transport error or a status >= 400.
-        """
-        url = f"{self.base_url(model)}{path}"
-        try:
-            r = await self.http(model).request(method, url, json=json, params=params,
-                                               timeout=timeout_secs)
-        except httpx.TimeoutException as e:
-            raise EngineFailed(f"model {model}: {method} {path} timed out after "
-                               f"{timeout_secs:g} s") from e
-        except httpx.HTTPError as e:
-            raise EngineFailed(f"model {model}: {method} {path} failed: {e!r}") from e
-        if r.status_code >= 400:
-            raise EngineFailed(f"model {model}: {method} {path} answered {r.status_code}: "
-                               f"{r.text[:300]}")
-        return r
-
     async def aclose(self) -> None:
-        """Stop every engine tracked here (spawned or adopted) and close the pool."""
+        """Stop every engine tracked here (spawned or adopted); close the client if ours."""
         await asyncio.gather(*(self.stop(m) for m in list(self._engines)),
                              return_exceptions=True)
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
-        for model in list(self._http):
-            await self.release_connections(model)
+        if self._owns_client:
+            await self.engines.aclose()
 
 
 # ---------------------------------------------------------------------- /proc helpers
@@ -603,57 +518,13 @@ def _pidfd_exited(fd: int) -> bool:
     return bool(p.poll(0))
 
 
-def _running(pid: int) -> bool:
-    """Exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
-def _proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (ppid, pgid) for every process visible in /proc."""
-    table: dict[int, tuple[int, int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        table[int(entry.name)] = (int(fields[1]), int(fields[2]))
-    return table
-
-
-def _descendants(table: Mapping[int, tuple[int, int]], root: int) -> list[int]:
-    """root and everything below it, breadth first."""
-    if root not in table:
-        return []
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    found = [root]
-    seen = {root}
-    i = 0
-    while i < len(found):
-        for child in children.get(found[i], ()):
-            if child not in seen:
-                seen.add(child)
-                found.append(child)
-        i += 1
-    return found
-
-
 def _tree_pids(root: int) -> list[int]:
-    """root, its descendants, and the members of its process group when it leads one."""
-    table = _proc_table()
-    found = _descendants(table, root)
-    if found and table[root][1] == root:
+    """root, its live descendants, and the members of its process group when it leads one."""
+    stats = proctree.all_stats()
+    found = proctree.descendants(root, stats)
+    if found and any(st.pid == root and st.pgrp == root for st in stats):
         seen = set(found)
-        found += sorted(p for p, (_, pgid) in table.items() if pgid == root and p not in seen)
+        found += [p for p in proctree.group(root, stats) if p not in seen]
     return found
 
 
@@ -667,12 +538,7 @@ def _made_files(pids: list[int]) -> set[str]:
 def _remove_leftovers(paths: Iterable[str]) -> list[str]:
     """Remove those no live process uses: a socket file nobody is bound to any more, a
     segment nobody maps or holds open (vLLM's own clean stop removes some of them)."""
-    bound: set[str] = set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
-            f = line.split()
-            if len(f) >= 8:
-                bound.add(f[7])
+    bound = resources.unix_paths_bound()
     removed: list[str] = []
     for path in sorted(paths):
         p = Path(path)
@@ -718,24 +584,3 @@ def _tail(path: Path, lines: int) -> list[str]:
     except OSError:
         return []
     return data.decode(errors="replace").splitlines()[-lines:]
-
-
-#: TCP states in /proc/net/tcp* that are not a live connection: TIME_WAIT, CLOSE, LISTEN
-_NOT_OPEN = {"06", "07", "0A"}
-
-
-def open_connections(port: int) -> int:
-    """Connections (any state but listening or closed) whose local port is ``port``."""
-    wanted = f"{port:04X}"
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 3 and fields[1].rsplit(":", 1)[-1] == wanted \
-                    and fields[3] not in _NOT_OPEN:
-                count += 1
-    return count

@@ -24,7 +24,6 @@ from typing import Any, Protocol
 
 from llmux.shim.config import Config, EvictionPolicy
 from llmux.shim.errors import (
-    BadRequest,
     HostRefused,
     ModelNotFound,
     RequestTimeout,
@@ -434,9 +433,8 @@ class Switcher:
         return ActionResult(model, "wake", changed, self._clock() - t0,
                             wake=s.last_wake if changed else None, evicted=evicted)
 
-    def _slot(self, model: Any) -> _Slot:
-        if not isinstance(model, str) or not model:
-            raise BadRequest("`model` must be a non-empty string", param="model")
+    def _slot(self, model: str) -> _Slot:
+        """The model's slot (the control API checked the request's `model` already)."""
         s = self._slots.get(model)
         if s is None:
             raise ModelNotFound(model, list(self._slots))

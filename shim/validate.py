@@ -118,8 +118,8 @@ async def _cycle(lifecycle: Lifecycle, supervisor: Supervisor, model: str,
 async def _ask(supervisor: Supervisor, model: str) -> str:
     body = {"model": model, "messages": [{"role": "user", "content": PROMPT}],
             "temperature": 0.0, "seed": 42, "max_tokens": 10}
-    r = await supervisor.call(model, "POST", "/v1/chat/completions", json=body,
-                              timeout_secs=120.0)
+    r = await supervisor.engines.call(model, "POST", "/v1/chat/completions", json=body,
+                                      timeout_secs=120.0)
     content = r.json()["choices"][0]["message"]["content"]
     return str(content)
 

@@ -9,27 +9,15 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def pid_alive(pid: int) -> bool:
-    """Alive and not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+# one copy of each: "alive" is the core's (exists and is not a zombie), free_port the
+# built-in engine's test helper's
+from llmux.service.core.proctree import exists as pid_alive
+from llmux.shim.builtin.testing import free_port as free_port
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:

@@ -86,10 +86,19 @@ def all_stats() -> list[ProcStat]:
 def tree(root: int) -> list[int]:
     """The root and all its descendants (processes, not threads), root first."""
     require(root)
+    return descendants(root)
+
+
+def descendants(root: int, stats: Iterable[ProcStat] | None = None) -> list[int]:
+    """The root and its live descendants, root first, breadth first; empty when the root
+    is gone. ``stats``: one snapshot of all_stats() to read instead of /proc."""
+    live = [st for st in (all_stats() if stats is None else stats)
+            if st.state not in ("Z", "X")]
+    if not any(st.pid == root for st in live):
+        return []
     children: dict[int, list[int]] = {}
-    for st in all_stats():
-        if st.state not in ("Z", "X"):
-            children.setdefault(st.ppid, []).append(st.pid)
+    for st in live:
+        children.setdefault(st.ppid, []).append(st.pid)
     out: list[int] = []
     todo = [root]
     while todo:
@@ -97,6 +106,12 @@ def tree(root: int) -> list[int]:
         out.append(pid)
         todo.extend(sorted(children.get(pid, [])))
     return out
+
+
+def group(pgid: int, stats: Iterable[ProcStat] | None = None) -> list[int]:
+    """The live members of process group ``pgid``, sorted."""
+    return sorted(st.pid for st in (all_stats() if stats is None else stats)
+                  if st.pgrp == pgid and st.state not in ("Z", "X"))
 
 
 def threads(pid: int) -> list[int]:

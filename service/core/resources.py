@@ -192,6 +192,13 @@ def listening_ports(pids: Sequence[int]) -> list[int]:
                    if state == _LISTEN and ino in inodes})
 
 
+def connections_to(port: int, netns_pid: int | str = "self") -> int:
+    """TCP connections whose local port is ``port``, in any state but listening or closed
+    (what a dump of the port's owner would carry), in netns_pid's network namespace."""
+    return sum(1 for _, p, state, _ in _tcp_rows(netns_pid)
+               if p == port and state != _LISTEN and state not in _FREE_STATES)
+
+
 def port_holders(ports: Iterable[int], netns_pid: int | str = "self") -> dict[int, str]:
     """For each port taken in netns_pid's network namespace: who holds it, in words."""
     wanted = set(ports)
@@ -227,13 +234,23 @@ def bound_unix_paths(pids: Sequence[int]) -> list[str]:
     inodes: set[str] = set()
     for pid in pids:
         inodes |= _socket_inodes(pid)
-    paths: set[str] = set()
+    return sorted({path for ino, path in _unix_rows(pids[0]) if ino in inodes})
+
+
+def unix_paths_bound(netns_pid: int | str = "self") -> set[str]:
+    """Filesystem paths some unix socket of netns_pid's network namespace is bound to."""
+    return {path for _, path in _unix_rows(netns_pid)}
+
+
+def _unix_rows(pid: int | str) -> list[tuple[str, str]]:
+    """(inode, path) of every unix socket bound to a filesystem path in pid's netns."""
+    rows: list[tuple[str, str]] = []
     with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pids[0]}/net/unix").read_text().splitlines()[1:]:
+        for line in Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]:
             f = line.split()
-            if len(f) >= 8 and f[6] in inodes and f[7].startswith("/"):
-                paths.add(f[7])
-    return sorted(paths)
+            if len(f) >= 8 and f[7].startswith("/"):
+                rows.append((f[6], f[7]))
+    return rows
 
 
 def mapped_or_open(pids: Iterable[int]) -> list[str]:

@@ -138,9 +138,9 @@ def run_shim_trivial(port: int, upstream_port: int) -> None:
 
     from llmux.shim.app import build_app, uvicorn_config
     from llmux.shim.config import config_from_dict
+    from llmux.shim.engineclient import EngineClient
     from llmux.shim.metrics import ShimMetrics
     from llmux.shim.switcher import Switcher
-    from llmux.shim.upstream import UpstreamPool
 
     config = config_from_dict({
         "port": port, "metrics_port": 0,
@@ -153,8 +153,8 @@ def run_shim_trivial(port: int, upstream_port: int) -> None:
         metrics = ShimMetrics(in_flight=switcher.in_flight_all,
                               queue_depth=lambda: switcher.queue_depth,
                               active_models=lambda: switcher.active_models)
-        upstream = UpstreamPool(lifecycle.base_url)
-        app = build_app(config, lifecycle, switcher, upstream, metrics)
+        engines = EngineClient(config.models)
+        app = build_app(config, lifecycle, switcher, engines, metrics)
         await uvicorn.Server(uvicorn_config(app, "127.0.0.1", port)).serve()
 
     uvloop.run(main())

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from testprocs import pid_alive as running
 
 from llmux.shim.config import Config, config_from_dict
 
@@ -26,13 +27,6 @@ TEST_WEIGHTS_MB = 4
 # The pure-Python model starts about four times faster than the PyTorch one on a
 # 2-core machine; a test that wants PyTorch sets it in the model's env.
 os.environ.setdefault("LLMUX_BUILTIN_BACKEND", "pure")
-
-
-def free_port() -> int:
-    """A port that was free a moment ago (bind port 0, read it back)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def free_ports(n: int) -> list[int]:
@@ -45,15 +39,6 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
-
-
-def running(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def wait_until(predicate: Callable[[], bool], within: float = 30.0, step: float = 0.05) -> bool:

@@ -12,11 +12,11 @@ import json
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from testprocs import pid_alive
 
 from llmux.shim.app import Shim
 from llmux.shim.config import Config, config_from_dict
@@ -95,18 +95,9 @@ def sse_events(raw: bytes) -> list[Any]:
     return out
 
 
-def pid_running(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
 def kill_pids(pids: list[int]) -> None:
     """Last-resort clean-up of processes a failed test may have left."""
     for pid in pids:
-        if pid_running(pid):
+        if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

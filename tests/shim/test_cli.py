@@ -64,7 +64,7 @@ def test_invalid_config_lists_every_problem(write_config: WriteConfig, form: lis
     r = llmux(*form, str(path))
     assert r.returncode == 2
     for line in ("models.a.model_path: missing", "models.a.port: 70000 is not a port",
-                 "models.a.eviction.weights: unknown weight strategy 'evaporate'",
+                 "models.a.eviction.weights: unknown weights strategy 'evaporate'",
                  "models.b.port: port 3000 is already used by port", "colour: unknown key"):
         assert line in r.stderr, r.stderr
     assert str(path) in r.stderr

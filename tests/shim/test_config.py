@@ -52,10 +52,11 @@ def model(**fields: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- the seed
 
 
-def test_seed_json_loads_unchanged(tmp_path: Path) -> None:
+def test_seed_json_loads_unchanged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "config.json"
     path.write_text(SEED_JSON)
-    cfg = load_config(path)
+    with caplog.at_level("WARNING", logger="llmux.shim.config"):
+        cfg = load_config(path)
     assert cfg.port == 3000 and cfg.source == str(path)
     m = cfg.models["qwen3-0.6b"]
     assert m.model_path == "Qwen/Qwen3-0.6B" and m.port == 8001
@@ -63,10 +64,17 @@ def test_seed_json_loads_unchanged(tmp_path: Path) -> None:
     assert m.eviction == EvictionPolicy(WeightStrategy.DISCARD, ProcessStrategy.CHECKPOINT)
     assert m.checkpoint_path == Path("/tmp/llmux-checkpoints/qwen3-0.6b/images")
     assert cfg.checkpoint is not None
-    assert cfg.checkpoint.criu_path == "/usr/local/bin/criu"
-    assert cfg.checkpoint.images_dir == Path("/tmp/llmux-checkpoints")
     assert cfg.checkpoint.keep_images is True
     assert cfg.needs_host
+    # CRIU runs in llmuxd now: one line each says where the setting lives
+    moved = {key: setting for key, setting in (("criu_path", "`criu`"),
+                                               ("cuda_plugin_dir", "`cuda_plugin_dir`"),
+                                               ("images_dir", "`state_dir`"),
+                                               ("cuda_checkpoint_path", "`cuda_checkpoint`"))}
+    lines = [r.getMessage() for r in caplog.records]
+    for key, setting in moved.items():
+        [line] = [x for x in lines if f"checkpoint.{key} is" in x]
+        assert setting in line and "llmuxd's config" in line and str(path) in line
 
 
 def test_json_detected_without_suffix(tmp_path: Path) -> None:
@@ -128,10 +136,18 @@ def test_defaults() -> None:
     assert cfg.checkpoint is None and cfg.max_active == 1 and cfg.vllm_command == "vllm"
 
 
-def test_original_policy_extras_are_accepted() -> None:
-    cfg = config_from_dict(base(policy={"policy_type": "fifo", "coalesce_window_ms": 5,
-                                        "amortization_factor": 0.5}))
-    assert cfg.policy.extras == {"coalesce_window_ms": 5, "amortization_factor": 0.5}
+def test_retired_keys_are_accepted_with_a_deprecation_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="llmux.shim.config"):
+        cfg = config_from_dict(base(admin_port=3001, warmup=True,
+                                    policy={"policy_type": "fifo", "coalesce_window_ms": 5,
+                                            "amortization_factor": 0.5}))
+    assert cfg.policy.policy_type == "fifo" and not hasattr(cfg, "admin_port")
+    lines = [r.getMessage() for r in caplog.records]
+    for key in ("admin_port", "warmup", "policy.coalesce_window_ms",
+                "policy.amortization_factor"):
+        [line] = [x for x in lines if f": {key} is deprecated" in x]
+        assert "ignored" in line
 
 
 # ---------------------------------------------------------------------------- file errors
@@ -169,7 +185,7 @@ def test_message_names_key_paths_and_source(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(path) in info.value.message
-    assert "models.a.eviction.weights: unknown weight strategy 'evaporate'" in info.value.message
+    assert "models.a.eviction.weights: unknown weights strategy 'evaporate'" in info.value.message
 
 
 def test_missing_models() -> None:
@@ -234,10 +250,8 @@ def test_wrong_model_field_types_and_values(fields: dict[str, Any], path: str, w
     ({"port": "3000"}, "port", "expected an integer"),
     ({"port": 0}, "port", "not a port"),
     ({"metrics_port": 70000}, "metrics_port", "not a port"),
-    ({"admin_port": -1}, "admin_port", "not a port"),
     ({"host": ""}, "host", "must not be empty"),
     ({"vllm_command": " "}, "vllm_command", "must not be empty"),
-    ({"warmup": "yes"}, "warmup", "expected true or false"),
     ({"max_active": 0}, "max_active", "at least 1"),
     ({"max_body_bytes": 10}, "max_body_bytes", "at least 1024"),
     ({"startup_timeout_secs": -5}, "startup_timeout_secs", "greater than 0"),
@@ -265,11 +279,11 @@ def test_policy_and_checkpoint_must_be_tables() -> None:
 
 
 @pytest.mark.parametrize(("eviction", "path", "why"), [
-    ({"weights": "evaporate"}, "models.a.eviction.weights", "unknown weight strategy"),
+    ({"weights": "evaporate"}, "models.a.eviction.weights", "unknown weights strategy"),
     ({"process": "hibernate"}, "models.a.eviction.process", "unknown process strategy"),
     ("offload+hibernate", "models.a.eviction", "expected WEIGHTS+PROCESS"),
     ("offload", "models.a.eviction", "expected WEIGHTS+PROCESS"),
-    (3, "models.a.eviction", "expected {weights"),
+    (3, "models.a.eviction", "expected 'WEIGHTS+PROCESS' or {weights"),
 ])
 def test_unknown_strategies(eviction: Any, path: str, why: str) -> None:
     assert why in problem(model(eviction=eviction), path)
@@ -302,8 +316,8 @@ def test_port_clashes() -> None:
 
 
 def test_metrics_port_zero_disables_and_never_clashes() -> None:
-    cfg = config_from_dict(base(metrics_port=0, admin_port=0))
-    assert cfg.metrics_port == 0 and cfg.admin_port is None
+    cfg = config_from_dict(base(metrics_port=0, models={"a": {"model_path": "x", "port": 9090}}))
+    assert cfg.metrics_port == 0 and cfg.models["a"].port == 9090
 
 
 @pytest.mark.parametrize("process", ["cuda_suspend", "checkpoint"])

@@ -38,25 +38,27 @@ class Harness:
         self.supervisor = Supervisor(config, grace_secs=2)
         self.transitions: Transitions = []
         self.released: list[str] = []
-        self.lifecycle = Lifecycle(config, self.supervisor, backend,
-                                   observer=self._observe, release_connections=self._release,
+        self.lifecycle = Lifecycle(config, self.supervisor, backend, observer=self._observe,
                                    **kw)
+        self._prepare_dump = self.supervisor.engines.prepare_dump
+        self.supervisor.engines.prepare_dump = self._release  # type: ignore[method-assign]
 
     def _observe(self, model: str, action: str, strategy: str, seconds: float) -> None:
         assert seconds >= 0
         self.transitions.append((model, action, strategy))
 
-    async def _release(self, model: str) -> None:
+    async def _release(self, model: str, within_secs: float = 2.0) -> None:
         self.released.append(model)
+        await self._prepare_dump(model, within_secs)
 
     async def get(self, model: str, path: str) -> Any:
-        r = await self.supervisor.call(model, "GET", path)
+        r = await self.supervisor.engines.call(model, "GET", path)
         return r.json()
 
     async def ask(self, model: str) -> str:
         body = {"model": model, "messages": [{"role": "user", "content": "Say something."}],
                 "temperature": 0, "max_tokens": 8}
-        r = await self.supervisor.call(model, "POST", "/v1/chat/completions", json=body)
+        r = await self.supervisor.engines.call(model, "POST", "/v1/chat/completions", json=body)
         return str(r.json()["choices"][0]["message"]["content"])
 
 

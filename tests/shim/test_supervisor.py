@@ -48,9 +48,9 @@ async def test_spawn_clean_fds_env_session_and_stop(
         procs.track(*pids)
         assert pids[0] == pid and len(pids) >= 2, "API server and engine core"
         # it answers on its port
-        r = await sup.call("m1", "GET", "/health")
+        r = await sup.engines.call("m1", "GET", "/health")
         assert r.status_code == 200
-        state = (await sup.call("m1", "GET", "/engine_state")).json()
+        state = (await sup.engines.call("m1", "GET", "/engine_state")).json()
         assert state["pid_api"] == pid and state["pid_core"] in pids
 
         # argv exactly as configured, no shell in between
@@ -303,12 +303,12 @@ def test_vllm_argv_is_a_list_with_extra_args(builtin_config_dict: Callable[..., 
         assert ("--enable-sleep-mode" in Supervisor(cfg).argv(cfg.models["q"])) is flagged, extra
 
 
-def test_open_connections_counts_live_tcp_connections_to_a_port() -> None:
+def test_connections_to_counts_live_tcp_connections_to_a_port() -> None:
     import socket
 
     from testprocs import wait_until
 
-    from llmux.shim.supervisor import open_connections
+    from llmux.service.core.resources import connections_to as open_connections
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
@@ -339,7 +339,7 @@ async def test_what_a_tree_leaves_behind_is_removed_when_it_ends(
         procs.track(*sup.pids("m1"), *sup.pids("m2"))
         tmp = sup.tmp_dir("m1")
         assert any(p.is_socket() for p in tmp.iterdir()), sorted(tmp.iterdir())
-        state = (await sup.call("m1", "GET", "/engine_state")).json()
+        state = (await sup.engines.call("m1", "GET", "/engine_state")).json()
         [segment] = state["shm_segments"]
         assert Path(segment).exists()
         os.killpg(eng.root_pid, signal.SIGKILL)
@@ -351,7 +351,8 @@ async def test_what_a_tree_leaves_behind_is_removed_when_it_ends(
         assert not Path(segment).exists(), f"{segment} outlived its tree"
         # the other engine's files are untouched, and it still answers
         assert sup.tmp_dir("m2").is_dir() and other.alive
-        [other_segment] = (await sup.call("m2", "GET", "/engine_state")).json()["shm_segments"]
+        other_state = (await sup.engines.call("m2", "GET", "/engine_state")).json()
+        [other_segment] = other_state["shm_segments"]
         assert Path(other_segment).exists()
         await sup.stop("m2")
         assert not sup.tmp_dir("m2").exists() and not Path(other_segment).exists()
