@@ -279,7 +279,7 @@ class JobProgress(Record):
     rate: float = _dbus("Rate", "d", 0.0)
     """Bytes per second since the phase began."""
     status: str = ""
-    """The core's phase (off the bus): "checking" while it validates a request."""
+    """The core's phase (off the bus): "dumping", "restoring", "cuda-checkpoint", "done"..."""
     job_id: int = 0
     """The job's id (off the bus: the client knows it from the call's reply)."""
 

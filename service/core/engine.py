@@ -7,6 +7,12 @@ The facade the D-Bus face calls; usable without D-Bus. Guarantees:
   A failed restore keeps the checkpoint and carries CRIU's log excerpt. Once CRIU has dumped
   and killed the tree, the checkpoint is committed even if the job is cancelled meanwhile.
 - One job per model (and per root PID) at a time: a second one gets Busy.
+- Each operation is prepared, then run. ``prepare_*`` checks the request (names, the
+  caller's rights on the PIDs, the manifest against the target, free space) and claims its
+  model and PID; its errors are the request's own, and nothing has been touched. The
+  returned Prepared's ``run(progress)`` is the job (it may still fail, for what takes time
+  to find out: PIDs still held, ports taken, CRIU), and releases the claim when it ends;
+  ``release()`` lets go of a Prepared that is never run.
 - The caller acts only within its own container (authz); a restore goes into the caller's
   container: its rootfs, its bind mounts, its cgroups.
 """
@@ -20,10 +26,10 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from llmux.service.contract import CheckpointInfo, HostInfo, JobProgress
 from llmux.service.core import authz, proctree, resources, upperfiles
@@ -62,6 +68,7 @@ __all__ = [
     "HostInfo",
     "JobProgress",
     "Manifest",
+    "Prepared",
     "Progress",
     "ProgressSink",
     "SuspendResult",
@@ -70,6 +77,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 PID_FREE_TIMEOUT_S = 10.0
 """How long a restore waits for dumped PIDs to be reaped before naming who holds them."""
@@ -104,6 +112,17 @@ class EngineConfig:
     cuda_checkpoint_path: str = "cuda-checkpoint"
     cuda_plugin_dir: str = "/usr/lib/criu/"
     ghost_limit_bytes: int = 512 << 20
+
+
+@dataclass(frozen=True)
+class _Tree:
+    """A tree found fit to dump: its PIDs, its container, the space its dump needs."""
+
+    pids: list[int]
+    ctx: ContainerContext
+    expected: int
+    remaps: bool
+    """CRIU will link-remap some of its deleted-but-open files."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +173,39 @@ class _Reporter:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+
+class Prepared(Generic[T_co]):
+    """An operation checked and holding its claim on the model (and root PID).
+
+    ``run(progress)`` is the job: once, and it lets go of the claim when it ends.
+    ``release()`` lets go of it without running (idempotent; run() calls it too).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        body: Callable[[_Reporter], Awaitable[T_co]],
+        release: Callable[[], None],
+    ) -> None:
+        self.model = model
+        self._body = body
+        self._release: Callable[[], None] | None = release
+        self._ran = False
+
+    async def run(self, progress: ProgressSink | None = None) -> T_co:
+        if self._ran or self._release is None:
+            raise RuntimeError(f"the operation on {self.model!r} was already run or released")
+        self._ran = True
+        try:
+            return await self._body(_Reporter(progress))
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
 
 @contextlib.asynccontextmanager
@@ -270,8 +322,8 @@ class CheckpointEngine:
 
     # ---- job bookkeeping ---------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _claim(self, model: str, root_pid: int | None = None) -> Iterator[None]:
+    def _claim(self, model: str, root_pid: int | None = None) -> Callable[[], None]:
+        """Claims the model (and root PID) for one job; returns what lets go of it."""
         if model in self._busy_models:
             raise Busy(f"a job for model {model!r} is already running")
         if root_pid is not None and root_pid in self._busy_pids:
@@ -279,12 +331,28 @@ class CheckpointEngine:
         self._busy_models.add(model)
         if root_pid is not None:
             self._busy_pids.add(root_pid)
-        try:
-            yield
-        finally:
+
+        def release() -> None:
             self._busy_models.discard(model)
             if root_pid is not None:
                 self._busy_pids.discard(root_pid)
+
+        return release
+
+    async def _prepare(
+        self,
+        model: str,
+        root_pid: int | None,
+        checks: Callable[[], Awaitable[Callable[[_Reporter], Awaitable[T]]]],
+    ) -> Prepared[T]:
+        """Claim, then run ``checks`` (which return the job's body); a failed check lets go."""
+        release = self._claim(model, root_pid)
+        try:
+            body = await checks()
+        except BaseException:
+            release()
+            raise
+        return Prepared(model, body, release)
 
     @staticmethod
     def _check_pid_arg(root_pid: int) -> None:
@@ -303,6 +371,23 @@ class CheckpointEngine:
         weights_bytes: int = 0,
         progress: ProgressSink | None = None,
     ) -> Manifest:
+        """prepare_checkpoint, then run it."""
+        prepared = await self.prepare_checkpoint(
+            caller, model, root_pid, leave_running=leave_running, weights_bytes=weights_bytes
+        )
+        return await prepared.run(progress)
+
+    async def prepare_checkpoint(
+        self,
+        caller: Caller,
+        model: str,
+        root_pid: int,
+        *,
+        leave_running: bool = False,
+        weights_bytes: int = 0,
+    ) -> Prepared[Manifest]:
+        """Checks a dump of ``root_pid``'s tree (the caller's right on it, what CRIU cannot
+        dump, a container it could not go back to, free space) and claims model and PID."""
         check_model(model)
         self._check_pid_arg(root_pid)
         if (
@@ -313,13 +398,50 @@ class CheckpointEngine:
             raise InvalidArgument(
                 f"weights_bytes must be a non-negative integer: {weights_bytes!r}"
             )
-        with self._claim(model, root_pid):
-            remaps = bool(await asyncio.to_thread(
-                lambda: resources.deleted_file_ids(proctree.tree(root_pid))))
-            async with self._remap_guard(remaps):
-                return await self._checkpoint(
-                    caller, model, root_pid, leave_running, weights_bytes, _Reporter(progress)
-                )
+
+        async def checks() -> Callable[[_Reporter], Awaitable[Manifest]]:
+            started = time.monotonic()
+            authz.check_target(caller, root_pid, self.restored)
+            tree = await asyncio.to_thread(self._inspect_tree, model, root_pid, weights_bytes)
+
+            async def body(report: _Reporter) -> Manifest:
+                async with self._remap_guard(tree.remaps):
+                    found = tree
+                    if await asyncio.to_thread(proctree.tree, root_pid) != found.pids:
+                        # it changed while another dump held the link-remaps: check again
+                        found = await asyncio.to_thread(
+                            self._inspect_tree, model, root_pid, weights_bytes
+                        )
+                    return await self._checkpoint(
+                        caller, model, root_pid, leave_running, found, report, started
+                    )
+
+            return body
+
+        return await self._prepare(model, root_pid, checks)
+
+    def _inspect_tree(self, model: str, root_pid: int, weights_bytes: int) -> _Tree:
+        """The checks of a dump that read /proc (run in a thread)."""
+        pids = proctree.tree(root_pid)
+        bad = resources.undumpable_fds(pids)
+        if bad:
+            raise Unsupported(
+                f"the tree of PID {root_pid} cannot be checkpointed: {bad[0]}, which CRIU "
+                "cannot dump"
+                + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                + "; engines started by llmux run with io_uring unavailable "
+                "(python -m llmux.shim.launch)"
+            )
+        ctx = ContainerContext.from_pid(root_pid)
+        if ctx.foreign and ctx.rootfs_host_path is None:
+            raise Unsupported(
+                f"PID {root_pid} lives in a mount namespace whose root filesystem is not "
+                "visible on the host; it cannot be restored, so it is not dumped"
+            )
+        expected = int((proctree.rss_bytes(pids) + weights_bytes) * _SIZE_MARGIN) + _SIZE_SLACK
+        self.store.check_space(model, expected)
+        remaps = bool(resources.deleted_file_ids(pids))
+        return _Tree(pids, ctx, expected, remaps)
 
     @contextlib.asynccontextmanager
     async def _remap_guard(self, needed: bool) -> AsyncIterator[None]:
@@ -338,33 +460,14 @@ class CheckpointEngine:
         model: str,
         root_pid: int,
         leave_running: bool,
-        weights_bytes: int,
+        tree: _Tree,
         report: _Reporter,
+        started: float,
     ) -> Manifest:
-        started = time.monotonic()
-        report(0.0, 0, 0.0, "checking")
-        authz.check_target(caller, root_pid, self.restored)
-        pids = await asyncio.to_thread(proctree.tree, root_pid)
-        bad = await asyncio.to_thread(resources.undumpable_fds, pids)
-        if bad:
-            raise Unsupported(
-                f"the tree of PID {root_pid} cannot be checkpointed: {bad[0]}, which CRIU "
-                "cannot dump"
-                + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
-                + "; engines started by llmux run with io_uring unavailable "
-                "(python -m llmux.shim.launch)"
-            )
+        pids, ctx, expected = tree.pids, tree.ctx, tree.expected
         await asyncio.to_thread(self.sweep_shm)
         tids = await asyncio.to_thread(proctree.all_threads, pids)
         listen_ports = await asyncio.to_thread(resources.listening_ports, pids)
-        ctx = await asyncio.to_thread(ContainerContext.from_pid, root_pid)
-        if ctx.foreign and ctx.rootfs_host_path is None:
-            raise Unsupported(
-                f"PID {root_pid} lives in a mount namespace whose root filesystem is not "
-                "visible on the host; it cannot be restored, so it is not dumped"
-            )
-        expected = int((proctree.rss_bytes(pids) + weights_bytes) * _SIZE_MARGIN) + _SIZE_SLACK
-        self.store.check_space(model, expected)
         cuda_pids = self.cuda.cuda_pids(pids)
         shell_job = _session_outside(pids)
 
@@ -596,9 +699,37 @@ class CheckpointEngine:
         keep_images: bool = True,
         progress: ProgressSink | None = None,
     ) -> Manifest:
+        """prepare_restore, then run it."""
+        prepared = await self.prepare_restore(caller, model, keep_images=keep_images)
+        return await prepared.run(progress)
+
+    async def prepare_restore(
+        self, caller: Caller, model: str, *, keep_images: bool = True
+    ) -> Prepared[Manifest]:
+        """Checks a restore into the caller's container (the checkpoint is there and the
+        caller's, this host and that container can take it back, the files it needs are
+        there) and claims the model. Its PIDs and ports are checked by the run: a tree just
+        dumped may take a moment to let go of them."""
         check_model(model)
-        with self._claim(model):
-            return await self._restore(caller, model, keep_images, _Reporter(progress))
+
+        async def checks() -> Callable[[_Reporter], Awaitable[Manifest]]:
+            started = time.monotonic()
+            manifest = self.store.get(model)
+            authz.check_owner(caller, manifest.owner_uid, model)
+            if proctree.read_stat(caller.pid) is None:
+                raise NotFound(f"caller PID {caller.pid} is gone")
+            target = await asyncio.to_thread(ContainerContext.from_pid, caller.pid)
+            self.check_manifest(manifest, target)
+            await self._check_files_present(manifest, caller.pid if target.foreign else None)
+
+            async def body(report: _Reporter) -> Manifest:
+                return await self._restore(
+                    caller, manifest, target, keep_images, report, started
+                )
+
+            return body
+
+        return await self._prepare(model, None, checks)
 
     def check_manifest(self, manifest: Manifest, target: ContainerContext) -> None:
         """Refuse, precisely, a checkpoint this host or this container cannot take back."""
@@ -649,19 +780,18 @@ class CheckpointEngine:
             )
 
     async def _restore(
-        self, caller: Caller, model: str, keep_images: bool, report: _Reporter
+        self,
+        caller: Caller,
+        manifest: Manifest,
+        target: ContainerContext,
+        keep_images: bool,
+        report: _Reporter,
+        started: float,
     ) -> Manifest:
-        started = time.monotonic()
-        report(0.0, 0, 0.0, "checking")
-        manifest = self.store.get(model)
-        authz.check_owner(caller, manifest.owner_uid, model)
-        if proctree.read_stat(caller.pid) is None:
-            raise NotFound(f"caller PID {caller.pid} is gone")
-        target = ContainerContext.from_pid(caller.pid)
-        self.check_manifest(manifest, target)
+        model = manifest.model
+        report(0.0, 0, 0.0, "waiting for PIDs")
         await self._wait_pids_free(manifest)
         await self._check_ports_free(manifest, caller.pid)
-        await self._check_files_present(manifest, caller.pid if target.foreign else None)
 
         files = self.store.files_dir(model)
         await asyncio.to_thread(upperfiles.verify, manifest.files, files)
@@ -825,7 +955,8 @@ class CheckpointEngine:
         root_pid: int,
         progress: ProgressSink | None = None,
     ) -> SuspendResult:
-        return await self._cuda_job(caller, model, root_pid, progress, self._suspend_tree)
+        """prepare_suspend, then run it."""
+        return await (await self.prepare_suspend(caller, model, root_pid)).run(progress)
 
     async def resume(
         self,
@@ -834,40 +965,69 @@ class CheckpointEngine:
         root_pid: int,
         progress: ProgressSink | None = None,
     ) -> SuspendResult:
-        return await self._cuda_job(caller, model, root_pid, progress, self._resume_tree)
+        """prepare_resume, then run it."""
+        return await (await self.prepare_resume(caller, model, root_pid)).run(progress)
+
+    async def prepare_suspend(
+        self, caller: Caller, model: str, root_pid: int
+    ) -> Prepared[SuspendResult]:
+        """Checks that the caller may suspend the tree and that it holds CUDA state."""
+
+        def cuda_of(pids: list[int]) -> list[int]:
+            cuda_pids = self.cuda.cuda_pids(pids)
+            if not cuda_pids:
+                # Succeeding here would turn cuda_suspend into keep_running behind the
+                # operator's back: the GPU memory they wanted freed would stay held.
+                raise Unsupported(
+                    f"no process of the tree {pids} holds CUDA state "
+                    f"(CUDA mode {self.config.cuda_mode!r}): nothing to suspend"
+                )
+            return cuda_pids
+
+        return await self._cuda_job(caller, model, root_pid, cuda_of, self._suspend_tree)
+
+    async def prepare_resume(
+        self, caller: Caller, model: str, root_pid: int
+    ) -> Prepared[SuspendResult]:
+        """Checks that the caller may resume the tree."""
+        return await self._cuda_job(caller, model, root_pid, None, self._resume_tree)
 
     async def _cuda_job(
         self,
         caller: Caller,
         model: str,
         root_pid: int,
-        progress: ProgressSink | None,
-        body: Callable[[str, int, list[int], _Reporter], Awaitable[list[int]]],
-    ) -> SuspendResult:
+        cuda_of: Callable[[list[int]], list[int]] | None,
+        body: Callable[[str, int, list[int], list[int] | None, _Reporter], Awaitable[list[int]]],
+    ) -> Prepared[SuspendResult]:
         """What suspend and resume share: checks, the model's claim, progress, timing."""
         check_model(model)
         self._check_pid_arg(root_pid)
-        report = _Reporter(progress)
-        with self._claim(model, root_pid):
+
+        async def checks() -> Callable[[_Reporter], Awaitable[SuspendResult]]:
             started = time.monotonic()
-            report(0.0, 0, 0.0, "checking")
             authz.check_target(caller, root_pid, self.restored)
             pids = proctree.tree(root_pid)
-            cuda_pids = await body(model, root_pid, pids, report)
-            report(1.0, 0, 0.0, "done")
-            return SuspendResult(model, pids, cuda_pids, time.monotonic() - started)
+            found = cuda_of(pids) if cuda_of is not None else None
+
+            async def run(report: _Reporter) -> SuspendResult:
+                cuda_pids = await body(model, root_pid, pids, found, report)
+                report(1.0, 0, 0.0, "done")
+                return SuspendResult(model, pids, cuda_pids, time.monotonic() - started)
+
+            return run
+
+        return await self._prepare(model, root_pid, checks)
 
     async def _suspend_tree(
-        self, model: str, root_pid: int, pids: list[int], report: _Reporter
+        self,
+        model: str,
+        root_pid: int,
+        pids: list[int],
+        cuda_pids: list[int] | None,
+        report: _Reporter,
     ) -> list[int]:
-        cuda_pids = self.cuda.cuda_pids(pids)
-        if not cuda_pids:
-            # Succeeding here would turn cuda_suspend into keep_running behind the
-            # operator's back: the GPU memory they wanted freed would stay held.
-            raise Unsupported(
-                f"no process of the tree {pids} holds CUDA state "
-                f"(CUDA mode {self.config.cuda_mode!r}): nothing to suspend"
-            )
+        assert cuda_pids  # prepare_suspend found them
         report(0.1, 0, 0.0, "cuda-checkpoint")
         try:
             await self.cuda.lock_and_checkpoint(cuda_pids)
@@ -878,7 +1038,12 @@ class CheckpointEngine:
         return cuda_pids
 
     async def _resume_tree(
-        self, model: str, root_pid: int, pids: list[int], report: _Reporter
+        self,
+        model: str,
+        root_pid: int,
+        pids: list[int],
+        _found: list[int] | None,
+        report: _Reporter,
     ) -> list[int]:
         known = self._suspended.get(model)
         if known is not None and known[0] == root_pid:

@@ -1,11 +1,11 @@
 """Long operations as job objects, the way systemd-importd and udisks2 do them.
 
-A method call answers (job id, path) once the core has accepted the work: it
-reported progress past its PREFLIGHT_STATUS phase (where it validates names,
-PIDs, ownership, free space), finished, or ACCEPT_WAIT_S passed. A failure before
-that (a foreign PID, a full disk) is the call's own named error and no job
-appears; a failure after it ends the job: the job's Completed signal carries the error name,
-then JobRemoved(id, path, result) follows.
+The method handler has the core prepare the operation first (names, PIDs, ownership,
+manifest, free space, the model's claim): a refusal there (a foreign PID, a full disk,
+a busy model) is the call's own named error and no job appears. What it prepared
+becomes a job at once, and the call answers (job id, path); a failure from then on
+ends the job: the job's Completed signal carries the error name, then
+JobRemoved(id, path, result) follows.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -24,18 +24,14 @@ from dbus_next.aio.message_bus import MessageBus
 
 from llmux.service import contract, errors
 from llmux.service.contract import ErrorName, JobProgress, JobState, Operation, job_path
-from llmux.service.core.engine import Caller, ProgressSink
+from llmux.service.core.engine import Caller, Prepared
 from llmux.service.dbus.interfaces import ContractObject, JobObject, JobView
 from llmux.service.journal import fields
 
 log = logging.getLogger(__name__)
 
-ACCEPT_WAIT_S = 2.0
-PREFLIGHT_STATUS = "checking"  # the core's Progress.status while it validates a request
 PROGRESS_INTERVAL_S = 0.25
 FINISHED_KEPT = 256
-
-Work = Callable[[ProgressSink], Awaitable[object]]
 
 
 @dataclass(frozen=True)
@@ -51,10 +47,8 @@ class Job:
         self.caller = caller
         self.path = job_path(job_id)
         self.interface = JobObject(self.view.properties)
-        self.accepted = asyncio.Event()
         self.finished = asyncio.Event()
         self.task: asyncio.Task[JobOutcome] | None = None
-        self.error: BaseException | None = None
         self.outcome: JobOutcome | None = None
         self.cancelled_by: str = ""
         self.exported = False
@@ -94,39 +88,27 @@ class JobTable:
         self._completions: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        self._closing = False
 
     def running(self) -> list[JobView]:
         return [job.view for job in self._running.values()]
 
-    def ensure_idle(self, model: str) -> None:
-        """One job per model at a time: a second one would fight over the same tree."""
-        for job in self._running.values():
-            if job.view.model == model:
-                raise errors.Busy(
-                    f"model {model!r} is busy with job {job.id} ({job.view.operation})"
-                )
-
-    async def start(self, operation: Operation, model: str, caller: Caller, work: Work) -> Job:
-        """Runs ``work`` as a job; returns once accepted, raises its early failure."""
-        self.ensure_idle(model)
-        job = Job(self._next_id, operation, model, caller)
+    def start(self, operation: Operation, caller: Caller, prepared: Prepared[object]) -> Job:
+        """Makes ``prepared`` a job (exported, JobNew sent) that runs it from now on."""
+        if self._closing:
+            prepared.release()
+            raise errors.Cancelled("llmuxd is stopping")
+        job = Job(self._next_id, operation, prepared.model, caller)
         self._next_id += 1
         self._running[job.id] = job
-        job.task = asyncio.create_task(self._work(job, work), name=f"llmux-job-{job.id}")
-        accepted = asyncio.create_task(job.accepted.wait())
-        try:
-            await asyncio.wait(
-                {job.task, accepted}, timeout=ACCEPT_WAIT_S, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            accepted.cancel()
-        if job.task.done() and job.error is not None and not job.accepted.is_set():
-            del self._running[job.id]
-            raise _early_error(job.error)
+        job.task = asyncio.create_task(self._work(job, prepared), name=f"llmux-job-{job.id}")
+        # a task cancelled before its first step never enters run(), which lets go itself
+        job.task.add_done_callback(lambda _task: prepared.release())
         self._bus.export(job.path, job.interface)
         job.exported = True
         self._manager.emit(contract.JOB_NEW, job.id, job.path)
-        log.info("job %d started: %s %s", job.id, operation, model, extra=job.log_fields())
+        log.info("job %d started: %s %s", job.id, operation, job.view.model,
+                 extra=job.log_fields())
         self._on_change()
         return job
 
@@ -164,6 +146,7 @@ class JobTable:
 
     async def shutdown(self) -> None:
         """Cancels every job (the core puts its processes back) and waits for their end."""
+        self._closing = True
         for job in list(self._running.values()):
             if job.task is not None and not job.task.done():
                 job.cancelled_by = "cancelled: llmuxd is stopping"
@@ -174,7 +157,7 @@ class JobTable:
 
     # -- inside the job's own task -------------------------------------------------
 
-    async def _work(self, job: Job, work: Work) -> JobOutcome:
+    async def _work(self, job: Job, prepared: Prepared[object]) -> JobOutcome:
         def sink(progress: JobProgress) -> None:
             if threading.get_ident() == self._loop_thread:
                 self._progress(job, progress)
@@ -182,16 +165,14 @@ class JobTable:
                 self._loop.call_soon_threadsafe(self._progress, job, progress)
 
         try:
-            await work(sink)
+            await prepared.run(sink)
         except asyncio.CancelledError:
-            job.error = errors.Cancelled(job.cancelled_by or "cancelled")
-            return JobOutcome(JobState.CANCELLED, ErrorName.CANCELLED, str(job.error))
+            message = job.cancelled_by or "cancelled"
+            return JobOutcome(JobState.CANCELLED, ErrorName.CANCELLED, message)
         except errors.HostError as exc:
-            job.error = exc
             return JobOutcome(JobState.FAILED, exc.dbus_name, str(exc))
-        except Exception as exc:
+        except Exception:
             log.exception("job %d failed unexpectedly", job.id, extra=job.log_fields())
-            job.error = exc
             return JobOutcome(JobState.FAILED, ErrorName.INTERNAL, _internal_message(job.id))
         return JobOutcome(JobState.DONE)
 
@@ -204,8 +185,6 @@ class JobTable:
             rate=max(progress.rate, 0.0),
             job_id=job.id,
         )
-        if progress.status != PREFLIGHT_STATUS:
-            job.accepted.set()
         if not job.exported or job.finished.is_set() or job._pending_emit is not None:
             return
         wait = job._last_emit + PROGRESS_INTERVAL_S - self._loop.time()
@@ -273,8 +252,3 @@ class JobTable:
 def _internal_message(job_id: int) -> str:
     return f"internal error in llmuxd (job {job_id}); the daemon's log has the details"
 
-
-def _early_error(error: BaseException) -> errors.HostError:
-    if isinstance(error, errors.HostError):
-        return error
-    return errors.Internal("internal error in llmuxd; the daemon's log has the details")

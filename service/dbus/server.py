@@ -1,8 +1,10 @@
-"""org.llmux.Host1 over the checkpoint engine: each method checks, converts, calls, answers.
+"""org.llmux.Host1 over the checkpoint engine: each method converts, calls, answers.
 
-No checkpoint logic lives here: authorization of target PIDs, manifests,
-CRIU and CUDA are the core's (llmux.service.core.engine). This module owns
-what is D-Bus-shaped: argument checks, job objects, one object per checkpoint.
+No checkpoint logic lives here: model names, authorization of target PIDs, manifests,
+busy models, CRIU and CUDA are the core's (llmux.service.core.engine). A job's method
+has the core prepare the operation, so that its refusals are the call's own errors,
+then makes what was prepared a job. This module owns what is D-Bus-shaped: job
+objects, one object per checkpoint.
 Each method of contract.py has one handler here, marked ``@exports(contract.X)``;
 its arguments arrive unpacked and its options typed (exports.py). The objects'
 properties come from the contract's records (HostInfo, CheckpointInfo, JobProgress).
@@ -13,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from dbus_next.aio.message_bus import MessageBus
@@ -30,9 +32,8 @@ from llmux.service.contract import (
     Operation,
     RestoreOptions,
     checkpoint_path,
-    valid_model_name,
 )
-from llmux.service.core.engine import Caller, CheckpointEngine, ProgressSink
+from llmux.service.core.engine import Caller, CheckpointEngine, Prepared
 from llmux.service.dbus.bus import connected
 from llmux.service.dbus.dispatch import Dispatcher, Reply
 from llmux.service.dbus.exports import Call, exports, routes
@@ -48,21 +49,6 @@ VERBS = {
     Operation.SUSPEND: "suspending",
     Operation.RESUME: "resuming",
 }
-
-
-def check_model(model: str) -> str:
-    if not valid_model_name(model):
-        raise errors.InvalidArgument(
-            f"invalid model name {model!r}: 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit, without '..'"
-        )
-    return model
-
-
-def check_pid(pid: int) -> int:
-    if pid <= 0:
-        raise errors.InvalidArgument(f"root_pid must be a process id, not {pid}")
-    return pid
 
 
 class HostServer:
@@ -149,14 +135,14 @@ class HostServer:
     def _checkpoint_props(self, model: str) -> dict[str, Any]:
         return self._checkpoints[model][1].to_properties()
 
-    def _job_reply(self, job: Job) -> Reply:
+    def _job(self, operation: Operation, caller: Caller, prepared: Prepared[object]) -> Reply:
+        """The prepared operation as a job; the reply (id, path) announces it."""
+        try:
+            job = self.jobs.start(operation, caller, prepared)
+        except BaseException:
+            prepared.release()
+            raise
         return Reply(body=(job.id, job.path), after=lambda: self.jobs.announce(job))
-
-    async def _job(
-        self, operation: Operation, model: str, caller: Caller,
-        work: Callable[[ProgressSink], Awaitable[object]],
-    ) -> Reply:
-        return self._job_reply(await self.jobs.start(operation, model, caller, work))
 
     # -- org.llmux.Host1: one handler per method of contract.MANAGER -------------------
 
@@ -164,48 +150,31 @@ class HostServer:
     async def checkpoint(
         self, call: Call, model: str, root_pid: int, options: CheckpointOptions
     ) -> Reply:
-        check_model(model)
-        check_pid(root_pid)
-        return await self._job(
-            Operation.CHECKPOINT, model, call.caller,
-            lambda sink: self.engine.checkpoint(
-                call.caller, model, root_pid, leave_running=options.leave_running,
-                weights_bytes=options.weights_bytes, progress=sink,
-            ),
+        prepared = await self.engine.prepare_checkpoint(
+            call.caller, model, root_pid, leave_running=options.leave_running,
+            weights_bytes=options.weights_bytes,
         )
+        return self._job(Operation.CHECKPOINT, call.caller, prepared)
 
     @exports(contract.RESTORE)
     async def restore(self, call: Call, model: str, options: RestoreOptions) -> Reply:
-        check_model(model)
-        return await self._job(
-            Operation.RESTORE, model, call.caller,
-            lambda sink: self.engine.restore(
-                call.caller, model, keep_images=options.keep_images, progress=sink
-            ),
+        prepared = await self.engine.prepare_restore(
+            call.caller, model, keep_images=options.keep_images
         )
+        return self._job(Operation.RESTORE, call.caller, prepared)
 
     @exports(contract.SUSPEND)
     async def suspend(self, call: Call, model: str, root_pid: int, _options: NoOptions) -> Reply:
-        check_model(model)
-        check_pid(root_pid)
-        return await self._job(
-            Operation.SUSPEND, model, call.caller,
-            lambda sink: self.engine.suspend(call.caller, model, root_pid, progress=sink),
-        )
+        prepared = await self.engine.prepare_suspend(call.caller, model, root_pid)
+        return self._job(Operation.SUSPEND, call.caller, prepared)
 
     @exports(contract.RESUME)
     async def resume(self, call: Call, model: str, root_pid: int, _options: NoOptions) -> Reply:
-        check_model(model)
-        check_pid(root_pid)
-        return await self._job(
-            Operation.RESUME, model, call.caller,
-            lambda sink: self.engine.resume(call.caller, model, root_pid, progress=sink),
-        )
+        prepared = await self.engine.prepare_resume(call.caller, model, root_pid)
+        return self._job(Operation.RESUME, call.caller, prepared)
 
     @exports(contract.DELETE_CHECKPOINT)
     async def delete_checkpoint(self, call: Call, model: str) -> None:
-        check_model(model)
-        self.jobs.ensure_idle(model)
         await asyncio.to_thread(self.engine.delete_checkpoint, call.caller, model)
         log.info(
             "checkpoint of %s deleted", model,

@@ -194,7 +194,7 @@ def test_busctl_alone_drives_checkpoint_restore_and_reads_progress(
     reached = target.last()
 
     # The dumped process is our zombie until we reap it, so its PID is not free: the
-    # restore job waits in its checking phase and busctl can watch it.
+    # restore job waits for it (up to 10 s) and busctl can watch it.
     job_id, job_path = llmuxd.ok("Restore", "sa{sv}", "m1", 0)
     props = llmuxd.busctl(
         "--json=short",
@@ -231,7 +231,7 @@ def test_cancel_keeps_the_checkpoint_and_the_state(llmuxd: Llmuxd, spawn_target)
     target = spawn_target()
     job_id, _ = llmuxd.ok("Checkpoint", "sua{sv}", "m2", target.pid, 0)
     assert llmuxd.ok("WaitJob", "ud", job_id, 120) == ["done", "", ""]
-    # a restore held in its checking phase by our unreaped zombie, then cancelled
+    # a restore job held by our unreaped zombie (its PID is not free), then cancelled
     job_id, job_path = llmuxd.ok("Restore", "sa{sv}", "m2", 0)
     stranger = llmuxd.busctl(
         "call", BUS_NAME, job_path, JOB, "Cancel", prefix=("unshare", "--mount")
@@ -291,8 +291,11 @@ def test_llmuxd_killed_mid_dump_loses_nothing(llmuxd: Llmuxd, spawn_target, how:
     target = spawn_target(megabytes=1024)
     job_id, _ = llmuxd.ok("Checkpoint", "sua{sv}", "big", target.pid, 0)
     assert llmuxd.proc is not None
-    helpers = children_of(llmuxd.proc.pid)  # CRIU, mid-dump
-    assert helpers, "no CRIU running after the job was accepted"
+    proc = llmuxd.proc
+    # the call answers once the dump is prepared: the job starts CRIU right after
+    wait_until(lambda: bool(children_of(proc.pid)), 60, "llmuxd to start CRIU")
+    helpers = children_of(proc.pid)  # CRIU, mid-dump
+    assert helpers, "no CRIU running after the job started"
     llmuxd.proc.kill()
     if how == "like-systemd":
         for pid in helpers:
