@@ -419,3 +419,42 @@ async def test_service_death_after_dump_is_salvaged_at_start(
     assert not any(p.name.startswith(".tmp-") for p in other.iterdir())
     await fresh.restore(ME, "crash")
     assert (await t.ping())[0] == "pong"
+
+
+async def test_prepare_checks_and_claims_then_run_is_the_job(
+    engine: CheckpointEngine, spawn_target: TargetFactory
+) -> None:
+    """prepare_* refuses before anything is touched and claims the model (and PID) until
+    run() ends or release() lets go; a Prepared runs once."""
+    t = await spawn_target()
+    with pytest.raises(NotFound):
+        await engine.prepare_restore(ME, "prepared")
+    with pytest.raises(AccessDenied):
+        await engine.prepare_checkpoint(ME, "prepared", 1)
+    with pytest.raises(Unsupported):  # cuda_mode off: nothing to suspend
+        await engine.prepare_suspend(ME, "prepared", t.pid)
+    prepared = await engine.prepare_checkpoint(ME, "prepared", t.pid, leave_running=True)
+    assert prepared.model == "prepared"
+    assert engine.list_checkpoints() == [], "prepare dumps nothing"
+    with pytest.raises(Busy):
+        await engine.prepare_checkpoint(ME, "prepared", t.pid)
+    with pytest.raises(Busy):
+        await engine.prepare_resume(ME, "other", t.pid)  # the same root PID
+    with pytest.raises(Busy):
+        engine.delete_checkpoint(ME, "prepared")
+    prepared.release()
+    prepared.release()  # idempotent
+    with pytest.raises(RuntimeError):
+        await prepared.run()
+    again = await engine.prepare_checkpoint(ME, "prepared", t.pid, leave_running=True)
+    seen: list[Progress] = []
+    m = await again.run(seen.append)
+    assert m.pids == t.pids and seen[-1].status == "done"
+    assert t.alive()
+    resume = await engine.prepare_resume(ME, "prepared", t.pid)  # free again after run()
+    assert (await resume.run()).cuda_pids == []
+    restore = await engine.prepare_restore(ME, "prepared")  # PIDs still taken: the run says
+    with pytest.raises(PidInUse):
+        engine.pid_free_timeout = 0.2
+        await restore.run()
+    assert engine.get_checkpoint("prepared")

@@ -384,3 +384,23 @@ def test_signals_reach_root_but_not_an_unprivileged_user(
             proc.terminate()
             proc.wait(10)
             out.close()
+
+
+def test_a_refused_request_is_the_calls_own_error_and_makes_no_job(
+    llmuxd: Llmuxd, spawn_target
+) -> None:
+    """The core prepares the operation inside the call: what it refuses (here, CUDA mode
+    off: nothing to suspend) fails the call at once, and no job object appears."""
+    target = spawn_target()
+    began = time.monotonic()
+    message = llmuxd.expect_error(
+        "org.llmux.Error.Unsupported", "Suspend", "sua{sv}", "s1", target.pid, 0
+    )
+    assert "nothing to suspend" in message
+    llmuxd.expect_error("org.llmux.Error.NotFound", "Restore", "sa{sv}", "s1", 0)
+    assert time.monotonic() - began < 5
+    job_id, job_path = llmuxd.ok("Checkpoint", "sua{sv}", "s1", target.pid, 1, "leave_running",
+                                 "b", True)
+    assert (job_id, job_path) == (1, f"{OBJECT_PATH}/job/1"), "refusals made no jobs"
+    assert llmuxd.ok("WaitJob", "ud", job_id, 120) == ["done", "", ""]
+    assert pid_alive(target.pid)
