@@ -10,7 +10,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ from typing import Any
 # built-in engine's test helper's
 from llmux.service.core.proctree import exists as pid_alive
 from llmux.shim.builtin.testing import free_port as free_port
+
+TESTS = Path(__file__).resolve().parent
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -56,18 +58,43 @@ def kill_tagged(tag: str, timeout: float = 30.0) -> list[int]:
     return left
 
 
-def llmuxd_harness() -> Any:
-    """tests/service/dbus/llmuxd_harness.py, loaded once by path under its own name (tests/
-    is not a package), so that every suite shares its private bus and llmuxd fixtures."""
+def load_module(name: str, path: Path) -> Any:
+    """A file of tests/ loaded once by path under its own name (tests/ is not a package)."""
     import importlib.util
     import sys
 
-    if "llmuxd_harness" in sys.modules:
-        return sys.modules["llmuxd_harness"]
-    path = Path(__file__).resolve().parent / "service" / "dbus" / "llmuxd_harness.py"
-    spec = importlib.util.spec_from_file_location("llmuxd_harness", path)
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None, f"cannot load {path}"
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being made
+    sys.modules[name] = module  # dataclasses look their module up while being made
     spec.loader.exec_module(module)
     return module
+
+
+def llmuxd_harness() -> Any:
+    """tests/service/dbus/llmuxd_harness.py, so that every suite shares its private bus and
+    llmuxd fixtures."""
+    return load_module("llmuxd_harness", TESTS / "service" / "dbus" / "llmuxd_harness.py")
+
+
+def drop_caches() -> bool:
+    """Write back dirty pages and empty the page cache, so that reads hit the disk (root)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def proc_stats() -> Iterator[tuple[int, str]]:
+    """(PID, the text of /proc/PID/stat) of every process still there when read."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            yield int(entry), Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
