@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -98,3 +100,34 @@ def proc_stats() -> Iterator[tuple[int, str]]:
             yield int(entry), Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports (sockets held open together so none repeats)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def mount_overlay(directory: Path, lower: str = "/") -> Path:
+    """An overlay of ``lower`` with its upper, work and merged directories in ``directory``
+    (made here): a container's root filesystem. Returns the merged directory (root)."""
+    upper, work, merged = directory / "upper", directory / "work", directory / "merged"
+    for d in (upper, work, merged):
+        d.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)], check=True)
+    return merged
+
+
+def stop_shims(started: list[Any], tag: str) -> None:
+    """Stops every shim a fixture started, then checks that none left an engine running."""
+    for shim in started:
+        shim.stop()
+    leftovers = kill_tagged(tag)
+    assert not leftovers, f"engines left running after the shim stopped: {leftovers}"

@@ -206,20 +206,22 @@ def test_the_unit_verifies_cleanly(tmp_path: Path) -> None:
     assert "llmuxd.service" not in result.stderr, result.stderr
 
 
+def _ini(path: Path, strict: bool = True) -> configparser.ConfigParser:
+    """A unit-style file, keys as written (case kept)."""
+    parser = configparser.ConfigParser(strict=strict, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(path)
+    return parser
+
+
 def test_unit_and_activation_file_agree() -> None:
-    unit = configparser.ConfigParser(strict=False, interpolation=None)
-    unit.optionxform = str  # type: ignore[assignment,method-assign]
-    unit.read(UNITS / "llmuxd.service")
-    service = unit["Service"]
+    service = _ini(UNITS / "llmuxd.service", strict=False)["Service"]
     assert service["Type"] == "notify"
     assert service["BusName"] == "org.llmux.Host1"
     assert service["WatchdogSec"] == "30"
     assert service["StateDirectory"] == "llmux/checkpoints"
     assert service["StateDirectoryMode"] == "0700"
-    activation = configparser.ConfigParser(interpolation=None)
-    activation.optionxform = str  # type: ignore[assignment,method-assign]
-    activation.read(UNITS / "org.llmux.Host1.service")
-    entry = activation["D-BUS Service"]
+    entry = _ini(UNITS / "org.llmux.Host1.service")["D-BUS Service"]
     assert entry["Name"] == "org.llmux.Host1"
     assert entry["SystemdService"] == "llmuxd.service"
     assert entry["User"] == "root"
