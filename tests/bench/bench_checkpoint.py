@@ -103,29 +103,13 @@ def measure_disk(directory: Path, nbytes: int) -> DiskSpeed:
     nbytes = blocks * BLOCK
     try:
         dropped = testprocs.drop_caches()
-        t0 = time.perf_counter()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            for _ in range(blocks):
-                os.write(fd, buf)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        write_s = time.perf_counter() - t0
+        write_s = _timed_write(path, os.O_CREAT | os.O_TRUNC, buf, blocks)
 
         testprocs.drop_caches()
         read_s = _timed_read(path, 0)
 
         testprocs.drop_caches()
-        t0 = time.perf_counter()
-        fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-        try:
-            for _ in range(blocks):
-                os.write(fd, buf)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        direct_write_s = time.perf_counter() - t0
+        direct_write_s = _timed_write(path, os.O_DIRECT, buf, blocks)
 
         testprocs.drop_caches()
         direct_read_s = _timed_read(path, os.O_DIRECT)
@@ -135,6 +119,18 @@ def measure_disk(directory: Path, nbytes: int) -> DiskSpeed:
         buf.close()
     return DiskSpeed(nbytes, nbytes / MB / write_s, nbytes / MB / read_s,
                      nbytes / MB / direct_write_s, nbytes / MB / direct_read_s, dropped)
+
+
+def _timed_write(path: Path, flags: int, buf: mmap.mmap, blocks: int) -> float:
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | flags, 0o600)
+    try:
+        for _ in range(blocks):
+            os.write(fd, buf)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - t0
 
 
 def _timed_read(path: Path, flags: int) -> float:
