@@ -7,10 +7,10 @@
   llmux status [--url URL]                  a shim's GET /control/status as a table
 
 Each takes ``--json`` (one JSON document on stdout, for scripts) and the D-Bus ones ``--bus``
-(system, session or an address). Tables and the progress bar are drawn here rather than with
-a library: on a host the command runs on Debian's python3 with python3-dbus-next and
-python3-httpx only. Exit codes: 0 success, 1 the service or shim refused or failed (its error
-name is printed), 2 bad usage, 130 interrupted (a running job is cancelled first).
+(system, session or an address). Tables and the progress bar are rich's (python3-rich on a
+host); what a pipe gets is plain text without styles or control codes. Exit codes: 0 success,
+1 the service or shim refused or failed (its error name is printed), 2 bad usage, 130
+interrupted (a running job is cancelled first).
 """
 
 from __future__ import annotations
@@ -21,13 +21,16 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
+from rich.table import Table
 
 from llmux.service.contract import CheckpointInfo, ErrorName, valid_model_name
 
@@ -80,16 +83,31 @@ def format_pids(pids: Sequence[int], limit: int = 4) -> str:
     return f"{shown},+{len(pids) - limit}" if len(pids) > limit else (shown or "-")
 
 
-def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned columns separated by two spaces, like systemctl list-units."""
-    widths = [len(h) for h in headers]
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
+    """Left-aligned columns two spaces apart, no borders, like systemctl list-units."""
+    table = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold",
+                  show_edge=False)
+    for header in headers:
+        table.add_column(header, no_wrap=True, overflow="ignore")
     for row in rows:
-        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
-    lines = [headers, *rows]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
-        for line in lines
-    )
+        table.add_row(*row)
+    return table
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """The table as plain text (what a pipe gets), without trailing spaces."""
+    console = Console(file=io.StringIO(), width=10_000, color_system=None, highlight=False)
+    with console.capture() as capture:
+        console.print(_table(headers, rows))
+    return "\n".join(line.rstrip() for line in capture.get().splitlines())
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """On a terminal rich's styled table, elsewhere render_table's plain text."""
+    if sys.stdout.isatty():
+        Console(highlight=False).print(_table(headers, rows))
+    else:
+        print(render_table(headers, rows))
 
 
 def render_fields(pairs: Sequence[tuple[str, str]]) -> str:
@@ -107,7 +125,7 @@ def print_json(value: Any, out: TextIO | None = None) -> None:
 
 @dataclass
 class ProgressReporter:
-    """Follows a job's Progress property: a redrawn bar on a TTY, plain lines otherwise.
+    """Follows a job's Progress property: rich's bar on a TTY, plain lines otherwise.
 
     Plain lines come at every ``step`` of progress (10% by default) so that a log or CI
     output stays short; the bar is redrawn at most every ``min_interval`` seconds.
@@ -121,7 +139,8 @@ class ProgressReporter:
     width: int = 30
     _last_step: int = field(default=-1, init=False)
     _last_draw: float = field(default=0.0, init=False)
-    _drawn: bool = field(default=False, init=False)
+    _bar: Progress | None = field(default=None, init=False)
+    _task: TaskID | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.tty is None:
@@ -140,37 +159,38 @@ class ProgressReporter:
             if now - self._last_draw < self.min_interval and fraction < 1.0:
                 return
             self._last_draw = now
-            filled = round(self.width * fraction)
-            bar = "#" * filled + "-" * (self.width - filled)
-            line = f"{self.label} [{bar}] {fraction * 100:3.0f}%"
-            if detail:
-                line += f"  {detail}"
-            columns = _columns(self.stream)
-            self.stream.write("\r" + line[: columns - 1] + "\x1b[K")  # then clear to line end
-            self._drawn = True
-        else:
-            reached = int(fraction / self.step + 1e-9)
-            if reached <= self._last_step:
-                return
-            self._last_step = reached
-            self.stream.write(f"{self.label}: {fraction * 100:.0f}%"
-                              + (f" ({detail})" if detail else "") + "\n")
+            bar, task = self._started()
+            bar.update(task, completed=fraction, detail=detail)
+            bar.refresh()
+            return
+        reached = int(fraction / self.step + 1e-9)
+        if reached <= self._last_step:
+            return
+        self._last_step = reached
+        self.stream.write(f"{self.label}: {fraction * 100:.0f}%"
+                          + (f" ({detail})" if detail else "") + "\n")
         self.stream.flush()
+
+    def _started(self) -> tuple[Progress, TaskID]:
+        if self._bar is None or self._task is None:
+            console = Console(file=self.stream, force_terminal=True, highlight=False)
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(bar_width=self.width),
+                TaskProgressColumn(),
+                TextColumn("{task.fields[detail]}"),
+                console=console, auto_refresh=False,
+                redirect_stdout=False, redirect_stderr=False,
+            )
+            self._task = self._bar.add_task(self.label, total=1.0, detail="")
+            self._bar.start()
+        return self._bar, self._task
 
     def finish(self) -> None:
         """Ends the bar's line, so that what follows starts on a fresh one."""
-        if self.tty and self._drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _columns(stream: TextIO) -> int:
-    """The width of the terminal the bar is drawn on (stderr), not of stdout."""
-    try:
-        columns = os.get_terminal_size(stream.fileno()).columns
-    except (OSError, ValueError, io.UnsupportedOperation):
-        columns = 0
-    return columns if columns > 0 else shutil.get_terminal_size((100, 20)).columns
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
 
 
 # ------------------------------------------------------------------------------ running
@@ -283,7 +303,7 @@ def cmd_checkpoints_list(args: argparse.Namespace) -> int:
             print("no checkpoints")
             return EXIT_OK
         headers = ["MODEL", "SIZE", "CREATED", "ROOT PID", "PIDS", "OWNER", "DUMP"]
-        print(render_table(headers, [_checkpoint_row(p) for p in found]))
+        print_table(headers, [_checkpoint_row(p) for p in found])
         total = sum(p.size_bytes for p in found)
         print(f"\n{len(found)} checkpoint(s), {format_bytes(total)}")
         return EXIT_OK
@@ -467,7 +487,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print_json(body)
             return EXIT_OK
         headers = ["MODEL", "STATE", "ACTIVE", "PIDS", "LAST WAKE", "IN FLIGHT", "QUEUED"]
-        print(render_table(headers, status_rows(body)))
+        print_table(headers, status_rows(body))
         summary = [f"active: {body.get('active') or 'none'}"]
         if "queue_depth" in body:
             summary.append(f"queued: {body['queue_depth']}")

@@ -12,7 +12,8 @@ SUDO=""
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 APT_PKGS=(dbus podman runc debootstrap python3-venv python3-dev iproute2 util-linux procps
-          psmisc systemd curl ca-certificates fuse-overlayfs uidmap)
+          psmisc systemd curl ca-certificates fuse-overlayfs uidmap
+          libsystemd-dev pkg-config gcc)  # the last three build systemd-python (the [test] extra)
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,8 @@ from typing import Any
 # built-in engine's test helper's
 from llmux.service.core.proctree import exists as pid_alive
 from llmux.shim.builtin.testing import free_port as free_port
+
+TESTS = Path(__file__).resolve().parent
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -56,18 +60,74 @@ def kill_tagged(tag: str, timeout: float = 30.0) -> list[int]:
     return left
 
 
-def llmuxd_harness() -> Any:
-    """tests/service/dbus/llmuxd_harness.py, loaded once by path under its own name (tests/
-    is not a package), so that every suite shares its private bus and llmuxd fixtures."""
+def load_module(name: str, path: Path) -> Any:
+    """A file of tests/ loaded once by path under its own name (tests/ is not a package)."""
     import importlib.util
     import sys
 
-    if "llmuxd_harness" in sys.modules:
-        return sys.modules["llmuxd_harness"]
-    path = Path(__file__).resolve().parent / "service" / "dbus" / "llmuxd_harness.py"
-    spec = importlib.util.spec_from_file_location("llmuxd_harness", path)
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None, f"cannot load {path}"
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being made
+    sys.modules[name] = module  # dataclasses look their module up while being made
     spec.loader.exec_module(module)
     return module
+
+
+def llmuxd_harness() -> Any:
+    """tests/service/dbus/llmuxd_harness.py, so that every suite shares its private bus and
+    llmuxd fixtures."""
+    return load_module("llmuxd_harness", TESTS / "service" / "dbus" / "llmuxd_harness.py")
+
+
+def drop_caches() -> bool:
+    """Write back dirty pages and empty the page cache, so that reads hit the disk (root)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def proc_stats() -> Iterator[tuple[int, str]]:
+    """(PID, the text of /proc/PID/stat) of every process still there when read."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            yield int(entry), Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports (sockets held open together so none repeats)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def mount_overlay(directory: Path, lower: str = "/") -> Path:
+    """An overlay of ``lower`` with its upper, work and merged directories in ``directory``
+    (made here): a container's root filesystem. Returns the merged directory (root)."""
+    upper, work, merged = directory / "upper", directory / "work", directory / "merged"
+    for d in (upper, work, merged):
+        d.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)], check=True)
+    return merged
+
+
+def stop_shims(started: list[Any], tag: str) -> None:
+    """Stops every shim a fixture started, then checks that none left an engine running."""
+    for shim in started:
+        shim.stop()
+    leftovers = kill_tagged(tag)
+    assert not leftovers, f"engines left running after the shim stopped: {leftovers}"

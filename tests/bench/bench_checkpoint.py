@@ -41,6 +41,9 @@ from llmux.service.core.engine import CheckpointEngine, EngineConfig
 from llmux.shim.builtin import testing
 from llmux.shim.builtin.testing import EngineProcess
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared test helpers
+import testprocs
+
 MB = 1 << 20
 GB = 1 << 30
 BLOCK = 64 * MB
@@ -49,16 +52,6 @@ MODEL = "bench-builtin"
 
 
 # --------------------------------------------------------------------------- page cache
-
-
-def drop_caches() -> bool:
-    """Write back dirty pages and empty the page cache, so that reads hit the disk."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        return False
-    return True
 
 
 def syncfs(path: Path) -> None:
@@ -109,32 +102,16 @@ def measure_disk(directory: Path, nbytes: int) -> DiskSpeed:
     blocks = max(1, nbytes // BLOCK)
     nbytes = blocks * BLOCK
     try:
-        dropped = drop_caches()
-        t0 = time.perf_counter()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            for _ in range(blocks):
-                os.write(fd, buf)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        write_s = time.perf_counter() - t0
+        dropped = testprocs.drop_caches()
+        write_s = _timed_write(path, os.O_CREAT | os.O_TRUNC, buf, blocks)
 
-        drop_caches()
+        testprocs.drop_caches()
         read_s = _timed_read(path, 0)
 
-        drop_caches()
-        t0 = time.perf_counter()
-        fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-        try:
-            for _ in range(blocks):
-                os.write(fd, buf)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        direct_write_s = time.perf_counter() - t0
+        testprocs.drop_caches()
+        direct_write_s = _timed_write(path, os.O_DIRECT, buf, blocks)
 
-        drop_caches()
+        testprocs.drop_caches()
         direct_read_s = _timed_read(path, os.O_DIRECT)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -142,6 +119,18 @@ def measure_disk(directory: Path, nbytes: int) -> DiskSpeed:
         buf.close()
     return DiskSpeed(nbytes, nbytes / MB / write_s, nbytes / MB / read_s,
                      nbytes / MB / direct_write_s, nbytes / MB / direct_read_s, dropped)
+
+
+def _timed_write(path: Path, flags: int, buf: mmap.mmap, blocks: int) -> float:
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | flags, 0o600)
+    try:
+        for _ in range(blocks):
+            os.write(fd, buf)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - t0
 
 
 def _timed_read(path: Path, flags: int) -> float:
@@ -165,15 +154,9 @@ def _timed_read(path: Path, flags: int) -> float:
 def tree_pids(root: int) -> list[int]:
     """The root and every descendant (from /proc/*/stat), root first."""
     children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
+    for pid, stat in testprocs.proc_stats():
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
+        children.setdefault(ppid, []).append(pid)
     out, todo = [], [root]
     while todo:
         pid = todo.pop(0)
@@ -419,7 +402,7 @@ async def bench_size(core: CheckpointEngine, gb: float, workdir: Path, backend: 
         if rss < weights_mb * MB * 0.9:
             raise RuntimeError(f"the {backend} backend holds only {rss / MB:.0f} MiB resident "
                                f"for {weights_mb} MiB of weights: not a fair benchmark")
-        drop_caches()  # the weights file's cached pages would compete with the dump
+        testprocs.drop_caches()  # the weights file's cached pages would compete with the dump
 
         # We are the root's parent, as the shim is in real use: reap the tree the moment
         # CRIU kills it (the core waits for the dumped PIDs to be gone before it returns).
@@ -435,7 +418,7 @@ async def bench_size(core: CheckpointEngine, gb: float, workdir: Path, backend: 
         print(f"   dumped {image_bytes / MB:.0f} MiB in {dump_s:.2f} s "
               f"({dump_durable_s:.2f} s until on disk)", flush=True)
 
-        drop_caches()  # the restore must read the images from the disk
+        testprocs.drop_caches()  # the restore must read the images from the disk
         t0 = time.perf_counter()
         await core.restore(caller, model, keep_images=True)
         restore_s = time.perf_counter() - t0
@@ -460,7 +443,7 @@ async def bench_size(core: CheckpointEngine, gb: float, workdir: Path, backend: 
             with contextlib.suppress(Exception):
                 core.delete_checkpoint(caller, model)
             shutil.rmtree(state_dir / model, ignore_errors=True)
-        drop_caches()
+        testprocs.drop_caches()
 
 
 # --------------------------------------------------------------------------- report

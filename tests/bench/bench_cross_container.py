@@ -26,19 +26,14 @@ This is a benchmark that prints numbers, not a test: nothing here asserts a spee
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -48,19 +43,8 @@ import testprocs  # noqa: E402
 MB = 1 << 20
 
 
-def _load(name: str, path: Path) -> ModuleType:
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None, f"cannot load {path}"
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _load("llmuxd_harness", TESTS / "service" / "dbus" / "llmuxd_harness.py")
-podman_shim = _load("podman_shim", TESTS / "e2e" / "podman_shim.py")
+harness = testprocs.llmuxd_harness()
+podman_shim = testprocs.load_module("podman_shim", TESTS / "e2e" / "podman_shim.py")
 
 
 @dataclass
@@ -78,37 +62,6 @@ class Row:
     cache_dropped: bool
 
 
-def drop_caches() -> bool:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def private_bus(workdir: Path) -> Iterator[Any]:
-    """A system-style dbus-daemon with the project's policy (as the tests' harness)."""
-    bus_dir = workdir / "bus"
-    bus_dir.mkdir(mode=0o755)
-    sock = bus_dir / "system_bus_socket"
-    config = bus_dir / "bus.conf"
-    config.write_text(harness.BUS_CONFIG.format(
-        socket=sock, policy=harness.REPO / "units" / "org.llmux.Host1.conf"))
-    proc = subprocess.Popen(["dbus-daemon", f"--config-file={config}", "--nofork",
-                             "--print-address=1"], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    address = proc.stdout.readline().strip()
-    try:
-        if not address.startswith("unix:"):
-            raise RuntimeError(f"dbus-daemon did not start: {address!r}")
-        yield harness.PrivateBus(address=address, socket_path=str(sock))
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
 def first_token(shim: Any) -> str:
     """One chat completion of one token: the time to the first token."""
     r = shim.chat(max_tokens=1)
@@ -119,7 +72,7 @@ def first_token(shim: Any) -> str:
 
 def timed_wake(shim: Any, expect: str, drop: bool) -> tuple[float, float, str, bool]:
     """(wake call -> first token s, wake call s, first token, caches dropped)."""
-    dropped = drop_caches() if drop else False
+    dropped = testprocs.drop_caches() if drop else False
     t0 = time.perf_counter()
     body = shim.control("wake")
     t_wake = time.perf_counter() - t0
@@ -217,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="llmux-bench-xc-") as tmp:
         workdir = Path(tmp)
         (workdir / "llmuxd.toml").write_text("# empty: the flags say it all\n")
-        with private_bus(workdir) as bus:
+        (workdir / "bus").mkdir(mode=0o755)
+        with harness.running_bus(workdir / "bus") as bus:
             daemon = harness.Llmuxd(bus=bus, state_dir=workdir / "state", workdir=workdir)
             daemon.start()
             try:

@@ -31,20 +31,15 @@ This is a benchmark that prints numbers, not a test: nothing here asserts a spee
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
 import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -57,19 +52,8 @@ MB = 1 << 20
 TARGET_SPEEDUP = 10.0
 
 
-def _load(name: str, path: Path) -> ModuleType:
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None, f"cannot load {path}"
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _load("llmuxd_harness", TESTS / "service" / "dbus" / "llmuxd_harness.py")
-podman_shim = _load("podman_shim", TESTS / "e2e" / "podman_shim.py")
+harness = testprocs.llmuxd_harness()
+podman_shim = testprocs.load_module("podman_shim", TESTS / "e2e" / "podman_shim.py")
 
 
 @dataclass
@@ -108,15 +92,6 @@ class Row:
         return self.cold.cache_dropped and self.same.cache_dropped and self.new.cache_dropped
 
 
-def drop_caches() -> bool:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        return False
-    return True
-
-
 def engine_args(model_dir: Path) -> list[str]:
     """tests/vllmbed.py's flags, with a KV cache big enough for one max-length request.
 
@@ -138,28 +113,6 @@ def engine_args(model_dir: Path) -> list[str]:
 
 def dir_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / MB
-
-
-@contextlib.contextmanager
-def private_bus(workdir: Path) -> Iterator[Any]:
-    """A system-style dbus-daemon with the project's policy (as the tests' harness)."""
-    bus_dir = workdir / "bus"
-    bus_dir.mkdir(mode=0o755)
-    sock = bus_dir / "system_bus_socket"
-    config = bus_dir / "bus.conf"
-    config.write_text(harness.BUS_CONFIG.format(
-        socket=sock, policy=harness.REPO / "units" / "org.llmux.Host1.conf"))
-    proc = subprocess.Popen(["dbus-daemon", f"--config-file={config}", "--nofork",
-                             "--print-address=1"], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    address = proc.stdout.readline().strip()
-    try:
-        if not address.startswith("unix:"):
-            raise RuntimeError(f"dbus-daemon did not start: {address!r}")
-        yield harness.PrivateBus(address=address, socket_path=str(sock))
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def first_token(shim: Any) -> str:
@@ -190,7 +143,7 @@ def criu_errors(daemon: Any) -> str:
 def timed_wake(shim: Any, expect: str, drop: bool, daemon: Any) -> Timed:
     """Drop the caches, POST /control/wake, one token; then the full answer (untimed)."""
     restores_before = len(criu_restores(daemon))
-    dropped = drop_caches() if drop else False
+    dropped = testprocs.drop_caches() if drop else False
     t0 = time.perf_counter()
     body = shim.control("wake")
     t_wake = time.perf_counter() - t0
@@ -346,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         free_gb = shutil.disk_usage(workdir).free / (1 << 30)
         print(f"state directory under {workdir}: {free_gb:.0f} GB free", file=sys.stderr)
         (workdir / "llmuxd.toml").write_text("# empty: the flags say it all\n")
-        with private_bus(workdir) as bus:
+        (workdir / "bus").mkdir(mode=0o755)
+        with harness.running_bus(workdir / "bus") as bus:
             daemon = harness.Llmuxd(bus=bus, state_dir=workdir / "state", workdir=workdir)
             daemon.start()
             try:

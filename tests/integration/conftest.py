@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from shimproc import REQUEST_TIMEOUT_S, Shim, launch_shim
-from testprocs import free_port, kill_tagged, llmuxd_harness
+from testprocs import free_port, llmuxd_harness, stop_shims
 
 _dbus = llmuxd_harness()
 
@@ -76,7 +76,4 @@ def start_shim(tmp_path: Path) -> Iterator[Callable[..., Shim]]:
     try:
         yield start
     finally:
-        for shim in started:
-            shim.stop()
-        leftovers = kill_tagged(tag)
-        assert not leftovers, f"engines left running after the shim stopped: {leftovers}"
+        stop_shims(started, tag)

@@ -10,13 +10,13 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from testprocs import free_ports as free_ports
 from testprocs import pid_alive as running
 
 from llmux.shim.config import Config, config_from_dict
@@ -27,18 +27,6 @@ TEST_WEIGHTS_MB = 4
 # The pure-Python model starts about four times faster than the PyTorch one on a
 # 2-core machine; a test that wants PyTorch sets it in the model's env.
 os.environ.setdefault("LLMUX_BUILTIN_BACKEND", "pure")
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free ports (sockets held open together so none repeats)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def wait_until(predicate: Callable[[], bool], within: float = 30.0, step: float = 0.05) -> bool:

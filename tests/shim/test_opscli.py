@@ -13,6 +13,7 @@ import io
 import json
 import os
 import pty
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -237,8 +238,9 @@ def test_progress_bar_on_a_terminal(llmuxd: Llmuxd, spawn_target: Callable[..., 
     text = drawn.decode()
     print(repr(text[-400:]))
     assert proc.returncode == 0, text
-    assert "\rcheckpoint opscli-tty [" in text
-    assert "[" + "#" * 30 + "] 100%" in text
+    drawn_lines = _terminal_lines(text)
+    assert any(line.startswith("checkpoint opscli-tty ") for line in drawn_lines), text
+    assert re.search(r"checkpoint opscli-tty ━{30} +100%", drawn_lines[-1]), drawn_lines[-1]
     assert "left running" in proc.stdout
     assert dbus_fixtures.pid_alive(target.pid)
     assert llmux("checkpoints", "delete", "opscli-tty", "--bus", llmuxd.bus.address
@@ -314,8 +316,17 @@ def test_progress_reporter_plain_lines_and_bar() -> None:
     reporter.update(0.5)
     reporter.update(1.0)
     reporter.finish()
-    assert bar.getvalue() == ("\rrestore m [#####-----]  50%\x1b[K"
-                              "\rrestore m [##########] 100%\x1b[K\n")
+    drawn = bar.getvalue()
+    assert re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn).endswith("\n")  # the line is ended
+    lines = _terminal_lines(drawn)
+    assert any(re.fullmatch(r"restore m ━{5}╺━{4} +50%", line) for line in lines), lines
+    assert re.fullmatch(r"restore m ━{10} +100%", lines[-1])
+
+
+def _terminal_lines(drawn: str) -> list[str]:
+    """What a terminal shows line by line: each redraw (after \\r) without its styles."""
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn)
+    return [part.strip() for part in re.split(r"[\r\n]", plain) if part.strip()]
 
 
 def test_render_table_aligns_columns() -> None:

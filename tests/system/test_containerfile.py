@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -23,21 +22,11 @@ from pathlib import Path
 import httpx
 import pytest
 from systemtest import REPO, Overlay, run
+from testprocs import free_ports
 
 pytestmark = [pytest.mark.podman]
 
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +94,7 @@ def test_image_validates_its_default_config(shim_image: str) -> None:
 
 
 def test_image_serves_with_the_readme_flags(shim_image: str, tmp_path: Path) -> None:
-    port, engine_port = _free_ports(2)
+    port, engine_port = free_ports(2)
     config = tmp_path / "config.toml"
     config.write_text(
         f'host = "127.0.0.1"\nport = {port}\nmetrics_port = 0\n'

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from shimproc import Shim, launch_shim
-from testprocs import free_port, kill_tagged, llmuxd_harness
+from testprocs import free_port, llmuxd_harness, stop_shims
 from vllmbed import REQUEST_TIMEOUT_S, VllmBed
 
 _dbus = llmuxd_harness()
@@ -53,7 +53,4 @@ def start_vllm_shim(tmp_path: Path, vllm_bed: VllmBed) -> Iterator[Callable[...,
     try:
         yield start
     finally:
-        for shim in started:
-            shim.stop()
-        leftovers = kill_tagged(tag)
-        assert not leftovers, f"engines left running after the shim stopped: {leftovers}"
+        stop_shims(started, tag)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from testprocs import mount_overlay
 
 from llmux.service.core import upperfiles
 from llmux.service.core.container import (
@@ -40,22 +41,8 @@ class Contained:
 def contained(tmp_path: Path) -> Iterator[Contained]:
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    ov = tmp_path / "ov"
-    upper, work, merged = ov / "upper", ov / "work", ov / "merged"
-    for d in (upper, work, merged):
-        d.mkdir(parents=True)
-    subprocess.run(
-        [
-            "mount",
-            "-t",
-            "overlay",
-            "overlay",
-            "-o",
-            f"lowerdir=/,upperdir={upper},workdir={work}",
-            str(merged),
-        ],
-        check=True,
-    )
+    merged = mount_overlay(tmp_path / "ov")
+    upper = tmp_path / "ov" / "upper"
     inside = f"/tmp/llmux-upper-{os.getpid()}-{time.monotonic_ns()}"
     script = (
         f"mkdir -p {inside}/sub && echo only-in-upper > {inside}/sub/held.txt && "

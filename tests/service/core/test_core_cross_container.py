@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from criu_testlib import TARGET, reap
+from testprocs import mount_overlay
 
 from llmux.service.core import proctree
 from llmux.service.core.container import ContainerContext
@@ -49,20 +50,7 @@ class Containers:
 
     def rootfs(self, name: str) -> Path:
         d = self.base / name
-        for sub in ("upper", "work", "merged"):
-            (d / sub).mkdir(parents=True)
-        subprocess.run(
-            [
-                "mount",
-                "-t",
-                "overlay",
-                "overlay",
-                "-o",
-                f"lowerdir=/,upperdir={d / 'upper'},workdir={d / 'work'}",
-                str(d / "merged"),
-            ],
-            check=True,
-        )
+        mount_overlay(d)
         self.mounted.append(d / "merged")
         return d
 

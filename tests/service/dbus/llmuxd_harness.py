@@ -130,16 +130,13 @@ class PrivateBus:
         return call
 
 
-@pytest.fixture(scope="session")
-def private_bus() -> Iterator[PrivateBus]:
-    # world-traversable, so that the `nobody` client reaches the socket and the *policy* refuses
-    directory = tempfile.mkdtemp(prefix="llmux-bus-")
-    os.chmod(directory, 0o755)
-    sock = os.path.join(directory, "system_bus_socket")
-    config = os.path.join(directory, "bus.conf")
-    Path(config).write_text(
-        BUS_CONFIG.format(socket=sock, policy=REPO / "units" / "org.llmux.Host1.conf")
-    )
+@contextlib.contextmanager
+def running_bus(directory: Path) -> Iterator[PrivateBus]:
+    """A system-style dbus-daemon with the project's policy, its socket in ``directory``."""
+    sock = directory / "system_bus_socket"
+    config = directory / "bus.conf"
+    policy = REPO / "units" / "org.llmux.Host1.conf"
+    config.write_text(BUS_CONFIG.format(socket=sock, policy=policy))
     proc = subprocess.Popen(
         ["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address=1"],
         stdout=subprocess.PIPE,
@@ -147,12 +144,24 @@ def private_bus() -> Iterator[PrivateBus]:
     )
     assert proc.stdout is not None
     address = proc.stdout.readline().strip()
-    assert address.startswith("unix:"), f"dbus-daemon did not start: {address!r}"
     try:
-        yield PrivateBus(address=address, socket_path=sock)
+        if not address.startswith("unix:"):
+            raise RuntimeError(f"dbus-daemon did not start: {address!r}")
+        yield PrivateBus(address=address, socket_path=str(sock))
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def private_bus() -> Iterator[PrivateBus]:
+    # world-traversable, so that the `nobody` client reaches the socket and the *policy* refuses
+    directory = tempfile.mkdtemp(prefix="llmux-bus-")
+    os.chmod(directory, 0o755)
+    try:
+        with running_bus(Path(directory)) as bus:
+            yield bus
+    finally:
         subprocess.run(["rm", "-rf", directory], check=False)
 
 
@@ -257,14 +266,9 @@ class Llmuxd:
             self.proc.wait()
             raise AssertionError(f"llmuxd ignored SIGTERM:\n{self.log()}") from None
 
-    def busctl(
-        self,
-        *args: str,
-        user: int | None = None,
-        prefix: tuple[str, ...] = (),
-        timeout: float = 60,
-    ) -> BusCall:
-        return self.bus.busctl(*args, user=user, prefix=prefix, timeout=timeout)
+    def busctl(self, *args: str, **options: Any) -> BusCall:
+        """PrivateBus.busctl on llmuxd's bus (user=, prefix=, timeout=)."""
+        return self.bus.busctl(*args, **options)
 
     def call(self, method: str, signature: str = "", *args: object, **kw: Any) -> BusCall:
         """A method of org.llmux.Host1 on /org/llmux/Host1, JSON output."""
