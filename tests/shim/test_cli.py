@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import signal
 import subprocess
 import sys
@@ -102,7 +103,9 @@ def test_validate_unknown_model_and_bad_policies(write_config: WriteConfig) -> N
 def test_validate_model_runs_every_cycle(
         write_config: WriteConfig, builtin_config_dict: Callable[..., dict[str, Any]],
         procs: Any) -> None:
-    path = write_config(builtin_config_dict(["m1"]))
+    # a marker of this test's own: other test sessions on the machine run "llmux-test/m1"
+    marker = f"llmux-test/m1-{secrets.token_hex(4)}"
+    path = write_config(builtin_config_dict(["m1"], m1={"model_path": marker}))
     r = llmux("--config", str(path), "--validate", "m1", "--policies",
               "offload+keep_running,discard+keep_running,retain+stop")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -114,13 +117,14 @@ def test_validate_model_runs_every_cycle(
                                                 "retain+stop"]
     assert all(row.split()[-2:] == ["match", "PASS"] for row in rows), out
     assert "Result: ALL PASSED" in out
-    assert procs.pids_with_marker("llmux-test/m1") == [], "the engine is stopped at the end"
+    assert procs.pids_with_marker(marker) == [], "the engine is stopped at the end"
 
 
 def test_validate_model_reports_a_failed_policy(
         write_config: WriteConfig, builtin_config_dict: Callable[..., dict[str, Any]],
         tmp_path: Path, procs: Any) -> None:
-    raw = builtin_config_dict(["m1"])
+    marker = f"llmux-test/m1-{secrets.token_hex(4)}"
+    raw = builtin_config_dict(["m1"], m1={"model_path": marker})
     # a private bus address where nothing listens: the host service is unreachable
     raw["checkpoint"] = {"bus": f"unix:path={tmp_path}/no-bus"}
     path = write_config(raw)
@@ -133,7 +137,7 @@ def test_validate_model_reports_a_failed_policy(
     assert rows["retain+checkpoint"][-1] == "FAIL"
     assert "llmuxd" in r.stdout
     assert "Result: SOME FAILED" in r.stdout
-    assert procs.pids_with_marker("llmux-test/m1") == []
+    assert procs.pids_with_marker(marker) == []
 
 
 def test_host_strategy_without_host_service_fails_clearly(
