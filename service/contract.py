@@ -302,6 +302,8 @@ class CheckpointInfo(Record):
     cuda_pids: list[int] = _dbus("CudaPids", "au", factory=list)  # noqa: RUF009
     manifest: str = _dbus("Manifest", "s", "{}")
     """The whole manifest, JSON."""
+    listen_ports: list[int] = _dbus("ListenPorts", "au", factory=list)  # noqa: RUF009
+    """TCP ports the tree listened on: each must be free for a restore."""
 
 
 JOB_OBJECT_PROPERTIES = (

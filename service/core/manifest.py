@@ -95,6 +95,7 @@ class Manifest:
             driver_version=self.driver_version,
             cuda_pids=list(self.cuda_pids),
             manifest=self.to_json(),
+            listen_ports=list(self.listen_ports),
         )
 
     def to_json(self) -> str:
