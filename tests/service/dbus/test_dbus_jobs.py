@@ -189,8 +189,13 @@ def test_busctl_alone_drives_checkpoint_restore_and_reads_progress(
         ".CriuVersion",
         ".CudaPids",
         ".Manifest",
+        ".ListenPorts",
     ):
         assert member in shape.stdout
+    ports = llmuxd.busctl("--json=short", "get-property", BUS_NAME,
+                          f"{OBJECT_PATH}/checkpoint/m1", CHECKPOINT, "ListenPorts")
+    assert json.loads(ports.stdout)["data"] == json.loads(
+        (llmuxd.state_dir / "m1" / "manifest.json").read_text())["listen_ports"]
     reached = target.last()
 
     # The dumped process is our zombie until we reap it, so its PID is not free: the
