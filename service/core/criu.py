@@ -130,18 +130,8 @@ def _plugins(plugin_dir: str | None) -> list[str]:
 
 
 def dump_argv(binary: str, req: DumpRequest) -> list[str]:
-    argv = [
-        binary,
-        "dump",
-        "--tree",
-        str(req.pid),
-        "--images-dir",
-        str(req.images_dir),
-        *_COMMON,
-        "--ghost-limit",
-        str(req.ghost_limit_bytes),
-        *_logged(req.log_name),
-    ]
+    argv = [binary, "dump", "--tree", str(req.pid), "--images-dir", str(req.images_dir),
+            *_COMMON, "--ghost-limit", str(req.ghost_limit_bytes), *_logged(req.log_name)]
     if req.leave_running:
         argv.append("--leave-running")
     argv += _job_options(req.shell_job, req.foreign_mntns)
@@ -151,17 +141,8 @@ def dump_argv(binary: str, req: DumpRequest) -> list[str]:
 
 
 def restore_argv(binary: str, req: RestoreRequest) -> list[str]:
-    argv = [
-        binary,
-        "restore",
-        "--images-dir",
-        str(req.images_dir),
-        "--restore-detached",
-        "--pidfile",
-        str(req.pidfile),
-        *_COMMON,
-        *_logged(req.log_name),
-    ]
+    argv = [binary, "restore", "--images-dir", str(req.images_dir), "--restore-detached",
+            "--pidfile", str(req.pidfile), *_COMMON, *_logged(req.log_name)]
     argv += _job_options(req.shell_job, req.foreign_mntns)
     if req.root is not None:
         argv += ["--root", str(req.root)]

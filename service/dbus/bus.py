@@ -55,15 +55,8 @@ class HostBus(MessageBus):  # type: ignore[misc]
         self._send_manager_signal("InterfacesRemoved", "oas", [path, removed_interfaces])
 
     def _send_manager_signal(self, member: str, signature: str, body: list[Any]) -> None:
-        self.send(
-            Message.new_signal(
-                path=OBJECT_PATH,
-                interface=OBJECT_MANAGER,
-                member=member,
-                signature=signature,
-                body=body,
-            )
-        )
+        self.send(Message.new_signal(path=OBJECT_PATH, interface=OBJECT_MANAGER, member=member,
+                                     signature=signature, body=body))
 
 
 def exported(bus: MessageBus, path: str) -> bool:
