@@ -38,6 +38,13 @@ pytestmark = pytest.mark.criu
 ME = Caller(pid=os.getpid(), uid=0)
 
 
+async def _open(state_dir: Path, criu: str) -> CheckpointEngine:
+    """A CheckpointEngine on state_dir that runs criu, with CUDA off."""
+    return await CheckpointEngine.open(
+        EngineConfig(state_dir=state_dir, criu_path=criu, cuda_mode="off")
+    )
+
+
 async def _until(cond: object, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():  # type: ignore[operator]
@@ -174,9 +181,7 @@ async def test_cancel_during_dump_leaves_tree_running(
     engine: CheckpointEngine,
 ) -> None:
     wrapper, marker = blocking_criu(tmp_path, criu_path)
-    eng = await CheckpointEngine.open(
-        EngineConfig(state_dir=state_dir, criu_path=wrapper, cuda_mode="off")
-    )
+    eng = await _open(state_dir, wrapper)
     t = await spawn_target()
     job = asyncio.create_task(eng.checkpoint(ME, "cancelled", t.pid))
     await _until(marker.exists)
@@ -199,9 +204,7 @@ async def test_failed_dump_leaves_tree_running_with_log_excerpt(
     criu_path: str, state_dir: Path, tmp_path: Path, spawn_target: TargetFactory
 ) -> None:
     wrapper, _ = blocking_criu(tmp_path, criu_path, fail=True)
-    eng = await CheckpointEngine.open(
-        EngineConfig(state_dir=state_dir, criu_path=wrapper, cuda_mode="off")
-    )
+    eng = await _open(state_dir, wrapper)
     t = await spawn_target()
     with pytest.raises(CriuFailed) as err:
         await eng.checkpoint(ME, "fails", t.pid)
@@ -225,9 +228,7 @@ async def test_manifest_mismatch_is_precise(
         data = json.loads(original)
         data.update(changes)
         path.write_text(json.dumps(data))
-        eng = await CheckpointEngine.open(
-            EngineConfig(state_dir=state_dir, criu_path=criu_path, cuda_mode="off")
-        )
+        eng = await _open(state_dir, criu_path)
         with pytest.raises(ManifestMismatch) as err:
             await eng.restore(ME, "mm")
         return str(err.value)
@@ -240,9 +241,7 @@ async def test_manifest_mismatch_is_precise(
     assert "another image" in msg
     # Untouched, it restores.
     path.write_text(original)
-    eng = await CheckpointEngine.open(
-        EngineConfig(state_dir=state_dir, criu_path=criu_path, cuda_mode="off")
-    )
+    eng = await _open(state_dir, criu_path)
     await eng.restore(ME, "mm")
     assert (await t.ping())[0] == "pong"
 
@@ -250,9 +249,7 @@ async def test_manifest_mismatch_is_precise(
 async def test_no_space_refused_and_tree_untouched(
     criu_path: str, tiny_tmpfs: Path, spawn_target: TargetFactory
 ) -> None:
-    eng = await CheckpointEngine.open(
-        EngineConfig(state_dir=tiny_tmpfs / "state", criu_path=criu_path, cuda_mode="off")
-    )
+    eng = await _open(tiny_tmpfs / "state", criu_path)
     t = await spawn_target()
     with pytest.raises(NoSpace) as err:
         await eng.checkpoint(ME, "big", t.pid)
@@ -266,9 +263,7 @@ async def test_open_cleans_leftovers_and_skips_incomplete(criu_path: str, state_
     (state_dir / ".tmp-m-1234" / "images").mkdir(parents=True)
     (state_dir / ".old-m-5678").mkdir()
     (state_dir / "incomplete" / "images").mkdir(parents=True)
-    eng = await CheckpointEngine.open(
-        EngineConfig(state_dir=state_dir, criu_path=criu_path, cuda_mode="off")
-    )
+    eng = await _open(state_dir, criu_path)
     names = sorted(p.name for p in state_dir.iterdir())
     assert names == ["incomplete"]
     assert eng.list_checkpoints() == []
@@ -378,9 +373,7 @@ async def test_dump_completed_then_criu_fails_keeps_the_checkpoint(
     criu_path: str, state_dir: Path, tmp_path: Path, spawn_target: TargetFactory
 ) -> None:
     wrapper, _ = criu_after_dump(tmp_path, criu_path, "exit 1")
-    eng = await CheckpointEngine.open(
-        EngineConfig(state_dir=state_dir, criu_path=wrapper, cuda_mode="off")
-    )
+    eng = await _open(state_dir, wrapper)
     t = await spawn_target()
     m = await eng.checkpoint(ME, "late", t.pid)
     assert any("completed the dump" in w for w in m.warnings)
@@ -392,9 +385,7 @@ async def test_service_death_after_dump_is_salvaged_at_start(
     criu_path: str, state_dir: Path, tmp_path: Path, spawn_target: TargetFactory
 ) -> None:
     wrapper, marker = criu_after_dump(tmp_path, criu_path, "exec sleep 120")
-    eng = await CheckpointEngine.open(
-        EngineConfig(state_dir=state_dir, criu_path=wrapper, cuda_mode="off")
-    )
+    eng = await _open(state_dir, wrapper)
     t = await spawn_target()
     job = asyncio.create_task(eng.checkpoint(ME, "crash", t.pid))
     await _until(marker.exists)
@@ -409,9 +400,7 @@ async def test_service_death_after_dump_is_salvaged_at_start(
     m = await job
     assert any("cancelled" in w for w in m.warnings)
 
-    fresh = await CheckpointEngine.open(
-        EngineConfig(state_dir=other, criu_path=criu_path, cuda_mode="off")
-    )
+    fresh = await _open(other, criu_path)
     fresh.pid_free_timeout = 1.0
     (salvaged,) = fresh.list_checkpoints()
     assert salvaged.model == "crash" and salvaged.pids == t.pids
