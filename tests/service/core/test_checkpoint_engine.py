@@ -45,6 +45,15 @@ async def _open(state_dir: Path, criu: str) -> CheckpointEngine:
     )
 
 
+async def _open_after_dump(
+    state_dir: Path, tmp_path: Path, criu_path: str, then: str
+) -> tuple[CheckpointEngine, Path]:
+    """_open with criu_after_dump's wrapper (it runs ``then`` once CRIU completed the dump),
+    and the marker file the wrapper creates at that moment."""
+    wrapper, marker = criu_after_dump(tmp_path, criu_path, then)
+    return await _open(state_dir, wrapper), marker
+
+
 async def _until(cond: object, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():  # type: ignore[operator]
@@ -372,8 +381,7 @@ async def test_suspend_without_cuda_is_refused_and_leaves_the_tree_running(
 async def test_dump_completed_then_criu_fails_keeps_the_checkpoint(
     criu_path: str, state_dir: Path, tmp_path: Path, spawn_target: TargetFactory
 ) -> None:
-    wrapper, _ = criu_after_dump(tmp_path, criu_path, "exit 1")
-    eng = await _open(state_dir, wrapper)
+    eng, _ = await _open_after_dump(state_dir, tmp_path, criu_path, "exit 1")
     t = await spawn_target()
     m = await eng.checkpoint(ME, "late", t.pid)
     assert any("completed the dump" in w for w in m.warnings)
@@ -384,8 +392,7 @@ async def test_dump_completed_then_criu_fails_keeps_the_checkpoint(
 async def test_service_death_after_dump_is_salvaged_at_start(
     criu_path: str, state_dir: Path, tmp_path: Path, spawn_target: TargetFactory
 ) -> None:
-    wrapper, marker = criu_after_dump(tmp_path, criu_path, "exec sleep 120")
-    eng = await _open(state_dir, wrapper)
+    eng, marker = await _open_after_dump(state_dir, tmp_path, criu_path, "exec sleep 120")
     t = await spawn_target()
     job = asyncio.create_task(eng.checkpoint(ME, "crash", t.pid))
     await _until(marker.exists)
