@@ -44,6 +44,29 @@ BACKENDS = [
 ]
 
 
+@contextlib.asynccontextmanager
+async def _reaped(engines: list[EngineProcess], pids: list[int]) -> AsyncIterator[None]:
+    """Inside, the engines are polled and pids reaped: the shim (the engines' parent) does
+    it for real, here the test is parent and subreaper. On leaving, the engines stop."""
+
+    async def reaper() -> None:
+        while True:
+            for e in engines:
+                e.process.poll()
+            reap(pids)
+            await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(reaper())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for e in engines:
+            await e.stop_async()
+
+
 @pytest.fixture(params=BACKENDS)
 async def builtin(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[EngineProcess]:
     env = {
@@ -53,22 +76,10 @@ async def builtin(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     }
     engine = await start_engine_async("test-org/ckpt", weights_mb=8, extra_env=env)
     pids: list[int] = [engine.pid, *engine.child_pids()]
-
-    async def reaper() -> None:
-        # The shim (the engine's parent) reaps it; here the test is parent and subreaper.
-        while True:
-            engine.process.poll()
-            reap(pids[1:])
-            await asyncio.sleep(0.05)
-
-    task = asyncio.create_task(reaper())
     try:
-        yield engine
+        async with _reaped([engine], pids[1:]):
+            yield engine
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await engine.stop_async()
         for _ in range(100):
             reap(pids)
             if not proctree.taken(pids):
@@ -150,22 +161,8 @@ async def pure(tmp_path: Path) -> AsyncIterator[Any]:
         known.extend([e.pid, *e.child_pids()])
         return e
 
-    async def reaper() -> None:
-        while True:
-            for e in engines:
-                e.process.poll()
-            reap(known)
-            await asyncio.sleep(0.05)
-
-    task = asyncio.create_task(reaper())
-    try:
+    async with _reaped(engines, known):
         yield start
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        for e in engines:
-            await e.stop_async()
 
 
 async def _gone(pids: list[int]) -> None:
