@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
-from criu_testlib import reap
+from criu_testlib import reap, reaping
 
 from llmux.service.core import proctree
 from llmux.service.core.engine import Caller, CheckpointEngine
@@ -49,20 +49,14 @@ async def _reaped(engines: list[EngineProcess], pids: list[int]) -> AsyncIterato
     """Inside, the engines are polled and pids reaped: the shim (the engines' parent) does
     it for real, here the test is parent and subreaper. On leaving, the engines stop."""
 
-    async def reaper() -> None:
-        while True:
-            for e in engines:
-                e.process.poll()
-            reap(pids)
-            await asyncio.sleep(0.05)
+    def poll() -> None:
+        for e in engines:
+            e.process.poll()
 
-    task = asyncio.create_task(reaper())
     try:
-        yield
+        async with reaping(lambda: pids, poll):
+            yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         for e in engines:
             await e.stop_async()
 
