@@ -51,12 +51,15 @@ class Harness:
         self.released.append(model)
         await self._prepare_dump(model, within_secs)
 
-    async def started(self, procs: Any) -> tuple[Lifecycle, list[int]]:
-        """The lifecycle, started and with m1 active; m1's PIDs, tracked by procs."""
+    async def started(self, procs: Any, signum: int | None = None) -> tuple[Lifecycle, list[int]]:
+        """The lifecycle, started and with m1 active; m1's PIDs, tracked by procs. With
+        signum, that signal is then sent to m1's root."""
         await self.lifecycle.start()
         await self.lifecycle.activate("m1")
         pids = self.lifecycle.status("m1").pids
         procs.track(*pids)
+        if signum is not None:
+            os.kill(pids[0], signum)
         return self.lifecycle, pids
 
     async def get(self, model: str, path: str) -> Any:
@@ -150,8 +153,7 @@ async def test_dead_engine_is_restarted_on_next_activate(
         builtin_config: Callable[..., Config], harness: Callable[..., Harness],
         procs: Any) -> None:
     h = harness(builtin_config(["m1"]))
-    lc, old = await h.started(procs)
-    os.kill(old[0], signal.SIGKILL)
+    lc, old = await h.started(procs, signal.SIGKILL)
     assert await procs.wait_gone(old)
     assert await procs.eventually(lambda: lc.status("m1").state is ModelState.STOPPED)
     status = lc.status("m1")
@@ -171,8 +173,7 @@ async def test_failed_eviction_escalates_to_stop(
         procs: Any) -> None:
     h = harness(builtin_config(["m1"], eviction="offload+keep_running"),
                 engine_call_timeout_secs=1.0)
-    lc, pids = await h.started(procs)
-    os.kill(pids[0], signal.SIGSTOP)  # /sleep will never be answered
+    lc, pids = await h.started(procs, signal.SIGSTOP)  # /sleep will never be answered
     assert await lc.evict("m1") is ModelState.STOPPED
     status = lc.status("m1")
     assert status.state is ModelState.STOPPED and status.pids == []
@@ -188,8 +189,7 @@ async def test_evicting_a_killed_engine_ends_stopped(
         builtin_config: Callable[..., Config], harness: Callable[..., Harness],
         procs: Any) -> None:
     h = harness(builtin_config(["m1"], eviction="discard+keep_running"))
-    lc, pids = await h.started(procs)
-    os.kill(pids[0], signal.SIGKILL)
+    lc, pids = await h.started(procs, signal.SIGKILL)
     assert await lc.evict("m1") is ModelState.STOPPED
     assert await procs.wait_gone(pids)
     assert lc.status("m1").state is ModelState.STOPPED
@@ -625,8 +625,7 @@ async def test_a_success_clears_an_old_error(
         builtin_config: Callable[..., Config], harness: Callable[..., Harness],
         procs: Any) -> None:
     h = harness(builtin_config(["m1"], eviction="retain+keep_running"))
-    lc, pids = await h.started(procs)
-    os.kill(pids[0], signal.SIGKILL)
+    lc, _ = await h.started(procs, signal.SIGKILL)
     assert await procs.eventually(lambda: lc.status("m1").state is ModelState.STOPPED)
     assert "exited unexpectedly" in (lc.status("m1").last_error or "")
     assert await lc.activate("m1") is WakeKind.COLD

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from criu_testlib import TargetFactory, blocking_criu, criu_after_dump
+from criu_testlib import Target, TargetFactory, blocking_criu, criu_after_dump
 
 from llmux.service.core import proctree
 from llmux.service.core.engine import (
@@ -46,12 +46,13 @@ async def _open(state_dir: Path, criu: str) -> CheckpointEngine:
 
 
 async def _open_after_dump(
-    state_dir: Path, tmp_path: Path, criu_path: str, then: str
-) -> tuple[CheckpointEngine, Path]:
+    state_dir: Path, tmp_path: Path, criu_path: str, then: str, spawn_target: TargetFactory
+) -> tuple[CheckpointEngine, Target, Path]:
     """_open with criu_after_dump's wrapper (it runs ``then`` once CRIU completed the dump),
-    and the marker file the wrapper creates at that moment."""
+    a target tree, and the marker file the wrapper creates at that moment."""
     wrapper, marker = criu_after_dump(tmp_path, criu_path, then)
-    return await _open(state_dir, wrapper), marker
+    eng = await _open(state_dir, wrapper)
+    return eng, await spawn_target(), marker
 
 
 async def _until(cond: object, timeout: float = 30.0) -> None:
@@ -381,8 +382,7 @@ async def test_suspend_without_cuda_is_refused_and_leaves_the_tree_running(
 async def test_dump_completed_then_criu_fails_keeps_the_checkpoint(
     criu_path: str, state_dir: Path, tmp_path: Path, spawn_target: TargetFactory
 ) -> None:
-    eng, _ = await _open_after_dump(state_dir, tmp_path, criu_path, "exit 1")
-    t = await spawn_target()
+    eng, t, _ = await _open_after_dump(state_dir, tmp_path, criu_path, "exit 1", spawn_target)
     m = await eng.checkpoint(ME, "late", t.pid)
     assert any("completed the dump" in w for w in m.warnings)
     await eng.restore(ME, "late")
@@ -392,8 +392,8 @@ async def test_dump_completed_then_criu_fails_keeps_the_checkpoint(
 async def test_service_death_after_dump_is_salvaged_at_start(
     criu_path: str, state_dir: Path, tmp_path: Path, spawn_target: TargetFactory
 ) -> None:
-    eng, marker = await _open_after_dump(state_dir, tmp_path, criu_path, "exec sleep 120")
-    t = await spawn_target()
+    eng, t, marker = await _open_after_dump(state_dir, tmp_path, criu_path, "exec sleep 120",
+                                            spawn_target)
     job = asyncio.create_task(eng.checkpoint(ME, "crash", t.pid))
     await _until(marker.exists)
     await _until(lambda: not proctree.taken(t.pids))
