@@ -23,16 +23,19 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
 from rich.table import Table
 
 from llmux.service.contract import CheckpointInfo, ErrorName, valid_model_name
+
+if TYPE_CHECKING:
+    from llmux.client.hostclient import HostClient
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -235,6 +238,21 @@ def _usage(message: str) -> int:
     return EXIT_USAGE
 
 
+def _run_for_model(args: argparse.Namespace, name: str,
+                   work: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """_run for a command on one model; an invalid name is a usage error, before any call."""
+    if not valid_model_name(name):
+        return _usage(f"invalid model name {name!r}")
+    return _run(args, work)
+
+
+def _host(args: argparse.Namespace) -> HostClient:
+    """A client of llmuxd on args.bus (imported when a D-Bus command runs)."""
+    from llmux.client.hostclient import HostClient
+
+    return HostClient(args.bus)
+
+
 def _checkpoint_row(info: CheckpointInfo) -> list[str]:
     return [
         info.model or "?",
@@ -260,10 +278,10 @@ def _checkpoint_json(info: CheckpointInfo) -> dict[str, Any]:
 
 
 def cmd_host_status(args: argparse.Namespace) -> int:
-    from llmux.client.hostclient import HostClient, HostServiceError
+    from llmux.client.hostclient import HostServiceError
 
     async def work() -> int:
-        async with HostClient(args.bus) as client:
+        async with _host(args) as client:
             info = await client.info()
             try:
                 count: int | None = len(await client.list_checkpoints())
@@ -291,10 +309,8 @@ def cmd_host_status(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoints_list(args: argparse.Namespace) -> int:
-    from llmux.client.hostclient import HostClient
-
     async def work() -> int:
-        async with HostClient(args.bus) as client:
+        async with _host(args) as client:
             found = await client.list_checkpoints()
         if args.json:
             print_json([_checkpoint_json(p) for p in found])
@@ -312,13 +328,8 @@ def cmd_checkpoints_list(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoints_inspect(args: argparse.Namespace) -> int:
-    from llmux.client.hostclient import HostClient
-
-    if not valid_model_name(args.name):
-        return _usage(f"invalid model name {args.name!r}")
-
     async def work() -> int:
-        async with HostClient(args.bus) as client:
+        async with _host(args) as client:
             props = await client.get_checkpoint(args.name)
         if props is None:
             return _report(Failure(ErrorName.NOT_FOUND, f"no checkpoint of {args.name}"),
@@ -346,17 +357,12 @@ def cmd_checkpoints_inspect(args: argparse.Namespace) -> int:
             print(json.dumps(manifest, indent=2, sort_keys=True))
         return EXIT_OK
 
-    return _run(args, work)
+    return _run_for_model(args, args.name, work)
 
 
 def cmd_checkpoints_delete(args: argparse.Namespace) -> int:
-    from llmux.client.hostclient import HostClient
-
-    if not valid_model_name(args.name):
-        return _usage(f"invalid model name {args.name!r}")
-
     async def work() -> int:
-        async with HostClient(args.bus) as client:
+        async with _host(args) as client:
             await client.delete_checkpoint(args.name)
         if args.json:
             print_json({"deleted": args.name})
@@ -364,29 +370,38 @@ def cmd_checkpoints_delete(args: argparse.Namespace) -> int:
             print(f"deleted the checkpoint of {args.name}")
         return EXIT_OK
 
-    return _run(args, work)
+    return _run_for_model(args, args.name, work)
+
+
+async def _job_with_progress(
+    args: argparse.Namespace, label: str,
+    call: Callable[[HostClient, ProgressReporter], Awaitable[CheckpointInfo]],
+) -> tuple[CheckpointInfo, float]:
+    """Runs a checkpoint or restore job behind a progress bar labelled ``label``; the
+    checkpoint's properties and the seconds it took in all."""
+    progress = ProgressReporter(label)
+    started = time.monotonic()
+    try:
+        async with _host(args) as client:
+            props = await call(client, progress)
+        progress.update(1.0, props.size_bytes)
+    finally:
+        progress.finish()
+    return props, time.monotonic() - started
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
-    from llmux.client.hostclient import HostClient
-
     if not valid_model_name(args.model):
         return _usage(f"invalid model name {args.model!r}")
     if args.pid < 2:
         return _usage(f"--pid must be the model engine's root PID, got {args.pid}")
 
     async def work() -> int:
-        progress = ProgressReporter(f"checkpoint {args.model}")
-        started = time.monotonic()
-        try:
-            async with HostClient(args.bus) as client:
-                props = await client.checkpoint(
-                    args.model, args.pid, leave_running=args.leave_running,
-                    progress=progress, timeout=args.timeout)
-            progress.update(1.0, props.size_bytes)
-        finally:
-            progress.finish()
-        elapsed = time.monotonic() - started
+        props, elapsed = await _job_with_progress(
+            args, f"checkpoint {args.model}",
+            lambda client, progress: client.checkpoint(
+                args.model, args.pid, leave_running=args.leave_running,
+                progress=progress, timeout=args.timeout))
         if args.json:
             print_json({**_checkpoint_json(props), "ElapsedSeconds": elapsed})
             return EXIT_OK
@@ -402,22 +417,12 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from llmux.client.hostclient import HostClient
-
-    if not valid_model_name(args.model):
-        return _usage(f"invalid model name {args.model!r}")
-
     async def work() -> int:
-        progress = ProgressReporter(f"restore {args.model}")
-        started = time.monotonic()
-        try:
-            async with HostClient(args.bus) as client:
-                props = await client.restore(args.model, keep_images=not args.delete_images,
-                                             progress=progress, timeout=args.timeout)
-            progress.update(1.0, props.size_bytes)
-        finally:
-            progress.finish()
-        elapsed = time.monotonic() - started
+        props, elapsed = await _job_with_progress(
+            args, f"restore {args.model}",
+            lambda client, progress: client.restore(
+                args.model, keep_images=not args.delete_images,
+                progress=progress, timeout=args.timeout))
         if args.json:
             print_json({**_checkpoint_json(props), "ElapsedSeconds": elapsed,
                         "ImagesKept": not args.delete_images})
@@ -427,7 +432,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
               + ("; checkpoint deleted" if args.delete_images else ""))
         return EXIT_OK
 
-    return _run(args, work)
+    return _run_for_model(args, args.model, work)
 
 
 # ------------------------------------------------------------------------------ HTTP command

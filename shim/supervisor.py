@@ -179,12 +179,7 @@ class Supervisor:
         lines) when it exits or stays unhealthy; nothing is left running then.
         """
         m = self.model(model)
-        current = self._engines.get(model)
-        if current is not None:
-            if current.alive:
-                raise Conflict(f"model {model}: an engine is already running "
-                               f"(pid {current.root_pid})")
-            await self._finish_ending(current)
+        await self._clear_ended(model, "an engine is already running")
         argv = self.argv(m)
         if shutil.which(argv[0]) is None:
             raise EngineFailed(f"model {model}: cannot start engine {argv[0]!r}: not found "
@@ -270,12 +265,7 @@ class Supervisor:
         stray. Health is the caller's to wait for (wait_healthy).
         """
         self.model(model)
-        current = self._engines.get(model)
-        if current is not None:
-            if current.alive:
-                raise Conflict(f"model {model}: cannot adopt pid {root_pid}, an engine is "
-                               f"already tracked (pid {current.root_pid})")
-            await self._finish_ending(current)
+        await self._clear_ended(model, f"cannot adopt pid {root_pid}, an engine is already tracked")
         eng = EngineProcess(model=model, root_pid=root_pid, adopted=True,
                             log_path=self.log_path(model))
         try:
@@ -367,6 +357,15 @@ class Supervisor:
         self._reap(eng)
         self._forget(eng)
         return eng.returncode
+
+    async def _clear_ended(self, model: str, busy: str) -> None:
+        """Conflict ("model M: BUSY (pid P)") while the model's tracked engine lives;
+        a tracked engine that has ended is finished first."""
+        current = self._engines.get(model)
+        if current is not None:
+            if current.alive:
+                raise Conflict(f"model {model}: {busy} (pid {current.root_pid})")
+            await self._finish_ending(current)
 
     async def _finish_ending(self, eng: EngineProcess) -> None:
         """A dead engine's clean-up (the rest of its tree) completes before a successor."""

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,3 +132,24 @@ def launch_shim(config: dict[str, Any], config_path: Path, log_path: Path, tag: 
             raise AssertionError(f"llmux serve not healthy in {start_timeout_s} s:\n"
                                  f"{shim.log()}")
         time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def shims_for_test(workdir: Path, tag: str) -> Iterator[Callable[..., Shim]]:
+    """launch(config, **launch_shim's options) -> a running shim, its files shim-N.toml and
+    shim-N.log in workdir; on leaving, all are stopped and no engine with the tag may be left."""
+    from testprocs import stop_shims
+
+    started: list[Shim] = []
+
+    def launch(config: dict[str, Any], **options: Any) -> Shim:
+        n = len(started)
+        shim = launch_shim(config, workdir / f"shim-{n}.toml", workdir / f"shim-{n}.log", tag,
+                           **options)
+        started.append(shim)
+        return shim
+
+    try:
+        yield launch
+    finally:
+        stop_shims(started, tag)

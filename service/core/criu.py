@@ -112,61 +112,43 @@ class CriuRun:
 _COMMON = ("--tcp-established", "--ext-unix-sk", "--link-remap", "--file-locks")
 
 
-def dump_argv(binary: str, req: DumpRequest) -> list[str]:
-    argv = [
-        binary,
-        "dump",
-        "--tree",
-        str(req.pid),
-        "--images-dir",
-        str(req.images_dir),
-        *_COMMON,
-        "--ghost-limit",
-        str(req.ghost_limit_bytes),
-        "--manage-cgroups=ignore",
-        "-v4",
-        "-o",
-        req.log_name,
-    ]
-    if req.leave_running:
-        argv.append("--leave-running")
-    if req.shell_job:
-        argv.append("--shell-job")
-    if req.foreign_mntns:
+def _logged(log_name: str) -> list[str]:
+    """Cgroups left alone, CRIU's verbose log into log_name (in the images directory)."""
+    return ["--manage-cgroups=ignore", "-v4", "-o", log_name]
+
+
+def _job_options(shell_job: bool, foreign_mntns: bool) -> list[str]:
+    """What dump and restore both need for a tree on a terminal or in another mount ns."""
+    argv = ["--shell-job"] if shell_job else []
+    if foreign_mntns:
         argv += ["--enable-external-sharing", "--enable-external-masters"]
-    for mount_point, key in req.external_mounts:
-        argv += ["--external", f"mnt[{mount_point}]:{key}"]
-    if req.plugin_dir:
-        argv += ["--libdir", req.plugin_dir]
     return argv
 
 
+def _plugins(plugin_dir: str | None) -> list[str]:
+    return ["--libdir", plugin_dir] if plugin_dir else []
+
+
+def dump_argv(binary: str, req: DumpRequest) -> list[str]:
+    argv = [binary, "dump", "--tree", str(req.pid), "--images-dir", str(req.images_dir),
+            *_COMMON, "--ghost-limit", str(req.ghost_limit_bytes), *_logged(req.log_name)]
+    if req.leave_running:
+        argv.append("--leave-running")
+    argv += _job_options(req.shell_job, req.foreign_mntns)
+    for mount_point, key in req.external_mounts:
+        argv += ["--external", f"mnt[{mount_point}]:{key}"]
+    return argv + _plugins(req.plugin_dir)
+
+
 def restore_argv(binary: str, req: RestoreRequest) -> list[str]:
-    argv = [
-        binary,
-        "restore",
-        "--images-dir",
-        str(req.images_dir),
-        "--restore-detached",
-        "--pidfile",
-        str(req.pidfile),
-        *_COMMON,
-        "--manage-cgroups=ignore",
-        "-v4",
-        "-o",
-        req.log_name,
-    ]
-    if req.shell_job:
-        argv.append("--shell-job")
-    if req.foreign_mntns:
-        argv += ["--enable-external-sharing", "--enable-external-masters"]
+    argv = [binary, "restore", "--images-dir", str(req.images_dir), "--restore-detached",
+            "--pidfile", str(req.pidfile), *_COMMON, *_logged(req.log_name)]
+    argv += _job_options(req.shell_job, req.foreign_mntns)
     if req.root is not None:
         argv += ["--root", str(req.root)]
     for key, host_path in req.external_mounts:
         argv += ["--external", f"mnt[{key}]:{host_path}"]
-    if req.plugin_dir:
-        argv += ["--libdir", req.plugin_dir]
-    return argv
+    return argv + _plugins(req.plugin_dir)
 
 
 _PR_SET_PDEATHSIG = 1

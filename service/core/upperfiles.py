@@ -19,7 +19,7 @@ import hashlib
 import os
 import stat
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
@@ -193,34 +193,15 @@ def save(
             st = src.lstat()
         except FileNotFoundError:
             continue
+        entry = SavedFile(path=path, kind="dir", mode=stat.S_IMODE(st.st_mode),
+                          uid=st.st_uid, gid=st.st_gid, reason=reason)
         if stat.S_ISDIR(st.st_mode):
-            out.append(
-                SavedFile(
-                    path=path,
-                    kind="dir",
-                    mode=stat.S_IMODE(st.st_mode),
-                    uid=st.st_uid,
-                    gid=st.st_gid,
-                    reason=reason,
-                )
-            )
+            out.append(entry)
         elif stat.S_ISREG(st.st_mode):
             stored = f"{i:05d}-{PurePosixPath(path).name}"[:200]
             digest, size = _hash_copy(src, files_dir / stored)
-            out.append(
-                SavedFile(
-                    path=path,
-                    kind="file",
-                    mode=stat.S_IMODE(st.st_mode),
-                    uid=st.st_uid,
-                    gid=st.st_gid,
-                    size=size,
-                    sha256=digest,
-                    stored=stored,
-                    mtime_ns=st.st_mtime_ns,
-                    reason=reason,
-                )
-            )
+            out.append(replace(entry, kind="file", size=size, sha256=digest, stored=stored,
+                               mtime_ns=st.st_mtime_ns))
     return out
 
 

@@ -43,14 +43,8 @@ class HostBus(MessageBus):  # type: ignore[misc]
         def send(iface: Any, values: Any, _user_data: Any, err: Exception | None) -> None:
             if err is not None:
                 log.error("reading properties of %s at %s failed: %s", iface.name, path, err)
-            self.send(
-                Message.new_signal(
-                    path=OBJECT_PATH,
-                    interface=OBJECT_MANAGER,
-                    member="InterfacesAdded",
-                    signature="oa{sa{sv}}",
-                    body=[path, {interface.name: values or {}}],
-                )
+            self._send_manager_signal(
+                "InterfacesAdded", "oa{sa{sv}}", [path, {interface.name: values or {}}]
             )
 
         ServiceInterface._get_all_property_values(interface, send)  # type: ignore[no-untyped-call]
@@ -58,15 +52,11 @@ class HostBus(MessageBus):  # type: ignore[misc]
     def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
         if self._disconnected or not path.startswith(OBJECT_PATH + "/"):
             return
-        self.send(
-            Message.new_signal(
-                path=OBJECT_PATH,
-                interface=OBJECT_MANAGER,
-                member="InterfacesRemoved",
-                signature="oas",
-                body=[path, removed_interfaces],
-            )
-        )
+        self._send_manager_signal("InterfacesRemoved", "oas", [path, removed_interfaces])
+
+    def _send_manager_signal(self, member: str, signature: str, body: list[Any]) -> None:
+        self.send(Message.new_signal(path=OBJECT_PATH, interface=OBJECT_MANAGER, member=member,
+                                     signature=signature, body=body))
 
 
 def exported(bus: MessageBus, path: str) -> bool:

@@ -132,8 +132,7 @@ def test_vllm_only_options_are_accepted_and_ignored(engine_env: EngineEnv) -> No
 
 
 def test_sigterm_stops_both_processes_cleanly(engine_env: EngineEnv) -> None:
-    engine = start_engine("test-org/sigterm", weights_mb=1, extra_env=engine_env("pure"))
-    try:
+    with start_engine("test-org/sigterm", weights_mb=1, extra_env=engine_env("pure")) as engine:
         state = state_of(engine)
         core = core_pid(engine)
         sockets = state["zmq_sockets"]
@@ -143,44 +142,33 @@ def test_sigterm_stops_both_processes_cleanly(engine_env: EngineEnv) -> None:
         assert wait_until_gone(core)
         assert not any(Path(p).exists() for p in sockets)
         assert "Shutdown requested by the API server" in engine.log_text()
-    finally:
-        engine.stop()
 
 
 def test_api_server_exits_non_zero_when_the_engine_core_dies(engine_env: EngineEnv) -> None:
-    engine = start_engine("test-org/core-dies", weights_mb=1, extra_env=engine_env("pure"))
-    try:
+    with start_engine("test-org/core-dies", weights_mb=1, extra_env=engine_env("pure")) as engine:
         os.kill(core_pid(engine), signal.SIGKILL)
         assert engine.process.wait(timeout=30) == 1
         assert "died unexpectedly" in engine.log_text()
-    finally:
-        engine.stop()
 
 
 def test_engine_core_exits_when_the_api_server_is_killed(engine_env: EngineEnv) -> None:
-    engine = start_engine("test-org/api-dies", weights_mb=1, extra_env=engine_env("pure"))
-    try:
+    with start_engine("test-org/api-dies", weights_mb=1, extra_env=engine_env("pure")) as engine:
         core = core_pid(engine)
         sockets = state_of(engine)["zmq_sockets"]
         assert isinstance(sockets, list)
         os.kill(engine.pid, signal.SIGKILL)
         engine.process.wait(timeout=30)
         assert wait_until_gone(core)
-    finally:
-        engine.stop()
     for path in sockets:  # a killed server cannot remove its socket files; do it for it
         Path(path).unlink(missing_ok=True)
 
 
 def test_engine_that_cannot_start_exits_non_zero(engine_env: EngineEnv) -> None:
     env = engine_env("pure")
-    engine = spawn_engine("test-org/no-cuda", weights_mb=1, extra_env=env,
-                          extra_args=["--device", "cuda"])
-    try:
+    with spawn_engine("test-org/no-cuda", weights_mb=1, extra_env=env,
+                      extra_args=["--device", "cuda"]) as engine:
         assert engine.process.wait(timeout=60) == 1
         assert "needs PyTorch" in engine.log_text()
-    finally:
-        engine.stop()
 
 
 def test_a_port_in_use_is_refused_before_anything_starts(engine_env: EngineEnv) -> None:
@@ -188,12 +176,9 @@ def test_a_port_in_use_is_refused_before_anything_starts(engine_env: EngineEnv) 
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        engine = spawn_engine("test-org/port-clash", port, weights_mb=1,
-                              extra_env=engine_env("pure"))
-        try:
+        with spawn_engine("test-org/port-clash", port, weights_mb=1,
+                          extra_env=engine_env("pure")) as engine:
             assert engine.process.wait(timeout=60) == 1
             log = engine.log_text()
-        finally:
-            engine.stop()
     assert f"Cannot serve on 127.0.0.1:{port}" in log
     assert "Started engine core" not in log

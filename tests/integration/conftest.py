@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from shimproc import REQUEST_TIMEOUT_S, Shim, launch_shim
-from testprocs import free_port, llmuxd_harness, stop_shims
+from shimproc import REQUEST_TIMEOUT_S, Shim, shims_for_test
+from testprocs import free_port, llmuxd_harness
 
 _dbus = llmuxd_harness()
 
@@ -52,28 +52,22 @@ def builtin_model(port: int, tag: str, workdir: Path, eviction: str,
 @pytest.fixture
 def start_shim(tmp_path: Path) -> Iterator[Callable[..., Shim]]:
     """start_shim(bus_address, {name: eviction}) -> a running shim; all of it ends after."""
-    started: list[Shim] = []
     tag = secrets.token_hex(8)
+    with shims_for_test(tmp_path, tag) as launch:
 
-    def start(bus_address: str, models: dict[str, str], **top: Any) -> Shim:
-        port = free_port()
-        config: dict[str, Any] = {
-            "host": "127.0.0.1",
-            "port": port,
-            "metrics_port": 0,
-            "log_dir": str(tmp_path / "engine-logs"),
-            **top,
-            "policy": {"min_active_secs": 0, "request_timeout_secs": REQUEST_TIMEOUT_S},
-            "checkpoint": {"bus": bus_address, "keep_images": True, "job_timeout_secs": 300},
-            "models": {name: builtin_model(free_port(), tag, tmp_path, eviction)
-                       for name, eviction in models.items()},
-        }
-        shim = launch_shim(config, tmp_path / f"shim-{len(started)}.toml",
-                           tmp_path / f"shim-{len(started)}.log", tag)
-        started.append(shim)
-        return shim
+        def start(bus_address: str, models: dict[str, str], **top: Any) -> Shim:
+            port = free_port()
+            config: dict[str, Any] = {
+                "host": "127.0.0.1",
+                "port": port,
+                "metrics_port": 0,
+                "log_dir": str(tmp_path / "engine-logs"),
+                **top,
+                "policy": {"min_active_secs": 0, "request_timeout_secs": REQUEST_TIMEOUT_S},
+                "checkpoint": {"bus": bus_address, "keep_images": True, "job_timeout_secs": 300},
+                "models": {name: builtin_model(free_port(), tag, tmp_path, eviction)
+                           for name, eviction in models.items()},
+            }
+            return launch(config)
 
-    try:
         yield start
-    finally:
-        stop_shims(started, tag)

@@ -38,21 +38,23 @@ def gone(pids: list[int]) -> bool:
     return not any(pid_alive(p) for p in pids)
 
 
-def cold_start_a(shim: Shim) -> tuple[str, list[int]]:
+def cold_start_a(llmuxd: Llmuxd, start_shim: Any, eviction: str) -> tuple[Shim, str, list[int]]:
+    """A shim on llmuxd with A (evicted by ``eviction``) and B (retain+stop), A cold-started:
+    the shim, A's first answer and its PIDs."""
+    shim = start_shim(llmuxd.bus.address, {A: eviction, B: "retain+stop"})
     first = shim.text(A)
     status = shim.model_status(A)
     assert status["state"] == "running", status
     assert status["last_wake"] == "cold", status
     pids = list(status["pids"])
     assert len(pids) >= 2, f"the built-in engine is an API server plus an engine core: {pids}"
-    return first, pids
+    return shim, first, pids
 
 
 def test_request_for_b_checkpoints_a_and_a_is_restored(
     llmuxd: Llmuxd, start_shim: Any
 ) -> None:
-    shim = start_shim(llmuxd.bus.address, {A: "discard+checkpoint", B: "retain+stop"})
-    first, pids = cold_start_a(shim)
+    shim, first, pids = cold_start_a(llmuxd, start_shim, "discard+checkpoint")
 
     # B's request makes the switcher evict A through llmuxd
     shim.text(B)
@@ -83,8 +85,7 @@ def test_request_for_b_checkpoints_a_and_a_is_restored(
 
 
 def test_control_sleep_and_wake_checkpoint_a(llmuxd: Llmuxd, start_shim: Any) -> None:
-    shim = start_shim(llmuxd.bus.address, {A: "discard+checkpoint", B: "retain+stop"})
-    first, pids = cold_start_a(shim)
+    shim, first, pids = cold_start_a(llmuxd, start_shim, "discard+checkpoint")
 
     slept = shim.control("sleep", {"model": A})
     assert slept.status_code == 200, slept.text
@@ -111,8 +112,7 @@ def test_cuda_suspend_without_gpu_is_refused_and_escalates_to_stop(
     cannot free anything. The service says so with a named error, the lifecycle escalates
     the failed eviction to stop (the documented rule: a failed eviction frees the GPU by
     stopping), and the next request cold-starts the model."""
-    shim = start_shim(llmuxd.bus.address, {A: "retain+cuda_suspend", B: "retain+stop"})
-    _, pids = cold_start_a(shim)
+    shim, _, pids = cold_start_a(llmuxd, start_shim, "retain+cuda_suspend")
 
     slept = shim.control("sleep", {"model": A})
     assert slept.status_code == 200, slept.text
@@ -134,8 +134,7 @@ def test_cuda_suspend_on_switch_escalates_and_b_is_served(
     llmuxd: Llmuxd, start_shim: Any
 ) -> None:
     """The same through a request-driven switch: B is served, A ends stopped."""
-    shim = start_shim(llmuxd.bus.address, {A: "offload+cuda_suspend", B: "retain+stop"})
-    _, pids = cold_start_a(shim)
+    shim, _, pids = cold_start_a(llmuxd, start_shim, "offload+cuda_suspend")
     shim.text(B)
     a = shim.model_status(A)
     assert a["state"] == "stopped", f"{a}\n{shim.log()[-4000:]}"

@@ -51,6 +51,17 @@ class Harness:
         self.released.append(model)
         await self._prepare_dump(model, within_secs)
 
+    async def started(self, procs: Any, signum: int | None = None) -> tuple[Lifecycle, list[int]]:
+        """The lifecycle, started and with m1 active; m1's PIDs, tracked by procs. With
+        signum, that signal is then sent to m1's root."""
+        await self.lifecycle.start()
+        await self.lifecycle.activate("m1")
+        pids = self.lifecycle.status("m1").pids
+        procs.track(*pids)
+        if signum is not None:
+            os.kill(pids[0], signum)
+        return self.lifecycle, pids
+
     async def get(self, model: str, path: str) -> Any:
         r = await self.supervisor.engines.call(model, "GET", path)
         return r.json()
@@ -142,12 +153,7 @@ async def test_dead_engine_is_restarted_on_next_activate(
         builtin_config: Callable[..., Config], harness: Callable[..., Harness],
         procs: Any) -> None:
     h = harness(builtin_config(["m1"]))
-    lc = h.lifecycle
-    await lc.start()
-    await lc.activate("m1")
-    old = lc.status("m1").pids
-    procs.track(*old)
-    os.kill(old[0], signal.SIGKILL)
+    lc, old = await h.started(procs, signal.SIGKILL)
     assert await procs.wait_gone(old)
     assert await procs.eventually(lambda: lc.status("m1").state is ModelState.STOPPED)
     status = lc.status("m1")
@@ -167,12 +173,7 @@ async def test_failed_eviction_escalates_to_stop(
         procs: Any) -> None:
     h = harness(builtin_config(["m1"], eviction="offload+keep_running"),
                 engine_call_timeout_secs=1.0)
-    lc = h.lifecycle
-    await lc.start()
-    await lc.activate("m1")
-    pids = lc.status("m1").pids
-    procs.track(*pids)
-    os.kill(pids[0], signal.SIGSTOP)  # /sleep will never be answered
+    lc, pids = await h.started(procs, signal.SIGSTOP)  # /sleep will never be answered
     assert await lc.evict("m1") is ModelState.STOPPED
     status = lc.status("m1")
     assert status.state is ModelState.STOPPED and status.pids == []
@@ -188,12 +189,7 @@ async def test_evicting_a_killed_engine_ends_stopped(
         builtin_config: Callable[..., Config], harness: Callable[..., Harness],
         procs: Any) -> None:
     h = harness(builtin_config(["m1"], eviction="discard+keep_running"))
-    lc = h.lifecycle
-    await lc.start()
-    await lc.activate("m1")
-    pids = lc.status("m1").pids
-    procs.track(*pids)
-    os.kill(pids[0], signal.SIGKILL)
+    lc, pids = await h.started(procs, signal.SIGKILL)
     assert await lc.evict("m1") is ModelState.STOPPED
     assert await procs.wait_gone(pids)
     assert lc.status("m1").state is ModelState.STOPPED
@@ -215,10 +211,7 @@ async def test_host_policy_on_demand_without_backend_touches_nothing(
         builtin_config: Callable[..., Config], harness: Callable[..., Harness],
         procs: Any) -> None:
     h = harness(builtin_config(["m1"]))
-    lc = h.lifecycle
-    await lc.start()
-    await lc.activate("m1")
-    procs.track(*lc.status("m1").pids)
+    lc, _ = await h.started(procs)
     with pytest.raises(HostUnavailable, match="llmuxd"):
         await lc.evict("m1", EvictionPolicy.parse("retain+checkpoint"))
     assert lc.status("m1").state is ModelState.RUNNING
@@ -384,11 +377,7 @@ async def test_cuda_suspend_and_resume(builtin_config: Callable[..., Config],
     cfg = builtin_config(["m1"], eviction="offload+cuda_suspend")
     backend = SignalBackend(cfg)
     h = harness(cfg, backend)
-    lc = h.lifecycle
-    await lc.start()
-    await lc.activate("m1")
-    pids = lc.status("m1").pids
-    procs.track(*pids)
+    lc, pids = await h.started(procs)
     assert await lc.evict("m1") is ModelState.SUSPENDED
     assert lc.status("m1").pids == pids
 
@@ -457,10 +446,7 @@ async def test_torch_engine_offload_then_discard(
     cfg = builtin_config(["m1"], m1={"env": {"LLMUX_BUILTIN_BACKEND": "torch"},
                                      "weights_mb": 16, "sleep_mode": True})
     h = harness(cfg)
-    lc = h.lifecycle
-    await lc.start()
-    await lc.activate("m1")
-    procs.track(*lc.status("m1").pids)
+    lc, _ = await h.started(procs)
     assert (await h.get("m1", "/engine_state"))["backend"] == "torch"
     baseline = await h.ask("m1")
     for policy, weights in (("offload+keep_running", "host"),
@@ -639,12 +625,7 @@ async def test_a_success_clears_an_old_error(
         builtin_config: Callable[..., Config], harness: Callable[..., Harness],
         procs: Any) -> None:
     h = harness(builtin_config(["m1"], eviction="retain+keep_running"))
-    lc = h.lifecycle
-    await lc.start()
-    await lc.activate("m1")
-    pids = lc.status("m1").pids
-    procs.track(*pids)
-    os.kill(pids[0], signal.SIGKILL)
+    lc, _ = await h.started(procs, signal.SIGKILL)
     assert await procs.eventually(lambda: lc.status("m1").state is ModelState.STOPPED)
     assert "exited unexpectedly" in (lc.status("m1").last_error or "")
     assert await lc.activate("m1") is WakeKind.COLD

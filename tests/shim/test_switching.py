@@ -26,6 +26,21 @@ from llmux.shim.app import Shim
 PROMPTS = [f"prompt number {i}" for i in range(6)]
 
 
+async def _queued(http: httpx.AsyncClient, shim: Shim, model: str, prompt: str,  # noqa: F811
+                  done: list[str], depth: int) -> asyncio.Task[None]:
+    """A chat request to model, in a task that appends model to done once answered;
+    returns when the switcher's queue is depth requests long."""
+
+    async def req() -> None:
+        await proxy_chat(http, shim, model, prompt)
+        done.append(model)
+
+    task = asyncio.create_task(req())
+    while shim.switcher.queue_depth < depth:
+        await asyncio.sleep(0.005)
+    return task
+
+
 async def expected_answers(http: httpx.AsyncClient, shim: Shim,  # noqa: F811
                            models: list[str]) -> dict[tuple[str, str], str]:
     """Each model's own answer to each prompt, asked of the engine directly."""
@@ -94,16 +109,8 @@ async def test_fifo_order_between_models(shim_factory: ShimFactory,  # noqa: F81
     while shim.switcher.in_flight("a") == 0:
         await asyncio.sleep(0.01)
 
-    async def req(model: str) -> None:
-        await proxy_chat(http, shim, model, "order")
-        done.append(model)
-
-    tb = asyncio.create_task(req("b"))
-    while shim.switcher.queue_depth < 1:
-        await asyncio.sleep(0.005)
-    ta = asyncio.create_task(req("a"))
-    while shim.switcher.queue_depth < 2:
-        await asyncio.sleep(0.005)
+    tb = await _queued(http, shim, "b", "order", done, depth=1)
+    ta = await _queued(http, shim, "a", "order", done, depth=2)
     await asyncio.gather(tb, ta, hold)
     assert done == ["b", "a"]  # arrival order across models, no overtaking
     assert (await hold).status_code == 200
@@ -114,17 +121,11 @@ async def test_min_active_keeps_admitting_the_active_model(
     shim = await shim_factory(["a", "b"], policy={"min_active_secs": 3})
     await shim.switcher.wake("a")  # a just became active: protected for 3 s
     order: list[str] = []
-
-    async def req(model: str) -> None:
-        await proxy_chat(http, shim, model, "x")
-        order.append(model)
-
-    tb = asyncio.create_task(req("b"))
-    while shim.switcher.queue_depth < 1:
-        await asyncio.sleep(0.005)
+    tb = await _queued(http, shim, "b", "x", order, depth=1)
     # a keeps being served while b waits for a's minimum active time to pass
     for _ in range(3):
-        await req("a")
+        await proxy_chat(http, shim, "a", "x")
+        order.append("a")
     assert shim.switcher.active == "a" and shim.switcher.queue_depth == 1
     await tb
     assert order == ["a", "a", "a", "b"]

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from shimproc import Shim, launch_shim
-from testprocs import free_port, llmuxd_harness, stop_shims
+from shimproc import Shim, shims_for_test
+from testprocs import free_port, llmuxd_harness
 from vllmbed import REQUEST_TIMEOUT_S, VllmBed
 
 _dbus = llmuxd_harness()
@@ -24,33 +24,26 @@ llmuxd = _dbus.llmuxd
 @pytest.fixture
 def start_vllm_shim(tmp_path: Path, vllm_bed: VllmBed) -> Iterator[Callable[..., Shim]]:
     """start(models, bus=None, extra=None, names=None) -> a running `llmux serve`."""
-    started: list[Shim] = []
     tag = secrets.token_hex(8)
+    with shims_for_test(tmp_path, tag) as launch:
 
-    def start(models: dict[str, str], bus: str | None = None,
-              extra: dict[str, dict[str, Any]] | None = None,
-              names: dict[str, str] | None = None) -> Shim:
-        """models: {config name: eviction}; names: config name -> test model (alpha, beta)."""
-        config: dict[str, Any] = {
-            "host": "127.0.0.1",
-            "port": free_port(),
-            "metrics_port": 0,
-            "log_dir": str(tmp_path / "engine-logs"),
-            "vllm_command": str(vllm_bed.vllm),
-            "policy": {"min_active_secs": 0, "request_timeout_secs": REQUEST_TIMEOUT_S},
-            "models": {name: vllm_bed.model((names or {}).get(name, name), free_port(),
-                                            eviction, tag, (extra or {}).get(name))
-                       for name, eviction in models.items()},
-        }
-        if bus is not None:
-            config["checkpoint"] = {"bus": bus, "keep_images": True, "job_timeout_secs": 600}
-        n = len(started)
-        shim = launch_shim(config, tmp_path / f"shim-{n}.toml", tmp_path / f"shim-{n}.log",
-                           tag, request_timeout_s=REQUEST_TIMEOUT_S)
-        started.append(shim)
-        return shim
+        def start(models: dict[str, str], bus: str | None = None,
+                  extra: dict[str, dict[str, Any]] | None = None,
+                  names: dict[str, str] | None = None) -> Shim:
+            """models: {config name: eviction}; names: config name -> test model (alpha, beta)."""
+            config: dict[str, Any] = {
+                "host": "127.0.0.1",
+                "port": free_port(),
+                "metrics_port": 0,
+                "log_dir": str(tmp_path / "engine-logs"),
+                "vllm_command": str(vllm_bed.vllm),
+                "policy": {"min_active_secs": 0, "request_timeout_secs": REQUEST_TIMEOUT_S},
+                "models": {name: vllm_bed.model((names or {}).get(name, name), free_port(),
+                                                eviction, tag, (extra or {}).get(name))
+                           for name, eviction in models.items()},
+            }
+            if bus is not None:
+                config["checkpoint"] = {"bus": bus, "keep_images": True, "job_timeout_secs": 600}
+            return launch(config, request_timeout_s=REQUEST_TIMEOUT_S)
 
-    try:
         yield start
-    finally:
-        stop_shims(started, tag)

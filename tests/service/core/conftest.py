@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from criu_testlib import TARGET, Target, TargetFactory, reap
+from criu_testlib import TARGET, Target, TargetFactory, reap, reaping
 
 from llmux.service.core import proctree
 from llmux.service.core.criu import BUNDLE_PATH, parse_version
@@ -109,13 +109,6 @@ async def spawn_target(tmp_path: Path) -> AsyncIterator[TargetFactory]:
                 out.append(t.pid)
         return out
 
-    async def reaper() -> None:
-        while True:
-            reap(reapable())
-            await asyncio.sleep(0.05)
-
-    reaper_task = asyncio.create_task(reaper())
-
     async def spawn(ballast_mb: int = 0) -> Target:
         workdir = tmp_path / f"target{len(started)}"
         workdir.mkdir()
@@ -141,23 +134,21 @@ async def spawn_target(tmp_path: Path) -> AsyncIterator[TargetFactory]:
         started.append(t)
         return t
 
-    yield spawn
-    for t in started:
-        t.kill()
-    for t in started:
-        if t.proc.returncode is None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(t.proc.wait(), 10)
-        for _ in range(100):
-            if not proctree.taken(t.pids):
-                break
-            await asyncio.sleep(0.05)
-    for t in started:
-        with contextlib.suppress(OSError):
-            os.unlink(t.ipc.removeprefix("ipc://"))
-    reaper_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await reaper_task
+    async with reaping(reapable):
+        yield spawn
+        for t in started:
+            t.kill()
+        for t in started:
+            if t.proc.returncode is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(t.proc.wait(), 10)
+            for _ in range(100):
+                if not proctree.taken(t.pids):
+                    break
+                await asyncio.sleep(0.05)
+        for t in started:
+            with contextlib.suppress(OSError):
+                os.unlink(t.ipc.removeprefix("ipc://"))
     reap(reapable())
 
 

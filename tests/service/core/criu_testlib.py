@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,26 @@ def reap(pids: list[int]) -> None:
     for pid in pids:
         with contextlib.suppress(ChildProcessError, OSError):
             os.waitpid(pid, os.WNOHANG)
+
+
+@contextlib.asynccontextmanager
+async def reaping(pids: Callable[[], list[int]],
+                  poll: Callable[[], object] = lambda: None) -> AsyncIterator[None]:
+    """While inside, every 50 ms: poll(), then reap(pids()): the test stands in for the real
+    parent (the shim) of what it starts and restores."""
+
+    async def loop() -> None:
+        while True:
+            poll()
+            reap(pids())
+            await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(loop())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 @dataclass

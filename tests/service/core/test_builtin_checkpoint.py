@@ -24,14 +24,17 @@ from typing import Any
 
 import httpx
 import pytest
-from criu_testlib import reap
+from criu_testlib import reap, reaping
 
 from llmux.service.core import proctree
 from llmux.service.core.engine import Caller, CheckpointEngine
+from llmux.service.core.manifest import Manifest
 from llmux.service.errors import CriuFailed, ManifestMismatch, PortInUse, Unsupported
 from llmux.shim.builtin.testing import EngineProcess, start_engine_async
 
 pytestmark = pytest.mark.criu
+
+ME = Caller(pid=os.getpid(), uid=0)
 
 BACKENDS = [
     pytest.param(
@@ -44,6 +47,23 @@ BACKENDS = [
 ]
 
 
+@contextlib.asynccontextmanager
+async def _reaped(engines: list[EngineProcess], pids: list[int]) -> AsyncIterator[None]:
+    """Inside, the engines are polled and pids reaped: the shim (the engines' parent) does
+    it for real, here the test is parent and subreaper. On leaving, the engines stop."""
+
+    def poll() -> None:
+        for e in engines:
+            e.process.poll()
+
+    try:
+        async with reaping(lambda: pids, poll):
+            yield
+    finally:
+        for e in engines:
+            await e.stop_async()
+
+
 @pytest.fixture(params=BACKENDS)
 async def builtin(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[EngineProcess]:
     env = {
@@ -53,22 +73,10 @@ async def builtin(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     }
     engine = await start_engine_async("test-org/ckpt", weights_mb=8, extra_env=env)
     pids: list[int] = [engine.pid, *engine.child_pids()]
-
-    async def reaper() -> None:
-        # The shim (the engine's parent) reaps it; here the test is parent and subreaper.
-        while True:
-            engine.process.poll()
-            reap(pids[1:])
-            await asyncio.sleep(0.05)
-
-    task = asyncio.create_task(reaper())
     try:
-        yield engine
+        async with _reaped([engine], pids[1:]):
+            yield engine
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await engine.stop_async()
         for _ in range(100):
             reap(pids)
             if not proctree.taken(pids):
@@ -90,7 +98,6 @@ async def _text(client: httpx.AsyncClient) -> str:
 async def test_builtin_engine_checkpoint_restore_reload(
     engine: CheckpointEngine, builtin: EngineProcess
 ) -> None:
-    me = Caller(pid=os.getpid(), uid=0)
     async with httpx.AsyncClient(base_url=builtin.base_url) as client:
         before = await _text(client)
         state = (await client.get("/engine_state")).json()
@@ -98,7 +105,7 @@ async def test_builtin_engine_checkpoint_restore_reload(
         assert (await _post(client, "/sleep", params={"level": 2})).status_code == 200
 
         began = time.monotonic()
-        m = await engine.checkpoint(me, "builtin", builtin.pid)
+        m = await engine.checkpoint(ME, "builtin", builtin.pid)
         dump_s = time.monotonic() - began
         assert builtin.pid in m.pids and core in m.pids
         deadline = time.monotonic() + 30
@@ -107,7 +114,7 @@ async def test_builtin_engine_checkpoint_restore_reload(
         assert not proctree.taken(m.pids)
 
         began = time.monotonic()
-        r = await engine.restore(me, "builtin")
+        r = await engine.restore(ME, "builtin")
         restore_s = time.monotonic() - began
         assert r.pids == m.pids
         after = (await client.get("/engine_state")).json()
@@ -150,22 +157,8 @@ async def pure(tmp_path: Path) -> AsyncIterator[Any]:
         known.extend([e.pid, *e.child_pids()])
         return e
 
-    async def reaper() -> None:
-        while True:
-            for e in engines:
-                e.process.poll()
-            reap(known)
-            await asyncio.sleep(0.05)
-
-    task = asyncio.create_task(reaper())
-    try:
+    async with _reaped(engines, known):
         yield start
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        for e in engines:
-            await e.stop_async()
 
 
 async def _gone(pids: list[int]) -> None:
@@ -176,15 +169,21 @@ async def _gone(pids: list[int]) -> None:
     assert not proctree.taken(pids), f"PIDs {proctree.taken(pids)} still taken"
 
 
+async def _dumped(engine: CheckpointEngine, model: str, pid: int) -> Manifest:
+    """engine.checkpoint(ME, model, pid), then _gone: the tree's PIDs are free again."""
+    m = await engine.checkpoint(ME, model, pid)
+    await _gone(m.pids)
+    return m
+
+
 async def test_io_uring_is_refused_before_criu_and_the_tree_keeps_running(
     engine: CheckpointEngine, pure: Any
 ) -> None:
     """An engine started without llmux's launcher holds an io_uring fd (uvloop): llmuxd
     names it instead of letting CRIU fail on it, and nothing of the tree is touched."""
     target = await pure(io_uring=True)
-    me = Caller(pid=os.getpid(), uid=0)
     with pytest.raises(Unsupported) as info:
-        await engine.checkpoint(me, "uring", target.pid)
+        await engine.checkpoint(ME, "uring", target.pid)
     message = str(info.value)
     assert "anon_inode:[io_uring]" in message and f"PID {target.pid}" in message, message
     assert "llmux.shim.launch" in message
@@ -199,11 +198,10 @@ async def test_dev_shm_segments_travel_in_the_checkpoint(
     """The tree's psm_* segment is saved at dump, removed from /dev/shm, put back at
     restore; after a clean stop (which deletes it) the kept checkpoint restores again."""
     target = await pure()
-    me = Caller(pid=os.getpid(), uid=0)
     async with httpx.AsyncClient(base_url=target.base_url) as client:
         before = await _text(client)
         [segment] = (await client.get("/engine_state")).json()["shm_segments"]
-        m = await engine.checkpoint(me, "shm", target.pid)
+        m = await engine.checkpoint(ME, "shm", target.pid)
         saved = [f for f in m.files if f.reason == "dev-shm"]
         assert [f.path for f in saved] == [segment], m.files
         assert not Path(segment).exists(), "the dumped tree's segment was left in /dev/shm"
@@ -211,7 +209,7 @@ async def test_dev_shm_segments_travel_in_the_checkpoint(
         await _gone(m.pids)
 
         for round_ in range(2):
-            restored = await engine.restore(me, "shm")
+            restored = await engine.restore(ME, "shm")
             assert restored.pids == m.pids
             assert Path(segment).exists()
             assert await _text(client) == before
@@ -226,20 +224,18 @@ async def test_a_taken_port_is_refused_before_criu(
     engine: CheckpointEngine, pure: Any
 ) -> None:
     target = await pure()
-    me = Caller(pid=os.getpid(), uid=0)
-    m = await engine.checkpoint(me, "port", target.pid)
-    await _gone(m.pids)
+    m = await _dumped(engine, "port", target.pid)
     with socket.socket() as squatter:
         squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind(("127.0.0.1", target.port))
         squatter.listen()
         with pytest.raises(PortInUse) as info:
-            await engine.restore(me, "port")
+            await engine.restore(ME, "port")
         message = str(info.value)
         assert f"port {target.port}" in message and f"PID {os.getpid()}" in message, message
         assert not proctree.taken(m.pids), "nothing was restored"
     assert engine.store.has("port")
-    restored = await engine.restore(me, "port")
+    restored = await engine.restore(ME, "port")
     assert restored.pids == m.pids
     async with httpx.AsyncClient(base_url=target.base_url) as client:
         assert len(await _text(client)) > 0
@@ -249,40 +245,37 @@ async def test_a_failed_restore_takes_back_the_files_it_put_back(
     engine: CheckpointEngine, pure: Any
 ) -> None:
     target = await pure()
-    me = Caller(pid=os.getpid(), uid=0)
-    m = await engine.checkpoint(me, "undo", target.pid)
-    await _gone(m.pids)
+    m = await _dumped(engine, "undo", target.pid)
     [segment] = [f.path for f in m.files if f.reason == "dev-shm"]
     inventory = engine.store.images_dir("undo") / "inventory.img"
     hidden = inventory.with_name("inventory.img.hidden")
     inventory.rename(hidden)
     try:
         with pytest.raises(CriuFailed):
-            await engine.restore(me, "undo")
+            await engine.restore(ME, "undo")
         assert not Path(segment).exists(), "a failed restore left its /dev/shm file behind"
         assert not proctree.taken(m.pids)
     finally:
         hidden.rename(inventory)
     assert engine.store.has("undo")
-    assert (await engine.restore(me, "undo")).pids == m.pids
+    assert (await engine.restore(ME, "undo")).pids == m.pids
 
 
 async def test_a_missing_file_the_tree_had_open_is_refused_before_criu(
     engine: CheckpointEngine, pure: Any
 ) -> None:
     target = await pure()
-    me = Caller(pid=os.getpid(), uid=0)
     async with httpx.AsyncClient(base_url=target.base_url) as client:
         jit_log = Path((await client.get("/engine_state")).json()["jit_log"])
-    m = await engine.checkpoint(me, "files", target.pid)
+    m = await engine.checkpoint(ME, "files", target.pid)
     assert str(jit_log) in m.external_files, m.external_files
     await _gone(m.pids)
     moved = jit_log.with_name(jit_log.name + ".away")
     jit_log.rename(moved)
     try:
         with pytest.raises(ManifestMismatch, match=str(jit_log)):
-            await engine.restore(me, "files")
+            await engine.restore(ME, "files")
         assert not proctree.taken(m.pids)
     finally:
         moved.rename(jit_log)
-    assert (await engine.restore(me, "files")).pids == m.pids
+    assert (await engine.restore(ME, "files")).pids == m.pids

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from criu_testlib import TargetFactory, blocking_criu, criu_after_dump
+from criu_testlib import Target, TargetFactory, blocking_criu, criu_after_dump
 
 from llmux.service.core import proctree
 from llmux.service.core.engine import (
@@ -36,6 +36,23 @@ from llmux.service.errors import (
 pytestmark = pytest.mark.criu
 
 ME = Caller(pid=os.getpid(), uid=0)
+
+
+async def _open(state_dir: Path, criu: str) -> CheckpointEngine:
+    """A CheckpointEngine on state_dir that runs criu, with CUDA off."""
+    return await CheckpointEngine.open(
+        EngineConfig(state_dir=state_dir, criu_path=criu, cuda_mode="off")
+    )
+
+
+async def _open_after_dump(
+    state_dir: Path, tmp_path: Path, criu_path: str, then: str, spawn_target: TargetFactory
+) -> tuple[CheckpointEngine, Target, Path]:
+    """_open with criu_after_dump's wrapper (it runs ``then`` once CRIU completed the dump),
+    a target tree, and the marker file the wrapper creates at that moment."""
+    wrapper, marker = criu_after_dump(tmp_path, criu_path, then)
+    eng = await _open(state_dir, wrapper)
+    return eng, await spawn_target(), marker
 
 
 async def _until(cond: object, timeout: float = 30.0) -> None:
@@ -174,9 +191,7 @@ async def test_cancel_during_dump_leaves_tree_running(
     engine: CheckpointEngine,
 ) -> None:
     wrapper, marker = blocking_criu(tmp_path, criu_path)
-    eng = await CheckpointEngine.open(
-        EngineConfig(state_dir=state_dir, criu_path=wrapper, cuda_mode="off")
-    )
+    eng = await _open(state_dir, wrapper)
     t = await spawn_target()
     job = asyncio.create_task(eng.checkpoint(ME, "cancelled", t.pid))
     await _until(marker.exists)
@@ -199,9 +214,7 @@ async def test_failed_dump_leaves_tree_running_with_log_excerpt(
     criu_path: str, state_dir: Path, tmp_path: Path, spawn_target: TargetFactory
 ) -> None:
     wrapper, _ = blocking_criu(tmp_path, criu_path, fail=True)
-    eng = await CheckpointEngine.open(
-        EngineConfig(state_dir=state_dir, criu_path=wrapper, cuda_mode="off")
-    )
+    eng = await _open(state_dir, wrapper)
     t = await spawn_target()
     with pytest.raises(CriuFailed) as err:
         await eng.checkpoint(ME, "fails", t.pid)
@@ -225,9 +238,7 @@ async def test_manifest_mismatch_is_precise(
         data = json.loads(original)
         data.update(changes)
         path.write_text(json.dumps(data))
-        eng = await CheckpointEngine.open(
-            EngineConfig(state_dir=state_dir, criu_path=criu_path, cuda_mode="off")
-        )
+        eng = await _open(state_dir, criu_path)
         with pytest.raises(ManifestMismatch) as err:
             await eng.restore(ME, "mm")
         return str(err.value)
@@ -240,9 +251,7 @@ async def test_manifest_mismatch_is_precise(
     assert "another image" in msg
     # Untouched, it restores.
     path.write_text(original)
-    eng = await CheckpointEngine.open(
-        EngineConfig(state_dir=state_dir, criu_path=criu_path, cuda_mode="off")
-    )
+    eng = await _open(state_dir, criu_path)
     await eng.restore(ME, "mm")
     assert (await t.ping())[0] == "pong"
 
@@ -250,9 +259,7 @@ async def test_manifest_mismatch_is_precise(
 async def test_no_space_refused_and_tree_untouched(
     criu_path: str, tiny_tmpfs: Path, spawn_target: TargetFactory
 ) -> None:
-    eng = await CheckpointEngine.open(
-        EngineConfig(state_dir=tiny_tmpfs / "state", criu_path=criu_path, cuda_mode="off")
-    )
+    eng = await _open(tiny_tmpfs / "state", criu_path)
     t = await spawn_target()
     with pytest.raises(NoSpace) as err:
         await eng.checkpoint(ME, "big", t.pid)
@@ -266,9 +273,7 @@ async def test_open_cleans_leftovers_and_skips_incomplete(criu_path: str, state_
     (state_dir / ".tmp-m-1234" / "images").mkdir(parents=True)
     (state_dir / ".old-m-5678").mkdir()
     (state_dir / "incomplete" / "images").mkdir(parents=True)
-    eng = await CheckpointEngine.open(
-        EngineConfig(state_dir=state_dir, criu_path=criu_path, cuda_mode="off")
-    )
+    eng = await _open(state_dir, criu_path)
     names = sorted(p.name for p in state_dir.iterdir())
     assert names == ["incomplete"]
     assert eng.list_checkpoints() == []
@@ -377,11 +382,7 @@ async def test_suspend_without_cuda_is_refused_and_leaves_the_tree_running(
 async def test_dump_completed_then_criu_fails_keeps_the_checkpoint(
     criu_path: str, state_dir: Path, tmp_path: Path, spawn_target: TargetFactory
 ) -> None:
-    wrapper, _ = criu_after_dump(tmp_path, criu_path, "exit 1")
-    eng = await CheckpointEngine.open(
-        EngineConfig(state_dir=state_dir, criu_path=wrapper, cuda_mode="off")
-    )
-    t = await spawn_target()
+    eng, t, _ = await _open_after_dump(state_dir, tmp_path, criu_path, "exit 1", spawn_target)
     m = await eng.checkpoint(ME, "late", t.pid)
     assert any("completed the dump" in w for w in m.warnings)
     await eng.restore(ME, "late")
@@ -391,11 +392,8 @@ async def test_dump_completed_then_criu_fails_keeps_the_checkpoint(
 async def test_service_death_after_dump_is_salvaged_at_start(
     criu_path: str, state_dir: Path, tmp_path: Path, spawn_target: TargetFactory
 ) -> None:
-    wrapper, marker = criu_after_dump(tmp_path, criu_path, "exec sleep 120")
-    eng = await CheckpointEngine.open(
-        EngineConfig(state_dir=state_dir, criu_path=wrapper, cuda_mode="off")
-    )
-    t = await spawn_target()
+    eng, t, marker = await _open_after_dump(state_dir, tmp_path, criu_path, "exec sleep 120",
+                                            spawn_target)
     job = asyncio.create_task(eng.checkpoint(ME, "crash", t.pid))
     await _until(marker.exists)
     await _until(lambda: not proctree.taken(t.pids))
@@ -409,9 +407,7 @@ async def test_service_death_after_dump_is_salvaged_at_start(
     m = await job
     assert any("cancelled" in w for w in m.warnings)
 
-    fresh = await CheckpointEngine.open(
-        EngineConfig(state_dir=other, criu_path=criu_path, cuda_mode="off")
-    )
+    fresh = await _open(other, criu_path)
     fresh.pid_free_timeout = 1.0
     (salvaged,) = fresh.list_checkpoints()
     assert salvaged.model == "crash" and salvaged.pids == t.pids

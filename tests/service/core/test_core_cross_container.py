@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from criu_testlib import TARGET, reap
+from criu_testlib import TARGET, reap, reaping
 from testprocs import mount_overlay
 
 from llmux.service.core import proctree
@@ -97,16 +97,8 @@ async def reaper() -> AsyncIterator[list[int]]:
     """Reaps the given PIDs while the test runs (restored trees are the test's children)."""
     pids: list[int] = []
 
-    async def loop() -> None:
-        while True:
-            reap(pids)
-            await asyncio.sleep(0.05)
-
-    task = asyncio.create_task(loop())
-    yield pids
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with reaping(lambda: pids):
+        yield pids
 
 
 async def test_restore_into_another_container(
