@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 PROPERTIES = "org.freedesktop.DBus.Properties"
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 _REMOVED_KEPT = 1024
-CANCEL_SETTLE_S = 60.0
+CANCEL_SETTLE_SECS = 60.0
 
 
 HostServiceError = errors.HostError
@@ -272,7 +272,7 @@ class HostClient:
                 await self._cancel_quietly(path)
                 # let the service settle (tree thawed, job gone) before the caller retries
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(waiter), CANCEL_SETTLE_S)
+                    await asyncio.wait_for(asyncio.shield(waiter), CANCEL_SETTLE_SECS)
                 raise errors.Timeout(
                     f"{method.name} job {job_id} did not end within {timeout} s; cancelled"
                 ) from None

@@ -60,7 +60,7 @@ A lock that times out leaves the process RUNNING (driver documentation), so a
 bounded wait turns a stuck target into a clean CudaFailed instead of a hung job.
 """
 
-BINARY_TIMEOUT_S = 600.0
+BINARY_TIMEOUT_SECS = 600.0
 """Upper bound for one cuda-checkpoint run: a checkpoint of tens of GB takes seconds."""
 
 LIBCUDA = "libcuda.so.1"
@@ -668,7 +668,7 @@ class BinaryCheckpointer(_Transitions):
             stderr=asyncio.subprocess.STDOUT,
         )
         try:
-            out, _ = await asyncio.wait_for(proc.communicate(), BINARY_TIMEOUT_S)
+            out, _ = await asyncio.wait_for(proc.communicate(), BINARY_TIMEOUT_SECS)
         except (TimeoutError, asyncio.CancelledError):
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()

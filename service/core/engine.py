@@ -79,14 +79,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 
-PID_FREE_TIMEOUT_S = 10.0
+PID_FREE_TIMEOUT_SECS = 10.0
 """How long a restore waits for dumped PIDs to be reaped before naming who holds them."""
-REAP_AFTER_DUMP_S = 5.0
+REAP_AFTER_DUMP_SECS = 5.0
 #: a link_remap.N file this old that nobody uses was left by an interrupted job
-STALE_REMAP_AGE_S = 600.0
-PROGRESS_INTERVAL_S = 0.25
+STALE_REMAP_AGE_SECS = 600.0
+PROGRESS_INTERVAL_SECS = 0.25
 #: how often the images written so far are handed to the disk during a dump
-WRITEBACK_INTERVAL_S = 0.25
+WRITEBACK_INTERVAL_SECS = 0.25
 _SIZE_MARGIN = 1.05
 _SIZE_SLACK = 16 << 20
 
@@ -156,7 +156,7 @@ class _Reporter:
 
         async def loop() -> None:
             while True:
-                await asyncio.sleep(PROGRESS_INTERVAL_S)
+                await asyncio.sleep(PROGRESS_INTERVAL_SECS)
                 try:
                     done = measure()
                 except OSError:
@@ -214,7 +214,7 @@ async def _writing_back(images: Path) -> AsyncIterator[None]:
 
     async def loop() -> None:
         while True:
-            await asyncio.sleep(WRITEBACK_INTERVAL_S)
+            await asyncio.sleep(WRITEBACK_INTERVAL_SECS)
             await asyncio.to_thread(start_writeback, images)
 
     task = asyncio.create_task(loop())
@@ -275,7 +275,7 @@ class CheckpointEngine:
         self._busy_pids: set[int] = set()
         self._suspended: dict[str, tuple[int, list[int]]] = {}
         self._version = _service_version()
-        self.pid_free_timeout = PID_FREE_TIMEOUT_S
+        self.pid_free_timeout = PID_FREE_TIMEOUT_SECS
 
     @classmethod
     async def open(cls, config: EngineConfig) -> CheckpointEngine:
@@ -501,7 +501,7 @@ class CheckpointEngine:
             shm = resources.shm_paths(live)
             remap_dirs = upperfiles.link_remap_dirs(deleted, view.path)
             stale = await asyncio.to_thread(
-                resources.stale, upperfiles.list_link_remaps(remap_dirs), STALE_REMAP_AGE_S)
+                resources.stale, upperfiles.list_link_remaps(remap_dirs), STALE_REMAP_AGE_SECS)
             if stale:
                 log.info("removing stale CRIU link-remap files: %s", stale)
                 upperfiles.remove_files(stale)
@@ -512,12 +512,12 @@ class CheckpointEngine:
             pending = replace(pending, external_files=await asyncio.to_thread(
                 resources.regular_files, [p for p in live if p not in carried], view.path))
 
-            cuda_s = 0.0
+            cuda_secs = 0.0
             if cuda_pids:
                 report(0.0, 0, 0.0, "cuda-checkpoint")
                 t = time.monotonic()
                 await self.cuda.lock_and_checkpoint(cuda_pids)
-                cuda_s = time.monotonic() - t
+                cuda_secs = time.monotonic() - t
 
             req = DumpRequest(
                 pid=root_pid,
@@ -551,7 +551,7 @@ class CheckpointEngine:
                 current = asyncio.current_task()
                 if isinstance(exc, asyncio.CancelledError) and current is not None:
                     current.uncancel()
-            dump_s = time.monotonic() - t
+            dump_secs = time.monotonic() - t
         except BaseException:
             view.close()
             self.store.abort(staging)
@@ -573,8 +573,8 @@ class CheckpointEngine:
                     deleted_ids=deleted_ids,
                     staging=staging,
                     leave_running=leave_running,
-                    cuda_s=cuda_s,
-                    dump_s=dump_s,
+                    cuda_secs=cuda_secs,
+                    dump_secs=dump_secs,
                     started=started,
                     report=report,
                     late_failure=late_failure,
@@ -597,8 +597,8 @@ class CheckpointEngine:
         deleted_ids: set[tuple[int, int]],
         staging: Staging,
         leave_running: bool,
-        cuda_s: float,
-        dump_s: float,
+        cuda_secs: float,
+        dump_secs: float,
         started: float,
         report: _Reporter,
         late_failure: BaseException | None = None,
@@ -647,7 +647,7 @@ class CheckpointEngine:
             except HostError:
                 log.exception("resuming CUDA after a leave-running dump failed")
         if not leave_running:
-            left = await proctree.wait_gone(pids, REAP_AFTER_DUMP_S)
+            left = await proctree.wait_gone(pids, REAP_AFTER_DUMP_SECS)
             if left:
                 log.info("dumped PIDs not reaped yet: %s", left)
             # the tree is gone and its segments are in the checkpoint: free the memory
@@ -665,16 +665,16 @@ class CheckpointEngine:
             created=time.time(),
             images_bytes=images_bytes,
             files_bytes=sum(f.size for f in saved),
-            dump_seconds=round(dump_s, 3),
-            cuda_seconds=round(cuda_s, 3),
+            dump_seconds=round(dump_secs, 3),
+            cuda_seconds=round(cuda_secs, 3),
             total_seconds=round(time.monotonic() - started, 3),
             files=saved,
             warnings=warnings,
         )
         await asyncio.to_thread(self.store.commit, staging, manifest)
-        report(1.0, images_bytes, images_bytes / max(dump_s, 1e-6), "done")
+        report(1.0, images_bytes, images_bytes / max(dump_secs, 1e-6), "done")
         log.info(
-            "checkpointed %s (PIDs %s) in %.2fs: %d MiB", model, pids, dump_s, images_bytes >> 20
+            "checkpointed %s (PIDs %s) in %.2fs: %d MiB", model, pids, dump_secs, images_bytes >> 20
         )
         return manifest
 
@@ -915,7 +915,7 @@ class CheckpointEngine:
         finally:
             with contextlib.suppress(Exception):
                 await readahead
-        restore_s = time.monotonic() - t
+        restore_secs = time.monotonic() - t
         try:
             restored_root = int(pidfile.read_text().strip())
         except (OSError, ValueError):
@@ -936,12 +936,12 @@ class CheckpointEngine:
         self.restored.add(restored_root, target.cgroup_identity, model)
         if not keep_images:
             self.store.delete(model)
-        report(1.0, manifest.images_bytes, manifest.images_bytes / max(restore_s, 1e-6), "done")
+        report(1.0, manifest.images_bytes, manifest.images_bytes / max(restore_secs, 1e-6), "done")
         log.info(
             "restored %s (PIDs %s) in %.2fs (%.2fs total)",
             model,
             manifest.pids,
-            restore_s,
+            restore_secs,
             time.monotonic() - started,
         )
         return manifest

@@ -291,8 +291,8 @@ def owned_by(paths: Iterable[Path], ids: set[tuple[int, int]]) -> list[Path]:
     return [p for p in paths if _file_id(p) in ids]
 
 
-def stale(paths: Iterable[Path], min_age_s: float) -> list[Path]:
-    """Link-remaps left by an interrupted job: unchanged for min_age_s and used by nobody.
+def stale(paths: Iterable[Path], min_age_secs: float) -> list[Path]:
+    """Link-remaps left by an interrupted job: unchanged for min_age_secs and used by nobody.
     A young one belongs to a dump or restore in progress (its ctime is that of its link)."""
     now = time.time()
     out: list[Path] = []
@@ -301,6 +301,6 @@ def stale(paths: Iterable[Path], min_age_s: float) -> list[Path]:
             age = now - p.stat().st_ctime
         except OSError:
             continue
-        if age >= min_age_s and not users_of(p):
+        if age >= min_age_secs and not users_of(p):
             out.append(p)
     return out

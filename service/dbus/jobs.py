@@ -30,7 +30,7 @@ from llmux.service.journal import fields
 
 log = logging.getLogger(__name__)
 
-PROGRESS_INTERVAL_S = 0.25
+PROGRESS_INTERVAL_SECS = 0.25
 FINISHED_KEPT = 256
 
 
@@ -127,19 +127,20 @@ class JobTable:
         job.cancelled_by = f"cancelled by PID {caller.pid}"
         job.task.cancel()
 
-    async def wait(self, job_id: int, timeout_s: float) -> JobOutcome:
-        if not math.isfinite(timeout_s) or timeout_s < 0:
-            raise errors.InvalidArgument(f"timeout_s must be a finite number >= 0, not {timeout_s}")
+    async def wait(self, job_id: int, timeout_secs: float) -> JobOutcome:
+        if not math.isfinite(timeout_secs) or timeout_secs < 0:
+            raise errors.InvalidArgument(
+                f"timeout_s must be a finite number >= 0, not {timeout_secs}")
         if (outcome := self._finished.get(job_id)) is not None:
             return outcome
         job = self._running.get(job_id)
         if job is None:
             raise errors.NotFound(f"no job {job_id} (job ids are not kept across restarts)")
         try:
-            await asyncio.wait_for(job.finished.wait(), timeout_s)
+            await asyncio.wait_for(job.finished.wait(), timeout_secs)
         except TimeoutError:
             raise errors.Timeout(
-                f"job {job_id} still running after {timeout_s:g} s (it goes on)"
+                f"job {job_id} still running after {timeout_secs:g} s (it goes on)"
             ) from None
         assert job.outcome is not None
         return job.outcome
@@ -187,7 +188,7 @@ class JobTable:
         )
         if not job.exported or job.finished.is_set() or job._pending_emit is not None:
             return
-        wait = job._last_emit + PROGRESS_INTERVAL_S - self._loop.time()
+        wait = job._last_emit + PROGRESS_INTERVAL_SECS - self._loop.time()
         if wait <= 0:
             self._emit_progress(job)
         else:

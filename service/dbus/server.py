@@ -188,8 +188,8 @@ class HostServer:
         return ([[model, checkpoint_path(model)] for model in models],)
 
     @exports(contract.WAIT_JOB)
-    async def wait_job(self, call: Call, job_id: int, timeout_s: float) -> tuple[str, str, str]:
-        outcome = await self.jobs.wait(job_id, timeout_s)
+    async def wait_job(self, call: Call, job_id: int, timeout_secs: float) -> tuple[str, str, str]:
+        outcome = await self.jobs.wait(job_id, timeout_secs)
         return (str(outcome.result), outcome.error_name, outcome.message)
 
     # -- org.llmux.Host1.Job -------------------------------------------------------------

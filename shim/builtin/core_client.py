@@ -34,8 +34,8 @@ from llmux.shim.builtin.protocol import CoreConfig
 
 log = logging.getLogger("llmux.builtin.core_client")
 
-_MONITOR_INTERVAL_S = 0.2
-_SHUTDOWN_GRACE_S = 10.0
+_MONITOR_INTERVAL_SECS = 0.2
+_SHUTDOWN_GRACE_SECS = 10.0
 
 
 def ipc_address() -> str:
@@ -193,7 +193,7 @@ class EngineCoreClient:
     async def _monitor(self) -> None:
         assert self.process is not None
         while (code := self.process.poll()) is None:  # noqa: ASYNC110 (polling a child)
-            await asyncio.sleep(_MONITOR_INTERVAL_S)
+            await asyncio.sleep(_MONITOR_INTERVAL_SECS)
         self.exit_code = code
         if self._closing:
             return
@@ -218,12 +218,12 @@ class EngineCoreClient:
         if process is not None and process.poll() is None:
             with contextlib.suppress(zmq.ZMQError):
                 await self.input.send(protocol.encode({"type": protocol.SHUTDOWN}), zmq.NOBLOCK)
-            if not await self._wait_exit(process, _SHUTDOWN_GRACE_S):
+            if not await self._wait_exit(process, _SHUTDOWN_GRACE_SECS):
                 log.warning("Engine core did not exit; sending SIGTERM")
                 process.terminate()
-                if not await self._wait_exit(process, _SHUTDOWN_GRACE_S):
+                if not await self._wait_exit(process, _SHUTDOWN_GRACE_SECS):
                     process.kill()
-                    await self._wait_exit(process, _SHUTDOWN_GRACE_S)
+                    await self._wait_exit(process, _SHUTDOWN_GRACE_SECS)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -238,9 +238,9 @@ class EngineCoreClient:
         shm.release(self.segment, unlink=True)
 
     @staticmethod
-    async def _wait_exit(process: subprocess.Popen[bytes], grace_s: float) -> bool:
+    async def _wait_exit(process: subprocess.Popen[bytes], grace_secs: float) -> bool:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace_s
+        deadline = loop.time() + grace_secs
         while process.poll() is None:
             if loop.time() > deadline:
                 return False

@@ -34,7 +34,7 @@ import httpx
 
 from llmux.shim.launch import launcher_argv
 
-DEFAULT_START_TIMEOUT_S = 120.0
+DEFAULT_START_TIMEOUT_SECS = 120.0
 
 
 class EngineStartError(RuntimeError):
@@ -106,9 +106,9 @@ class EngineProcess:
                 f"engine {self.model_path!r} exited with status {code} before it was ready; "
                 f"log tail:\n{self.log_text()[-3000:]}")
 
-    def wait_ready(self, timeout_s: float = DEFAULT_START_TIMEOUT_S) -> None:
+    def wait_ready(self, timeout_secs: float = DEFAULT_START_TIMEOUT_SECS) -> None:
         """Block until GET /health answers 200."""
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + timeout_secs
         with httpx.Client(timeout=2.0) as client:
             while time.monotonic() < deadline:
                 self._check_not_exited()
@@ -116,13 +116,13 @@ class EngineProcess:
                     if client.get(f"{self.base_url}/health").status_code == 200:
                         return
                 time.sleep(0.1)
-        raise EngineStartError(f"engine {self.model_path!r} not ready after {timeout_s:.0f}s; "
+        raise EngineStartError(f"engine {self.model_path!r} not ready after {timeout_secs:.0f}s; "
                                f"log tail:\n{self.log_text()[-3000:]}")
 
-    async def wait_ready_async(self, timeout_s: float = DEFAULT_START_TIMEOUT_S) -> None:
+    async def wait_ready_async(self, timeout_secs: float = DEFAULT_START_TIMEOUT_SECS) -> None:
         """Like wait_ready, without blocking the event loop."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
+        deadline = loop.time() + timeout_secs
         async with httpx.AsyncClient(timeout=2.0) as client:
             while loop.time() < deadline:
                 self._check_not_exited()
@@ -130,24 +130,24 @@ class EngineProcess:
                     if (await client.get(f"{self.base_url}/health")).status_code == 200:
                         return
                 await asyncio.sleep(0.1)
-        raise EngineStartError(f"engine {self.model_path!r} not ready after {timeout_s:.0f}s; "
+        raise EngineStartError(f"engine {self.model_path!r} not ready after {timeout_secs:.0f}s; "
                                f"log tail:\n{self.log_text()[-3000:]}")
 
-    def stop(self, grace_s: float = 15.0) -> int | None:
-        """SIGTERM to the whole group, SIGKILL after ``grace_s``; the API server's status."""
+    def stop(self, grace_secs: float = 15.0) -> int | None:
+        """SIGTERM to the whole group, SIGKILL after ``grace_secs``; the API server's status."""
         pgid = self.pid
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=grace_s)
-        deadline = time.monotonic() + grace_s
+            self.process.wait(timeout=grace_secs)
+        deadline = time.monotonic() + grace_secs
         while _group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.05)
         if _group_alive(pgid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
         code = self.process.wait()
-        deadline = time.monotonic() + grace_s
+        deadline = time.monotonic() + grace_secs
         while _group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.05)
         if self._own_log:
@@ -155,8 +155,8 @@ class EngineProcess:
                 self.log_path.unlink()
         return code
 
-    async def stop_async(self, grace_s: float = 15.0) -> int | None:
-        return await asyncio.to_thread(self.stop, grace_s)
+    async def stop_async(self, grace_secs: float = 15.0) -> int | None:
+        return await asyncio.to_thread(self.stop, grace_secs)
 
     def __enter__(self) -> EngineProcess:
         return self
@@ -212,14 +212,14 @@ def spawn_engine(model_path: str, port: int | None = None, *, weights_mb: int = 
 def start_engine(model_path: str, port: int | None = None, *, weights_mb: int = 64,
                  extra_env: Mapping[str, str] | None = None, extra_args: Sequence[str] = (),
                  sleep_mode: bool = True, log_path: Path | None = None,
-                 timeout_s: float = DEFAULT_START_TIMEOUT_S,
+                 timeout_secs: float = DEFAULT_START_TIMEOUT_SECS,
                  io_uring: bool = False) -> EngineProcess:
     """Start the engine and wait for /health; stops it again if it never gets ready."""
     engine = spawn_engine(model_path, port, weights_mb=weights_mb, extra_env=extra_env,
                           extra_args=extra_args, sleep_mode=sleep_mode, log_path=log_path,
                           io_uring=io_uring)
     try:
-        engine.wait_ready(timeout_s)
+        engine.wait_ready(timeout_secs)
     except BaseException:
         engine.stop()
         raise
@@ -230,14 +230,14 @@ async def start_engine_async(model_path: str, port: int | None = None, *, weight
                              extra_env: Mapping[str, str] | None = None,
                              extra_args: Sequence[str] = (), sleep_mode: bool = True,
                              log_path: Path | None = None,
-                             timeout_s: float = DEFAULT_START_TIMEOUT_S,
+                             timeout_secs: float = DEFAULT_START_TIMEOUT_SECS,
                              io_uring: bool = False) -> EngineProcess:
     """start_engine for async tests: the event loop keeps running while the engine starts."""
     engine = spawn_engine(model_path, port, weights_mb=weights_mb, extra_env=extra_env,
                           extra_args=extra_args, sleep_mode=sleep_mode, log_path=log_path,
                           io_uring=io_uring)
     try:
-        await engine.wait_ready_async(timeout_s)
+        await engine.wait_ready_async(timeout_secs)
     except BaseException:
         await engine.stop_async()
         raise

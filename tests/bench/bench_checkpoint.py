@@ -216,7 +216,7 @@ def start_engine(model: str, weights_mb: int, workdir: Path, backend: str) -> En
     return testing.start_engine(
         f"llmux-bench/w{weights_mb}", weights_mb=weights_mb, extra_env=env,
         extra_args=["--served-model-name", model, "--device", "cpu"],
-        log_path=workdir / f"engine-{weights_mb}mb.log", timeout_s=900)
+        log_path=workdir / f"engine-{weights_mb}mb.log", timeout_secs=900)
 
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -358,9 +358,9 @@ class SizeResult:
     """The disk, measured with as many bytes right before this size's engine started."""
     rss_mb: float
     image_bytes: int
-    dump_s: float
+    dump_secs: float
     dump_durable_s: float
-    restore_s: float
+    restore_secs: float
     same_pids: bool
     same_answer: bool
     dump_stats: dict[str, int] = field(default_factory=dict)
@@ -371,7 +371,7 @@ class SizeResult:
 
     @property
     def dump_mbps(self) -> float:
-        return self.image_bytes / MB / self.dump_s
+        return self.image_bytes / MB / self.dump_secs
 
     @property
     def dump_durable_mbps(self) -> float:
@@ -379,7 +379,7 @@ class SizeResult:
 
     @property
     def restore_mbps(self) -> float:
-        return self.image_bytes / MB / self.restore_s
+        return self.image_bytes / MB / self.restore_secs
 
 
 async def bench_size(core: CheckpointEngine, gb: float, workdir: Path, backend: str,
@@ -409,26 +409,26 @@ async def bench_size(core: CheckpointEngine, gb: float, workdir: Path, backend: 
         with Reaper(pids):
             t0 = time.perf_counter()
             manifest = await core.checkpoint(caller, model, engine.pid)
-            dump_s = time.perf_counter() - t0
+            dump_secs = time.perf_counter() - t0
             syncfs(state_dir)
             dump_durable_s = time.perf_counter() - t0
             wait_gone(pids)
         images = state_dir / model / "images"
         image_bytes = sum(p.stat().st_size for p in images.rglob("*") if p.is_file())
-        print(f"   dumped {image_bytes / MB:.0f} MiB in {dump_s:.2f} s "
+        print(f"   dumped {image_bytes / MB:.0f} MiB in {dump_secs:.2f} s "
               f"({dump_durable_s:.2f} s until on disk)", flush=True)
 
         testprocs.drop_caches()  # the restore must read the images from the disk
         t0 = time.perf_counter()
         await core.restore(caller, model, keep_images=True)
-        restore_s = time.perf_counter() - t0
+        restore_secs = time.perf_counter() - t0
         restored_pids = tree_pids(pids[0]) if alive(pids[0]) else []
         after = await asyncio.to_thread(completion, engine.port, model)
-        print(f"   restored {image_bytes / MB:.0f} MiB in {restore_s:.2f} s; "
+        print(f"   restored {image_bytes / MB:.0f} MiB in {restore_secs:.2f} s; "
               f"pids {restored_pids}", flush=True)
         return SizeResult(
-            gb=gb, disk=disk, rss_mb=rss / MB, image_bytes=image_bytes, dump_s=dump_s,
-            dump_durable_s=dump_durable_s, restore_s=restore_s,
+            gb=gb, disk=disk, rss_mb=rss / MB, image_bytes=image_bytes, dump_secs=dump_secs,
+            dump_durable_s=dump_durable_s, restore_secs=restore_secs,
             same_pids=sorted(restored_pids) == sorted(pids), same_answer=after == before,
             dump_stats=criu_stats(images / "stats-dump"),
             restore_stats=criu_stats(images / "stats-restore"),
@@ -465,10 +465,10 @@ def print_report(results: list[SizeResult]) -> None:
     for r in results:
         w, rd = r.disk.best_write, r.disk.best_read
         print(f"{r.gb:>5g}GB {r.image_bytes / MB:>6.0f} | {w:>7.0f} | "
-              f"{r.dump_s:>6.2f} {r.dump_mbps:>5.0f} {_pct(r.dump_mbps, w):>5} | "
+              f"{r.dump_secs:>6.2f} {r.dump_mbps:>5.0f} {_pct(r.dump_mbps, w):>5} | "
               f"{r.dump_durable_s:>7.2f} {r.dump_durable_mbps:>5.0f} "
               f"{_pct(r.dump_durable_mbps, w):>5} | {rd:>7.0f} | "
-              f"{r.restore_s:>9.2f} {r.restore_mbps:>5.0f} {_pct(r.restore_mbps, rd):>5} | "
+              f"{r.restore_secs:>9.2f} {r.restore_mbps:>5.0f} {_pct(r.restore_mbps, rd):>5} | "
               f"{'same' if r.same_pids else 'DIFF':>4} {'same' if r.same_answer else 'DIFF':>6}")
     print("\nThe disk, per size (MB/s): buffered+fsync write / O_DIRECT write, "
           "buffered read / O_DIRECT read")
@@ -482,15 +482,16 @@ def print_report(results: list[SizeResult]) -> None:
         ds, rs = r.dump_stats, r.restore_stats
         pages_s = ds.get("memdump_us", 0) / 1e6
         write_s = ds.get("memwrite_us", 0) / 1e6
-        print(f"  {r.gb:g} GB dump {r.dump_s:.2f}: CRIU {r.criu_dump_s:.2f} (frozen "
+        print(f"  {r.gb:g} GB dump {r.dump_secs:.2f}: CRIU {r.criu_dump_s:.2f} (frozen "
               f"{ds.get('frozen_us', 0) / 1e6:.2f}, of which pages {pages_s:.2f} = collect "
               f"{pages_s - write_s:.2f} + write {write_s:.2f}; "
               f"{ds.get('pages_written', 0) * 4096 / MB:.0f} MiB), core "
-              f"{r.dump_s - r.criu_dump_s:.2f}; then sync {r.dump_durable_s - r.dump_s:.2f}")
-        print(f"  {r.gb:g} GB restore {r.restore_s:.2f}: CRIU log {r.restore_log_s:.2f} (forking "
+              f"{r.dump_secs - r.criu_dump_s:.2f}; then sync {r.dump_durable_s - r.dump_secs:.2f}")
+        print(f"  {r.gb:g} GB restore {r.restore_secs:.2f}: CRIU log {r.restore_log_s:.2f} "
+              f"(forking "
               f"{rs.get('forking_us', 0) / 1e6:.2f}, restore {rs.get('restore_us', 0) / 1e6:.2f}; "
               f"{rs.get('pages_restored', 0) * 4096 / MB:.0f} MiB), core "
-              f"{r.restore_s - r.restore_log_s:.2f}")
+              f"{r.restore_secs - r.restore_log_s:.2f}")
     print(f"\nTarget: dump and restore at >= {TARGET:.0%} of the disk's speed.")
 
 

@@ -51,12 +51,12 @@ podman_shim = testprocs.load_module("podman_shim", TESTS / "e2e" / "podman_shim.
 class Row:
     weights_mb: int
     cold_s: float
-    restore_s: float
+    restore_secs: float
     restore_wake_s: float
     criu_restore_s: float
     images_bytes: int
     files_bytes: int
-    dump_s: float
+    dump_secs: float
     sleep_s: float
     identical: bool
     cache_dropped: bool
@@ -114,7 +114,7 @@ def measure(size: int, args: argparse.Namespace, rootfs: str, daemon: Any,
 
         print(f"[{size} MB] container B: restore", file=sys.stderr)
         b = shims.start("b")
-        restore_s, wake_s, restore_token, dropped_b = timed_wake(b, "restore",
+        restore_secs, wake_s, restore_token, dropped_b = timed_wake(b, "restore",
                                                                  args.drop_caches)
         restore_answer = b.answer()
         b.remove()
@@ -124,10 +124,10 @@ def measure(size: int, args: argparse.Namespace, rootfs: str, daemon: Any,
         # the next size starts from an empty state directory
         daemon.ok("DeleteCheckpoint", "s", podman_shim.MODEL)
         return Row(
-            weights_mb=size, cold_s=cold_s, restore_s=restore_s, restore_wake_s=wake_s,
+            weights_mb=size, cold_s=cold_s, restore_secs=restore_secs, restore_wake_s=wake_s,
             criu_restore_s=criu_restore_s,
             images_bytes=int(manifest["images_bytes"]), files_bytes=int(manifest["files_bytes"]),
-            dump_s=float(manifest["dump_seconds"]), sleep_s=sleep_s,
+            dump_secs=float(manifest["dump_seconds"]), sleep_s=sleep_s,
             identical=(cold_token == restore_token and cold_answer == restore_answer),
             cache_dropped=dropped_a and dropped_b)
 
@@ -143,10 +143,10 @@ def print_table(rows: list[Row], backend: str) -> None:
     print("-" * len(head))
     for r in rows:
         size = (r.images_bytes + r.files_bytes) / MB
-        print(f"{r.weights_mb:>5} MB | {r.cold_s:>8.2f} s | {r.restore_s:>6.2f} s | "
-              f"{r.cold_s / r.restore_s:>7.1f}x | {r.restore_wake_s:>12.2f} s | "
+        print(f"{r.weights_mb:>5} MB | {r.cold_s:>8.2f} s | {r.restore_secs:>6.2f} s | "
+              f"{r.cold_s / r.restore_secs:>7.1f}x | {r.restore_wake_s:>12.2f} s | "
               f"{r.criu_restore_s:>4.2f} s | "
-              f"{size:>7.0f} MB | {r.dump_s:>4.2f} s | {r.sleep_s:>8.2f} s | "
+              f"{size:>7.0f} MB | {r.dump_secs:>4.2f} s | {r.sleep_s:>8.2f} s | "
               f"{'yes' if r.identical else 'NO':>11} | {'yes' if r.cache_dropped else 'no':>13}")
 
 

@@ -77,7 +77,7 @@ class Row:
     new: Timed
     images_bytes: int
     files_bytes: int
-    dump_s: float
+    dump_secs: float
     sleep_s: float
     dump2_s: float
     checkpoint2_bytes: int
@@ -225,7 +225,7 @@ def measure(size: str, model_dir: Path, bed: Any, args: argparse.Namespace, root
             size=size, model_mb=dir_mb(model_dir), cold=cold, same=same, new=new,
             images_bytes=int(manifest["images_bytes"]),
             files_bytes=int(manifest["files_bytes"]),
-            dump_s=float(manifest["dump_seconds"]), sleep_s=sleep_s,
+            dump_secs=float(manifest["dump_seconds"]), sleep_s=sleep_s,
             dump2_s=float(manifest2["dump_seconds"]),
             checkpoint2_bytes=int(manifest2["images_bytes"]) + int(manifest2["files_bytes"]))
 
@@ -246,7 +246,7 @@ def print_table(rows: list[Row]) -> None:
         criu = f"{r.same.criu_restore_s:.2f} / {r.new.criu_restore_s:.2f} s"
         print(f"{r.size:>4} | {r.model_mb:>5.0f} MB | {r.cold.total_s:>8.2f} s | "
               f"{same:>22} | {new:>21} | {criu:>21} | {ckpt:>7.0f} MB | "
-              f"{r.dump_s:>5.2f} s | {r.sleep_s:>8.2f} s | "
+              f"{r.dump_secs:>5.2f} s | {r.sleep_s:>8.2f} s | "
               f"{'yes' if r.identical else 'MISMATCH':>11} | "
               f"{'yes' if r.cache_dropped else 'no':>13}")
     print(f"\ntarget: restore >= {TARGET_SPEEDUP:g}x faster than the cold start")

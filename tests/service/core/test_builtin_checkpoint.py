@@ -106,7 +106,7 @@ async def test_builtin_engine_checkpoint_restore_reload(
 
         began = time.monotonic()
         m = await engine.checkpoint(ME, "builtin", builtin.pid)
-        dump_s = time.monotonic() - began
+        dump_secs = time.monotonic() - began
         assert builtin.pid in m.pids and core in m.pids
         deadline = time.monotonic() + 30
         while proctree.taken(m.pids) and time.monotonic() < deadline:
@@ -115,7 +115,7 @@ async def test_builtin_engine_checkpoint_restore_reload(
 
         began = time.monotonic()
         r = await engine.restore(ME, "builtin")
-        restore_s = time.monotonic() - began
+        restore_secs = time.monotonic() - began
         assert r.pids == m.pids
         after = (await client.get("/engine_state")).json()
         assert after["pid_core"] == core
@@ -134,8 +134,8 @@ async def test_builtin_engine_checkpoint_restore_reload(
         assert shared["shm_counters"]["tokens_generated"] == shared["tokens_generated"]
         print(
             f"\n[bench] builtin engine ({len(m.pids)} processes, {m.images_bytes >> 20} MiB "
-            f"images): criu dump {m.dump_seconds:.2f}s (job {dump_s:.2f}s), "
-            f"restore job {restore_s:.2f}s"
+            f"images): criu dump {m.dump_seconds:.2f}s (job {dump_secs:.2f}s), "
+            f"restore job {restore_secs:.2f}s"
         )
 
 
