@@ -499,9 +499,13 @@ class CheckpointEngine:
             await asyncio.to_thread(self.store.write_pending, staging, pending)
             live, deleted = await asyncio.to_thread(upperfiles.open_paths, pids)
             shm = resources.shm_paths(live)
-            remap_dirs = upperfiles.link_remap_dirs(deleted, view.path)
+            for directory in {str(Path(p).parent) for p in shm}:
+                view.hold(directory)
+            remap_dirs = upperfiles.link_remap_dirs(deleted, view)
             stale = await asyncio.to_thread(
-                resources.stale, upperfiles.list_link_remaps(remap_dirs), STALE_REMAP_AGE_SECS)
+                resources.stale,
+                [view.resolve(p) for p in upperfiles.list_link_remaps(remap_dirs, view)],
+                STALE_REMAP_AGE_SECS)
             if stale:
                 log.info("removing stale CRIU link-remap files: %s", stale)
                 upperfiles.remove_files(stale)
@@ -593,7 +597,7 @@ class CheckpointEngine:
         view: ViewRoot,
         upper: list[str],
         shm: list[str],
-        remap_dirs: list[Path],
+        remap_dirs: list[str],
         deleted_ids: set[tuple[int, int]],
         staging: Staging,
         leave_running: bool,
@@ -615,26 +619,27 @@ class CheckpointEngine:
         report(0.95, dir_bytes(staging.images), 0.0, "saving files")
         saved: list[SavedFile] = []
         try:
-            saved = await asyncio.to_thread(upperfiles.save, upper, view.path, staging.files)
+            saved = await asyncio.to_thread(upperfiles.save, upper, view.resolve, staging.files)
         except OSError as exc:
             warnings.append(f"files of the writable layer not saved: {exc}")
         try:
             # CRIU restores file-backed shared mappings from the file, not from its images,
             # and the engine deletes its segments on a clean stop: keep their contents here.
             saved += await asyncio.to_thread(
-                upperfiles.save, shm, view.path, staging.files, "dev-shm", len(saved)
+                upperfiles.save, shm, view.resolve, staging.files, "dev-shm", len(saved)
             )
         except OSError as exc:
             warnings.append(f"/dev/shm files not saved: {exc}")
         try:
             # only this tree's: another job's link-remaps may sit in the same directory
-            remaps = resources.owned_by(upperfiles.list_link_remaps(remap_dirs), deleted_ids)
+            remaps = [p for p in upperfiles.list_link_remaps(remap_dirs, view)
+                      if resources.owned_by([view.resolve(p)], deleted_ids)]
             if remaps:
-                paths = ["/" + str(p.relative_to(view.path)) for p in remaps]
                 saved += await asyncio.to_thread(
-                    upperfiles.save, paths, view.path, staging.files, "link-remap", len(saved)
+                    upperfiles.save, remaps, view.resolve, staging.files, "link-remap",
+                    len(saved)
                 )
-                upperfiles.remove_files(remaps)
+                upperfiles.remove_files(view.resolve(p) for p in remaps)
         except (OSError, ValueError) as exc:
             warnings.append(f"link-remap files not saved: {exc}")
         for w in warnings:
@@ -653,7 +658,7 @@ class CheckpointEngine:
             # the tree is gone and its segments are in the checkpoint: free the memory
             kept = {f.path for f in saved if f.reason == "dev-shm"}
             removed = await asyncio.to_thread(
-                resources.remove_unused, [view.path / p.lstrip("/") for p in sorted(kept)]
+                resources.remove_unused, [view.resolve(p) for p in sorted(kept)]
             )
             if removed:
                 log.info("checkpoint %s: removed %d /dev/shm file(s) of the dumped tree",

@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
@@ -180,15 +180,16 @@ def _hash_copy(src: Path, dst: Path) -> tuple[str, int]:
 
 def save(
     paths: Sequence[str],
-    view_root: Path,
+    view_root: Path | Callable[[str], Path],
     files_dir: Path,
     reason: str = "upper",
     start_index: int = 0,
 ) -> list[SavedFile]:
-    """Copy the paths (read through view_root, e.g. /proc/PID/root) into files_dir."""
+    """Copy the paths (read through view_root, e.g. /proc/PID/root, or a ViewRoot's
+    resolve) into files_dir."""
     out = []
     for i, path in enumerate(paths, start=start_index):
-        src = view_root / path.lstrip("/")
+        src = view_root(path) if callable(view_root) else view_root / path.lstrip("/")
         try:
             st = src.lstat()
         except FileNotFoundError:
@@ -259,17 +260,50 @@ def put_back(saved: Sequence[SavedFile], files_dir: Path, view_root: Path) -> No
 
 class ViewRoot:
     """A process's root directory, held open so that it stays reachable after the process
-    is gone (a dump kills the tree; its container, and so the mount namespace, lives on)."""
+    is gone (a dump kills the tree; its container, and so the mount namespace, lives on).
+
+    A restored tree lives in a mount namespace CRIU made for it alone: when the dump kills
+    the tree, that namespace's mounts (the /dev/shm bind among them) are detached. Such a
+    directory stays reachable through an fd opened before the dump: hold() it, and
+    resolve() finds the files in it afterwards.
+    """
 
     def __init__(self, pid: int | None) -> None:
         self._fd: int | None = None
+        self._held: dict[str, int] = {}
         if pid is None:
             self.path = Path("/")
             return
         self._fd = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY)
         self.path = Path(f"/proc/self/fd/{self._fd}")
 
+    def hold(self, directory: str) -> None:
+        """Keep the tree's directory (a path as the tree sees it) reachable."""
+        key = str(PurePosixPath(directory))
+        if key not in self._held:
+            with contextlib.suppress(OSError):
+                self._held[key] = os.open(self.path / key.lstrip("/"),
+                                          os.O_PATH | os.O_DIRECTORY)
+
+    def directory(self, directory: str) -> Path:
+        """Where the tree's directory is now: its held fd, else through the root."""
+        key = str(PurePosixPath(directory))
+        fd = self._held.get(key)
+        if fd is not None:
+            return Path(f"/proc/self/fd/{fd}")
+        return self.path / key.lstrip("/")
+
+    def resolve(self, path: str) -> Path:
+        """Where the tree's path is now, through a held directory when there is one."""
+        pure = PurePosixPath(path)
+        if str(pure.parent) in self._held:
+            return self.directory(str(pure.parent)) / pure.name
+        return self.path / path.lstrip("/")
+
     def close(self) -> None:
+        for fd in self._held.values():
+            os.close(fd)
+        self._held.clear()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -284,20 +318,22 @@ class ViewRoot:
 LINK_REMAP_GLOB = "link_remap.*"
 
 
-def link_remap_dirs(deleted_paths: Iterable[str], view_root: Path) -> list[Path]:
-    """Directories (through view_root) where CRIU may put link_remap files: those of the
-    deleted files the tree holds, and /dev/shm."""
-    dirs = {view_root / "dev/shm"}
-    for p in deleted_paths:
-        dirs.add(view_root / str(PurePosixPath(p).parent).lstrip("/"))
-    return sorted(d for d in dirs if d.is_dir())
+def link_remap_dirs(deleted_paths: Iterable[str], view: ViewRoot) -> list[str]:
+    """Directories (as the tree sees them) where CRIU may put link_remap files: those of
+    the deleted files the tree holds, and /dev/shm; held in the view."""
+    dirs = {"/dev/shm"} | {str(PurePosixPath(p).parent) for p in deleted_paths}
+    for d in dirs:
+        view.hold(d)
+    return sorted(d for d in dirs if view.directory(d).is_dir())
 
 
-def list_link_remaps(dirs: Iterable[Path]) -> list[Path]:
-    out = []
+def list_link_remaps(dirs: Iterable[str], view: ViewRoot) -> list[str]:
+    """The link_remap files in the directories, as the tree's paths."""
+    out: list[str] = []
     for d in dirs:
         with contextlib.suppress(OSError):
-            out.extend(sorted(d.glob(LINK_REMAP_GLOB)))
+            out.extend(sorted(f"{d.rstrip('/')}/{f.name}"
+                              for f in view.directory(d).glob(LINK_REMAP_GLOB)))
     return out
 
 

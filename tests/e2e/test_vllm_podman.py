@@ -84,8 +84,13 @@ def test_real_vllm_checkpoint_in_a_restores_in_b_and_c(
         assert b.model_status()["state"] == "checkpointed"
         restored(b, pids, first)
 
-        # a restart of llmuxd between sleep and wake
+        # a restart of llmuxd between sleep and wake; this dump is of a restored tree, whose
+        # mount namespace (and its /dev/shm bind) ends with it: its segments are carried too
         sleep(b, llmuxd, pids)
+        manifest = json.loads((llmuxd.state_dir / MODEL / "manifest.json").read_text())
+        shm = [f["path"] for f in manifest["files"] if f["reason"] == "dev-shm"]
+        assert any(Path(p).name.startswith("psm_") for p in shm), manifest["files"]
+        assert not [p for p in shm if Path(p).exists()], "segments left in /dev/shm"
         llmuxd.stop()
         llmuxd.start()
         assert MODEL in listed(llmuxd)
