@@ -20,7 +20,6 @@ import re
 import select
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmux.service.core import proctree, resources
+from llmux.service.core import proctree, resources, upperfiles
 from llmux.shim.config import Config, EngineKind, ModelConfig
 from llmux.shim.engineclient import ENGINE_HOST, EngineClient
 from llmux.shim.errors import Conflict, EngineFailed, ModelNotFound
@@ -76,8 +75,8 @@ class EngineProcess:
     leads_group: bool = True
     #: the one termination in progress; stop() and a crash clean-up share it
     ending: asyncio.Future[None] | None = None
-    #: files the tree made that outlive it (ipc sockets, /dev/shm segments): removed when
-    #: it is stopped or dies, kept when it ends by a checkpoint (the restore needs them)
+    #: the /dev/shm segments the tree made, which outlive it: removed when
+    #: it is stopped or dies; after a checkpoint llmuxd keeps them in it and removes them
     made: set[str] = field(default_factory=set)
 
     @property
@@ -397,10 +396,11 @@ class Supervisor:
         if not left:
             if self.env(self.model(eng.model))["TMPDIR"] == str(self.tmp_dir(eng.model)):
                 await asyncio.to_thread(shutil.rmtree, self.tmp_dir(eng.model), True)
-            removed = await asyncio.to_thread(_remove_leftovers, eng.made)
+            removed = await asyncio.to_thread(resources.remove_unused,
+                                              [Path(p) for p in eng.made])
             if removed:
-                log.info("model %s: removed what the engine left behind: %s", eng.model,
-                         ", ".join(removed))
+                log.info("model %s: removed the segments the engine left behind: %s",
+                         eng.model, ", ".join(map(str, removed)))
         self._forget(eng)
 
     @staticmethod
@@ -528,31 +528,9 @@ def _tree_pids(root: int) -> list[int]:
 
 
 def _made_files(pids: list[int]) -> set[str]:
-    """The tree's own ipc socket files in the temp directory and its /dev/shm files."""
-    tmp = tempfile.gettempdir().rstrip("/") + "/"
-    sockets = {p for p in resources.bound_unix_paths(pids) if p.startswith(tmp)}
-    return sockets | set(resources.shm_paths(resources.mapped_or_open(pids)))
-
-
-def _remove_leftovers(paths: Iterable[str]) -> list[str]:
-    """Remove those no live process uses: a socket file nobody is bound to any more, a
-    segment nobody maps or holds open (vLLM's own clean stop removes some of them)."""
-    bound = resources.unix_paths_bound()
-    removed: list[str] = []
-    for path in sorted(paths):
-        p = Path(path)
-        try:
-            st = p.lstat()
-        except OSError:
-            continue
-        if stat.S_ISSOCK(st.st_mode):
-            if path not in bound:
-                with contextlib.suppress(OSError):
-                    p.unlink()
-                    removed.append(path)
-        elif stat.S_ISREG(st.st_mode):
-            removed += [str(r) for r in resources.remove_unused([p])]
-    return removed
+    """The tree's /dev/shm segments (its ipc sockets and file stores are in its TMPDIR)."""
+    live, _ = upperfiles.open_paths(pids)
+    return set(resources.shm_paths(live))
 
 
 _VALUE_ERROR = re.compile(r"Value error, (.+?)(?:\s*\[type=.*)?$")

@@ -121,8 +121,8 @@ class _Tree:
     pids: list[int]
     ctx: ContainerContext
     expected: int
-    remaps: bool
-    """CRIU will link-remap some of its deleted-but-open files."""
+    deleted_ids: set[tuple[int, int]]
+    """Its deleted-but-open files, which CRIU will link-remap (none: no link-remaps)."""
 
 
 @dataclass(frozen=True)
@@ -405,9 +405,10 @@ class CheckpointEngine:
             tree = await asyncio.to_thread(self._inspect_tree, model, root_pid, weights_bytes)
 
             async def body(report: _Reporter) -> Manifest:
-                async with self._remap_guard(tree.remaps):
+                async with self._remap_guard(bool(tree.deleted_ids)):
                     found = tree
-                    if await asyncio.to_thread(proctree.tree, root_pid) != found.pids:
+                    if tree.deleted_ids and await asyncio.to_thread(
+                            proctree.tree, root_pid) != found.pids:
                         # it changed while another dump held the link-remaps: check again
                         found = await asyncio.to_thread(
                             self._inspect_tree, model, root_pid, weights_bytes
@@ -440,8 +441,7 @@ class CheckpointEngine:
             )
         expected = int((proctree.rss_bytes(pids) + weights_bytes) * _SIZE_MARGIN) + _SIZE_SLACK
         self.store.check_space(model, expected)
-        remaps = bool(resources.deleted_file_ids(pids))
-        return _Tree(pids, ctx, expected, remaps)
+        return _Tree(pids, ctx, expected, resources.deleted_file_ids(pids))
 
     @contextlib.asynccontextmanager
     async def _remap_guard(self, needed: bool) -> AsyncIterator[None]:
@@ -509,7 +509,6 @@ class CheckpointEngine:
             if stale:
                 log.info("removing stale CRIU link-remap files: %s", stale)
                 upperfiles.remove_files(stale)
-            deleted_ids = await asyncio.to_thread(resources.deleted_file_ids, pids)
             upper = await asyncio.to_thread(upperfiles.find_upper_files, pids, ctx)
             # what the restore will need from the target as it is, not carried here
             carried = set(upper) | set(shm)
@@ -574,7 +573,7 @@ class CheckpointEngine:
                     upper=upper,
                     shm=shm,
                     remap_dirs=remap_dirs,
-                    deleted_ids=deleted_ids,
+                    deleted_ids=tree.deleted_ids,
                     staging=staging,
                     leave_running=leave_running,
                     cuda_secs=cuda_secs,
@@ -844,13 +843,13 @@ class CheckpointEngine:
         """Write the saved files into the target; return the paths a failed restore should
         take back (link-remaps, /dev/shm segments). A /dev/shm file that a process uses is
         left alone; a missing or unused one gets the contents of dump time."""
+        used = resources.in_use(view_root / f.path.lstrip("/")
+                                for f in manifest.files if f.reason == "dev-shm")
         wanted: list[SavedFile] = []
         for f in manifest.files:
-            if f.reason == "dev-shm":
-                target = view_root / f.path.lstrip("/")
-                if target.exists() and resources.users_of(target):
-                    log.warning("restore %s: %s is in use; not replaced", manifest.model, f.path)
-                    continue
+            if view_root / f.path.lstrip("/") in used:
+                log.warning("restore %s: %s is in use; not replaced", manifest.model, f.path)
+                continue
             wanted.append(f)
         upperfiles.put_back(wanted, files, view_root)
         return [f.path for f in wanted if f.reason in ("dev-shm", "link-remap")]

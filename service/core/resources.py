@@ -95,54 +95,52 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def users_of(path: Path) -> list[int]:
-    """PIDs (any on the host) that hold the file open or mapped, by device and inode."""
-    ident = _file_id(path)
-    if ident is None:
-        return []
-    dev, ino = ident
-    users: list[int] = []
+def in_use(paths: Iterable[Path]) -> set[Path]:
+    """The paths that some process on the host holds open or mapped, by device and inode.
+
+    One pass over /proc for any number of files: its cost is every process's maps and
+    fds, whatever the number of paths asked about.
+    """
+    ids = {p: i for p in paths if (i := _file_id(p)) is not None}
+    if not ids:
+        return set()
+    wanted = set(ids.values())
+    maps_keys = {(f"{os.major(d):02x}:{os.minor(d):02x}", str(i)) for d, i in wanted}
+    used: set[tuple[int, int]] = set()
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        if _maps_hold(pid, dev, ino) or _fds_hold(pid, dev, ino):
-            users.append(pid)
-    return users
+        if entry.name.isdigit():
+            used |= _held_by(entry.name, wanted, maps_keys)
+            if used == wanted:
+                break
+    return {p for p, i in ids.items() if i in used}
 
 
-def _maps_hold(pid: int, dev: int, ino: int) -> bool:
-    want_dev = f"{os.major(dev):02x}:{os.minor(dev):02x}"
-    want_ino = str(ino)
-    try:
-        text = Path(f"/proc/{pid}/maps").read_text()
-    except OSError:
-        return False
-    for line in text.splitlines():
-        f = line.split(maxsplit=5)
-        if len(f) >= 5 and f[4] == want_ino and f[3] == want_dev:
-            return True
-    return False
-
-
-def _fds_hold(pid: int, dev: int, ino: int) -> bool:
-    try:
-        entries = list(os.scandir(f"/proc/{pid}/fd"))
-    except OSError:
-        return False
-    for entry in entries:
-        with contextlib.suppress(OSError):
-            st = os.stat(entry.path)
-            if st.st_ino == ino and st.st_dev == dev:
-                return True
-    return False
+def _held_by(pid: str, wanted: set[tuple[int, int]],
+             maps_keys: set[tuple[str, str]]) -> set[tuple[int, int]]:
+    """Which of the wanted files the process maps or holds open."""
+    held: set[tuple[int, int]] = set()
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            f = line.split(maxsplit=5)
+            if len(f) >= 5 and (f[3], f[4]) in maps_keys:
+                major, minor = (int(x, 16) for x in f[3].split(":"))
+                held.add((os.makedev(major, minor), int(f[4])))
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                st = os.stat(entry.path)
+                if (st.st_dev, st.st_ino) in wanted:
+                    held.add((st.st_dev, st.st_ino))
+    return held
 
 
 def remove_unused(paths: Iterable[Path]) -> list[Path]:
     """Delete the files no process holds open or mapped; return the ones deleted."""
+    candidates = [p for p in paths if p.exists()]
+    used = in_use(candidates)
     removed: list[Path] = []
-    for p in paths:
-        if not p.exists() or users_of(p):
+    for p in candidates:
+        if p in used:
             continue
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
@@ -237,11 +235,6 @@ def bound_unix_paths(pids: Sequence[int]) -> list[str]:
     return sorted({path for ino, path in _unix_rows(pids[0]) if ino in inodes})
 
 
-def unix_paths_bound(netns_pid: int | str = "self") -> set[str]:
-    """Filesystem paths some unix socket of netns_pid's network namespace is bound to."""
-    return {path for _, path in _unix_rows(netns_pid)}
-
-
 def _unix_rows(pid: int | str) -> list[tuple[str, str]]:
     """(inode, path) of every unix socket bound to a filesystem path in pid's netns."""
     rows: list[tuple[str, str]] = []
@@ -251,20 +244,6 @@ def _unix_rows(pid: int | str) -> list[tuple[str, str]]:
             if len(f) >= 8 and f[7].startswith("/"):
                 rows.append((f[6], f[7]))
     return rows
-
-
-def mapped_or_open(pids: Iterable[int]) -> list[str]:
-    """Live (not deleted) absolute paths the tree holds open or mapped."""
-    found: set[str] = set()
-    for pid in pids:
-        for sub in ("fd", "map_files"):
-            with contextlib.suppress(OSError):
-                for entry in os.scandir(f"/proc/{pid}/{sub}"):
-                    with contextlib.suppress(OSError):
-                        link = os.readlink(entry.path)
-                        if link.startswith("/") and not link.endswith(" (deleted)"):
-                            found.add(link)
-    return sorted(found)
 
 
 # ---------------------------------------------------------------------- CRIU link-remaps
@@ -295,12 +274,10 @@ def stale(paths: Iterable[Path], min_age_secs: float) -> list[Path]:
     """Link-remaps left by an interrupted job: unchanged for min_age_secs and used by nobody.
     A young one belongs to a dump or restore in progress (its ctime is that of its link)."""
     now = time.time()
-    out: list[Path] = []
+    old: list[Path] = []
     for p in paths:
-        try:
-            age = now - p.stat().st_ctime
-        except OSError:
-            continue
-        if age >= min_age_secs and not users_of(p):
-            out.append(p)
-    return out
+        with contextlib.suppress(OSError):
+            if now - p.stat().st_ctime >= min_age_secs:
+                old.append(p)
+    used = in_use(old)
+    return [p for p in old if p not in used]

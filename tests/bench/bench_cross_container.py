@@ -62,21 +62,13 @@ class Row:
     cache_dropped: bool
 
 
-def first_token(shim: Any) -> str:
-    """One chat completion of one token: the time to the first token."""
-    r = shim.chat(max_tokens=1)
-    if r.status_code != 200:
-        raise RuntimeError(f"chat completion failed: {r.status_code} {r.text}\n{shim.logs()}")
-    return str(r.json()["choices"][0]["message"]["content"])
-
-
 def timed_wake(shim: Any, expect: str, drop: bool) -> tuple[float, float, str, bool]:
     """(wake call -> first token s, wake call s, first token, caches dropped)."""
     dropped = testprocs.drop_caches() if drop else False
     t0 = time.perf_counter()
     body = shim.control("wake")
     t_wake = time.perf_counter() - t0
-    token = first_token(shim)
+    token = shim.first_token()
     total = time.perf_counter() - t0
     if body.get("wake") != expect:
         raise RuntimeError(f"expected a {expect} wake, got {body}\n{shim.model_status()}\n"
@@ -169,18 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="llmux-bench-xc-") as tmp:
         workdir = Path(tmp)
-        (workdir / "llmuxd.toml").write_text("# empty: the flags say it all\n")
         (workdir / "bus").mkdir(mode=0o755)
-        with harness.running_bus(workdir / "bus") as bus:
-            daemon = harness.Llmuxd(bus=bus, state_dir=workdir / "state", workdir=workdir)
-            daemon.start()
-            try:
-                for size in sizes:
-                    rows.append(measure(size, args, rootfs, daemon, workdir))
-            finally:
-                daemon.stop()
-                if daemon.notify is not None:
-                    daemon.notify.close()
+        with harness.running_bus(workdir / "bus") as bus, \
+                harness.running_llmuxd(bus, workdir) as daemon:
+            for size in sizes:
+                rows.append(measure(size, args, rootfs, daemon, workdir))
     print_table(rows, args.backend)
     return 0
 

@@ -115,14 +115,6 @@ def dir_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / MB
 
 
-def first_token(shim: Any) -> str:
-    """One chat completion of one token: the time to the first token."""
-    r = shim.chat(max_tokens=1)
-    if r.status_code != 200:
-        raise RuntimeError(f"chat completion failed: {r.status_code} {r.text}\n{shim.logs()}")
-    return str(r.json()["choices"][0]["message"]["content"])
-
-
 def criu_restores(daemon: Any) -> list[float]:
     # llmuxd's own log line: "restored MODEL (PIDs [...]) in 0.34s (0.35s total)"
     return [float(s) for s in
@@ -147,7 +139,7 @@ def timed_wake(shim: Any, expect: str, drop: bool, daemon: Any) -> Timed:
     t0 = time.perf_counter()
     body = shim.control("wake")
     t_wake = time.perf_counter() - t0
-    token = first_token(shim)
+    token = shim.first_token()
     total = time.perf_counter() - t0
     if body.get("wake") != expect:
         raise RuntimeError(f"expected a {expect} wake, got {body}\n{shim.model_status()}\n"
@@ -193,7 +185,7 @@ def measure(size: str, model_dir: Path, bed: Any, args: argparse.Namespace, root
             say(size, "warm-up container: one cold start")
             warm = shims.start("warm")
             warm.control("wake")
-            first_token(warm)
+            warm.first_token()
             warm.remove()
             testprocs.wait_until(lambda: not testprocs.processes_tagged(shims.tag), 120,
                                  "the warm-up engine to end with its container")
@@ -298,19 +290,14 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         free_gb = shutil.disk_usage(workdir).free / (1 << 30)
         print(f"state directory under {workdir}: {free_gb:.0f} GB free", file=sys.stderr)
-        (workdir / "llmuxd.toml").write_text("# empty: the flags say it all\n")
         (workdir / "bus").mkdir(mode=0o755)
-        with harness.running_bus(workdir / "bus") as bus:
-            daemon = harness.Llmuxd(bus=bus, state_dir=workdir / "state", workdir=workdir)
-            daemon.start()
+        with harness.running_bus(workdir / "bus") as bus, \
+                harness.running_llmuxd(bus, workdir) as daemon:
             try:
                 for size in sizes:
                     rows.append(measure(size, models[size], bed, args, rootfs, daemon,
                                         workdir))
             finally:
-                daemon.stop()
-                if daemon.notify is not None:
-                    daemon.notify.close()
                 if args.llmuxd_log is not None:
                     args.llmuxd_log.write_text(daemon.log())
     print_table(rows)

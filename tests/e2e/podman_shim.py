@@ -212,6 +212,14 @@ class ShimContainer:
         assert text.strip(), f"empty answer: {body}"
         return text
 
+    def first_token(self) -> str:
+        """One chat completion of one token: the benchmarks' time to the first token."""
+        r = self.chat(max_tokens=1)
+        if r.status_code != 200:
+            raise RuntimeError(f"chat completion failed: {r.status_code} {r.text}\n"
+                               f"{self.logs()}")
+        return str(r.json()["choices"][0]["message"]["content"])
+
     def control(self, action: str) -> dict[str, Any]:
         r = self.client.post(f"{self.url}/control/{action}", json={"model": MODEL})
         assert r.status_code == 200, f"/control/{action}: {r.status_code} {r.text}\n{self.logs()}"

@@ -309,8 +309,16 @@ def criu_usable() -> bool:
 def llmuxd(private_bus: PrivateBus, tmp_path: Path) -> Iterator[Llmuxd]:
     if not criu_usable():
         pytest.skip(f"llmuxd needs root and CRIU at {CRIU} (packaging/criu/install-criu.sh)")
-    (tmp_path / "llmuxd.toml").write_text("# empty: the flags say it all\n")
-    daemon = Llmuxd(bus=private_bus, state_dir=tmp_path / "state", workdir=tmp_path)
+    with running_llmuxd(private_bus, tmp_path) as daemon:
+        yield daemon
+
+
+@contextlib.contextmanager
+def running_llmuxd(bus: PrivateBus, workdir: Path) -> Iterator[Llmuxd]:
+    """llmuxd on ``bus``, its state and log under ``workdir``; stopped afterwards (the
+    fixture's and the benchmarks' one way to run it)."""
+    (workdir / "llmuxd.toml").write_text("# empty: the flags say it all\n")
+    daemon = Llmuxd(bus=bus, state_dir=workdir / "state", workdir=workdir)
     daemon.start()
     try:
         yield daemon
