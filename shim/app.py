@@ -146,12 +146,17 @@ class Shim:
             counts: Mapping[str, int] = holder[0].in_flight_all()
             return counts
 
+        def status() -> Mapping[str, Any]:
+            return ControlAPI(config.models, holder[0], self.lifecycle).status_json()
+
         self.metrics = ShimMetrics(in_flight=in_flight,
                                    queue_depth=lambda: holder[0].queue_depth,
-                                   active_models=lambda: holder[0].active_models)
+                                   active_models=lambda: holder[0].active_models,
+                                   status=status)
         self.lifecycle: Lifecycle = Lifecycle(
             config, self.supervisor, backend, observer=self.metrics.observe_transition)
-        self.switcher = Switcher(config, self.lifecycle, on_switch=self.metrics.observe_switch)
+        self.switcher = Switcher(config, self.lifecycle, memory=self.lifecycle,
+                                 on_switch=self.metrics.observe_switch)
         holder.append(self.switcher)
         self.lifecycle.add_loss_listener(self.switcher.mark_failed)
         self.app = build_app(config, self.lifecycle, self.switcher, self.engines, self.metrics)

@@ -209,6 +209,14 @@ class ModelConfig:
     sleep_mode_override: bool | None = _key(None, key="sleep_mode")
     #: bound on the one-token completion that proves an engine ready after each start
     probe_timeout_secs: float = _key(60.0, check=_positive)
+    #: the memory (MiB) the model is expected to use before it was ever measured; 0: unknown
+    memory_mb: int = _key(0, check=_non_negative)
+    #: among models past [policy] max_wait_secs, the higher priority is switched to first
+    priority: int = _key(0)
+    #: an idle model is evicted after this long; 0: never
+    ttl_secs: float = _key(0.0, check=_non_negative)
+    #: never evicted by a switch, the memory budget or ttl_secs (only by /control/sleep)
+    pinned: bool = _key(False)
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -222,6 +230,19 @@ class ModelConfig:
             return self.sleep_mode_override
         return self.eviction.weights is not WeightStrategy.RETAIN
 
+    @property
+    def max_concurrency(self) -> int | None:
+        """Requests the engine runs at once (vLLM's --max-num-seqs in extra_args); None: no
+        bound known, every request for the serving model is admitted."""
+        return _int_flag(self.extra_args, "--max-num-seqs")
+
+    @property
+    def on_cpu(self) -> bool:
+        """The engine is told to run on the CPU (--device cpu): its memory is host memory."""
+        args = self.extra_args
+        return any(a == "--device=cpu" or (a == "--device" and args[i + 1:i + 2] == ("cpu",))
+                   for i, a in enumerate(args))
+
 
 @dataclass(frozen=True)
 class PolicyConfig:
@@ -230,6 +251,11 @@ class PolicyConfig:
     drain_before_switch: bool = _key(True)
     eviction: EvictionPolicy = _key(EvictionPolicy())
     min_active_secs: float = _key(5.0, check=_non_negative)
+    #: the longest a request waits while another model keeps serving (its starvation
+    #: bound); 0: strict arrival order across models
+    max_wait_secs: float = _key(30.0, check=_non_negative)
+    #: the memory (MiB) resident models may use together; 0: off (max_active decides)
+    memory_budget_mb: int = _key(0, check=_non_negative)
 
 
 @dataclass(frozen=True)
@@ -277,8 +303,8 @@ RETIRED: dict[type, dict[str, str]] = {
     },
     PolicyConfig: {key: "deprecated and ignored: a tuning knob of the original's other "
                         "policies; only fifo is implemented"
-                   for key in ("coalesce_window_ms", "amortization_factor", "max_wait_secs",
-                               "tick_interval_ms", "min_quantum_ms")},
+                   for key in ("coalesce_window_ms", "amortization_factor", "tick_interval_ms",
+                               "min_quantum_ms")},
     CheckpointConfig: {
         "criu_path": f"ignored: CRIU runs in llmuxd now; set `criu` in {_LLMUXD}",
         "cuda_plugin_dir": f"ignored: CRIU runs in llmuxd now; set `cuda_plugin_dir` in "
@@ -520,6 +546,16 @@ class _Reader:
                          f"{eviction.process} needs {' and '.join(missing)} "
                          "(CUDA graphs and custom all-reduce buffers do not survive "
                          "a CUDA checkpoint)")
+        try:
+            _ = mc.max_concurrency
+        except ValueError as e:
+            self.bad(f"{path}.extra_args", str(e))
+        budget = policy.memory_budget_mb
+        if budget and mc.memory_mb > budget:
+            self.bad(f"{path}.memory_mb",
+                     f"the model alone needs {mc.memory_mb} MiB, more than the whole "
+                     f"[policy] memory_budget_mb = {budget} MiB: raise the budget or lower "
+                     "memory_mb")
         return mc
 
     def ports(self, models: Mapping[str, ModelConfig], port: int, metrics_port: int) -> None:
@@ -535,6 +571,27 @@ class _Reader:
             if m.port in owners:
                 self.bad(key, f"port {m.port} is already used by {owners[m.port]}")
             owners.setdefault(m.port, key)
+
+
+def _int_flag(args: tuple[str, ...], flag: str) -> int | None:
+    """The positive integer value of ``flag`` in an argv, None when absent."""
+    for i, a in enumerate(args):
+        value: str | None = None
+        if a == flag:
+            value = args[i + 1] if i + 1 < len(args) else None
+            if value is None:
+                raise ValueError(f"{a} needs a value")
+        elif a.startswith(f"{flag}="):
+            value = a.split("=", 1)[1]
+        if value is not None:
+            try:
+                n = int(value)
+            except ValueError:
+                raise ValueError(f"{flag}: {value!r} is not a whole number") from None
+            if n < 1:
+                raise ValueError(f"{flag}: must be at least 1")
+            return n
+    return None
 
 
 def _tensor_parallel_size(args: tuple[str, ...]) -> int:

@@ -74,15 +74,25 @@ class ControlAPI:
             d.setdefault("state", str(st.state))
             d.setdefault("pids", [])
             d.setdefault("last_wake", None)
+            d.setdefault("memory_mb", None)
+            d.setdefault("memory_source", "config")
+            m = self._models[name]
+            idle = self._switcher.idle_secs(name)
             d["active"] = self._switcher.is_active(name)
             d["in_flight"] = self._switcher.in_flight(name)
             d["queued"] = self._switcher.queued(name)
+            d["pinned"] = m.pinned
+            d["ttl_secs"] = m.ttl_secs
+            d["idle_secs"] = None if idle is None else round(idle, 3)
+            d["priority"] = m.priority
             models[name] = d
         return {
             "active": self._switcher.active,
             "active_models": self._switcher.active_models,
             "queue_depth": self._switcher.queue_depth,
             "switching": self._switcher.switching,
+            "memory_budget_mb": self._switcher.memory_budget_mb,
+            "memory_used_mb": self._switcher.memory_used_mb(),
             "models": models,
         }
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
+from llmux.service.core.proctree import pss_bytes as proctree_pss
 from llmux.shim.backend import ProcessBackend
 from llmux.shim.config import (
     Config,
@@ -39,6 +40,7 @@ from llmux.shim.errors import (
     ModelNotFound,
     ShimError,
 )
+from llmux.shim.memory import FreeMemory, Measurement, MemoryMeter, MemorySource
 from llmux.shim.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,9 @@ class ModelStatus:
     evicted_with: EvictionPolicy | None = None
     restarts: int = 0
     last_error: str | None = None
+    #: measured MiB when running (kept while it is away), None before its first start
+    memory_mb: int | None = None
+    memory_source: MemorySource = MemorySource.CONFIG
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -106,6 +111,8 @@ class ModelStatus:
             "evicted_with": str(self.evicted_with) if self.evicted_with else None,
             "restarts": self.restarts,
             "last_error": self.last_error,
+            "memory_mb": self.memory_mb,
+            "memory_source": self.memory_source.value,
         }
 
 
@@ -120,6 +127,8 @@ class _Model:
     restarts: int = 0
     last_error: str | None = None
     crashed: bool = False
+    #: the last measurement of the running engine; it replaces the config's memory_mb
+    memory: Measurement | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def set(self, state: ModelState) -> None:
@@ -130,8 +139,11 @@ class _Model:
 class Lifecycle:
     def __init__(self, config: Config, supervisor: Supervisor, backend: ProcessBackend | None,
                  *, observer: TransitionObserver | None = None,
-                 engine_call_timeout_secs: float = 600.0) -> None:
+                 engine_call_timeout_secs: float = 600.0,
+                 meter: MemoryMeter | None = None) -> None:
         self.config = config
+        #: measures engines' memory and the devices' free memory (off the event loop)
+        self.meter = meter if meter is not None else MemoryMeter()
         self.supervisor = supervisor
         #: every call to an engine's API (the proxy's too): one pool per model
         self.engines = supervisor.engines
@@ -207,7 +219,9 @@ class Lifecycle:
             last_wake=rec.last_wake, eviction=m.eviction, port=m.port, engine=m.engine.value,
             since=rec.since, sleep_level=rec.sleep_level if alive or
             state is ModelState.CHECKPOINTED else 0,
-            evicted_with=rec.evicted_with, restarts=rec.restarts, last_error=rec.last_error)
+            evicted_with=rec.evicted_with, restarts=rec.restarts, last_error=rec.last_error,
+            memory_mb=rec.memory.mb if rec.memory else None,
+            memory_source=rec.memory.source if rec.memory else MemorySource.CONFIG)
 
     def statuses(self) -> dict[str, ModelStatus]:
         return {name: self.status(name) for name in self._models}
@@ -239,10 +253,65 @@ class Lifecycle:
             except Exception:
                 log.exception("transition observer failed")
 
+    # ------------------------------------------------------------------ memory
+
+    def memory_mb(self, model: str) -> int:
+        """What the model uses running: its last measurement, else memory_mb (0: unknown)."""
+        rec = self._rec(model)
+        return rec.memory.mb if rec.memory else rec.config.memory_mb
+
+    def memory_source(self, model: str) -> str:
+        rec = self._rec(model)
+        return (rec.memory.source if rec.memory else MemorySource.CONFIG).value
+
+    async def measure(self, model: str) -> Measurement | None:
+        """Measure the running engine's tree (off the event loop) and remember it."""
+        rec = self._rec(model)
+        if self._effective_state(rec) is not ModelState.RUNNING or rec.lock.locked():
+            return None
+        m = await asyncio.to_thread(self._measure_tree, model)
+        if m is not None and rec.state is ModelState.RUNNING:
+            if rec.memory != m:
+                log.info("model %s: uses %d MiB (%s)", model, m.mb, m.source)
+            rec.memory = m
+        return m
+
+    def _measure_tree(self, model: str) -> Measurement | None:
+        return self.meter.measure(self.supervisor.pids(model))
+
+    async def admission(self, model: str) -> tuple[int, FreeMemory]:
+        """(MiB the model still needs to run, the free memory where it will live).
+
+        The need is its running memory less what its tree (a sleeping or suspended
+        engine) holds there already; the device is the GPU when it was measured there
+        or, before any measurement, when the host has one and the engine is not told to
+        run on the CPU.
+        """
+        rec = self._rec(model)
+        full = self.memory_mb(model)
+        alive = self._effective_state(rec) in _ALIVE_STATES
+
+        def read() -> tuple[int, FreeMemory]:
+            gpu = (rec.memory.source is MemorySource.NVML if rec.memory
+                   else self.meter.has_gpu and not rec.config.on_cpu)
+            held = 0
+            if alive:
+                pids = self.supervisor.pids(model)
+                held = (self.meter.gpu_bytes(pids) if gpu
+                        else proctree_pss(pids)) >> 20
+            return max(0, full - held), self.meter.free(gpu)
+
+        return await asyncio.to_thread(read)
+
+    def memory_used_mb(self) -> int:
+        """What the running models use, as last measured."""
+        return sum(self.memory_mb(name) for name, rec in self._models.items()
+                   if self._effective_state(rec) is ModelState.RUNNING)
+
     # ------------------------------------------------------------------ activate
 
     async def activate(self, model: str) -> WakeKind | None:
-        """Make the model running and healthy, whatever its state.
+        """Make the model running and healthy, whatever its state, and measure it.
 
         Returns how it was brought up, or None when it was already running.
         Raises EngineFailed when even a cold start fails (state: stopped). A
@@ -250,7 +319,10 @@ class Lifecycle:
         transition short: it completes, so that no half-restored tree is lost.
         """
         rec = self._rec(model)
-        return await self._unbroken(self._activate(rec))
+        kind = await self._unbroken(self._activate(rec))
+        if kind is not None or rec.memory is None:
+            await self.measure(model)
+        return kind
 
     async def _activate(self, rec: _Model) -> WakeKind | None:
         model = rec.config.name

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -37,6 +38,9 @@ class _Live(Collector):
         yield GaugeMetricFamily("llmux_requests_in_flight", "", labels=["model"])
         yield GaugeMetricFamily("llmux_queue_depth", "")
         yield GaugeMetricFamily("llmux_model_active", "", labels=["model"])
+        if self._m.status is not None:
+            for name, (doc, labels) in _MEMORY_GAUGES.items():
+                yield GaugeMetricFamily(name, doc, labels=labels)
 
     def collect(self) -> Iterator[Metric]:
         m = self._m
@@ -59,6 +63,40 @@ class _Live(Collector):
         for model in in_flight:
             active.add_metric([model], 1 if model in current else 0)
         yield active
+        if m.status is not None:
+            yield from _memory_gauges(m.status())
+
+
+#: the memory and scheduling figures of /control/status, as gauges
+_MEMORY_GAUGES: dict[str, tuple[str, list[str]]] = {
+    "llmux_memory_budget_mb": ("[policy] memory_budget_mb (0: off)", []),
+    "llmux_memory_used_mb": ("Memory the resident models use, as measured", []),
+    "llmux_model_memory_mb": ("The model's measured memory, by source (nvml or pss)",
+                              ["model", "source"]),
+    "llmux_model_pinned": ("1 if the model is never evicted by a switch, budget or TTL",
+                           ["model"]),
+    "llmux_model_ttl_secs": ("Idle seconds after which the model is evicted (0: never)",
+                             ["model"]),
+    "llmux_model_idle_secs": ("Seconds since the model's last request ended", ["model"]),
+    "llmux_model_priority": ("The model's priority past max_wait_secs", ["model"]),
+}
+
+
+def _memory_gauges(status: Mapping[str, Any]) -> Iterator[Metric]:
+    g = {name: GaugeMetricFamily(name, doc, labels=labels)
+         for name, (doc, labels) in _MEMORY_GAUGES.items()}
+    g["llmux_memory_budget_mb"].add_metric([], status.get("memory_budget_mb") or 0)
+    g["llmux_memory_used_mb"].add_metric([], status.get("memory_used_mb") or 0)
+    for model, d in status.get("models", {}).items():
+        if d.get("memory_mb") is not None:
+            g["llmux_model_memory_mb"].add_metric([model, str(d.get("memory_source"))],
+                                                  d["memory_mb"])
+        g["llmux_model_pinned"].add_metric([model], 1 if d.get("pinned") else 0)
+        g["llmux_model_ttl_secs"].add_metric([model], d.get("ttl_secs") or 0)
+        if d.get("idle_secs") is not None:
+            g["llmux_model_idle_secs"].add_metric([model], d["idle_secs"])
+        g["llmux_model_priority"].add_metric([model], d.get("priority") or 0)
+    yield from g.values()
 
 
 class ShimMetrics:
@@ -66,8 +104,11 @@ class ShimMetrics:
 
     def __init__(self, *, in_flight: Callable[[], Mapping[str, int]],
                  queue_depth: Callable[[], int],
-                 active_models: Callable[[], list[str]]) -> None:
+                 active_models: Callable[[], list[str]],
+                 status: Callable[[], Mapping[str, Any]] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        #: /control/status's figures (memory, pinned, ttl_secs, idle_secs, priority)
+        self.status = status
         self.requests: dict[tuple[str, int], int] = {}
         self.in_flight = in_flight
         self.queue_depth = queue_depth

@@ -1,15 +1,26 @@
-"""Which model may serve now: admission, FIFO switching, drain and anti-thrashing.
+"""Which model may serve now: admission, scheduling, drain, memory budget and TTL.
 
-Requests for an active model are admitted at once (a counter, no await): that
-is the hot path. Any other request waits in one arrival-ordered queue; the
-oldest waiter names the next model to switch to. A switch marks the model to
-evict as closing (nothing new is admitted for it), waits for its in-flight
-requests when ``drain_before_switch`` is set, evicts it, activates the target
-and admits every request waiting for the target at once. A model that became
-active less than ``min_active_secs`` ago is not evicted, and keeps admitting
-its requests meanwhile, so two busy models do not thrash. Only one switch or
-control action runs at a time; every decision is taken synchronously in
-:meth:`Switcher._kick`, so there is no lock on the hot path.
+Requests for a serving model are admitted at once (a counter, no await, no lock): that
+is the hot path. Any other request waits in one arrival-ordered queue. Scheduling
+batches per model: while the serving model has requests in flight or arriving, they are
+all admitted, up to the engine's concurrency (--max-num-seqs); the switcher moves on
+when that model is idle, or when the oldest request waiting for another model has waited
+``max_wait_secs`` (the starvation bound). Among waiting models the one whose oldest
+request is oldest goes first; among models past their bound, higher ``priority`` first.
+``max_wait_secs = 0`` is strict arrival order: the serving model stops admitting as soon
+as another model's request waits. A model that became active less than
+``min_active_secs`` ago is not evicted meanwhile.
+
+Which models stay resident: ``max_active`` of them, or, with ``memory_budget_mb``, as
+many as their measured memory allows; a model that does not fit evicts the least
+recently used models that are not pinned. Before a model is brought up the free memory
+of its device is checked (admission): when it is short, more models are evicted or its
+requests get a 503 naming the shortfall. An idle model past its ``ttl_secs`` is evicted.
+
+A switch marks its victims closing (nothing new is admitted for them), waits for their
+in-flight requests when ``drain_before_switch`` is set, evicts them, activates the
+target and admits every request waiting for it. Only one switch or control action runs
+at a time; every decision is taken synchronously in :meth:`Switcher._kick`.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from llmux.shim.errors import (
     ServiceUnavailable,
     ShimError,
 )
+from llmux.shim.memory import FreeMemory
 
 log = logging.getLogger("llmux.switcher")
 
@@ -42,22 +54,57 @@ class SwitchTarget(Protocol):
     async def evict(self, model: str, policy: EvictionPolicy | None = None) -> Any: ...
 
 
+class MemoryView(Protocol):
+    """The lifecycle's memory figures (it owns them; llmux.shim.memory measures them)."""
+
+    def memory_mb(self, model: str) -> int:
+        """What the model uses when running: measured, else its config estimate (0)."""
+        ...
+
+    def memory_source(self, model: str) -> str: ...
+
+    async def admission(self, model: str) -> tuple[int, FreeMemory]:
+        """(MiB the model still needs to come up, the free memory of its device)."""
+        ...
+
+    async def measure(self, model: str) -> Any: ...
+
+
 #: (from_model or None, to_model, seconds, ok)
 SwitchObserver = Callable[[str | None, str, float, bool], None]
 
 
+#: how often idle models are checked against their ttl_secs
+HOUSEKEEPING_SECS = 0.5
+#: resident models are measured again every this many housekeeping rounds
+_MEASURE_EVERY = 10
+#: no concurrency bound known
+_UNBOUNDED = 1 << 62
+
+
 class _Slot:
     __slots__ = ("active", "active_since", "closing", "in_flight", "last_switch_secs",
-                 "last_wake", "name")
+                 "last_used", "last_wake", "limit", "name", "pinned", "priority", "ttl")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, limit: int | None = None, pinned: bool = False,
+                 priority: int = 0, ttl: float = 0.0) -> None:
         self.name = name
         self.active = False
         self.active_since = 0.0
         self.closing = False  # being evicted: admit nothing new
         self.in_flight = 0
+        self.limit = limit or _UNBOUNDED
+        self.pinned = pinned
+        self.priority = priority
+        self.ttl = ttl
+        #: when its last request ended (or it became active); None: never active
+        self.last_used: float | None = None
         self.last_wake: str | None = None
         self.last_switch_secs: float | None = None
+
+    def lru_key(self) -> tuple[bool, float]:
+        """Busy models count as used now; the rest by when their last request ended."""
+        return self.in_flight > 0, self.last_used or 0.0
 
 
 class _Waiter:
@@ -96,28 +143,44 @@ class ActionResult:
 
 class Switcher:
     def __init__(self, config: Config, target: SwitchTarget, *,
+                 memory: MemoryView | None = None,
                  on_switch: SwitchObserver | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._config = config
         self._target = target
+        self._memory = memory
         self._on_switch = on_switch
         self._clock = clock
-        self._slots = {name: _Slot(name) for name in config.models}
+        self._slots = {name: _Slot(name, limit=m.max_concurrency, pinned=m.pinned,
+                                   priority=m.priority, ttl=m.ttl_secs)
+                       for name, m in config.models.items()}
         self._queue: dict[_Waiter, None] = {}  # insertion-ordered: arrival order
         self._busy = False  # a switch or control action is running
         self._not_busy = asyncio.Event()
         self._not_busy.set()
         self._drained = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
-        #: the active model being drained for a switch (admits nothing new meanwhile)
-        self._draining: _Slot | None = None
+        self._timer_due = 0.0
+        self._housekeeper: asyncio.TimerHandle | None = None
+        self._rounds = 0
+        #: the active models being drained for a switch (they admit nothing new meanwhile)
+        self._draining: list[_Slot] = []
         self._task: asyncio.Task[None] | None = None
+        self._side_tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        policy = config.policy
         self._max_active = config.max_active
-        self._min_active = config.policy.min_active_secs
-        self._drain = config.policy.drain_before_switch
-        self._timeout = config.policy.request_timeout_secs
+        self._min_active = policy.min_active_secs
+        self._max_wait = policy.max_wait_secs
+        #: batching per model (max_wait_secs > 0), else strict arrival order
+        self._batching = policy.max_wait_secs > 0
+        self._budget = policy.memory_budget_mb if memory is not None else 0
+        self._drain = policy.drain_before_switch
+        self._timeout = policy.request_timeout_secs
+        self._ttl_models = any(sl.ttl > 0 and not sl.pinned for sl in self._slots.values())
         self.switches = 0
+        #: evictions by the memory budget, by admission and by ttl_secs (for the status)
+        self.evictions = 0
 
     # ------------------------------------------------------------------ views
 
@@ -156,13 +219,34 @@ class Switcher:
     def last_wake(self, model: str) -> str | None:
         return self._slots[model].last_wake
 
+    def idle_secs(self, model: str) -> float | None:
+        """Seconds since the model's last request ended; 0 while it serves one; None
+        before it was ever active."""
+        s = self._slots[model]
+        if s.in_flight > 0:
+            return 0.0
+        if s.last_used is None:
+            return None
+        return max(0.0, self._clock() - s.last_used)
+
+    @property
+    def memory_budget_mb(self) -> int:
+        return self._budget
+
+    def memory_used_mb(self) -> int:
+        """What the resident (active) models use: their measured memory."""
+        if self._memory is None:
+            return 0
+        return sum(self._memory.memory_mb(s.name) for s in self._slots.values() if s.active)
+
     # --------------------------------------------------------------- admission
 
     def try_enter(self, model: str) -> bool:
         """Admit at once if the model is serving; the proxy's hot path."""
         s = self._slots[model]
-        if s.active and not s.closing and (
-            not self._queue or self._clock() - s.active_since < self._min_active
+        if s.active and not s.closing and s.in_flight < s.limit and (
+            self._batching or not self._queue
+            or self._clock() - s.active_since < self._min_active
         ):
             s.in_flight += 1
             return True
@@ -203,9 +287,14 @@ class Switcher:
     def leave(self, model: str) -> None:
         s = self._slots[model]
         s.in_flight -= 1
-        if s.in_flight == 0 and (s.closing or self._queue):
-            self._drained.set()
-            self._kick()
+        n = s.in_flight
+        if n == 0:
+            s.last_used = self._clock()
+            if s.closing or self._queue:
+                self._drained.set()
+                self._kick()
+        elif n + 1 == s.limit and self._queue:
+            self._kick()  # a place freed up for a request waiting for the engine's concurrency
 
     @contextlib.asynccontextmanager
     async def acquire(self, model: str, max_wait: float | None = -1.0) -> AsyncIterator[None]:
@@ -244,19 +333,22 @@ class Switcher:
         """Admit what can be admitted; start the next switch if one is due."""
         if self._closed:
             return
-        if self._draining is not None and not self._draining.active:
-            self._draining = None  # evicted meanwhile (a control sleep)
+        if self._draining and not all(v.active for v in self._draining):
+            # evicted meanwhile (a control sleep): the rest serve again
+            for v in self._draining:
+                v.closing = False
+            self._draining = []
         now = self._clock()
         slots = self._slots
         other_waiting = False
-        head: _Waiter | None = None
+        heads: dict[str, _Waiter] = {}  # the oldest waiter of each model not serving
         for w in list(self._queue):
             if w.future.done():
                 del self._queue[w]
                 continue
             s = slots[w.model]
-            if s.active and not s.closing and (
-                not other_waiting or now - s.active_since < self._min_active
+            if s.active and not s.closing and s.in_flight < s.limit and (
+                self._batching or not other_waiting or now - s.active_since < self._min_active
             ):
                 s.in_flight += 1
                 w.future.set_result(None)
@@ -264,42 +356,114 @@ class Switcher:
                 continue
             if not s.active:
                 other_waiting = True
-                if head is None:
-                    head = w
-        if head is None:
-            victim = self._draining
-            if victim is not None and not self._busy:
+                if w.model not in heads:
+                    heads[w.model] = w
+        if not heads:
+            if self._draining and not self._busy:
                 # nobody waits for another model any more (they timed out or left):
-                # the model being drained serves again instead of being evicted for nothing
-                self._draining = None
-                victim.closing = False
-                log.info("model=%s action=drain_cancelled", victim.name)
+                # the models being drained serve again instead of being evicted for nothing
+                for v in self._draining:
+                    v.closing = False
+                    log.info("model=%s action=drain_cancelled", v.name)
+                self._draining = []
                 if self._queue:
                     self._kick()
             return
         if self._busy:
             return
-        active = [s for s in slots.values() if s.active]
-        if len(active) < self._max_active:
-            self._start(None, head.model)
-            return
-        # a victim: the one being drained, else the longest-active one past min_active
-        victim = self._draining
-        if victim is None:
-            victim = min(active, key=lambda s: s.active_since)
-            wait = victim.active_since + self._min_active - now
-            if wait > 0:
-                if self._timer is None:
-                    self._timer = asyncio.get_running_loop().call_later(wait, self._tick)
+        head = self._pick(heads, now)
+        target = slots[head.model]
+        victims = self._draining
+        if not victims:
+            planned = self._plan(target)
+            if planned is None:
+                self._kick()  # the target's waiters were answered; others may wait
                 return
-            victim.closing = True
-            self._draining = victim
-            log.info("model=%s action=drain in_flight=%d next=%s", victim.name,
-                     victim.in_flight, head.model)
-        if self._drain and victim.in_flight > 0:
-            return  # leave() kicks again when it reaches 0
-        self._draining = None
-        self._start(victim.name, head.model)
+            if not planned:
+                self._start([], target.name)
+                return
+            wait = max(v.active_since + self._min_active for v in planned) - now
+            if wait > 0:
+                self._wake_in(wait)
+                return
+            due = (not self._batching or now - head.since >= self._max_wait
+                   or all(v.in_flight == 0 for v in planned))
+            if not due:
+                oldest = min(heads.values(), key=lambda w: w.since)
+                self._wake_in(oldest.since + self._max_wait - now)
+                return
+            for v in planned:
+                v.closing = True
+                log.info("model=%s action=drain in_flight=%d next=%s", v.name, v.in_flight,
+                         target.name)
+            victims = self._draining = planned
+        if self._drain and any(v.in_flight > 0 for v in victims):
+            return  # leave() kicks again when each reaches 0
+        self._draining = []
+        self._start([v.name for v in victims], target.name)
+
+    def _pick(self, heads: dict[str, _Waiter], now: float) -> _Waiter:
+        """The model to switch to: past their bound, by priority then age; else by age."""
+        late = [w for w in heads.values() if now - w.since >= self._max_wait]
+        if late:
+            return max(late, key=lambda w: (self._slots[w.model].priority, -w.since))
+        return min(heads.values(), key=lambda w: w.since)
+
+    def _evictable(self, but: _Slot | None = None) -> list[_Slot]:
+        """Resident models a switch or the budget may evict, least recently used first."""
+        return sorted((s for s in self._slots.values()
+                       if s.active and not s.pinned and s is not but),
+                      key=_Slot.lru_key)
+
+    def _plan(self, target: _Slot) -> list[_Slot] | None:
+        """The models to evict so that ``target`` fits (max_active, or the memory budget);
+        None when it cannot fit at all (its waiters are answered with the reason)."""
+        active = [s for s in self._slots.values() if s.active]
+        if self._budget and self._memory is not None:
+            mem = self._memory
+            need = mem.memory_mb(target.name)
+            if need > self._budget:
+                self._fail_waiters(target.name, ServiceUnavailable(
+                    f"model `{target.name}` needs {need} MiB "
+                    f"({_source_words(mem.memory_source(target.name))}), more than "
+                    f"memory_budget_mb = {self._budget} MiB by itself",
+                    code="model_exceeds_budget"))
+                return None
+            used = sum(mem.memory_mb(s.name) for s in active)
+            victims: list[_Slot] = []
+            for s in self._evictable():
+                if used + need <= self._budget:
+                    break
+                victims.append(s)
+                used -= mem.memory_mb(s.name)
+            if used + need > self._budget:
+                pinned = [s.name for s in active if s.pinned]
+                self._fail_waiters(target.name, ServiceUnavailable(
+                    f"model `{target.name}` needs {need} MiB but the pinned model(s) "
+                    f"{', '.join(pinned)} keep {used} MiB of memory_budget_mb = "
+                    f"{self._budget} MiB", code="memory_budget_pinned"))
+                return None
+            return victims
+        if len(active) < self._max_active:
+            return []
+        evictable = self._evictable()
+        if not evictable:
+            self._fail_waiters(target.name, ServiceUnavailable(
+                f"model `{target.name}` cannot be activated: max_active = {self._max_active} "
+                f"and every active model is pinned ({', '.join(s.name for s in active)})",
+                code="all_pinned"))
+            return None
+        return evictable[:len(active) - self._max_active + 1]
+
+    def _wake_in(self, delay: float) -> None:
+        """Kick again in ``delay`` seconds (one timer: the earliest wins)."""
+        due = self._clock() + delay
+        if self._timer is not None:
+            if self._timer_due <= due:
+                return
+            self._timer.cancel()
+        self._timer_due = due
+        self._timer = asyncio.get_running_loop().call_later(max(delay, 0.0), self._tick)
 
     def _tick(self) -> None:
         self._timer = None
@@ -314,18 +478,18 @@ class Switcher:
         self._not_busy.set()
         self._kick()
 
-    def _start(self, victim: str | None, target: str) -> None:
+    def _start(self, victims: list[str], target: str) -> None:
         self._begin()
         self._task = asyncio.get_running_loop().create_task(
-            self._switch(victim, target), name=f"llmux-switch-{target}")
+            self._switch(victims, target), name=f"llmux-switch-{target}")
 
-    async def _switch(self, victim: str | None, target: str) -> None:
+    async def _switch(self, victims: list[str], target: str) -> None:
         t0 = self._clock()
         ok = False
         try:
-            if victim is not None:
+            for victim in victims:
                 await self._evict(victim, None)
-            ok = await self._activate(target)
+            ok = await self._bring_up(target)
         except BaseException:  # cancelled at shutdown: nothing may stay busy
             self._fail_waiters(target, ServiceUnavailable(
                 f"switching to model `{target}` was interrupted", code="switch_failed"))
@@ -333,11 +497,135 @@ class Switcher:
         finally:
             seconds = self._clock() - t0
             self.switches += 1
+            source = victims[0] if victims else None
             if self._on_switch is not None:
-                self._on_switch(victim, target, seconds, ok)
+                self._on_switch(source, target, seconds, ok)
             log.info("model=%s action=switch from=%s ok=%s seconds=%.3f", target,
-                     victim or "-", ok, seconds)
+                     ",".join(victims) or "-", ok, seconds)
             self._end()
+
+    async def _bring_up(self, target: str) -> bool:
+        """Admission, activation, then the budget with the model's measured memory."""
+        if self._memory is not None:
+            try:
+                await self._make_room(target)
+            except ShimError as e:
+                log.error("model=%s action=admission error=%s", target, e.message)
+                self._fail_waiters(target, e)
+                return False
+        if not await self._activate(target):
+            return False
+        if self._budget and self._memory is not None:
+            return await self._fit_budget(target)
+        return True
+
+    async def _make_room(self, target: str) -> None:
+        """Evict least recently used models until the device has what ``target`` needs;
+        raise ServiceUnavailable naming the shortfall when evicting cannot cover it."""
+        mem = self._memory
+        assert mem is not None
+        while True:
+            need, free = await mem.admission(target)
+            if need <= free.mb:
+                return
+            short = need - free.mb
+            candidates = self._evictable(but=self._slots[target])
+            freeable = sum(mem.memory_mb(s.name) for s in candidates)
+            if not candidates or freeable < short:
+                also = (f"; evicting the resident model(s) "
+                        f"{', '.join(s.name for s in candidates)} would free only "
+                        f"{freeable} MiB" if candidates else "")
+                raise ServiceUnavailable(
+                    f"not enough memory for model `{target}`: it needs {need} MiB, "
+                    f"{free.what} is {free.mb} MiB, short by {short} MiB{also}",
+                    code="insufficient_memory")
+            log.info("model=%s action=admission short_mb=%d evict=%s", target, short,
+                     candidates[0].name)
+            await self._drain_and_evict(candidates[0], f"admission of {target}")
+
+    async def _fit_budget(self, target: str) -> bool:
+        """After a start: the measured memory replaces the estimate; evict what no longer
+        fits (least recently used first), or the model itself if it alone is too big."""
+        mem = self._memory
+        assert mem is not None
+        mine = mem.memory_mb(target)
+        if mine > self._budget:
+            err = ServiceUnavailable(
+                f"model `{target}` uses {mine} MiB "
+                f"({_source_words(mem.memory_source(target))}), more than "
+                f"memory_budget_mb = {self._budget} MiB by itself", code="model_exceeds_budget")
+            log.error("model=%s action=over_budget used_mb=%d budget_mb=%d", target, mine,
+                      self._budget)
+            self._fail_waiters(target, err)
+            s = self._slots[target]
+            if s.in_flight == 0:
+                await self._evict(target, None)
+            return False
+        while self.memory_used_mb() > self._budget:
+            candidates = self._evictable(but=self._slots[target])
+            if not candidates:
+                break
+            await self._drain_and_evict(candidates[0], f"memory budget ({target} measured)")
+        return True
+
+    async def _drain_and_evict(self, s: _Slot, why: str) -> None:
+        s.closing = True
+        log.info("model=%s action=evict_for why=%r in_flight=%d", s.name, why, s.in_flight)
+        if self._drain:
+            while s.in_flight > 0:
+                self._drained.clear()
+                await self._drained.wait()
+        self.evictions += 1
+        await self._evict(s.name, None)
+
+    # ------------------------------------------------------------ housekeeping
+
+    def _housekeep_soon(self) -> None:
+        if self._housekeeper is None and not self._closed and (
+                self._ttl_models or self._memory is not None):
+            self._housekeeper = asyncio.get_running_loop().call_later(
+                HOUSEKEEPING_SECS, self._housekeep)
+
+    def _housekeep(self) -> None:
+        """ttl_secs: evict an idle model; now and then, measure the resident ones again."""
+        self._housekeeper = None
+        if self._closed or not any(s.active for s in self._slots.values()):
+            return
+        self._rounds += 1
+        now = self._clock()
+        if self._ttl_models and not self._busy:
+            waited = {w.model for w in self._queue}
+            for s in self._slots.values():
+                if (s.active and s.ttl > 0 and not s.pinned and not s.closing
+                        and s.in_flight == 0 and s.name not in waited
+                        and s.last_used is not None and now - s.last_used >= s.ttl):
+                    self._begin()
+                    self._task = asyncio.get_running_loop().create_task(
+                        self._ttl_evict(s, now - s.last_used), name=f"llmux-ttl-{s.name}")
+                    break
+        if self._memory is not None and self._rounds % _MEASURE_EVERY == 0:
+            task = asyncio.get_running_loop().create_task(self._measure_resident())
+            self._side_tasks.add(task)
+            task.add_done_callback(self._side_tasks.discard)
+        self._housekeep_soon()
+
+    async def _ttl_evict(self, s: _Slot, idle: float) -> None:
+        try:
+            log.info("model=%s action=ttl_evict idle_secs=%.1f ttl_secs=%g", s.name, idle,
+                     s.ttl)
+            self.evictions += 1
+            await self._evict(s.name, None)
+        finally:
+            self._end()
+
+    async def _measure_resident(self) -> None:
+        assert self._memory is not None
+        for s in list(self._slots.values()):
+            if s.active and not s.closing:
+                try:
+                    await self._memory.measure(s.name)
+                except Exception as e:
+                    log.warning("model=%s action=measure error=%r", s.name, e)
 
     async def _evict(self, name: str, policy: EvictionPolicy | None, *,
                      strict: bool = False) -> Any:
@@ -376,7 +664,8 @@ class Switcher:
             return False
         s.active = True
         s.closing = False
-        s.active_since = self._clock()
+        s.active_since = s.last_used = self._clock()
+        self._housekeep_soon()
         s.last_wake = None if kind is None else str(kind)
         s.last_switch_secs = s.active_since - t0
         log.info("model=%s action=activate wake=%s seconds=%.3f", name, s.last_wake,
@@ -445,6 +734,10 @@ class Switcher:
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+        for side in list(self._side_tasks):
+            side.cancel()
         err = ServiceUnavailable("the shim is shutting down", code="shutting_down")
         for w in list(self._queue):
             if not w.future.done():
@@ -455,3 +748,8 @@ class Switcher:
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(asyncio.shield(task), timeout=60)
 
+
+
+def _source_words(source: str) -> str:
+    return {"nvml": "measured by NVML", "pss": "measured as the engine's PSS",
+            "config": "its memory_mb"}.get(source, source)

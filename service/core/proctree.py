@@ -229,6 +229,22 @@ def rss_bytes(pids: Iterable[int]) -> int:
     return total
 
 
+def pss_bytes(pids: Iterable[int]) -> int:
+    """Proportional set size of the processes (smaps_rollup): each page shared among them
+    counted once in all, so the sum is what the tree holds in memory."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(PROC / str(pid) / "smaps_rollup", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return total
+
+
 def io_read_bytes(pids: Iterable[int]) -> int:
     """Bytes read by the processes (rchar), for restore progress."""
     total = 0

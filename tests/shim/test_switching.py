@@ -99,8 +99,9 @@ async def test_streams_switch_back_and_forth(shim_factory: ShimFactory) -> None:
 
 async def test_fifo_order_between_models(shim_factory: ShimFactory,  # noqa: F811
                                          http: httpx.AsyncClient) -> None:  # noqa: F811
-    """With `a` active and past min_active: b then a queued; b is served first."""
-    shim = await shim_factory(["a", "b"], policy={"min_active_secs": 0})
+    """Strict order (max_wait_secs = 0), `a` active and past min_active: b then a queued;
+    b is served first."""
+    shim = await shim_factory(["a", "b"], policy={"min_active_secs": 0, "max_wait_secs": 0})
     await shim.switcher.wake("a")
     done: list[str] = []
     # hold `a` busy with a stream so that the next requests queue up behind the drain
