@@ -179,8 +179,10 @@ class Switcher:
         self._timeout = policy.request_timeout_secs
         self._ttl_models = any(sl.ttl > 0 and not sl.pinned for sl in self._slots.values())
         self.switches = 0
-        #: evictions by the memory budget, by admission and by ttl_secs (for the status)
+        #: evictions by the memory budget, by admission and by ttl_secs
         self.evictions = 0
+        #: the longest any admitted request waited in the queue (the benchmark reads it)
+        self.longest_wait_secs = 0.0
 
     # ------------------------------------------------------------------ views
 
@@ -353,6 +355,8 @@ class Switcher:
                 s.in_flight += 1
                 w.future.set_result(None)
                 del self._queue[w]
+                if now - w.since > self.longest_wait_secs:
+                    self.longest_wait_secs = now - w.since
                 continue
             if not s.active:
                 other_waiting = True
@@ -556,10 +560,10 @@ class Switcher:
                 f"memory_budget_mb = {self._budget} MiB by itself", code="model_exceeds_budget")
             log.error("model=%s action=over_budget used_mb=%d budget_mb=%d", target, mine,
                       self._budget)
-            self._fail_waiters(target, err)
             s = self._slots[target]
-            if s.in_flight == 0:
+            if s.in_flight == 0:  # nothing was admitted for it yet: put it away first
                 await self._evict(target, None)
+            self._fail_waiters(target, err)
             return False
         while self.memory_used_mb() > self._budget:
             candidates = self._evictable(but=self._slots[target])
