@@ -357,3 +357,47 @@ def test_an_unquoted_dotted_model_name_gets_a_hint() -> None:
         ("models.qwen3-0", 'a table of tables, not a model: in TOML a model name with a dot '
                            'must be quoted, e.g. [models."qwen3-0.6b"]')
     ]
+
+
+def test_scheduling_and_memory_defaults() -> None:
+    cfg = config_from_dict(base())
+    assert cfg.policy.max_wait_secs == 30 and cfg.policy.memory_budget_mb == 0
+    a = cfg.models["a"]
+    assert (a.memory_mb, a.priority, a.ttl_secs, a.pinned) == (0, 0, 0, False)
+    assert a.max_concurrency is None
+
+
+def test_scheduling_and_memory_keys_are_read() -> None:
+    raw = base(policy={"max_wait_secs": 0, "memory_budget_mb": 4096})
+    raw["models"]["a"].update(memory_mb=1000, priority=-2, ttl_secs=60, pinned=True,
+                              extra_args=["--max-num-seqs=8"])
+    cfg = config_from_dict(raw)
+    assert cfg.policy.max_wait_secs == 0 and cfg.policy.memory_budget_mb == 4096
+    a = cfg.models["a"]
+    assert (a.memory_mb, a.priority, a.ttl_secs, a.pinned) == (1000, -2, 60, True)
+    assert a.max_concurrency == 8
+
+
+def test_scheduling_and_memory_rules_each_with_its_key_path() -> None:
+    raw = base(policy={"max_wait_secs": -1, "memory_budget_mb": 1.5})
+    raw["models"]["a"].update(memory_mb=-5, priority="high", ttl_secs=-1, pinned="yes",
+                              extra_args=["--max-num-seqs", "0"])
+    got = problems(raw)
+    assert "must not be negative" in got["policy.max_wait_secs"]
+    assert "expected an integer" in got["policy.memory_budget_mb"]
+    assert "must not be negative" in got["models.a.memory_mb"]
+    assert "expected an integer" in got["models.a.priority"]
+    assert "must not be negative" in got["models.a.ttl_secs"]
+    assert "expected true or false" in got["models.a.pinned"]
+    assert "--max-num-seqs: must be at least 1" in got["models.a.extra_args"]
+
+
+def test_a_model_estimated_above_the_budget_names_both_figures() -> None:
+    raw = base(policy={"memory_budget_mb": 2000})
+    raw["models"]["a"]["memory_mb"] = 3000
+    got = problems(raw)
+    assert list(got) == ["models.a.memory_mb"]
+    assert "3000 MiB" in got["models.a.memory_mb"]
+    assert "memory_budget_mb = 2000 MiB" in got["models.a.memory_mb"]
+    raw["policy"]["memory_budget_mb"] = 0  # off: no limit to exceed
+    assert config_from_dict(raw).models["a"].memory_mb == 3000
