@@ -54,7 +54,9 @@ def _nvml_report(meter: MemoryMeter, pids: dict[str, list[int]], title: str) -> 
 async def test_two_8gb_models_share_the_gpu_and_a_third_evicts_the_lru(
         shim_factory: ShimFactory) -> None:  # noqa: F811
     each: dict[str, Any] = {
-        "weights_mb": WEIGHTS_MB, "memory_mb": ESTIMATE_MB, "extra_args": ["--device", "cuda"],
+        # one model path: its 8 GiB of weights are written to disk once, loaded three times
+        "model_path": "llmux-gpu/budget-8g", "weights_mb": WEIGHTS_MB,
+        "memory_mb": ESTIMATE_MB, "extra_args": ["--device", "cuda"],
         "env": {"LLMUX_BUILTIN_BACKEND": "torch"}, "startup_timeout_secs": 900,
         "probe_timeout_secs": 300}
     shim = await shim_factory(["a", "b", "c"], eviction="retain+stop",
