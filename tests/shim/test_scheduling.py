@@ -11,6 +11,8 @@ import asyncio
 from typing import Any
 
 from llmux.shim.config import Config, EvictionPolicy, config_from_dict
+from llmux.shim.errors import ServiceUnavailable
+from llmux.shim.memory import FreeMemory
 from llmux.shim.switcher import Switcher
 
 
@@ -203,4 +205,82 @@ async def test_lru_unpinned_is_the_victim_with_max_active() -> None:
     await _serving(sw, "c")  # a is least recently used but pinned: b goes
     assert rec.calls[-2:] == ["-b", "+c"]
     assert sorted(sw.active_models) == ["a", "c"]
+    await sw.aclose()
+
+
+class Ledger(Recorder):
+    """A device of ``size`` MiB where ``other`` MiB are taken by someone else and each
+    resident model takes its figure: the decisions of admission, without engines."""
+
+    def __init__(self, size: int, other: int, mem: dict[str, int]) -> None:
+        super().__init__()
+        self.size, self.other, self.mem = size, other, mem
+        self.resident: set[str] = set()
+
+    async def activate(self, model: str) -> str:
+        self.resident.add(model)
+        return await super().activate(model)
+
+    async def evict(self, model: str, policy: EvictionPolicy | None = None) -> str:
+        self.resident.discard(model)
+        return await super().evict(model, policy)
+
+    def memory_mb(self, model: str) -> int:
+        return self.mem[model]
+
+    def memory_source(self, model: str) -> str:
+        return "pss"
+
+    async def admission(self, model: str) -> tuple[int, FreeMemory]:
+        used = sum(self.mem[m] for m in self.resident)
+        return self.mem[model], FreeMemory(self.size - self.other - used, "host MemAvailable")
+
+    async def measure(self, model: str) -> None:
+        return None
+
+
+async def test_admission_evicts_the_lru_when_that_covers_the_shortfall() -> None:
+    clock = Clock()
+    led = Ledger(1000, 300, {"a": 300, "b": 300, "c": 250})
+    sw = Switcher(_config({}, {"max_active": 3}), led, memory=led, clock=clock)
+    await _serving(sw, "a")
+    clock.now += 1
+    await _serving(sw, "b")
+    clock.now += 1
+    await _serving(sw, "c")  # 100 MiB free, 250 needed: a (least recently used) goes
+    assert led.calls == ["+a", "+b", "-a", "+c"]
+    assert sorted(sw.active_models) == ["b", "c"]
+    await sw.aclose()
+
+
+async def test_admission_shortfall_that_eviction_cannot_cover_is_a_503() -> None:
+    clock = Clock()
+    led = Ledger(1000, 300, {"a": 300, "b": 300, "c": 2000})
+    sw = Switcher(_config({}, {"max_active": 3}), led, memory=led, clock=clock)
+    await _serving(sw, "a")
+    await _serving(sw, "b")
+    try:
+        await sw.enter("c", None)
+        raise AssertionError("c was admitted")
+    except ServiceUnavailable as e:
+        assert e.code == "insufficient_memory"
+        assert "it needs 2000 MiB, host MemAvailable is 100 MiB, short by 1900 MiB" in e.message
+        assert "would free only 600 MiB" in e.message
+    assert led.calls == ["+a", "+b"]  # nothing evicted for nothing
+    assert sorted(sw.active_models) == ["a", "b"]
+    await sw.aclose()
+
+
+async def test_budget_evicts_lru_unpinned_until_the_model_fits() -> None:
+    clock = Clock()
+    led = Ledger(100_000, 0, {"a": 400, "b": 300, "c": 200})
+    sw = Switcher(_config({"memory_budget_mb": 800}, a={"pinned": True}), led, memory=led,
+                  clock=clock)
+    for m in ("a", "b"):
+        await _serving(sw, m)
+        clock.now += 1
+    assert led.calls == ["+a", "+b"] and sw.memory_used_mb() == 700
+    await _serving(sw, "c")  # 900 > 800: a is the LRU but pinned, so b goes
+    assert led.calls == ["+a", "+b", "-b", "+c"]
+    assert sw.memory_used_mb() == 600
     await sw.aclose()
