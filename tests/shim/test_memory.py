@@ -201,19 +201,19 @@ async def test_admission_shortfall_answers_503_and_leaves_resident_models_runnin
 
 async def test_max_wait_bounds_every_wait_under_a_storm(
         shim_factory: ShimFactory) -> None:  # noqa: F811
-    """Hog clients keep `a` busy for ever; without the starvation bound b and c would
-    wait until their timeout. With max_wait_secs = 2 every request is admitted within
-    the bound plus the switches before it, and every answer comes from its model."""
+    """`a` runs one request at a time (--max-num-seqs 1) and hog clients keep requests for
+    it queued, so it is never idle: without the starvation bound requests for b and c
+    would wait until their timeout (504). With max_wait_secs = 2 every request is admitted
+    within the bound plus the switches before it, and every answer is its model's."""
     max_wait = 2.0
     shim = await shim_factory(["a", "b", "c"],
-                              policy={"max_wait_secs": max_wait, "request_timeout_secs": 60})
+                              policy={"max_wait_secs": max_wait, "request_timeout_secs": 40},
+                              a={"extra_args": ["--max-num-seqs", "1"]})
     async with httpx.AsyncClient(timeout=120) as c:
-        expected = {}
-        for m in ("a", "b", "c"):
-            expected[m] = await proxy_chat(c, shim, m, "storm")
+        expected = {m: await proxy_chat(c, shim, m, "storm") for m in ("a", "b", "c")}
     assert len(set(expected.values())) == 3
     deadline = time.monotonic() + 15
-    answers: list[tuple[str, str, float]] = []
+    answers: list[tuple[str, str]] = []
     codes: list[int] = []
 
     async def client(models: str, seed: int) -> None:
@@ -221,13 +221,11 @@ async def test_max_wait_bounds_every_wait_under_a_storm(
         async with httpx.AsyncClient(timeout=120) as cl:
             while time.monotonic() < deadline:
                 model = rng.choice(models)
-                t0 = time.monotonic()
                 r = await cl.post(f"{shim.url}/v1/chat/completions",
                                   json=chat_body(model, "storm"))
                 codes.append(r.status_code)
                 if r.status_code == 200:
-                    text = r.json()["choices"][0]["message"]["content"]
-                    answers.append((model, text, time.monotonic() - t0))
+                    answers.append((model, r.json()["choices"][0]["message"]["content"]))
 
     switch_seconds: list[float] = []
     observer = shim.switcher._on_switch
@@ -238,16 +236,17 @@ async def test_max_wait_bounds_every_wait_under_a_storm(
             observer(src, dst, secs, ok)
 
     shim.switcher._on_switch = watch
-    hogs = [client("a", i) for i in range(6)]
-    mixed = [client("abc", 100 + i) for i in range(12)]
-    await asyncio.gather(*hogs, *mixed)
-    assert set(codes) == {200}, codes
-    wrong = [(m, t) for m, t, _ in answers if t != expected[m]]
+    await asyncio.gather(*(client("a", i) for i in range(4)),
+                         *(client("abc", 100 + i) for i in range(12)))
+    assert set(codes) == {200}, sorted(set(codes))
+    wrong = [(m, t) for m, t in answers if t != expected[m]]
     assert not wrong, wrong[:3]
-    served = {m for m, _, _ in answers}
-    assert served == {"a", "b", "c"}
+    assert {m for m, _ in answers} == {"a", "b", "c"}
     longest = shim.switcher.longest_wait_secs
-    # bound: max_wait, plus the switches to the other waiting model(s) and their drains
-    bound = max_wait + 2 * (max(switch_seconds) + 2.0)
-    assert longest <= bound, (longest, bound, max(switch_seconds))
+    # the bound, plus the switches to the other waiting model(s), a short drain and the
+    # loop's lateness on a busy machine (without the bound: about the storm's 15 s)
+    bound = max_wait + 2 * max(switch_seconds) + 2.0
+    print(f"\n{len(answers)} answers, {len(switch_seconds)} switches, longest wait "
+          f"{longest:.2f} s (bound {bound:.2f} s)")
+    assert longest <= bound, (longest, bound)
     assert shim.switcher.queue_depth == 0
