@@ -507,6 +507,7 @@ class _Reader:
                     if len(self.problems) == n_before:
                         models[mc.name] = mc
         self.ports(all_models, top["port"], top["metrics_port"])
+        self.pinned(all_models, policy.memory_budget_mb)
         return Config(models=models, source=source, **top)
 
     def model(self, name: str, raw: Any, policy: PolicyConfig,
@@ -557,6 +558,16 @@ class _Reader:
                      f"[policy] memory_budget_mb = {budget} MiB: raise the budget or lower "
                      "memory_mb")
         return mc
+
+    def pinned(self, models: Mapping[str, ModelConfig], budget: int) -> None:
+        """Pinned models are never evicted: together they must fit the budget."""
+        pinned = [m for m in models.values() if m.pinned]
+        total = sum(m.memory_mb for m in pinned)
+        if budget and len(pinned) > 1 and total > budget:
+            names = ", ".join(f"{m.name} ({m.memory_mb} MiB)" for m in pinned)
+            self.bad("policy.memory_budget_mb",
+                     f"{budget} MiB cannot hold the pinned models together: {names} need "
+                     f"{total} MiB, and a pinned model is never evicted")
 
     def ports(self, models: Mapping[str, ModelConfig], port: int, metrics_port: int) -> None:
         owners: dict[int, str] = {port: "port"}

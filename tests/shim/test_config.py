@@ -401,3 +401,14 @@ def test_a_model_estimated_above_the_budget_names_both_figures() -> None:
     assert "memory_budget_mb = 2000 MiB" in got["models.a.memory_mb"]
     raw["policy"]["memory_budget_mb"] = 0  # off: no limit to exceed
     assert config_from_dict(raw).models["a"].memory_mb == 3000
+
+
+def test_pinned_models_must_fit_the_budget_together() -> None:
+    raw = base(policy={"memory_budget_mb": 1000})
+    raw["models"]["a"].update(memory_mb=600, pinned=True)
+    raw["models"]["b"] = {"model_path": "org/b", "port": 8002, "memory_mb": 600, "pinned": True}
+    got = problems(raw)
+    assert list(got) == ["policy.memory_budget_mb"]
+    assert "a (600 MiB), b (600 MiB) need 1200 MiB" in got["policy.memory_budget_mb"]
+    raw["models"]["b"]["pinned"] = False  # one pinned, the other may be evicted: fine
+    assert config_from_dict(raw).models["a"].pinned
