@@ -60,7 +60,8 @@ class _EngineGone(Exception):
 def error_response_parts(err: ShimError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     body = json.dumps(err.body()).encode()
     return err.http_status, [(b"content-type", b"application/json"),
-                             (b"content-length", str(len(body)).encode())], body
+                             (b"content-length", str(len(body)).encode()),
+                             *((k.encode(), v.encode()) for k, v in err.headers())], body
 
 
 async def send_error(send: Send, err: ShimError) -> None:
