@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 #: what a client that met a passing condition (503, 504) is told to wait before retrying
 RETRY_AFTER_SECS = 5
 
