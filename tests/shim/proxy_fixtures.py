@@ -12,6 +12,7 @@ import json
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +21,7 @@ from testprocs import pid_alive
 
 from llmux.shim.app import Shim
 from llmux.shim.config import Config, config_from_dict
+from llmux.shim.supervisor import ENGINE_MARK
 
 #: the pure-Python model starts fastest on a 2-core machine
 os.environ.setdefault("LLMUX_BUILTIN_BACKEND", "pure")
@@ -101,3 +103,27 @@ def kill_pids(pids: list[int]) -> None:
         if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def engine_roots(shim: Shim, model: str) -> list[int]:
+    """Roots of the process trees carrying the model's engine mark: more than one is a
+    model loaded twice."""
+    mark = f"{ENGINE_MARK}={shim.supervisor.mark(model)}".encode()
+    marked: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            env = Path(f"/proc/{name}/environ").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{name}/stat").read_text()
+        except OSError:
+            continue
+        if mark in env and stat.rsplit(")", 1)[1].split()[0] != "Z":
+            marked[int(name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return sorted(p for p, parent in marked.items() if parent not in marked)
+
+
+def starts_logged(shim: Shim, model: str) -> int:
+    """How many times the supervisor started the model's engine (one header each)."""
+    path = shim.supervisor.log_path(model)
+    return path.read_text(errors="replace").count(": starting ") if path.exists() else 0

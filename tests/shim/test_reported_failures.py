@@ -6,40 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
-from pathlib import Path
 
 import httpx
 import pytest
-from proxy_fixtures import ShimFactory, chat_body, http, shim_factory  # noqa: F401
+from proxy_fixtures import (  # noqa: F401
+    ShimFactory,
+    chat_body,
+    engine_roots,
+    http,
+    shim_factory,
+    starts_logged,
+)
 
 from llmux.shim.app import Shim
-from llmux.shim.supervisor import ENGINE_MARK
-
-
-def engine_roots(shim: Shim, model: str) -> list[int]:
-    """Roots of the process trees carrying the model's engine mark: more than one is a
-    model loaded twice."""
-    mark = f"{ENGINE_MARK}={shim.supervisor.mark(model)}".encode()
-    marked: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            env = Path(f"/proc/{name}/environ").read_bytes().split(b"\0")
-            stat = Path(f"/proc/{name}/stat").read_text()
-        except OSError:
-            continue
-        if mark in env and stat.rsplit(")", 1)[1].split()[0] != "Z":
-            marked[int(name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    return sorted(p for p, parent in marked.items() if parent not in marked)
-
-
-def starts_logged(shim: Shim, model: str) -> int:
-    """How many times the supervisor started the model's engine (one header each)."""
-    path = shim.supervisor.log_path(model)
-    return path.read_text(errors="replace").count(": starting ") if path.exists() else 0
 
 
 async def ask(client: httpx.AsyncClient, shim: Shim, model: str, prompt: str = "hello"
