@@ -12,12 +12,11 @@ import json
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from testprocs import pid_alive
+from testprocs import marked_roots, pid_alive
 
 from llmux.shim.app import Shim
 from llmux.shim.config import Config, config_from_dict
@@ -108,19 +107,7 @@ def kill_pids(pids: list[int]) -> None:
 def engine_roots(shim: Shim, model: str) -> list[int]:
     """Roots of the process trees carrying the model's engine mark: more than one is a
     model loaded twice."""
-    mark = f"{ENGINE_MARK}={shim.supervisor.mark(model)}".encode()
-    marked: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            env = Path(f"/proc/{name}/environ").read_bytes().split(b"\0")
-            stat = Path(f"/proc/{name}/stat").read_text()
-        except OSError:
-            continue
-        if mark in env and stat.rsplit(")", 1)[1].split()[0] != "Z":
-            marked[int(name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    return sorted(p for p, parent in marked.items() if parent not in marked)
+    return marked_roots(f"{ENGINE_MARK}={shim.supervisor.mark(model)}")
 
 
 def starts_logged(shim: Shim, model: str) -> int:
