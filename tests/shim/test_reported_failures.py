@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import sys
 
 import httpx
+import openai
 import pytest
 from proxy_fixtures import (  # noqa: F401
     ShimFactory,
@@ -111,3 +114,24 @@ async def test_an_engine_that_will_not_stop_is_killed_and_nothing_answers_500(
         assert len(engine_roots(shim, model)) == 1
     assert engine_roots(shim, "a") == [], "SIGKILL after the grace period ends the wrapper"
     assert "model a: " in caplog.text and "sending SIGKILL" in caplog.text
+
+
+async def test_engine_killed_mid_stream_ends_it_with_an_error_the_client_raises(
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+    shim = await shim_factory(["a"])
+    first = await ask(http, shim, "a", "before")
+    client = openai.AsyncOpenAI(base_url=f"{shim.url}/v1", api_key="unused", max_retries=0)
+    got = 0
+    with pytest.raises(openai.APIError, match="stopped in the middle of this answer"):
+        stream = await client.completions.create(model="a", prompt="long", max_tokens=1500,
+                                                 stream=True)
+        async for _ in stream:
+            got += 1
+            if got == 1:
+                os.kill(shim.supervisor.pids("a")[0], signal.SIGKILL)
+    await client.close()
+    assert got >= 1
+    assert shim.switcher.in_flight("a") == 0
+    again = await ask(http, shim, "a", "before")  # restarted: a new engine, the same answer
+    assert again.status_code == 200
+    assert again.json()["choices"][0]["message"] == first.json()["choices"][0]["message"]
