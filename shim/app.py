@@ -173,7 +173,9 @@ class Shim:
         return f"http://{host}:{self.config.port}"
 
     async def start(self) -> None:
-        """Check the strategies (lifecycle.start), then listen; raises if a port is taken."""
+        """End the engines a crashed predecessor left, check the strategies
+        (lifecycle.start), then listen; raises if a port is taken."""
+        await self.supervisor.end_leftovers()
         await self.lifecycle.start()
         self._tasks = [asyncio.create_task(s.serve(), name=f"llmux-uvicorn-{i}")
                        for i, s in enumerate(self.servers)]

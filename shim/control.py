@@ -47,7 +47,7 @@ class StatusSource(Protocol):
 
 
 def error_json(err: ShimError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.http_status)
+    return JSONResponse(err.body(), status_code=err.http_status, headers=dict(err.headers()))
 
 
 class ControlAPI:

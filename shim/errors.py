@@ -8,16 +8,28 @@ from __future__ import annotations
 
 from typing import Any
 
+#: what a client that met a passing condition (503, 504) is told to wait before retrying
+RETRY_AFTER_SECS = 5
+
 
 class ShimError(Exception):
     http_status: int = 500
     error_type: str = "internal_error"
+    #: sent as Retry-After: the condition passes by itself (a switch, a start-up), so a
+    #: client may try again after this many seconds; None for errors a retry cannot mend
+    retry_after_secs: int | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+
+    def headers(self) -> list[tuple[str, str]]:
+        """The response headers besides the content type."""
+        if self.retry_after_secs is None:
+            return []
+        return [("retry-after", str(self.retry_after_secs))]
 
     def body(self) -> dict[str, Any]:
         """OpenAI-style error body, as the official client expects it."""
@@ -75,6 +87,14 @@ class ServiceUnavailable(ShimError):
 
     http_status = 503
     error_type = "service_unavailable"
+    retry_after_secs = RETRY_AFTER_SECS
+
+
+class NoRoom(ServiceUnavailable):
+    """The model cannot be made resident under the configured limits (it exceeds the memory
+    budget by itself, or pinned models hold the room): a retry will not mend it."""
+
+    retry_after_secs = None
 
 
 class RequestTimeout(ShimError):
@@ -82,6 +102,7 @@ class RequestTimeout(ShimError):
 
     http_status = 504
     error_type = "timeout"
+    retry_after_secs = RETRY_AFTER_SECS
 
 
 class EngineFailed(ShimError):
@@ -103,6 +124,7 @@ class HostUnavailable(ShimError):
 
     http_status = 503
     error_type = "host_service_error"
+    retry_after_secs = RETRY_AFTER_SECS
 
 
 class HostRefused(ShimError):

@@ -60,7 +60,8 @@ class _EngineGone(Exception):
 def error_response_parts(err: ShimError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     body = json.dumps(err.body()).encode()
     return err.http_status, [(b"content-type", b"application/json"),
-                             (b"content-length", str(len(body)).encode())], body
+                             (b"content-length", str(len(body)).encode()),
+                             *((k.encode(), v.encode()) for k, v in err.headers())], body
 
 
 async def send_error(send: Send, err: ShimError) -> None:
@@ -265,8 +266,20 @@ class ProxyApp:
             self._count(model, status)
             try:
                 await send({"type": "http.response.start", "status": status, "headers": out})
-                async for chunk in resp.content.iter_any():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                try:
+                    async for chunk in resp.content.iter_any():
+                        await send({"type": "http.response.body", "body": chunk,
+                                    "more_body": True})
+                except aiohttp.ClientError as e:
+                    # the engine died mid-stream: the status is sent, so say it in the stream
+                    # (the official client raises an APIError on an "error" event) and end it
+                    log.warning("model=%s action=engine_lost_mid_stream error=%r", model, e)
+                    if resp.content_type == "text/event-stream":
+                        err = EngineFailed(f"the engine of model `{model}` stopped in the "
+                                           "middle of this answer", code="engine_lost")
+                        event = b"data: " + json.dumps(err.body()).encode() + b"\n\n"
+                        await send({"type": "http.response.body", "body": event,
+                                    "more_body": True})
                 watch.armed = False
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             except asyncio.CancelledError:

@@ -47,6 +47,9 @@ DeathListener = Callable[[str, int | None], None]
 ENGINE_ENV = {"NO_COLOR": "1", "VLLM_SERVER_DEV_MODE": "1", "UV_USE_IO_URING": "0",
               "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "lo"}
 
+#: the environment variable naming the engine a process belongs to (see Supervisor.mark)
+ENGINE_MARK = "LLMUX_ENGINE"
+
 LOG_TAIL_LINES = 20
 _POLL_SECS = 0.05
 _KILL_WAIT_SECS = 10.0
@@ -151,7 +154,13 @@ class Supervisor:
         return [*argv, *m.extra_args]
 
     def env(self, m: ModelConfig) -> dict[str, str]:
-        return {**os.environ, **ENGINE_ENV, "TMPDIR": str(self.tmp_dir(m.name)), **m.env}
+        return {**os.environ, **ENGINE_ENV, "TMPDIR": str(self.tmp_dir(m.name)), **m.env,
+                ENGINE_MARK: self.mark(m.name)}
+
+    def mark(self, model: str) -> str:
+        """What every process of the model's engine carries in its environment: a shim
+        started again after a crash finds its predecessor's engines by it."""
+        return f"{model}:{self.model(model).port}"
 
     def tmp_dir(self, model: str) -> Path:
         """The engine's own TMPDIR: vLLM's ZMQ ipc sockets, its vllm_dist_* file store and
@@ -253,6 +262,34 @@ class Supervisor:
                 await asyncio.wait_for(eng.exited.wait(),
                                        min(self.health_interval_secs,
                                            max(deadline - loop.time(), 0.0)))
+
+    # ------------------------------------------------------------------ leftovers
+
+    async def end_leftovers(self) -> list[int]:
+        """End the engines an earlier shim left running (it was SIGKILLed or crashed: the
+        engines lead their own sessions and outlive it). Run once at start-up, before any
+        engine exists here, so whatever carries one of our marks belongs to nobody: left
+        alone it would hold the model's port and GPU memory, and a new start would meet
+        "address in use" or load the model twice. Only processes in this mount namespace
+        count: with --pid=host another container's engines are visible, and are not ours.
+        Returns the PIDs ended."""
+        marks = {self.mark(name).encode(): name for name in self.config.models}
+        found = await asyncio.to_thread(_marked_processes, marks)
+        ended: list[int] = []
+        for model, pids in found.items():
+            log.warning("model %s: ending the engine an earlier shim left running: pids %s",
+                        model, pids)
+            root = pids[0]
+            st = proctree.read_stat(root)
+            eng = EngineProcess(model=model, root_pid=root, adopted=True,
+                                log_path=self.log_path(model),
+                                leads_group=st is not None and st.pgrp == root)
+            for pid in pids:
+                self._open_pidfd(eng, pid)
+            eng.made |= await asyncio.to_thread(_made_files, pids)
+            await self._end(eng, self.grace_secs)
+            ended += pids
+        return ended
 
     # ------------------------------------------------------------------ adopt
 
@@ -524,6 +561,40 @@ def _tree_pids(root: int) -> list[int]:
     if found and any(st.pid == root and st.pgrp == root for st in stats):
         seen = set(found)
         found += [p for p in proctree.group(root, stats) if p not in seen]
+    return found
+
+
+def _marked_processes(marks: dict[bytes, str]) -> dict[str, list[int]]:
+    """model -> its processes (root first: the one whose parent is not among them) found by
+    the engine mark in their environment, in this process's mount namespace only."""
+    try:
+        own_ns = os.stat("/proc/self/ns/mnt")
+    except OSError:
+        return {}
+    me = os.getpid()
+    found: dict[str, list[int]] = {}
+    stats = proctree.all_stats()
+    for st in stats:
+        if st.pid == me:
+            continue
+        try:
+            ns = os.stat(f"/proc/{st.pid}/ns/mnt")
+            if (ns.st_ino, ns.st_dev) != (own_ns.st_ino, own_ns.st_dev):
+                continue
+            with open(f"/proc/{st.pid}/environ", "rb") as f:
+                env = f.read()
+        except OSError:  # gone, or a kernel thread
+            continue
+        for entry in env.split(b"\0"):
+            if entry.startswith(ENGINE_MARK.encode() + b"="):
+                model = marks.get(entry[len(ENGINE_MARK) + 1:])
+                if model is not None:
+                    found.setdefault(model, []).append(st.pid)
+                break
+    parents = {st.pid: st.ppid for st in stats}
+    for pids in found.values():
+        members = set(pids)
+        pids.sort(key=lambda p: (parents.get(p) in members, p))
     return found
 
 

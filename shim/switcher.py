@@ -37,6 +37,7 @@ from llmux.shim.config import Config, EvictionPolicy
 from llmux.shim.errors import (
     HostRefused,
     ModelNotFound,
+    NoRoom,
     RequestTimeout,
     ServiceUnavailable,
     ShimError,
@@ -427,7 +428,7 @@ class Switcher:
             mem = self._memory
             need = mem.memory_mb(target.name)
             if need > self._budget:
-                self._fail_waiters(target.name, ServiceUnavailable(
+                self._fail_waiters(target.name, NoRoom(
                     f"model `{target.name}` needs {need} MiB "
                     f"({_source_words(mem.memory_source(target.name))}), more than "
                     f"memory_budget_mb = {self._budget} MiB by itself",
@@ -442,7 +443,7 @@ class Switcher:
                 used -= mem.memory_mb(s.name)
             if used + need > self._budget:
                 pinned = [s.name for s in active if s.pinned]
-                self._fail_waiters(target.name, ServiceUnavailable(
+                self._fail_waiters(target.name, NoRoom(
                     f"model `{target.name}` needs {need} MiB but the pinned model(s) "
                     f"{', '.join(pinned)} keep {used} MiB of memory_budget_mb = "
                     f"{self._budget} MiB", code="memory_budget_pinned"))
@@ -452,7 +453,7 @@ class Switcher:
             return []
         evictable = self._evictable()
         if not evictable:
-            self._fail_waiters(target.name, ServiceUnavailable(
+            self._fail_waiters(target.name, NoRoom(
                 f"model `{target.name}` cannot be activated: max_active = {self._max_active} "
                 f"and every active model is pinned ({', '.join(s.name for s in active)})",
                 code="all_pinned"))
@@ -554,7 +555,7 @@ class Switcher:
         assert mem is not None
         mine = mem.memory_mb(target)
         if mine > self._budget:
-            err = ServiceUnavailable(
+            err = NoRoom(
                 f"model `{target}` uses {mine} MiB "
                 f"({_source_words(mem.memory_source(target))}), more than "
                 f"memory_budget_mb = {self._budget} MiB by itself", code="model_exceeds_budget")

@@ -131,3 +131,23 @@ def stop_shims(started: list[Any], tag: str) -> None:
         shim.stop()
     leftovers = kill_tagged(tag)
     assert not leftovers, f"engines left running after the shim stopped: {leftovers}"
+
+
+def marked_roots(entry: str) -> list[int]:
+    """One PID per live engine whose processes carry ``entry`` (NAME=VALUE) in their
+    environment: the session leaders. Engines lead their own session (spawned or restored
+    by CRIU, which keeps it), so two sessions are two engines. Parentage would mislead: a
+    task CRIU is restoring shows CRIU's environment until its memory is back."""
+    want = entry.encode()
+    sessions: set[int] = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            env = Path(f"/proc/{name}/environ").read_bytes().split(b"\0")
+            fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if want in env and fields[0] != "Z":
+            sessions.add(int(fields[3]))
+    return sorted(sessions)

@@ -16,10 +16,11 @@ from typing import Any
 
 import httpx
 import pytest
-from testprocs import pid_alive
+from testprocs import marked_roots, pid_alive
 
 from llmux.shim.app import Shim
 from llmux.shim.config import Config, config_from_dict
+from llmux.shim.supervisor import ENGINE_MARK
 
 #: the pure-Python model starts fastest on a 2-core machine
 os.environ.setdefault("LLMUX_BUILTIN_BACKEND", "pure")
@@ -101,3 +102,15 @@ def kill_pids(pids: list[int]) -> None:
         if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def engine_roots(shim: Shim, model: str) -> list[int]:
+    """Roots of the process trees carrying the model's engine mark: more than one is a
+    model loaded twice."""
+    return marked_roots(f"{ENGINE_MARK}={shim.supervisor.mark(model)}")
+
+
+def starts_logged(shim: Shim, model: str) -> int:
+    """How many times the supervisor started the model's engine (one header each)."""
+    path = shim.supervisor.log_path(model)
+    return path.read_text(errors="replace").count(": starting ") if path.exists() else 0

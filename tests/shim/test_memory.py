@@ -159,6 +159,7 @@ async def test_a_model_measured_larger_than_the_budget_is_refused(
     measured = shim.lifecycle.memory_mb("big")
     assert measured > 120
     assert err["code"] == "model_exceeds_budget"
+    assert "retry-after" not in r.headers  # a retry cannot mend it
     assert f"{measured} MiB" in err["message"] and "memory_budget_mb = 120 MiB" in err["message"]
     assert _state(shim, "big") == "stopped"
     switches = shim.switcher.switches
@@ -185,6 +186,7 @@ async def test_admission_shortfall_answers_503_and_leaves_resident_models_runnin
     assert r.status_code == 503, r.text
     err = r.json()["error"]
     assert err["code"] == "insufficient_memory"
+    assert r.headers["retry-after"] == "5"  # memory in use may be freed
     msg = err["message"]
     assert f"it needs {want} MiB" in msg and "host MemAvailable is" in msg
     assert "short by" in msg and "would free only" in msg

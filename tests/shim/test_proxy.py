@@ -113,7 +113,9 @@ async def test_oversized_body_by_header_and_by_counting(shim_factory: ShimFactor
 async def test_streaming_is_passed_through_as_it_comes(
         shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
     shim = await shim_factory(["a"])
-    body = {"model": "a", "prompt": "stream", "max_tokens": 300, "stream": True}
+    # long enough that the engine is still generating when a loaded client reads its first
+    # event (300 tokens were all sent before that once, under the full suite's load)
+    body = {"model": "a", "prompt": "stream", "max_tokens": 1500, "stream": True}
     pieces = 0
     async with http.stream("POST", f"{shim.url}/v1/completions", json=body) as r:
         assert r.headers["content-type"].startswith("text/event-stream")

@@ -166,6 +166,7 @@ async def test_request_timeout_answers_504(shim_factory: ShimFactory,  # noqa: F
     await shim.switcher.wake("a")
     r = await http.post(f"{shim.url}/v1/chat/completions", json=chat_body("b", "late"))
     assert r.status_code == 504
+    assert r.headers["retry-after"] == "5"  # the client may try again: it is not refused
     err = r.json()["error"]
     assert "request_timeout_secs=0.5" in err["message"] and "`b`" in err["message"]
     assert shim.switcher.queue_depth == 0
@@ -187,6 +188,8 @@ async def test_failed_switch_answers_503_and_leaves_others(
     assert codes == [200, 503, 503, 200], [r.text for r in results]
     msg = results[1].json()["error"]["message"]
     assert "switching to model `bad` failed" in msg
+    assert results[1].headers["retry-after"] == "5"
+    assert "retry-after" not in results[0].headers
     assert (await ask("a")).status_code == 200
 
 
