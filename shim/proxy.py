@@ -50,7 +50,8 @@ _HOP_RESPONSE = frozenset({
     b"trailer", b"upgrade",
 })
 _JSON_HEADERS = [(b"content-type", b"application/json")]
-_UPSTREAM_GONE = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError)
+#: the engine is not there (refused) or went away (reset, closed): activate it again, retry
+_UPSTREAM_GONE = (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError)
 
 
 class _EngineGone(Exception):
