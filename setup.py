@@ -28,5 +28,7 @@ packages = [
 setup(
     packages=packages,
     package_dir={name: folder for folder, name in ROOTS.items()},
-    package_data={name: ["py.typed"] for name in ROOTS.values()},
+    # the operator's page (shim/static/) is served from the installed package
+    package_data={name: ["py.typed", *(["static/*"] if name == "llmux.shim" else [])]
+                  for name in ROOTS.values()},
 )
