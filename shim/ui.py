@@ -46,6 +46,9 @@ LOG_POLL_SECS = 0.5
 LOG_KEEPALIVE_SECS = 15.0
 #: log streams open at once, over every page
 MAX_LOG_FOLLOWERS = 32
+#: how long one computed status is reused: any number of open pages costs the shim at most
+#: two status computations a second (each reads /proc for the engines' PIDs)
+STATUS_CACHE_SECS = 0.5
 #: how long one look at the host's checkpoints is reused
 CHECKPOINTS_CACHE_SECS = 5.0
 CHECKPOINTS_TIMEOUT_SECS = 5.0
@@ -362,6 +365,15 @@ class OperatorPage:
         self._log_path = log_path or (lambda m: Path(config.log_dir) / f"{m}.log")
         self._checkpoints = checkpoints or HostCheckpoints(config)
         self.followers = 0
+        self._status_at = -STATUS_CACHE_SECS
+        self._status_json: dict[str, Any] = {}
+
+    def _cached_status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        if now - self._status_at >= STATUS_CACHE_SECS:
+            self._status_json = self._status()
+            self._status_at = now
+        return self._status_json
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -385,7 +397,7 @@ class OperatorPage:
             return _bad("`since` must be an integer (the last seq the page has)")
         h = self.history
         return JSONResponse({
-            "status": self._status(),
+            "status": self._cached_status(),
             "came_back": h.came_back,
             "switches": list(h.switches)[-50:],
             "log": h.lines_since(since)[-HISTORY_LIMIT:],
