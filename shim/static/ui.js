@@ -160,7 +160,8 @@ function fillStrategies(sel, eviction) {
   const keep = sel.value;
   sel.textContent = "";
   for (const s of want) {
-    const o = el("option", s === "" ? "configured (" + dash(eviction) + ")" : s);
+    const o = el("option", s === "" ? "as configured" : s);
+    if (s === "") o.title = "as configured: " + dash(eviction);
     o.value = s;
     sel.appendChild(o);
   }
@@ -186,8 +187,9 @@ function renderModels(status, cameBack) {
     st.appendChild(el("span", dash(m.state), "badge state-" + m.state));
     if (m.last_error) st.title = m.last_error; else st.removeAttribute("title");
     tr.dataset.state = m.state || "";
-    cell("eviction").textContent = dash(m.evicted_with && m.state !== "running"
-      ? m.eviction + " (now " + m.evicted_with + ")" : m.eviction);
+    // the policy of the eviction that put it where it is, when not its configured one
+    cell("eviction").textContent = dash(m.evicted_with && m.state !== "running" &&
+      m.evicted_with !== m.eviction ? m.eviction + " (now " + m.evicted_with + ")" : m.eviction);
     const cb = cameBack[name];
     const how = m.last_wake || (cb && cb.how);
     cell("came-back").textContent = how

@@ -54,6 +54,9 @@ def test_page_follows_switches_logs_and_acts(start_shim: Callable[..., Shim],
     expect(row(page, A).locator("td.pids")).to_contain_text(str(pids[0]))
     expect(page.locator("#active")).to_have_text(A)
     expect(page.locator("#checkpoints-reason")).to_contain_text("[checkpoint]")
+    # at 1280x800 every column, the buttons too, is in view without scrolling sideways
+    box = row(page, B).locator("button.stop").bounding_box()
+    assert box is not None and box["x"] + box["width"] <= 1280 - 16, box
 
     # follow B's engine log, which does not exist yet
     page.select_option("#log-model", B)
