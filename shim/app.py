@@ -40,12 +40,13 @@ SHUTDOWN_GRACE_SECS = 30
 def build_app(config: Config, lifecycle: StatusSource, switcher: Switcher,
               engines: EngineClient, metrics: ShimMetrics, *,
               history: SwitchHistory | None = None,
-              log_path: Callable[[str], Path] | None = None) -> ASGIApp:
+              log_path: Callable[[str], Path] | None = None,
+              stopping: Callable[[], bool] = lambda: False) -> ASGIApp:
     """The shim's ASGI app: the raw /v1 proxy in front of a Starlette app for the rest
     (the control API, /metrics and the operator's page /ui)."""
     control = ControlAPI(config.models, switcher, lifecycle)
     page = OperatorPage(config, control.status_json, history or SwitchHistory(),
-                        log_path=log_path)
+                        log_path=log_path, stopping=stopping)
     created = int(time.time())
 
     def model_entry(name: str) -> dict[str, Any]:
@@ -169,7 +170,8 @@ class Shim:
         self.lifecycle.add_loss_listener(self.switcher.mark_failed)
         self.lifecycle.add_loss_listener(self.history.engine_lost)
         self.app = build_app(config, self.lifecycle, self.switcher, self.engines, self.metrics,
-                             history=self.history, log_path=self.supervisor.log_path)
+                             history=self.history, log_path=self.supervisor.log_path,
+                             stopping=lambda: self.servers[0].should_exit)
         self.servers = [_Server(uvicorn_config(self.app, config.host, config.port))]
         if config.metrics_port:
             self.servers.append(_Server(uvicorn_config(metrics_app(self.metrics), config.host,

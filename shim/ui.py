@@ -358,12 +358,16 @@ class OperatorPage:
     def __init__(self, config: Config, status: Callable[[], dict[str, Any]],
                  history: SwitchHistory, *,
                  log_path: Callable[[str], Path] | None = None,
-                 checkpoints: HostCheckpoints | None = None) -> None:
+                 checkpoints: HostCheckpoints | None = None,
+                 stopping: Callable[[], bool] = lambda: False) -> None:
         self._config = config
         self._status = status
         self.history = history
         self._log_path = log_path or (lambda m: Path(config.log_dir) / f"{m}.log")
         self._checkpoints = checkpoints or HostCheckpoints(config)
+        #: true once the shim stops accepting: log streams end, so that they do not hold
+        #: the graceful shutdown (it waits for open responses) for its whole grace period
+        self._stopping = stopping
         self.followers = 0
         self._status_at = -STATUS_CACHE_SECS
         self._status_json: dict[str, Any] = {}
@@ -435,7 +439,7 @@ class OperatorPage:
             yield b"retry: 2000\n\n"
             yield _sse("open", {"model": model, "path": str(follower.path)})
             quiet_since = time.monotonic()
-            while True:
+            while not self._stopping():
                 chunk = await asyncio.to_thread(follower.read)
                 if chunk.lines or chunk.reset or chunk.skipped_bytes or chunk.missing:
                     yield _sse("lines", {"lines": chunk.lines, "reset": chunk.reset,

@@ -119,6 +119,18 @@ async def test_log_stream_follows_the_engine_log(shim_factory: ShimFactory,  # n
     assert unknown.status_code == 404 and "nope" in unknown.json()["error"]["message"]
 
 
+async def test_open_log_stream_does_not_hold_the_shutdown(
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+    """uvicorn's graceful shutdown waits for open responses; a page left open must not make
+    every stop of the shim take its whole grace period."""
+    shim = await shim_factory(["a"])
+    async with http.stream("GET", f"{shim.url}/ui/api/logs/a") as resp:
+        await SSEReader(resp).take(2)
+        t0 = asyncio.get_running_loop().time()
+        await asyncio.wait_for(shim.stop(), 20)
+        assert asyncio.get_running_loop().time() - t0 < 10
+
+
 async def test_checkpoint_panel_says_why_it_is_empty(
         shim_factory: ShimFactory, http: httpx.AsyncClient, tmp_path: Path) -> None:  # noqa: F811
     shim = await shim_factory(["a"])
