@@ -10,6 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +198,24 @@ def test_history_is_bounded() -> None:
     assert len(h.switches) == 5 and len(h.lines) == 5
     assert h.seq == 24
     assert [x["seq"] for x in h.lines_since(21)] == [22, 23, 24]
+
+
+def test_the_page_is_in_the_wheel(tmp_path: Path) -> None:
+    """The shim serves the page from its installed package: the wheel must carry it."""
+    repo = Path(__file__).resolve().parents[2]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
+    for folder in ("service", "client", "shim"):
+        shutil.copytree(repo / folder, src / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                          "--no-build-isolation", str(src), "-w", str(tmp_path / "dist")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("llmux-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in ("index.html", "ui.js", "ui.css"):
+        assert f"llmux/shim/static/{name}" in names, sorted(names)
+    assert "llmux/shim/ui.py" in names
