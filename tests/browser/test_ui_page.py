@@ -53,6 +53,20 @@ def test_page_follows_switches_logs_and_acts(start_shim: Callable[..., Shim],
     pids = shim.model_status(A)["pids"]
     expect(row(page, A).locator("td.pids")).to_contain_text(str(pids[0]))
     expect(page.locator("#active")).to_have_text(A)
+    # issue 11's figures when the status has them, else a dash (never a blank or "undefined")
+    status = shim.status()
+    a = status["models"][A]
+    memory = row(page, A).locator("td.memory")
+    if a.get("memory_mb") is not None:
+        expect(memory).to_contain_text(f"({a['memory_source']})")
+    elif "memory_source" not in a:
+        expect(memory).to_have_text("—")
+    else:
+        expect(memory).to_contain_text(f"— ({a['memory_source']})")
+    for key, cls in (("pinned", "pinned"), ("ttl_secs", "ttl"), ("idle_secs", "idle")):
+        if key not in a:
+            expect(row(page, A).locator(f"td.{cls}")).to_have_text("—")
+    expect(row(page, A).locator("td.load")).to_have_text("0 / 0")
     expect(page.locator("#checkpoints-reason")).to_contain_text("[checkpoint]")
     # at 1280x800 every column, the buttons too, is in view without scrolling sideways
     box = row(page, B).locator("button.stop").bounding_box()
