@@ -48,9 +48,11 @@ class PageLog:
         return page
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def browser() -> Iterator[Any]:
-    """One headless chromium for the session (Playwright, the system's binary)."""
+    """A headless chromium (Playwright, the system's binary), one per test: Playwright's
+    sync API keeps an event loop set as running in this thread while it is open, and the
+    suite's async tests (pytest-asyncio) cannot start a loop of their own meanwhile."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
