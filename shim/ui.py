@@ -150,7 +150,7 @@ class SwitchHistory:
             "seconds": round(seconds, 3),
             "strategy": sleep.strategy if sleep else None,
             "sleep_secs": round(sleep.seconds, 3) if sleep else None,
-            "wake": how if wake is not None or how else None,
+            "wake": how,
             "wake_secs": round(wake.seconds, 3) if wake else None,
             "waiting": self.queue_depth(),
         }

@@ -280,6 +280,10 @@ function renderLogChoices(models) {
 // ------------------------------------------------------------------ polling
 
 async function poll() {
+  if (document.hidden) { // a tab in the background costs the shim nothing
+    setTimeout(poll, POLL_MS);
+    return;
+  }
   try {
     const resp = await api("/ui/api/state?since=" + seq);
     if (!resp.ok) {

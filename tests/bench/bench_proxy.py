@@ -467,7 +467,7 @@ async def bench_page(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
         plain = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
                             "max_tokens": 2}).encode()
         streaming = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
-                                "stream": True, "max_tokens": args.builtin_tokens}).encode()
+                                "stream": True, "max_tokens": args.page_tokens}).encode()
         lat: dict[bool, list[float]] = {False: [], True: []}
         st: dict[bool, list[tuple[int, float, float, int]]] = {False: [], True: []}
         stats = {"polls": 0, "log_events": 0}
@@ -476,6 +476,18 @@ async def bench_page(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
         conn = aiohttp.TCPConnector(limit=4)
         #: the page runs in a process of its own: its work must not slow this client
         page: subprocess.Popen[bytes] | None = None
+        # the page's own cost: the shim's CPU while idle, without and with the page open
+        idle: dict[bool, float] = {}
+        for on in (False, True):
+            if on:
+                page = spawn("--page-client", base, "tiny", log=tmp / "page.log")
+                await asyncio.sleep(1.5)
+            c0, t0 = cpu_secs(shim.pid), time.perf_counter()
+            await asyncio.sleep(args.page_idle_secs)
+            idle[on] = (cpu_secs(shim.pid) - c0) / (time.perf_counter() - t0)
+            if page is not None:
+                stop(page)
+                page = None
         async with aiohttp.ClientSession(connector=conn) as s:
             url = base + "/v1/chat/completions"
             await latency(s, url, plain, 50)  # warm-up
@@ -527,6 +539,10 @@ async def bench_page(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
           f"{len(lat[False])} / {len(lat[True])} requests and {len(st[False])} streams per "
           f"side, {args.page_rounds} rounds of {args.page_round_secs:g} s each; the page "
           f"polled {stats['polls']} times and got {stats['log_events']} log events")
+    print(f"shim CPU while idle: {idle[False] * 100:.2f}% of one core without the page, "
+          f"{idle[True] * 100:.2f}% with it open: the page costs the shim "
+          f"{(idle[True] - idle[False]) * 1e3:.1f} ms of CPU a second")
+    r["idle_page_ms_per_s"] = (idle[True] - idle[False]) * 1e3
     print(f"{'':26}{'no page':>12}{'page open':>12}{'change':>12}")
     for label, key, lower_better in (("latency p50 (ms)", "p50_ms", True),
                                      ("latency p99 (ms)", "p99_ms", True),
@@ -566,7 +582,8 @@ async def main(args: argparse.Namespace) -> None:
             return f"{(page[f'on_{key}'] / page[f'off_{key}'] - 1) * 100:+.1f}%"
 
         print(f"{'/ui page open':18} latency p50 {change('p50_ms')}, mean {change('mean_ms')}, "
-              f"chunk rate {change('cps')} (target: within 5%)")
+              f"chunk rate {change('cps')} (target: within 5%); the page's own cost "
+              f"{page['idle_page_ms_per_s']:.1f} ms of shim CPU a second")
     for label, r in results.items():
         print(f"{label:18} added p50 {r['proxy_p50_ms'] - r['direct_p50_ms']:.3f} ms, "
               f"p99 {r['proxy_p99_ms'] - r['direct_p99_ms']:.3f} ms, chunk rate "
@@ -601,6 +618,10 @@ def cli() -> None:
     ap.add_argument("--page-round-secs", type=float, default=3.0,
                     help="seconds of back-to-back requests per round")
     ap.add_argument("--page-streams", type=int, default=10, help="streams per round")
+    ap.add_argument("--page-tokens", type=int, default=1000,
+                    help="max_tokens of a stream in the page benchmark")
+    ap.add_argument("--page-idle-secs", type=float, default=10.0,
+                    help="seconds of the idle shim's CPU measured without and with the page")
     args = ap.parse_args()
     import uvloop
 
