@@ -18,7 +18,12 @@ from typing import Any
 
 import pytest
 from shimproc import Shim, shims_for_test
-from testprocs import free_ports
+from testprocs import free_ports, llmuxd_harness
+
+_dbus = llmuxd_harness()
+# the private bus and llmuxd of tests/service/dbus, for the checkpoint panel's test
+private_bus = _dbus.private_bus
+llmuxd = _dbus.llmuxd
 
 #: the pure-Python model starts fastest on a 2-core machine
 os.environ.setdefault("LLMUX_BUILTIN_BACKEND", "pure")

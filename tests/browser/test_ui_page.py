@@ -3,7 +3,7 @@ models: the table's states, a switch shown without a reload, the engine's new lo
 the buttons (sleep with a strategy, wake, stop), the admin key kept in session storage
 only, no console errors, and a layout usable at 1280x800 and at a phone's width.
 
-LLMUX_UI_SCREENSHOT=PATH saves the page (as the README shows it) after the switch.
+LLMUX_UI_SCREENSHOT=PATH saves the page as the README shows it (in the test with llmuxd).
 """
 
 from __future__ import annotations
@@ -87,8 +87,6 @@ def test_page_follows_switches_logs_and_acts(start_shim: Callable[..., Shim],
     expect(page.locator("#engine-log")).to_contain_text("--- llmux")
     expect(page.locator("#engine-log")).to_contain_text("/health is now 200")
     expect(page.locator("#shim-log")).to_contain_text("switch alpha -> beta: ok")
-    if os.environ.get("LLMUX_UI_SCREENSHOT"):
-        page.screenshot(path=os.environ["LLMUX_UI_SCREENSHOT"], full_page=True)
 
     # the sleep button, with a strategy other than B's own: B sleeps, its engine says so
     row(page, B).locator("select.strategy").select_option("offload+keep_running")
@@ -138,6 +136,37 @@ def test_narrow_width_and_admin_key(start_shim: Callable[..., Shim],
     assert stored == ["k-123", 0, ""], stored
     page.click("#key-forget")
     assert page.evaluate("() => sessionStorage.getItem('llmux.adminKey')") is None
+    assert not log.errors, log.errors
+
+
+@pytest.mark.browser
+@pytest.mark.criu
+@pytest.mark.dbus
+def test_checkpoint_panel_with_llmuxd(llmuxd: Any, start_shim: Callable[..., Shim],
+                                      open_page: Callable[..., Any]) -> None:
+    """A request for B checkpoints A through a real llmuxd: the panel lists A's checkpoint,
+    restorable here, with the host's versions."""
+    shim = start_shim({A: "discard+checkpoint", B: "retain+stop"},
+                      checkpoint={"bus": llmuxd.bus.address, "job_timeout_secs": 300})
+    assert shim.text(A)
+    assert shim.text(B)
+    assert shim.model_status(A)["state"] == "checkpointed", shim.log()[-3000:]
+    page, log = open_page(f"{shim.url}/ui", 1280, 800)
+    cp = page.locator('#checkpoints tbody tr[data-model="alpha"]')
+    expect(cp).to_contain_text("yes")
+    expect(cp).to_contain_text(os.uname().release)
+    expect(cp).to_contain_text("no CUDA")
+    expect(page.locator("#host")).to_contain_text("CRIU 4.")
+    expect(page.locator("#checkpoints-reason")).to_be_hidden()
+    expect(row(page, A)).to_have_attribute("data-state", "checkpointed")
+    switch = page.locator('#switches tbody tr[data-to="beta"]').first
+    expect(switch).to_contain_text("discard+checkpoint")
+    # the restore, told as one
+    assert shim.text(A)
+    expect(row(page, A).locator("td.came-back")).to_contain_text("restore")
+    expect(page.locator('#switches tbody tr[data-to="alpha"]').first).to_contain_text("restore")
+    if os.environ.get("LLMUX_UI_SCREENSHOT"):
+        page.screenshot(path=os.environ["LLMUX_UI_SCREENSHOT"], full_page=True)
     assert not log.errors, log.errors
 
 
