@@ -319,7 +319,7 @@ class HostCheckpoints:
                 await client.close()
         rows = []
         for c in found:
-            why = self._not_here(c, info)
+            why = self.why_not_here(c, info)
             rows.append({"model": c.model, "size_bytes": c.size_bytes, "created": c.created,
                          "criu_version": c.criu_version, "kernel_release": c.kernel_release,
                          "driver_version": c.driver_version, "cuda": bool(c.cuda_pids),
@@ -328,7 +328,7 @@ class HostCheckpoints:
         return {"available": True, "reason": None if rows else "llmuxd holds no checkpoints",
                 "host": host, "checkpoints": rows}
 
-    def _not_here(self, c: Any, info: Any) -> str | None:
+    def why_not_here(self, c: Any, info: Any) -> str | None:
         """Why llmuxd would refuse to restore ``c`` into this shim (as its manifest check)."""
         if c.model not in self._config.models:
             return "no model of that name is configured in this shim"

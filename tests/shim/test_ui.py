@@ -219,3 +219,27 @@ def test_the_page_is_in_the_wheel(tmp_path: Path) -> None:
     for name in ("index.html", "ui.js", "ui.css"):
         assert f"llmux/shim/static/{name}" in names, sorted(names)
     assert "llmux/shim/ui.py" in names
+
+
+def test_restorable_here_follows_llmuxds_manifest_check(
+        builtin_config: Any) -> None:
+    """The panel's "restorable here" says what llmuxd's check would refuse, and why."""
+    from llmux.service.contract import CheckpointInfo, HostInfo
+    from llmux.shim.ui import HostCheckpoints
+
+    panel = HostCheckpoints(builtin_config(["a"]))
+    host = HostInfo(version="0.1.0", criu_version="4.2.1", kernel_release="6.1.0",
+                    driver_version="580.1")
+
+    def why(**kw: Any) -> str | None:
+        info = CheckpointInfo(**{"model": "a", "criu_version": "4.1", "kernel_release": "6.1.0",
+                                 **kw})
+        return panel.why_not_here(info, host)
+
+    assert why() is None  # another minor CRIU version restores
+    assert "no model of that name" in (why(model="zz") or "")
+    assert "CRIU 3.19" in (why(criu_version="3.19") or "")
+    assert "kernel 6.2.0" in (why(kernel_release="6.2.0") or "")
+    assert why(driver_version="570.0") is None  # no CUDA state: the driver does not matter
+    assert "driver 570.0" in (why(driver_version="570.0", cuda_pids=[7]) or "")
+    assert why(driver_version="580.1", cuda_pids=[7]) is None
