@@ -25,8 +25,13 @@ packages = [
     for sub in ["", *find_packages(folder)]
 ]
 
+# folders of data, not code, installed as they are: the operator page (shim/static/), which
+# the shim serves from the installed package
+DATA = {"llmux.shim.static": ["*.html", "*.js", "*.css"]} if "shim" in ROOTS else {}
+packages += list(DATA)
+
 setup(
     packages=packages,
     package_dir={name: folder for folder, name in ROOTS.items()},
-    package_data={name: ["py.typed"] for name in ROOTS.values()},
+    package_data={**{name: ["py.typed"] for name in ROOTS.values()}, **DATA},
 )

@@ -13,7 +13,8 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 APT_PKGS=(dbus podman runc debootstrap python3-venv python3-dev iproute2 util-linux procps
           psmisc systemd curl ca-certificates fuse-overlayfs uidmap
-          libsystemd-dev pkg-config gcc)  # the last three build systemd-python (the [test] extra)
+          libsystemd-dev pkg-config gcc  # these three build systemd-python (the [test] extra)
+          chromium)  # the browser tier (tests/browser): Playwright drives the system's chromium
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -41,7 +42,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     log "creating virtualenv $VENV"
     python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import llmux.shim, llmux.service, llmux.client, openai, pytest" 2>/dev/null \
+if ! "$VENV/bin/python" -c "import llmux.shim, llmux.service, llmux.client, openai, pytest, playwright" 2>/dev/null \
    || [ pyproject.toml -nt "$VENV/.llmux-installed" ]; then
     log "installing llmux (editable) and test dependencies"
     "$VENV/bin/pip" install -q --upgrade pip "setuptools>=77" >/dev/null

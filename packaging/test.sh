@@ -13,5 +13,5 @@ mkdir "$types_root/llmux"; ln -s "$PWD/service" "$types_root/llmux/service"; ln 
 MYPYPATH="$types_root" "$VENV/bin/mypy" --namespace-packages --explicit-package-bases -p llmux.service -p llmux.client -p llmux.shim
 echo "== pytest"
 # Tiers that must run (not skip) here: a skip of one of them fails the run in CI.
-export LLMUX_REQUIRE_TIERS=${LLMUX_REQUIRE_TIERS:-criu,dbus,podman,systemd,vllm}
+export LLMUX_REQUIRE_TIERS=${LLMUX_REQUIRE_TIERS:-criu,dbus,podman,systemd,vllm,browser}
 "$VENV/bin/pytest" -ra "$@"

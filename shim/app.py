@@ -11,7 +11,8 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -28,6 +29,7 @@ from llmux.shim.errors import ModelNotFound, ShimError
 from llmux.shim.metrics import CONTENT_TYPE, ShimMetrics
 from llmux.shim.proxy import ASGIApp, ProxyApp, Receive, Scope, Send
 from llmux.shim.switcher import Switcher
+from llmux.shim.ui import OperatorPage, SwitchHistory, fan_out
 
 log = logging.getLogger("llmux.app")
 
@@ -36,9 +38,15 @@ SHUTDOWN_GRACE_SECS = 30
 
 
 def build_app(config: Config, lifecycle: StatusSource, switcher: Switcher,
-              engines: EngineClient, metrics: ShimMetrics) -> ASGIApp:
-    """The shim's ASGI app: the raw /v1 proxy in front of a Starlette app for the rest."""
+              engines: EngineClient, metrics: ShimMetrics, *,
+              history: SwitchHistory | None = None,
+              log_path: Callable[[str], Path] | None = None,
+              stopping: Callable[[], bool] = lambda: False) -> ASGIApp:
+    """The shim's ASGI app: the raw /v1 proxy in front of a Starlette app for the rest
+    (the control API, /metrics and the operator's page /ui)."""
     control = ControlAPI(config.models, switcher, lifecycle)
+    page = OperatorPage(config, control.status_json, history or SwitchHistory(),
+                        log_path=log_path, stopping=stopping)
     created = int(time.time())
 
     def model_entry(name: str) -> dict[str, Any]:
@@ -84,6 +92,7 @@ def build_app(config: Config, lifecycle: StatusSource, switcher: Switcher,
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         *control.routes(),
+        *page.routes(),
     ]
     rest = Starlette(routes=routes, exception_handlers={HTTPException: http_error,
                                                         ShimError: shim_error})
@@ -153,13 +162,21 @@ class Shim:
                                    queue_depth=lambda: holder[0].queue_depth,
                                    active_models=lambda: holder[0].active_models,
                                    status=status)
+        #: switches and transitions for the operator's page (/ui)
+        self.history = SwitchHistory(queue_depth=lambda: holder[0].queue_depth,
+                                     last_wake=lambda model: holder[0].last_wake(model))
         self.lifecycle: Lifecycle = Lifecycle(
-            config, self.supervisor, backend, observer=self.metrics.observe_transition)
+            config, self.supervisor, backend,
+            observer=fan_out(self.metrics.observe_transition, self.history.observe_transition))
         self.switcher = Switcher(config, self.lifecycle, memory=self.lifecycle,
-                                 on_switch=self.metrics.observe_switch)
+                                 on_switch=fan_out(self.metrics.observe_switch,
+                                                   self.history.observe_switch))
         holder.append(self.switcher)
         self.lifecycle.add_loss_listener(self.switcher.mark_failed)
-        self.app = build_app(config, self.lifecycle, self.switcher, self.engines, self.metrics)
+        self.lifecycle.add_loss_listener(self.history.engine_lost)
+        self.app = build_app(config, self.lifecycle, self.switcher, self.engines, self.metrics,
+                             history=self.history, log_path=self.supervisor.log_path,
+                             stopping=lambda: self.servers[0].should_exit)
         self.servers = [_Server(uvicorn_config(self.app, config.host, config.port))]
         if config.metrics_port:
             self.servers.append(_Server(uvicorn_config(metrics_app(self.metrics), config.host,

@@ -13,7 +13,7 @@ from collections.abc import Generator
 
 import pytest
 
-TIERS = ("criu", "dbus", "podman", "systemd", "vllm", "gpu")
+TIERS = ("criu", "dbus", "podman", "systemd", "vllm", "gpu", "browser")
 
 
 def _required() -> set[str]:

@@ -12,14 +12,22 @@ through the shim (raw /v1 path, switcher, metrics: the whole hot path):
 byte, so it includes the added first-chunk latency; "(steady)" counts the
 events after the first read over the time after it: the pass-through rate.
 
+"page" measures the same proxy path of the built-in engine's shim without and with the
+operator's page open (an SSE client following /ui's engine-log stream, polling
+/ui/api/state once a second and the checkpoints every 10 s, while the engine log grows
+by LOG_LINES_PER_S lines), in alternating rounds of one run: the page must cost the
+proxy less than 5%.
+
 Usage: .venv/bin/python tests/bench/bench_proxy.py [--requests N] [--streams N]
-[--chunks N] [--only trivial|builtin]. Loopback only, bounded request counts.
+[--chunks N] [--only trivial|builtin|page] [--page-rounds N]. Loopback only, bounded
+request counts.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -369,6 +377,187 @@ async def bench_builtin(args: argparse.Namespace, tmp: Path) -> dict[str, float]
         stop(shim)
 
 
+#: engine chatter while the page benchmark runs (vLLM logs a few lines a second when busy)
+LOG_LINES_PER_S = 20
+
+
+def run_page_client(base: str, model: str) -> None:
+    """The page as a process: prints what it did ("page:" JSON) when SIGTERM ends it."""
+    import uvloop
+
+    stats = {"polls": 0, "log_events": 0}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(page_client(base, model, stats))
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        print("page:" + json.dumps(stats), flush=True)
+
+    uvloop.run(main())
+
+
+def cpu_secs(pid: int) -> float:
+    """A process's own user + system CPU seconds (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def page_client(base: str, model: str, stats: dict[str, int]) -> None:
+    """What an open /ui page does to the shim: follow a log, poll the state and checkpoints."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as s:
+
+        async def follow() -> None:
+            async with s.get(f"{base}/ui/api/logs/{model}") as r:
+                assert r.status == 200, r.status
+                async for chunk in r.content.iter_any():
+                    stats["log_events"] += chunk.count(b"event: lines")
+
+        async def poll() -> None:
+            seq = 0
+            while True:
+                async with s.get(f"{base}/ui/api/state", params={"since": str(seq)}) as r:
+                    body = await r.json()
+                    seq = body["seq"]
+                stats["polls"] += 1
+                await asyncio.sleep(1.0)
+
+        async def checkpoints() -> None:
+            while True:
+                async with s.get(f"{base}/ui/api/checkpoints") as r:
+                    await r.read()
+                await asyncio.sleep(10.0)
+
+        await asyncio.gather(follow(), poll(), checkpoints())
+
+
+async def log_writer(path: Path) -> None:
+    """Appends engine-like lines to the model's log (the page follows them)."""
+    n = 0
+    while True:
+        with open(path, "a") as f:  # a tiny append, on the client's side
+            f.write(f"(APIServer pid=1) INFO bench line {n}: Avg prompt throughput: 0.0 "
+                    "tokens/s, Avg generation throughput: 123.4 tokens/s, Running: 1 reqs\n")
+        n += 1
+        await asyncio.sleep(1.0 / LOG_LINES_PER_S)
+
+
+async def bench_page(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
+    """The proxy without and with an open operator page, in alternating rounds."""
+    eng, px = free_port(), free_port()
+    cfg = tmp / "shim-page.json"
+    cfg.write_text(json.dumps({
+        "port": px, "host": "127.0.0.1", "metrics_port": 0, "log_dir": str(tmp / "logs"),
+        "models": {"tiny": {"model_path": "llmux/bench-tiny", "port": eng, "engine": "builtin",
+                            "weights_mb": args.weights_mb, **engine_command()}}}))
+    shim = spawn("--serve-shim", str(cfg), log=tmp / "shim3.log")
+    base = f"http://127.0.0.1:{px}"
+    loop = asyncio.get_running_loop()
+    writer = None
+    try:
+        await wait_up(f"{base}/health")
+        async with aiohttp.ClientSession() as s:
+            body = {"model": "tiny", "prompt": "warm", "max_tokens": 1}
+            async with s.post(f"{base}/v1/completions", json=body,
+                              timeout=aiohttp.ClientTimeout(total=600)) as r:
+                await r.read()
+                assert r.status == 200, (r.status, await r.text())
+        writer = loop.create_task(log_writer(tmp / "logs" / "tiny.log"))
+        plain = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                            "max_tokens": 2}).encode()
+        streaming = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                "stream": True, "max_tokens": args.page_tokens}).encode()
+        lat: dict[bool, list[float]] = {False: [], True: []}
+        st: dict[bool, list[tuple[int, float, float, int]]] = {False: [], True: []}
+        stats = {"polls": 0, "log_events": 0}
+        cpu = {False: 0.0, True: 0.0}  # the shim's CPU seconds (its own process)
+        wall = {False: 0.0, True: 0.0}
+        conn = aiohttp.TCPConnector(limit=4)
+        #: the page runs in a process of its own: its work must not slow this client
+        page: subprocess.Popen[bytes] | None = None
+        # the page's own cost: the shim's CPU while idle, without and with the page open
+        idle: dict[bool, float] = {}
+        for on in (False, True):
+            if on:
+                page = spawn("--page-client", base, "tiny", log=tmp / "page.log")
+                await asyncio.sleep(1.5)
+            c0, t0 = cpu_secs(shim.pid), time.perf_counter()
+            await asyncio.sleep(args.page_idle_secs)
+            idle[on] = (cpu_secs(shim.pid) - c0) / (time.perf_counter() - t0)
+            if page is not None:
+                stop(page)
+                page = None
+        async with aiohttp.ClientSession(connector=conn) as s:
+            url = base + "/v1/chat/completions"
+            await latency(s, url, plain, 50)  # warm-up
+            await stream(s, url, streaming)
+            # off, on, on, off, off, on, ...: drift hits both alike; the page stays open
+            # over two "on" phases in a row, as a page open on an operator's desk does
+            for i in range(args.page_rounds * 2):
+                with_page = i % 4 in (1, 2)
+                if with_page and page is None:
+                    page = spawn("--page-client", base, "tiny", log=tmp / "page.log")
+                    await asyncio.sleep(1.5)  # started, connected, its backlog read
+                elif not with_page and page is not None:
+                    stop(page)
+                    page = None
+                    await asyncio.sleep(0.2)
+                cpu0, t0 = cpu_secs(shim.pid), time.perf_counter()
+                t_end = t0 + args.page_round_secs
+                while time.perf_counter() < t_end:
+                    lat[with_page] += await latency(s, url, plain, 10)
+                for _ in range(args.page_streams):
+                    st[with_page].append(await stream(s, url, streaming))
+                cpu[with_page] += cpu_secs(shim.pid) - cpu0
+                wall[with_page] += time.perf_counter() - t0
+            if page is not None:
+                stop(page)
+                page = None
+    finally:
+        if writer is not None:
+            writer.cancel()
+        if page is not None:
+            stop(page)
+        stop(shim)
+    for line in (tmp / "page.log").read_text().splitlines():
+        if line.startswith("page:"):
+            for key, value in json.loads(line[5:]).items():
+                stats[key] += value
+    r: dict[str, float] = {}
+    for key, on in (("off", False), ("on", True)):
+        xs = st[on]
+        r[f"{key}_p50_ms"] = pct(lat[on], 0.5) * 1e3
+        r[f"{key}_p99_ms"] = pct(lat[on], 0.99) * 1e3
+        r[f"{key}_mean_ms"] = statistics.fmean(lat[on]) * 1e3
+        r[f"{key}_cps"] = sum(x[0] for x in xs) / sum(x[1] for x in xs)
+        r[f"{key}_ss_cps"] = (sum(x[0] - x[3] for x in xs) / sum(x[1] - x[2] for x in xs))
+        # the shim's own CPU per request (streams counted as requests too)
+        r[f"{key}_cpu_us"] = cpu[on] / (len(lat[on]) + len(xs)) * 1e6
+        r[f"{key}_cpu_pct"] = cpu[on] / wall[on] * 100
+    print(f"\n== built-in engine through the shim, without and with the /ui page open: "
+          f"{len(lat[False])} / {len(lat[True])} requests and {len(st[False])} streams per "
+          f"side, {args.page_rounds} rounds of {args.page_round_secs:g} s each; the page "
+          f"polled {stats['polls']} times and got {stats['log_events']} log events")
+    print(f"shim CPU while idle: {idle[False] * 100:.2f}% of one core without the page, "
+          f"{idle[True] * 100:.2f}% with it open: the page costs the shim "
+          f"{(idle[True] - idle[False]) * 1e3:.1f} ms of CPU a second")
+    r["idle_page_ms_per_s"] = (idle[True] - idle[False]) * 1e3
+    print(f"{'':26}{'no page':>12}{'page open':>12}{'change':>12}")
+    for label, key, lower_better in (("latency p50 (ms)", "p50_ms", True),
+                                     ("latency p99 (ms)", "p99_ms", True),
+                                     ("latency mean (ms)", "mean_ms", True),
+                                     ("stream chunks/s (whole)", "cps", False),
+                                     ("stream chunks/s (steady)", "ss_cps", False),
+                                     ("shim CPU us per request", "cpu_us", True),
+                                     ("shim CPU % of one core", "cpu_pct", True)):
+        off, on = r[f"off_{key}"], r[f"on_{key}"]
+        change = (on / off - 1) * 100
+        print(f"{label:26}{off:12.3f}{on:12.3f}{change:+11.1f}%"
+              f"{'  (worse)' if (change > 0) == lower_better and abs(change) > 0.05 else ''}")
+    return r
+
+
 async def main(args: argparse.Namespace) -> None:
     print(f"bench_proxy: python {sys.version.split()[0]}, {os.cpu_count()} cpu(s), "
           f"builtin backend {os.environ.get('LLMUX_BUILTIN_BACKEND', 'default')}")
@@ -380,12 +569,21 @@ async def main(args: argparse.Namespace) -> None:
                 results["built-in engine"] = await bench_builtin(args, tmp)
             if args.only in (None, "trivial"):
                 results["trivial upstream"] = await bench_trivial(args, tmp)
+            if args.only in (None, "page"):
+                page = await bench_page(args, tmp)
         except BaseException:
             for f in sorted(tmp.glob("*.log")) + sorted(tmp.glob("logs/*")):
                 print(f"--- {f.name}\n{f.read_text(errors='replace')[-3000:]}")
             raise
     print("\n== summary (targets: added p50 < 0.5 ms; chunk rate >= 80% trivial, "
           ">= 97% built-in)")
+    if args.only in (None, "page"):
+        def change(key: str) -> str:
+            return f"{(page[f'on_{key}'] / page[f'off_{key}'] - 1) * 100:+.1f}%"
+
+        print(f"{'/ui page open':18} latency p50 {change('p50_ms')}, mean {change('mean_ms')}, "
+              f"chunk rate {change('cps')} (target: within 5%); the page's own cost "
+              f"{page['idle_page_ms_per_s']:.1f} ms of shim CPU a second")
     for label, r in results.items():
         print(f"{label:18} added p50 {r['proxy_p50_ms'] - r['direct_p50_ms']:.3f} ms, "
               f"p99 {r['proxy_p99_ms'] - r['direct_p99_ms']:.3f} ms, chunk rate "
@@ -400,6 +598,9 @@ def cli() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--serve-shim-trivial":
         run_shim_trivial(int(sys.argv[2]), int(sys.argv[3]))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--page-client":
+        run_page_client(sys.argv[2], sys.argv[3])
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "--serve-shim":
         run_shim_builtin(sys.argv[2])
         return
@@ -411,7 +612,16 @@ def cli() -> None:
     ap.add_argument("--builtin-tokens", type=int, default=200,
                     help="max_tokens of a built-in engine stream")
     ap.add_argument("--weights-mb", type=int, default=8)
-    ap.add_argument("--only", choices=["trivial", "builtin"])
+    ap.add_argument("--only", choices=["trivial", "builtin", "page"])
+    ap.add_argument("--page-rounds", type=int, default=10,
+                    help="rounds without and with the /ui page open (alternating)")
+    ap.add_argument("--page-round-secs", type=float, default=3.0,
+                    help="seconds of back-to-back requests per round")
+    ap.add_argument("--page-streams", type=int, default=10, help="streams per round")
+    ap.add_argument("--page-tokens", type=int, default=1000,
+                    help="max_tokens of a stream in the page benchmark")
+    ap.add_argument("--page-idle-secs", type=float, default=10.0,
+                    help="seconds of the idle shim's CPU measured without and with the page")
     args = ap.parse_args()
     import uvloop
 
