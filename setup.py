@@ -28,5 +28,7 @@ packages = [
 setup(
     packages=packages,
     package_dir={name: folder for folder, name in ROOTS.items()},
-    package_data={name: ["py.typed"] for name in ROOTS.values()},
+    # the shim's OpenAPI description, served at /openapi.json
+    package_data={name: ["py.typed", *(["openapi.json"] if name == "llmux.shim" else [])]
+                  for name in ROOTS.values()},
 )

@@ -22,11 +22,19 @@ from llmux.shim.config import (
     ProcessStrategy,
     WeightStrategy,
 )
-from llmux.shim.errors import BadRequest, ModelNotFound, ShimError, UnsupportedMediaType
+from llmux.shim.errors import (
+    BadRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    ShimError,
+    UnsupportedMediaType,
+)
 from llmux.shim.switcher import Switcher
 
 log = logging.getLogger("llmux.control")
 
+#: a control request is a model name and a strategy: anything larger is not one
+MAX_CONTROL_BODY_BYTES = 65536
 #: states in which an engine process of the model exists (worth evicting)
 _EVICTABLE = frozenset({"running", "sleeping", "suspended"})
 
@@ -47,7 +55,8 @@ class StatusSource(Protocol):
 
 
 def error_json(err: ShimError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.http_status)
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in err.extra_headers}
+    return JSONResponse(err.body(), status_code=err.http_status, headers=headers or None)
 
 
 class ControlAPI:
@@ -168,12 +177,15 @@ async def _json_body(request: Request, *, allowed: set[str]) -> dict[str, Any]:
     if ctype is not None and ctype.split(";", 1)[0].strip().lower() != "application/json":
         raise UnsupportedMediaType(f"Content-Type must be application/json, got {ctype!r}")
     raw = await request.body()
-    if len(raw) > 65536:
-        raise BadRequest("control request body too large")
+    if len(raw) > MAX_CONTROL_BODY_BYTES:
+        raise PayloadTooLarge(f"control request body is {len(raw)} bytes, above "
+                              f"{MAX_CONTROL_BODY_BYTES}", code="payload_too_large")
     try:
         body = json.loads(raw) if raw else None
     except ValueError as e:
         raise BadRequest(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest('the request body must be a JSON object like {"model": "NAME"}')
     unknown = set(body) - allowed

@@ -12,6 +12,8 @@ from typing import Any
 class ShimError(Exception):
     http_status: int = 500
     error_type: str = "internal_error"
+    #: response headers besides content-type/length (lower-case names)
+    extra_headers: tuple[tuple[bytes, bytes], ...] = ()
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -47,12 +49,49 @@ class BadRequest(ShimError):
     error_type = "invalid_request_error"
 
 
+class Unauthorized(ShimError):
+    """No API key, or not a valid one (OpenAI's answer to a bad key)."""
+
+    http_status = 401
+    error_type = "authentication_error"
+    #: RFC 6750: the scheme a client should use
+    extra_headers = ((b"www-authenticate", b'Bearer realm="llmux"'),)
+
+
+class Forbidden(ShimError):
+    """A valid key that may not do this (an api key on /control/* when admin keys are set)."""
+
+    http_status = 403
+    error_type = "permission_error"
+
+
+class ClientTimeout(ShimError):
+    """The client did not send its request in time (slow or stalled body)."""
+
+    http_status = 408
+    error_type = "invalid_request_error"
+
+
+#: how much of a client-supplied name an error message repeats
+_SHOWN_NAME_CHARS = 128
+
+
+def shown_name(name: str) -> str:
+    """A client-supplied name as an error message repeats it: control characters escaped,
+    cut to _SHOWN_NAME_CHARS (a megabyte of name is not echoed back)."""
+    text = name if name.isprintable() else repr(name)[1:-1]
+    if len(text) > _SHOWN_NAME_CHARS:
+        return f"{text[:_SHOWN_NAME_CHARS]}... ({len(name)} characters)"
+    return text
+
+
 class ModelNotFound(ShimError):
     http_status = 404
     error_type = "invalid_request_error"
 
     def __init__(self, model: str | None, known: list[str]):
-        what = f"The model `{model}` does not exist" if model else "No model was named"
+        what = (f"The model `{shown_name(model)}` does not exist" if model
+                else "No model was named")
         super().__init__(
             f"{what}. Known models: {', '.join(sorted(known)) or '(none)'}",
             param="model",
