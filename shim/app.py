@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.resources
+import json
 import logging
 import resource
 import signal
@@ -44,7 +45,8 @@ FD_HEADROOM = 1024
 def build_app(config: Config, lifecycle: StatusSource, switcher: Switcher,
               engines: EngineClient, metrics: ShimMetrics) -> ASGIApp:
     """The shim's ASGI app: the raw /v1 proxy in front of a Starlette app for the rest."""
-    control = ControlAPI(config.models, switcher, lifecycle)
+    control = ControlAPI(config.models, switcher, lifecycle,
+                         has_host=config.checkpoint is not None)
     created = int(time.time())
 
     def model_entry(name: str) -> dict[str, Any]:
@@ -67,7 +69,7 @@ def build_app(config: Config, lifecycle: StatusSource, switcher: Switcher,
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "active": switcher.active})
 
-    description = openapi_document()
+    description = openapi_document(list(config.models))
 
     async def openapi(request: Request) -> Response:
         return Response(description, media_type="application/json")
@@ -102,9 +104,15 @@ def build_app(config: Config, lifecycle: StatusSource, switcher: Switcher,
     return ProxyApp(config, switcher, engines, rest, count=metrics.count)
 
 
-def openapi_document() -> bytes:
-    """The shim's OpenAPI description, shipped in the package (shim/openapi.json)."""
-    return importlib.resources.files("llmux.shim").joinpath("openapi.json").read_bytes()
+def openapi_document(models: list[str] | None = None) -> bytes:
+    """The shim's OpenAPI description, shipped in the package (shim/openapi.json); with
+    ``models``, the names a request may give are theirs (an enum of ModelName)."""
+    raw = importlib.resources.files("llmux.shim").joinpath("openapi.json").read_bytes()
+    if models is None:
+        return raw
+    doc = json.loads(raw)
+    doc["components"]["schemas"]["ModelName"]["enum"] = sorted(models)
+    return json.dumps(doc).encode()
 
 
 def metrics_app(metrics: ShimMetrics, gate: KeyGate | None = None) -> ASGIApp:

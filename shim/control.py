@@ -61,8 +61,10 @@ def error_json(err: ShimError) -> JSONResponse:
 
 class ControlAPI:
     def __init__(self, models: Mapping[str, ModelConfig], switcher: Switcher,
-                 lifecycle: StatusSource) -> None:
+                 lifecycle: StatusSource, *, has_host: bool = True) -> None:
+        """``has_host``: the config has a [checkpoint] section (llmuxd may be used)."""
         self._models = models
+        self._has_host = has_host
         self._switcher = switcher
         self._lifecycle = lifecycle
 
@@ -166,10 +168,17 @@ class ControlAPI:
         if raw is None:
             return None
         try:
-            return EvictionPolicy.parse(raw, self._models[model].eviction)
+            policy = EvictionPolicy.parse(raw, self._models[model].eviction)
         except PolicyError as e:
             raise BadRequest(e.message, param=f"strategy.{e.key}" if e.key
                              else "strategy") from None
+        if policy.needs_host and not self._has_host:
+            # refused before anything is evicted: no weights put away for a process
+            # strategy that cannot follow
+            raise BadRequest(f"the process strategy {policy.process} needs the llmux host "
+                             "service (llmuxd), and none is configured (add a [checkpoint] "
+                             "section)", param="strategy", code="host_service_not_configured")
+        return policy
 
 
 async def _json_body(request: Request, *, allowed: set[str]) -> dict[str, Any]:

@@ -406,3 +406,19 @@ async def test_openapi_description_is_served(
     served |= {("/v1/chat/completions", "POST"), ("/v1/completions", "POST")}
     described = {(p, m.upper()) for p, ops in doc["paths"].items() for m in ops}
     assert served == described
+
+
+async def test_a_host_strategy_without_a_host_is_a_400_that_evicts_nothing(
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+    """Found by the fuzz: it was a 503 (retry later) after the weights were put away."""
+    shim = await shim_factory(["a"])
+    assert (await http.post(f"{shim.url}/control/wake", json={"model": "a"})).status_code == 200
+    for strategy in ("offload+checkpoint", {"process": "cuda_suspend"}):
+        r = await http.post(f"{shim.url}/control/sleep",
+                            json={"model": "a", "strategy": strategy})
+        err = assert_error(r, 400, param="strategy")
+        assert err["code"] == "host_service_not_configured"
+        assert "[checkpoint]" in err["message"]
+    assert str(shim.lifecycle.status("a").state) == "running"
+    r = await http.post(f"{shim.url}/v1/chat/completions", json=chat_body("a", "hi"))
+    assert r.status_code == 200, r.text
