@@ -77,8 +77,9 @@ def property_names(bus: MessageBus, path: str, interface: str) -> frozenset[str]
         return frozenset()
     for exported_interface in bus._path_exports.get(path, ()):
         if exported_interface.name == interface:
-            return frozenset(p.name for p in ServiceInterface._get_properties(exported_interface)
-                             if not p.disabled)
+            props: list[Any] = ServiceInterface._get_properties(  # type: ignore[no-untyped-call]
+                exported_interface)
+            return frozenset(p.name for p in props if not p.disabled)
     return None
 
 
