@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import stat
 import tomllib
@@ -158,10 +159,14 @@ def _port_or_zero(v: int) -> str | None:
 
 
 def _positive(v: float) -> str | None:
+    if not math.isfinite(v):
+        return f"must be a finite number, got {v}"
     return None if v > 0 else f"must be greater than 0, got {v}"
 
 
 def _non_negative(v: float) -> str | None:
+    if not math.isfinite(v):
+        return f"must be a finite number, got {v}"
     return None if v >= 0 else f"must not be negative, got {v}"
 
 
@@ -401,6 +406,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError([("", f"cannot read {p}: {e.strerror}")], source=str(p)) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError([("", f"{p} is not UTF-8 text ({e.reason} at byte {e.start})")],
+                          source=str(p)) from None
     return parse_config(text, source=str(p), fmt=_format_of(p, text))
 
 

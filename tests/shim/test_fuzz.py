@@ -187,3 +187,37 @@ def test_config_fuzz_found_its_targets() -> None:
         config_from_dict({"models": {"a": {"model_path": "x", "port": 5001}},
                           "auth": {"api_keys": [1]}})
     assert err.value.problems == [("auth.api_keys", "every item must be a string, got 1")]
+
+
+@settings(max_examples=int(CONFIG_EXAMPLES / 10), deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(content=st.binary(max_size=300) | st.text(max_size=300).map(str.encode),
+       suffix=st.sampled_from([".toml", ".json", ".conf", ""]))
+def test_config_files_of_any_bytes(content: bytes, suffix: str,
+                                   tmp_path_factory: pytest.TempPathFactory) -> None:
+    from llmux.shim.config import load_config
+
+    path = tmp_path_factory.getbasetemp() / f"fuzz-config{suffix}"
+    path.write_bytes(content)
+    _must_load_or_explain(lambda: load_config(path))
+
+
+def test_regressions_the_config_fuzz_found(tmp_path: Path) -> None:
+    from llmux.shim.config import load_config
+
+    # a file that is not UTF-8 raised UnicodeDecodeError
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'host = "caf\xe9"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "not UTF-8" in err.value.message and str(path) in err.value.message
+    # inf and nan (TOML and JSON both have them) passed the duration checks
+    text = ('header_timeout_secs = inf\nstartup_timeout_secs = nan\n'
+            '[models.a]\nmodel_path = "x"\nport = 5001\n[policy]\nmin_active_secs = -inf\n')
+    with pytest.raises(ConfigError) as err:
+        parse_config(text)
+    assert dict(err.value.problems) == {
+        "header_timeout_secs": "must be a finite number, got inf",
+        "startup_timeout_secs": "must be a finite number, got nan",
+        "policy.min_active_secs": "must be a finite number, got -inf",
+    }
