@@ -302,3 +302,31 @@ async def test_llmux_status_takes_the_key_from_the_environment(
     rc, out, err = await status(ADMIN)
     assert rc == 0, err
     assert "MODEL" in out and "active: none" in out
+
+
+async def test_the_key_is_not_forwarded_to_the_engine() -> None:
+    """The engine gets every header of the request but the shim's own key."""
+    from llmux.shim.proxy import ProxyApp
+
+    cfg = config_from_dict({"models": _models(), "auth": {"api_keys": [API]}})
+    messages = [{"type": "http.request", "body": b'{"model": "a"}', "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def fallback(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("not for the fallback")
+
+    app = ProxyApp(cfg, None, None, fallback)  # type: ignore[arg-type]
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [
+        (b"authorization", f"Bearer {API}".encode()), (b"x-request-id", b"r1"),
+        (b"content-type", b"application/json")]}
+    body, headers = await app._read(scope, receive)
+    assert body == b'{"model": "a"}'
+    assert dict(headers) == {"x-request-id": "r1", "content-type": "application/json"}
+    # without keys the header is the client's business and goes through unchanged
+    plain = ProxyApp(config_from_dict({"models": _models()}), None, None,  # type: ignore[arg-type]
+                     fallback)
+    messages.append({"type": "http.request", "body": b"{}", "more_body": False})
+    _, headers = await plain._read(scope, receive)
+    assert ("authorization", f"Bearer {API}") in headers

@@ -278,14 +278,45 @@ def test_a_caller_outside_the_group_is_refused_everything(llmuxd: Llmuxd) -> Non
     no_unexpected_failure(llmuxd)
 
 
+HOLDER = """
+import os, sys, time
+# world-readable files the tree holds: a deleted one and a /dev/shm segment
+path = sys.argv[1]
+with open(path, "w") as f:
+    f.write("secret " * 1000)
+os.chmod(path, 0o644)
+deleted = open(path)
+os.unlink(path)
+shm = open(sys.argv[2], "w+")
+shm.write("shared " * 1000)
+shm.flush()
+os.chmod(sys.argv[2], 0o666)
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
 @pytest.mark.criu
-def test_checkpoint_files_are_readable_by_root_alone(llmuxd: Llmuxd, spawn_target,
-                                                     tmp_path: Path) -> None:
-    target = spawn_target(megabytes=8)
-    # a file the tree holds open and deleted (a link-remap), and a /dev/shm-free tree
-    job_id, _ = llmuxd.ok("Checkpoint", "sua{sv}", "modes", target.pid, 0)
-    assert llmuxd.ok("WaitJob", "ud", job_id, 120) == ["done", "", ""]
-    target.reap()
+def test_checkpoint_files_are_readable_by_root_alone(llmuxd: Llmuxd, tmp_path: Path) -> None:
+    shm = Path(f"/dev/shm/llmux-test-modes-{os.getpid()}")
+    log = tmp_path / "holder.log"
+    with open(log, "wb") as out:
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "held"),
+                                   str(shm)], stdin=subprocess.DEVNULL, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True,
+                                  cwd=tmp_path)
+    try:
+        wait_until(lambda: "ready" in log.read_text(), 60, "the holder to start")
+        job_id, _ = llmuxd.ok("Checkpoint", "sua{sv}", "modes", holder.pid, 0)
+        result = llmuxd.ok("WaitJob", "ud", job_id, 120)
+        assert result == ["done", "", ""], (result, llmuxd.log()[-3000:])
+        holder.wait(30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        shm.unlink(missing_ok=True)
     root = llmuxd.state_dir
     checked = 0
     for path in [root, *root.rglob("*")]:
@@ -298,9 +329,11 @@ def test_checkpoint_files_are_readable_by_root_alone(llmuxd: Llmuxd, spawn_targe
         if st.st_gid != 0:
             assert st.st_mode & 0o070 == 0, f"{path} is open to group {st.st_gid}"
     assert checked > 3
+    # the held contents are in there (as images or saved files), and no one else may read them
+    assert any(b"secret secret" in p.read_bytes() for p in root.rglob("*") if p.is_file())
     # and a user who is not root cannot read one, nor list the directory
     manifest = root / "modes" / "manifest.json"
-    assert json.loads(manifest.read_text())["root_pid"] == target.pid
+    assert json.loads(manifest.read_text())["root_pid"] == holder.pid
     for argv in (["cat", str(manifest)], ["ls", str(root / "modes")]):
         proc = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
                                "--clear-groups", *argv], capture_output=True, timeout=30)
