@@ -116,6 +116,11 @@ def bounded_protocol(header_timeout_secs: float) -> type[HttpToolsProtocol]:
             self._header_timer = None
             if self.transport.is_closing():
                 return
+            if self.cycle is not None and not self.cycle.response_complete:
+                # a pipelined request's headers, behind a response still going out: no
+                # answer may cut into that one; look again later
+                self._header_timer = self.loop.call_later(header_timeout_secs, self._expired)
+                return
             if self._partial:
                 log.debug("action=header_timeout client=%s", _peer(self.client))
                 self._reject(b"408 Request Timeout", f"request headers not complete within "
