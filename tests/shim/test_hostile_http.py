@@ -408,9 +408,9 @@ async def test_openapi_description_is_served(
     assert served == described
 
 
-async def test_a_host_strategy_without_a_host_is_a_400_that_evicts_nothing(
+async def test_a_host_strategy_without_a_host_is_a_400(
         shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
-    """Found by the fuzz: it was a 503 (retry later) after the weights were put away."""
+    """Found by the fuzz: it was a 503 ("retry later") for what no retry can change."""
     shim = await shim_factory(["a"])
     assert (await http.post(f"{shim.url}/control/wake", json={"model": "a"})).status_code == 200
     for strategy in ("offload+checkpoint", {"process": "cuda_suspend"}):
