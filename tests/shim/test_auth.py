@@ -330,3 +330,34 @@ async def test_the_key_is_not_forwarded_to_the_engine() -> None:
     messages.append({"type": "http.request", "body": b"{}", "more_body": False})
     _, headers = await plain._read(scope, receive)
     assert ("authorization", f"Bearer {API}") in headers
+
+
+def test_an_unreadable_keys_file_is_a_config_error_naming_it() -> None:
+    """A root-only keys file: read by root, a config error for anyone else."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a root-only file and run as another user")
+    d = Path(tempfile.mkdtemp(prefix="llmux-keys-"))
+    try:
+        d.chmod(0o755)
+        keys = d / "keys"
+        keys.write_text(f"{API}\n")
+        keys.chmod(0o600)
+        config = d / "llmux.toml"
+        config.write_text(f'[models.a]\nmodel_path = "x"\nport = 5001\n\n[auth]\n'
+                          f'api_keys_file = "{keys}"\n')
+        config.chmod(0o644)
+        as_root = subprocess.run([str(LLMUX), "validate-config", "--config", str(config)],
+                                 capture_output=True, text=True, timeout=60)
+        assert as_root.returncode == 0, as_root.stderr
+        other = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                str(LLMUX), "validate-config", "--config", str(config)],
+                               capture_output=True, text=True, timeout=60)
+        assert other.returncode == 2
+        assert f"auth.api_keys_file: cannot read {keys}: Permission denied" in other.stderr
+        assert API not in other.stderr + other.stdout
+    finally:
+        shutil.rmtree(d)
