@@ -338,6 +338,10 @@ class ProxyApp:
 
 
 def _is_int(v: Any) -> bool:
+    """An integer, or a float without a fraction (5.0: what Python clients send after a
+    division, and vLLM's models accept)."""
+    if isinstance(v, float):
+        return v.is_integer()
     return isinstance(v, int) and not isinstance(v, bool)
 
 
