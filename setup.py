@@ -33,5 +33,7 @@ packages += list(DATA)
 setup(
     packages=packages,
     package_dir={name: folder for folder, name in ROOTS.items()},
-    package_data={**{name: ["py.typed"] for name in ROOTS.values()}, **DATA},
+    # the shim's OpenAPI description (served at /openapi.json) and the operator page's files
+    package_data={**{name: ["py.typed", *(["openapi.json"] if name == "llmux.shim" else [])]
+                     for name in ROOTS.values()}, **DATA},
 )

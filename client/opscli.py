@@ -447,16 +447,37 @@ class ShimHTTPError(Exception):
         self.message = message
 
 
-async def fetch_status(url: str, timeout: float = 10.0) -> dict[str, Any]:  # noqa: ASYNC109
-    """GET URL/control/status; the shim's JSON, or ShimHTTPError saying what went wrong."""
+#: the environment variable holding the key ``llmux status`` sends (an admin key where the
+#: shim has admin keys); an environment variable, not an option, keeps it out of ps and
+#: shell histories
+API_KEY_ENV = "LLMUX_API_KEY"
+
+
+async def fetch_status(url: str, timeout: float = 10.0,  # noqa: ASYNC109
+                       api_key: str | None = None) -> dict[str, Any]:
+    """GET URL/control/status; the shim's JSON, or ShimHTTPError saying what went wrong.
+
+    ``api_key`` (default: $LLMUX_API_KEY) goes as ``Authorization: Bearer KEY``."""
     import httpx
 
     target = url.rstrip("/") + "/control/status"
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         async with httpx.AsyncClient(timeout=timeout) as client:
-            response = await client.get(target)
+            response = await client.get(target, headers=headers)
     except httpx.HTTPError as exc:
         raise ShimHTTPError("Unreachable", f"cannot reach the shim at {target}: {exc}") from exc
+    if response.status_code in (401, 403):
+        if response.status_code == 403:
+            need = f"{API_KEY_ENV} is an api key; the shim wants an admin key ([auth] admin_keys)"
+        elif key:
+            need = f"the key in {API_KEY_ENV} is not one of the shim's"
+        else:
+            need = (f"the shim has API keys: set {API_KEY_ENV} to one (an admin key where it "
+                    "has admin keys)")
+        raise ShimHTTPError(f"HTTP{response.status_code}",
+                            f"{target} refused the request ({response.status_code}): {need}")
     if response.status_code != 200:
         raise ShimHTTPError(f"HTTP{response.status_code}",
                             f"{target} answered {response.status_code}: {response.text[:300]}")
@@ -571,7 +592,10 @@ def add_client_commands(
     _common(restore)
     restore.set_defaults(func=cmd_restore)
 
-    status = subparsers.add_parser("status", help="a running shim's models (GET /control/status)")
+    status = subparsers.add_parser(
+        "status", help="a running shim's models (GET /control/status)",
+        epilog=f"A shim with [auth] keys needs one: set {API_KEY_ENV} (an admin key where "
+               "the shim has admin keys).")
     status.add_argument("--url", default=DEFAULT_URL,
                         help=f"the shim's base URL (default {DEFAULT_URL})")
     status.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.resources
+import json
 import logging
+import resource
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -22,12 +25,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from llmux.shim.auth import KeyGate
 from llmux.shim.config import Config
 from llmux.shim.control import ControlAPI, StatusSource, error_json
 from llmux.shim.engineclient import EngineClient
 from llmux.shim.errors import ModelNotFound, ShimError
+from llmux.shim.httpbounds import bounded_protocol
 from llmux.shim.metrics import CONTENT_TYPE, ShimMetrics
-from llmux.shim.proxy import ASGIApp, ProxyApp, Receive, Scope, Send
+from llmux.shim.proxy import ASGIApp, ProxyApp, Receive, Scope, Send, send_error
 from llmux.shim.switcher import Switcher
 from llmux.shim.ui import OperatorPage, SwitchHistory, fan_out
 
@@ -35,6 +40,8 @@ log = logging.getLogger("llmux.app")
 
 #: how long a shutdown waits for in-flight requests before cancelling them
 SHUTDOWN_GRACE_SECS = 30
+#: file descriptors beyond max_connections: engines' connections, logs, pipes
+FD_HEADROOM = 1024
 
 
 def build_app(config: Config, lifecycle: StatusSource, switcher: Switcher,
@@ -44,7 +51,8 @@ def build_app(config: Config, lifecycle: StatusSource, switcher: Switcher,
               stopping: Callable[[], bool] = lambda: False) -> ASGIApp:
     """The shim's ASGI app: the raw /v1 proxy in front of a Starlette app for the rest
     (the control API, /metrics and the operator's page /ui)."""
-    control = ControlAPI(config.models, switcher, lifecycle)
+    control = ControlAPI(config.models, switcher, lifecycle,
+                         has_host=config.checkpoint is not None)
     page = OperatorPage(config, control.status_json, history or SwitchHistory(),
                         log_path=log_path, stopping=stopping)
     created = int(time.time())
@@ -69,6 +77,11 @@ def build_app(config: Config, lifecycle: StatusSource, switcher: Switcher,
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "active": switcher.active})
 
+    description = openapi_document(list(config.models))
+
+    async def openapi(request: Request) -> Response:
+        return Response(description, media_type="application/json")
+
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
@@ -91,6 +104,7 @@ def build_app(config: Config, lifecycle: StatusSource, switcher: Switcher,
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
         *control.routes(),
         *page.routes(),
     ]
@@ -99,11 +113,26 @@ def build_app(config: Config, lifecycle: StatusSource, switcher: Switcher,
     return ProxyApp(config, switcher, engines, rest, count=metrics.count)
 
 
-def metrics_app(metrics: ShimMetrics) -> ASGIApp:
-    """The separate Prometheus port: /metrics only."""
+def openapi_document(models: list[str] | None = None) -> bytes:
+    """The shim's OpenAPI description, shipped in the package (shim/openapi.json); with
+    ``models``, the names a request may give are theirs (an enum of ModelName)."""
+    raw = importlib.resources.files("llmux.shim").joinpath("openapi.json").read_bytes()
+    if models is None:
+        return raw
+    doc = json.loads(raw)
+    doc["components"]["schemas"]["ModelName"]["enum"] = sorted(models)
+    return json.dumps(doc).encode()
+
+
+def metrics_app(metrics: ShimMetrics, gate: KeyGate | None = None) -> ASGIApp:
+    """The separate Prometheus port: /metrics only (behind ``gate`` with metrics_auth)."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            return
+        refused = gate.check(scope) if gate is not None else None
+        if refused is not None:
+            await send_error(send, refused)
             return
         if scope["path"] != "/metrics":
             await send({"type": "http.response.start", "status": 404,
@@ -126,11 +155,27 @@ class _Server(uvicorn.Server):
         yield
 
 
-def uvicorn_config(app: ASGIApp, host: str, port: int, **kw: Any) -> uvicorn.Config:
+def uvicorn_config(app: ASGIApp, host: str, port: int, *,
+                   header_timeout_secs: float = Config.header_timeout_secs,
+                   max_connections: int | None = None, **kw: Any) -> uvicorn.Config:
+    """uvicorn as the shim runs it: httptools with header bounds (shim.httpbounds); over
+    ``max_connections`` open connections a request is answered 503."""
     return uvicorn.Config(
-        app, host=host, port=port, loop="none", http="httptools", lifespan="off",
-        access_log=False, server_header=False, date_header=False, log_config=None,
-        timeout_graceful_shutdown=SHUTDOWN_GRACE_SECS, backlog=2048, **kw)
+        app, host=host, port=port, loop="none", http=bounded_protocol(header_timeout_secs),
+        lifespan="off", access_log=False, server_header=False, date_header=False,
+        log_config=None, timeout_graceful_shutdown=SHUTDOWN_GRACE_SECS, backlog=2048,
+        limit_concurrency=max_connections, **kw)
+
+
+def raise_fd_limit(wanted: int) -> None:
+    """Lift the soft RLIMIT_NOFILE towards the hard one: each connection is a file
+    descriptor, and systemd's and many containers' soft default (1024) is below
+    max_connections; accept() failing with EMFILE would stall every client."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        log.info("action=fd_limit soft=%d new=%d", soft, target)
 
 
 class Shim:
@@ -177,10 +222,14 @@ class Shim:
         self.app = build_app(config, self.lifecycle, self.switcher, self.engines, self.metrics,
                              history=self.history, log_path=self.supervisor.log_path,
                              stopping=lambda: self.servers[0].should_exit)
-        self.servers = [_Server(uvicorn_config(self.app, config.host, config.port))]
+        bounds: dict[str, Any] = {"header_timeout_secs": config.header_timeout_secs,
+                                  "max_connections": config.max_connections}
+        self.servers = [_Server(uvicorn_config(self.app, config.host, config.port, **bounds))]
         if config.metrics_port:
-            self.servers.append(_Server(uvicorn_config(metrics_app(self.metrics), config.host,
-                                                       config.metrics_port)))
+            gate = KeyGate(config.auth)
+            self.servers.append(_Server(uvicorn_config(
+                metrics_app(self.metrics, gate if gate.enabled else None), config.host,
+                config.metrics_port, **bounds)))
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
 
@@ -192,6 +241,7 @@ class Shim:
     async def start(self) -> None:
         """End the engines a crashed predecessor left, check the strategies
         (lifecycle.start), then listen; raises if a port is taken."""
+        raise_fd_limit(self.config.max_connections + FD_HEADROOM)
         await self.supervisor.end_leftovers()
         await self.lifecycle.start()
         self._tasks = [asyncio.create_task(s.serve(), name=f"llmux-uvicorn-{i}")

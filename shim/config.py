@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
+import stat
 import tomllib
 import types
 import typing
@@ -157,10 +159,14 @@ def _port_or_zero(v: int) -> str | None:
 
 
 def _positive(v: float) -> str | None:
+    if not math.isfinite(v):
+        return f"must be a finite number, got {v}"
     return None if v > 0 else f"must be greater than 0, got {v}"
 
 
 def _non_negative(v: float) -> str | None:
+    if not math.isfinite(v):
+        return f"must be a finite number, got {v}"
     return None if v >= 0 else f"must not be negative, got {v}"
 
 
@@ -267,6 +273,98 @@ class CheckpointConfig:
     job_timeout_secs: float = _key(1800.0, check=_positive)
 
 
+def _api_keys(v: tuple[str, ...]) -> str | None:
+    for i, key in enumerate(v):
+        why = _key_problem(key)
+        if why:
+            return f"item {i}: {why}"  # the key itself is never repeated
+    return None
+
+
+def _key_problem(key: str) -> str | None:
+    if not key:
+        return "an empty key"
+    if any(c.isspace() for c in key) or not key.isprintable():
+        return "a key must not contain whitespace or control characters"
+    return None
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Bearer keys of the shim's HTTP API: api keys for /v1/*, admin keys for /control/*.
+
+    The ``*_file`` keys name files of one key a line (blank lines and ``#`` comments
+    ignored), read once at start-up; the effective sets are ``api_key_set`` and
+    ``admin_key_set``. Keys are never written into messages or logs.
+    """
+
+    api_keys: tuple[str, ...] = _key((), check=_api_keys)
+    api_keys_file: Path | None = _key(None)
+    admin_keys: tuple[str, ...] = _key((), check=_api_keys)
+    admin_keys_file: Path | None = _key(None)
+    #: /metrics needs a key too (any api or admin key)
+    metrics_auth: bool = _key(False)
+    api_key_set: frozenset[str] = _internal(frozenset())
+    admin_key_set: frozenset[str] = _internal(frozenset())
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_key_set or self.admin_key_set)
+
+    def __repr__(self) -> str:
+        """Counts, never the keys (a Config may end up in a log or a traceback)."""
+        return (f"AuthConfig(api_keys=<{len(self.api_key_set)}>, "
+                f"admin_keys=<{len(self.admin_key_set)}>, api_keys_file={self.api_keys_file!r}, "
+                f"admin_keys_file={self.admin_keys_file!r}, metrics_auth={self.metrics_auth})")
+
+
+#: a keys file larger than this is refused (it is a list of keys, not a data file)
+MAX_KEYS_FILE_BYTES = 1 << 20
+
+
+def read_keys_file(path: Path) -> tuple[list[str], list[str]]:
+    """The keys in ``path`` and the problems found (never quoting a key).
+
+    Only a regular file is read (a FIFO or a device would block or never end), at most
+    MAX_KEYS_FILE_BYTES of it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        return [], [f"cannot read {path}: {e.strerror}"]
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return [], [f"{path} is not a regular file"]
+        if st.st_size > MAX_KEYS_FILE_BYTES:
+            return [], [f"{path} is larger than {MAX_KEYS_FILE_BYTES} bytes"]
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_KEYS_FILE_BYTES + 1)
+    except OSError as e:
+        return [], [f"cannot read {path}: {e.strerror}"]
+    finally:
+        os.close(fd)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return [], [f"{path} is not UTF-8 text"]
+    keys: list[str] = []
+    problems: list[str] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        why = _key_problem(line)
+        if why:
+            problems.append(f"{path} line {n}: {why}")
+        else:
+            keys.append(line)
+    if not keys and not problems:
+        problems.append(f"{path} holds no key (one key a line; remove the setting to turn "
+                        "keys off)")
+    return keys, problems
+
+
 @dataclass(frozen=True)
 class Config:
     models: Mapping[str, ModelConfig] = _internal()
@@ -283,6 +381,13 @@ class Config:
     max_active: int = _key(1, check=_at_least(1))
     #: request bodies above this are refused with 413 before any engine sees them
     max_body_bytes: int = _key(16 << 20, check=_at_least(1024))
+    #: a client must send a request's headers within this (slow-loris bound); 408 after
+    header_timeout_secs: float = _key(10.0, check=_positive)
+    #: ... and its whole body within this, from the end of its headers; 408 after
+    body_timeout_secs: float = _key(60.0, check=_positive)
+    #: open connections above this are answered 503 (each holds a file descriptor)
+    max_connections: int = _key(4096, check=_at_least(16))
+    auth: AuthConfig = _key(AuthConfig())
     #: per-model engine logs (stdout/stderr) are written here
     log_dir: Path = _key(Path("/tmp/llmux-logs"))
     source: str = _internal("<memory>")
@@ -327,6 +432,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError([("", f"cannot read {p}: {e.strerror}")], source=str(p)) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError([("", f"{p} is not UTF-8 text ({e.reason} at byte {e.start})")],
+                          source=str(p)) from None
     return parse_config(text, source=str(p), fmt=_format_of(p, text))
 
 
@@ -508,7 +616,25 @@ class _Reader:
                         models[mc.name] = mc
         self.ports(all_models, top["port"], top["metrics_port"])
         self.pinned(all_models, policy.memory_budget_mb)
+        top["auth"] = self.auth(top["auth"])
         return Config(models=models, source=source, **top)
+
+    def auth(self, auth: AuthConfig) -> AuthConfig:
+        """The key files read, and the effective key sets."""
+        sets: dict[str, set[str]] = {}
+        for kind in ("api", "admin"):
+            keys = set(getattr(auth, f"{kind}_keys"))
+            path: Path | None = getattr(auth, f"{kind}_keys_file")
+            if path is not None:
+                found, problems = read_keys_file(path)
+                for why in problems:
+                    self.bad(f"auth.{kind}_keys_file", why)
+                keys.update(found)
+            sets[kind] = keys
+        if auth.metrics_auth and not (sets["api"] or sets["admin"]):
+            self.bad("auth.metrics_auth", "true, but no api or admin key is set")
+        return dataclasses.replace(auth, api_key_set=frozenset(sets["api"]),
+                                   admin_key_set=frozenset(sets["admin"]))
 
     def model(self, name: str, raw: Any, policy: PolicyConfig,
               startup: float) -> ModelConfig | None:

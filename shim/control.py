@@ -22,11 +22,19 @@ from llmux.shim.config import (
     ProcessStrategy,
     WeightStrategy,
 )
-from llmux.shim.errors import BadRequest, ModelNotFound, ShimError, UnsupportedMediaType
+from llmux.shim.errors import (
+    BadRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    ShimError,
+    UnsupportedMediaType,
+)
 from llmux.shim.switcher import Switcher
 
 log = logging.getLogger("llmux.control")
 
+#: a control request is a model name and a strategy: anything larger is not one
+MAX_CONTROL_BODY_BYTES = 65536
 #: states in which an engine process of the model exists (worth evicting)
 _EVICTABLE = frozenset({"running", "sleeping", "suspended"})
 
@@ -52,8 +60,10 @@ def error_json(err: ShimError) -> JSONResponse:
 
 class ControlAPI:
     def __init__(self, models: Mapping[str, ModelConfig], switcher: Switcher,
-                 lifecycle: StatusSource) -> None:
+                 lifecycle: StatusSource, *, has_host: bool = True) -> None:
+        """``has_host``: the config has a [checkpoint] section (llmuxd may be used)."""
         self._models = models
+        self._has_host = has_host
         self._switcher = switcher
         self._lifecycle = lifecycle
 
@@ -167,10 +177,17 @@ class ControlAPI:
         if raw is None:
             return None
         try:
-            return EvictionPolicy.parse(raw, self._models[model].eviction)
+            policy = EvictionPolicy.parse(raw, self._models[model].eviction)
         except PolicyError as e:
             raise BadRequest(e.message, param=f"strategy.{e.key}" if e.key
                              else "strategy") from None
+        if policy.needs_host and not self._has_host:
+            # refused before anything is evicted: no weights put away for a process
+            # strategy that cannot follow
+            raise BadRequest(f"the process strategy {policy.process} needs the llmux host "
+                             "service (llmuxd), and none is configured (add a [checkpoint] "
+                             "section)", param="strategy", code="host_service_not_configured")
+        return policy
 
 
 async def _json_body(request: Request, *, allowed: set[str]) -> dict[str, Any]:
@@ -178,12 +195,15 @@ async def _json_body(request: Request, *, allowed: set[str]) -> dict[str, Any]:
     if ctype is not None and ctype.split(";", 1)[0].strip().lower() != "application/json":
         raise UnsupportedMediaType(f"Content-Type must be application/json, got {ctype!r}")
     raw = await request.body()
-    if len(raw) > 65536:
-        raise BadRequest("control request body too large")
+    if len(raw) > MAX_CONTROL_BODY_BYTES:
+        raise PayloadTooLarge(f"control request body is {len(raw)} bytes, above "
+                              f"{MAX_CONTROL_BODY_BYTES}", code="payload_too_large")
     try:
         body = json.loads(raw) if raw else None
     except ValueError as e:
         raise BadRequest(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest('the request body must be a JSON object like {"model": "NAME"}')
     unknown = set(body) - allowed

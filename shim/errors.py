@@ -18,6 +18,8 @@ class ShimError(Exception):
     #: sent as Retry-After: the condition passes by itself (a switch, a start-up), so a
     #: client may try again after this many seconds; None for errors a retry cannot mend
     retry_after_secs: int | None = None
+    #: response headers besides content-type/length (lower-case names)
+    extra_headers: tuple[tuple[bytes, bytes], ...] = ()
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -26,10 +28,11 @@ class ShimError(Exception):
         self.code = code
 
     def headers(self) -> list[tuple[str, str]]:
-        """The response headers besides the content type."""
-        if self.retry_after_secs is None:
-            return []
-        return [("retry-after", str(self.retry_after_secs))]
+        """The response headers besides the content type and length."""
+        out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.extra_headers]
+        if self.retry_after_secs is not None:
+            out.append(("retry-after", str(self.retry_after_secs)))
+        return out
 
     def body(self) -> dict[str, Any]:
         """OpenAI-style error body, as the official client expects it."""
@@ -59,12 +62,49 @@ class BadRequest(ShimError):
     error_type = "invalid_request_error"
 
 
+class Unauthorized(ShimError):
+    """No API key, or not a valid one (OpenAI's answer to a bad key)."""
+
+    http_status = 401
+    error_type = "authentication_error"
+    #: RFC 6750: the scheme a client should use
+    extra_headers = ((b"www-authenticate", b'Bearer realm="llmux"'),)
+
+
+class Forbidden(ShimError):
+    """A valid key that may not do this (an api key on /control/* when admin keys are set)."""
+
+    http_status = 403
+    error_type = "permission_error"
+
+
+class ClientTimeout(ShimError):
+    """The client did not send its request in time (slow or stalled body)."""
+
+    http_status = 408
+    error_type = "invalid_request_error"
+
+
+#: how much of a client-supplied name an error message repeats
+_SHOWN_NAME_CHARS = 128
+
+
+def shown_name(name: str) -> str:
+    """A client-supplied name as an error message repeats it: control characters escaped,
+    cut to _SHOWN_NAME_CHARS (a megabyte of name is not echoed back)."""
+    text = name if name.isprintable() else repr(name)[1:-1]
+    if len(text) > _SHOWN_NAME_CHARS:
+        return f"{text[:_SHOWN_NAME_CHARS]}... ({len(name)} characters)"
+    return text
+
+
 class ModelNotFound(ShimError):
     http_status = 404
     error_type = "invalid_request_error"
 
     def __init__(self, model: str | None, known: list[str]):
-        what = f"The model `{model}` does not exist" if model else "No model was named"
+        what = (f"The model `{shown_name(model)}` does not exist" if model
+                else "No model was named")
         super().__init__(
             f"{what}. Known models: {', '.join(sorted(known)) or '(none)'}",
             param="model",

@@ -18,10 +18,12 @@ from typing import Any
 
 import aiohttp
 
+from llmux.shim.auth import KeyGate
 from llmux.shim.config import Config
 from llmux.shim.engineclient import EngineClient
 from llmux.shim.errors import (
     BadRequest,
+    ClientTimeout,
     EngineFailed,
     ModelNotFound,
     PayloadTooLarge,
@@ -113,20 +115,30 @@ class ProxyApp:
         self._engines = engines
         self._fallback = fallback
         self._count = count if count is not None else (lambda model, status: None)
+        self._gate = KeyGate(config.auth)
+        self._body_timeout = config.body_timeout_secs
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] == "http" and scope["method"] == "POST"
-                and scope["path"].startswith("/v1/")):
+        if scope["type"] != "http":
+            await self._fallback(scope, receive, send)
+            return
+        if self._gate.enabled:
+            refused = self._gate.check(scope)
+            if refused is not None:
+                self._count("-", refused.http_status)
+                await send_error(send, refused)
+                return
+        if scope["method"] == "POST" and scope["path"].startswith("/v1/"):
             await self._handle(scope, receive, send)
         else:
-            await self._fallback(scope, receive, send)
+            await self._fallback(scope, _bounded_receive(receive, self._body_timeout), send)
 
     # ---------------------------------------------------------------- request
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             body, headers = await self._read(scope, receive)
-            model = self._model_of(body)
+            model = self._model_of(body, scope["path"])
         except ShimError as e:
             self._count("-", e.http_status)
             await send_error(send, e)
@@ -177,6 +189,8 @@ class ProxyApp:
             elif k == b"content-length":
                 length = v
                 continue
+            elif k == b"authorization" and self._gate.enabled:
+                continue  # the shim's key, not the engine's
             if k not in _HOP_REQUEST:
                 fwd.append((k.decode("latin-1"), v.decode("latin-1")))
         if ctype is None:
@@ -193,7 +207,19 @@ class ProxyApp:
                                  code="bad_content_length") from None
             if n > self._max_body:
                 raise self._too_large(n)
+        try:
+            async with asyncio.timeout(self._body_timeout):
+                body = await self._read_body(receive)
+        except TimeoutError:
+            raise ClientTimeout(
+                f"the request body did not arrive within body_timeout_secs="
+                f"{self._body_timeout:g}", code="body_timeout") from None
+        return body, fwd
+
+    async def _read_body(self, receive: Receive) -> bytes:
         msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise BadRequest("the client went away while sending the body")
         body: bytes = msg.get("body", b"")
         if msg.get("more_body", False):
             parts = [body]
@@ -212,7 +238,7 @@ class ProxyApp:
             body = b"".join(parts)
         elif len(body) > self._max_body:
             raise self._too_large(len(body))
-        return body, fwd
+        return body
 
     def _too_large(self, n: int, at_least: bool = False) -> PayloadTooLarge:
         more = "at least " if at_least else ""
@@ -220,7 +246,7 @@ class ProxyApp:
             f"request body is {more}{n} bytes, above max_body_bytes={self._max_body}",
             code="payload_too_large")
 
-    def _model_of(self, body: bytes) -> str:
+    def _model_of(self, body: bytes, path: str) -> str:
         if not body:
             raise BadRequest("the request body is empty; a JSON object naming `model` is needed",
                              code="invalid_json")
@@ -229,6 +255,9 @@ class ProxyApp:
         except (ValueError, UnicodeDecodeError) as e:
             raise BadRequest(f"the request body is not valid JSON: {e}",
                              code="invalid_json") from None
+        except RecursionError:
+            raise BadRequest("the request body is nested too deeply", code="invalid_json"
+                             ) from None
         if not isinstance(data, dict):
             raise BadRequest("the request body must be a JSON object", code="invalid_json")
         model = data.get("model")
@@ -238,6 +267,9 @@ class ProxyApp:
             raise BadRequest("`model` must be a string", param="model", code="invalid_model")
         if model not in self._models:
             raise ModelNotFound(model, self._known)
+        spec = _GENERATION_FIELDS.get(path)
+        if spec is not None:
+            _check_fields(data, spec)
         return model
 
     # ------------------------------------------------------------------ relay
@@ -316,6 +348,94 @@ class ProxyApp:
         task = asyncio.current_task()
         if task is not None:
             task.uncancel()
+
+
+def _is_int(v: Any) -> bool:
+    """An integer, or a float without a fraction (5.0: what Python clients send after a
+    division, and vLLM's models accept)."""
+    if isinstance(v, float):
+        return v.is_integer()
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+#: (field, test, what it must be): the OpenAI schema's types of the fields that every
+#: engine reads; a request failing one is refused here, before it can cause a switch
+_Rule = tuple[str, Callable[[Any], bool], str]
+_COMMON: tuple[_Rule, ...] = (
+    ("stream", lambda v: isinstance(v, bool), "a boolean"),
+    ("max_tokens", lambda v: _is_int(v) and v >= 1, "an integer of at least 1"),
+    ("n", lambda v: _is_int(v) and v >= 1, "an integer of at least 1"),
+    ("temperature", _is_number, "a number"),
+    ("top_p", _is_number, "a number"),
+    ("presence_penalty", _is_number, "a number"),
+    ("frequency_penalty", _is_number, "a number"),
+    ("seed", _is_int, "an integer"),
+    ("stop", lambda v: isinstance(v, str) or _is_str_list(v),
+     "a string or a list of strings"),
+    ("stream_options", lambda v: isinstance(v, dict), "an object"),
+    ("user", lambda v: isinstance(v, str), "a string"),
+)
+#: path -> (required fields, rules)
+_GENERATION_FIELDS: dict[str, tuple[tuple[str, ...], tuple[_Rule, ...]]] = {
+    "/v1/chat/completions": (("messages",), (
+        ("messages", lambda v: isinstance(v, list) and bool(v)
+         and all(isinstance(m, dict) for m in v), "a non-empty list of message objects"),
+        ("max_completion_tokens", lambda v: _is_int(v) and v >= 1,
+         "an integer of at least 1"),
+        *_COMMON)),
+    "/v1/completions": ((), (
+        ("prompt", lambda v: isinstance(v, str) or (isinstance(v, list) and bool(v)),
+         "a string or a non-empty list"),
+        *_COMMON)),
+}
+
+
+def _check_fields(data: dict[str, Any],
+                  spec: tuple[tuple[str, ...], tuple[_Rule, ...]]) -> None:
+    """400 for a missing or mistyped field (null is always allowed: the default)."""
+    required, rules = spec
+    for name in required:
+        if data.get(name) is None:
+            raise BadRequest(f"`{name}` is required", param=name, code="missing_field")
+    for name, ok, what in rules:
+        value = data.get(name)
+        if value is not None and not ok(value):
+            raise BadRequest(f"`{name}` must be {what}, got {_shown(value)}", param=name,
+                             code="invalid_type")
+
+
+def _shown(value: Any) -> str:
+    """A wrong value as an error names it: small numbers as they are, else the type."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float) and len(repr(value)) <= 24:
+        return repr(value)
+    names: dict[type, str] = {str: "a string", list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _bounded_receive(receive: Receive, timeout_secs: float) -> Receive:
+    """``receive`` for the cold routes: a body that has not arrived within ``timeout_secs``
+    of the request's start is a ClientTimeout (408) instead of a task held forever."""
+    deadline = asyncio.get_running_loop().time() + timeout_secs
+
+    async def bounded() -> Message:
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await receive()
+        except TimeoutError:
+            raise ClientTimeout(f"the request body did not arrive within body_timeout_secs="
+                                f"{timeout_secs:g}", code="body_timeout") from None
+
+    return bounded
 
 
 def _is_json(ctype: bytes) -> bool:

@@ -111,12 +111,16 @@ class Shim:
 
 def launch_shim(config: dict[str, Any], config_path: Path, log_path: Path, tag: str,
                 *, request_timeout_s: float = REQUEST_TIMEOUT_S,
-                start_timeout_s: float = SHIM_START_TIMEOUT_S) -> Shim:
-    """Write the config, start `llmux serve --config` and wait for its /health."""
+                start_timeout_s: float = SHIM_START_TIMEOUT_S,
+                wrapper: tuple[str, ...] = ()) -> Shim:
+    """Write the config, start `llmux serve --config` and wait for its /health.
+
+    ``wrapper``: argv put before llmux's (e.g. prlimit with its options)."""
     config_path.write_text(to_toml(config))
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [str(LLMUX), "serve", "--config", str(config_path), "--log-level", "debug"],
+            [*wrapper, str(LLMUX), "serve", "--config", str(config_path), "--log-level",
+             "debug"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     shim = Shim(proc, int(config["port"]), config_path, log_path, tag,
                 httpx.Client(timeout=request_timeout_s, trust_env=False))

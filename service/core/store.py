@@ -33,10 +33,17 @@ _OLD = ".old-"
 _MB = 1 << 20
 
 
+#: how much of a refused name a message (and so the journal) repeats
+_SHOWN_NAME_CHARS = 160
+
+
 def check_model(model: str) -> str:
     if not isinstance(model, str) or not valid_model_name(model):
+        shown = repr(model)
+        if len(shown) > _SHOWN_NAME_CHARS:
+            shown = f"{shown[:_SHOWN_NAME_CHARS]}... ({len(model)} characters)"
         raise InvalidArgument(
-            f"invalid model name {model!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            f"invalid model name {shown}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, without '..'"
         )
     return model

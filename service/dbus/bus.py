@@ -4,9 +4,11 @@ This is the one module that touches dbus-next's private internals (the rest of
 the service goes through the helpers here): dbus-next 0.2.3 is its last release,
 and it has no public API for what follows, so the workarounds are kept together.
 
-- ``exported`` and ``connected`` read MessageBus._path_exports and _disconnected:
-  the dispatcher answers Properties calls on absent objects itself, and nothing
-  is sent on a closed connection.
+- ``exported``, ``property_names`` and ``connected`` read MessageBus._path_exports,
+  ServiceInterface._get_properties and _disconnected: the dispatcher answers every
+  Properties call that would fail itself (dbus-next would log each one at ERROR level
+  with a traceback: a flood any local user could cause), and nothing is sent on a
+  closed connection.
 - dbus-next 0.2.3 (its last release) emits ObjectManager.InterfacesAdded and
 InterfacesRemoved from the added object's own path. The D-Bus specification,
 GDBus and sd-bus clients expect them from the manager's path, so HostBus sends
@@ -62,6 +64,23 @@ class HostBus(MessageBus):  # type: ignore[misc]
 def exported(bus: MessageBus, path: str) -> bool:
     """Whether an object is exported at ``path`` (dbus-next has no public question for it)."""
     return path in bus._path_exports
+
+
+#: interfaces every object has, without properties of their own
+_STANDARD = frozenset({"org.freedesktop.DBus.Properties", "org.freedesktop.DBus.Introspectable",
+                       "org.freedesktop.DBus.Peer", "org.freedesktop.DBus.ObjectManager"})
+
+
+def property_names(bus: MessageBus, path: str, interface: str) -> frozenset[str] | None:
+    """The properties ``interface`` has at ``path``; None when it has no such interface."""
+    if interface in _STANDARD:
+        return frozenset()
+    for exported_interface in bus._path_exports.get(path, ()):
+        if exported_interface.name == interface:
+            props: list[Any] = ServiceInterface._get_properties(  # type: ignore[no-untyped-call]
+                exported_interface)
+            return frozenset(p.name for p in props if not p.disabled)
+    return None
 
 
 def connected(bus: MessageBus) -> bool:

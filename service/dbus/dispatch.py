@@ -19,18 +19,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from dbus_next.aio.message_bus import MessageBus
-from dbus_next.constants import MessageFlag, MessageType
+from dbus_next.constants import ErrorType, MessageFlag, MessageType
 from dbus_next.message import Message
 
 from llmux.service import errors
 from llmux.service.core.engine import Caller
-from llmux.service.dbus.bus import caller_of, connected, exported
+from llmux.service.dbus.bus import caller_of, connected, exported, property_names
 from llmux.service.journal import fields
 
 log = logging.getLogger(__name__)
 
 PROPERTIES = "org.freedesktop.DBus.Properties"
 UNKNOWN_OBJECT = "org.freedesktop.DBus.Error.UnknownObject"
+_PROPERTY_SIGNATURES = {"Get": "ss", "GetAll": "s", "Set": "ssv"}
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,13 @@ class Dispatcher:
         """The bus's message handler: True claims the call for us."""
         if msg.message_type != MessageType.METHOD_CALL:
             return False
-        if msg.interface == PROPERTIES and not exported(self._bus, msg.path):
-            # dbus-next would answer the same, but log it at ERROR level with a traceback
-            self._reply(msg, Message.new_error(msg, UNKNOWN_OBJECT, f"no object at {msg.path}"))
+        if msg.interface == PROPERTIES:
+            # dbus-next answers a bad Properties call right, but logs each at ERROR level
+            # with a traceback: those are answered here, only good ones left to it
+            refusal = self._property_refusal(msg)
+            if refusal is None:
+                return False
+            self._reply(msg, refusal)
             return True
         route = self._find(msg)
         if route is None:
@@ -83,6 +88,31 @@ class Dispatcher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
+
+    def _property_refusal(self, msg: Message) -> Message | None:
+        """The error a Properties call gets, or None when dbus-next may answer it."""
+        if not exported(self._bus, msg.path):
+            return Message.new_error(msg, UNKNOWN_OBJECT, f"no object at {msg.path}")
+        expected = _PROPERTY_SIGNATURES.get(msg.member or "")
+        if expected is None:
+            return Message.new_error(msg, ErrorType.UNKNOWN_METHOD.value,
+                                     f"{PROPERTIES} has no method {msg.member}")
+        if msg.signature != expected:
+            return Message.new_error(msg, ErrorType.INVALID_ARGS.value,
+                                     f"{PROPERTIES}.{msg.member} takes ({expected}), "
+                                     f"not ({msg.signature})")
+        if msg.member == "Set":
+            return Message.new_error(msg, ErrorType.PROPERTY_READ_ONLY.value,
+                                     "llmuxd's properties are read-only")
+        interface = msg.body[0]
+        names = property_names(self._bus, msg.path, interface)
+        if names is None:
+            return Message.new_error(msg, ErrorType.UNKNOWN_INTERFACE.value,
+                                     f"no interface {interface!r} at {msg.path}")
+        if msg.member == "Get" and msg.body[1] not in names:
+            return Message.new_error(msg, ErrorType.UNKNOWN_PROPERTY.value,
+                                     f"{interface} has no property {msg.body[1]!r}")
+        return None
 
     async def _serve(self, msg: Message, route: Route) -> None:
         reply_fields: dict[str, Any] = fields(method=route.member, sender=msg.sender)

@@ -88,6 +88,8 @@ async def read_json(request: Request) -> Any:
         return json.loads(raw) if raw else {}
     except ValueError as exc:
         raise EngineError(f"the request body is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise EngineError("the request body is nested too deeply") from None
 
 
 def build_app(state: AppState) -> Starlette:

@@ -53,6 +53,8 @@ def parse_request(body: object, *, chat: bool, served_model_name: str,
         raw_max = body.get("max_tokens")
         default_max, prompt_param = DEFAULT_MAX_TOKENS_COMPLETION, "prompt"
     max_tokens = default_max if raw_max is None else raw_max
+    if isinstance(max_tokens, float) and max_tokens.is_integer():
+        max_tokens = int(max_tokens)  # 4.0, as vLLM's (lax) request models take it
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise bad(f"max_tokens must be a positive integer, got {raw_max!r}", "max_tokens")
     n = body.get("n", 1)

@@ -19,8 +19,9 @@ by LOG_LINES_PER_S lines), in alternating rounds of one run: the page must cost 
 proxy less than 5%.
 
 Usage: .venv/bin/python tests/bench/bench_proxy.py [--requests N] [--streams N]
-[--chunks N] [--only trivial|builtin|page] [--page-rounds N]. Loopback only, bounded
-request counts.
+[--chunks N] [--only trivial|builtin|page] [--page-rounds N] [--api-key KEY]. Loopback only,
+bounded request counts. With --api-key the trivial shim has `[auth] api_keys = [KEY]` and
+every request sends it: the cost of the key check on the hot path.
 """
 
 from __future__ import annotations
@@ -53,6 +54,16 @@ ANSWER = json.dumps({
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"},
                  "finish_reason": "stop"}],
     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+
+
+#: the key of --api-key, for the shim's process and the client's requests
+API_KEY_ENV = "LLMUX_BENCH_API_KEY"
+
+
+def request_headers() -> dict[str, str]:
+    key = os.environ.get(API_KEY_ENV)
+    auth = {"authorization": f"Bearer {key}"} if key else {}
+    return {"content-type": "application/json", **auth}
 
 
 def free_port() -> int:
@@ -150,8 +161,10 @@ def run_shim_trivial(port: int, upstream_port: int) -> None:
     from llmux.shim.metrics import ShimMetrics
     from llmux.shim.switcher import Switcher
 
+    key = os.environ.get(API_KEY_ENV)
     config = config_from_dict({
         "port": port, "metrics_port": 0,
+        **({"auth": {"api_keys": [key]}} if key else {}),
         "models": {"trivial": {"model_path": "trivial", "port": upstream_port,
                                "engine": "builtin"}}})
 
@@ -195,7 +208,7 @@ async def wait_up(url: str, within: float = 120.0) -> None:
 
 async def latency(session: aiohttp.ClientSession, url: str, body: bytes, n: int) -> list[float]:
     out: list[float] = []
-    headers = {"content-type": "application/json"}
+    headers = request_headers()
     for _ in range(n):
         t0 = time.perf_counter()
         async with session.post(url, data=body, headers=headers) as r:
@@ -213,7 +226,7 @@ async def stream(session: aiohttp.ClientSession, url: str, body: bytes
     first = 0.0
     first_events = 0
     t0 = time.perf_counter()
-    async with session.post(url, data=body, headers={"content-type": "application/json"}) as r:
+    async with session.post(url, data=body, headers=request_headers()) as r:
         assert r.status == 200, r.status
         async for chunk in r.content.iter_any():
             n = chunk.count(b"data: ")
@@ -613,6 +626,8 @@ def cli() -> None:
                     help="max_tokens of a built-in engine stream")
     ap.add_argument("--weights-mb", type=int, default=8)
     ap.add_argument("--only", choices=["trivial", "builtin", "page"])
+    ap.add_argument("--api-key", help="an [auth] api key for the trivial shim, sent by every "
+                                      "request")
     ap.add_argument("--page-rounds", type=int, default=10,
                     help="rounds without and with the /ui page open (alternating)")
     ap.add_argument("--page-round-secs", type=float, default=3.0,
@@ -623,6 +638,8 @@ def cli() -> None:
     ap.add_argument("--page-idle-secs", type=float, default=10.0,
                     help="seconds of the idle shim's CPU measured without and with the page")
     args = ap.parse_args()
+    if args.api_key:
+        os.environ[API_KEY_ENV] = args.api_key
     import uvloop
 
     uvloop.run(main(args))

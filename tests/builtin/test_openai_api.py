@@ -152,6 +152,8 @@ async def test_concurrent_requests_get_their_own_answers(shared_engine: EnginePr
      404, "NotFoundError", "does not exist"),
     ("/v1/completions", b"{not json", 400, "BadRequestError", "JSON"),
     ("/v1/completions", [1, 2], 400, "BadRequestError", "JSON object"),
+    # nested deeper than the JSON parser's recursion: was a 500 with a RecursionError
+    ("/v1/completions", b"[" * 30000 + b"]" * 30000, 400, "BadRequestError", "nested"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "BadRequestError", "max_tokens"),
     ("/v1/completions", {"prompt": 7}, 400, "BadRequestError", "prompt"),
     ("/v1/chat/completions", {"messages": []}, 400, "BadRequestError", "messages"),

@@ -104,7 +104,8 @@ async def test_control_bad_input(shim_factory: ShimFactory,  # noqa: F811
         ("sleep", {"json": {"model": "a", "strategy": "sideways"}}, 400, "unknown strategy"),
         ("sleep", {"json": {"model": "a", "strategy": {"weights": "melt"}}}, 400,
          "unknown weights strategy 'melt'"),
-        ("sleep", {"json": {"model": "a", "strategy": {"process": "checkpoint"}}}, 503,
+        # no [checkpoint] section: a request that can never succeed here (not a 503)
+        ("sleep", {"json": {"model": "a", "strategy": {"process": "checkpoint"}}}, 400,
          "host service"),
         ("sleep", {"json": {"model": "a", "level": 3}}, 400, "`level` must be 1 or 2"),
         ("sleep", {"content": b'{"model":"a"}', "headers": {"content-type": "text/plain"}},
