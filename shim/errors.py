@@ -127,7 +127,7 @@ class ServiceUnavailable(ShimError):
 
     http_status = 503
     error_type = "service_unavailable"
-    retry_after_secs = RETRY_AFTER_SECS
+    retry_after_secs: int | None = RETRY_AFTER_SECS
 
 
 class NoRoom(ServiceUnavailable):
@@ -142,7 +142,7 @@ class RequestTimeout(ShimError):
 
     http_status = 504
     error_type = "timeout"
-    retry_after_secs = RETRY_AFTER_SECS
+    retry_after_secs: int | None = RETRY_AFTER_SECS
 
 
 class EngineFailed(ShimError):
@@ -164,7 +164,7 @@ class HostUnavailable(ShimError):
 
     http_status = 503
     error_type = "host_service_error"
-    retry_after_secs = RETRY_AFTER_SECS
+    retry_after_secs: int | None = RETRY_AFTER_SECS
 
 
 class HostRefused(ShimError):
