@@ -113,6 +113,8 @@ class EngineCore:
                 log.warning("API server (pid %d) is gone; engine core exiting",
                             self.config.parent_pid)
                 return
+            if self.backend is not None:
+                self.backend.check_alive()  # as vLLM's executor watches its workers
             self.heartbeat += 1
             shm.write_counters(self.segment, self.heartbeat, self.tokens_generated)
             timeout = 0 if self.running else _IDLE_POLL_MS
@@ -229,6 +231,7 @@ class EngineCore:
             "sleep": self._sleep,
             "wake_up": lambda tags=None: backend.call("wake_up", tags),
             "engine_state": self._engine_state,
+            "weights_checksum": lambda: backend.call("weights_checksum"),
             "echo": lambda *a, **k: {"args": list(a), "kwargs": k},
         }
         call = worker_methods.get(method)

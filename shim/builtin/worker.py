@@ -24,6 +24,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from typing import Any
 
 from llmux.shim.builtin.backend import EngineError, ModelBackend, choose_backend, create_backend
@@ -112,6 +113,11 @@ class WorkerClient:
     def pid(self) -> int:
         return self.process.pid
 
+    def check_alive(self) -> None:
+        code = self.process.poll()
+        if code is not None:
+            raise WorkerDied(f"the worker (pid {self.pid}) died, exit code {code}")
+
     def wait_ready(self) -> dict[str, Any]:
         """The worker's describe() once its model is loaded; EngineError if it failed."""
         return dict(self._reply("start-up"))
@@ -150,8 +156,9 @@ class WorkerClient:
 # -- the worker's side ---------------------------------------------------------------------------
 def init_distributed(device: str) -> dict[str, Any]:
     """torch.distributed as vLLM's init_distributed_environment + initialize_model_parallel
-    leave it at world size 1: the default group (NCCL on a GPU, gloo on the CPU) over a
-    TCP store on loopback, and a gloo group for CPU-side collectives, used once."""
+    leave it at world size 1: the default group (NCCL on a GPU, gloo on the CPU) over a TCP
+    store, and a gloo group for CPU-side collectives, used once. vLLM's store listens on
+    every interface; this one is handed a socket bound to loopback (engines stay there)."""
     try:
         import torch
         import torch.distributed as dist
@@ -160,12 +167,14 @@ def init_distributed(device: str) -> dict[str, Any]:
     if not dist.is_available():
         return {"distributed": None}
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, 1, True, timedelta(seconds=300),
+                          master_listen_fd=listener.detach())
     backend = "nccl" if device == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{port}",
-                            world_size=1, rank=0)
+    dist.init_process_group(backend=backend, store=store, world_size=1, rank=0)
     cpu_group = dist.new_group([0], backend="gloo")
     probe_tensor = torch.ones(1)
     dist.all_reduce(probe_tensor, group=cpu_group)
