@@ -225,11 +225,13 @@ class CuMemAllocator:
             for pool in chosen:
                 for segment in pool.segments:
                     segment.backup = None
+            release_pinned_cache()
 
     def drop_backups(self, tag: str) -> None:
         """Forget ``tag``'s host copies (a level-2 sleep after a level-1 one)."""
         for segment in self.pools[tag].segments if tag in self.pools else []:
             segment.backup = None
+        release_pinned_cache()
 
     # -- accounting ----------------------------------------------------------------------------
     def _chosen(self, tags: Iterable[str] | None) -> list[Pool]:
@@ -274,6 +276,16 @@ class CuMemAllocator:
     def _view(self, segment: Segment) -> Any:
         return self.torch.as_tensor(_DeviceArray(segment.address, segment.size),
                                     device=f"cuda:{self.device_index}")
+
+
+def release_pinned_cache() -> None:
+    """Give freed pinned host memory back to the OS: torch's caching host allocator keeps
+    it otherwise, and a later checkpoint would carry gigabytes of stale buffers."""
+    import torch
+
+    empty = getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None:
+        empty()
 
 
 class _DeviceArray:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from llmux.shim.builtin import safetensors_io
 from llmux.shim.builtin.backend import EngineError, ModelBackend
 from llmux.shim.builtin.checkpoint import ModelConfig
+from llmux.shim.builtin.cumem import CuMemAllocator, release_pinned_cache
 from llmux.shim.builtin.safetensors_io import TensorInfo, TensorSpec
 from llmux.shim.builtin.vocab import EOS_ID
 
@@ -95,8 +96,6 @@ class TorchBackend(ModelBackend):
         self._graph_out: torch.Tensor | None = None
         torch.set_num_threads(1)
         if self.device == "cuda":
-            from llmux.shim.builtin.cumem import CuMemAllocator
-
             self._allocator = CuMemAllocator(torch.cuda.current_device())
 
     def make_checkpoint_tensors(self) -> list[TensorSpec]:
@@ -180,6 +179,8 @@ class TorchBackend(ModelBackend):
                     offset += size
                     turn ^= 1
         torch.cuda.synchronize()
+        del staging
+        release_pinned_cache()
 
     def _capture_graph(self) -> None:
         """The output head (final norm, lm_head) as a CUDA graph over static buffers, as
