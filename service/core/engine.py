@@ -112,6 +112,9 @@ class EngineConfig:
     cuda_checkpoint_path: str = "cuda-checkpoint"
     cuda_plugin_dir: str = "/usr/lib/criu/"
     ghost_limit_bytes: int = 512 << 20
+    prefetch_threads: int = 8
+    """Readers that bring a checkpoint's page images into the page cache during a restore
+    (0: only ask the kernel to read ahead)."""
 
 
 @dataclass(frozen=True)
@@ -911,7 +914,8 @@ class CheckpointEngine:
 
         t = time.monotonic()
         readahead = asyncio.create_task(
-            asyncio.to_thread(prefetch, images, manifest.images_bytes)
+            asyncio.to_thread(prefetch, images, manifest.images_bytes,
+                              self.config.prefetch_threads)
         )
         try:
             async with report.watching(measure, manifest.images_bytes, "restoring", 0.0, 0.9):

@@ -9,6 +9,7 @@ are root-only: 0700 directories, 0600 files.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import logging
@@ -97,23 +98,54 @@ def _mem_available() -> int:
     return 0
 
 
-def prefetch(images: Path, total_bytes: int) -> None:
-    """Ask the kernel to read the page images ahead while CRIU restores.
+def prefetch(images: Path, total_bytes: int, threads: int = 0) -> None:
+    """Bring the page images into the page cache while CRIU restores from them.
 
-    CRIU's restore alternates reading and copying; readahead of the whole image lets the
-    disk run while it copies. Skipped when the images would not fit in free memory.
+    CRIU's restore reads its page images one after the other; ``threads`` readers (each a
+    slice of the images at a time) keep more of the disk busy (measured on the GPU machine:
+    1.44 GB/s with one reader, 1.86 GB/s with eight). With 0, the kernel is only asked to
+    read ahead (POSIX_FADV_WILLNEED). Skipped when the images would not fit in free memory.
     """
     if _mem_available() < total_bytes * 5 // 4:
         return
-    for p in sorted(images.glob("pages-*.img")):
-        try:
-            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
+    files = sorted(images.glob("pages-*.img"), key=lambda p: -p.stat().st_size)
+    if threads <= 0:
+        for p in files:
+            try:
+                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        return
+    pieces = [(p, offset) for p in files
+              for offset in range(0, p.stat().st_size, _PREFETCH_PIECE)]
+    with concurrent.futures.ThreadPoolExecutor(threads, "prefetch") as pool:
+        list(pool.map(lambda piece: _read_piece(*piece), pieces))
+
+
+_PREFETCH_PIECE = 64 << 20
+_PREFETCH_READ = 4 << 20
+
+
+def _read_piece(path: Path, offset: int) -> None:
+    """Read one slice of a file (into a scratch buffer: only the page cache is wanted)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        buffer = bytearray(_PREFETCH_READ)
+        done = 0
+        while done < _PREFETCH_PIECE:
+            n = os.preadv(fd, [buffer], offset + done)
+            if n <= 0:
+                return
+            done += n
+    finally:
+        os.close(fd)
 
 
 def _fsync_tree(path: Path) -> None:

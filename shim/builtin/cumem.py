@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,6 +124,9 @@ class CuMemAllocator:
         self.pools: dict[str, Pool] = {}
         self.stream = torch.cuda.Stream(device_index)
         self._lock = threading.Lock()
+        #: seconds of the phases of the last sleep and wake (for engine_state)
+        self.timings: dict[str, float] = {}
+        self._releaser: threading.Thread | None = None
 
     def _context(self) -> None:
         """Make torch's primary context current for this thread's driver calls."""
@@ -193,42 +197,70 @@ class CuMemAllocator:
         offload = set(offload_tags)
         chosen = self._chosen(tags)
         torch = self.torch
+        self._join_releaser()
         with self._lock:
+            t0 = time.perf_counter()
             torch.cuda.synchronize(self.device_index)  # the compute stream's last writes
+            pinning = copying = 0.0
             with torch.cuda.stream(self.stream):
                 for pool in chosen:
                     if pool.tag not in offload:
                         continue
                     for segment in pool.segments:
                         if segment.mapped:
+                            t = time.perf_counter()
                             host = torch.empty(segment.size, dtype=torch.uint8, pin_memory=True)
+                            pinning += time.perf_counter() - t
                             host.copy_(self._view(segment), non_blocking=True)
                             segment.backup = host
+            t = time.perf_counter()
             self.stream.synchronize()
+            copying = time.perf_counter() - t
+            t = time.perf_counter()
             for pool in chosen:
                 for segment in pool.segments:
                     self._unmap(segment)
+            self.timings = {"sleep_pin_secs": pinning, "sleep_copy_wait_secs": copying,
+                            "sleep_unmap_secs": time.perf_counter() - t,
+                            "sleep_secs": time.perf_counter() - t0}
 
     def wake_up(self, tags: Iterable[str] | None = None) -> None:
         """Map ``tags`` (default: all) again; restore their host backups if they have one."""
         chosen = self._chosen(tags)
         torch = self.torch
         with self._lock:
+            t0 = time.perf_counter()
             for pool in chosen:
                 self._map(pool)
+            t1 = time.perf_counter()
             with torch.cuda.stream(self.stream):
                 for pool in chosen:
                     for segment in pool.segments:
                         if segment.backup is not None:
                             self._view(segment).copy_(segment.backup, non_blocking=True)
             self.stream.synchronize()
+            t2 = time.perf_counter()
+            backups = []
             for pool in chosen:
                 for segment in pool.segments:
+                    if segment.backup is not None:
+                        backups.append(segment.backup)
                     segment.backup = None
-            release_pinned_cache()
+            self.timings |= {"wake_map_secs": t1 - t0, "wake_copy_secs": t2 - t1,
+                             "wake_secs": t2 - t0}
+        # Unpinning gigabytes takes longer than copying them: done behind the answer.
+        self._releaser = threading.Thread(target=_release, args=(backups,), daemon=True,
+                                          name="cumem-release")
+        self._releaser.start()
+
+    def _join_releaser(self) -> None:
+        if self._releaser is not None:
+            self._releaser.join()
+            self._releaser = None
 
     def drop_backups(self, tag: str) -> None:
         """Forget ``tag``'s host copies (a level-2 sleep after a level-1 one)."""
+        self._join_releaser()
         for segment in self.pools[tag].segments if tag in self.pools else []:
             segment.backup = None
         release_pinned_cache()
@@ -276,6 +308,11 @@ class CuMemAllocator:
     def _view(self, segment: Segment) -> Any:
         return self.torch.as_tensor(_DeviceArray(segment.address, segment.size),
                                     device=f"cuda:{self.device_index}")
+
+
+def _release(backups: list[Any]) -> None:
+    backups.clear()
+    release_pinned_cache()
 
 
 def release_pinned_cache() -> None:

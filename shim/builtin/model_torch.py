@@ -28,6 +28,7 @@ from llmux.shim.builtin.vocab import EOS_ID
 
 _DTYPES = {"F32": torch.float32, "U8": torch.uint8, "F16": torch.float16, "BF16": torch.bfloat16}
 _STAGING = 64 << 20
+_CHECKSUM_SLICE = 16 << 20
 
 
 def resolve_device(requested: str) -> str:
@@ -263,12 +264,16 @@ class TorchBackend(ModelBackend):
             self._kv_cache = torch.zeros(self.kv_cache_bytes, dtype=torch.uint8)
 
     def weights_checksum(self) -> int:
-        """A sum over every weight byte: equal before a sleep and after the wake."""
+        """A sum over every weight byte: equal before a sleep and after the wake. Summed a
+        slice at a time: an int64 copy of 8 GB of bytes would take 64 GB of the GPU."""
         self.check_ready()
         total = 0
         for tensor in self._weights.values():
             flat = tensor.reshape(-1).view(torch.uint8)
-            total += int(flat.sum(dtype=torch.int64).item())
+            for start in range(0, flat.numel(), _CHECKSUM_SLICE):
+                part = flat[start : start + _CHECKSUM_SLICE]
+                total += int(part.sum(dtype=torch.int64).item())
+        self._free_device_cache()
         return total
 
     def _free_device_cache(self) -> None:
@@ -324,6 +329,7 @@ class TorchBackend(ModelBackend):
             state["cumem_backup_bytes"] = self._allocator.backup_bytes()
             state["cumem_weights_mapped_bytes"] = self._allocator.mapped_bytes("weights")
             state["cumem_kv_cache_mapped_bytes"] = self._allocator.mapped_bytes("kv_cache")
+            state["cumem_timings"] = dict(self._allocator.timings)
         return state
 
     @property

@@ -242,21 +242,22 @@ def first_token_secs(engine: Engine) -> float:
 class Service:
     """The daemon's CheckpointEngine on a state folder (disk or tmpfs)."""
 
-    def __init__(self, state_dir: Path, criu: str, gpu: bool) -> None:
+    def __init__(self, state_dir: Path, criu: str, gpu: bool, prefetch_threads: int = 8) -> None:
         from llmux.service.core.authz import Caller
         from llmux.service.core.engine import CheckpointEngine, EngineConfig
 
         self.caller = Caller(pid=os.getpid(), uid=0)
         self.state_dir = state_dir
         config = EngineConfig(state_dir=state_dir, criu_path=criu,
-                              cuda_mode="api" if gpu else "off")
+                              cuda_mode="api" if gpu else "off",
+                              prefetch_threads=prefetch_threads)
         self.engine: Any = demo.sync(CheckpointEngine.open(config))
 
-    def suspend(self, engine: Engine) -> Any:
-        return demo.sync(self.engine.suspend(self.caller, "bench", engine.root))
+    def suspend(self, engine: Engine, model: str = "bench") -> Any:
+        return demo.sync(self.engine.suspend(self.caller, model, engine.root))
 
-    def resume(self, engine: Engine) -> Any:
-        return demo.sync(self.engine.resume(self.caller, "bench", engine.root))
+    def resume(self, engine: Engine, model: str = "bench") -> Any:
+        return demo.sync(self.engine.resume(self.caller, model, engine.root))
 
     def checkpoint(self, engine: Engine, model: str = "bench") -> Any:
         with demo.TreeReaper(engine.pids):
@@ -317,6 +318,7 @@ class Context:
     checksum: int
     disk: Service | None
     memory: Service | None
+    disk_no_prefetch: Service | None = None
     limits: dict[str, float]
     rows: list[Row] = field(default_factory=list)
 
@@ -343,8 +345,14 @@ def cycle(ctx: Context, policy: str, sleep: Callable[[Row], None],
         row.same_answer = engine.ask() == ctx.answer
         row.same_weights = engine.checksum() == ctx.checksum
         row.limit = limit(row)
+        timings = engine.state().get("cumem_timings")
+        if timings and "offload" in policy:
+            say("  cumem: " + ", ".join(f"{k} {v:.3f}" for k, v in timings.items()))
     except Exception as exc:
-        row.error = f"{type(exc).__name__}: {exc}"[:400]
+        text = str(exc)
+        errors = [line for line in text.splitlines() if "Error" in line]
+        row.error = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''} " \
+                    + " | ".join(errors[-3:])[-600:]
         say(f"  ERROR {row.error}")
     say(f"  sleep {row.sleep_secs:.3f} s, wake {row.wake_secs:.3f} s, wake->first token "
         f"{row.first_token_secs:.3f} s, moved {row.moved_bytes / GB:.2f} GB, "
@@ -405,11 +413,14 @@ def run_cycles(ctx: Context, policies: set[str]) -> None:
 
             cycle(ctx, "offload+cuda_suspend", offload_suspend, resume_wake, h2d_limit)
 
-    for tier, service_or_none in (("disk", ctx.disk), ("memory", ctx.memory)):
+    tiers = (("disk", ctx.disk, ("retain", "offload", "discard")),
+             ("disk, no prefetch", ctx.disk_no_prefetch, ("offload",)),
+             ("memory", ctx.memory, ("retain", "offload", "discard")))
+    for tier, service_or_none, kinds in tiers:
         if service_or_none is None:
             continue
         service = service_or_none
-        for weights in ("retain", "offload", "discard"):
+        for weights in kinds:
             policy = f"{weights}+checkpoint"
             if policy not in policies:
                 continue
@@ -431,7 +442,7 @@ def checkpoint_cycle(ctx: Context, service: Service, weights: str, tier: str,
         row.image_bytes = int(manifest.images_bytes)
         row.moved_bytes = row.image_bytes
         row.note = f"CUDA {manifest.cuda_seconds:.2f} s, dump {manifest.dump_seconds:.2f} s"
-        if tier == "disk":
+        if tier.startswith("disk"):
             stats["dropped"] = drop_caches()
 
     def wake(row: Row) -> None:
@@ -443,11 +454,11 @@ def checkpoint_cycle(ctx: Context, service: Service, weights: str, tier: str,
         if level == 2:
             engine.post("/collective_rpc", {"method": "reload_weights"})
         row.note += f", restore {restore_secs:.2f} s"
-        if tier == "disk":
+        if tier.startswith("disk"):
             row.note += " (page cache dropped)" if stats.get("dropped") else " (cache NOT dropped)"
 
     def limit(row: Row) -> str:
-        key = "disk_read_cold_1t" if tier == "disk" else "tmpfs_read_cached_1t"
+        key = "disk_read_cold_1t" if tier.startswith("disk") else "tmpfs_read_cached_1t"
         speed = limits.get(key, 0.0)
         if not speed:
             return ""
@@ -468,17 +479,18 @@ def parallel_resume(args: argparse.Namespace, workdir: Path, service: Service,
         for e in engines:
             wait_engine(e)
             e.ask(1)
+        names = [f"bench-{i}" for i in range(len(engines))]
         alone: list[float] = []
-        for e in engines:
-            service.suspend(e)
+        for e, name in zip(engines, names, strict=True):
+            service.suspend(e, name)
             t = time.perf_counter()
-            service.resume(e)
+            service.resume(e, name)
             alone.append(time.perf_counter() - t)
-        for e in engines:
-            service.suspend(e)
+        for e, name in zip(engines, names, strict=True):
+            service.suspend(e, name)
         t = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(len(engines)) as pool:
-            list(pool.map(service.resume, engines))
+            list(pool.map(service.resume, engines, names))
         together = time.perf_counter() - t
         answers = [e.ask(1) for e in engines]
         lines.append(f"parallel resume of {len(engines)} x {args.parallel_mb} MiB engines: "
@@ -547,6 +559,8 @@ def bench_size(args: argparse.Namespace, size: int, workdir: Path, criu: str,
         ctx = Context(gpu, engine, engine.ask(), engine.checksum(), None, None, limits)
         if criu:
             ctx.disk = Service(Path(args.images_dir) / f"state-{size}", criu, gpu)
+            ctx.disk_no_prefetch = Service(Path(args.images_dir) / f"state-np-{size}", criu,
+                                           gpu, prefetch_threads=0)
             if args.memory_tier:
                 ctx.memory = Service(Path(args.memory_dir) / f"state-{size}", criu, gpu)
         run_cycles(ctx, policies)
