@@ -318,9 +318,9 @@ class Context:
     checksum: int
     disk: Service | None
     memory: Service | None
-    disk_no_prefetch: Service | None = None
     limits: dict[str, float]
     rows: list[Row] = field(default_factory=list)
+    disk_no_prefetch: Service | None = None
 
 
 def cycle(ctx: Context, policy: str, sleep: Callable[[Row], None],
