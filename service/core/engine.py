@@ -112,9 +112,10 @@ class EngineConfig:
     cuda_checkpoint_path: str = "cuda-checkpoint"
     cuda_plugin_dir: str = "/usr/lib/criu/"
     ghost_limit_bytes: int = 512 << 20
-    prefetch_threads: int = 8
-    """Readers that bring a checkpoint's page images into the page cache during a restore
-    (0: only ask the kernel to read ahead)."""
+    prefetch_threads: int = 0
+    """Readers that bring a checkpoint's page images into the page cache during a restore;
+    0: only ask the kernel to read ahead (POSIX_FADV_WILLNEED). Measured on the H200
+    machine, 8 readers made an 8 GB restore slower (13.0 s against 10.7 s), so 0 it is."""
 
 
 @dataclass(frozen=True)

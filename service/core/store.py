@@ -101,10 +101,10 @@ def _mem_available() -> int:
 def prefetch(images: Path, total_bytes: int, threads: int = 0) -> None:
     """Bring the page images into the page cache while CRIU restores from them.
 
-    CRIU's restore reads its page images one after the other; ``threads`` readers (each a
-    slice of the images at a time) keep more of the disk busy (measured on the GPU machine:
-    1.44 GB/s with one reader, 1.86 GB/s with eight). With 0, the kernel is only asked to
-    read ahead (POSIX_FADV_WILLNEED). Skipped when the images would not fit in free memory.
+    With 0 ``threads`` the kernel is asked to read ahead (POSIX_FADV_WILLNEED); otherwise
+    that many readers each read a slice at a time (the disk of the GPU machine reads 1.43
+    GB/s with one reader, 1.70-1.86 GB/s with eight, but a restore beside them got slower:
+    see EngineConfig.prefetch_threads). Skipped when the images would not fit in free memory.
     """
     if _mem_available() < total_bytes * 5 // 4:
         return

@@ -15,7 +15,7 @@ import logging
 import os
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -126,6 +126,9 @@ class ModelBackend(ABC):
     @abstractmethod
     def weights_checksum(self) -> int:
         """A digest of every weight byte (equal before a sleep and after the wake)."""
+
+    def idle(self, interrupted: Callable[[], bool]) -> None:  # noqa: B027 (optional)
+        """Housekeeping while no call is waiting; returns early once ``interrupted()``."""
 
     def _sleep_kv_cache(self) -> None:  # noqa: B027 (optional: backends without a KV cache)
         """Free the KV cache (every sleep level drops it, as vLLM's does)."""

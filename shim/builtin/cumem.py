@@ -19,7 +19,7 @@ import ctypes
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,7 +126,9 @@ class CuMemAllocator:
         self._lock = threading.Lock()
         #: seconds of the phases of the last sleep and wake (for engine_state)
         self.timings: dict[str, float] = {}
-        self._releaser: threading.Thread | None = None
+        #: pinned host buffers of the last wake, by size: reused by the next sleep, handed
+        #: back to the OS by release_spares() once the engine is idle
+        self._spares: dict[int, list[Any]] = {}
 
     def _context(self) -> None:
         """Make torch's primary context current for this thread's driver calls."""
@@ -182,6 +184,7 @@ class CuMemAllocator:
         return raw[:nbytes].view(dtype).view(tuple(shape))
 
     def free_pool(self, tag: str) -> None:
+        """Unmap and free ``tag``'s range (its tensors must not be used again)."""
         pool = self.pools.pop(tag)
         self.torch.cuda.synchronize(self.device_index)
         for segment in pool.segments:
@@ -197,7 +200,6 @@ class CuMemAllocator:
         offload = set(offload_tags)
         chosen = self._chosen(tags)
         torch = self.torch
-        self._join_releaser()
         with self._lock:
             t0 = time.perf_counter()
             torch.cuda.synchronize(self.device_index)  # the compute stream's last writes
@@ -209,7 +211,9 @@ class CuMemAllocator:
                     for segment in pool.segments:
                         if segment.mapped:
                             t = time.perf_counter()
-                            host = torch.empty(segment.size, dtype=torch.uint8, pin_memory=True)
+                            spares = self._spares.get(segment.size)
+                            host = spares.pop() if spares else torch.empty(
+                                segment.size, dtype=torch.uint8, pin_memory=True)
                             pinning += time.perf_counter() - t
                             host.copy_(self._view(segment), non_blocking=True)
                             segment.backup = host
@@ -240,29 +244,40 @@ class CuMemAllocator:
                             self._view(segment).copy_(segment.backup, non_blocking=True)
             self.stream.synchronize()
             t2 = time.perf_counter()
-            backups = []
+            # Unpinning gigabytes takes longer than copying them: the buffers are kept for
+            # the next sleep and handed back once the engine is idle (release_spares).
             for pool in chosen:
                 for segment in pool.segments:
                     if segment.backup is not None:
-                        backups.append(segment.backup)
+                        self._spares.setdefault(segment.size, []).append(segment.backup)
                     segment.backup = None
-            self.timings |= {"wake_map_secs": t1 - t0, "wake_copy_secs": t2 - t1,
-                             "wake_secs": t2 - t0}
-        # Unpinning gigabytes takes longer than copying them: done behind the answer.
-        self._releaser = threading.Thread(target=_release, args=(backups,), daemon=True,
-                                          name="cumem-release")
-        self._releaser.start()
+            tag_names = ",".join(p.tag for p in chosen)
+            self.timings |= {f"wake_{tag_names}_map_secs": t1 - t0,
+                             f"wake_{tag_names}_copy_secs": t2 - t1}
 
-    def _join_releaser(self) -> None:
-        if self._releaser is not None:
-            self._releaser.join()
-            self._releaser = None
+    @property
+    def spare_bytes(self) -> int:
+        return sum(size * len(buffers) for size, buffers in self._spares.items())
+
+    def release_spares(self, interrupted: Callable[[], bool] = lambda: False) -> bool:
+        """Hand the kept pinned buffers back to the OS, one at a time, stopping as soon as
+        ``interrupted()`` (a request is waiting); True when none is left."""
+        with self._lock:
+            while self._spares:
+                if interrupted():
+                    return False
+                size, buffers = next(iter(self._spares.items()))
+                buffers.pop()
+                if not buffers:
+                    del self._spares[size]
+                release_pinned_cache()
+            return True
 
     def drop_backups(self, tag: str) -> None:
         """Forget ``tag``'s host copies (a level-2 sleep after a level-1 one)."""
-        self._join_releaser()
         for segment in self.pools[tag].segments if tag in self.pools else []:
             segment.backup = None
+        self._spares.clear()
         release_pinned_cache()
 
     # -- accounting ----------------------------------------------------------------------------
@@ -308,11 +323,6 @@ class CuMemAllocator:
     def _view(self, segment: Segment) -> Any:
         return self.torch.as_tensor(_DeviceArray(segment.address, segment.size),
                                     device=f"cuda:{self.device_index}")
-
-
-def _release(backups: list[Any]) -> None:
-    backups.clear()
-    release_pinned_cache()
 
 
 def release_pinned_cache() -> None:

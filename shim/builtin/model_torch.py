@@ -11,6 +11,7 @@ graph captured at start (the output head, unless --enforce-eager) stay valid.
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from llmux.shim.builtin.cumem import CuMemAllocator, release_pinned_cache
 from llmux.shim.builtin.safetensors_io import TensorInfo, TensorSpec
 from llmux.shim.builtin.vocab import EOS_ID
 
+log = logging.getLogger(__name__)
 _DTYPES = {"F32": torch.float32, "U8": torch.uint8, "F16": torch.float16, "BF16": torch.bfloat16}
 _STAGING = 64 << 20
 _CHECKSUM_SLICE = 16 << 20
@@ -251,6 +253,13 @@ class TorchBackend(ModelBackend):
             for name, info in self._infos.items()
         }
 
+    def idle(self, interrupted: Callable[[], bool]) -> None:
+        """Pinned buffers kept from the last wake go back to the OS while nothing waits."""
+        allocator = self._allocator
+        if allocator is not None and allocator.spare_bytes and allocator.release_spares(
+                interrupted):
+            log.info("Released the pinned host buffers of the last wake")
+
     def _sleep_kv_cache(self) -> None:
         if self._allocator is not None:
             self._allocator.sleep(offload_tags=[], tags=["kv_cache"])
@@ -330,6 +339,7 @@ class TorchBackend(ModelBackend):
             state["cumem_weights_mapped_bytes"] = self._allocator.mapped_bytes("weights")
             state["cumem_kv_cache_mapped_bytes"] = self._allocator.mapped_bytes("kv_cache")
             state["cumem_timings"] = dict(self._allocator.timings)
+            state["cumem_spare_pinned_bytes"] = self._allocator.spare_bytes
         return state
 
     @property

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import struct
@@ -35,6 +36,13 @@ log = logging.getLogger("llmux.builtin.worker")
 
 _HEADER = struct.Struct("<I")
 DEFAULT_GPU_KV_CACHE_BYTES = 64 << 20
+#: quiet seconds after which the worker does its housekeeping (backend.idle)
+IDLE_SECS = 2.0
+
+
+def _readable(sock: socket.socket, timeout_secs: float) -> bool:
+    ready, _, _ = select.select([sock], [], [], timeout_secs)
+    return bool(ready)
 
 
 @dataclass(frozen=True)
@@ -230,6 +238,9 @@ class Worker:
             "weights_checksum": backend.weights_checksum,
         }
         while True:
+            if not _readable(self.sock, IDLE_SECS):
+                backend.idle(lambda: _readable(self.sock, 0.0))
+                continue
             message = recv_message(self.sock)
             if message is None:
                 log.info("The engine core closed the connection; worker exiting")

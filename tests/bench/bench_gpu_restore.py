@@ -242,7 +242,7 @@ def first_token_secs(engine: Engine) -> float:
 class Service:
     """The daemon's CheckpointEngine on a state folder (disk or tmpfs)."""
 
-    def __init__(self, state_dir: Path, criu: str, gpu: bool, prefetch_threads: int = 8) -> None:
+    def __init__(self, state_dir: Path, criu: str, gpu: bool, prefetch_threads: int = 0) -> None:
         from llmux.service.core.authz import Caller
         from llmux.service.core.engine import CheckpointEngine, EngineConfig
 
@@ -320,7 +320,8 @@ class Context:
     memory: Service | None
     limits: dict[str, float]
     rows: list[Row] = field(default_factory=list)
-    disk_no_prefetch: Service | None = None
+    prefetch_label: str = ""
+    disk_prefetch: Service | None = None
 
 
 def cycle(ctx: Context, policy: str, sleep: Callable[[Row], None],
@@ -328,6 +329,9 @@ def cycle(ctx: Context, policy: str, sleep: Callable[[Row], None],
     engine = ctx.engine
     row = Row(engine.size_mb, policy)
     say(f"\n--- {policy} ({engine.size_mb} MiB of weights) ---")
+    deadline = time.monotonic() + 30  # the last wake's pinned buffers are let go when idle
+    while engine.state().get("cumem_spare_pinned_bytes") and time.monotonic() < deadline:
+        time.sleep(0.5)
     try:
         row.mib_before = gpu_mib(engine, ctx.gpu)
         t = time.perf_counter()
@@ -414,7 +418,7 @@ def run_cycles(ctx: Context, policies: set[str]) -> None:
             cycle(ctx, "offload+cuda_suspend", offload_suspend, resume_wake, h2d_limit)
 
     tiers = (("disk", ctx.disk, ("retain", "offload", "discard")),
-             ("disk, no prefetch", ctx.disk_no_prefetch, ("offload",)),
+             (f"disk, {ctx.prefetch_label}", ctx.disk_prefetch, ("offload",)),
              ("memory", ctx.memory, ("retain", "offload", "discard")))
     for tier, service_or_none, kinds in tiers:
         if service_or_none is None:
@@ -559,8 +563,10 @@ def bench_size(args: argparse.Namespace, size: int, workdir: Path, criu: str,
         ctx = Context(gpu, engine, engine.ask(), engine.checksum(), None, None, limits)
         if criu:
             ctx.disk = Service(Path(args.images_dir) / f"state-{size}", criu, gpu)
-            ctx.disk_no_prefetch = Service(Path(args.images_dir) / f"state-np-{size}", criu,
-                                           gpu, prefetch_threads=0)
+            if args.prefetch_threads:
+                ctx.prefetch_label = f"{args.prefetch_threads} prefetch readers"
+                ctx.disk_prefetch = Service(Path(args.images_dir) / f"state-pf-{size}", criu,
+                                            gpu, prefetch_threads=args.prefetch_threads)
             if args.memory_tier:
                 ctx.memory = Service(Path(args.memory_dir) / f"state-{size}", criu, gpu)
         run_cycles(ctx, policies)
@@ -584,6 +590,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="GB for the copy and disk measurements")
     parser.add_argument("--parallel", type=int, default=0, help="engines for parallel resume")
     parser.add_argument("--parallel-mb", type=int, default=2048)
+    parser.add_argument("--prefetch-threads", type=int, default=0,
+                        help="also restore offload+checkpoint from disk with this many "
+                             "prefetch readers (the lever, against the default: none)")
     parser.add_argument("--keep-cache", action="store_true",
                         help="never drop the page cache (on a shared machine)")
     parser.add_argument("--out", default=os.environ.get("OUT", ""))
