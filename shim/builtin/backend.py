@@ -15,7 +15,7 @@ import logging
 import os
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -127,8 +127,10 @@ class ModelBackend(ABC):
     def weights_checksum(self) -> int:
         """A digest of every weight byte (equal before a sleep and after the wake)."""
 
-    def idle(self, interrupted: Callable[[], bool]) -> None:  # noqa: B027 (optional)
-        """Housekeeping while no call is waiting; returns early once ``interrupted()``."""
+    def idle(self) -> bool:
+        """One short step of housekeeping once the model has been idle a while; True while
+        there is more to do."""
+        return False
 
     def _sleep_kv_cache(self) -> None:  # noqa: B027 (optional: backends without a KV cache)
         """Free the KV cache (every sleep level drops it, as vLLM's does)."""

@@ -19,7 +19,7 @@ import ctypes
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,7 +127,7 @@ class CuMemAllocator:
         #: seconds of the phases of the last sleep and wake (for engine_state)
         self.timings: dict[str, float] = {}
         #: pinned host buffers of the last wake, by size: reused by the next sleep, handed
-        #: back to the OS by release_spares() once the engine is idle
+        #: back to the OS by release_spare() once the engine is idle
         self._spares: dict[int, list[Any]] = {}
 
     def _context(self) -> None:
@@ -245,7 +245,7 @@ class CuMemAllocator:
             self.stream.synchronize()
             t2 = time.perf_counter()
             # Unpinning gigabytes takes longer than copying them: the buffers are kept for
-            # the next sleep and handed back once the engine is idle (release_spares).
+            # the next sleep and handed back once the engine is idle (release_spare).
             for pool in chosen:
                 for segment in pool.segments:
                     if segment.backup is not None:
@@ -259,28 +259,18 @@ class CuMemAllocator:
     def spare_bytes(self) -> int:
         return sum(size * len(buffers) for size, buffers in self._spares.items())
 
-    def release_spares(self, interrupted: Callable[[], bool] = lambda: False) -> bool:
-        """Hand the kept pinned buffers back to the OS, one at a time, stopping as soon as
-        ``interrupted()`` (a request is waiting); True when none is left."""
+    def release_spare(self) -> bool:
+        """Hand one kept pinned buffer back to the OS (about 0.1 s a GiB); True while more
+        are left. The worker calls it a buffer at a time once the model is idle."""
         with self._lock:
-            while self._spares:
-                if interrupted():
-                    return False
+            if self._spares:
                 size, buffers = next(iter(self._spares.items()))
                 buffers.pop()
                 if not buffers:
                     del self._spares[size]
                 release_pinned_cache()
-            return True
+            return bool(self._spares)
 
-    def drop_backups(self, tag: str) -> None:
-        """Forget ``tag``'s host copies (a level-2 sleep after a level-1 one)."""
-        for segment in self.pools[tag].segments if tag in self.pools else []:
-            segment.backup = None
-        self._spares.clear()
-        release_pinned_cache()
-
-    # -- accounting ----------------------------------------------------------------------------
     def _chosen(self, tags: Iterable[str] | None) -> list[Pool]:
         names = list(self.pools) if tags is None else list(tags)
         return [self.pools[t] for t in names if t in self.pools]
