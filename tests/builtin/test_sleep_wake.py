@@ -180,3 +180,16 @@ def test_level_2_frees_the_memory_and_reload_brings_it_back(
         assert post(engine, "/collective_rpc", json={"method": "reload_weights"}).status_code == 200
         assert worker_rss(engine) - freed > 200 * MIB
         assert text(engine) == before
+
+
+def test_kv_cache_is_dropped_by_sleep_and_back_after_wake(engine_env: EngineEnv) -> None:
+    """--kv-cache-memory-bytes: a KV cache of that size, dropped by every sleep (as vLLM's)."""
+    with start_engine("test-org/kv", weights_mb=1, extra_env=engine_env("torch"),
+                      extra_args=["--device", "cpu", "--kv-cache-memory-bytes", "8M"]) as engine:
+        assert state(engine)["kv_cache_bytes"] == 8 * MIB
+        before = text(engine)
+        assert post(engine, "/sleep?level=1").status_code == 200
+        assert post(engine, "/wake_up", params={"tags": "kv_cache"}).status_code == 200
+        assert state(engine)["sleeping_tags"] == ["weights"]
+        assert post(engine, "/wake_up").status_code == 200
+        assert text(engine) == before
