@@ -56,6 +56,9 @@ class DaemonConfig:
     cuda_checkpoint: str = "cuda-checkpoint"
     cuda_plugin_dir: str = "/usr/lib/criu/"
     ghost_limit_bytes: int = 512 << 20
+    #: the memory tier for checkpoint images: a tmpfs folder and the most bytes in it (0: off)
+    memory_tier_dir: str = "/dev/shm/llmux-checkpoints"
+    memory_tier_limit_bytes: int = 0
     log_level: str = "info"
 
     def engine_config(self) -> EngineConfig:
@@ -66,6 +69,8 @@ class DaemonConfig:
             cuda_checkpoint_path=self.cuda_checkpoint,
             cuda_plugin_dir=self.cuda_plugin_dir,
             ghost_limit_bytes=self.ghost_limit_bytes,
+            memory_tier_dir=Path(self.memory_tier_dir),
+            memory_tier_limit_bytes=self.memory_tier_limit_bytes,
         )
 
 

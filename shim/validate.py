@@ -2,14 +2,19 @@
 
 For each policy: a deterministic request, eviction, memory measured, activation,
 the same request again; a policy passes when the model reached the state the
-policy promises (no escalation) and answers exactly as before.
+policy promises (no escalation) and answers exactly as before. ``retain+stop`` is the cold
+start. The rates (memory freed / sleep time, memory back / wake time) are printed beside the
+limits they are held to, measured in the same run: pinned host<->GPU copies (when PyTorch
+sees a GPU here) and the disk's write and read speed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +49,81 @@ class PolicyResult:
     passed: bool = False
     error: str | None = None
 
+    @property
+    def sleep_gbps(self) -> float:
+        """GB/s of memory freed by the eviction."""
+        freed = max(0, self.mem_before - self.mem_after_sleep) * MIB
+        return freed / self.sleep_secs / 1e9 if self.sleep_secs else 0.0
+
+    @property
+    def wake_gbps(self) -> float:
+        """GB/s of memory brought back by the activation."""
+        back = max(0, self.mem_after_wake - self.mem_after_sleep) * MIB
+        return back / self.wake_secs / 1e9 if self.wake_secs else 0.0
+
+
+MIB = 1 << 20
+_PROBE_BYTES = 1 << 30
+
+
+def measure_limits(directory: str | None = None) -> str:
+    """One line: pinned H2D/D2H GB/s (PyTorch and a GPU here, else why not) and the disk's
+    write (fsync'd) and read (file evicted from the page cache first) GB/s."""
+    parts = [_copy_speeds()]
+    folder = directory or ("/var/tmp" if os.path.isdir("/var/tmp") else tempfile.gettempdir())
+    try:
+        write, read = _disk_speeds(folder)
+        parts.append(f"disk ({folder}) write {write:.2f} GB/s, read {read:.2f} GB/s")
+    except OSError as e:
+        parts.append(f"disk ({folder}) not measured: {e}")
+    return "Limits measured in this run: " + "; ".join(parts)
+
+
+def _copy_speeds() -> str:
+    try:
+        import torch
+    except ImportError:
+        return "pinned copies not measured (no PyTorch here)"
+    if not torch.cuda.is_available():
+        return "pinned copies not measured (no GPU visible to PyTorch here)"
+    host = torch.empty(_PROBE_BYTES, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty(_PROBE_BYTES, dtype=torch.uint8, device="cuda")
+    rates = []
+    for dst, src in ((device, host), (host, device), (device, host), (host, device)):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        rates.append(_PROBE_BYTES / (time.perf_counter() - t) / 1e9)
+    del host, device
+    torch.cuda.empty_cache()
+    return f"pinned H2D {max(rates[0::2]):.1f} GB/s, D2H {max(rates[1::2]):.1f} GB/s"
+
+
+def _disk_speeds(folder: str, nbytes: int = _PROBE_BYTES // 2) -> tuple[float, float]:
+    block = os.urandom(16 * MIB)
+    fd, path = tempfile.mkstemp(prefix="llmux-validate-", dir=folder)
+    try:
+        t = time.perf_counter()
+        written = 0
+        while written < nbytes:
+            written += os.write(fd, block[: min(len(block), nbytes - written)])
+        os.fsync(fd)
+        write = nbytes / (time.perf_counter() - t) / 1e9
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        t = time.perf_counter()
+        done = 0
+        while done < nbytes:
+            chunk = os.pread(fd, 16 * MIB, done)
+            if not chunk:
+                break
+            done += len(chunk)
+        read = done / (time.perf_counter() - t) / 1e9
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return write, read
+
 
 async def run_validation(config: Config, model: str, policies: list[EvictionPolicy]) -> bool:
     m = config.models[model]
@@ -61,6 +141,8 @@ async def run_validation(config: Config, model: str, policies: list[EvictionPoli
     lifecycle = Lifecycle(only, supervisor, backend)
     gpu = shutil.which("nvidia-smi") is not None
     results: list[PolicyResult] = []
+    limits = await asyncio.to_thread(measure_limits)
+    print(limits, flush=True)
     try:
         await lifecycle.start()
         print(f"Starting model '{model}'...", flush=True)
@@ -78,6 +160,7 @@ async def run_validation(config: Config, model: str, policies: list[EvictionPoli
         await lifecycle.aclose()
         await supervisor.aclose()
     _print_table(results, gpu)
+    print(limits)
     ok = bool(results) and all(r.passed for r in results)
     print("\nResult: ALL PASSED" if ok else "\nResult: SOME FAILED")
     return ok
@@ -149,14 +232,18 @@ def _rss_kb(pid: int) -> int:
 def _print_table(results: list[PolicyResult], gpu: bool) -> None:
     what = "GPU" if gpu else "RSS"
     print()
-    print(f"{'Eviction':<28} {'Sleep (s)':>10} {'Wake (s)':>10} {what + ' Before':>14} "
-          f"{what + ' After':>14} {what + ' Wake':>14} {'Response':>10} {'Pass':>6}")
-    print("-" * 112)
+    print(f"{'Eviction':<28} {'Sleep (s)':>10} {'Wake (s)':>10} {'GB/s sleep/wake':>16} "
+          f"{what + ' Before':>14} {what + ' After':>14} {what + ' Wake':>14} {'Response':>10} "
+          f"{'Pass':>6}")
+    print("-" * 129)
     for r in results:
-        print(f"{r.policy!s:<28} {r.sleep_secs:>10.2f} {r.wake_secs:>10.2f} "
+        rates = f"{r.sleep_gbps:.1f}/{r.wake_gbps:.1f}"
+        print(f"{r.policy!s:<28} {r.sleep_secs:>10.2f} {r.wake_secs:>10.2f} {rates:>16} "
               f"{r.mem_before:>10} MiB {r.mem_after_sleep:>10} MiB {r.mem_after_wake:>10} MiB "
               f"{_match_word(r.response_matches):>10} "
               f"{'PASS' if r.passed else 'FAIL':>6}")
+    print(f"(GB/s: {what} freed by the eviction / brought back by the activation; "
+          "retain+stop: the activation is a cold start)")
     if not gpu:
         print(f"({what}: resident memory of the engine's process tree; no nvidia-smi here)")
 

@@ -112,6 +112,20 @@ class CriuRun:
 _COMMON = ("--tcp-established", "--ext-unix-sk", "--link-remap", "--file-locks")
 
 
+_SBIN_PATH = "/usr/sbin:/sbin:/usr/local/sbin"
+
+
+def network_lock_options(search_path: str | None = None) -> list[str]:
+    """CRIU locks a tree's TCP connections with iptables-restore while it dumps or restores
+    them. A host without it (the GPU machines here have none) gets --network-lock skip:
+    without it CRIU fails on the first established connection (an engine's torch.distributed
+    store has one). The tree is frozen meanwhile, so only packets sent to it from outside
+    could be lost, and engines listen on loopback with their requests drained first."""
+    path = search_path if search_path is not None else (
+        os.environ.get("PATH", "") + os.pathsep + _SBIN_PATH)
+    return [] if shutil.which("iptables-restore", path=path) else ["--network-lock", "skip"]
+
+
 def _logged(log_name: str) -> list[str]:
     """Cgroups left alone, CRIU's verbose log into log_name (in the images directory)."""
     return ["--manage-cgroups=ignore", "-v4", "-o", log_name]
@@ -131,7 +145,8 @@ def _plugins(plugin_dir: str | None) -> list[str]:
 
 def dump_argv(binary: str, req: DumpRequest) -> list[str]:
     argv = [binary, "dump", "--tree", str(req.pid), "--images-dir", str(req.images_dir),
-            *_COMMON, "--ghost-limit", str(req.ghost_limit_bytes), *_logged(req.log_name)]
+            *_COMMON, *network_lock_options(), "--ghost-limit", str(req.ghost_limit_bytes),
+            *_logged(req.log_name)]
     if req.leave_running:
         argv.append("--leave-running")
     argv += _job_options(req.shell_job, req.foreign_mntns)
@@ -142,7 +157,8 @@ def dump_argv(binary: str, req: DumpRequest) -> list[str]:
 
 def restore_argv(binary: str, req: RestoreRequest) -> list[str]:
     argv = [binary, "restore", "--images-dir", str(req.images_dir), "--restore-detached",
-            "--pidfile", str(req.pidfile), *_COMMON, *_logged(req.log_name)]
+            "--pidfile", str(req.pidfile), *_COMMON, *network_lock_options(),
+            *_logged(req.log_name)]
     argv += _job_options(req.shell_job, req.foreign_mntns)
     if req.root is not None:
         argv += ["--root", str(req.root)]

@@ -24,6 +24,7 @@ import contextlib
 import importlib.metadata
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -80,6 +81,8 @@ T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 
 PID_FREE_TIMEOUT_SECS = 10.0
+#: how long a move to disk waits for the model's jobs to let go before it gives up
+MOVE_WAIT_SECS = 600.0
 """How long a restore waits for dumped PIDs to be reaped before naming who holds them."""
 REAP_AFTER_DUMP_SECS = 5.0
 #: a link_remap.N file this old that nobody uses was left by an interrupted job
@@ -112,6 +115,15 @@ class EngineConfig:
     cuda_checkpoint_path: str = "cuda-checkpoint"
     cuda_plugin_dir: str = "/usr/lib/criu/"
     ghost_limit_bytes: int = 512 << 20
+    memory_tier_dir: Path | None = None
+    """A tmpfs folder for checkpoint images (the memory tier); see memory_tier_limit_bytes."""
+    memory_tier_limit_bytes: int = 0
+    """Most bytes of images in the memory tier (0: no memory tier). A dump that fits goes
+    there, is restored from there while it is there, and moves to disk in the background."""
+    prefetch_threads: int = 0
+    """Readers that bring a checkpoint's page images into the page cache during a restore;
+    0: only ask the kernel to read ahead (POSIX_FADV_WILLNEED). Measured on the H200
+    machine, 8 readers made an 8 GB restore slower (13.0 s against 10.7 s), so 0 it is."""
 
 
 @dataclass(frozen=True)
@@ -276,6 +288,7 @@ class CheckpointEngine:
         self._suspended: dict[str, tuple[int, list[int]]] = {}
         self._version = _service_version()
         self.pid_free_timeout = PID_FREE_TIMEOUT_SECS
+        self._movers: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def open(cls, config: EngineConfig) -> CheckpointEngine:
@@ -284,7 +297,13 @@ class CheckpointEngine:
         if config.ghost_limit_bytes <= 0:
             raise InvalidArgument(f"ghost_limit_bytes must be positive: {config.ghost_limit_bytes}")
         criu = await CriuTool.locate(config.criu_path)
-        store = CheckpointStore(config.state_dir)
+        if config.memory_tier_limit_bytes < 0:
+            raise InvalidArgument(
+                f"memory_tier_limit_bytes must be >= 0: {config.memory_tier_limit_bytes}")
+        if config.memory_tier_limit_bytes and config.memory_tier_dir is None:
+            raise InvalidArgument("memory_tier_limit_bytes needs memory_tier_dir")
+        store = CheckpointStore(config.state_dir, config.memory_tier_dir,
+                                config.memory_tier_limit_bytes)
         cleaned = await asyncio.to_thread(store.prepare)
         if cleaned:
             log.info("removed leftovers of interrupted dumps: %s", ", ".join(cleaned))
@@ -492,7 +511,7 @@ class CheckpointEngine:
             leave_running=leave_running,
             listen_ports=listen_ports,
         )
-        staging = self.store.begin(model)
+        staging = self.store.begin(model, expected)
         view = ViewRoot(root_pid if ctx.foreign else None)
         try:
             # If the service dies mid-dump, start-up can still finish what CRIU completed.
@@ -680,7 +699,44 @@ class CheckpointEngine:
         log.info(
             "checkpointed %s (PIDs %s) in %.2fs: %d MiB", model, pids, dump_secs, images_bytes >> 20
         )
+        if self.store.in_memory(model):
+            mover = asyncio.create_task(self._move_to_disk(model), name=f"move-{model}")
+            self._movers.add(mover)
+            mover.add_done_callback(self._movers.discard)
         return manifest
+
+    async def _move_to_disk(self, model: str) -> None:
+        """Put a checkpoint's images from the memory tier on disk, behind the job that made
+        them: copied without holding the model (a restore may read them meanwhile), then
+        swapped in while no job holds it."""
+        moved = await asyncio.to_thread(self.store.copy_to_disk, model)
+        if moved is None:
+            return
+        tier, copy = moved
+        deadline = time.monotonic() + MOVE_WAIT_SECS
+        while True:
+            try:
+                release = self._claim(model)
+            except Busy:
+                if time.monotonic() > deadline:
+                    log.warning("%s stays in the memory tier: its jobs kept it busy", model)
+                    await asyncio.to_thread(shutil.rmtree, copy, True)
+                    return
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                swapped = self.store.finish_move(model, tier, copy)
+            finally:
+                release()
+            break
+        if swapped:
+            await asyncio.to_thread(self.store.drop_memory_copy, tier)
+            log.info("moved the images of %s from the memory tier to disk", model)
+
+    async def wait_moves(self) -> None:
+        """Until every move to disk in flight is done (tests; a clean stop)."""
+        while self._movers:
+            await asyncio.gather(*self._movers, return_exceptions=True)
 
     async def _thaw(self, pids: Sequence[int], cuda_pids: Sequence[int]) -> None:
         """Make a tree whose dump failed run again: no job-control stop, CUDA unlocked."""
@@ -911,7 +967,8 @@ class CheckpointEngine:
 
         t = time.monotonic()
         readahead = asyncio.create_task(
-            asyncio.to_thread(prefetch, images, manifest.images_bytes)
+            asyncio.to_thread(prefetch, images, manifest.images_bytes,
+                              self.config.prefetch_threads)
         )
         try:
             async with report.watching(measure, manifest.images_bytes, "restoring", 0.0, 0.9):

@@ -56,6 +56,9 @@ class ServeArgs:
     seed: int
     device: str
     max_model_len: int
+    enforce_eager: bool = False
+    #: None: 64 MiB on a GPU, none on the CPU
+    kv_cache_bytes: int | None = None
 
 
 @dataclass
@@ -207,7 +210,8 @@ def build_app(state: AppState) -> Starlette:
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         client = EngineCoreClient(
             args.model_path, args.served_model_name, args.weights_mb, args.device,
-            args.sleep_mode, args.seed, on_death=state.on_engine_death)
+            args.sleep_mode, args.seed, on_death=state.on_engine_death,
+            enforce_eager=args.enforce_eager, kv_cache_bytes=args.kv_cache_bytes)
         state.client = client
         client.start()
         try:

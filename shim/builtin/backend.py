@@ -123,6 +123,21 @@ class ModelBackend(ABC):
     def _predict(self, ids: Sequence[int], banned: set[int]) -> int:
         """The greedy next token, never one of ``banned``."""
 
+    @abstractmethod
+    def weights_checksum(self) -> int:
+        """A digest of every weight byte (equal before a sleep and after the wake)."""
+
+    def idle(self) -> bool:
+        """One short step of housekeeping once the model has been idle a while; True while
+        there is more to do."""
+        return False
+
+    def _sleep_kv_cache(self) -> None:  # noqa: B027 (optional: backends without a KV cache)
+        """Free the KV cache (every sleep level drops it, as vLLM's does)."""
+
+    def _wake_kv_cache(self) -> None:  # noqa: B027 (optional: backends without a KV cache)
+        """Memory for the KV cache again (contents invalid; the prefix cache was reset)."""
+
     @property
     @abstractmethod
     def weights_bytes(self) -> int:
@@ -144,6 +159,8 @@ class ModelBackend(ABC):
                 "sleep mode is not enabled: start the engine with --enable-sleep-mode")
         if level not in (1, 2):
             raise EngineError(f"sleep level must be 1 or 2, not {level!r}")
+        if not self.state.sleeping:
+            self._sleep_kv_cache()
         if level == 1 and self.location is WeightLocation.DEVICE:
             self._offload()
             self.location = WeightLocation.HOST
@@ -170,6 +187,8 @@ class ModelBackend(ABC):
                 self.location = WeightLocation.DEVICE
             elif self.location is WeightLocation.DISCARDED:
                 self._allocate()
+        if "kv_cache" in wanted and "kv_cache" in self.state.sleeping_tags:
+            self._wake_kv_cache()
         left = self.state.sleeping_tags - wanted
         self.state = SleepState(frozenset(left), self.state.level if left else 0)
         log.info("Engine woke up %s (weights: %s, still sleeping: %s)",
@@ -229,12 +248,14 @@ class ModelBackend(ABC):
         }
 
 
-def create_backend(config: ModelConfig, device: str, sleep_mode: bool) -> ModelBackend:
+def create_backend(config: ModelConfig, device: str, sleep_mode: bool, *,
+                   enforce_eager: bool = False, kv_cache_bytes: int = 0) -> ModelBackend:
     """The backend named in ``config`` (imported lazily: torch costs a second to import)."""
     if config.backend == "torch":
         from llmux.shim.builtin.model_torch import TorchBackend
 
-        return TorchBackend(config, device, sleep_mode)
+        return TorchBackend(config, device, sleep_mode, enforce_eager=enforce_eager,
+                            kv_cache_bytes=kv_cache_bytes)
     from llmux.shim.builtin.model_pure import PureBackend
 
     return PureBackend(config, device, sleep_mode)

@@ -1,8 +1,9 @@
 """``python -m llmux.shim.builtin serve MODEL_PATH --port PORT ...``: vLLM's command line.
 
 The shim's supervisor uses one argv template for vLLM and for this engine, so options
-that only mean something to vLLM (--gpu-memory-utilization 0.9, --enforce-eager,
---tensor-parallel-size 2, ...) are accepted and ignored with a log line, never refused.
+that only mean something to vLLM (--gpu-memory-utilization 0.9, --tensor-parallel-size 2,
+...) are accepted and ignored with a log line, never refused. --enforce-eager and
+--kv-cache-memory-bytes mean here what they mean to vLLM.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ log = logging.getLogger("llmux.builtin.cli")
 # vLLM options that take no value: an unknown option is otherwise assumed to take the
 # next word as its value unless that word is itself an option.
 VLLM_BOOLEAN_FLAGS = frozenset({
-    "--enforce-eager", "--disable-custom-all-reduce", "--trust-remote-code",
+    "--disable-custom-all-reduce", "--trust-remote-code",
     "--enable-prefix-caching", "--no-enable-prefix-caching", "--disable-log-requests",
     "--disable-log-stats", "--enable-chunked-prefill", "--no-enable-chunked-prefill",
     "--enable-lora", "--enable-auto-tool-choice", "--disable-frontend-multiprocessing",
@@ -52,7 +53,29 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     serve_cmd.add_argument("--seed", type=int, default=0)
     serve_cmd.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     serve_cmd.add_argument("--max-model-len", type=_positive, default=2048)
+    serve_cmd.add_argument("--enforce-eager", action="store_true",
+                           help="no CUDA graphs (by default the output head is captured at start)")
+    serve_cmd.add_argument("--kv-cache-memory-bytes", type=_byte_size, default=None,
+                           help="KV cache size, e.g. 512M or 2G (default: 64M on a GPU, "
+                                "none on the CPU)")
     return parser, serve_cmd
+
+
+_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _byte_size(raw: str) -> int:
+    """Bytes, with an optional binary suffix K/M/G/T (as vLLM's --kv-cache-memory-bytes)."""
+    text = raw.strip().upper().removesuffix("IB").removesuffix("B")
+    suffix = text[-1:] if text[-1:] in _SUFFIXES and not text[-1:].isdigit() else ""
+    number = text[: len(text) - len(suffix)]
+    try:
+        value = int(float(number) * _SUFFIXES[suffix])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {raw!r} (e.g. 512M)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {raw!r}")
+    return value
 
 
 def _non_negative(raw: str) -> int:
@@ -117,7 +140,8 @@ def parse_args(argv: Sequence[str]) -> ServeArgs:
     names = ns.served_model_name or [model]
     return ServeArgs(model_path=model, host=ns.host, port=ns.port, served_model_name=names[0],
                      weights_mb=ns.weights_mb, sleep_mode=ns.enable_sleep_mode, seed=ns.seed,
-                     device=ns.device, max_model_len=ns.max_model_len)
+                     device=ns.device, max_model_len=ns.max_model_len,
+                     enforce_eager=ns.enforce_eager, kv_cache_bytes=ns.kv_cache_memory_bytes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,7 +58,8 @@ class EngineDeadError(EngineError):
 class EngineCoreClient:
     def __init__(self, model_path: str, served_model_name: str, weights_mb: int,
                  device: str, sleep_mode: bool, seed: int,
-                 on_death: Callable[[], None]) -> None:
+                 on_death: Callable[[], None], *, enforce_eager: bool = False,
+                 kv_cache_bytes: int | None = None) -> None:
         self.context = zmq.asyncio.Context(io_threads=1)
         self.input_address = ipc_address()
         self.output_address = ipc_address()
@@ -72,7 +73,8 @@ class EngineCoreClient:
             device=device, sleep_mode=sleep_mode, seed=seed,
             input_address=self.input_address, output_address=self.output_address,
             parent_pid=os.getpid(), shm_name=self.segment.name,
-            resource_tracker_fd=shm.tracker_fd())
+            resource_tracker_fd=shm.tracker_fd(), enforce_eager=enforce_eager,
+            kv_cache_bytes=-1 if kv_cache_bytes is None else kv_cache_bytes)
         self.on_death = on_death
         self.process: subprocess.Popen[bytes] | None = None
         self.ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()

@@ -7,6 +7,10 @@ when its parent API server is gone.
 
 It attaches to the API server's ``psm_<hex>`` shared-memory segment (see shm.py) and
 keeps two counters there: a heartbeat (one per loop pass) and the tokens generated.
+
+The model itself, and on a GPU all CUDA state, lives in a worker process under this one
+(worker.py), as vLLM's executor keeps it in ``VLLM::Worker``; this process holds no GPU
+memory and never imports torch.
 """
 
 from __future__ import annotations
@@ -24,16 +28,12 @@ from typing import IO, Any
 import zmq
 
 from llmux.shim.builtin import protocol, shm
-from llmux.shim.builtin.backend import (
-    EngineError,
-    ModelBackend,
-    choose_backend,
-    create_backend,
-)
-from llmux.shim.builtin.checkpoint import ModelConfig, ensure_checkpoint
+from llmux.shim.builtin.backend import EngineError, choose_backend
+from llmux.shim.builtin.checkpoint import ModelConfig
 from llmux.shim.builtin.logging_setup import setup_logging
 from llmux.shim.builtin.paths import jit_log_path
 from llmux.shim.builtin.protocol import CoreConfig
+from llmux.shim.builtin.worker import WorkerClient, WorkerConfig, WorkerDied
 
 log = logging.getLogger("llmux.builtin.engine_core")
 
@@ -62,26 +62,34 @@ class EngineCore:
         self.output = self.context.socket(zmq.PUSH)
         self.input.connect(config.input_address)
         self.output.connect(config.output_address)
-        self.backend: ModelBackend | None = None
+        self.backend: WorkerClient | None = None
         self.jit_log: IO[str] | None = None
 
     # -- start-up ------------------------------------------------------------------------
     def start(self) -> None:
         started = time.monotonic()
-        backend_name = choose_backend()
-        model = ModelConfig.for_model(self.config.model_path, backend_name, self.config.weights_mb)
-        backend = create_backend(model, self.config.device, self.config.sleep_mode)
-        self._open_jit_log(model, backend.device)
-        if ensure_checkpoint(model, lambda _cfg: backend.make_checkpoint_tensors()):
+        config = self.config
+        model = ModelConfig.for_model(config.model_path, choose_backend(), config.weights_mb)
+        self._open_jit_log(model, config.device)
+        worker = WorkerClient(WorkerConfig(
+            model_path=config.model_path, weights_mb=config.weights_mb, device=config.device,
+            sleep_mode=config.sleep_mode, enforce_eager=config.enforce_eager,
+            kv_cache_bytes=config.kv_cache_bytes, fd=-1))
+        self.backend = worker
+        try:
+            ready = worker.wait_ready()
+        except WorkerDied as exc:
+            raise EngineError(str(exc), 500, "InternalServerError") from exc
+        if ready.pop("wrote_checkpoint", False):
             self._jit(f"wrote checkpoint {model.weights_file}")
-        backend.load()
-        self.backend = backend
         elapsed = time.monotonic() - started
-        self._jit(f"graphs ready for {model.model_path} on {backend.device} in {elapsed:.2f}s")
-        log.info("Model %s loaded (%s backend, %s, %.1f MiB of weights) in %.2fs",
-                 model.model_path, backend.name, backend.device,
-                 backend.weights_bytes / (1 << 20), elapsed)
-        self._send({"type": protocol.READY, "pid": os.getpid(), **backend.describe()})
+        captured = "CUDA graphs captured" if ready.get("cuda_graphs") else "no CUDA graphs"
+        self._jit(f"graphs ready for {model.model_path} on {ready['device']} in {elapsed:.2f}s "
+                  f"({captured})")
+        log.info("Model %s loaded by worker pid %d (%s backend, %s, %.1f MiB of weights) in %.2fs",
+                 model.model_path, worker.pid, ready["backend"], ready["device"],
+                 ready["weights_bytes"] / (1 << 20), elapsed)
+        self._send({"type": protocol.READY, "pid": os.getpid(), **ready})
 
     def _open_jit_log(self, model: ModelConfig, device: str) -> None:
         """Held open for the process's life, like the caches of vLLM's compilers."""
@@ -105,6 +113,8 @@ class EngineCore:
                 log.warning("API server (pid %d) is gone; engine core exiting",
                             self.config.parent_pid)
                 return
+            if self.backend is not None:
+                self.backend.check_alive()  # as vLLM's executor watches its workers
             self.heartbeat += 1
             shm.write_counters(self.segment, self.heartbeat, self.tokens_generated)
             timeout = 0 if self.running else _IDLE_POLL_MS
@@ -132,7 +142,7 @@ class EngineCore:
                 self.aborted_requests += 1
         elif kind == protocol.GENERATE:
             try:
-                self._backend().check_ready()
+                self._backend().call("check_ready")
             except EngineError as exc:
                 self._send_error(request_id, exc)
                 return
@@ -148,7 +158,7 @@ class EngineCore:
         backend = self._backend()
         outputs = []
         for request in list(self.running.values()):
-            token = backend.next_token(request.ids)
+            token = int(backend.call("next_token", request.ids))
             request.ids.append(token)
             request.remaining -= 1
             self.tokens_generated += 1
@@ -168,11 +178,12 @@ class EngineCore:
         backend = self._backend()
         calls: dict[str, Callable[..., Any]] = {
             "sleep": self._sleep,
-            "wake_up": lambda tags=None: backend.wake_up(tags),
-            "is_sleeping": lambda: backend.state.sleeping,
-            "reload_weights": backend.reload_weights,
-            "reset_prefix_cache": backend.reset_prefix_cache,
+            "wake_up": lambda tags=None: backend.call("wake_up", tags),
+            "is_sleeping": lambda: backend.call("is_sleeping"),
+            "reload_weights": lambda: backend.call("reload_weights"),
+            "reset_prefix_cache": lambda: backend.call("reset_prefix_cache"),
             "engine_state": self._engine_state,
+            "weights_checksum": lambda: backend.call("weights_checksum"),
             "collective_rpc": self._collective_rpc,
         }
         try:
@@ -182,6 +193,8 @@ class EngineCore:
             result = call(**kwargs)
         except EngineError as exc:
             self._send_error(request_id, exc)
+        except WorkerDied:
+            raise
         except Exception as exc:
             log.exception("Utility call %s failed", method)
             error = EngineError(f"{method} failed: {exc}", 500, "InternalServerError")
@@ -195,11 +208,11 @@ class EngineCore:
             self._send_error(request_id, EngineError(
                 "request aborted: the engine was put to sleep", 503, "ServiceUnavailableError"))
         self.running.clear()
-        backend.sleep(level)
-        self._jit(f"sleep level {level}: weights {backend.location}")
+        backend.call("sleep", level)
+        self._jit(f"sleep level {level}: weights {backend.call('describe')['weights']}")
 
     def _engine_state(self) -> dict[str, Any]:
-        state = self._backend().describe()
+        state = dict(self._backend().call("describe"))
         state["pid_core"] = os.getpid()
         state["running_requests"] = len(self.running)
         state["aborted_requests"] = self.aborted_requests
@@ -213,11 +226,12 @@ class EngineCore:
         backend = self._backend()
         args, kwargs = list(args or []), dict(kwargs or {})
         worker_methods: dict[str, Callable[..., Any]] = {
-            "reload_weights": backend.reload_weights,
-            "reset_prefix_cache": backend.reset_prefix_cache,
+            "reload_weights": lambda: backend.call("reload_weights"),
+            "reset_prefix_cache": lambda: backend.call("reset_prefix_cache"),
             "sleep": self._sleep,
-            "wake_up": lambda tags=None: backend.wake_up(tags),
+            "wake_up": lambda tags=None: backend.call("wake_up", tags),
             "engine_state": self._engine_state,
+            "weights_checksum": lambda: backend.call("weights_checksum"),
             "echo": lambda *a, **k: {"args": list(a), "kwargs": k},
         }
         call = worker_methods.get(method)
@@ -230,7 +244,7 @@ class EngineCore:
             raise EngineError(f"bad arguments for collective_rpc {method!r}: {exc}") from exc
 
     # -- plumbing ------------------------------------------------------------------------
-    def _backend(self) -> ModelBackend:
+    def _backend(self) -> WorkerClient:
         if self.backend is None:
             raise EngineError("the engine is still starting", 503, "ServiceUnavailableError")
         return self.backend
@@ -243,6 +257,8 @@ class EngineCore:
                     "kind": exc.kind, "message": exc.message})
 
     def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
         self.output.close(linger=1000)
         self.input.close(linger=0)
         self.context.term()
@@ -274,7 +290,11 @@ def main(argv: list[str] | None = None) -> int:
             log.exception("Engine core failed to start")
             core._send({"type": protocol.STARTUP_FAILED, "message": str(exc)})
             return 1
-        core.run()
+        try:
+            core.run()
+        except WorkerDied as exc:
+            log.error("Engine core exiting: %s", exc)
+            return 1
         return 0
     finally:
         core.close()

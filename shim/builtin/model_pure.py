@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import zlib
 from collections.abc import Sequence
 
 from llmux.shim.builtin import safetensors_io
@@ -83,6 +84,10 @@ class PureBackend(ModelBackend):
                 if candidate != EOS_ID and candidate not in banned:
                     return candidate
             counter += 1
+
+    def weights_checksum(self) -> int:
+        self.check_ready()
+        return sum(zlib.crc32(buf) for buf in self._device_buffers.values())
 
     @property
     def weights_bytes(self) -> int:

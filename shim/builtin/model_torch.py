@@ -1,13 +1,17 @@
 """The PyTorch backend: a real (tiny, randomly initialised) transformer language model.
 
 Two pre-norm decoder layers over the word-level vocabulary, run as plain functions over
-a dict of tensors: moving weights between device and host for sleep levels is then a
-matter of swapping dict entries, as vLLM's CuMemAllocator does with its pools.
+a dict of tensors. On the CPU, sleep levels swap dict entries. On a GPU the tensors live
+where vLLM's sleep mode puts them: in CUDA virtual memory of cumem.CuMemAllocator, tagged
+``weights`` and ``kv_cache``; a sleep unmaps it (level 1 first copies the weights to pinned
+host memory) and a wake maps it again at the same addresses, so the tensors and the CUDA
+graph captured at start (the output head, unless --enforce-eager) stay valid.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,11 +23,14 @@ import torch.nn.functional as F
 from llmux.shim.builtin import safetensors_io
 from llmux.shim.builtin.backend import EngineError, ModelBackend
 from llmux.shim.builtin.checkpoint import ModelConfig
+from llmux.shim.builtin.cumem import CuMemAllocator, release_pinned_cache
 from llmux.shim.builtin.safetensors_io import TensorInfo, TensorSpec
 from llmux.shim.builtin.vocab import EOS_ID
 
+log = logging.getLogger(__name__)
 _DTYPES = {"F32": torch.float32, "U8": torch.uint8, "F16": torch.float16, "BF16": torch.bfloat16}
 _STAGING = 64 << 20
+_CHECKSUM_SLICE = 16 << 20
 
 
 def resolve_device(requested: str) -> str:
@@ -77,12 +84,22 @@ def _fixed_chunks(tensor: torch.Tensor) -> Callable[[], list[memoryview]]:
 class TorchBackend(ModelBackend):
     name = "torch"
 
-    def __init__(self, config: ModelConfig, device: str, sleep_mode: bool) -> None:
+    def __init__(self, config: ModelConfig, device: str, sleep_mode: bool, *,
+                 enforce_eager: bool = False, kv_cache_bytes: int = 0) -> None:
         super().__init__(config, resolve_device(device), sleep_mode)
         self._weights: dict[str, torch.Tensor] = {}
         self._host: dict[str, torch.Tensor] = {}
         self._infos: dict[str, TensorInfo] = {}
+        self.enforce_eager = enforce_eager
+        self.kv_cache_bytes = kv_cache_bytes
+        self._kv_cache: torch.Tensor | None = None
+        self._allocator: Any = None
+        self._graph: Any = None
+        self._graph_in: torch.Tensor | None = None
+        self._graph_out: torch.Tensor | None = None
         torch.set_num_threads(1)
+        if self.device == "cuda":
+            self._allocator = CuMemAllocator(torch.cuda.current_device())
 
     def make_checkpoint_tensors(self) -> list[TensorSpec]:
         generator = torch.Generator().manual_seed(self.config.seed & 0x7FFF_FFFF_FFFF_FFFF)
@@ -104,33 +121,96 @@ class TorchBackend(ModelBackend):
         if missing:
             raise EngineError(f"{path}: missing tensors {missing}", 500, "InternalServerError")
         self._host = {}
+        if self._allocator is not None:
+            self._load_to_cumem(path, infos)
+            return
         for name, info in infos.items():
             target = self._weights.get(name)
             dtype = _DTYPES[info.dtype]
             if target is None or tuple(target.shape) != info.shape or target.dtype != dtype:
                 target = torch.empty(info.shape, dtype=dtype, device=self.device)
                 self._weights[name] = target
-            if self.device == "cpu":
-                safetensors_io.read_into(path, info, _raw(target))
-            else:
-                self._copy_to_device(path, info, target)
+            safetensors_io.read_into(path, info, _raw(target))
         self._infos = infos
+        if self._kv_cache is None and self.kv_cache_bytes:
+            self._kv_cache = torch.zeros(self.kv_cache_bytes, dtype=torch.uint8)
+
+    def _load_to_cumem(self, path: Path, infos: dict[str, TensorInfo]) -> None:
+        """Weights into the ``weights`` pool (made at the first load), KV cache into its own;
+        then the output head's CUDA graph, captured once over those fixed addresses."""
+        allocator = self._allocator
+        if "weights" not in allocator.pools:
+            total = sum((i.nbytes + 511) // 512 * 512 for i in infos.values())
+            allocator.create_pool("weights", total)
+            self._weights = {name: allocator.tensor("weights", info.shape, _DTYPES[info.dtype])
+                             for name, info in infos.items()}
+            if self.kv_cache_bytes:
+                allocator.create_pool("kv_cache", self.kv_cache_bytes)
+                self._kv_cache = allocator.tensor("kv_cache", (self.kv_cache_bytes,), torch.uint8)
+                self._kv_cache.zero_()
+        elif allocator.mapped_bytes("weights") == 0:
+            allocator.wake_up(["weights"])
+        self._infos = infos
+        self._copy_file_to_device(path, infos)
+        if self._graph is None and not self.enforce_eager:
+            self._capture_graph()
+
+    def _copy_file_to_device(self, path: Path, infos: dict[str, TensorInfo]) -> None:
+        """Stream through two pinned staging buffers (read one while the other copies), so
+        an 8 GB load needs no 8 GB on the host."""
+        staging = [torch.empty(_STAGING, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        done = [torch.cuda.Event(), torch.cuda.Event()]
+        turn = 0
+        with open(path, "rb", buffering=0) as src:
+            for name, info in infos.items():
+                flat = self._weights[name].view(-1).view(torch.uint8)
+                src.seek(info.offset)
+                offset = 0
+                while offset < info.nbytes:
+                    size = min(_STAGING, info.nbytes - offset)
+                    done[turn].synchronize()  # its previous copy has left the buffer
+                    view = _raw(staging[turn])[:size]
+                    got = 0
+                    while got < size:
+                        n = src.readinto(view[got:])
+                        if not n:
+                            raise EngineError(f"{path}: unexpected end of file in {name!r}",
+                                              500, "InternalServerError")
+                        got += n
+                    flat[offset : offset + size].copy_(staging[turn][:size], non_blocking=True)
+                    done[turn].record()
+                    offset += size
+                    turn ^= 1
+        torch.cuda.synchronize()
+        del staging
+        release_pinned_cache()
+
+    def _capture_graph(self) -> None:
+        """The output head (final norm, lm_head) as a CUDA graph over static buffers, as
+        vLLM captures its decode steps at start; replayed for every token."""
+        w, d = self._weights, self.config.hidden_size
+        static_in = torch.zeros(d, device=self.device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(2):  # warm-up: cuBLAS handles and workspaces before capture
+                self._head(static_in, w)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.inference_mode():
+            static_out = self._head(static_in, w)
+        self._graph, self._graph_in, self._graph_out = graph, static_in, static_out
 
     @staticmethod
-    def _copy_to_device(path: Path, info: TensorInfo, target: torch.Tensor) -> None:
-        """Stream through one pinned staging buffer, so a 4 GB load needs no 4 GB on host."""
-        flat = target.view(-1).view(torch.uint8)
-        size = min(_STAGING, max(info.nbytes, 1))
-        staging = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-        offset = 0
-        for chunk in safetensors_io.iter_chunks(path, info, _STAGING):
-            size = len(chunk)
-            _raw(staging)[:size] = chunk
-            flat[offset : offset + size].copy_(staging[:size])
-            torch.cuda.synchronize()
-            offset += size
+    def _head(h: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = F.layer_norm(h, (h.shape[-1],), w["model.norm.weight"], w["model.norm.bias"])
+        return F.linear(h, w["lm_head.weight"]).float()
 
     def _offload(self) -> None:
+        if self._allocator is not None:
+            self._allocator.sleep(offload_tags=["weights"], tags=["weights"])
+            self._free_device_cache()
+            return
         # A comprehension, so that no loop variable keeps a device tensor alive past here.
         self._host = {name: self._host_copy(tensor) for name, tensor in self._weights.items()}
         self._weights = {}
@@ -144,6 +224,9 @@ class TorchBackend(ModelBackend):
         return copy
 
     def _onload(self) -> None:
+        if self._allocator is not None:
+            self._allocator.wake_up(["weights"])
+            return
         if self.device == "cpu":  # the host copy simply becomes the live weights again
             self._weights = self._host
         else:
@@ -152,15 +235,58 @@ class TorchBackend(ModelBackend):
         self._host = {}
 
     def _discard(self) -> None:
+        if self._allocator is not None:
+            self._allocator.drop_backups("weights")
+            self._allocator.sleep(offload_tags=[], tags=["weights"])
+            self._free_device_cache()
+            return
         self._weights = {}
         self._host = {}
         self._free_device_cache()
 
     def _allocate(self) -> None:
+        if self._allocator is not None:
+            self._allocator.wake_up(["weights"])
+            return
         self._weights = {
             name: torch.empty(info.shape, dtype=_DTYPES[info.dtype], device=self.device)
             for name, info in self._infos.items()
         }
+
+    def idle(self) -> bool:
+        """Pinned buffers kept from the last wake go back to the OS, one at a time."""
+        allocator = self._allocator
+        if allocator is None or not allocator.spare_bytes:
+            return False
+        more = bool(allocator.release_spare())
+        if not more:
+            log.info("Released the pinned host buffers of the last wake")
+        return more
+
+    def _sleep_kv_cache(self) -> None:
+        if self._allocator is not None:
+            self._allocator.sleep(offload_tags=[], tags=["kv_cache"])
+        elif self.kv_cache_bytes:
+            self._kv_cache = None
+
+    def _wake_kv_cache(self) -> None:
+        if self._allocator is not None:
+            self._allocator.wake_up(["kv_cache"])
+        elif self.kv_cache_bytes:
+            self._kv_cache = torch.zeros(self.kv_cache_bytes, dtype=torch.uint8)
+
+    def weights_checksum(self) -> int:
+        """A sum over every weight byte: equal before a sleep and after the wake. Summed a
+        slice at a time: an int64 copy of 8 GB of bytes would take 64 GB of the GPU."""
+        self.check_ready()
+        total = 0
+        for tensor in self._weights.values():
+            flat = tensor.reshape(-1).view(torch.uint8)
+            for start in range(0, flat.numel(), _CHECKSUM_SLICE):
+                part = flat[start : start + _CHECKSUM_SLICE]
+                total += int(part.sum(dtype=torch.int64).item())
+        self._free_device_cache()
+        return total
 
     def _free_device_cache(self) -> None:
         """Hand freed memory back to the driver, cuBLAS's cached workspaces included."""
@@ -193,16 +319,30 @@ class TorchBackend(ModelBackend):
                              w[p + "post_attention_layernorm.bias"])
             up = F.gelu(F.linear(h, w[p + "mlp.up_proj.weight"]))
             x = x + F.linear(up, w[p + "mlp.down_proj.weight"])
-        h = F.layer_norm(x[-1], (d,), w["model.norm.weight"], w["model.norm.bias"])
-        logits = F.linear(h, w["lm_head.weight"]).float()
+        if self._graph is not None and self._graph_in is not None and self._graph_out is not None:
+            self._graph_in.copy_(x[-1])
+            self._graph.replay()
+            logits = self._graph_out.clone()
+        else:
+            logits = self._head(x[-1], w)
         logits[[EOS_ID, *banned]] = -math.inf
         return int(torch.argmax(logits).item())
 
     def describe(self) -> dict[str, Any]:
         state = super().describe()
+        state["cuda_graphs"] = self._graph is not None
+        state["kv_cache_bytes"] = self.kv_cache_bytes
         if self.device == "cuda":
-            state["cuda_memory_allocated"] = int(torch.cuda.memory_allocated())
-            state["cuda_memory_reserved"] = int(torch.cuda.memory_reserved())
+            mapped = self._allocator.mapped_bytes()
+            # torch's own allocator plus the cumem pools (which torch does not see)
+            state["cuda_memory_allocated"] = int(torch.cuda.memory_allocated()) + mapped
+            state["cuda_memory_reserved"] = int(torch.cuda.memory_reserved()) + mapped
+            state["cumem_mapped_bytes"] = mapped
+            state["cumem_backup_bytes"] = self._allocator.backup_bytes()
+            state["cumem_weights_mapped_bytes"] = self._allocator.mapped_bytes("weights")
+            state["cumem_kv_cache_mapped_bytes"] = self._allocator.mapped_bytes("kv_cache")
+            state["cumem_timings"] = dict(self._allocator.timings)
+            state["cumem_spare_pinned_bytes"] = self._allocator.spare_bytes
         return state
 
     @property
@@ -211,5 +351,8 @@ class TorchBackend(ModelBackend):
 
     @property
     def resident_weight_bytes(self) -> int:
+        if self._allocator is not None:
+            return int(self._allocator.mapped_bytes("weights")
+                       + self._allocator.backup_bytes("weights"))
         tensors = [*self._weights.values(), *self._host.values()]
         return sum(t.numel() * t.element_size() for t in tensors)

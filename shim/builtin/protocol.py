@@ -41,6 +41,11 @@ class CoreConfig:
     shm_name: str
     #: the write end of the API server's multiprocessing resource-tracker pipe (passed down)
     resource_tracker_fd: int | None
+    #: no CUDA graphs (vLLM's --enforce-eager)
+    enforce_eager: bool = False
+    #: bytes of KV cache the worker allocates (tag ``kv_cache``; vLLM's
+    #: --kv-cache-memory-bytes); -1: 64 MiB on a GPU, none on the CPU
+    kv_cache_bytes: int = -1
 
     def to_arg(self) -> str:
         return json.dumps(asdict(self))

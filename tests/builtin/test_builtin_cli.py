@@ -44,3 +44,20 @@ def test_bad_command_lines_are_refused(argv: list[str], capsys: pytest.CaptureFi
         parse_args(argv)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err
+
+
+def test_enforce_eager_and_kv_cache_size_are_read() -> None:
+    args = parse_args(["serve", "org/m", "--enforce-eager", "--kv-cache-memory-bytes", "512M"])
+    assert args.enforce_eager and args.kv_cache_bytes == 512 << 20
+    for text, value in (("2GiB", 2 << 30), ("4096", 4096), ("1.5K", 1536)):
+        assert parse_args(["serve", "org/m", "--kv-cache-memory-bytes", text]).kv_cache_bytes \
+            == value
+    defaults = parse_args(["serve", "org/m"])
+    assert not defaults.enforce_eager and defaults.kv_cache_bytes is None
+
+
+@pytest.mark.parametrize("size", ["lots", "-1M", "M"])
+def test_bad_kv_cache_size_is_refused(size: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["serve", "org/m", "--kv-cache-memory-bytes", size])
+    assert "--kv-cache-memory-bytes" in capsys.readouterr().err

@@ -1,8 +1,10 @@
-"""The torch backend on a real GPU: weights in CUDA memory, sleep levels free it."""
+"""The torch backend on a real GPU: weights and KV cache in CUDA virtual memory (vLLM's
+CuMemAllocator), sleep levels unmap it, a wake maps it at the same addresses."""
 
 from __future__ import annotations
 
 import importlib.util
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,14 +54,31 @@ def test_weights_live_on_the_gpu_and_sleep_levels_free_it(engine_env: EngineEnv)
         assert awake["cuda_memory_allocated"] >= 1024 * MIB
         before = text(engine)
 
+        assert awake["cumem_weights_mapped_bytes"] >= 1024 * MIB
+        assert awake["cumem_kv_cache_mapped_bytes"] >= 64 * MIB
+        assert awake["cuda_graphs"] is True
+        assert (awake["distributed"], awake["world_size"]) == ("nccl", 1)
+        checksum = checksum_of(engine)
+
         assert post(engine, "/sleep?level=1") == 200
         offloaded = state(engine)
         assert offloaded["weights"] == "host"
+        assert offloaded["cumem_mapped_bytes"] == 0
+        assert offloaded["cumem_backup_bytes"] >= 1024 * MIB  # pinned host copy
         assert offloaded["cuda_memory_allocated"] < 16 * MIB
         assert offloaded["cuda_memory_reserved"] < 64 * MIB
         assert post(engine, "/wake_up") == 200
-        assert state(engine)["cuda_memory_allocated"] >= 1024 * MIB
+        woke = state(engine)
+        assert woke["cuda_memory_allocated"] >= 1024 * MIB
+        assert woke["cumem_backup_bytes"] == 0
         assert text(engine) == before
+        assert checksum_of(engine) == checksum
+        # the pinned buffers of the wake are kept a while, then let go once the model is
+        # idle, however often its state is asked for meanwhile
+        deadline = time.monotonic() + 30
+        while state(engine)["cumem_spare_pinned_bytes"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert state(engine)["cumem_spare_pinned_bytes"] == 0
 
         assert post(engine, "/sleep?level=2") == 200
         discarded = state(engine)
@@ -69,3 +88,57 @@ def test_weights_live_on_the_gpu_and_sleep_levels_free_it(engine_env: EngineEnv)
         assert post(engine, "/reload_weights") == 200
         assert state(engine)["weights"] == "device"
         assert text(engine) == before
+        assert checksum_of(engine) == checksum
+
+
+def checksum_of(engine: EngineProcess) -> int:
+    r = httpx.post(f"{engine.base_url}/collective_rpc", timeout=120,
+                   json={"method": "weights_checksum"})
+    assert r.status_code == 200, r.text
+    value: int = r.json()["results"][0]
+    return value
+
+
+def test_enforce_eager_captures_no_graph(engine_env: EngineEnv) -> None:
+    with start_engine("test-org/gpu-eager", weights_mb=16, extra_env=engine_env("torch"),
+                      extra_args=["--enforce-eager", "--kv-cache-memory-bytes", "32M"]) as engine:
+        described = state(engine)
+        assert described["cuda_graphs"] is False
+        assert described["cumem_kv_cache_mapped_bytes"] == 32 * MIB
+        eager = text(engine)
+    with start_engine("test-org/gpu-eager", weights_mb=16,
+                      extra_env=engine_env("torch")) as engine:
+        assert state(engine)["cuda_graphs"] is True
+        assert text(engine) == eager  # the graph computes what eager mode does
+
+
+def test_cumem_allocator_keeps_addresses_and_contents() -> None:
+    """In this process: a sleep frees the GPU memory, a wake maps it at the same address."""
+    import torch
+
+    from llmux.shim.builtin.cumem import CuMemAllocator
+
+    allocator = CuMemAllocator(0)
+    allocator.create_pool("weights", 256 * MIB)
+    allocator.create_pool("kv_cache", 64 * MIB)
+    try:
+        weights = allocator.tensor("weights", (64 * MIB,), torch.float32)
+        kv = allocator.tensor("kv_cache", (64 * MIB,), torch.uint8)
+        weights.copy_(torch.arange(64 * MIB, dtype=torch.float32, device="cuda"))
+        kv.fill_(7)
+        address, total = weights.data_ptr(), float(weights.sum().item())
+        free_awake = torch.cuda.mem_get_info()[0]
+        allocator.sleep(offload_tags=["weights"])
+        assert allocator.mapped_bytes() == 0
+        assert allocator.backup_bytes("weights") == 256 * MIB
+        assert allocator.backup_bytes("kv_cache") == 0
+        assert torch.cuda.mem_get_info()[0] - free_awake >= 300 * MIB
+        allocator.wake_up()
+        assert weights.data_ptr() == address
+        assert float(weights.sum().item()) == total
+        assert allocator.backup_bytes() == 0
+        kv.fill_(1)  # mapped again, writable (its contents were dropped, as vLLM's are)
+        assert int(kv.sum().item()) == 64 * MIB
+    finally:
+        allocator.free_pool("weights")
+        allocator.free_pool("kv_cache")

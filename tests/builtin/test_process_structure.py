@@ -182,3 +182,54 @@ def test_a_port_in_use_is_refused_before_anything_starts(engine_env: EngineEnv) 
             log = engine.log_text()
     assert f"Cannot serve on 127.0.0.1:{port}" in log
     assert "Started engine core" not in log
+
+
+def _listening_tcp(pid: int) -> set[tuple[str, int]]:
+    """(address hex, port) of the TCP sockets ``pid`` listens on."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+            address, port = fields[1].split(":")
+            found.add((address, int(port, 16)))
+    return found
+
+
+def test_a_worker_process_under_the_engine_core_holds_the_model(
+    shared_engine: EngineProcess,
+) -> None:
+    """vLLM's VLLM::Worker: the model (and on a GPU all CUDA state) lives in a child of the
+    engine core; the core itself never loads torch."""
+    state = state_of(shared_engine)
+    core, worker = state["pid_core"], state["pid_worker"]
+    assert isinstance(core, int) and isinstance(worker, int) and worker != core
+    assert f"PPid:\t{core}\n" in Path(f"/proc/{worker}/status").read_text()
+    assert b"llmux.shim.builtin.worker" in Path(f"/proc/{worker}/cmdline").read_bytes()
+    assert "libtorch" not in Path(f"/proc/{core}/maps").read_text()
+    if state["backend"] == "torch":
+        assert "libtorch" in Path(f"/proc/{worker}/maps").read_text()
+        # torch.distributed at world size 1, as vLLM's worker: gloo on the CPU, its TCP
+        # store listening on loopback in the worker
+        assert (state["distributed"], state["world_size"]) == ("gloo", 1)
+        assert ("0100007F", state["distributed_store_port"]) in _listening_tcp(worker)
+        assert state["cuda_graphs"] is False  # no graphs on the CPU
+    else:
+        assert state["distributed"] is None if "distributed" in state else True
+
+
+def test_a_dead_worker_takes_the_engine_down(engine_env: EngineEnv) -> None:
+    """The engine core cannot serve without its model: it exits, and the API server too."""
+    with start_engine("test-org/worker-death", weights_mb=1,
+                      extra_env=engine_env("pure")) as engine:
+        worker = state_of(engine)["pid_worker"]
+        assert isinstance(worker, int)
+        os.kill(worker, signal.SIGKILL)
+        assert engine.process.wait(timeout=30) != 0

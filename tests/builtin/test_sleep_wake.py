@@ -58,8 +58,9 @@ def text(engine: EngineProcess) -> str:
     return value
 
 
-def core_rss(engine: EngineProcess) -> int:
-    status = Path(f"/proc/{state(engine)['pid_core']}/status").read_text()
+def worker_rss(engine: EngineProcess) -> int:
+    """The worker process holds the weights (the engine core holds none)."""
+    status = Path(f"/proc/{state(engine)['pid_worker']}/status").read_text()
     return int(status.split("VmRSS:")[1].split()[0]) * 1024
 
 
@@ -171,11 +172,24 @@ def test_level_2_frees_the_memory_and_reload_brings_it_back(
     with start_engine("test-org/heavy", weights_mb=256, extra_env=engine_env(backend),
                       extra_args=["--device", "cpu"]) as engine:
         before = text(engine)
-        loaded = core_rss(engine)
+        loaded = worker_rss(engine)
         assert post(engine, "/sleep?level=2").status_code == 200
-        freed = core_rss(engine)
+        freed = worker_rss(engine)
         assert loaded - freed > 200 * MIB, (loaded, freed)
         assert post(engine, "/wake_up").status_code == 200
         assert post(engine, "/collective_rpc", json={"method": "reload_weights"}).status_code == 200
-        assert core_rss(engine) - freed > 200 * MIB
+        assert worker_rss(engine) - freed > 200 * MIB
+        assert text(engine) == before
+
+
+def test_kv_cache_is_dropped_by_sleep_and_back_after_wake(engine_env: EngineEnv) -> None:
+    """--kv-cache-memory-bytes: a KV cache of that size, dropped by every sleep (as vLLM's)."""
+    with start_engine("test-org/kv", weights_mb=1, extra_env=engine_env("torch"),
+                      extra_args=["--device", "cpu", "--kv-cache-memory-bytes", "8M"]) as engine:
+        assert state(engine)["kv_cache_bytes"] == 8 * MIB
+        before = text(engine)
+        assert post(engine, "/sleep?level=1").status_code == 200
+        assert post(engine, "/wake_up", params={"tags": "kv_cache"}).status_code == 200
+        assert state(engine)["sleeping_tags"] == ["weights"]
+        assert post(engine, "/wake_up").status_code == 200
         assert text(engine) == before

@@ -94,7 +94,7 @@ def test_api_server_runs_on_uvloop(shared_engine: EngineProcess) -> None:
 def test_launched_tree_has_no_io_uring(shared_engine: EngineProcess) -> None:
     """Started through llmux.shim.launch: every process has the filter, none an io_uring."""
     pids = tree(shared_engine.pid)
-    assert len(pids) == 3  # API server, engine core, resource tracker
+    assert len(pids) == 4  # API server, engine core, its worker, resource tracker
     for pid in pids:
         assert seccomp_mode(pid) == 2, cmdline(pid)
         assert IO_URING_FD not in fd_targets(pid), cmdline(pid)
@@ -149,7 +149,8 @@ def test_one_resource_tracker_serves_the_tree(shared_engine: EngineProcess) -> N
     assert isinstance(core, int)
     [tracker] = [p for p in shared_engine.child_pids() if p != core]
     assert "multiprocessing.resource_tracker" in cmdline(tracker)
-    assert tree(core) == [core]
+    worker = state_of(shared_engine)["pid_worker"]
+    assert tree(core) == [core, worker]
     [tracker_pipe] = [t for t in fd_targets(tracker) if t.startswith("pipe:")]
     assert tracker_pipe in fd_targets(core)
     assert tracker_pipe in fd_targets(shared_engine.pid)

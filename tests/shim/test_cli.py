@@ -111,6 +111,9 @@ def test_validate_model_runs_every_cycle(
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     assert "Eviction" in out and "Sleep (s)" in out and "Wake (s)" in out and "Pass" in out
+    assert "GB/s sleep/wake" in out
+    [limits] = {line for line in out.splitlines() if line.startswith("Limits measured")}
+    assert "disk (" in limits and "write" in limits and "read" in limits, limits
     rows = [line for line in out.splitlines() if line.startswith(("offload+", "discard+",
                                                                   "retain+"))]
     assert [row.split()[0] for row in rows] == ["offload+keep_running", "discard+keep_running",

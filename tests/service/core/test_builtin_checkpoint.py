@@ -72,7 +72,7 @@ async def builtin(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         "LLMUX_BUILTIN_BACKEND": request.param,
     }
     engine = await start_engine_async("test-org/ckpt", weights_mb=8, extra_env=env)
-    pids: list[int] = [engine.pid, *engine.child_pids()]
+    pids: list[int] = proctree.tree(engine.pid)  # the worker is a grandchild
     try:
         async with _reaped([engine], pids[1:]):
             yield engine
@@ -154,7 +154,7 @@ async def pure(tmp_path: Path) -> AsyncIterator[Any]:
         e = await start_engine_async("test-org/prechecks", weights_mb=1, extra_env=env,
                                      io_uring=io_uring)
         engines.append(e)
-        known.extend([e.pid, *e.child_pids()])
+        known.extend(proctree.tree(e.pid))
         return e
 
     async with _reaped(engines, known):
