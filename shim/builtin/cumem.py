@@ -110,7 +110,7 @@ class CuMemAllocator:
         self.torch = torch
         self.device_index = device_index
         self.driver = _Driver()
-        torch.cuda.init()
+        torch.cuda.init()  # type: ignore[no-untyped-call]
         self._context()
         self.prop = _AllocationProp()
         self.prop.type = _CU_MEM_ALLOCATION_TYPE_PINNED
@@ -122,7 +122,7 @@ class CuMemAllocator:
         self.access = _AccessDesc(_Location(_CU_MEM_LOCATION_TYPE_DEVICE, device_index),
                                   _CU_MEM_ACCESS_FLAGS_PROT_READWRITE)
         self.pools: dict[str, Pool] = {}
-        self.stream = torch.cuda.Stream(device_index)
+        self.stream = torch.cuda.Stream(device_index)  # type: ignore[no-untyped-call]
         self._lock = threading.Lock()
         #: seconds of the phases of the last sleep and wake (for engine_state)
         self.timings: dict[str, float] = {}
@@ -270,6 +270,15 @@ class CuMemAllocator:
                     del self._spares[size]
                 release_pinned_cache()
             return bool(self._spares)
+
+    def drop_backups(self, tag: str) -> None:
+        """Forget ``tag``'s host copies and the kept pinned buffers (a level-2 sleep after a
+        level-1 one: the weights come back from disk, not from host memory)."""
+        with self._lock:
+            for segment in self.pools[tag].segments if tag in self.pools else []:
+                segment.backup = None
+            self._spares.clear()
+            release_pinned_cache()
 
     def _chosen(self, tags: Iterable[str] | None) -> list[Pool]:
         names = list(self.pools) if tags is None else list(tags)

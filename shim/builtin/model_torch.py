@@ -159,7 +159,7 @@ class TorchBackend(ModelBackend):
         """Stream through two pinned staging buffers (read one while the other copies), so
         an 8 GB load needs no 8 GB on the host."""
         staging = [torch.empty(_STAGING, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-        done = [torch.cuda.Event(), torch.cuda.Event()]
+        done = [torch.cuda.Event(), torch.cuda.Event()]  # type: ignore[no-untyped-call]
         turn = 0
         with open(path, "rb", buffering=0) as src:
             for name, info in infos.items():
@@ -190,7 +190,7 @@ class TorchBackend(ModelBackend):
         vLLM captures its decode steps at start; replayed for every token."""
         w, d = self._weights, self.config.hidden_size
         static_in = torch.zeros(d, device=self.device)
-        stream = torch.cuda.Stream()
+        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(2):  # warm-up: cuBLAS handles and workspaces before capture

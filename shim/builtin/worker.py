@@ -182,8 +182,8 @@ def init_distributed(device: str) -> dict[str, Any]:
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
     port = listener.getsockname()[1]
-    store = dist.TCPStore("127.0.0.1", port, 1, True, timedelta(seconds=300),
-                          master_listen_fd=listener.detach())
+    store = dist.TCPStore(  # type: ignore[attr-defined]
+        "127.0.0.1", port, 1, True, timedelta(seconds=300), master_listen_fd=listener.detach())
     backend = "nccl" if device == "cuda" else "gloo"
     dist.init_process_group(backend=backend, store=store, world_size=1, rank=0)
     cpu_group = dist.new_group([0], backend="gloo")
