@@ -123,7 +123,7 @@ function modelRow(name) {
   const tr = el("tr");
   tr.dataset.model = name;
   const cells = ["name", "state", "eviction", "came-back", "pids", "memory", "load", "pinned",
-    "ttl", "idle"];
+    "priority", "ttl", "idle"];
   for (const c of cells) {
     const td = el("td", null, c);
     tr.appendChild(td);
@@ -205,6 +205,7 @@ function renderModels(status, cameBack) {
     cell("load").textContent = dash(m.in_flight) + " / " + dash(m.queued);
     cell("pinned").textContent = m.pinned === undefined || m.pinned === null ? "—"
       : (m.pinned ? "yes" : "no");
+    cell("priority").textContent = dash(m.priority);
     cell("ttl").textContent = m.ttl_secs === undefined || m.ttl_secs === null ? "—"
       : (Number(m.ttl_secs) === 0 ? "never" : secs(m.ttl_secs));
     cell("idle").textContent = secs(m.idle_secs);

@@ -53,19 +53,16 @@ def test_page_follows_switches_logs_and_acts(start_shim: Callable[..., Shim],
     pids = shim.model_status(A)["pids"]
     expect(row(page, A).locator("td.pids")).to_contain_text(str(pids[0]))
     expect(page.locator("#active")).to_have_text(A)
-    # issue 11's figures when the status has them, else a dash (never a blank or "undefined")
+    # the memory figures of the status: measured (PSS on this machine), pinned, priority, TTL
     status = shim.status()
     a = status["models"][A]
-    memory = row(page, A).locator("td.memory")
-    if a.get("memory_mb") is not None:
-        expect(memory).to_contain_text(f"({a['memory_source']})")
-    elif "memory_source" not in a:
-        expect(memory).to_have_text("—")
-    else:
-        expect(memory).to_contain_text(f"— ({a['memory_source']})")
-    for key, cls in (("pinned", "pinned"), ("ttl_secs", "ttl"), ("idle_secs", "idle")):
-        if key not in a:
-            expect(row(page, A).locator(f"td.{cls}")).to_have_text("—")
+    assert a["memory_source"] == "pss" and a["memory_mb"] is not None, a
+    expect(row(page, A).locator("td.memory")).to_contain_text(f"{a['memory_mb']}")
+    expect(row(page, A).locator("td.memory")).to_contain_text("(pss)")
+    expect(row(page, A).locator("td.pinned")).to_have_text("no")
+    expect(row(page, A).locator("td.priority")).to_have_text("0")
+    expect(row(page, A).locator("td.ttl")).to_have_text("never")
+    expect(row(page, B).locator("td.memory")).to_contain_text("—")  # not started yet
     expect(row(page, A).locator("td.load")).to_have_text("0 / 0")
     expect(page.locator("#checkpoints-reason")).to_contain_text("[checkpoint]")
     # at 1280x800 every column, the buttons too, is in view without scrolling sideways
