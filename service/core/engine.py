@@ -46,6 +46,7 @@ from llmux.service.core.store import (
     dump_completed,
     prefetch,
     start_writeback,
+    write_journal,
 )
 from llmux.service.core.upperfiles import SavedFile, ViewRoot
 from llmux.service.errors import (
@@ -112,6 +113,13 @@ class EngineConfig:
     cuda_checkpoint_path: str = "cuda-checkpoint"
     cuda_plugin_dir: str = "/usr/lib/criu/"
     ghost_limit_bytes: int = 512 << 20
+    criu_timeout_secs: float = 120.0
+    """A CRIU run is killed after this long, plus criu_timeout_secs_per_gib for each GiB
+    of images it writes or reads: a stuck CRIU holds the tree frozen."""
+    criu_timeout_secs_per_gib: float = 60.0
+
+    def criu_bound_secs(self, nbytes: int) -> float:
+        return self.criu_timeout_secs + self.criu_timeout_secs_per_gib * nbytes / (1 << 30)
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,8 @@ class _Tree:
     expected: int
     deleted_ids: set[tuple[int, int]]
     """Its deleted-but-open files, which CRIU will link-remap (none: no link-remaps)."""
+    starts: dict[int, int]
+    """Each PID's start time: what names these very processes in the job's journal."""
 
 
 @dataclass(frozen=True)
@@ -158,7 +168,7 @@ class _Reporter:
             while True:
                 await asyncio.sleep(PROGRESS_INTERVAL_SECS)
                 try:
-                    done = measure()
+                    done = await asyncio.to_thread(measure)
                 except OSError:
                     continue
                 elapsed = max(time.monotonic() - start, 1e-6)
@@ -283,6 +293,10 @@ class CheckpointEngine:
         load the manifests of the checkpoints it holds."""
         if config.ghost_limit_bytes <= 0:
             raise InvalidArgument(f"ghost_limit_bytes must be positive: {config.ghost_limit_bytes}")
+        if config.criu_timeout_secs <= 0 or config.criu_timeout_secs_per_gib < 0:
+            raise InvalidArgument(
+                "criu_timeout_secs must be positive and criu_timeout_secs_per_gib not "
+                f"negative: {config.criu_timeout_secs}, {config.criu_timeout_secs_per_gib}")
         criu = await CriuTool.locate(config.criu_path)
         store = CheckpointStore(config.state_dir)
         cleaned = await asyncio.to_thread(store.prepare)
@@ -401,7 +415,7 @@ class CheckpointEngine:
 
         async def checks() -> Callable[[_Reporter], Awaitable[Manifest]]:
             started = time.monotonic()
-            authz.check_target(caller, root_pid, self.restored)
+            await asyncio.to_thread(authz.check_target, caller, root_pid, self.restored)
             tree = await asyncio.to_thread(self._inspect_tree, model, root_pid, weights_bytes)
 
             async def body(report: _Reporter) -> Manifest:
@@ -441,7 +455,8 @@ class CheckpointEngine:
             )
         expected = int((proctree.rss_bytes(pids) + weights_bytes) * _SIZE_MARGIN) + _SIZE_SLACK
         self.store.check_space(model, expected)
-        return _Tree(pids, ctx, expected, resources.deleted_file_ids(pids))
+        return _Tree(pids, ctx, expected, resources.deleted_file_ids(pids),
+                     proctree.start_times(pids))
 
     @contextlib.asynccontextmanager
     async def _remap_guard(self, needed: bool) -> AsyncIterator[None]:
@@ -468,8 +483,9 @@ class CheckpointEngine:
         await asyncio.to_thread(self.sweep_shm)
         tids = await asyncio.to_thread(proctree.all_threads, pids)
         listen_ports = await asyncio.to_thread(resources.listening_ports, pids)
-        cuda_pids = self.cuda.cuda_pids(pids)
-        shell_job = _session_outside(pids)
+        cuda_pids = await asyncio.to_thread(self.cuda.cuda_pids, pids)
+        shell_job = await asyncio.to_thread(_session_outside, pids)
+        rootfs = await asyncio.to_thread(ctx.rootfs_identity)
 
         pending = Manifest(
             model=model,
@@ -483,7 +499,7 @@ class CheckpointEngine:
             kernel_release=os.uname().release,
             driver_version=driver_version(),
             created=0.0,
-            rootfs=ctx.rootfs_identity(),
+            rootfs=rootfs,
             foreign_mntns=ctx.foreign,
             shell_job=shell_job,
             external_mounts=[ExternalMountRecord(e.key, e.mount_point) for e in ctx.externals],
@@ -492,23 +508,36 @@ class CheckpointEngine:
             leave_running=leave_running,
             listen_ports=listen_ports,
         )
-        staging = self.store.begin(model)
-        view = ViewRoot(root_pid if ctx.foreign else None)
+        staging = await asyncio.to_thread(self.store.begin, model)
+        view = await asyncio.to_thread(ViewRoot, root_pid if ctx.foreign else None)
+        criu_started: list[asyncio.Future[None]] = []
+
+        def journal_criu(run: CriuRun) -> None:
+            criu_started.append(asyncio.ensure_future(asyncio.to_thread(
+                write_journal, staging, criu=proctree.start_times([run.pid]))))
+
         try:
-            # If the service dies mid-dump, start-up can still finish what CRIU completed.
+            # If the service dies mid-dump, start-up can still finish what CRIU completed,
+            # or let the tree run again: what it needs is written before CRIU starts.
             await asyncio.to_thread(self.store.write_pending, staging, pending)
+            await asyncio.to_thread(write_journal, staging, tree=tree.starts,
+                                    leave_running=leave_running)
             live, deleted = await asyncio.to_thread(upperfiles.open_paths, pids)
             shm = resources.shm_paths(live)
-            for directory in {str(Path(p).parent) for p in shm}:
-                view.hold(directory)
-            remap_dirs = upperfiles.link_remap_dirs(deleted, view)
-            stale = await asyncio.to_thread(
-                resources.stale,
-                [view.resolve(p) for p in upperfiles.list_link_remaps(remap_dirs, view)],
-                STALE_REMAP_AGE_SECS)
-            if stale:
-                log.info("removing stale CRIU link-remap files: %s", stale)
-                upperfiles.remove_files(stale)
+
+            def look_around() -> tuple[list[str], list[str]]:
+                for directory in {str(Path(p).parent) for p in shm}:
+                    view.hold(directory)
+                remap_dirs = upperfiles.link_remap_dirs(deleted, view)
+                stale = resources.stale(
+                    [view.resolve(p) for p in upperfiles.list_link_remaps(remap_dirs, view)],
+                    STALE_REMAP_AGE_SECS)
+                if stale:
+                    log.info("removing stale CRIU link-remap files: %s", stale)
+                    upperfiles.remove_files(stale)
+                return remap_dirs, [str(p) for p in stale]
+
+            remap_dirs, _ = await asyncio.to_thread(look_around)
             upper = await asyncio.to_thread(upperfiles.find_upper_files, pids, ctx)
             # what the restore will need from the target as it is, not carried here
             carried = set(upper) | set(shm)
@@ -543,13 +572,24 @@ class CheckpointEngine:
                     ),
                     _writing_back(staging.images),
                 ):
-                    await self.criu.dump(req)
+                    await self.criu.dump(req, on_start=journal_criu,
+                                         timeout_secs=self.config.criu_bound_secs(expected))
             except BaseException as exc:
-                if proctree.exists(root_pid) or not dump_completed(staging.images):
+                completed = await _uncancellable(
+                    asyncio.to_thread(dump_completed, staging.images))
+                if not completed or (leave_running and await _uncancellable(
+                        asyncio.to_thread(proctree.exists, root_pid))):
                     await _uncancellable(self._thaw(pids, cuda_pids))
                     raise
-                # CRIU wrote every image and killed the tree, then failed or was cancelled
-                # on its way out: the images are the tree now; keep them.
+                # CRIU wrote every image and began to kill the tree, then failed, was killed
+                # or cancelled on its way out: the images are the tree now; keep them, and
+                # finish what CRIU began (a tree half killed is no tree).
+                if not leave_running:
+                    killed = await _uncancellable(asyncio.to_thread(
+                        proctree.kill_exact, tree.starts, signal.SIGKILL))
+                    if killed:
+                        log.warning("checkpoint %s: CRIU ended before it killed %s; killed",
+                                    model, killed)
                 late_failure = exc
                 current = asyncio.current_task()
                 if isinstance(exc, asyncio.CancelledError) and current is not None:
@@ -557,8 +597,10 @@ class CheckpointEngine:
             dump_secs = time.monotonic() - t
         except BaseException:
             view.close()
-            self.store.abort(staging)
+            await _uncancellable(asyncio.gather(*criu_started, return_exceptions=True))
+            await _uncancellable(asyncio.to_thread(self.store.abort, staging))
             raise
+        await _uncancellable(asyncio.gather(*criu_started, return_exceptions=True))
 
         # Past the point of no return: unless leave_running, the tree is gone and only
         # these images hold it. Finish even if cancelled; never delete them.
@@ -615,7 +657,7 @@ class CheckpointEngine:
                 else (str(late_failure).splitlines()[0])
             )
             warnings.append(f"CRIU completed the dump but then ended badly ({what}); kept")
-        report(0.95, dir_bytes(staging.images), 0.0, "saving files")
+        report(0.95, await asyncio.to_thread(dir_bytes, staging.images), 0.0, "saving files")
         saved: list[SavedFile] = []
         try:
             saved = await asyncio.to_thread(upperfiles.save, upper, view.resolve, staging.files)
@@ -663,7 +705,7 @@ class CheckpointEngine:
                 log.info("checkpoint %s: removed %d /dev/shm file(s) of the dumped tree",
                          model, len(removed))
 
-        images_bytes = dir_bytes(staging.images)
+        images_bytes = await asyncio.to_thread(dir_bytes, staging.images)
         manifest = replace(
             pending,
             created=time.time(),
@@ -684,12 +726,13 @@ class CheckpointEngine:
 
     async def _thaw(self, pids: Sequence[int], cuda_pids: Sequence[int]) -> None:
         """Make a tree whose dump failed run again: no job-control stop, CUDA unlocked."""
-        for pid in proctree.stopped(pids):
+        for pid in await asyncio.to_thread(proctree.stopped, pids):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
         if cuda_pids:
+            alive = await asyncio.to_thread(lambda: [p for p in cuda_pids if proctree.exists(p)])
             try:
-                await self.cuda.restore_and_unlock([p for p in cuda_pids if proctree.exists(p)])
+                await self.cuda.restore_and_unlock(alive)
             except HostError:
                 log.exception("resuming CUDA after a failed dump failed")
 
@@ -723,7 +766,7 @@ class CheckpointEngine:
             if proctree.read_stat(caller.pid) is None:
                 raise NotFound(f"caller PID {caller.pid} is gone")
             target = await asyncio.to_thread(ContainerContext.from_pid, caller.pid)
-            self.check_manifest(manifest, target)
+            await asyncio.to_thread(self.check_manifest, manifest, target)
             await self._check_files_present(manifest, caller.pid if target.foreign else None)
 
             async def body(report: _Reporter) -> Manifest:
@@ -777,7 +820,8 @@ class CheckpointEngine:
         wanted = sorted(set(manifest.pids) | set(manifest.tids))
         left = await proctree.wait_gone(wanted, self.pid_free_timeout)
         if left:
-            who = "; ".join(f"PID {p} is held by {proctree.holder(p)}" for p in left[:3])
+            holders = await asyncio.to_thread(lambda: [proctree.holder(p) for p in left[:3]])
+            who = "; ".join(f"PID {p} is held by {h}" for p, h in zip(left, holders, strict=False))
             more = f" (and {len(left) - 3} more)" if len(left) > 3 else ""
             raise PidInUse(
                 f"checkpoint {manifest.model!r} must restore PIDs {manifest.pids}, but {who}{more}"
@@ -889,7 +933,8 @@ class CheckpointEngine:
         root = target.rootfs_host_path if target.foreign else None
         pidfile = images / "restore.pid"
         with contextlib.suppress(FileNotFoundError):
-            pidfile.unlink()
+            await asyncio.to_thread(pidfile.unlink)
+        cgroup_procs = await asyncio.to_thread(target.cgroup_procs_files)
         req = RestoreRequest(
             images_dir=images,
             pidfile=pidfile,
@@ -898,7 +943,7 @@ class CheckpointEngine:
             shell_job=manifest.shell_job,
             foreign_mntns=manifest.foreign_mntns or target.foreign,
             plugin_dir=self.config.cuda_plugin_dir if self.config.cuda_mode == "plugin" else None,
-            cgroup_procs=target.cgroup_procs_files(),
+            cgroup_procs=cgroup_procs,
         )
         run_holder: list[CriuRun] = []
 
@@ -915,13 +960,15 @@ class CheckpointEngine:
         )
         try:
             async with report.watching(measure, manifest.images_bytes, "restoring", 0.0, 0.9):
-                await self.criu.restore(req, on_start=run_holder.append)
+                await self.criu.restore(
+                    req, on_start=run_holder.append,
+                    timeout_secs=self.config.criu_bound_secs(manifest.images_bytes))
         finally:
             with contextlib.suppress(Exception):
                 await readahead
         restore_secs = time.monotonic() - t
         try:
-            restored_root = int(pidfile.read_text().strip())
+            restored_root = int((await asyncio.to_thread(pidfile.read_text)).strip())
         except (OSError, ValueError):
             restored_root = manifest.root_pid
         if restored_root != manifest.root_pid:
@@ -937,9 +984,9 @@ class CheckpointEngine:
                     f"not be resumed: {exc}; the checkpoint is kept"
                 ) from exc
 
-        self.restored.add(restored_root, target.cgroup_identity, model)
+        await asyncio.to_thread(self.restored.add, restored_root, target.cgroup_identity, model)
         if not keep_images:
-            self.store.delete(model)
+            await asyncio.to_thread(self.store.delete, model)
         report(1.0, manifest.images_bytes, manifest.images_bytes / max(restore_secs, 1e-6), "done")
         log.info(
             "restored %s (PIDs %s) in %.2fs (%.2fs total)",
@@ -1010,9 +1057,9 @@ class CheckpointEngine:
 
         async def checks() -> Callable[[_Reporter], Awaitable[SuspendResult]]:
             started = time.monotonic()
-            authz.check_target(caller, root_pid, self.restored)
-            pids = proctree.tree(root_pid)
-            found = cuda_of(pids) if cuda_of is not None else None
+            await asyncio.to_thread(authz.check_target, caller, root_pid, self.restored)
+            pids = await asyncio.to_thread(proctree.tree, root_pid)
+            found = await asyncio.to_thread(cuda_of, pids) if cuda_of is not None else None
 
             async def run(report: _Reporter) -> SuspendResult:
                 cuda_pids = await body(model, root_pid, pids, found, report)
@@ -1053,7 +1100,7 @@ class CheckpointEngine:
         if known is not None and known[0] == root_pid:
             cuda_pids = [p for p in known[1] if p in pids]
         else:
-            cuda_pids = self.cuda.cuda_pids(pids)
+            cuda_pids = await asyncio.to_thread(self.cuda.cuda_pids, pids)
         if cuda_pids:
             report(0.1, 0, 0.0, "cuda-restore")
             await self.cuda.restore_and_unlock(cuda_pids)
