@@ -51,10 +51,12 @@ from llmux.service.core.store import (
 from llmux.service.core.upperfiles import SavedFile, ViewRoot
 from llmux.service.errors import (
     Busy,
+    CriuFailed,
     CudaFailed,
     HostError,
     InvalidArgument,
     ManifestMismatch,
+    NoSpace,
     NotFound,
     PidInUse,
     PortInUse,
@@ -580,6 +582,13 @@ class CheckpointEngine:
                 if not completed or (leave_running and await _uncancellable(
                         asyncio.to_thread(proctree.exists, root_pid))):
                     await _uncancellable(self._thaw(pids, cuda_pids))
+                    if isinstance(exc, CriuFailed):
+                        free = await asyncio.to_thread(self.store.free_bytes)
+                        if free < _SIZE_SLACK or "No space left" in str(exc):
+                            raise NoSpace(
+                                f"the state directory {self.store.root} filled up during the "
+                                f"dump of {model!r} ({free >> 20} MiB free); the tree runs "
+                                f"on and nothing was kept: {exc}") from exc
                     raise
                 # CRIU wrote every image and began to kill the tree, then failed, was killed
                 # or cancelled on its way out: the images are the tree now; keep them, and

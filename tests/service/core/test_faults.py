@@ -1,0 +1,326 @@
+"""Faults during a dump or a restore of the built-in engine, with real CRIU (the zdtm way).
+
+Each fault is injected into one job; then the same check, ``nothing_lost``: the model runs
+(whole, not stopped, not traced, the same answer) or it is wholly gone and its checkpoint
+is complete and restores; no half checkpoint, no link_remap file, nothing new in /dev/shm;
+and the next dump and restore work. The faults: CRIU SIGKILLed at points spread over a dump
+and a restore, each fatal CRIU_FAULT code (1-6, criu/include/fault-injection.h) on dump and
+on restore, the engine's core killed mid-dump and mid-restore, a stuck CRIU (Timeout), a
+state directory that fills up during the dump.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from criu_testlib import blocking_criu, reap, reaping
+
+from llmux.service.core import proctree, resources
+from llmux.service.core.engine import Caller, CheckpointEngine, EngineConfig
+from llmux.service.errors import CriuFailed, HostError, NoSpace, Timeout
+from llmux.shim.builtin.testing import EngineProcess, start_engine_async
+
+pytestmark = pytest.mark.criu
+
+ME = Caller(pid=os.getpid(), uid=0)
+PROMPT = {"prompt": "the old tower", "max_tokens": 6}
+SEED = int(os.environ.get("LLMUX_FAULT_SEED", "12"))
+
+
+@dataclass
+class Model:
+    """A built-in engine (API server + core) that the test stands parent for."""
+
+    process: EngineProcess
+    pids: list[int]
+
+    @property
+    def root(self) -> int:
+        return self.pids[0]
+
+    async def answer(self) -> str:
+        async with httpx.AsyncClient(base_url=self.process.base_url, timeout=60) as c:
+            r = await c.post("/v1/completions", json=PROMPT)
+            assert r.status_code == 200, r.text
+            text: str = r.json()["choices"][0]["text"]
+            return text
+
+
+@pytest.fixture
+async def model(tmp_path: Path) -> AsyncIterator[Model]:
+    env = {"HF_HOME": str(tmp_path / "hf"), "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+           "LLMUX_BUILTIN_BACKEND": "pure"}
+    e = await start_engine_async("test-org/faults", weights_mb=96, extra_env=env)
+    pids = [e.pid, *e.child_pids()]
+    try:
+        async with reaping(lambda: pids[1:], e.process.poll):
+            yield Model(e, pids)
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await e.stop_async()
+        for _ in range(100):
+            reap(pids)
+            if not proctree.taken(pids):
+                break
+            await asyncio.sleep(0.05)
+
+
+async def _open(state_dir: Path, criu: str, **config: float) -> CheckpointEngine:
+    eng = await CheckpointEngine.open(
+        EngineConfig(state_dir=state_dir, criu_path=criu, cuda_mode="off", **config)  # type: ignore[arg-type]
+    )
+    eng.pid_free_timeout = 5.0
+    return eng
+
+
+def _criu_children() -> list[int]:
+    me = os.getpid()
+    out = []
+    for st in proctree.all_stats():
+        if st.ppid == me and st.comm == "criu":
+            out.append(st.pid)
+    return out
+
+
+async def _gone(pids: list[int], within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while proctree.taken(pids) and time.monotonic() < deadline:
+        reap(pids)
+        await asyncio.sleep(0.05)
+    assert not proctree.taken(pids), f"PIDs {proctree.taken(pids)} still taken"
+
+
+def _link_remaps(*roots: Path) -> list[str]:
+    found = []
+    for root in roots:
+        for dirpath, _dirs, names in os.walk(root):
+            found += [os.path.join(dirpath, n) for n in names if n.startswith("link_remap.")]
+    return found
+
+
+def _shm() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+async def nothing_lost(eng: CheckpointEngine, m: Model, name: str, answer: str,
+                       shm_before: set[str], tmp_path: Path) -> str:
+    """The checks after every fault; returns "running" or "restored" (what was found)."""
+    state = eng.store.root
+    assert not [p.name for p in state.iterdir() if p.name.startswith((".tmp-", ".old-"))], \
+        "a half checkpoint was left"
+    live = [p for p in m.pids if proctree.exists(p)]
+    for pid in live:
+        st = proctree.read_stat(pid)
+        assert st is not None and st.state not in ("T", "t"), f"PID {pid} left stopped"
+        assert proctree.tracer_of(pid) == 0, f"PID {pid} left traced"
+    if live == m.pids:
+        found = "running"
+    else:
+        assert not live, f"half a tree is left: {live} of {m.pids}"
+        assert eng.store.has(name), "the tree is gone and there is no checkpoint: lost"
+        await _gone(m.pids)
+        await eng.restore(ME, name)
+        found = "restored"
+    assert await m.answer() == answer
+    assert not _link_remaps(Path("/dev/shm"), tmp_path), "link_remap files left"
+    # /dev/shm is the host's (other tests run beside): a new file nobody uses is a leak
+    new = [Path("/dev/shm", n) for n in _shm() - shm_before]
+    leaked = sorted(str(p) for p in set(new) - resources.in_use(new) if p.exists())
+    assert not leaked, f"new /dev/shm files nobody uses: {leaked}"
+    # the next attempt works: a full round trip
+    await eng.checkpoint(ME, name, m.root)
+    await _gone(m.pids)
+    await eng.restore(ME, name)
+    assert await m.answer() == answer
+    return found
+
+
+async def _kill_after(delay: float, what: Callable[[], list[int]]) -> list[int]:
+    """Wait for what() to name processes, then SIGKILL them ``delay`` seconds later."""
+    deadline = time.monotonic() + 60
+    while not what() and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(delay)
+    hit = what()
+    for pid in hit:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return hit
+
+
+def _points(n: int, hi: float) -> list[float]:
+    rnd = random.Random(SEED)
+    return sorted(round(rnd.uniform(0.0, hi), 3) for _ in range(n))
+
+
+async def _job_with(job: Awaitable[object], fault: Awaitable[object]) -> BaseException | None:
+    """Run the job and the fault together; return the job's error (None on success)."""
+    task = asyncio.ensure_future(job)
+    hit = asyncio.ensure_future(fault)
+    try:
+        await task
+        return None
+    except HostError as exc:
+        return exc
+    finally:
+        hit.cancel()
+        await asyncio.gather(hit, return_exceptions=True)
+
+
+# ------------------------------------------------------------------------------- dump faults
+
+DUMP_FAULTS = (
+    [pytest.param("criu-kill", d, id=f"criu-killed-at-{d}s") for d in _points(6, 0.3)]
+    + [pytest.param("criu-fault", code, id=f"CRIU_FAULT={code}") for code in range(1, 7)]
+    + [pytest.param("core-kill", d, id=f"core-killed-at-{d}s") for d in (0.0, 0.1)]
+)
+
+
+@pytest.mark.parametrize(("fault", "arg"), DUMP_FAULTS)
+async def test_a_fault_during_a_dump_loses_nothing(
+    fault: str, arg: float, model: Model, criu_path: str, state_dir: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    eng = await _open(state_dir, criu_path)
+    answer = await model.answer()
+    shm_before = _shm() | set(os.listdir("/dev/shm"))
+    job = eng.checkpoint(ME, "f", model.root)
+    if fault == "criu-fault":
+        monkeypatch.setenv("CRIU_FAULT", str(arg))
+        error = await _job_with(job, asyncio.sleep(0))
+        monkeypatch.delenv("CRIU_FAULT")
+    elif fault == "criu-kill":
+        error = await _job_with(job, _kill_after(arg, _criu_children))
+    else:
+        core = model.pids[1:]
+        error = await _job_with(job, _kill_after(arg, lambda: core if _criu_children() else []))
+    if error is not None:
+        assert isinstance(error, CriuFailed), error
+        assert "criu dump failed" in str(error)
+    if fault == "core-kill":
+        # the engine died under the dump: what is left must not be frozen, nothing half kept
+        for pid in model.pids:
+            if proctree.exists(pid):
+                assert proctree.read_stat(pid).state not in ("T", "t")  # type: ignore[union-attr]
+                assert proctree.tracer_of(pid) == 0
+        assert not [p for p in state_dir.iterdir() if p.name.startswith(".tmp-")]
+        return
+    found = await nothing_lost(eng, model, "f", answer, shm_before, tmp_path)
+    print(f"\n[fault] dump {fault} {arg}: {type(error).__name__ if error else 'ok'}, {found}")
+
+
+# ---------------------------------------------------------------------------- restore faults
+
+RESTORE_FAULTS = (
+    [pytest.param("criu-kill", d, id=f"criu-killed-at-{d}s") for d in _points(4, 0.6)]
+    + [pytest.param("criu-fault", code, id=f"CRIU_FAULT={code}") for code in range(1, 7)]
+    + [pytest.param("core-kill", 0.0, id="restored-core-killed")]
+)
+
+
+@pytest.mark.parametrize(("fault", "arg"), RESTORE_FAULTS)
+async def test_a_fault_during_a_restore_keeps_the_checkpoint(
+    fault: str, arg: float, model: Model, criu_path: str, state_dir: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    eng = await _open(state_dir, criu_path)
+    answer = await model.answer()
+    shm_before = _shm()
+    await eng.checkpoint(ME, "r", model.root)
+    await _gone(model.pids)
+    job = eng.restore(ME, "r")
+    if fault == "criu-fault":
+        monkeypatch.setenv("CRIU_FAULT", str(arg))
+        error = await _job_with(job, asyncio.sleep(0))
+        monkeypatch.delenv("CRIU_FAULT")
+    elif fault == "criu-kill":
+        error = await _job_with(job, _kill_after(arg, _criu_children))
+    else:
+        core = model.pids[1:]
+        error = await _job_with(job, _kill_after(0.0, lambda: proctree.taken(core)))
+    if error is not None:
+        assert isinstance(error, CriuFailed), error
+        assert "criu restore failed" in str(error)
+        assert eng.store.has("r"), "a failed restore lost the checkpoint"
+        # CRIU takes back what it restored: no part of the tree may be left
+        await _gone(model.pids)
+    elif fault == "core-kill":
+        # restored, then the core died: the checkpoint (kept by default) brings it back
+        for pid in model.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await _gone(model.pids)
+    else:
+        await _gone([], 0)
+    if not proctree.taken(model.pids):
+        await eng.restore(ME, "r")  # a retry succeeds
+    found = await nothing_lost(eng, model, "r", answer, shm_before, tmp_path)
+    print(f"\n[fault] restore {fault} {arg}: {type(error).__name__ if error else 'ok'}, {found}")
+
+
+# ------------------------------------------------------------------------ stuck CRIU, full disk
+
+
+async def test_a_stuck_criu_is_killed_and_the_tree_runs_on(
+    model: Model, criu_path: str, state_dir: Path, tmp_path: Path
+) -> None:
+    """CRIU hung before it kills the tree (frozen, all images written): killed after the
+    bound, the tree thawed, a named Timeout; the next dump with a sane bound works."""
+    wrapper, marker = blocking_criu(tmp_path, criu_path, stage="post-dump")
+    eng = await _open(state_dir, wrapper, criu_timeout_secs=3.0, criu_timeout_secs_per_gib=0.0)
+    answer = await model.answer()
+    began = time.monotonic()
+    with pytest.raises(Timeout) as err:
+        await eng.checkpoint(ME, "stuck", model.root)
+    assert time.monotonic() - began < 30
+    assert marker.exists()
+    assert "did not finish within 3s" in str(err.value)
+    assert "criu_timeout_secs" in str(err.value)
+    sane = await _open(state_dir, criu_path)
+    assert await nothing_lost(sane, model, "stuck", answer, _shm(), tmp_path) == "running"
+
+
+@pytest.fixture
+def small_state(tmp_path: Path) -> AsyncIterator[Path]:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400m,mode=0700", "tmpfs", str(mnt)],
+                   check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+async def test_the_disk_filling_during_a_dump_is_no_space_and_loses_nothing(
+    model: Model, criu_path: str, small_state: Path, tmp_path: Path
+) -> None:
+    eng = await _open(small_state / "state", criu_path)
+    answer = await model.answer()
+    filler = small_state / "filler"
+
+    async def fill() -> None:
+        while not _criu_children():
+            await asyncio.sleep(0.005)
+        # another writer takes the space the estimate counted on
+        await asyncio.to_thread(subprocess.run, ["dd", "if=/dev/zero", f"of={filler}",
+                                                 "bs=1M", "status=none"], check=False)
+
+    error = await _job_with(eng.checkpoint(ME, "full", model.root), fill())
+    assert isinstance(error, NoSpace), error
+    assert "no space left" in str(error).lower() and str(small_state / "state") in str(error)
+    filler.unlink()
+    assert await nothing_lost(eng, model, "full", answer, _shm(), tmp_path) == "running"
