@@ -1,0 +1,160 @@
+"""Dump/restore cycles of one built-in engine through llmuxd, compared the way CRIU's zdtm
+compares a restored task with the original: its open files, its memory maps (path and
+size) and its mountinfo match cycle 1, the same prompt gives the same completion, and
+llmuxd's RSS and fd count stay flat over the run.
+
+10 cycles by default; LLMUX_LONG=1 runs 100 (LLMUX_CYCLES=N sets any number).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from llmuxd_harness import Llmuxd
+from testprocs import wait_until
+
+from llmux.service.core import proctree
+from llmux.shim.builtin.testing import EngineProcess, start_engine
+
+pytestmark = pytest.mark.criu
+
+CYCLES = int(os.environ.get("LLMUX_CYCLES", "100" if os.environ.get("LLMUX_LONG") else "10"))
+PROMPT = {"prompt": "the old tower", "max_tokens": 8}
+RSS_GROWTH_LIMIT = 16 << 20
+"""llmuxd's RSS may grow this much from cycle 2 to the last (allocator noise), no more."""
+_KERNEL_OBJECT = re.compile(r"^(socket|pipe|anon_inode:\[?[a-z_]+\]?)(:\[\d+\])?$")
+
+
+def _fds(pid: int) -> list[tuple[int, str]]:
+    """fd -> what it names; a socket's or pipe's inode is new after a restore (zdtm too
+    compares their kind, not their number)."""
+    out = []
+    base = Path(f"/proc/{pid}/fd")
+    for fd in os.listdir(base):
+        with contextlib.suppress(FileNotFoundError):
+            target = os.readlink(base / fd)
+            m = _KERNEL_OBJECT.match(target)
+            out.append((int(fd), m.group(1) if m else target))
+    return sorted(out)
+
+
+def _maps(pid: int) -> Counter[tuple[str, int]]:
+    """(path, size) of every file-backed or named mapping."""
+    found: Counter[tuple[str, int]] = Counter()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6:
+            continue
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        found[(parts[5], hi - lo)] += 1
+    return found
+
+
+def _mountinfo(pid: int) -> list[tuple[str, ...]]:
+    """Mount point, options, fs type, source, super options: the IDs are not compared."""
+    out = []
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        left, right = line.split(" - ", 1)
+        fields = left.split()
+        out.append((fields[4], fields[5], *right.split()))
+    return sorted(out)
+
+
+def _snapshot(pids: list[int]) -> dict[int, tuple[object, ...]]:
+    return {pid: (_fds(pid), _maps(pid), _mountinfo(pid)) for pid in pids}
+
+
+def _usage(pid: int) -> tuple[int, int]:
+    """(RSS bytes, open fds) of a process."""
+    rss = proctree.rss_bytes([pid])
+    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@contextlib.contextmanager
+def _subreaper() -> Iterator[None]:
+    """A restored tree is reparented to the nearest subreaper: this test, standing in for
+    the shim, reaps it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(36, 1, 0, 0, 0)
+    try:
+        yield
+    finally:
+        libc.prctl(36, 0, 0, 0, 0)
+
+
+def _reap(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+
+
+def _answer(e: EngineProcess) -> str:
+    r = httpx.post(f"{e.base_url}/v1/completions", json=PROMPT, timeout=60)
+    assert r.status_code == 200, r.text
+    text: str = r.json()["choices"][0]["text"]
+    return text
+
+
+def _done(llmuxd: Llmuxd, method: str, signature: str, *args: object) -> None:
+    job_id, _ = llmuxd.ok(method, signature, *args)
+    outcome = llmuxd.ok("WaitJob", "ud", job_id, 300)
+    assert outcome == ["done", "", ""], outcome
+
+
+def test_dump_restore_cycles_keep_the_tree_as_it_was(llmuxd: Llmuxd, tmp_path: Path) -> None:
+    env = {"HF_HOME": str(tmp_path / "hf"), "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+           "LLMUX_BUILTIN_BACKEND": "pure"}
+    assert llmuxd.proc is not None
+    daemon = llmuxd.proc.pid
+    with _subreaper():
+        e = start_engine("test-org/cycles", weights_mb=16, extra_env=env)
+        pids = [e.pid, *e.child_pids()]
+        try:
+            answer = _answer(e)
+            first = _snapshot(pids)
+            usage = []
+            began = time.monotonic()
+            for cycle in range(1, CYCLES + 1):
+                _done(llmuxd, "Checkpoint", "sua{sv}", "cycles", e.pid, 0)
+                e.process.poll()
+
+                def gone() -> bool:
+                    _reap(pids)
+                    return not proctree.taken(pids)
+
+                wait_until(gone, 30, f"cycle {cycle}: the dumped PIDs to be free")
+                _done(llmuxd, "Restore", "sa{sv}", "cycles", 0)
+                now = _snapshot(pids)
+                for pid in pids:
+                    assert now[pid][0] == first[pid][0], f"cycle {cycle}: fds of {pid} differ"
+                    assert now[pid][1] == first[pid][1], (
+                        f"cycle {cycle}: maps of {pid} differ: "
+                        f"{(now[pid][1] - first[pid][1])} / {(first[pid][1] - now[pid][1])}"  # type: ignore[operator]
+                    )
+                    assert now[pid][2] == first[pid][2], f"cycle {cycle}: mountinfo of {pid}"
+                assert _answer(e) == answer, f"cycle {cycle}: another completion"
+                usage.append(_usage(daemon))
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+            e.stop()
+            wait_until(lambda: (_reap(pids), not proctree.taken(pids))[1], 30, "the engine")
+    secs = time.monotonic() - began
+    rss = [u[0] for u in usage]
+    fds = [u[1] for u in usage]
+    print(f"\n[cycles] {CYCLES} dump/restore cycles in {secs:.1f}s; llmuxd RSS "
+          f"{rss[0] >> 20} -> {rss[-1] >> 20} MiB (max {max(rss) >> 20}), fds {fds[0]} -> "
+          f"{fds[-1]} (max {max(fds)})")
+    base = 1 if len(usage) > 1 else 0
+    assert rss[-1] - rss[base] < RSS_GROWTH_LIMIT, f"llmuxd RSS grew: {rss}"
+    assert max(fds[base:]) <= fds[base], f"llmuxd fds grew: {fds}"
