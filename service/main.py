@@ -118,6 +118,10 @@ def load_config(args: argparse.Namespace) -> DaemonConfig:
             values[key] = value = float(value)
         if key in known and type(value) is not known[key]:
             problems.append(f"{key} must be a {known[key].__name__}, not {type(value).__name__}")
+    for key in ("criu_timeout_secs", "criu_timeout_secs_per_gib"):
+        bound = values.get(key)
+        if isinstance(bound, float) and (bound < 0 or (bound == 0 and key == "criu_timeout_secs")):
+            problems.append(f"{key} must be positive")
     if values.get("cuda_mode", "api") not in CUDA_MODES:
         problems.append(f"cuda_mode must be one of {', '.join(CUDA_MODES)}")
     if str(values.get("log_level", "info")).lower() not in LOG_LEVELS:

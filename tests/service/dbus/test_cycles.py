@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import re
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +19,8 @@ import httpx
 import pytest
 from llmuxd_harness import Llmuxd
 from testprocs import wait_until
+from zdtmcompare import differences, snapshot
+from zdtmcompare import usage as process_usage
 
 from llmux.service.core import proctree
 from llmux.shim.builtin.testing import EngineProcess, start_engine
@@ -31,54 +31,6 @@ CYCLES = int(os.environ.get("LLMUX_CYCLES", "100" if os.environ.get("LLMUX_LONG"
 PROMPT = {"prompt": "the old tower", "max_tokens": 8}
 RSS_GROWTH_LIMIT = 16 << 20
 """llmuxd's RSS may grow this much from cycle 2 to the last (allocator noise), no more."""
-_KERNEL_OBJECT = re.compile(r"^(socket|pipe|anon_inode:\[?[a-z_]+\]?)(:\[\d+\])?$")
-
-
-def _fds(pid: int) -> list[tuple[int, str]]:
-    """fd -> what it names; a socket's or pipe's inode is new after a restore (zdtm too
-    compares their kind, not their number)."""
-    out = []
-    base = Path(f"/proc/{pid}/fd")
-    for fd in os.listdir(base):
-        with contextlib.suppress(FileNotFoundError):
-            target = os.readlink(base / fd)
-            m = _KERNEL_OBJECT.match(target)
-            out.append((int(fd), m.group(1) if m else target))
-    return sorted(out)
-
-
-def _maps(pid: int) -> Counter[tuple[str, int]]:
-    """(path, size) of every file-backed or named mapping."""
-    found: Counter[tuple[str, int]] = Counter()
-    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-        parts = line.split(maxsplit=5)
-        if len(parts) < 6:
-            continue
-        lo, hi = (int(x, 16) for x in parts[0].split("-"))
-        found[(parts[5], hi - lo)] += 1
-    return found
-
-
-def _mountinfo(pid: int) -> list[tuple[str, ...]]:
-    """Mount point, options, fs type, source, super options: the IDs are not compared."""
-    out = []
-    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
-        left, right = line.split(" - ", 1)
-        fields = left.split()
-        out.append((fields[4], fields[5], *right.split()))
-    return sorted(out)
-
-
-def _snapshot(pids: list[int]) -> dict[int, tuple[object, ...]]:
-    return {pid: (_fds(pid), _maps(pid), _mountinfo(pid)) for pid in pids}
-
-
-def _usage(pid: int) -> tuple[int, int]:
-    """(RSS bytes, open fds) of a process."""
-    rss = proctree.rss_bytes([pid])
-    return rss, len(os.listdir(f"/proc/{pid}/fd"))
-
-
 @contextlib.contextmanager
 def _subreaper() -> Iterator[None]:
     """A restored tree is reparented to the nearest subreaper: this test, standing in for
@@ -120,7 +72,7 @@ def test_dump_restore_cycles_keep_the_tree_as_it_was(llmuxd: Llmuxd, tmp_path: P
         pids = [e.pid, *e.child_pids()]
         try:
             answer = _answer(e)
-            first = _snapshot(pids)
+            first = snapshot(pids)
             usage = []
             began = time.monotonic()
             for cycle in range(1, CYCLES + 1):
@@ -133,16 +85,9 @@ def test_dump_restore_cycles_keep_the_tree_as_it_was(llmuxd: Llmuxd, tmp_path: P
 
                 wait_until(gone, 30, f"cycle {cycle}: the dumped PIDs to be free")
                 _done(llmuxd, "Restore", "sa{sv}", "cycles", 0)
-                now = _snapshot(pids)
-                for pid in pids:
-                    assert now[pid][0] == first[pid][0], f"cycle {cycle}: fds of {pid} differ"
-                    assert now[pid][1] == first[pid][1], (
-                        f"cycle {cycle}: maps of {pid} differ: "
-                        f"{(now[pid][1] - first[pid][1])} / {(first[pid][1] - now[pid][1])}"  # type: ignore[operator]
-                    )
-                    assert now[pid][2] == first[pid][2], f"cycle {cycle}: mountinfo of {pid}"
+                assert not differences(first, snapshot(pids)), f"cycle {cycle}"
                 assert _answer(e) == answer, f"cycle {cycle}: another completion"
-                usage.append(_usage(daemon))
+                usage.append(process_usage(daemon))
         finally:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
