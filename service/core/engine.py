@@ -41,9 +41,11 @@ from llmux.service.core.manifest import ExternalMountRecord, Manifest
 from llmux.service.core.store import (
     CheckpointStore,
     Staging,
+    check_images,
     check_model,
     dir_bytes,
     dump_completed,
+    image_sizes,
     prefetch,
     start_writeback,
     write_journal,
@@ -715,8 +717,10 @@ class CheckpointEngine:
                          model, len(removed))
 
         images_bytes = await asyncio.to_thread(dir_bytes, staging.images)
+        sizes = await asyncio.to_thread(image_sizes, staging.images)
         manifest = replace(
             pending,
+            image_sizes=sizes,
             created=time.time(),
             images_bytes=images_bytes,
             files_bytes=sum(f.size for f in saved),
@@ -776,6 +780,7 @@ class CheckpointEngine:
                 raise NotFound(f"caller PID {caller.pid} is gone")
             target = await asyncio.to_thread(ContainerContext.from_pid, caller.pid)
             await asyncio.to_thread(self.check_manifest, manifest, target)
+            await asyncio.to_thread(self._check_intact, manifest)
             await self._check_files_present(manifest, caller.pid if target.foreign else None)
 
             async def body(report: _Reporter) -> Manifest:
@@ -824,6 +829,13 @@ class CheckpointEngine:
                     f"checkpoint {manifest.model!r} needs a bind mount at {ext.mount_point}, "
                     "which the caller's container does not have"
                 )
+
+    def _check_intact(self, manifest: Manifest) -> None:
+        """The checkpoint's files are the ones committed, by a cheap look (sizes, no links);
+        the saved files' checksums are read by the job."""
+        check_images(manifest.model, self.store.images_dir(manifest.model),
+                     manifest.image_sizes)
+        upperfiles.check_present(manifest.files, self.store.files_dir(manifest.model))
 
     async def _wait_pids_free(self, manifest: Manifest) -> None:
         wanted = sorted(set(manifest.pids) | set(manifest.tids))

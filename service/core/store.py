@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 from llmux.service.contract import DEFAULT_STATE_DIR, valid_model_name
 from llmux.service.core import proctree
 from llmux.service.core.manifest import Manifest
-from llmux.service.errors import HostError, InvalidArgument, NoSpace, NotFound
+from llmux.service.errors import HostError, InvalidArgument, ManifestMismatch, NoSpace, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,31 @@ def dump_completed(images: Path) -> bool:
     if not lines:
         return False
     return "Dumping finished successfully" in lines[-1] or FINAL_KILL in tail
+
+
+def image_sizes(images: Path) -> dict[str, int]:
+    """CRIU's image files (``*.img``) and their sizes."""
+    return {e.name: e.stat(follow_symlinks=False).st_size for e in os.scandir(images)
+            if e.name.endswith(".img") and e.is_file(follow_symlinks=False)}
+
+
+def check_images(model: str, images: Path, recorded: dict[str, int]) -> None:
+    """The images are the ones committed: none missing, replaced by a link, or resized."""
+    for name, size in sorted(recorded.items()):
+        path = images / name
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            raise ManifestMismatch(
+                f"checkpoint {model!r} is damaged: image {path} is missing") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ManifestMismatch(
+                f"checkpoint {model!r} is damaged: image {path} is not a regular file "
+                "(a symbolic link planted?)")
+        if st.st_size != size:
+            raise ManifestMismatch(
+                f"checkpoint {model!r} is damaged: image {path} has {st.st_size} bytes, "
+                f"the dump wrote {size} (truncated?)")
 
 
 def write_journal(staging: Staging, **values: object) -> None:
@@ -320,6 +346,7 @@ class CheckpointStore:
             pending,
             created=log_path.stat().st_mtime,
             images_bytes=dir_bytes(tmp / IMAGES),
+            image_sizes=image_sizes(tmp / IMAGES),
             warnings=[
                 *pending.warnings,
                 "salvaged at start-up after the service stopped mid-dump; files of the "

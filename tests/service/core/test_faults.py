@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
@@ -28,7 +29,14 @@ from criu_testlib import blocking_criu, reap, reaping
 
 from llmux.service.core import proctree, resources
 from llmux.service.core.engine import Caller, CheckpointEngine, EngineConfig
-from llmux.service.errors import CriuFailed, HostError, NoSpace, Timeout
+from llmux.service.errors import (
+    CriuFailed,
+    HostError,
+    ManifestMismatch,
+    NoSpace,
+    NotFound,
+    Timeout,
+)
 from llmux.shim.builtin.testing import EngineProcess, start_engine_async
 
 pytestmark = pytest.mark.criu
@@ -335,3 +343,61 @@ async def test_the_disk_filling_during_a_dump_is_no_space_and_loses_nothing(
     assert "no space left" in str(error).lower() and str(small_state / "state") in str(error)
     filler.unlink()
     assert await nothing_lost(eng, model, "full", answer, _shm(), tmp_path) == "running"
+
+
+# ---------------------------------------------------------------------- a damaged checkpoint
+
+
+def _damage(state_dir: Path, name: str, how: str) -> None:
+    top = state_dir / name
+    images = top / "images"
+    if how == "truncated-image":
+        biggest = max(images.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+        os.truncate(biggest, biggest.stat().st_size // 2)
+    elif how == "image-symlink":
+        biggest = max(images.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+        copy = top / "elsewhere.img"
+        os.rename(biggest, copy)
+        os.symlink(copy, biggest)
+    elif how == "saved-file-symlink":
+        (stored,) = [p for p in (top / "files").rglob("*") if p.is_file()]
+        copy = top / "elsewhere"
+        os.rename(stored, copy)
+        os.symlink(copy, stored)
+    elif how == "tampered-manifest":
+        mpath = top / "manifest.json"
+        data = json.loads(mpath.read_text())
+        first = sorted(data["image_sizes"])[0]
+        data["image_sizes"][first] += 1
+        mpath.write_text(json.dumps(data))
+    elif how == "garbage-manifest":
+        (top / "manifest.json").write_text('{"model": "x", "pids": [')
+
+
+@pytest.mark.parametrize("how", ["truncated-image", "image-symlink", "saved-file-symlink",
+                                 "tampered-manifest", "garbage-manifest"])
+async def test_a_damaged_checkpoint_is_refused_before_criu_by_name(
+    how: str, model: Model, criu_path: str, state_dir: Path, tmp_path: Path
+) -> None:
+    """A checkpoint changed after its commit (truncated, a link planted, its manifest
+    edited or broken) is refused with a named error before CRIU or any file is put back;
+    the running model is untouched; a new checkpoint replaces the damaged one."""
+    eng = await _open(state_dir, criu_path)
+    answer = await model.answer()
+    m = await eng.checkpoint(ME, "d", model.root, leave_running=True)
+    assert any(f.reason == "dev-shm" for f in m.files)
+    _damage(state_dir, "d", how)
+    eng = await _open(state_dir, criu_path)  # as after a restart of the service
+    if how == "garbage-manifest":
+        assert eng.list_checkpoints() == []
+        with pytest.raises(NotFound):
+            await eng.restore(ME, "d")
+    else:
+        with pytest.raises(ManifestMismatch) as err:
+            await eng.restore(ME, "d")
+        expected = {"truncated-image": "bytes, the dump wrote", "image-symlink": "symbolic link",
+                    "saved-file-symlink": "symbolic link", "tampered-manifest": "damaged"}
+        assert (expected[how] in str(err.value) and "'d'" in str(err.value)) or \
+            "saved file" in str(err.value), str(err.value)
+        assert not _criu_children()
+    assert await nothing_lost(eng, model, "d", answer, _shm(), tmp_path) == "running"
