@@ -199,6 +199,22 @@ async def _job_with(job: Awaitable[object], fault: Awaitable[object]) -> BaseExc
         await asyncio.gather(hit, return_exceptions=True)
 
 
+async def _inject(job: Awaitable[object], fault: str, arg: float,
+                  monkeypatch: pytest.MonkeyPatch,
+                  core: Callable[[], list[int]]) -> BaseException | None:
+    """Run the job with the fault: CRIU_FAULT=arg in CRIU's environment, CRIU SIGKILLed arg
+    seconds after it started, or the engine's core SIGKILLed arg seconds after core() names
+    it. Returns the job's error (None on success)."""
+    if fault == "criu-fault":
+        monkeypatch.setenv("CRIU_FAULT", str(int(arg)))
+        try:
+            return await _job_with(job, asyncio.sleep(0))
+        finally:
+            monkeypatch.delenv("CRIU_FAULT")
+    return await _job_with(job, _kill_after(arg, _criu_children if fault == "criu-kill"
+                                            else core))
+
+
 # ------------------------------------------------------------------------------- dump faults
 
 DUMP_FAULTS = (
@@ -215,17 +231,10 @@ async def test_a_fault_during_a_dump_loses_nothing(
 ) -> None:
     eng = await _open(state_dir, criu_path)
     answer = await model.answer()
-    shm_before = _shm() | set(os.listdir("/dev/shm"))
-    job = eng.checkpoint(ME, "f", model.root)
-    if fault == "criu-fault":
-        monkeypatch.setenv("CRIU_FAULT", str(arg))
-        error = await _job_with(job, asyncio.sleep(0))
-        monkeypatch.delenv("CRIU_FAULT")
-    elif fault == "criu-kill":
-        error = await _job_with(job, _kill_after(arg, _criu_children))
-    else:
-        core = model.pids[1:]
-        error = await _job_with(job, _kill_after(arg, lambda: core if _criu_children() else []))
+    shm_before = _shm()
+    core = model.pids[1:]
+    error = await _inject(eng.checkpoint(ME, "f", model.root), fault, arg, monkeypatch,
+                          lambda: core if _criu_children() else [])
     if error is not None:
         assert isinstance(error, CriuFailed), error
         assert "criu dump failed" in str(error)
@@ -260,16 +269,9 @@ async def test_a_fault_during_a_restore_keeps_the_checkpoint(
     shm_before = _shm()
     await eng.checkpoint(ME, "r", model.root)
     await _gone(model.pids)
-    job = eng.restore(ME, "r")
-    if fault == "criu-fault":
-        monkeypatch.setenv("CRIU_FAULT", str(arg))
-        error = await _job_with(job, asyncio.sleep(0))
-        monkeypatch.delenv("CRIU_FAULT")
-    elif fault == "criu-kill":
-        error = await _job_with(job, _kill_after(arg, _criu_children))
-    else:
-        core = model.pids[1:]
-        error = await _job_with(job, _kill_after(0.0, lambda: proctree.taken(core)))
+    core = model.pids[1:]
+    error = await _inject(eng.restore(ME, "r"), fault, arg, monkeypatch,
+                          lambda: proctree.taken(core))
     if error is not None:
         assert isinstance(error, CriuFailed), error
         assert "criu restore failed" in str(error)
