@@ -329,21 +329,30 @@ def small_state(tmp_path: Path) -> AsyncIterator[Path]:
 async def test_the_disk_filling_during_a_dump_is_no_space_and_loses_nothing(
     model: Model, criu_path: str, small_state: Path, tmp_path: Path
 ) -> None:
-    eng = await _open(small_state / "state", criu_path)
-    answer = await model.answer()
+    """Another writer takes the space the estimate counted on once CRIU has begun (its
+    pre-dump action script fills the state directory's file system)."""
     filler = small_state / "filler"
-
-    async def fill() -> None:
-        while not _criu_children():
-            await asyncio.sleep(0.005)
-        # another writer takes the space the estimate counted on
-        await asyncio.to_thread(subprocess.run, ["dd", "if=/dev/zero", f"of={filler}",
-                                                 "bs=1M", "status=none"], check=False)
-
-    error = await _job_with(eng.checkpoint(ME, "full", model.root), fill())
-    assert isinstance(error, NoSpace), error
-    assert "no space left" in str(error).lower() and str(small_state / "state") in str(error)
+    act = tmp_path / "fill.sh"
+    act.write_text("#!/bin/sh\n"
+                   'if [ "$CRTOOLS_SCRIPT_ACTION" = pre-dump ]; then '
+                   f'dd if=/dev/zero of="{filler}" bs=1M status=none; fi\n'
+                   "exit 0\n")
+    act.chmod(0o755)
+    wrapper = tmp_path / "criu-fill"
+    wrapper.write_text("#!/bin/sh\n"
+                       f'if [ "$1" = dump ]; then exec "{criu_path}" "$@" '
+                       f'--action-script "{act}"; fi\n'
+                       f'exec "{criu_path}" "$@"\n')
+    wrapper.chmod(0o755)
+    eng = await _open(small_state / "state", str(wrapper))
+    answer = await model.answer()
+    with pytest.raises(NoSpace) as err:
+        await eng.checkpoint(ME, "full", model.root)
+    assert filler.exists()
+    assert f"the state directory {small_state / 'state'} filled up" in str(err.value)
+    assert "the tree runs on and nothing was kept" in str(err.value)
     filler.unlink()
+    eng = await _open(small_state / "state", criu_path)
     assert await nothing_lost(eng, model, "full", answer, _shm(), tmp_path) == "running"
 
 
