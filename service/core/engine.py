@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
+import json
 import logging
 import os
 import signal
@@ -261,6 +262,43 @@ async def _uncancellable(coro: Awaitable[T]) -> T:
     return result
 
 
+RESTORING = ".restoring-"
+"""A running restore's journal in the state directory: <RESTORING><model>.json."""
+
+
+def _write_json(path: Path, value: object) -> None:
+    tmp = path.with_name(path.name + ".new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(value, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+
+
+RESTORE_FINISHED = "Restore finished successfully"
+
+
+def _kill_half_restored(pids: Sequence[int], criu_start: object) -> list[int]:
+    """SIGKILL the processes among ``pids`` born after the CRIU restore began (so made by
+    it, not a PID reused before), and wait a while for them to go."""
+    if not isinstance(criu_start, int):
+        return []
+    hit = []
+    for pid in pids:
+        st = proctree.read_stat(pid)
+        if st is not None and st.state not in ("Z", "X") and st.start_time >= criu_start:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                hit.append(pid)
+    deadline = time.monotonic() + 10
+    while any(proctree.exists(p) for p in hit) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if hit:
+        log.warning("killed PIDs %s, restored in part by a CRIU that did not finish", hit)
+    return hit
+
+
 def _session_outside(pids: Sequence[int]) -> bool:
     """A tree whose session or process group leader is outside it needs --shell-job."""
     members = set(pids)
@@ -308,6 +346,7 @@ class CheckpointEngine:
             log.info("removed leftovers of interrupted dumps: %s", ", ".join(cleaned))
         cuda = make_cuda_checkpointer(config.cuda_mode, config.cuda_checkpoint_path)
         engine = cls(config, criu, store, cuda)
+        await asyncio.to_thread(engine.take_back_interrupted_restores)
         await asyncio.to_thread(engine.sweep_shm)
         return engine
 
@@ -865,18 +904,32 @@ class CheckpointEngine:
         files = self.store.files_dir(model)
         await asyncio.to_thread(upperfiles.verify, manifest.files, files)
         view_pid = caller.pid if target.foreign else None
+        journal = self.store.root / f"{RESTORING}{model}.json"
+        transient = [f.path for f in manifest.files if f.reason in ("dev-shm", "link-remap")]
         async with self._remap_guard(any(f.reason == "link-remap" for f in manifest.files)):
-            with ViewRoot(view_pid) as view:
-                put_back = await asyncio.to_thread(self._put_back, manifest, files, view.path)
+            # what a service killed mid-restore leaves in the target, for start-up to take
+            # back where nothing uses it
+            entry: dict[str, object] = {
+                "view": proctree.start_times([view_pid]) if view_pid else None,
+                "paths": transient, "pids": manifest.pids, "criu_start": None,
+                "log": str(self.store.images_dir(model) / "restore.log")}
+            await asyncio.to_thread(_write_json, journal, entry)
             try:
-                return await self._restore_tree(manifest, target, caller, keep_images, report,
-                                                started)
-            except BaseException:
-                with contextlib.suppress(OSError), ViewRoot(view_pid) as view:
-                    await _uncancellable(asyncio.to_thread(
-                        resources.remove_unused,
-                        [view.path / p.lstrip("/") for p in put_back]))
-                raise
+                with ViewRoot(view_pid) as view:
+                    put_back = await asyncio.to_thread(self._put_back, manifest, files,
+                                                       view.path)
+                try:
+                    return await self._restore_tree(manifest, target, caller, keep_images,
+                                                    report, started, journal, entry)
+                except BaseException:
+                    with contextlib.suppress(OSError), ViewRoot(view_pid) as view:
+                        await _uncancellable(asyncio.to_thread(
+                            resources.remove_unused,
+                            [view.path / p.lstrip("/") for p in put_back]))
+                    raise
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    await _uncancellable(asyncio.to_thread(journal.unlink))
 
     async def _check_ports_free(self, manifest: Manifest, caller_pid: int) -> None:
         """Each TCP port the tree listened on is free in the caller's network namespace."""
@@ -919,6 +972,39 @@ class CheckpointEngine:
         upperfiles.put_back(wanted, files, view_root)
         return [f.path for f in wanted if f.reason in ("dev-shm", "link-remap")]
 
+    def take_back_interrupted_restores(self) -> list[str]:
+        """Files a restore put into its target before the service died under it (their
+        journal says which): removed where nothing uses them. A restore that had finished
+        has its tree using them; a target container that is gone took them along."""
+        removed: list[str] = []
+        for journal in sorted(self.store.root.glob(f"{RESTORING}*.json")):
+            try:
+                data = json.loads(journal.read_text())
+                view = {int(k): int(v) for k, v in (data.get("view") or {}).items()}
+                paths = [str(p) for p in data.get("paths", [])]
+            except (OSError, ValueError, TypeError, AttributeError):
+                data, view, paths = None, {}, []
+            alive = proctree.same_processes(view) if view else []
+            if data is not None:
+                try:
+                    with open(str(data.get("log")), "rb") as f:
+                        f.seek(0, os.SEEK_END)
+                        f.seek(max(0, f.tell() - 4096))
+                        finished = RESTORE_FINISHED.encode() in f.read()
+                except (OSError, TypeError):
+                    finished = False
+                if not finished:
+                    _kill_half_restored([int(p) for p in data.get("pids", [])],
+                                        data.get("criu_start"))
+            if data is not None and (not view or alive):
+                with contextlib.suppress(OSError), ViewRoot(alive[0] if alive else None) as v:
+                    removed += [str(p) for p in resources.remove_unused(
+                        v.path / p.lstrip("/") for p in paths)]
+            journal.unlink(missing_ok=True)
+        if removed:
+            log.warning("removed files put back by interrupted restores: %s", removed)
+        return removed
+
     def sweep_shm(self) -> list[str]:
         """Remove /dev/shm segments that a checkpoint holds a copy of and nothing uses
         (left by a restored tree that was killed, with its container for instance)."""
@@ -942,6 +1028,8 @@ class CheckpointEngine:
         keep_images: bool,
         report: _Reporter,
         started: float,
+        journal: Path,
+        entry: dict[str, object],
     ) -> Manifest:
         model = manifest.model
         images = self.store.images_dir(model)
@@ -953,8 +1041,9 @@ class CheckpointEngine:
                 externals.append((ext.key, mine.host_source))
         root = target.rootfs_host_path if target.foreign else None
         pidfile = images / "restore.pid"
-        with contextlib.suppress(FileNotFoundError):
-            await asyncio.to_thread(pidfile.unlink)
+        for stale in (pidfile, images / "restore.log"):  # the journal reads the log's end
+            with contextlib.suppress(FileNotFoundError):
+                await asyncio.to_thread(stale.unlink)
         cgroup_procs = await asyncio.to_thread(target.cgroup_procs_files)
         req = RestoreRequest(
             images_dir=images,
@@ -967,6 +1056,16 @@ class CheckpointEngine:
             cgroup_procs=cgroup_procs,
         )
         run_holder: list[CriuRun] = []
+        noted: list[asyncio.Future[None]] = []
+
+        def started_criu(run: CriuRun) -> None:
+            run_holder.append(run)
+
+            def note() -> None:
+                entry["criu_start"] = proctree.start_times([run.pid]).get(run.pid)
+                _write_json(journal, entry)
+
+            noted.append(asyncio.ensure_future(asyncio.to_thread(note)))
 
         def measure() -> int:
             if not run_holder:
@@ -982,11 +1081,21 @@ class CheckpointEngine:
         try:
             async with report.watching(measure, manifest.images_bytes, "restoring", 0.0, 0.9):
                 await self.criu.restore(
-                    req, on_start=run_holder.append,
+                    req, on_start=started_criu,
                     timeout_secs=self.config.criu_bound_secs(manifest.images_bytes))
+        except BaseException:
+            # A CRIU killed (a timeout, a cancel, a signal) leaves what it had restored
+            # waiting forever in its restorer, holding the PIDs: finish it off; the
+            # checkpoint is kept.
+            await _uncancellable(asyncio.gather(*noted, return_exceptions=True))
+            if run_holder:
+                await _uncancellable(asyncio.to_thread(
+                    _kill_half_restored, manifest.pids, entry.get("criu_start")))
+            raise
         finally:
             with contextlib.suppress(Exception):
                 await readahead
+            await _uncancellable(asyncio.gather(*noted, return_exceptions=True))
         restore_secs = time.monotonic() - t
         try:
             restored_root = int((await asyncio.to_thread(pidfile.read_text)).strip())

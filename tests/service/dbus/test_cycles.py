@@ -3,13 +3,15 @@ compares a restored task with the original: its open files, its memory maps (pat
 size) and its mountinfo match cycle 1, the same prompt gives the same completion, and
 llmuxd's RSS and fd count stay flat over the run.
 
-10 cycles by default; LLMUX_LONG=1 runs 100 (LLMUX_CYCLES=N sets any number).
+10 cycles by default; LLMUX_LONG=1 runs 100 (LLMUX_CYCLES=N sets any number). And llmuxd
+killed in the middle of a restore of that engine.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from llmuxd_harness import Llmuxd
+from llmuxd_harness import OBJECT_PATH, Llmuxd, children_of
 from testprocs import wait_until
 from zdtmcompare import differences, snapshot
 from zdtmcompare import usage as process_usage
@@ -103,3 +105,64 @@ def test_dump_restore_cycles_keep_the_tree_as_it_was(llmuxd: Llmuxd, tmp_path: P
     base = 1 if len(usage) > 1 else 0
     assert rss[-1] - rss[base] < RSS_GROWTH_LIMIT, f"llmuxd RSS grew: {rss}"
     assert max(fds[base:]) <= fds[base], f"llmuxd fds grew: {fds}"
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.1])
+def test_llmuxd_killed_mid_restore_loses_nothing(
+    llmuxd: Llmuxd, tmp_path: Path, delay: float
+) -> None:
+    """llmuxd (and CRIU with it) SIGKILLed ``delay`` s into a restore of the built-in engine,
+    then started again: the checkpoint is kept; the tree is wholly back or wholly gone (and
+    then restores); the /dev/shm segment the restore had put back is in use or removed; no
+    journal is left."""
+    env = {"HF_HOME": str(tmp_path / "hf"), "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+           "LLMUX_BUILTIN_BACKEND": "pure"}
+    assert llmuxd.proc is not None
+    with _subreaper():
+        e = start_engine("test-org/killed", weights_mb=64, extra_env=env)
+        pids = [e.pid, *e.child_pids()]
+        try:
+            answer = _answer(e)
+            _done(llmuxd, "Checkpoint", "sua{sv}", "k", e.pid, 0)
+            e.process.poll()
+            wait_until(lambda: (_reap(pids), not proctree.taken(pids))[1], 30, "the dump")
+            manifest = (llmuxd.state_dir / "k" / "manifest.json").read_text()
+            segments = [f["path"] for f in json.loads(manifest)["files"]
+                        if f["reason"] == "dev-shm"]
+            assert segments and not any(Path(p).exists() for p in segments)
+            proc = llmuxd.proc
+            llmuxd.ok("Restore", "sa{sv}", "k", 0)
+            wait_until(lambda: bool(children_of(proc.pid)) or proctree.exists(pids[0]), 60,
+                       "CRIU to start")
+            time.sleep(delay)
+            proc.kill()
+            proc.wait(30)
+            llmuxd.start()
+            assert llmuxd.ok("ListCheckpoints") == [[["k", f"{OBJECT_PATH}/checkpoint/k"]]]
+            assert not list(llmuxd.state_dir.glob(".restoring-*"))
+            live = [p for p in pids if proctree.exists(p)]
+            if live != pids:
+                assert not live, f"half a tree: {live} of {pids}"
+                assert not any(Path(p).exists() for p in segments), "segment left unused"
+                wait_until(lambda: (_reap(pids), not proctree.taken(pids))[1], 30, "zombies")
+                _done(llmuxd, "Restore", "sa{sv}", "k", 0)
+            for pid in pids:
+                assert proctree.tracer_of(pid) == 0
+                st = proctree.read_stat(pid)
+                assert st is not None and st.state not in ("T", "t")
+            try:
+                assert _answer(e) == answer
+            except Exception:
+                for pid in pids:
+                    print(pid, Path(f"/proc/{pid}/wchan").read_text(),
+                          Path(f"/proc/{pid}/stat").read_text()[:80],
+                          [ln for ln in Path(f"/proc/{pid}/maps").read_text().splitlines()
+                           if "rwxp" in ln or "criu" in ln.lower()][:5])
+                print(llmuxd.log()[-3000:])
+                raise
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+            e.stop()
+            wait_until(lambda: (_reap(pids), not proctree.taken(pids))[1], 30, "the engine")
