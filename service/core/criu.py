@@ -2,8 +2,13 @@
 
 CRIU is run as a subprocess with argv lists (never a shell). Its verbose log goes to a file
 in the images directory; on failure the lines that explain it are cut out of that log and
-carried by CriuFailed. A cancelled run kills CRIU: CRIU detaches from the tree when it dies
-(ptrace), so a dump killed before its end leaves the tree running.
+carried by CriuFailed. A cancelled run, or one past its time bound (Timeout), kills CRIU.
+What a killed CRIU leaves (measured, test_faults): a dump killed before it logs "Unfreezing
+tasks into 2" leaves the tree running (ptrace detaches, the parasite returns through its
+sigreturn), except inside the short window where it injects a syscall into a task (a task
+then dies of the trap: seen once in 45 staged kills); killed after it, the images are
+complete and the tree dead or dying (store.dump_completed). A restore killed midway leaves
+its restored processes waiting in CRIU's restorer forever: the engine kills them.
 """
 
 from __future__ import annotations
