@@ -77,19 +77,21 @@ async def model(tmp_path: Path) -> AsyncIterator[Model]:
            "LLMUX_BUILTIN_BACKEND": "pure"}
     e = await start_engine_async("test-org/faults", weights_mb=96, extra_env=env)
     pids = [e.pid, *e.child_pids()]
+    segments = [Path(p) for p in Model(e, pids).shm_segments()]
     try:
         async with reaping(lambda: pids[1:], e.process.poll):
             yield Model(e, pids)
     finally:
+        await e.stop_async(5)  # a clean stop removes the engine's /dev/shm segment
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        await e.stop_async()
         for _ in range(100):
             reap(pids)
             if not proctree.taken(pids):
                 break
             await asyncio.sleep(0.05)
+        resources.remove_unused(segments)  # left by a tree killed or dumped for good
 
 
 async def _open(state_dir: Path, criu: str, **config: float) -> CheckpointEngine:

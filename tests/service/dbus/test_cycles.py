@@ -24,7 +24,7 @@ from testprocs import wait_until
 from zdtmcompare import differences, snapshot
 from zdtmcompare import usage as process_usage
 
-from llmux.service.core import proctree
+from llmux.service.core import proctree, resources
 from llmux.shim.builtin.testing import EngineProcess, start_engine
 
 pytestmark = pytest.mark.criu
@@ -51,6 +51,27 @@ def _reap(pids: list[int]) -> None:
             os.waitpid(pid, os.WNOHANG)
 
 
+def _segments(pids: list[int]) -> list[Path]:
+    """The /dev/shm files the engine maps."""
+    found = set()
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            if " /dev/shm/" in line:
+                found.add(Path(line[line.index("/dev/shm/"):].removesuffix(" (deleted)")))
+    return sorted(found)
+
+
+def _stop(e: EngineProcess, pids: list[int], segments: list[Path]) -> None:
+    """A clean stop (the engine removes its segments), then whatever is left is killed and
+    reaped, and segments nobody uses are removed."""
+    e.stop(5)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+    wait_until(lambda: (_reap(pids), not proctree.taken(pids))[1], 30, "the engine")
+    resources.remove_unused(segments)
+
+
 def _answer(e: EngineProcess) -> str:
     r = httpx.post(f"{e.base_url}/v1/completions", json=PROMPT, timeout=60)
     assert r.status_code == 200, r.text
@@ -72,6 +93,7 @@ def test_dump_restore_cycles_keep_the_tree_as_it_was(llmuxd: Llmuxd, tmp_path: P
     with _subreaper():
         e = start_engine("test-org/cycles", weights_mb=16, extra_env=env)
         pids = [e.pid, *e.child_pids()]
+        mapped = _segments(pids)
         try:
             answer = _answer(e)
             first = snapshot(pids)
@@ -91,11 +113,7 @@ def test_dump_restore_cycles_keep_the_tree_as_it_was(llmuxd: Llmuxd, tmp_path: P
                 assert _answer(e) == answer, f"cycle {cycle}: another completion"
                 usage.append(process_usage(daemon))
         finally:
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, 9)
-            e.stop()
-            wait_until(lambda: (_reap(pids), not proctree.taken(pids))[1], 30, "the engine")
+            _stop(e, pids, mapped)
     secs = time.monotonic() - began
     rss = [u[0] for u in usage]
     fds = [u[1] for u in usage]
@@ -121,6 +139,7 @@ def test_llmuxd_killed_mid_restore_loses_nothing(
     with _subreaper():
         e = start_engine("test-org/killed", weights_mb=64, extra_env=env)
         pids = [e.pid, *e.child_pids()]
+        mapped = _segments(pids)
         try:
             answer = _answer(e)
             _done(llmuxd, "Checkpoint", "sua{sv}", "k", e.pid, 0)
@@ -161,8 +180,4 @@ def test_llmuxd_killed_mid_restore_loses_nothing(
                 print(llmuxd.log()[-3000:])
                 raise
         finally:
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, 9)
-            e.stop()
-            wait_until(lambda: (_reap(pids), not proctree.taken(pids))[1], 30, "the engine")
+            _stop(e, pids, mapped)
