@@ -13,6 +13,8 @@ Configuration (/etc/llmux/llmuxd.toml, flat keys; command-line flags win):
     cuda_checkpoint = "cuda-checkpoint"
     cuda_plugin_dir = "/usr/lib/criu/"
     ghost_limit_bytes = 536870912
+    criu_timeout_secs = 120.0          # a stuck CRIU is killed after this long (the tree
+    criu_timeout_secs_per_gib = 60.0   # thawed), plus this per GiB of images
     log_level = "info"
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import tomllib
@@ -41,6 +44,9 @@ log = logging.getLogger("llmuxd")
 DEFAULT_CONFIG = Path("/etc/llmux/llmuxd.toml")
 CUDA_MODES = ("api", "binary", "plugin", "off")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+STOP_BOUND_SECS = 8.0
+"""How long SIGTERM waits for the running jobs to end (systemd's stop and users expect
+llmuxd to be gone within 10 s, whatever it was doing)."""
 
 
 class ConfigError(Exception):
@@ -59,6 +65,8 @@ class DaemonConfig:
     #: the memory tier for checkpoint images: a tmpfs folder and the most bytes in it (0: off)
     memory_tier_dir: str = "/dev/shm/llmux-checkpoints"
     memory_tier_limit_bytes: int = 0
+    criu_timeout_secs: float = 120.0
+    criu_timeout_secs_per_gib: float = 60.0
     log_level: str = "info"
 
     def engine_config(self) -> EngineConfig:
@@ -71,6 +79,8 @@ class DaemonConfig:
             ghost_limit_bytes=self.ghost_limit_bytes,
             memory_tier_dir=Path(self.memory_tier_dir),
             memory_tier_limit_bytes=self.memory_tier_limit_bytes,
+            criu_timeout_secs=self.criu_timeout_secs,
+            criu_timeout_secs_per_gib=self.criu_timeout_secs_per_gib,
         )
 
 
@@ -109,8 +119,14 @@ def load_config(args: argparse.Namespace) -> DaemonConfig:
     known = {f.name: type(getattr(defaults, f.name)) for f in fields(DaemonConfig)}
     problems = [f"unknown key {key!r}" for key in values if key not in known]
     for key, value in values.items():
+        if key in known and known[key] is float and type(value) is int:
+            values[key] = value = float(value)
         if key in known and type(value) is not known[key]:
             problems.append(f"{key} must be a {known[key].__name__}, not {type(value).__name__}")
+    for key in ("criu_timeout_secs", "criu_timeout_secs_per_gib"):
+        bound = values.get(key)
+        if isinstance(bound, float) and (bound < 0 or (bound == 0 and key == "criu_timeout_secs")):
+            problems.append(f"{key} must be positive")
     if values.get("cuda_mode", "api") not in CUDA_MODES:
         problems.append(f"cuda_mode must be one of {', '.join(CUDA_MODES)}")
     if str(values.get("log_level", "info")).lower() not in LOG_LEVELS:
@@ -149,7 +165,16 @@ async def run(config: DaemonConfig, notifier: Notifier) -> int:
         code = 1
     notifier.stopping()
     log.info("stopping: cancelling %d running job(s)", len(server.jobs.running()))
-    await server.stop()
+    try:
+        await asyncio.wait_for(server.stop(), STOP_BOUND_SECS)
+    except TimeoutError:
+        # A job stuck in the kernel (a /proc read of a task in D state, a CRIU that does
+        # not die) must not keep llmuxd from stopping: its journal lets the next start
+        # cure what it leaves; worker threads cannot be joined, so leave at once.
+        log.error("jobs did not end within %.0f s of SIGTERM; exiting anyway", STOP_BOUND_SECS)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(1)
     watchdog.cancel()
     stopped.cancel()
     if not disconnected.done():

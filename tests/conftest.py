@@ -1,4 +1,7 @@
-"""Suite-wide rules: a required tier may not be skipped.
+"""Suite-wide rules: a required tier may not be skipped; a stress mode repeats the CRIU tests.
+
+LLMUX_REPEAT=N runs every test marked criu, podman or vllm, and every test under tests/e2e,
+N times (ids ``...-rep3of20``), so a flaky CRIU/e2e path shows up under load.
 
 LLMUX_REQUIRE_TIERS (set by packaging/test.sh, e.g. "criu,dbus") names the
 markers whose tests must run on this machine. In CI a skip of such a test is
@@ -26,6 +29,37 @@ def _enforce() -> bool:
 
 
 _ran: dict[str, int] = {}
+
+REPEATED = ("criu", "podman", "vllm")
+"""Markers whose tests LLMUX_REPEAT repeats (and everything under tests/e2e)."""
+
+
+def _repeat() -> int:
+    raw = os.environ.get("LLMUX_REPEAT", "").strip()
+    if not raw:
+        return 1
+    if not raw.isdigit() or int(raw) < 1:
+        raise pytest.UsageError(f"LLMUX_REPEAT must be a positive integer, not {raw!r}")
+    return int(raw)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    n = _repeat()
+    if n < 2:
+        return
+    marked = any(m.name in REPEATED for m in metafunc.definition.iter_markers())
+    if not marked and "e2e" not in metafunc.definition.path.parts:
+        return
+    metafunc.fixturenames.append("llmux_repeat")
+    metafunc.parametrize("llmux_repeat", range(1, n + 1), indirect=True,
+                         ids=[f"rep{i}of{n}" for i in range(1, n + 1)])
+
+
+@pytest.fixture
+def llmux_repeat(request: pytest.FixtureRequest) -> int:
+    """Which run of LLMUX_REPEAT this is (1-based)."""
+    step: int = request.param
+    return step
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -2,8 +2,13 @@
 
 CRIU is run as a subprocess with argv lists (never a shell). Its verbose log goes to a file
 in the images directory; on failure the lines that explain it are cut out of that log and
-carried by CriuFailed. A cancelled run kills CRIU: CRIU detaches from the tree when it dies
-(ptrace), so a dump killed before its end leaves the tree running.
+carried by CriuFailed. A cancelled run, or one past its time bound (Timeout), kills CRIU.
+What a killed CRIU leaves (measured, test_faults): a dump killed before it logs "Unfreezing
+tasks into 2" leaves the tree running (ptrace detaches, the parasite returns through its
+sigreturn), except inside the short window where it injects a syscall into a task (a task
+then dies of the trap: seen once in 45 staged kills); killed after it, the images are
+complete and the tree dead or dying (store.dump_completed). A restore killed midway leaves
+its restored processes waiting in CRIU's restorer forever: the engine kills them.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmux.service.errors import CriuFailed, Unsupported
+from llmux.service.errors import CriuFailed, Timeout, Unsupported
 
 MIN_MAJOR = 4
 BUNDLE_PATH = "/opt/llmux/criu/criu"
@@ -233,14 +238,21 @@ class CriuTool:
         return code == 0, text.strip()
 
     async def dump(
-        self, req: DumpRequest, on_start: Callable[[CriuRun], None] | None = None
+        self,
+        req: DumpRequest,
+        on_start: Callable[[CriuRun], None] | None = None,
+        timeout_secs: float | None = None,
     ) -> CriuRun:
         return await self._run(
-            dump_argv(self.path, req), req.images_dir, req.log_name, "dump", on_start, ()
+            dump_argv(self.path, req), req.images_dir, req.log_name, "dump", on_start, (),
+            timeout_secs,
         )
 
     async def restore(
-        self, req: RestoreRequest, on_start: Callable[[CriuRun], None] | None = None
+        self,
+        req: RestoreRequest,
+        on_start: Callable[[CriuRun], None] | None = None,
+        timeout_secs: float | None = None,
     ) -> CriuRun:
         return await self._run(
             restore_argv(self.path, req),
@@ -249,6 +261,7 @@ class CriuTool:
             "restore",
             on_start,
             req.cgroup_procs,
+            timeout_secs,
         )
 
     async def _run(
@@ -259,7 +272,10 @@ class CriuTool:
         what: str,
         on_start: Callable[[CriuRun], None] | None,
         cgroup_procs: Sequence[Path],
+        timeout_secs: float | None = None,
     ) -> CriuRun:
+        """Run CRIU to its end; past ``timeout_secs`` it is killed (a stuck CRIU holds the
+        tree frozen) and Timeout is raised."""
         run = CriuRun(argv=argv, log_path=images_dir / log_name)
         # Output to a file, not a pipe: a helper CRIU started (an action script) could hold a
         # pipe open after CRIU is killed, and asyncio waits for its pipes to close.
@@ -282,7 +298,14 @@ class CriuTool:
         if on_start is not None:
             on_start(run)
         try:
-            await proc.wait()
+            await asyncio.wait_for(proc.wait(), timeout_secs)
+        except TimeoutError:
+            await _kill(proc)
+            raise Timeout(
+                f"criu {what} did not finish within {timeout_secs:.0f}s and was killed "
+                f"(criu_timeout_secs, criu_timeout_secs_per_gib in llmuxd.toml; "
+                f"log: {run.log_path})"
+            ) from None
         except asyncio.CancelledError:
             await _kill(proc)
             raise

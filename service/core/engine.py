@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -42,19 +43,24 @@ from llmux.service.core.manifest import ExternalMountRecord, Manifest
 from llmux.service.core.store import (
     CheckpointStore,
     Staging,
+    check_images,
     check_model,
     dir_bytes,
     dump_completed,
+    image_sizes,
     prefetch,
     start_writeback,
+    write_journal,
 )
 from llmux.service.core.upperfiles import SavedFile, ViewRoot
 from llmux.service.errors import (
     Busy,
+    CriuFailed,
     CudaFailed,
     HostError,
     InvalidArgument,
     ManifestMismatch,
+    NoSpace,
     NotFound,
     PidInUse,
     PortInUse,
@@ -124,6 +130,13 @@ class EngineConfig:
     """Readers that bring a checkpoint's page images into the page cache during a restore;
     0: only ask the kernel to read ahead (POSIX_FADV_WILLNEED). Measured on the H200
     machine, 8 readers made an 8 GB restore slower (13.0 s against 10.7 s), so 0 it is."""
+    criu_timeout_secs: float = 120.0
+    """A CRIU run is killed after this long, plus criu_timeout_secs_per_gib for each GiB
+    of images it writes or reads: a stuck CRIU holds the tree frozen."""
+    criu_timeout_secs_per_gib: float = 60.0
+
+    def criu_bound_secs(self, nbytes: int) -> float:
+        return self.criu_timeout_secs + self.criu_timeout_secs_per_gib * nbytes / (1 << 30)
 
 
 @dataclass(frozen=True)
@@ -135,6 +148,8 @@ class _Tree:
     expected: int
     deleted_ids: set[tuple[int, int]]
     """Its deleted-but-open files, which CRIU will link-remap (none: no link-remaps)."""
+    starts: dict[int, int]
+    """Each PID's start time: what names these very processes in the job's journal."""
 
 
 @dataclass(frozen=True)
@@ -170,7 +185,7 @@ class _Reporter:
             while True:
                 await asyncio.sleep(PROGRESS_INTERVAL_SECS)
                 try:
-                    done = measure()
+                    done = await asyncio.to_thread(measure)
                 except OSError:
                     continue
                 elapsed = max(time.monotonic() - start, 1e-6)
@@ -259,6 +274,43 @@ async def _uncancellable(coro: Awaitable[T]) -> T:
     return result
 
 
+RESTORING = ".restoring-"
+"""A running restore's journal in the state directory: <RESTORING><model>.json."""
+
+
+def _write_json(path: Path, value: object) -> None:
+    tmp = path.with_name(path.name + ".new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(value, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+
+
+RESTORE_FINISHED = "Restore finished successfully"
+
+
+def _kill_half_restored(pids: Sequence[int], criu_start: object) -> list[int]:
+    """SIGKILL the processes among ``pids`` born after the CRIU restore began (so made by
+    it, not a PID reused before), and wait a while for them to go."""
+    if not isinstance(criu_start, int):
+        return []
+    hit = []
+    for pid in pids:
+        st = proctree.read_stat(pid)
+        if st is not None and st.state not in ("Z", "X") and st.start_time >= criu_start:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                hit.append(pid)
+    deadline = time.monotonic() + 10
+    while any(proctree.exists(p) for p in hit) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if hit:
+        log.warning("killed PIDs %s, restored in part by a CRIU that did not finish", hit)
+    return hit
+
+
 def _session_outside(pids: Sequence[int]) -> bool:
     """A tree whose session or process group leader is outside it needs --shell-job."""
     members = set(pids)
@@ -296,6 +348,10 @@ class CheckpointEngine:
         load the manifests of the checkpoints it holds."""
         if config.ghost_limit_bytes <= 0:
             raise InvalidArgument(f"ghost_limit_bytes must be positive: {config.ghost_limit_bytes}")
+        if config.criu_timeout_secs <= 0 or config.criu_timeout_secs_per_gib < 0:
+            raise InvalidArgument(
+                "criu_timeout_secs must be positive and criu_timeout_secs_per_gib not "
+                f"negative: {config.criu_timeout_secs}, {config.criu_timeout_secs_per_gib}")
         criu = await CriuTool.locate(config.criu_path)
         if config.memory_tier_limit_bytes < 0:
             raise InvalidArgument(
@@ -309,6 +365,7 @@ class CheckpointEngine:
             log.info("removed leftovers of interrupted dumps: %s", ", ".join(cleaned))
         cuda = make_cuda_checkpointer(config.cuda_mode, config.cuda_checkpoint_path)
         engine = cls(config, criu, store, cuda)
+        await asyncio.to_thread(engine.take_back_interrupted_restores)
         await asyncio.to_thread(engine.sweep_shm)
         return engine
 
@@ -420,7 +477,7 @@ class CheckpointEngine:
 
         async def checks() -> Callable[[_Reporter], Awaitable[Manifest]]:
             started = time.monotonic()
-            authz.check_target(caller, root_pid, self.restored)
+            await asyncio.to_thread(authz.check_target, caller, root_pid, self.restored)
             tree = await asyncio.to_thread(self._inspect_tree, model, root_pid, weights_bytes)
 
             async def body(report: _Reporter) -> Manifest:
@@ -460,7 +517,8 @@ class CheckpointEngine:
             )
         expected = int((proctree.rss_bytes(pids) + weights_bytes) * _SIZE_MARGIN) + _SIZE_SLACK
         self.store.check_space(model, expected)
-        return _Tree(pids, ctx, expected, resources.deleted_file_ids(pids))
+        return _Tree(pids, ctx, expected, resources.deleted_file_ids(pids),
+                     proctree.start_times(pids))
 
     @contextlib.asynccontextmanager
     async def _remap_guard(self, needed: bool) -> AsyncIterator[None]:
@@ -487,8 +545,9 @@ class CheckpointEngine:
         await asyncio.to_thread(self.sweep_shm)
         tids = await asyncio.to_thread(proctree.all_threads, pids)
         listen_ports = await asyncio.to_thread(resources.listening_ports, pids)
-        cuda_pids = self.cuda.cuda_pids(pids)
-        shell_job = _session_outside(pids)
+        cuda_pids = await asyncio.to_thread(self.cuda.cuda_pids, pids)
+        shell_job = await asyncio.to_thread(_session_outside, pids)
+        rootfs = await asyncio.to_thread(ctx.rootfs_identity)
 
         pending = Manifest(
             model=model,
@@ -502,7 +561,7 @@ class CheckpointEngine:
             kernel_release=os.uname().release,
             driver_version=driver_version(),
             created=0.0,
-            rootfs=ctx.rootfs_identity(),
+            rootfs=rootfs,
             foreign_mntns=ctx.foreign,
             shell_job=shell_job,
             external_mounts=[ExternalMountRecord(e.key, e.mount_point) for e in ctx.externals],
@@ -511,23 +570,36 @@ class CheckpointEngine:
             leave_running=leave_running,
             listen_ports=listen_ports,
         )
-        staging = self.store.begin(model, expected)
-        view = ViewRoot(root_pid if ctx.foreign else None)
+        staging = await asyncio.to_thread(self.store.begin, model, expected)
+        view = await asyncio.to_thread(ViewRoot, root_pid if ctx.foreign else None)
+        criu_started: list[asyncio.Future[None]] = []
+
+        def journal_criu(run: CriuRun) -> None:
+            criu_started.append(asyncio.ensure_future(asyncio.to_thread(
+                write_journal, staging, criu=proctree.start_times([run.pid]))))
+
         try:
-            # If the service dies mid-dump, start-up can still finish what CRIU completed.
+            # If the service dies mid-dump, start-up can still finish what CRIU completed,
+            # or let the tree run again: what it needs is written before CRIU starts.
             await asyncio.to_thread(self.store.write_pending, staging, pending)
+            await asyncio.to_thread(write_journal, staging, tree=tree.starts,
+                                    leave_running=leave_running)
             live, deleted = await asyncio.to_thread(upperfiles.open_paths, pids)
             shm = resources.shm_paths(live)
-            for directory in {str(Path(p).parent) for p in shm}:
-                view.hold(directory)
-            remap_dirs = upperfiles.link_remap_dirs(deleted, view)
-            stale = await asyncio.to_thread(
-                resources.stale,
-                [view.resolve(p) for p in upperfiles.list_link_remaps(remap_dirs, view)],
-                STALE_REMAP_AGE_SECS)
-            if stale:
-                log.info("removing stale CRIU link-remap files: %s", stale)
-                upperfiles.remove_files(stale)
+
+            def look_around() -> tuple[list[str], list[str]]:
+                for directory in {str(Path(p).parent) for p in shm}:
+                    view.hold(directory)
+                remap_dirs = upperfiles.link_remap_dirs(deleted, view)
+                stale = resources.stale(
+                    [view.resolve(p) for p in upperfiles.list_link_remaps(remap_dirs, view)],
+                    STALE_REMAP_AGE_SECS)
+                if stale:
+                    log.info("removing stale CRIU link-remap files: %s", stale)
+                    upperfiles.remove_files(stale)
+                return remap_dirs, [str(p) for p in stale]
+
+            remap_dirs, _ = await asyncio.to_thread(look_around)
             upper = await asyncio.to_thread(upperfiles.find_upper_files, pids, ctx)
             # what the restore will need from the target as it is, not carried here
             carried = set(upper) | set(shm)
@@ -562,13 +634,31 @@ class CheckpointEngine:
                     ),
                     _writing_back(staging.images),
                 ):
-                    await self.criu.dump(req)
+                    await self.criu.dump(req, on_start=journal_criu,
+                                         timeout_secs=self.config.criu_bound_secs(expected))
             except BaseException as exc:
-                if proctree.exists(root_pid) or not dump_completed(staging.images):
+                completed = await _uncancellable(
+                    asyncio.to_thread(dump_completed, staging.images))
+                if not completed or (leave_running and await _uncancellable(
+                        asyncio.to_thread(proctree.exists, root_pid))):
                     await _uncancellable(self._thaw(pids, cuda_pids))
+                    if isinstance(exc, CriuFailed):
+                        free = await asyncio.to_thread(self.store.free_bytes)
+                        if free < _SIZE_SLACK or "No space left" in str(exc):
+                            raise NoSpace(
+                                f"the state directory {self.store.root} filled up during the "
+                                f"dump of {model!r} ({free >> 20} MiB free); the tree runs "
+                                f"on and nothing was kept: {exc}") from exc
                     raise
-                # CRIU wrote every image and killed the tree, then failed or was cancelled
-                # on its way out: the images are the tree now; keep them.
+                # CRIU wrote every image and began to kill the tree, then failed, was killed
+                # or cancelled on its way out: the images are the tree now; keep them, and
+                # finish what CRIU began (a tree half killed is no tree).
+                if not leave_running:
+                    killed = await _uncancellable(asyncio.to_thread(
+                        proctree.kill_exact, tree.starts, signal.SIGKILL))
+                    if killed:
+                        log.warning("checkpoint %s: CRIU ended before it killed %s; killed",
+                                    model, killed)
                 late_failure = exc
                 current = asyncio.current_task()
                 if isinstance(exc, asyncio.CancelledError) and current is not None:
@@ -576,8 +666,10 @@ class CheckpointEngine:
             dump_secs = time.monotonic() - t
         except BaseException:
             view.close()
-            self.store.abort(staging)
+            await _uncancellable(asyncio.gather(*criu_started, return_exceptions=True))
+            await _uncancellable(asyncio.to_thread(self.store.abort, staging))
             raise
+        await _uncancellable(asyncio.gather(*criu_started, return_exceptions=True))
 
         # Past the point of no return: unless leave_running, the tree is gone and only
         # these images hold it. Finish even if cancelled; never delete them.
@@ -634,7 +726,7 @@ class CheckpointEngine:
                 else (str(late_failure).splitlines()[0])
             )
             warnings.append(f"CRIU completed the dump but then ended badly ({what}); kept")
-        report(0.95, dir_bytes(staging.images), 0.0, "saving files")
+        report(0.95, await asyncio.to_thread(dir_bytes, staging.images), 0.0, "saving files")
         saved: list[SavedFile] = []
         try:
             saved = await asyncio.to_thread(upperfiles.save, upper, view.resolve, staging.files)
@@ -682,9 +774,11 @@ class CheckpointEngine:
                 log.info("checkpoint %s: removed %d /dev/shm file(s) of the dumped tree",
                          model, len(removed))
 
-        images_bytes = dir_bytes(staging.images)
+        images_bytes = await asyncio.to_thread(dir_bytes, staging.images)
+        sizes = await asyncio.to_thread(image_sizes, staging.images)
         manifest = replace(
             pending,
+            image_sizes=sizes,
             created=time.time(),
             images_bytes=images_bytes,
             files_bytes=sum(f.size for f in saved),
@@ -740,12 +834,13 @@ class CheckpointEngine:
 
     async def _thaw(self, pids: Sequence[int], cuda_pids: Sequence[int]) -> None:
         """Make a tree whose dump failed run again: no job-control stop, CUDA unlocked."""
-        for pid in proctree.stopped(pids):
+        for pid in await asyncio.to_thread(proctree.stopped, pids):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
         if cuda_pids:
+            alive = await asyncio.to_thread(lambda: [p for p in cuda_pids if proctree.exists(p)])
             try:
-                await self.cuda.restore_and_unlock([p for p in cuda_pids if proctree.exists(p)])
+                await self.cuda.restore_and_unlock(alive)
             except HostError:
                 log.exception("resuming CUDA after a failed dump failed")
 
@@ -779,7 +874,8 @@ class CheckpointEngine:
             if proctree.read_stat(caller.pid) is None:
                 raise NotFound(f"caller PID {caller.pid} is gone")
             target = await asyncio.to_thread(ContainerContext.from_pid, caller.pid)
-            self.check_manifest(manifest, target)
+            await asyncio.to_thread(self.check_manifest, manifest, target)
+            await asyncio.to_thread(self._check_intact, manifest)
             await self._check_files_present(manifest, caller.pid if target.foreign else None)
 
             async def body(report: _Reporter) -> Manifest:
@@ -829,11 +925,19 @@ class CheckpointEngine:
                     "which the caller's container does not have"
                 )
 
+    def _check_intact(self, manifest: Manifest) -> None:
+        """The checkpoint's files are the ones committed, by a cheap look (sizes, no links);
+        the saved files' checksums are read by the job."""
+        check_images(manifest.model, self.store.images_dir(manifest.model),
+                     manifest.image_sizes)
+        upperfiles.check_present(manifest.files, self.store.files_dir(manifest.model))
+
     async def _wait_pids_free(self, manifest: Manifest) -> None:
         wanted = sorted(set(manifest.pids) | set(manifest.tids))
         left = await proctree.wait_gone(wanted, self.pid_free_timeout)
         if left:
-            who = "; ".join(f"PID {p} is held by {proctree.holder(p)}" for p in left[:3])
+            holders = await asyncio.to_thread(lambda: [proctree.holder(p) for p in left[:3]])
+            who = "; ".join(f"PID {p} is held by {h}" for p, h in zip(left, holders, strict=False))
             more = f" (and {len(left) - 3} more)" if len(left) > 3 else ""
             raise PidInUse(
                 f"checkpoint {manifest.model!r} must restore PIDs {manifest.pids}, but {who}{more}"
@@ -856,18 +960,32 @@ class CheckpointEngine:
         files = self.store.files_dir(model)
         await asyncio.to_thread(upperfiles.verify, manifest.files, files)
         view_pid = caller.pid if target.foreign else None
+        journal = self.store.root / f"{RESTORING}{model}.json"
+        transient = [f.path for f in manifest.files if f.reason in ("dev-shm", "link-remap")]
         async with self._remap_guard(any(f.reason == "link-remap" for f in manifest.files)):
-            with ViewRoot(view_pid) as view:
-                put_back = await asyncio.to_thread(self._put_back, manifest, files, view.path)
+            # what a service killed mid-restore leaves in the target, for start-up to take
+            # back where nothing uses it
+            entry: dict[str, object] = {
+                "view": proctree.start_times([view_pid]) if view_pid else None,
+                "paths": transient, "pids": manifest.pids, "criu_start": None,
+                "log": str(self.store.images_dir(model) / "restore.log")}
+            await asyncio.to_thread(_write_json, journal, entry)
             try:
-                return await self._restore_tree(manifest, target, caller, keep_images, report,
-                                                started)
-            except BaseException:
-                with contextlib.suppress(OSError), ViewRoot(view_pid) as view:
-                    await _uncancellable(asyncio.to_thread(
-                        resources.remove_unused,
-                        [view.path / p.lstrip("/") for p in put_back]))
-                raise
+                with ViewRoot(view_pid) as view:
+                    put_back = await asyncio.to_thread(self._put_back, manifest, files,
+                                                       view.path)
+                try:
+                    return await self._restore_tree(manifest, target, caller, keep_images,
+                                                    report, started, journal, entry)
+                except BaseException:
+                    with contextlib.suppress(OSError), ViewRoot(view_pid) as view:
+                        await _uncancellable(asyncio.to_thread(
+                            resources.remove_unused,
+                            [view.path / p.lstrip("/") for p in put_back]))
+                    raise
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    await _uncancellable(asyncio.to_thread(journal.unlink))
 
     async def _check_ports_free(self, manifest: Manifest, caller_pid: int) -> None:
         """Each TCP port the tree listened on is free in the caller's network namespace."""
@@ -910,6 +1028,39 @@ class CheckpointEngine:
         upperfiles.put_back(wanted, files, view_root)
         return [f.path for f in wanted if f.reason in ("dev-shm", "link-remap")]
 
+    def take_back_interrupted_restores(self) -> list[str]:
+        """Files a restore put into its target before the service died under it (their
+        journal says which): removed where nothing uses them. A restore that had finished
+        has its tree using them; a target container that is gone took them along."""
+        removed: list[str] = []
+        for journal in sorted(self.store.root.glob(f"{RESTORING}*.json")):
+            try:
+                data = json.loads(journal.read_text())
+                view = {int(k): int(v) for k, v in (data.get("view") or {}).items()}
+                paths = [str(p) for p in data.get("paths", [])]
+            except (OSError, ValueError, TypeError, AttributeError):
+                data, view, paths = None, {}, []
+            alive = proctree.same_processes(view) if view else []
+            if data is not None:
+                try:
+                    with open(str(data.get("log")), "rb") as f:
+                        f.seek(0, os.SEEK_END)
+                        f.seek(max(0, f.tell() - 4096))
+                        finished = RESTORE_FINISHED.encode() in f.read()
+                except (OSError, TypeError):
+                    finished = False
+                if not finished:
+                    _kill_half_restored([int(p) for p in data.get("pids", [])],
+                                        data.get("criu_start"))
+            if data is not None and (not view or alive):
+                with contextlib.suppress(OSError), ViewRoot(alive[0] if alive else None) as v:
+                    removed += [str(p) for p in resources.remove_unused(
+                        v.path / p.lstrip("/") for p in paths)]
+            journal.unlink(missing_ok=True)
+        if removed:
+            log.warning("removed files put back by interrupted restores: %s", removed)
+        return removed
+
     def sweep_shm(self) -> list[str]:
         """Remove /dev/shm segments that a checkpoint holds a copy of and nothing uses
         (left by a restored tree that was killed, with its container for instance)."""
@@ -933,6 +1084,8 @@ class CheckpointEngine:
         keep_images: bool,
         report: _Reporter,
         started: float,
+        journal: Path,
+        entry: dict[str, object],
     ) -> Manifest:
         model = manifest.model
         images = self.store.images_dir(model)
@@ -944,8 +1097,10 @@ class CheckpointEngine:
                 externals.append((ext.key, mine.host_source))
         root = target.rootfs_host_path if target.foreign else None
         pidfile = images / "restore.pid"
-        with contextlib.suppress(FileNotFoundError):
-            pidfile.unlink()
+        for stale in (pidfile, images / "restore.log"):  # the journal reads the log's end
+            with contextlib.suppress(FileNotFoundError):
+                await asyncio.to_thread(stale.unlink)
+        cgroup_procs = await asyncio.to_thread(target.cgroup_procs_files)
         req = RestoreRequest(
             images_dir=images,
             pidfile=pidfile,
@@ -954,9 +1109,19 @@ class CheckpointEngine:
             shell_job=manifest.shell_job,
             foreign_mntns=manifest.foreign_mntns or target.foreign,
             plugin_dir=self.config.cuda_plugin_dir if self.config.cuda_mode == "plugin" else None,
-            cgroup_procs=target.cgroup_procs_files(),
+            cgroup_procs=cgroup_procs,
         )
         run_holder: list[CriuRun] = []
+        noted: list[asyncio.Future[None]] = []
+
+        def started_criu(run: CriuRun) -> None:
+            run_holder.append(run)
+
+            def note() -> None:
+                entry["criu_start"] = proctree.start_times([run.pid]).get(run.pid)
+                _write_json(journal, entry)
+
+            noted.append(asyncio.ensure_future(asyncio.to_thread(note)))
 
         def measure() -> int:
             if not run_holder:
@@ -972,13 +1137,25 @@ class CheckpointEngine:
         )
         try:
             async with report.watching(measure, manifest.images_bytes, "restoring", 0.0, 0.9):
-                await self.criu.restore(req, on_start=run_holder.append)
+                await self.criu.restore(
+                    req, on_start=started_criu,
+                    timeout_secs=self.config.criu_bound_secs(manifest.images_bytes))
+        except BaseException:
+            # A CRIU killed (a timeout, a cancel, a signal) leaves what it had restored
+            # waiting forever in its restorer, holding the PIDs: finish it off; the
+            # checkpoint is kept.
+            await _uncancellable(asyncio.gather(*noted, return_exceptions=True))
+            if run_holder:
+                await _uncancellable(asyncio.to_thread(
+                    _kill_half_restored, manifest.pids, entry.get("criu_start")))
+            raise
         finally:
             with contextlib.suppress(Exception):
                 await readahead
+            await _uncancellable(asyncio.gather(*noted, return_exceptions=True))
         restore_secs = time.monotonic() - t
         try:
-            restored_root = int(pidfile.read_text().strip())
+            restored_root = int((await asyncio.to_thread(pidfile.read_text)).strip())
         except (OSError, ValueError):
             restored_root = manifest.root_pid
         if restored_root != manifest.root_pid:
@@ -994,9 +1171,9 @@ class CheckpointEngine:
                     f"not be resumed: {exc}; the checkpoint is kept"
                 ) from exc
 
-        self.restored.add(restored_root, target.cgroup_identity, model)
+        await asyncio.to_thread(self.restored.add, restored_root, target.cgroup_identity, model)
         if not keep_images:
-            self.store.delete(model)
+            await asyncio.to_thread(self.store.delete, model)
         report(1.0, manifest.images_bytes, manifest.images_bytes / max(restore_secs, 1e-6), "done")
         log.info(
             "restored %s (PIDs %s) in %.2fs (%.2fs total)",
@@ -1067,9 +1244,9 @@ class CheckpointEngine:
 
         async def checks() -> Callable[[_Reporter], Awaitable[SuspendResult]]:
             started = time.monotonic()
-            authz.check_target(caller, root_pid, self.restored)
-            pids = proctree.tree(root_pid)
-            found = cuda_of(pids) if cuda_of is not None else None
+            await asyncio.to_thread(authz.check_target, caller, root_pid, self.restored)
+            pids = await asyncio.to_thread(proctree.tree, root_pid)
+            found = await asyncio.to_thread(cuda_of, pids) if cuda_of is not None else None
 
             async def run(report: _Reporter) -> SuspendResult:
                 cuda_pids = await body(model, root_pid, pids, found, report)
@@ -1110,7 +1287,7 @@ class CheckpointEngine:
         if known is not None and known[0] == root_pid:
             cuda_pids = [p for p in known[1] if p in pids]
         else:
-            cuda_pids = self.cuda.cuda_pids(pids)
+            cuda_pids = await asyncio.to_thread(self.cuda.cuda_pids, pids)
         if cuda_pids:
             report(0.1, 0, 0.0, "cuda-restore")
             await self.cuda.restore_and_unlock(cuda_pids)

@@ -62,6 +62,9 @@ class Manifest:
     files: list[SavedFile] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     """What went wrong after the dump without losing it (e.g. a file not saved)."""
+    image_sizes: dict[str, int] = field(default_factory=dict)
+    """CRIU's image files and their sizes at commit: a truncated, missing or replaced image
+    is refused before CRIU reads it (empty in checkpoints of older versions)."""
     format: int = FORMAT
 
     @property
@@ -138,3 +141,6 @@ class Manifest:
             raise ManifestMismatch("manifest has invalid PIDs")
         if not self.pids or self.pids[0] != self.root_pid:
             raise ManifestMismatch("manifest's PID list does not start with its root PID")
+        if not all(isinstance(k, str) and "/" not in k and isinstance(v, int)
+                   for k, v in self.image_sizes.items()):
+            raise ManifestMismatch("manifest has invalid image sizes")

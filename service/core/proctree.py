@@ -267,3 +267,46 @@ def stopped(pids: Iterable[int]) -> list[int]:
         if st is not None and st.state == "T":
             out.append(pid)
     return out
+
+
+def start_times(pids: Iterable[int]) -> dict[int, int]:
+    """Each live PID's start time: with it a PID names one process, even after a restart."""
+    out: dict[int, int] = {}
+    for pid in pids:
+        st = read_stat(pid)
+        if st is not None and st.state not in ("Z", "X"):
+            out[pid] = st.start_time
+    return out
+
+
+def same_processes(starts: dict[int, int]) -> list[int]:
+    """The PIDs of ``starts`` that still name the very process recorded (not a reuse)."""
+    out = []
+    for pid, start in sorted(starts.items()):
+        st = read_stat(pid)
+        if st is not None and st.state not in ("Z", "X") and st.start_time == start:
+            out.append(pid)
+    return out
+
+
+def tracer_of(pid: int) -> int:
+    """The PID tracing ``pid`` (CRIU while it dumps), 0 for none or a gone process."""
+    try:
+        for line in (PROC / str(pid) / "status").read_text().splitlines():
+            if line.startswith("TracerPid:"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def kill_exact(starts: dict[int, int], signum: int) -> list[int]:
+    """Signal the recorded processes still alive (PID and start time both match)."""
+    hit = []
+    for pid in same_processes(starts):
+        try:
+            os.kill(pid, signum)
+            hit.append(pid)
+        except ProcessLookupError:
+            continue
+    return hit

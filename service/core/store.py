@@ -12,21 +12,28 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import secrets
 import shutil
+import signal
+import stat
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from llmux.service.contract import DEFAULT_STATE_DIR, valid_model_name
+from llmux.service.core import proctree
 from llmux.service.core.manifest import Manifest
-from llmux.service.errors import HostError, InvalidArgument, NoSpace, NotFound
+from llmux.service.errors import HostError, InvalidArgument, ManifestMismatch, NoSpace, NotFound
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 PENDING = "pending.json"
+JOURNAL = "journal.json"
 IMAGES = "images"
 FILES = "files"
 _TMP = ".tmp-"
@@ -180,17 +187,122 @@ def dir_bytes(path: Path) -> int:
     return total
 
 
+FINAL_KILL = "Unfreezing tasks into 2"
+"""What CRIU logs once every image is written and flushed, right before it kills the tree
+(cr_dump_finish: pstree_switch_state(TASK_DEAD)); its last line comes after the kill."""
+_LOG_SCAN_BYTES = 4 << 20
+
+
 def dump_completed(images: Path) -> bool:
-    """CRIU's own word that every image is written (the last line of its dump log)."""
+    """CRIU's own word that every image is written: the kill of the tree has begun (a CRIU
+    killed from then on leaves a dead tree and complete images) or the dump finished."""
     try:
         with (images / "dump.log").open("rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 4096))
+            f.seek(max(0, f.tell() - _LOG_SCAN_BYTES))
             tail = f.read().decode(errors="replace")
     except OSError:
         return False
     lines = tail.rstrip().splitlines()
-    return bool(lines) and "Dumping finished successfully" in lines[-1]
+    if not lines:
+        return False
+    return "Dumping finished successfully" in lines[-1] or FINAL_KILL in tail
+
+
+def image_sizes(images: Path) -> dict[str, int]:
+    """CRIU's image files (``*.img``) and their sizes."""
+    return {e.name: e.stat(follow_symlinks=False).st_size for e in os.scandir(images)
+            if e.name.endswith(".img") and e.is_file(follow_symlinks=False)}
+
+
+def check_images(model: str, images: Path, recorded: dict[str, int]) -> None:
+    """The images are the ones committed: none missing, replaced by a link, or resized."""
+    for name, size in sorted(recorded.items()):
+        path = images / name
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            raise ManifestMismatch(
+                f"checkpoint {model!r} is damaged: image {path} is missing") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ManifestMismatch(
+                f"checkpoint {model!r} is damaged: image {path} is not a regular file "
+                "(a symbolic link planted?)")
+        if st.st_size != size:
+            raise ManifestMismatch(
+                f"checkpoint {model!r} is damaged: image {path} has {st.st_size} bytes, "
+                f"the dump wrote {size} (truncated?)")
+
+
+def write_journal(staging: Staging, **values: object) -> None:
+    """Merge ``values`` into the job's journal (the tree's and CRIU's PIDs with their start
+    times), synced, so a service that dies mid-dump finds at start-up what to cure."""
+    path = staging.path / JOURNAL
+    current = read_journal(staging.path)
+    current.update(values)
+    tmp = path.with_suffix(".new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(current, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+
+
+def read_journal(tmp: Path) -> dict[str, Any]:
+    try:
+        found = json.loads((tmp / JOURNAL).read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _starts(journal: dict[str, Any], key: str) -> dict[int, int]:
+    raw = journal.get(key)
+    if not isinstance(raw, dict):
+        return {}
+    try:
+        return {int(pid): int(start) for pid, start in raw.items()}
+    except (TypeError, ValueError):
+        return {}
+
+
+def _wait_gone(starts: dict[int, int], within: float) -> bool:
+    deadline = time.monotonic() + within
+    while proctree.same_processes(starts):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def cure_interrupted(tmp: Path) -> str:
+    """Put right what a dump cut short by the service's death left behind, before its
+    staging directory is salvaged or removed: a CRIU still running is killed (it would
+    otherwise finish unseen, or hold the tree traced); then a tree whose dump completed is
+    finished off as CRIU meant to (its images hold it), and any other is let run again
+    (no job-control stop left). Returns what was done, for the log."""
+    journal = read_journal(tmp)
+    done = []
+    criu = _starts(journal, "criu")
+    if proctree.kill_exact(criu, signal.SIGKILL):
+        done.append(f"killed CRIU {sorted(criu)}")
+        _wait_gone(criu, 10.0)
+    tree = _starts(journal, "tree")
+    if not tree:
+        return "; ".join(done)
+    if dump_completed(tmp / IMAGES) and not journal.get("leave_running", False):
+        killed = proctree.kill_exact(tree, signal.SIGKILL)
+        if killed:
+            done.append(f"killed the rest of the dumped tree {killed}")
+            _wait_gone(tree, 10.0)
+    else:
+        for pid in proctree.same_processes(tree):
+            if proctree.read_stat(pid) is not None and proctree.stopped([pid]):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+                done.append(f"continued stopped PID {pid}")
+    return "; ".join(done)
 
 
 def restrict(path: Path) -> None:
@@ -234,6 +346,10 @@ class CheckpointStore:
             os.chown(self.root, 0, 0)
         cleaned = []
         for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith(_TMP):
+                cured = cure_interrupted(entry)
+                if cured:
+                    log.warning("%s: %s", entry.name, cured)
             if entry.name.startswith(_TMP) and self._salvage(entry):
                 cleaned.append(f"{entry.name} (completed dump salvaged)")
             elif entry.name.startswith((_TMP, _OLD)):
@@ -360,12 +476,16 @@ class CheckpointStore:
             return False
         if not dump_completed(tmp / IMAGES) or not valid_model_name(pending.model):
             return False
-        if any(Path(f"/proc/{p}").exists() for p in pending.pids) and not pending.leave_running:
+        tree = _starts(read_journal(tmp), "tree")
+        alive = (proctree.same_processes(tree) if tree
+                 else [p for p in pending.pids if proctree.exists(p)])
+        if alive and not pending.leave_running:
             return False  # the tree still runs: nothing to salvage, just a leftover
         manifest = replace(
             pending,
             created=log_path.stat().st_mtime,
             images_bytes=dir_bytes(tmp / IMAGES),
+            image_sizes=image_sizes(tmp / IMAGES),
             warnings=[
                 *pending.warnings,
                 "salvaged at start-up after the service stopped mid-dump; files of the "
@@ -440,8 +560,9 @@ class CheckpointStore:
 
     def commit(self, staging: Staging, manifest: Manifest) -> Path:
         """Manifest last, synced; then one rename makes the checkpoint exist."""
-        with contextlib.suppress(FileNotFoundError):
-            (staging.path / PENDING).unlink()
+        for name in (PENDING, JOURNAL):
+            with contextlib.suppress(FileNotFoundError):
+                (staging.path / name).unlink()
         restrict(staging.path)
         # A power loss after the rename must not leave a manifest over missing pages.
         _fsync_tree(staging.path)

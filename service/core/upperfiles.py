@@ -214,14 +214,27 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify(saved: Sequence[SavedFile], files_dir: Path) -> None:
-    """Every saved file is there with its checksum, before anything is written anywhere."""
+def check_present(saved: Sequence[SavedFile], files_dir: Path) -> None:
+    """Every saved file's copy is there, a regular file (a link planted in its place would
+    have the restore copy whatever it points to)."""
     for f in saved:
         if f.kind != "file":
             continue
         copy = files_dir / f.stored
+        if copy.is_symlink():
+            raise ManifestMismatch(
+                f"saved file {f.path} is a symbolic link in the checkpoint ({copy}): planted?")
         if not copy.is_file():
             raise ManifestMismatch(f"saved file {f.path} is missing from the checkpoint ({copy})")
+
+
+def verify(saved: Sequence[SavedFile], files_dir: Path) -> None:
+    """Every saved file is there with its checksum, before anything is written anywhere."""
+    check_present(saved, files_dir)
+    for f in saved:
+        if f.kind != "file":
+            continue
+        copy = files_dir / f.stored
         if sha256_of(copy) != f.sha256:
             raise ManifestMismatch(f"saved file {f.path} is corrupt: checksum differs ({copy})")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import math
 import threading
@@ -233,6 +234,8 @@ class JobTable:
         while len(self._finished) > FINISHED_KEPT:
             self._finished.popitem(last=False)
         job.finished.set()
+        if not self._running:
+            await asyncio.to_thread(_trim_heap)
         level = logging.INFO if outcome.result == JobState.DONE else logging.WARNING
         extra = job.log_fields()
         if outcome.error_name:
@@ -248,6 +251,18 @@ class JobTable:
             extra=extra,
         )
         self._on_change()
+
+
+_libc = ctypes.CDLL(None)
+
+
+def _trim_heap() -> None:
+    """Give the memory of a finished job back to the system: glibc keeps the malloc arena
+    of each worker thread at its high-water mark (llmuxd's RSS climbed ~30 MiB over 60
+    dump/restore cycles without this, test_cycles)."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def _internal_message(job_id: int) -> str:

@@ -10,11 +10,13 @@ segments: llmuxd carries them in the checkpoint).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 from testprocs import pid_alive, wait_until
+from zdtmcompare import differences, snapshot, usage
 
 pytestmark = [pytest.mark.vllm, pytest.mark.criu, pytest.mark.dbus]
 
@@ -93,3 +95,33 @@ def test_real_vllm_checkpoint_restore_and_kept_checkpoint(
                             bus=llmuxd.bus.address, extra={"alpha": {"port": a["port"]}})
     assert again.model_status("alpha")["state"] == "checkpointed"
     assert_restored(again, "alpha", pids, first)
+
+
+VLLM_CYCLES = int(os.environ.get("LLMUX_VLLM_CYCLES", "20"))
+
+
+@pytest.mark.skipif(not os.environ.get("LLMUX_LONG"), reason="long variant: LLMUX_LONG=1")
+def test_real_vllm_checkpoint_cycles_keep_the_tree_as_it_was(
+        llmuxd: Llmuxd, start_vllm_shim: Any) -> None:
+    """20 sleep (checkpoint) / request (restore) cycles of real vLLM through the shim and
+    llmuxd: each restored tree has cycle 1's fds, maps and mountinfo (zdtm's comparison),
+    the same greedy answer, and llmuxd's and the shim's RSS and fds stay flat."""
+    shim = start_vllm_shim({"alpha": "retain+checkpoint"}, bus=llmuxd.bus.address)
+    first_answer = answer(shim, "alpha")
+    pids = sorted(shim.model_status("alpha")["pids"])
+    first = snapshot(pids)
+    use: dict[str, list[tuple[int, int]]] = {"llmuxd": [], "shim": []}
+    for cycle in range(1, VLLM_CYCLES + 1):
+        r = shim.control("sleep", {"model": "alpha"})
+        assert r.status_code == 200 and r.json()["state"] == "checkpointed", r.text
+        wait_until(lambda: gone(pids), 60, f"cycle {cycle}: alpha's tree to go")
+        assert_restored(shim, "alpha", pids, first_answer)
+        assert not differences(first, snapshot(pids)), f"cycle {cycle}"
+        use["llmuxd"].append(usage(llmuxd.proc.pid))
+        use["shim"].append(usage(shim.proc.pid))
+    for who, seen in use.items():
+        rss, fds = [u[0] for u in seen], [u[1] for u in seen]
+        print(f"\n[vllm-cycles] {who}: RSS {rss[0] >> 20} -> {rss[-1] >> 20} MiB "
+              f"(max {max(rss) >> 20}), fds {fds[0]} -> {fds[-1]} (max {max(fds)})")
+        assert rss[-1] - rss[1] < 32 << 20, f"{who} RSS grew: {rss}"
+        assert max(fds[1:]) <= fds[1], f"{who} fds grew: {fds}"

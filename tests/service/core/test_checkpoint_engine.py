@@ -20,6 +20,7 @@ from llmux.service.core.engine import (
     EngineConfig,
     Progress,
 )
+from llmux.service.core.store import FINAL_KILL
 from llmux.service.errors import (
     AccessDenied,
     Busy,
@@ -389,9 +390,15 @@ async def test_dump_completed_then_criu_fails_keeps_the_checkpoint(
     assert (await t.ping())[0] == "pong"
 
 
+@pytest.mark.parametrize("when", ["after-criu-finished", "while-criu-killed-the-tree"])
 async def test_service_death_after_dump_is_salvaged_at_start(
-    criu_path: str, state_dir: Path, tmp_path: Path, spawn_target: TargetFactory
+    criu_path: str, state_dir: Path, tmp_path: Path, spawn_target: TargetFactory, when: str
 ) -> None:
+    """while-criu-killed-the-tree: CRIU was killed (with the service: PDEATHSIG, or the
+    unit's cgroup) after it logged the start of the tree's kill and before its last line;
+    part of the tree may still live. That dump is complete: start-up kills the rest of the
+    tree (PID and start time from the job's journal; a reused PID is spared) and keeps it.
+    Before the fix, the staging directory was removed with the tree already dead: lost."""
     eng, t, marker = await _open_after_dump(state_dir, tmp_path, criu_path, "exec sleep 120",
                                             spawn_target)
     job = asyncio.create_task(eng.checkpoint(ME, "crash", t.pid))
@@ -402,6 +409,18 @@ async def test_service_death_after_dump_is_salvaged_at_start(
     other.mkdir(mode=0o700)
     (tmp,) = [p for p in state_dir.iterdir() if p.name.startswith(".tmp-")]
     subprocess.run(["cp", "-a", str(tmp), str(other / tmp.name)], check=True)
+    spared = None
+    if when == "while-criu-killed-the-tree":
+        log = other / tmp.name / "images" / "dump.log"
+        text = log.read_text()
+        log.write_text(text[: text.index("\n", text.index(FINAL_KILL)) + 1])
+        journal = json.loads((other / tmp.name / "journal.json").read_text())
+        left = subprocess.Popen(["sleep", "300"])  # a member CRIU had not killed yet
+        spared = subprocess.Popen(["sleep", "300"])  # a PID reused since the journal
+        start = proctree.start_times([left.pid, spared.pid])
+        journal["tree"].update({str(left.pid): start[left.pid],
+                                str(spared.pid): start[spared.pid] + 1})
+        (other / tmp.name / "journal.json").write_text(json.dumps(journal))
     # Cancelled this late, the job keeps the checkpoint and says so.
     job.cancel()
     m = await job
@@ -409,6 +428,11 @@ async def test_service_death_after_dump_is_salvaged_at_start(
 
     fresh = await _open(other, criu_path)
     fresh.pid_free_timeout = 1.0
+    if spared is not None:
+        assert left.wait(10) == -9
+        assert spared.poll() is None
+        spared.kill()
+        spared.wait()
     (salvaged,) = fresh.list_checkpoints()
     assert salvaged.model == "crash" and salvaged.pids == t.pids
     assert any("salvaged" in w for w in salvaged.warnings)

@@ -33,6 +33,7 @@ from llmuxd_harness import (
 from llmux.client.errors import ConnectionFailed
 from llmux.client.hostclient import HostClient, JobProgress
 from llmux.service import errors
+from llmux.service.core.proctree import tracer_of
 
 pytestmark = [pytest.mark.dbus, pytest.mark.criu]
 
@@ -289,18 +290,23 @@ def test_sigterm_cancels_running_jobs_and_exits_cleanly(llmuxd: Llmuxd, spawn_ta
     target.reap()
 
 
+@pytest.mark.parametrize("delay", [0.0, 0.2, 0.6, 1.2])
 @pytest.mark.parametrize("how", ["like-systemd", "daemon-only"])
-def test_llmuxd_killed_mid_dump_loses_nothing(llmuxd: Llmuxd, spawn_target, how: str) -> None:
+def test_llmuxd_killed_mid_dump_loses_nothing(
+    llmuxd: Llmuxd, spawn_target, how: str, delay: float
+) -> None:
     """like-systemd: the unit's cgroup dies with llmuxd (KillMode=mixed SIGKILLs CRIU too);
-    daemon-only: CRIU, in its own session, outlives llmuxd and finishes on its own."""
+    daemon-only: llmuxd alone is killed (CRIU dies with it: PR_SET_PDEATHSIG). ``delay``
+    after CRIU started: a kill after CRIU began to kill the tree once threw away complete
+    images (the tree dead: lost); start-up must keep them."""
     target = spawn_target(megabytes=1024)
     job_id, _ = llmuxd.ok("Checkpoint", "sua{sv}", "big", target.pid, 0)
     assert llmuxd.proc is not None
     proc = llmuxd.proc
     # the call answers once the dump is prepared: the job starts CRIU right after
     wait_until(lambda: bool(children_of(proc.pid)), 60, "llmuxd to start CRIU")
+    time.sleep(delay)
     helpers = children_of(proc.pid)  # CRIU, mid-dump
-    assert helpers, "no CRIU running after the job started"
     llmuxd.proc.kill()
     if how == "like-systemd":
         for pid in helpers:
@@ -313,6 +319,7 @@ def test_llmuxd_killed_mid_dump_loses_nothing(llmuxd: Llmuxd, spawn_target, how:
     no_half_checkpoints(llmuxd.state_dir)
     if pid_alive(target.pid):
         assert pid_state(target.pid) not in ("T", "t"), "target left stopped"
+        assert tracer_of(target.pid) == 0, "target left traced"
         before = target.last()
         wait_until(lambda: target.last() > before + 3, 30, "the target to run on")
         assert listed in ([[]], [[["big", f"{OBJECT_PATH}/checkpoint/big"]]])
@@ -325,6 +332,44 @@ def test_llmuxd_killed_mid_dump_loses_nothing(llmuxd: Llmuxd, spawn_target, how:
         job_id, _ = llmuxd.ok("Restore", "sa{sv}", "big", 0)
         assert llmuxd.ok("WaitJob", "ud", job_id, 120) == ["done", "", ""]
         assert pid_alive(target.pid)
+
+
+SIGTERM_BOUND_SECS = 10.0
+
+
+@pytest.mark.parametrize("state", ["idle", "dumping", "restoring", "restore-waiting"])
+def test_sigterm_is_honoured_within_the_bound_in_every_job_state(
+    llmuxd: Llmuxd, spawn_target, state: str
+) -> None:
+    """Whatever llmuxd is doing, SIGTERM ends it within 10 s, exit 0, and loses nothing:
+    the tree runs (not stopped, not traced) or its checkpoint is there for the next start."""
+    assert llmuxd.proc is not None
+    proc = llmuxd.proc
+    target = spawn_target(megabytes=0 if state == "idle" else 768)
+    if state in ("restoring", "restore-waiting"):
+        job_id, _ = llmuxd.ok("Checkpoint", "sua{sv}", "t", target.pid, 0)
+        assert llmuxd.ok("WaitJob", "ud", job_id, 120)[0] == "done"
+        if state == "restoring":
+            target.reap()
+        llmuxd.ok("Restore", "sa{sv}", "t", 0)  # "restore-waiting": held by our zombie
+    elif state == "dumping":
+        llmuxd.ok("Checkpoint", "sua{sv}", "t", target.pid, 0)
+    if state in ("dumping", "restoring"):
+        wait_until(lambda: bool(children_of(proc.pid)), 60, "llmuxd to start CRIU")
+    began = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    took = time.monotonic() - began
+    assert took < SIGTERM_BOUND_SECS, f"SIGTERM took {took:.1f}s in state {state}"
+    llmuxd.start()
+    listed = llmuxd.ok("ListCheckpoints")
+    no_half_checkpoints(llmuxd.state_dir)
+    if pid_alive(target.pid):
+        assert pid_state(target.pid) not in ("T", "t") and tracer_of(target.pid) == 0
+    else:
+        assert listed == [[["t", f"{OBJECT_PATH}/checkpoint/t"]]], "tree gone, no checkpoint"
+    if state.startswith("restore"):
+        assert listed == [[["t", f"{OBJECT_PATH}/checkpoint/t"]]], "a restore lost it"
 
 
 def test_hostclient_reports_named_failures(llmuxd: Llmuxd) -> None:

@@ -86,6 +86,8 @@ def test_without_criu_llmuxd_fails_clearly(private_bus: PrivateBus, tmp_path: Pa
         ('bus = "system"\nstate_dirr = "/x"\n', "unknown key 'state_dirr'"),
         ('ghost_limit_bytes = "big"\n', "ghost_limit_bytes must be a int"),
         ('cuda_mode = "gpu"\n', "cuda_mode must be one of"),
+        ("criu_timeout_secs = 0\n", "criu_timeout_secs must be positive"),
+        ('criu_timeout_secs_per_gib = "1m"\n', "criu_timeout_secs_per_gib must be a float"),
         ("bus = \n", "not valid TOML"),
     ],
 )

@@ -1,0 +1,79 @@
+"""What CRIU's zdtm compares between a task before a dump and after its restore: its open
+files, its memory maps (path and size) and its mountinfo; and a process's RSS and fds."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+from llmux.service.core import proctree
+
+_KERNEL_OBJECT = re.compile(r"^(socket|pipe|anon_inode:\[?[a-z_]+\]?)(:\[\d+\])?$")
+
+
+def fds(pid: int) -> list[tuple[int, str]]:
+    """fd -> what it names; a socket's or pipe's inode is new after a restore (zdtm too
+    compares their kind, not their number)."""
+    out = []
+    base = Path(f"/proc/{pid}/fd")
+    for fd in os.listdir(base):
+        with contextlib.suppress(FileNotFoundError):
+            target = os.readlink(base / fd)
+            m = _KERNEL_OBJECT.match(target)
+            out.append((int(fd), m.group(1) if m else target))
+    return sorted(out)
+
+
+def maps(pid: int) -> Counter[tuple[str, int]]:
+    """(path, size) of every file-backed or named mapping."""
+    found: Counter[tuple[str, int]] = Counter()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6:
+            continue
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        found[(parts[5], hi - lo)] += 1
+    return found
+
+
+def mountinfo(pid: int) -> list[tuple[str, ...]]:
+    """Mount point, options, fs type, source, super options: the IDs are not compared."""
+    out = []
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        left, right = line.split(" - ", 1)
+        fields = left.split()
+        out.append((fields[4], fields[5], *right.split()))
+    return sorted(out)
+
+
+def snapshot(pids: list[int]) -> dict[int, tuple[object, ...]]:
+    return {pid: (fds(pid), maps(pid), mountinfo(pid)) for pid in pids}
+
+
+def usage(pid: int) -> tuple[int, int]:
+    """(RSS bytes, open fds) of a process."""
+    rss = proctree.rss_bytes([pid])
+    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+
+
+def differences(first: dict[int, tuple[object, ...]], now: dict[int, tuple[object, ...]]
+                ) -> list[str]:
+    """What differs, per PID and aspect (empty: the same)."""
+    out = []
+    for pid, before in first.items():
+        after = now.get(pid)
+        if after is None:
+            out.append(f"PID {pid} is missing")
+            continue
+        for name, a, b in zip(("fds", "maps", "mountinfo"), before, after, strict=True):
+            if a != b:
+                if isinstance(a, Counter) and isinstance(b, Counter):
+                    out.append(f"{name} of {pid}: gone {dict(a - b)}, new {dict(b - a)}")
+                else:
+                    out.append(f"{name} of {pid} differ")
+    return out
