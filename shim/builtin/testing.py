@@ -99,6 +99,17 @@ class EngineProcess:
                 children += [int(p) for p in task.read_text().split()]
         return children
 
+    def tree_pids(self) -> list[int]:
+        """The API server and every process under it (engine core, its worker, the resource
+        tracker), parents first: what a checkpoint of the engine holds."""
+        found, i = [self.pid], 0
+        while i < len(found):
+            for task in Path(f"/proc/{found[i]}/task").glob("*/children"):
+                with contextlib.suppress(OSError):
+                    found += [int(p) for p in task.read_text().split() if int(p) not in found]
+            i += 1
+        return found
+
     def _check_not_exited(self) -> None:
         code = self.process.poll()
         if code is not None:

@@ -76,7 +76,7 @@ async def model(tmp_path: Path) -> AsyncIterator[Model]:
     env = {"HF_HOME": str(tmp_path / "hf"), "XDG_CACHE_HOME": str(tmp_path / "xdg"),
            "LLMUX_BUILTIN_BACKEND": "pure"}
     e = await start_engine_async("test-org/faults", weights_mb=96, extra_env=env)
-    pids = [e.pid, *e.child_pids()]
+    pids = e.tree_pids()
     segments = [Path(p) for p in Model(e, pids).shm_segments()]
     try:
         async with reaping(lambda: pids[1:], e.process.poll):

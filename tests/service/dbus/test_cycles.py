@@ -92,7 +92,7 @@ def test_dump_restore_cycles_keep_the_tree_as_it_was(llmuxd: Llmuxd, tmp_path: P
     daemon = llmuxd.proc.pid
     with _subreaper():
         e = start_engine("test-org/cycles", weights_mb=16, extra_env=env)
-        pids = [e.pid, *e.child_pids()]
+        pids = e.tree_pids()
         mapped = _segments(pids)
         try:
             answer = _answer(e)
@@ -138,7 +138,7 @@ def test_llmuxd_killed_mid_restore_loses_nothing(
     assert llmuxd.proc is not None
     with _subreaper():
         e = start_engine("test-org/killed", weights_mb=64, extra_env=env)
-        pids = [e.pid, *e.child_pids()]
+        pids = e.tree_pids()
         mapped = _segments(pids)
         try:
             answer = _answer(e)
