@@ -142,3 +142,20 @@ async def test_engine_killed_mid_stream_ends_it_with_an_error_the_client_raises(
     again = await ask(http, shim, "a", "before")  # restarted: a new engine, the same answer
     assert again.status_code == 200, again.text
     assert again.json()["choices"][0]["message"] == first.json()["choices"][0]["message"]
+
+
+async def test_an_engine_killed_while_asleep_comes_back_cold(
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+    shim = await shim_factory(["a", "b"])  # offload+keep_running: the engine sleeps
+    first = await ask(http, shim, "a", "asleep")
+    slept = await http.post(f"{shim.url}/control/sleep", json={"model": "a"})
+    assert slept.status_code == 200 and slept.json()["state"] == "sleeping", slept.text
+    pids = shim.supervisor.pids("a")
+    os.kill(pids[0], signal.SIGKILL)
+    again = await ask(http, shim, "a", "asleep")  # not a wake of a dead engine: a new one
+    assert again.status_code == 200, again.text
+    assert again.json()["choices"][0]["message"] == first.json()["choices"][0]["message"]
+    status = (await http.get(f"{shim.url}/control/status")).json()["models"]["a"]
+    assert status["state"] == "running" and status["last_wake"] == "cold", status
+    assert set(status["pids"]).isdisjoint(pids)
+    assert len(engine_roots(shim, "a")) == 1
