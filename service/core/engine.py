@@ -643,6 +643,7 @@ class CheckpointEngine:
                         asyncio.to_thread(proctree.exists, root_pid))):
                     await _uncancellable(self._thaw(pids, cuda_pids))
                     if isinstance(exc, CriuFailed):
+                        await _uncancellable(self._end_if_damaged(model, tree.starts, exc))
                         free = await asyncio.to_thread(self.store.free_bytes)
                         if free < _SIZE_SLACK or "No space left" in str(exc):
                             raise NoSpace(
@@ -831,6 +832,25 @@ class CheckpointEngine:
         """Until every move to disk in flight is done (tests; a clean stop)."""
         while self._movers:
             await asyncio.gather(*self._movers, return_exceptions=True)
+
+    async def _end_if_damaged(self, model: str, starts: dict[int, int],
+                              exc: CriuFailed) -> None:
+        """A dump that failed before its images were complete must leave the whole tree
+        running. When part of it died (CRIU killed while it had a task infected: the task
+        dies on CRIU's injected code; or the engine crashing under the dump), half an engine
+        would be left answering nothing: the rest is ended, so that the model starts afresh,
+        and the error says so."""
+        alive = await asyncio.to_thread(proctree.same_processes, starts)
+        dead = sorted(set(starts) - set(alive))
+        if not dead or not alive:
+            return
+        await asyncio.to_thread(proctree.kill_exact, starts, signal.SIGKILL)
+        log.warning("checkpoint %s: PIDs %s died during the failed dump; ended the rest %s",
+                    model, dead, alive)
+        raise CriuFailed(
+            f"{exc}\nPIDs {dead} of the tree of {model!r} died during the failed dump (a CRIU "
+            f"killed while it had them infected, or the engine crashing): the rest of the "
+            f"tree ({alive}) was ended, so that the model starts afresh") from exc
 
     async def _thaw(self, pids: Sequence[int], cuda_pids: Sequence[int]) -> None:
         """Make a tree whose dump failed run again: no job-control stop, CUDA unlocked."""
