@@ -31,7 +31,6 @@ import os
 import random
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,20 +44,12 @@ import aiohttp
 
 PY = sys.executable
 HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parents[1]))  # the shared test helpers
+from testprocs import free_ports  # noqa: E402
+
 MODELS = ("alpha", "beta", "gamma")
 PROMPTS = [f"storm prompt {i}" for i in range(5)]
 MAX_TOKENS = 12
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @dataclass
