@@ -140,12 +140,10 @@ def marked_roots(entry: str) -> list[int]:
     task CRIU is restoring shows CRIU's environment until its memory is back."""
     want = entry.encode()
     sessions: set[int] = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    for pid, stat in proc_stats():
+        fields = stat.rsplit(")", 1)[1].split()
         try:
-            env = Path(f"/proc/{name}/environ").read_bytes().split(b"\0")
-            fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
         if want in env and fields[0] != "Z":
