@@ -23,11 +23,15 @@ WHEELS=(
     httpx==0.28.1 httpcore==1.0.9 certifi==2026.10.19.post1
     prometheus_client==0.26.0 dbus-next==0.2.3 uvloop==0.23.0
     nvidia-ml-py==13.615.71 pytest-asyncio==1.5.0
+    # llmuxd, for llmux --validate through D-Bus (gpu-validate.sh)
+    rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 pygments==2.21.0
 )
 mkdir -p "$DEST"
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform manylinux1_x86_64 --platform any -d "$DEST" "${WHEELS[@]}"
+# sdnotify ships only a source archive: a pure-Python wheel built here runs anywhere
+"$PY" -m pip wheel -q --no-deps -w "$DEST" sdnotify==0.3.2
 ls -1 "$DEST"
 du -sh "$DEST"

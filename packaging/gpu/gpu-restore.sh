@@ -6,27 +6,13 @@
 # Usage: packaging/gpu/gpu-restore.sh [--tests-only|--bench-only] [bench options...]
 # Needs (carried): .whl/ (packaging/gpu/fetch-wheels.sh), .criu/ (install-criu.sh --dest .criu).
 set -uo pipefail
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-cd "$repo"
-out=${OUT:-$repo/gpu-out}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 mode=all
 case ${1:-} in --tests-only) mode=tests; shift ;; --bench-only) mode=bench; shift ;; esac
-site=/tmp/llmux-gpu-site
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$site" .whl/*.whl || echo "warning: wheels did not install" >&2
-fi
-# llmux.* from this checkout: a package of links, as the wheel lays it out
-root=$(mktemp -d)
-mkdir "$root/llmux"; touch "$root/llmux/__init__.py"
-for n in service client shim; do ln -s "$repo/$n" "$root/llmux/$n"; done
-export PYTHONPATH="$root:$site${PYTHONPATH:+:$PYTHONPATH}"
 {
     date -u; uname -r; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     python3 -c 'import torch; print("torch", torch.__version__, torch.version.cuda)'
-    df -h /var/tmp /dev/shm; free -g; command -v dbus-daemon || echo "no dbus-daemon"
+    df -h /var/tmp /dev/shm; free -g; cat /sys/kernel/mm/transparent_hugepage/enabled; command -v dbus-daemon || echo "no dbus-daemon"
     .criu/criu --version; .criu/criu check 2>&1 | tail -1
 } > "$out/env.txt" 2>&1
 cat "$out/env.txt"
@@ -38,4 +24,3 @@ if [[ $mode != tests ]]; then
     timeout "${BENCH_TIMEOUT:-420}" python3 tests/bench/bench_gpu_restore.py --criu "$repo/.criu/criu" --out "$out" "$@" \
         2>&1 | grep -v "^  \|Warning\|warn(" | tail -60
 fi
-rm -rf "$root"

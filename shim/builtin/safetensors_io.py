@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,14 +129,71 @@ def read_into(path: Path, info: TensorInfo, target: memoryview) -> None:
             done += got
 
 
-def iter_chunks(path: Path, info: TensorInfo, chunk_size: int = _CHUNK) -> Iterator[bytes]:
-    """The tensor's bytes in chunks (for staging copies to a GPU)."""
-    with open(path, "rb", buffering=0) as src:
-        src.seek(info.offset)
-        left = info.nbytes
-        while left:
-            chunk = src.read(min(chunk_size, left))
-            if not chunk:
-                raise SafetensorsError(f"{path}: unexpected end of file in {info.name!r}")
-            left -= len(chunk)
-            yield chunk
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of one tensor: ``size`` bytes from ``file_offset``, which land at byte
+    ``start`` of the tensor."""
+
+    name: str
+    start: int
+    file_offset: int
+    size: int
+
+
+def chunks_of(infos: Iterable[TensorInfo], chunk_size: int) -> list[Chunk]:
+    """Every tensor cut into chunks of at most ``chunk_size`` bytes, in file order."""
+    out: list[Chunk] = []
+    for info in sorted(infos, key=lambda i: i.offset):
+        for start in range(0, info.nbytes, chunk_size):
+            out.append(Chunk(info.name, start, info.offset + start,
+                             min(chunk_size, info.nbytes - start)))
+    return out
+
+
+def pread_exactly(path: Path, fd: int, view: memoryview, offset: int) -> None:
+    """Fill ``view`` from ``offset`` of the open file (positional: threads share ``fd``)."""
+    done = 0
+    while done < view.nbytes:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if not got:
+            raise SafetensorsError(f"{path}: unexpected end of file at byte {offset + done}")
+        done += got
+
+
+def read_parallel(path: Path, chunks: Sequence[Chunk],
+                  readers: Sequence[Callable[[int, Chunk], None]]) -> None:
+    """Hand ``chunks`` out to ``readers`` (one thread each, ``reader(fd, chunk)``), next
+    chunk to the first one free, so that several reads are in flight at once: one reader
+    gets a fraction of what the page cache or an NVMe disk delivers to several. The first
+    error stops the others and is raised here."""
+    fd = os.open(path, os.O_RDONLY)
+    lock = threading.Lock()
+    pending = iter(chunks)
+    errors: list[BaseException] = []
+
+    def run(reader: Callable[[int, Chunk], None]) -> None:
+        while not errors:
+            with lock:
+                chunk = next(pending, None)
+            if chunk is None:
+                return
+            try:
+                reader(fd, chunk)
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    try:
+        if len(readers) == 1:
+            run(readers[0])
+        else:
+            threads = [threading.Thread(target=run, args=(r,), name=f"load-{i}", daemon=True)
+                       for i, r in enumerate(readers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        os.close(fd)
+    if errors:
+        raise errors[0]

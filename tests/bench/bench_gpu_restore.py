@@ -200,7 +200,9 @@ class Engine:
         return int(self.post("/collective_rpc", {"method": "weights_checksum"})["results"][0])
 
 
-def start_engine(size_mb: int, device: str, workdir: Path, extra: Sequence[str] = ()) -> Engine:
+def start_engine(size_mb: int, device: str, workdir: Path, extra: Sequence[str] = (),
+                 readers: int = 1) -> Engine:
+    """The built-in engine; ``readers`` load its weights at once (LLMUX_BUILTIN_LOAD_THREADS)."""
     port = demo.free_port()
     log_path = workdir / f"engine-{size_mb}-{port}.log"
     argv = [sys.executable, "-m", "llmux.shim.launch", "--", sys.executable, "-m",
@@ -210,6 +212,7 @@ def start_engine(size_mb: int, device: str, workdir: Path, extra: Sequence[str] 
     env = dict(os.environ)
     env.setdefault("XDG_CACHE_HOME", str(workdir / "cache"))
     env.setdefault("HF_HOME", str(workdir / "hf"))
+    env["LLMUX_BUILTIN_LOAD_THREADS"] = str(readers)
     proc = demo._spawn(argv, log_path, env)
     return Engine(size_mb, proc, port, log_path)
 
@@ -242,7 +245,10 @@ def first_token_secs(engine: Engine) -> float:
 class Service:
     """The daemon's CheckpointEngine on a state folder (disk or tmpfs)."""
 
-    def __init__(self, state_dir: Path, criu: str, gpu: bool, prefetch_threads: int = 0) -> None:
+    def __init__(self, state_dir: Path, criu: str, gpu: bool, prefetch_threads: int = 0,
+                 memory_tier: Path | None = None) -> None:
+        """``memory_tier``: llmuxd's memory tier (images in that tmpfs folder, moved to
+        ``state_dir`` in the background), as ``memory_tier_dir`` in llmuxd.toml sets it."""
         from llmux.service.core.authz import Caller
         from llmux.service.core.engine import CheckpointEngine, EngineConfig
 
@@ -250,7 +256,8 @@ class Service:
         self.state_dir = state_dir
         config = EngineConfig(state_dir=state_dir, criu_path=criu,
                               cuda_mode="api" if gpu else "off",
-                              prefetch_threads=prefetch_threads)
+                              prefetch_threads=prefetch_threads, memory_tier_dir=memory_tier,
+                              memory_tier_limit_bytes=64 << 30 if memory_tier else 0)
         self.engine: Any = demo.sync(CheckpointEngine.open(config))
 
     def suspend(self, engine: Engine, model: str = "bench") -> Any:
@@ -275,6 +282,11 @@ class Service:
     def images(self, model: str = "bench") -> Path:
         path: Path = self.engine.store.images_dir(model)
         return path
+
+    def images_in(self, model: str = "bench") -> str:
+        """Where the images are read from now: "memory" (the tier) or "disk"."""
+        images = self.images(model)
+        return "memory" if images.is_symlink() or images.resolve() != images else "disk"
 
     def forget(self, model: str = "bench") -> None:
         with contextlib.suppress(Exception):
@@ -322,6 +334,8 @@ class Context:
     rows: list[Row] = field(default_factory=list)
     prefetch_label: str = ""
     disk_prefetch: Service | None = None
+    #: appended to each row's policy: what differs from the default engine
+    label: str = ""
 
 
 def cycle(ctx: Context, policy: str, sleep: Callable[[Row], None],
@@ -450,33 +464,51 @@ def checkpoint_cycle(ctx: Context, service: Service, weights: str, tier: str,
             stats["dropped"] = drop_caches()
 
     def wake(row: Row) -> None:
+        source = service.images_in()
         t = time.perf_counter()
         service.restore(engine)
         restore_secs = time.perf_counter() - t
         if level:
             engine.post("/wake_up")
         if level == 2:
+            t = time.perf_counter()
             engine.post("/collective_rpc", {"method": "reload_weights"})
-        row.note += f", restore {restore_secs:.2f} s"
+            row.note += f", reload of the weights {time.perf_counter() - t:.2f} s"
+        row.note += f", restore {restore_secs:.2f} s (images in {source})"
         if tier.startswith("disk"):
             row.note += " (page cache dropped)" if stats.get("dropped") else " (cache NOT dropped)"
 
     def limit(row: Row) -> str:
-        key = "disk_read_cold_1t" if tier.startswith("disk") else "tmpfs_read_cached_1t"
-        speed = limits.get(key, 0.0)
+        """The time the medium needs for the bytes that must come from it (its best of one
+        and eight readers): the images, and for discard the weights file too (from the disk
+        with the page cache dropped, else from the page cache)."""
+        cold = tier.startswith("disk")
+        keys = ("disk_read_cold_1t", "disk_read_cold_8t") if cold else \
+            ("tmpfs_read_cold_1t", "tmpfs_read_cold_8t", "tmpfs_read_cached_1t")
+        speed = max(limits.get(k, 0.0) for k in keys)
         if not speed:
             return ""
         ideal = row.image_bytes / (speed * GB)
-        return f"{tier} read of {row.image_bytes / GB:.2f} GB at {speed:.2f} GB/s: {ideal:.2f} s " \
+        what = f"{row.image_bytes / GB:.2f} GB of images"
+        if level == 2:  # the weights file: from the disk, or from the page cache
+            keys = ("disk_read_cold_1t", "disk_read_cold_8t") if cold else \
+                ("disk_read_cached_1t",)
+            cache = max(limits.get(k, 0.0) for k in keys)
+            if cache:
+                ideal += wbytes / (cache * GB)
+                what += f" + {wbytes / GB:.2f} GB of weights"
+        return f"{tier} read of {what}: {ideal:.2f} s " \
                f"(restore->first token {row.first_token_secs / ideal:.2f}x)"
 
-    cycle(ctx, f"{weights}+checkpoint [{tier}]", sleep, wake, limit)
+    cycle(ctx, f"{weights}+checkpoint [{tier}]{ctx.label}", sleep, wake, limit)
     service.forget()
 
 
 def parallel_resume(args: argparse.Namespace, workdir: Path, service: Service,
                     limits: dict[str, float]) -> list[str]:
-    """N engines suspended (CUDA checkpoint), resumed alone then all at once."""
+    """N engines suspended (CUDA checkpoint), resumed alone then all at once; first with
+    everything in the driver's checkpoint (retain+cuda_suspend), then with the weights
+    offloaded by each engine first (offload+cuda_suspend: resume, then wake)."""
     lines: list[str] = []
     engines = [start_engine(args.parallel_mb, "cuda", workdir) for _ in range(args.parallel)]
     try:
@@ -484,23 +516,37 @@ def parallel_resume(args: argparse.Namespace, workdir: Path, service: Service,
             wait_engine(e)
             e.ask(1)
         names = [f"bench-{i}" for i in range(len(engines))]
-        alone: list[float] = []
-        for e, name in zip(engines, names, strict=True):
-            service.suspend(e, name)
+        for offload in (False, True):
+            def sleep(e: Engine, name: str, offload: bool = offload) -> None:
+                if offload:
+                    e.post("/sleep?level=1")
+                service.suspend(e, name)
+
+            def wake(e: Engine, name: str, offload: bool = offload) -> None:
+                service.resume(e, name)
+                if offload:
+                    e.post("/wake_up")
+
+            alone: list[float] = []
+            for e, name in zip(engines, names, strict=True):
+                sleep(e, name)
+                t = time.perf_counter()
+                wake(e, name)
+                alone.append(time.perf_counter() - t)
+            for e, name in zip(engines, names, strict=True):
+                sleep(e, name)
             t = time.perf_counter()
-            service.resume(e, name)
-            alone.append(time.perf_counter() - t)
-        for e, name in zip(engines, names, strict=True):
-            service.suspend(e, name)
-        t = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(len(engines)) as pool:
-            list(pool.map(service.resume, engines, names))
-        together = time.perf_counter() - t
-        answers = [e.ask(1) for e in engines]
-        lines.append(f"parallel resume of {len(engines)} x {args.parallel_mb} MiB engines: "
-                     f"alone {', '.join(f'{s:.2f}' for s in alone)} s, together "
-                     f"{together:.2f} s = {together / max(alone):.2f}x the slowest alone "
-                     f"(target <= 1.2x); answers after: {len(answers)}")
+            with concurrent.futures.ThreadPoolExecutor(len(engines)) as pool:
+                list(pool.map(wake, engines, names))
+            together = time.perf_counter() - t
+            answers = [e.ask(1) for e in engines]
+            policy = "offload+cuda_suspend" if offload else "retain+cuda_suspend"
+            lines.append(f"parallel {policy} of {len(engines)} x {args.parallel_mb} MiB "
+                         f"engines: alone {', '.join(f'{s:.2f}' for s in alone)} s (sum "
+                         f"{sum(alone):.2f}), together {together:.2f} s = "
+                         f"{together / max(alone):.2f}x the slowest alone (target <= 1.2x); "
+                         f"answers after: {len(answers)}")
+            say(lines[-1])
     finally:
         for e in engines:
             demo.kill_tree(demo.process_tree(e.root) if demo.alive(e.root) else e.pids)
@@ -544,11 +590,25 @@ def print_table(rows: list[Row]) -> None:
 # --------------------------------------------------------------------------- main
 def bench_size(args: argparse.Namespace, size: int, workdir: Path, criu: str,
                limits: dict[str, float], rows: list[Row]) -> None:
-    gpu = args.device == "cuda"
+    """Every policy with one reader loading the weights (vLLM's default loader); then, with
+    ``--load-threads N``, the cold start and discard+checkpoint again with N readers."""
     policies = set(args.policies.split(","))
-    say(f"\n== {size} MiB of weights")
+    checksum = bench_engine(args, size, workdir, criu, limits, rows, policies, 1)
+    if args.load_threads > 1 and policies & {"discard+checkpoint"}:
+        bench_engine(args, size, workdir, criu, limits, rows, {"discard+checkpoint"},
+                     args.load_threads, checksum)
+
+
+def bench_engine(args: argparse.Namespace, size: int, workdir: Path, criu: str,
+                 limits: dict[str, float], rows: list[Row], policies: set[str],
+                 readers: int, expected_checksum: int | None = None) -> int:
+    """One engine through ``policies``; its weights' checksum at start (which must equal
+    ``expected_checksum``: the same file, however many readers loaded it)."""
+    gpu = args.device == "cuda"
+    label = f" ({readers} readers)" if readers > 1 else ""
+    say(f"\n== {size} MiB of weights{label}")
     t = time.perf_counter()
-    engine = start_engine(size, args.device, workdir)
+    engine = start_engine(size, args.device, workdir, readers=readers)
     try:
         wait_engine(engine)
         cold = time.perf_counter() - t
@@ -558,19 +618,24 @@ def bench_size(args: argparse.Namespace, size: int, workdir: Path, criu: str,
             f"worker state: cuda_graphs={state.get('cuda_graphs')}, "
             f"distributed={state.get('distributed')}, cumem mapped "
             f"{state.get('cumem_mapped_bytes', 0) / GB:.2f} GB")
-        rows.append(Row(size, "cold start", wake_secs=cold, first_token_secs=cold + first,
-                        mib_woken=gpu_mib(engine, gpu), note="process start to /health"))
-        ctx = Context(gpu, engine, engine.ask(), engine.checksum(), None, None, limits)
+        checksum = engine.checksum()
+        same = None if expected_checksum is None else checksum == expected_checksum
+        rows.append(Row(size, "cold start" + label, wake_secs=cold,
+                        first_token_secs=cold + first, mib_woken=gpu_mib(engine, gpu),
+                        same_weights=same, note="process start to /health"))
+        ctx = Context(gpu, engine, engine.ask(), checksum, None, None, limits, label=label)
         if criu:
             ctx.disk = Service(Path(args.images_dir) / f"state-{size}", criu, gpu)
-            if args.prefetch_threads:
+            if args.prefetch_threads and not label:
                 ctx.prefetch_label = f"{args.prefetch_threads} prefetch readers"
                 ctx.disk_prefetch = Service(Path(args.images_dir) / f"state-pf-{size}", criu,
                                             gpu, prefetch_threads=args.prefetch_threads)
             if args.memory_tier:
-                ctx.memory = Service(Path(args.memory_dir) / f"state-{size}", criu, gpu)
+                ctx.memory = Service(Path(args.images_dir) / f"state-tier-{size}", criu, gpu,
+                                     memory_tier=Path(args.memory_dir) / f"tier-{size}")
         run_cycles(ctx, policies)
         rows.extend(ctx.rows)
+        return checksum
     finally:
         demo.kill_tree(demo.process_tree(engine.root) if demo.alive(engine.root) else engine.pids)
 
@@ -593,6 +658,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prefetch-threads", type=int, default=0,
                         help="also restore offload+checkpoint from disk with this many "
                              "prefetch readers (the lever, against the default: none)")
+    parser.add_argument("--load-threads", type=int, default=8,
+                        help="also run discard+checkpoint with this many readers loading the "
+                             "weights (the lever, against vLLM's default: one)")
     parser.add_argument("--keep-cache", action="store_true",
                         help="never drop the page cache (on a shared machine)")
     parser.add_argument("--out", default=os.environ.get("OUT", ""))

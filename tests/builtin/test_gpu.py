@@ -142,3 +142,19 @@ def test_cumem_allocator_keeps_addresses_and_contents() -> None:
     finally:
         allocator.free_pool("weights")
         allocator.free_pool("kv_cache")
+
+
+def test_eight_readers_load_the_same_weights_as_one(engine_env: EngineEnv) -> None:
+    """The parallel loader (LLMUX_BUILTIN_LOAD_THREADS): every chunk through its reader's
+    pinned staging buffer and stream lands where one reader puts it, at start and at the
+    reload after a level-2 sleep."""
+    with start_engine("test-org/gpu-readers", weights_mb=512,
+                      extra_env=engine_env("torch")) as engine:
+        one = checksum_of(engine), text(engine)
+    env = {**engine_env("torch"), "LLMUX_BUILTIN_LOAD_THREADS": "8"}
+    with start_engine("test-org/gpu-readers", weights_mb=512, extra_env=env) as engine:
+        assert (checksum_of(engine), text(engine)) == one
+        assert post(engine, "/sleep?level=2") == 200
+        assert post(engine, "/wake_up") == 200
+        assert post(engine, "/reload_weights") == 200
+        assert (checksum_of(engine), text(engine)) == one

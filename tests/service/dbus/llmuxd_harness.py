@@ -28,6 +28,8 @@ from testprocs import pid_alive, wait_until
 REPO = Path(__file__).resolve().parents[3]
 LLMUXD = Path(sys.executable).with_name("llmuxd")
 CRIU = os.environ.get("LLMUX_CRIU", "/opt/llmux/criu/criu")
+#: where nothing is installed (the GPU machine), the carried bundle (packaging/dbus/)
+DBUS_DAEMON = os.environ.get("LLMUX_DBUS_DAEMON", "dbus-daemon")
 BUS_NAME = "org.llmux.Host1"
 OBJECT_PATH = "/org/llmux/Host1"
 ERROR_REPLY = re.compile(r"Got message type=error .*error-name=(\S+) error-message=(.*)$")
@@ -138,7 +140,7 @@ def running_bus(directory: Path) -> Iterator[PrivateBus]:
     policy = REPO / "units" / "org.llmux.Host1.conf"
     config.write_text(BUS_CONFIG.format(socket=sock, policy=policy))
     proc = subprocess.Popen(
-        ["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address=1"],
+        [DBUS_DAEMON, f"--config-file={config}", "--nofork", "--print-address=1"],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -208,6 +210,9 @@ class Llmuxd:
     proc: subprocess.Popen[bytes] | None = None
     notify: NotifySocket | None = None
     log_path: Path | None = None
+    #: argv of llmuxd itself (the installed entry point, or ``python -m`` where none is)
+    command: list[str] = field(default_factory=lambda: [str(LLMUXD)])
+    cuda_mode: str = "off"
 
     def start(self, wait_ready: bool = True) -> Llmuxd:
         if self.notify is not None:
@@ -219,7 +224,7 @@ class Llmuxd:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [
-                    str(LLMUXD),
+                    *self.command,
                     "--bus",
                     self.bus.address,
                     "--state-dir",
@@ -227,7 +232,7 @@ class Llmuxd:
                     "--criu",
                     CRIU,
                     "--cuda-mode",
-                    "off",
+                    self.cuda_mode,
                     "--config",
                     str(self.workdir / "llmuxd.toml"),
                     "--log-level",
@@ -314,11 +319,13 @@ def llmuxd(private_bus: PrivateBus, tmp_path: Path) -> Iterator[Llmuxd]:
 
 
 @contextlib.contextmanager
-def running_llmuxd(bus: PrivateBus, workdir: Path) -> Iterator[Llmuxd]:
-    """llmuxd on ``bus``, its state and log under ``workdir``; stopped afterwards (the
-    fixture's and the benchmarks' one way to run it)."""
-    (workdir / "llmuxd.toml").write_text("# empty: the flags say it all\n")
-    daemon = Llmuxd(bus=bus, state_dir=workdir / "state", workdir=workdir)
+def running_llmuxd(bus: PrivateBus, workdir: Path, config: str = "", **options: Any,
+                   ) -> Iterator[Llmuxd]:
+    """llmuxd on ``bus``, its state and log under ``workdir``, ``config`` its llmuxd.toml,
+    ``options`` fields of Llmuxd (command, cuda_mode, env); stopped afterwards (the fixture's
+    and the benchmarks' one way to run it)."""
+    (workdir / "llmuxd.toml").write_text(config or "# empty: the flags say it all\n")
+    daemon = Llmuxd(bus=bus, state_dir=workdir / "state", workdir=workdir, **options)
     daemon.start()
     try:
         yield daemon

@@ -1,0 +1,86 @@
+"""``llmux --validate`` on the GPU machine, the way an operator runs it: a private system-style
+dbus-daemon with the package's policy (the carried bundle where none is installed), llmuxd on
+it with CUDA through the driver API, and the shim's validator asking llmuxd over D-Bus.
+
+Usage (from gpu-validate.sh, which sets up the Python path):
+  python3 packaging/gpu/gpu_validate.py --weights-mb 8192 [--memory-tier-gb 24] [--out DIR]
+Prints the validator's table, its limits line and llmuxd's log tail on failure; exits with the
+validator's status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+POLICIES = ("retain+stop,offload+keep_running,offload+cuda_suspend,retain+checkpoint,"
+            "discard+checkpoint")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights-mb", type=int, default=8192)
+    parser.add_argument("--policies", default=POLICIES)
+    parser.add_argument("--criu", default=str(REPO / ".criu" / "criu"))
+    parser.add_argument("--dbus-daemon", default=str(REPO / ".dbus" / "dbus-daemon"))
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--memory-tier-gb", type=float, default=0.0,
+                        help="llmuxd's memory tier limit (0: images go to its state folder)")
+    parser.add_argument("--workdir", default="/var/tmp",
+                        help="where llmuxd's state (the images on disk), the bus and logs go")
+    parser.add_argument("--out", default=os.environ.get("OUT", ""))
+    args = parser.parse_args()
+
+    os.environ["LLMUX_CRIU"] = args.criu
+    if os.access(args.dbus_daemon, os.X_OK):
+        os.environ["LLMUX_DBUS_DAEMON"] = args.dbus_daemon
+    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(REPO / "tests" / "service" / "dbus"))
+    import llmuxd_harness as harness
+
+    work = Path(tempfile.mkdtemp(prefix="llmux-validate-", dir=args.workdir))
+    daemon_config = ""
+    if args.memory_tier_gb:
+        daemon_config = (f'memory_tier_dir = "/dev/shm/llmux-validate-tier"\n'
+                         f"memory_tier_limit_bytes = {int(args.memory_tier_gb * 2**30)}\n")
+    with harness.running_bus(work) as bus, harness.running_llmuxd(
+            bus, work, daemon_config, command=[sys.executable, "-m", "llmux.service.main"],
+            cuda_mode="api" if args.device == "cuda" else "off") as daemon:
+        model = {"engine": "builtin", "model_path": f"bench/model-{args.weights_mb}",
+                 "port": free_port(), "weights_mb": args.weights_mb,
+                 "extra_args": ["--device", args.device],
+                 "env": {"LLMUX_BUILTIN_BACKEND": "torch"},
+                 "startup_timeout_secs": 900, "probe_timeout_secs": 300}
+        config = {"port": free_port(), "metrics_port": 0, "log_dir": str(work / "logs"),
+                  "policy": {"request_timeout_secs": 1800},
+                  "checkpoint": {"bus": bus.address}, "models": {"m": model}}
+        path = work / "llmux.json"
+        path.write_text(json.dumps(config, indent=2))
+        result = subprocess.run(
+            [sys.executable, "-m", "llmux.shim.cli", "--config", str(path), "--validate", "m",
+             "--policies", args.policies], check=False)
+        if result.returncode != 0 or args.out:
+            log = daemon.log()
+            if args.out:
+                Path(args.out, "llmuxd-validate.log").write_text(log)
+            if result.returncode != 0:
+                print("\n--- llmuxd log (tail) ---\n" + "\n".join(log.splitlines()[-40:]))
+    subprocess.run(["rm", "-rf", str(work), "/dev/shm/llmux-validate-tier"], check=False)
+    return result.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
