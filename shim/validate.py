@@ -11,7 +11,9 @@ sees a GPU here) and the disk's write and read speed.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -68,8 +70,11 @@ _PROBE_BYTES = 1 << 30
 
 def measure_limits(directory: str | None = None) -> str:
     """One line: pinned H2D/D2H GB/s (PyTorch and a GPU here, else why not) and the disk's
-    write (fsync'd) and read (file evicted from the page cache first) GB/s."""
-    parts = [_copy_speeds()]
+    write (fsync'd) and read (file evicted from the page cache first) GB/s. The copies run
+    in a child process, so that no CUDA context of the validator's stays on the GPU."""
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        parts = [pool.submit(_copy_speeds).result()]
     folder = directory or ("/var/tmp" if os.path.isdir("/var/tmp") else tempfile.gettempdir())
     try:
         write, read = _disk_speeds(folder)
@@ -208,14 +213,22 @@ async def _ask(supervisor: Supervisor, model: str) -> str:
 
 
 async def _memory(supervisor: Supervisor, model: str, gpu: bool) -> int:
-    """MiB: GPU memory used (nvidia-smi) when there is a GPU, else the engine tree's RSS."""
+    """MiB: the GPU memory of the engine's processes (nvidia-smi's compute apps) when there
+    is a GPU, else the engine tree's RSS. Only the engine's own processes count: the
+    validator, other engines and other users of the GPU do not."""
     if gpu:
         await asyncio.sleep(1.0)  # let the driver account freed memory
         proc = await asyncio.create_subprocess_exec(
-            "nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+            "nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
         out, _ = await proc.communicate()
-        return sum(int(x) for x in out.decode().split() if x.strip().isdigit())
+        pids = set(supervisor.pids(model))
+        total = 0
+        for line in out.decode().splitlines():
+            pid, _, used = line.partition(",")
+            if pid.strip().isdigit() and int(pid) in pids and used.strip().isdigit():
+                total += int(used)
+        return total
     return sum(_rss_kb(pid) for pid in supervisor.pids(model)) // 1024
 
 
@@ -244,7 +257,9 @@ def _print_table(results: list[PolicyResult], gpu: bool) -> None:
               f"{'PASS' if r.passed else 'FAIL':>6}")
     print(f"(GB/s: {what} freed by the eviction / brought back by the activation; "
           "retain+stop: the activation is a cold start)")
-    if not gpu:
+    if gpu:
+        print(f"({what}: memory nvidia-smi lists for the engine's processes)")
+    else:
         print(f"({what}: resident memory of the engine's process tree; no nvidia-smi here)")
 
 

@@ -528,10 +528,14 @@ def parallel_resume(args: argparse.Namespace, workdir: Path, service: Service,
                     e.post("/wake_up")
 
             alone: list[float] = []
+            alone_resume: list[float] = []
             for e, name in zip(engines, names, strict=True):
                 sleep(e, name)
                 t = time.perf_counter()
-                wake(e, name)
+                service.resume(e, name)
+                alone_resume.append(time.perf_counter() - t)
+                if offload:
+                    e.post("/wake_up")
                 alone.append(time.perf_counter() - t)
             for e, name in zip(engines, names, strict=True):
                 sleep(e, name)
@@ -539,13 +543,29 @@ def parallel_resume(args: argparse.Namespace, workdir: Path, service: Service,
             with concurrent.futures.ThreadPoolExecutor(len(engines)) as pool:
                 list(pool.map(wake, engines, names))
             together = time.perf_counter() - t
+            # the same again in two steps: every driver resume at once, then every wake
+            for e, name in zip(engines, names, strict=True):
+                sleep(e, name)
+            t = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(len(engines)) as pool:
+                list(pool.map(service.resume, engines, names))
+            resumes = time.perf_counter() - t
+            t = time.perf_counter()
+            if offload:
+                with concurrent.futures.ThreadPoolExecutor(len(engines)) as pool:
+                    list(pool.map(lambda e: e.post("/wake_up"), engines))
+            wakes = time.perf_counter() - t
             answers = [e.ask(1) for e in engines]
             policy = "offload+cuda_suspend" if offload else "retain+cuda_suspend"
             lines.append(f"parallel {policy} of {len(engines)} x {args.parallel_mb} MiB "
                          f"engines: alone {', '.join(f'{s:.2f}' for s in alone)} s (sum "
                          f"{sum(alone):.2f}), together {together:.2f} s = "
                          f"{together / max(alone):.2f}x the slowest alone (target <= 1.2x); "
-                         f"answers after: {len(answers)}")
+                         f"the driver's resumes alone "
+                         f"{', '.join(f'{s:.2f}' for s in alone_resume)} s, together "
+                         f"{resumes:.2f} s"
+                         + (f", then the wakes together {wakes:.2f} s" if offload else "")
+                         + f"; answers after: {len(answers)}")
             say(lines[-1])
     finally:
         for e in engines:
