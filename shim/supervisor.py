@@ -270,8 +270,11 @@ class Supervisor:
         engines lead their own sessions and outlive it). Run once at start-up, before any
         engine exists here, so whatever carries one of our marks belongs to nobody: left
         alone it would hold the model's port and GPU memory, and a new start would meet
-        "address in use" or load the model twice. Only processes in this mount namespace
-        count: with --pid=host another container's engines are visible, and are not ours.
+        "address in use" or load the model twice. Only processes in this network namespace
+        count: with --pid=host another container's engines are visible, and are not ours,
+        while a tree llmuxd restored for us lives in a mount namespace of its own but in
+        ours for the network. A mark names the model's port, and one network namespace has
+        one holder of a port: whatever carries our mark here would keep us from serving.
         Returns the PIDs ended."""
         marks = {self.mark(name).encode(): name for name in self.config.models}
         found = await asyncio.to_thread(_marked_processes, marks)
@@ -566,9 +569,9 @@ def _tree_pids(root: int) -> list[int]:
 
 def _marked_processes(marks: dict[bytes, str]) -> dict[str, list[int]]:
     """model -> its processes (root first: the one whose parent is not among them) found by
-    the engine mark in their environment, in this process's mount namespace only."""
+    the engine mark in their environment, in this process's network namespace only."""
     try:
-        own_ns = os.stat("/proc/self/ns/mnt")
+        own_ns = os.stat("/proc/self/ns/net")
     except OSError:
         return {}
     me = os.getpid()
@@ -578,7 +581,7 @@ def _marked_processes(marks: dict[bytes, str]) -> dict[str, list[int]]:
         if st.pid == me:
             continue
         try:
-            ns = os.stat(f"/proc/{st.pid}/ns/mnt")
+            ns = os.stat(f"/proc/{st.pid}/ns/net")
             if (ns.st_ino, ns.st_dev) != (own_ns.st_ino, own_ns.st_dev):
                 continue
             with open(f"/proc/{st.pid}/environ", "rb") as f:
@@ -599,7 +602,16 @@ def _marked_processes(marks: dict[bytes, str]) -> dict[str, list[int]]:
 
 
 def _made_files(pids: list[int]) -> set[str]:
-    """The tree's /dev/shm segments (its ipc sockets and file stores are in its TMPDIR)."""
+    """The tree's /dev/shm segments (its ipc sockets and file stores are in its TMPDIR),
+    when its /dev/shm is ours: a restored tree sees the same one through a mount namespace
+    of its own; in any other case its paths would name files that are not its."""
+    try:
+        same = all(os.stat(f"/proc/{pid}/root/dev/shm").st_dev == os.stat("/dev/shm").st_dev
+                   for pid in pids)
+    except OSError:
+        same = False
+    if not same:
+        return set()
     live, _ = upperfiles.open_paths(pids)
     return set(resources.shm_paths(live))
 

@@ -819,8 +819,8 @@ class CheckpointEngine:
                     return
                 await asyncio.sleep(0.5)
                 continue
-            try:
-                swapped = self.store.finish_move(model, tier, copy)
+            try:  # the model stays claimed across the await: no restore reads meanwhile
+                swapped = await asyncio.to_thread(self.store.finish_move, model, tier, copy)
             finally:
                 release()
             break

@@ -14,6 +14,7 @@ that tag in /proc/*/environ and kills it.
 from __future__ import annotations
 
 import secrets
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -51,11 +52,16 @@ def builtin_model(port: int, tag: str, workdir: Path, eviction: str,
 
 @pytest.fixture
 def start_shim(tmp_path: Path) -> Iterator[Callable[..., Shim]]:
-    """start_shim(bus_address, {name: eviction}) -> a running shim; all of it ends after."""
+    """start_shim(bus_address, {name: eviction}) -> a running shim; all of it ends after.
+    start_shim(same_as=SHIM): a new shim on the config of an earlier one (its restart)."""
     tag = secrets.token_hex(8)
     with shims_for_test(tmp_path, tag) as launch:
 
-        def start(bus_address: str, models: dict[str, str], **top: Any) -> Shim:
+        def start(bus_address: str = "", models: dict[str, str] | None = None, *,
+                  same_as: Shim | None = None, **top: Any) -> Shim:
+            if same_as is not None:
+                return launch(tomllib.loads(same_as.config_path.read_text()))
+            assert models is not None, "start_shim needs the models, or same_as"
             port = free_port()
             config: dict[str, Any] = {
                 "host": "127.0.0.1",

@@ -84,6 +84,29 @@ def test_request_for_b_checkpoints_a_and_a_is_restored(
     assert a["last_wake"] == "restore" and sorted(a["pids"]) == sorted(pids), a
 
 
+def test_a_restored_tree_of_a_killed_shim_is_ended_by_the_next_one(
+    llmuxd: Llmuxd, start_shim: Any
+) -> None:
+    """A tree llmuxd restored is no child of the shim (in a container it also lives in a
+    mount namespace of its own: tests/e2e): a SIGKILLed shim leaves it holding A's port.
+    The next shim ends it before it serves, and A answers as before."""
+    shim, first, pids = cold_start_a(llmuxd, start_shim, "discard+checkpoint")
+    shim.text(B)
+    assert shim.text(A) == first
+    a = shim.model_status(A)
+    assert a["last_wake"] == "restore" and sorted(a["pids"]) == sorted(pids), a
+
+    shim.proc.kill()
+    shim.proc.wait(30)
+    assert all(pid_alive(p) for p in pids), "the restored tree should outlive the shim"
+
+    second = start_shim(same_as=shim)
+    wait_until(lambda: gone(pids), 30, f"the restored tree {pids} to be ended")
+    assert "an earlier shim left running" in second.log()
+    assert second.text(A) == first, second.log()[-4000:]
+    assert second.model_status(A)["state"] == "running"
+
+
 def test_control_sleep_and_wake_checkpoint_a(llmuxd: Llmuxd, start_shim: Any) -> None:
     shim, first, pids = cold_start_a(llmuxd, start_shim, "discard+checkpoint")
 

@@ -1,7 +1,8 @@
 """A shim that dies hard (SIGKILL, OOM) leaves its engines running: they lead their own
 sessions. The next shim must end them before it serves, or it would meet "address in use"
-on the model's port, or load the model twice. What is not its own (another shim's engine,
-another container's) must be left alone."""
+on the model's port, or load the model twice; so must it a tree llmuxd restored for it, which
+lives in a mount namespace of its own. What is not its own (another shim's engine, another
+container's, in another network namespace) must be left alone."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from shimproc import shims_for_test
-from testprocs import free_port, pid_alive
+from testprocs import free_port, pid_alive, wait_until
 
 from llmux.shim.supervisor import ENGINE_MARK
 
@@ -31,13 +32,18 @@ def _config(tmp_path: Path, tag: str, model_port: int) -> dict[str, Any]:
     }
 
 
-def _stand_in(mark: str, *, own_mount_ns: bool) -> subprocess.Popen[bytes]:
-    """A process carrying an engine mark, in this mount namespace or a new one."""
+def _stand_in(mark: str, *unshare: str) -> subprocess.Popen[bytes]:
+    """A process carrying an engine mark, in these namespaces or new ones (``unshare``
+    options: ``--mount``, ``--net``)."""
     argv = ["sleep", "300"]
-    if own_mount_ns:
-        argv = ["unshare", "--mount", "--propagation", "private", *argv]
-    return subprocess.Popen(argv, env={**os.environ, ENGINE_MARK: mark},
-                            start_new_session=True)
+    if unshare:
+        argv = ["unshare", *unshare, "--", *argv]
+    proc = subprocess.Popen(argv, env={**os.environ, ENGINE_MARK: mark}, start_new_session=True)
+    kinds = [ns for option, ns in (("--mount", "mnt"), ("--net", "net")) if option in unshare]
+    wait_until(lambda: all(os.readlink(f"/proc/{proc.pid}/ns/{ns}")
+                           != os.readlink(f"/proc/self/ns/{ns}") for ns in kinds),
+               10, "the stand-in to enter its namespaces")
+    return proc
 
 
 def test_engines_of_a_killed_shim_are_ended_by_the_next_one(tmp_path: Path) -> None:
@@ -45,9 +51,10 @@ def test_engines_of_a_killed_shim_are_ended_by_the_next_one(tmp_path: Path) -> N
     model_port = free_port()
     config = _config(tmp_path, tag, model_port)
     # not ours: another shim's engine (same name, other port) and, with --pid=host, an engine
-    # with our very mark in another container (another mount namespace)
-    other_shim = _stand_in(f"alpha:{free_port()}", own_mount_ns=False)
-    other_container = _stand_in(f"alpha:{model_port}", own_mount_ns=True)
+    # with our very mark in another container (another network namespace)
+    other_shim = _stand_in(f"alpha:{free_port()}")
+    other_container = _stand_in(f"alpha:{model_port}", "--mount", "--net")
+    restored: subprocess.Popen[bytes] | None = None
     try:
         with shims_for_test(tmp_path, tag) as launch:
             first = launch(config)
@@ -58,16 +65,21 @@ def test_engines_of_a_killed_shim_are_ended_by_the_next_one(tmp_path: Path) -> N
             first.proc.send_signal(signal.SIGKILL)
             first.proc.wait(30)
             assert all(pid_alive(p) for p in old_pids), "the engine should outlive SIGKILL"
+            # ours too: what a restore by llmuxd leaves, our mark in a mount namespace of
+            # its own (and our network namespace)
+            restored = _stand_in(f"alpha:{model_port}", "--mount", "--propagation", "private")
 
             second = launch(config)
             # ended before the new shim listens: /health answering means it is done
             gone = [p for p in old_pids if not pid_alive(p)]
             assert gone == old_pids, f"left running: {set(old_pids) - set(gone)}"
             assert "an earlier shim left running" in second.log()
+            assert restored.wait(10) is not None, "the restored stand-in should be ended"
             assert second.text("alpha") == before  # the model starts afresh, same answer
             assert set(second.model_status("alpha")["pids"]).isdisjoint(old_pids)
             assert other_shim.poll() is None and other_container.poll() is None
     finally:
-        for p in (other_shim, other_container):
-            p.kill()
-            p.wait()
+        for p in (other_shim, other_container, restored):
+            if p is not None:
+                p.kill()
+                p.wait()
