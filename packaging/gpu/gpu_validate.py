@@ -39,6 +39,8 @@ def main() -> int:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--memory-tier-gb", type=float, default=0.0,
                         help="llmuxd's memory tier limit (0: images go to its state folder)")
+    parser.add_argument("--load-threads", type=int, default=1,
+                        help="readers loading the weights (LLMUX_BUILTIN_LOAD_THREADS)")
     parser.add_argument("--workdir", default="/var/tmp",
                         help="where llmuxd's state (the images on disk), the bus and logs go")
     parser.add_argument("--out", default=os.environ.get("OUT", ""))
@@ -62,7 +64,8 @@ def main() -> int:
         model = {"engine": "builtin", "model_path": f"bench/model-{args.weights_mb}",
                  "port": free_port(), "weights_mb": args.weights_mb,
                  "extra_args": ["--device", args.device],
-                 "env": {"LLMUX_BUILTIN_BACKEND": "torch"},
+                 "env": {"LLMUX_BUILTIN_BACKEND": "torch",
+                         "LLMUX_BUILTIN_LOAD_THREADS": str(args.load_threads)},
                  "startup_timeout_secs": 900, "probe_timeout_secs": 300}
         config = {"port": free_port(), "metrics_port": 0, "log_dir": str(work / "logs"),
                   "policy": {"request_timeout_secs": 1800},
