@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -341,6 +342,11 @@ class CheckpointEngine:
         self._version = _service_version()
         self.pid_free_timeout = PID_FREE_TIMEOUT_SECS
         self._movers: set[asyncio.Task[None]] = set()
+        #: set while no restore runs: moves to disk wait on it (a restore is latency, a
+        #: move is background work on the same memory and disks)
+        self._no_restores = threading.Event()
+        self._no_restores.set()
+        self._restores = 0
 
     @classmethod
     async def open(cls, config: EngineConfig) -> CheckpointEngine:
@@ -804,7 +810,7 @@ class CheckpointEngine:
         """Put a checkpoint's images from the memory tier on disk, behind the job that made
         them: copied without holding the model (a restore may read them meanwhile), then
         swapped in while no job holds it."""
-        moved = await asyncio.to_thread(self.store.copy_to_disk, model)
+        moved = await asyncio.to_thread(self.store.copy_to_disk, model, self._give_way)
         if moved is None:
             return
         tier, copy = moved
@@ -827,6 +833,10 @@ class CheckpointEngine:
         if swapped:
             await asyncio.to_thread(self.store.drop_memory_copy, tier)
             log.info("moved the images of %s from the memory tier to disk", model)
+
+    def _give_way(self) -> None:
+        """Blocks a move's copy (in its thread) while a restore runs, up to MOVE_WAIT_SECS."""
+        self._no_restores.wait(MOVE_WAIT_SECS)
 
     async def wait_moves(self) -> None:
         """Until every move to disk in flight is done (tests; a clean stop)."""
@@ -994,6 +1004,8 @@ class CheckpointEngine:
                 with ViewRoot(view_pid) as view:
                     put_back = await asyncio.to_thread(self._put_back, manifest, files,
                                                        view.path)
+                self._restores += 1
+                self._no_restores.clear()
                 try:
                     return await self._restore_tree(manifest, target, caller, keep_images,
                                                     report, started, journal, entry)
@@ -1003,6 +1015,10 @@ class CheckpointEngine:
                             resources.remove_unused,
                             [view.path / p.lstrip("/") for p in put_back]))
                     raise
+                finally:
+                    self._restores -= 1
+                    if not self._restores:
+                        self._no_restores.set()
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     await _uncancellable(asyncio.to_thread(journal.unlink))

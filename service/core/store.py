@@ -20,6 +20,7 @@ import shutil
 import signal
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -413,17 +414,19 @@ class CheckpointStore:
         """True while the checkpoint's images are in the memory tier."""
         return self.images_dir(model).is_symlink()
 
-    def copy_to_disk(self, model: str) -> tuple[Path, Path] | None:
+    def copy_to_disk(self, model: str, pause: Callable[[], None] = lambda: None,
+                     ) -> tuple[Path, Path] | None:
         """Copy the images of ``model`` from the memory tier to a folder beside them on disk,
         synced; (tier folder, disk copy) for finish_move, None if there is nothing to move
-        (not in memory, or the checkpoint went away meanwhile)."""
+        (not in memory, or the checkpoint went away meanwhile). ``pause()`` is called before
+        each chunk and may block: the copy is background work, and gives way."""
         images = self.images_dir(model)
         if not images.is_symlink():
             return None
         source = Path(os.readlink(images))
         copy = self.path(model) / f"{_TMP}images-{secrets.token_hex(4)}"
         try:
-            shutil.copytree(source, copy, symlinks=True)
+            shutil.copytree(source, copy, symlinks=True, copy_function=_chunked_copy(pause))
             restrict(copy)
             _fsync_tree(copy)
         except OSError as exc:
@@ -614,3 +617,27 @@ class CheckpointStore:
                 f"checkpoint of {model!r} needs about {expected // _MB} MiB, but the state "
                 f"directory {self.root} has only {free // _MB} MiB free"
             )
+
+
+_COPY_CHUNK = 64 << 20
+
+
+def _chunked_copy(pause: Callable[[], None]) -> Callable[[str, str], str]:
+    """shutil's copy function, in chunks of 64 MiB (sendfile: no copy through user space),
+    with ``pause()`` before each."""
+
+    def copy(src: str, dst: str) -> str:
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            size = os.fstat(fin.fileno()).st_size
+            done = 0
+            while done < size:
+                pause()
+                sent = os.sendfile(fout.fileno(), fin.fileno(), done,
+                                   min(_COPY_CHUNK, size - done))
+                if not sent:
+                    raise OSError(f"{src}: ended at byte {done} of {size}")
+                done += sent
+        shutil.copystat(src, dst)
+        return dst
+
+    return copy

@@ -53,6 +53,24 @@ def test_a_dump_that_fits_goes_to_memory_then_to_disk(tmp_path: Path) -> None:
     assert list(tier.iterdir()) == []
 
 
+def test_the_move_gives_way_before_every_chunk(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy to disk calls pause() before each chunk (where a move waits while a restore
+    runs), and the copy is byte for byte, the chunks' seams included."""
+    from llmux.service.core import store as store_module
+
+    monkeypatch.setattr(store_module, "_COPY_CHUNK", 256 * 1024)
+    store = CheckpointStore(tmp_path / "state", tmp_path / "tier", 64 * MIB)
+    store.prepare()
+    payload = os.urandom(MIB + 12345)
+    _fake_dump(store, "m", len(payload), payload)
+    calls: list[float] = []
+    moved = store.copy_to_disk("m", lambda: calls.append(time.monotonic()))
+    assert moved is not None
+    assert len(calls) == 5  # ceil((1 MiB + 12345) / 256 KiB)
+    assert (moved[1] / "pages-1.img").read_bytes() == payload
+
+
 def test_over_the_limit_or_off_the_images_stay_on_disk(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path / "state", tmp_path / "tier", 2 * MIB)
     store.prepare()
@@ -109,6 +127,19 @@ async def test_checkpoint_restores_from_memory_and_moves_to_disk(
     assert after[:3] == before[:3] and int(after[3]) == int(before[3]) + 1
     await engine.wait_moves()
     assert not engine.store.in_memory("tiered")
+    # a move waits while a restore runs: restores are latency, moves background work
+    await engine.checkpoint(ME, "tiered", t.pid)
+    await _until(lambda: not proctree.taken(t.pids))
+    engine._no_restores.clear()  # as a restore of another model does
+    try:
+        await asyncio.sleep(1.0)
+        assert engine.store.in_memory("tiered"), "the move ran during a restore"
+    finally:
+        engine._no_restores.set()
+    await engine.wait_moves()
+    assert not engine.store.in_memory("tiered")
+    await engine.restore(ME, "tiered")
+    assert int((await t.ping())[3]) == int(before[3]) + 2
     assert list(tier.iterdir()) == []
     assert (engine.store.images_dir("tiered") / "inventory.img").is_file()
     with pytest.raises(InvalidArgument, match="memory_tier_dir"):
