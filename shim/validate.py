@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmux.shim.backend import backend_for
-from llmux.shim.config import Config, EvictionPolicy, ProcessStrategy
+from llmux.shim.config import Config, EvictionPolicy, ProcessStrategy, WeightStrategy
 from llmux.shim.errors import ShimError
 from llmux.shim.lifecycle import Lifecycle, ModelState
 from llmux.shim.supervisor import Supervisor
@@ -130,7 +130,20 @@ def _disk_speeds(folder: str, nbytes: int = _PROBE_BYTES // 2) -> tuple[float, f
     return write, read
 
 
+def in_fair_order(policies: list[EvictionPolicy]) -> list[EvictionPolicy]:
+    """The policies that never offload the weights first, each group in the order given.
+    After a level-1 sleep vLLM keeps weights-sized pinned buffers in PyTorch's host cache for
+    the life of the process, and a checkpoint taken later would carry them: in production a
+    model has one policy, so they never meet one that does not offload."""
+    return sorted(policies, key=lambda p: p.weights is WeightStrategy.OFFLOAD)
+
+
 async def run_validation(config: Config, model: str, policies: list[EvictionPolicy]) -> bool:
+    ordered = in_fair_order(policies)
+    if ordered != policies:
+        print("Order: " + ", ".join(map(str, ordered)) + " (the policies that offload the "
+              "weights last: the pinned buffers they leave would weigh on the others)")
+    policies = ordered
     m = config.models[model]
     if m.sleep_mode_override is None and any(p.weights != "retain" for p in policies):
         # the cycles put the weights to sleep: the engine needs vLLM's sleep mode for them

@@ -127,11 +127,6 @@ class ModelBackend(ABC):
     def weights_checksum(self) -> int:
         """A digest of every weight byte (equal before a sleep and after the wake)."""
 
-    def idle(self) -> bool:
-        """One short step of housekeeping once the model has been idle a while; True while
-        there is more to do."""
-        return False
-
     def _sleep_kv_cache(self) -> None:  # noqa: B027 (optional: backends without a KV cache)
         """Free the KV cache (every sleep level drops it, as vLLM's does)."""
 

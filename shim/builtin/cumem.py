@@ -126,8 +126,10 @@ class CuMemAllocator:
         self._lock = threading.Lock()
         #: seconds of the phases of the last sleep and wake (for engine_state)
         self.timings: dict[str, float] = {}
-        #: pinned host buffers of the last wake, by size: reused by the next sleep, handed
-        #: back to the OS by release_spare() once the engine is idle
+        #: pinned host buffers of the last wake, by size, reused by the next sleep and never
+        #: handed back: vLLM drops its backups at a wake into PyTorch's caching host
+        #: allocator, which keeps them for the life of the process (a later checkpoint
+        #: carries them; see the README's table of vLLM's traits)
         self._spares: dict[int, list[Any]] = {}
 
     def _context(self) -> None:
@@ -244,8 +246,7 @@ class CuMemAllocator:
                             self._view(segment).copy_(segment.backup, non_blocking=True)
             self.stream.synchronize()
             t2 = time.perf_counter()
-            # Unpinning gigabytes takes longer than copying them: the buffers are kept for
-            # the next sleep and handed back once the engine is idle (release_spare).
+            # kept for the next sleep, as PyTorch's host cache keeps vLLM's
             for pool in chosen:
                 for segment in pool.segments:
                     if segment.backup is not None:
@@ -259,26 +260,15 @@ class CuMemAllocator:
     def spare_bytes(self) -> int:
         return sum(size * len(buffers) for size, buffers in self._spares.items())
 
-    def release_spare(self) -> bool:
-        """Hand one kept pinned buffer back to the OS (about 0.1 s a GiB); True while more
-        are left. The worker calls it a buffer at a time once the model is idle."""
-        with self._lock:
-            if self._spares:
-                size, buffers = next(iter(self._spares.items()))
-                buffers.pop()
-                if not buffers:
-                    del self._spares[size]
-                release_pinned_cache()
-            return bool(self._spares)
-
     def drop_backups(self, tag: str) -> None:
-        """Forget ``tag``'s host copies and the kept pinned buffers (a level-2 sleep after a
-        level-1 one: the weights come back from disk, not from host memory)."""
+        """Forget ``tag``'s host copies (a level-2 sleep after a level-1 one: the weights
+        come back from disk, not from host memory). The kept pinned buffers stay, as
+        vLLM's stay in PyTorch's host cache."""
         with self._lock:
             for segment in self.pools[tag].segments if tag in self.pools else []:
+                if segment.backup is not None:
+                    self._spares.setdefault(segment.size, []).append(segment.backup)
                 segment.backup = None
-            self._spares.clear()
-            release_pinned_cache()
 
     def _chosen(self, tags: Iterable[str] | None) -> list[Pool]:
         names = list(self.pools) if tags is None else list(tags)

@@ -279,16 +279,6 @@ class TorchBackend(ModelBackend):
             for name, info in self._infos.items()
         }
 
-    def idle(self) -> bool:
-        """Pinned buffers kept from the last wake go back to the OS, one at a time."""
-        allocator = self._allocator
-        if allocator is None or not allocator.spare_bytes:
-            return False
-        more = bool(allocator.release_spare())
-        if not more:
-            log.info("Released the pinned host buffers of the last wake")
-        return more
-
     def _sleep_kv_cache(self) -> None:
         if self._allocator is not None:
             self._allocator.sleep(offload_tags=[], tags=["kv_cache"])

@@ -16,13 +16,11 @@ import contextlib
 import json
 import logging
 import os
-import select
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -37,15 +35,6 @@ log = logging.getLogger("llmux.builtin.worker")
 
 _HEADER = struct.Struct("<I")
 DEFAULT_GPU_KV_CACHE_BYTES = 64 << 20
-#: seconds without model work after which the worker does its housekeeping (backend.idle)
-IDLE_SECS = 2.0
-#: the calls that count as model work (state polls do not)
-_WORK = frozenset({"next_token", "sleep", "wake_up", "reload_weights"})
-
-
-def _readable(sock: socket.socket, timeout_secs: float | None) -> bool:
-    ready, _, _ = select.select([sock], [], [], timeout_secs)
-    return bool(ready)
 
 
 @dataclass(frozen=True)
@@ -240,17 +229,7 @@ class Worker:
             "describe": self.describe,
             "weights_checksum": backend.weights_checksum,
         }
-        last_work = time.monotonic()
-        housekeeping = False  # the backend has idle work left
         while True:
-            # Housekeeping starts once the model has done no work for IDLE_SECS, whatever
-            # the state polls meanwhile, and goes a short step between two calls.
-            quiet = time.monotonic() - last_work
-            if housekeeping and quiet >= IDLE_SECS:
-                housekeeping = backend.idle()
-            wait = max(0.0, IDLE_SECS - quiet) if housekeeping else None
-            if not _readable(self.sock, wait):
-                continue
             message = recv_message(self.sock)
             if message is None:
                 log.info("The engine core closed the connection; worker exiting")
@@ -269,9 +248,6 @@ class Worker:
                 self._error(EngineError(f"{method} failed: {exc}", 500, "InternalServerError"))
             else:
                 send_message(self.sock, {"result": result})
-            if method in _WORK:
-                last_work = time.monotonic()
-                housekeeping = True
 
     def _error(self, exc: EngineError) -> None:
         send_message(self.sock, {"error": {"message": exc.message, "status": exc.status,

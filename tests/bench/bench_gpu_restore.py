@@ -343,9 +343,6 @@ def cycle(ctx: Context, policy: str, sleep: Callable[[Row], None],
     engine = ctx.engine
     row = Row(engine.size_mb, policy)
     say(f"\n--- {policy} ({engine.size_mb} MiB of weights) ---")
-    deadline = time.monotonic() + 30  # the last wake's pinned buffers are let go when idle
-    while engine.state().get("cumem_spare_pinned_bytes") and time.monotonic() < deadline:
-        time.sleep(0.5)
     try:
         row.mib_before = gpu_mib(engine, ctx.gpu)
         t = time.perf_counter()
@@ -406,43 +403,40 @@ def run_cycles(ctx: Context, policies: set[str]) -> None:
     def wake_up(row: Row) -> None:
         engine.post("/wake_up")
 
-    if "offload+keep_running" in policies:
-        cycle(ctx, "offload+keep_running", sleep_level(1), wake_up, h2d_limit)
+    # First what never offloads: after a level-1 sleep the engine keeps weights-sized pinned
+    # buffers (as vLLM's stay in PyTorch's host cache), and every later image would carry
+    # them; with one policy per model, as in production, they never meet.
+    service = ctx.disk
+    if ctx.gpu and service is not None and "retain+cuda_suspend" in policies:
+        def suspend(row: Row) -> None:
+            service.suspend(engine)
+            row.moved_bytes = row.mib_before * MIB
 
-    if ctx.gpu and ctx.disk is not None:
-        service = ctx.disk
-        if "retain+cuda_suspend" in policies:
-            def suspend(row: Row) -> None:
-                service.suspend(engine)
-                row.moved_bytes = row.mib_before * MIB
+        cycle(ctx, "retain+cuda_suspend", suspend, lambda _r: service.resume(engine),
+              lambda r: f"pinned D2H/H2D {limits.get('pinned_d2h', 0):.1f}/"
+                        f"{pinned_h2d:.1f} GB/s; target >= 10 GB/s each way")
+    tiers = (("disk", ctx.disk), (f"disk, {ctx.prefetch_label}", ctx.disk_prefetch),
+             ("memory", ctx.memory))
+    for weights in ("retain", "discard", "offload"):
+        if weights == "offload":
+            if "offload+keep_running" in policies:
+                cycle(ctx, "offload+keep_running", sleep_level(1), wake_up, h2d_limit)
+            if ctx.gpu and service is not None and "offload+cuda_suspend" in policies:
+                def offload_suspend(row: Row) -> None:
+                    engine.post("/sleep?level=1")
+                    service.suspend(engine)
+                    row.moved_bytes = wbytes
 
-            cycle(ctx, "retain+cuda_suspend", suspend, lambda _r: service.resume(engine),
-                  lambda r: f"pinned D2H/H2D {limits.get('pinned_d2h', 0):.1f}/"
-                            f"{pinned_h2d:.1f} GB/s; target >= 10 GB/s each way")
-        if "offload+cuda_suspend" in policies:
-            def offload_suspend(row: Row) -> None:
-                engine.post("/sleep?level=1")
-                service.suspend(engine)
-                row.moved_bytes = wbytes
+                def resume_wake(row: Row) -> None:
+                    service.resume(engine)
+                    engine.post("/wake_up")
 
-            def resume_wake(row: Row) -> None:
-                service.resume(engine)
-                engine.post("/wake_up")
-
-            cycle(ctx, "offload+cuda_suspend", offload_suspend, resume_wake, h2d_limit)
-
-    tiers = (("disk", ctx.disk, ("retain", "offload", "discard")),
-             (f"disk, {ctx.prefetch_label}", ctx.disk_prefetch, ("offload",)),
-             ("memory", ctx.memory, ("retain", "offload", "discard")))
-    for tier, service_or_none, kinds in tiers:
-        if service_or_none is None:
+                cycle(ctx, "offload+cuda_suspend", offload_suspend, resume_wake, h2d_limit)
+        if f"{weights}+checkpoint" not in policies:
             continue
-        service = service_or_none
-        for weights in kinds:
-            policy = f"{weights}+checkpoint"
-            if policy not in policies:
-                continue
-            checkpoint_cycle(ctx, service, weights, tier, wbytes)
+        for tier, tier_service in tiers:
+            if tier_service is not None and (weights == "offload" or tier != tiers[1][0]):
+                checkpoint_cycle(ctx, tier_service, weights, tier, wbytes)
 
 
 def checkpoint_cycle(ctx: Context, service: Service, weights: str, tier: str,
