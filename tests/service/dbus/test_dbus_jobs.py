@@ -8,6 +8,7 @@ from the number it had reached, under the same PID.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -310,7 +311,9 @@ def test_llmuxd_killed_mid_dump_loses_nothing(
     llmuxd.proc.kill()
     if how == "like-systemd":
         for pid in helpers:
-            os.kill(pid, signal.SIGKILL)
+            # a helper may be gone already: CRIU dies with llmuxd (PR_SET_PDEATHSIG), or ended
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     llmuxd.proc.wait(30)
     for pid in helpers:
         wait_until(lambda pid=pid: not pid_alive(pid), 120, f"llmuxd's helper {pid} to end")
