@@ -292,15 +292,24 @@ def _write_json(path: Path, value: object) -> None:
 RESTORE_FINISHED = "Restore finished successfully"
 
 
-def _kill_half_restored(pids: Sequence[int], criu_start: object) -> list[int]:
-    """SIGKILL the processes among ``pids`` born after the CRIU restore began (so made by
-    it, not a PID reused before), and wait a while for them to go."""
-    if not isinstance(criu_start, int):
+def _kill_half_restored(pids: Sequence[int], since: object, images: Path | None = None,
+                        ) -> list[int]:
+    """SIGKILL what a CRIU restore that did not finish left: the processes among ``pids``
+    born after it began (made by it, not a PID reused before), and its own helper tasks,
+    which stay stopped when CRIU dies (clones of CRIU: its argv, these ``images``). Waits a
+    while for them to go."""
+    if not isinstance(since, int):
         return []
     hit = []
     for pid in pids:
         st = proctree.read_stat(pid)
-        if st is not None and st.state not in ("Z", "X") and st.start_time >= criu_start:
+        if st is not None and st.state not in ("Z", "X") and st.start_time >= since:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                hit.append(pid)
+    if images is not None:
+        for pid in proctree.born_since(since, [b"restore", b"--images-dir",
+                                               os.fsencode(str(images))]):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
                 hit.append(pid)
@@ -998,6 +1007,9 @@ class CheckpointEngine:
             entry: dict[str, object] = {
                 "view": proctree.start_times([view_pid]) if view_pid else None,
                 "paths": transient, "pids": manifest.pids, "criu_start": None,
+                # before CRIU starts: what is born from here on may be its work, even if the
+                # service dies before criu_start is noted
+                "floor": proctree.now_ticks(),
                 "log": str(self.store.images_dir(model) / "restore.log")}
             await asyncio.to_thread(_write_json, journal, entry)
             try:
@@ -1087,7 +1099,8 @@ class CheckpointEngine:
                     finished = False
                 if not finished:
                     _kill_half_restored([int(p) for p in data.get("pids", [])],
-                                        data.get("criu_start"))
+                                        data.get("criu_start") or data.get("floor"),
+                                        Path(str(data.get("log"))).parent)
             if data is not None and (not view or alive):
                 with contextlib.suppress(OSError), ViewRoot(alive[0] if alive else None) as v:
                     removed += [str(p) for p in resources.remove_unused(
@@ -1183,7 +1196,8 @@ class CheckpointEngine:
             await _uncancellable(asyncio.gather(*noted, return_exceptions=True))
             if run_holder:
                 await _uncancellable(asyncio.to_thread(
-                    _kill_half_restored, manifest.pids, entry.get("criu_start")))
+                    _kill_half_restored, manifest.pids,
+                    entry.get("criu_start") or entry.get("floor"), images))
             raise
         finally:
             with contextlib.suppress(Exception):

@@ -279,6 +279,28 @@ def start_times(pids: Iterable[int]) -> dict[int, int]:
     return out
 
 
+def now_ticks() -> int:
+    """Now, in the unit of a process's start time (clock ticks since boot): a process born
+    from here on has a start time at least this."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK")) - 1
+
+
+def born_since(floor: int, argv_has: Sequence[bytes]) -> list[int]:
+    """Live processes born at ``floor`` or later whose argv holds every one of ``argv_has``
+    (whole arguments)."""
+    out = []
+    for st in all_stats():
+        if st.start_time < floor or st.state in ("Z", "X"):
+            continue
+        try:
+            argv = Path(f"/proc/{st.pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if all(a in argv for a in argv_has):
+            out.append(st.pid)
+    return out
+
+
 def same_processes(starts: dict[int, int]) -> list[int]:
     """The PIDs of ``starts`` that still name the very process recorded (not a reuse)."""
     out = []

@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -450,3 +451,42 @@ async def test_a_damaged_checkpoint_is_refused_before_criu_by_name(
         assert expected[how] in str(err.value), str(err.value)
         assert not _criu_children()
     assert await nothing_lost(eng, model, "d", answer, _shm(), tmp_path) == "running"
+
+
+async def test_start_up_ends_the_stopped_helpers_of_a_restore_cut_short(
+    criu_path: str, state_dir: Path, tmp_path: Path
+) -> None:
+    """A CRIU killed mid-restore (with the service) can leave its helper tasks stopped:
+    clones of CRIU, its argv, outside the tree's PIDs. The journal the next start-up reads
+    names the images and when the restore began: what CRIU of those images left since then
+    is killed; a process from before, or of other images, is not."""
+    images = state_dir / "m" / "images"
+
+    def fake_helper(images_dir: Path) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(300)", "restore", "--images-dir",
+             str(images_dir)])
+        os.kill(proc.pid, signal.SIGSTOP)
+        return proc
+
+    older = fake_helper(images)  # born before the restore began: not its work
+    await asyncio.sleep(0.05)
+    floor = proctree.now_ticks()
+    await asyncio.sleep(0.05)
+    helper = fake_helper(images)
+    other = fake_helper(tmp_path / "other" / "images")
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / ".restoring-m.json").write_text(json.dumps(
+            {"view": None, "paths": [], "pids": [], "criu_start": None, "floor": floor,
+             "log": str(images / "restore.log")}))
+        eng = await _open(state_dir, criu_path)
+        assert helper.wait(10) == -signal.SIGKILL
+        assert older.poll() is None and other.poll() is None
+        assert not list(state_dir.glob(".restoring-*")), "the journal is done with"
+        del eng
+    finally:
+        for p in (older, helper, other):
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            p.wait()
