@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -74,6 +75,39 @@ def differences(first: dict[int, tuple[object, ...]], now: dict[int, tuple[objec
             if a != b:
                 if isinstance(a, Counter) and isinstance(b, Counter):
                     out.append(f"{name} of {pid}: gone {dict(a - b)}, new {dict(b - a)}")
+                elif isinstance(a, list | tuple) and isinstance(b, list | tuple):
+                    gone = [x for x in a if x not in b]
+                    new = [x for x in b if x not in a]
+                    out.append(f"{name} of {pid}: gone {gone[:5]}, new {new[:5]}")
                 else:
                     out.append(f"{name} of {pid} differ")
     return out
+
+
+def settled(pids: list[int], secs: float = 10.0) -> dict[int, tuple[object, ...]]:
+    """A snapshot the tree keeps for 0.2 s: the connection of the last answer closed, for
+    one (the server closes its end a moment after the client)."""
+    last = snapshot(pids)
+    deadline = time.monotonic() + secs
+    while True:
+        time.sleep(0.2)
+        now = snapshot(pids)
+        if not differences(last, now) or time.monotonic() > deadline:
+            return now
+        last = now
+
+
+def assert_same(first: dict[int, tuple[object, ...]], pids: list[int], what: str) -> None:
+    """The restored tree matches ``first``, allowing what is in passage to settle (a
+    connection being closed; the host's mount table while other suites mount): a
+    difference that stays 10 s is a failure."""
+    found: list[str] = []
+
+    def same() -> bool:
+        found[:] = differences(first, snapshot(pids))
+        return not found
+
+    deadline = time.monotonic() + 10
+    while not same():
+        assert time.monotonic() < deadline, f"{what}: {found}"
+        time.sleep(0.2)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from testprocs import pid_alive, wait_until
-from zdtmcompare import differences, snapshot, usage
+from zdtmcompare import assert_same, settled, usage
 
 pytestmark = [pytest.mark.vllm, pytest.mark.criu, pytest.mark.dbus]
 
@@ -111,14 +111,14 @@ def test_real_vllm_checkpoint_cycles_keep_the_tree_as_it_was(
     shim = start_vllm_shim({"alpha": "retain+checkpoint"}, bus=llmuxd.bus.address)
     first_answer = answer(shim, "alpha")
     pids = sorted(shim.model_status("alpha")["pids"])
-    first = snapshot(pids)
+    first = settled(pids)
     use: dict[str, list[tuple[int, int]]] = {"llmuxd": [], "shim": []}
     for cycle in range(1, VLLM_CYCLES + 1):
         r = shim.control("sleep", {"model": "alpha"})
         assert r.status_code == 200 and r.json()["state"] == "checkpointed", r.text
         wait_until(lambda: gone(pids), 60, f"cycle {cycle}: alpha's tree to go")
         assert_restored(shim, "alpha", pids, first_answer)
-        assert not differences(first, snapshot(pids)), f"cycle {cycle}"
+        assert_same(first, pids, f"cycle {cycle}")
         use["llmuxd"].append(usage(llmuxd.proc.pid))
         use["shim"].append(usage(shim.proc.pid))
     for who, seen in use.items():

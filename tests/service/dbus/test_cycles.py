@@ -21,7 +21,7 @@ import httpx
 import pytest
 from llmuxd_harness import OBJECT_PATH, Llmuxd, children_of
 from testprocs import wait_until
-from zdtmcompare import differences, snapshot
+from zdtmcompare import assert_same, settled
 from zdtmcompare import usage as process_usage
 
 from llmux.service.core import proctree, resources
@@ -96,7 +96,7 @@ def test_dump_restore_cycles_keep_the_tree_as_it_was(llmuxd: Llmuxd, tmp_path: P
         mapped = _segments(pids)
         try:
             answer = _answer(e)
-            first = snapshot(pids)
+            first = settled(pids)
             usage = []
             began = time.monotonic()
             for cycle in range(1, CYCLES + 1):
@@ -109,7 +109,7 @@ def test_dump_restore_cycles_keep_the_tree_as_it_was(llmuxd: Llmuxd, tmp_path: P
 
                 wait_until(gone, 30, f"cycle {cycle}: the dumped PIDs to be free")
                 _done(llmuxd, "Restore", "sa{sv}", "cycles", 0)
-                assert not differences(first, snapshot(pids)), f"cycle {cycle}"
+                assert_same(first, pids, f"cycle {cycle}")
                 assert _answer(e) == answer, f"cycle {cycle}: another completion"
                 usage.append(process_usage(daemon))
         finally:
