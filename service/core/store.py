@@ -289,6 +289,13 @@ def cure_interrupted(tmp: Path) -> str:
     if proctree.kill_exact(criu, signal.SIGKILL):
         done.append(f"killed CRIU {sorted(criu)}")
         _wait_gone(criu, 10.0)
+    # CRIU's clones (its argv; this staging folder's name is unique) stay stopped when it
+    # dies mid-dump
+    clones = proctree.start_times(
+        proctree.born_since(0, [b"dump", b"--images-dir", os.fsencode(str(tmp / IMAGES))]))
+    if proctree.kill_exact(clones, signal.SIGKILL):
+        done.append(f"killed CRIU's helper tasks {sorted(clones)}")
+        _wait_gone(clones, 10.0)
     tree = _starts(journal, "tree")
     if not tree:
         return "; ".join(done)

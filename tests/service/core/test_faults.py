@@ -453,6 +453,35 @@ async def test_a_damaged_checkpoint_is_refused_before_criu_by_name(
     assert await nothing_lost(eng, model, "d", answer, _shm(), tmp_path) == "running"
 
 
+async def test_start_up_ends_the_stopped_helpers_of_a_dump_cut_short(
+    criu_path: str, state_dir: Path, tmp_path: Path
+) -> None:
+    """The same for a dump: its staging folder names the images, and what CRIU left with
+    that (unique) folder in its argv is killed at start-up; another dump's is not."""
+    staging = state_dir / ".tmp-m-0badc0de" / "images"
+    staging.mkdir(parents=True)
+    other = tmp_path / "other" / "images"
+
+    def fake_helper(images_dir: Path) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(300)", "dump", "--images-dir",
+             str(images_dir)])
+        os.kill(proc.pid, signal.SIGSTOP)
+        return proc
+
+    helper, unrelated = fake_helper(staging), fake_helper(other)
+    try:
+        await _open(state_dir, criu_path)
+        assert helper.wait(10) == -signal.SIGKILL
+        assert unrelated.poll() is None
+        assert not staging.parent.exists(), "the staging folder is cleaned"
+    finally:
+        for p in (helper, unrelated):
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            p.wait()
+
+
 async def test_start_up_ends_the_stopped_helpers_of_a_restore_cut_short(
     criu_path: str, state_dir: Path, tmp_path: Path
 ) -> None:
