@@ -1081,6 +1081,17 @@ class CheckpointEngine:
         journal says which): removed where nothing uses them. A restore that had finished
         has its tree using them; a target container that is gone took them along."""
         removed: list[str] = []
+        # a journal write cut short: the complete version it was to replace (if any) is
+        # beside it; a complete first version is taken as the journal, anything else goes
+        for partial in sorted(self.store.root.glob(f"{RESTORING}*.json.new")):
+            whole = partial.with_name(partial.name.removesuffix(".new"))
+            try:
+                if whole.exists():
+                    raise ValueError("superseded")
+                json.loads(partial.read_text())
+                partial.rename(whole)
+            except (OSError, ValueError):
+                partial.unlink(missing_ok=True)
         for journal in sorted(self.store.root.glob(f"{RESTORING}*.json")):
             try:
                 data = json.loads(journal.read_text())

@@ -519,3 +519,21 @@ async def test_start_up_ends_the_stopped_helpers_of_a_restore_cut_short(
             with contextlib.suppress(ProcessLookupError):
                 p.kill()
             p.wait()
+
+
+async def test_start_up_reads_a_journal_whose_last_write_was_cut_short(
+    criu_path: str, state_dir: Path
+) -> None:
+    """The service killed while writing a restore journal leaves ``….json.new``: a complete
+    first version is taken as the journal (and done with), a torn one is removed; none is
+    left for ever."""
+    state_dir.mkdir(parents=True)
+    images = state_dir / "a" / "images"
+    complete = {"view": None, "paths": [], "pids": [], "criu_start": None,
+                "floor": proctree.now_ticks(), "log": str(images / "restore.log")}
+    (state_dir / ".restoring-a.json.new").write_text(json.dumps(complete))
+    (state_dir / ".restoring-b.json.new").write_text('{"view": nu')
+    (state_dir / ".restoring-c.json").write_text(json.dumps(complete))
+    (state_dir / ".restoring-c.json.new").write_text(json.dumps(complete))
+    await _open(state_dir, criu_path)
+    assert not list(state_dir.glob(".restoring-*"))
