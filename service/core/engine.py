@@ -308,8 +308,7 @@ def _kill_half_restored(pids: Sequence[int], since: object, images: Path | None 
                 os.kill(pid, signal.SIGKILL)
                 hit.append(pid)
     if images is not None:
-        for pid in proctree.born_since(since, [b"restore", b"--images-dir",
-                                               os.fsencode(str(images))]):
+        for pid in proctree.criu_clones("restore", images, since):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
                 hit.append(pid)

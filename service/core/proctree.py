@@ -301,6 +301,13 @@ def born_since(floor: int, argv_has: Sequence[bytes]) -> list[int]:
     return out
 
 
+def criu_clones(action: str, images: Path, since: int = 0) -> list[int]:
+    """Processes born at ``since`` or later that run CRIU's ``action`` ("dump", "restore")
+    on ``images``: CRIU itself and its helper tasks, clones of it that stay stopped when it
+    dies mid-job."""
+    return born_since(since, [action.encode(), b"--images-dir", os.fsencode(str(images))])
+
+
 def same_processes(starts: dict[int, int]) -> list[int]:
     """The PIDs of ``starts`` that still name the very process recorded (not a reuse)."""
     out = []

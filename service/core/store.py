@@ -291,8 +291,7 @@ def cure_interrupted(tmp: Path) -> str:
         _wait_gone(criu, 10.0)
     # CRIU's clones (its argv; this staging folder's name is unique) stay stopped when it
     # dies mid-dump
-    clones = proctree.start_times(
-        proctree.born_since(0, [b"dump", b"--images-dir", os.fsencode(str(tmp / IMAGES))]))
+    clones = proctree.start_times(proctree.criu_clones("dump", tmp / IMAGES))
     if proctree.kill_exact(clones, signal.SIGKILL):
         done.append(f"killed CRIU's helper tasks {sorted(clones)}")
         _wait_gone(clones, 10.0)

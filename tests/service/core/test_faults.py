@@ -453,6 +453,14 @@ async def test_a_damaged_checkpoint_is_refused_before_criu_by_name(
     assert await nothing_lost(eng, model, "d", answer, _shm(), tmp_path) == "running"
 
 
+def _stopped_clone(action: str, images_dir: Path) -> subprocess.Popen[bytes]:
+    """A stand-in for a helper task a dying CRIU left: CRIU's argv, stopped."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", action,
+                             "--images-dir", str(images_dir)])
+    os.kill(proc.pid, signal.SIGSTOP)
+    return proc
+
+
 async def test_start_up_ends_the_stopped_helpers_of_a_dump_cut_short(
     criu_path: str, state_dir: Path, tmp_path: Path
 ) -> None:
@@ -462,14 +470,7 @@ async def test_start_up_ends_the_stopped_helpers_of_a_dump_cut_short(
     staging.mkdir(parents=True)
     other = tmp_path / "other" / "images"
 
-    def fake_helper(images_dir: Path) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "import time; time.sleep(300)", "dump", "--images-dir",
-             str(images_dir)])
-        os.kill(proc.pid, signal.SIGSTOP)
-        return proc
-
-    helper, unrelated = fake_helper(staging), fake_helper(other)
+    helper, unrelated = _stopped_clone("dump", staging), _stopped_clone("dump", other)
     try:
         await _open(state_dir, criu_path)
         assert helper.wait(10) == -signal.SIGKILL
@@ -491,19 +492,12 @@ async def test_start_up_ends_the_stopped_helpers_of_a_restore_cut_short(
     is killed; a process from before, or of other images, is not."""
     images = state_dir / "m" / "images"
 
-    def fake_helper(images_dir: Path) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "import time; time.sleep(300)", "restore", "--images-dir",
-             str(images_dir)])
-        os.kill(proc.pid, signal.SIGSTOP)
-        return proc
-
-    older = fake_helper(images)  # born before the restore began: not its work
+    older = _stopped_clone("restore", images)  # born before the restore began: not its work
     await asyncio.sleep(0.05)
     floor = proctree.now_ticks()
     await asyncio.sleep(0.05)
-    helper = fake_helper(images)
-    other = fake_helper(tmp_path / "other" / "images")
+    helper = _stopped_clone("restore", images)
+    other = _stopped_clone("restore", tmp_path / "other" / "images")
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / ".restoring-m.json").write_text(json.dumps(
