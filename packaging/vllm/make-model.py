@@ -16,9 +16,18 @@ The test bed has no model hub, so the real-vLLM tests make their own model:
   stops early (`max_tokens` is always reached: stable answer lengths for tests) and answers
   are plain printable ASCII (no U+FFFD from half a UTF-8 character) that tests can compare.
 
-Usage (with the vLLM venv's python, which has torch + transformers + tokenizers):
-    .cache/vllm-venv/bin/python packaging/vllm/make-model.py OUT_DIR --name NAME [--size tiny|1gb]
-Sizes: tiny = hidden 128, 2 layers (~2 MB); 1gb = hidden 1024, 16 layers (~1 GB, fp32).
+* GPU sizes (qwen3-0.6b, qwen3-8b): the real Qwen3 architecture and shapes (`Qwen3ForCausalLM`,
+  Qwen3-0.6B's and Qwen3-8B's configs: vocab 151936, GQA with 8 KV heads, head_dim 128), bf16,
+  made on the GPU when there is one (seconds instead of minutes for 8B parameters). The rows
+  of every id the tokenizer does not have are zeroed as well, so the ~151k random rows beyond
+  it never win either. 0.6B ties its embeddings, as Qwen3-0.6B does: a zeroed output row is
+  then a zeroed input row too, which changes nothing for the never-picked tokens.
+
+Usage (with a python that has torch + transformers + tokenizers: the vLLM venv's, or the GPU
+machine's own):
+    python packaging/vllm/make-model.py OUT_DIR --name NAME [--size tiny|1gb|qwen3-0.6b|qwen3-8b]
+Sizes: tiny = hidden 128, 2 layers (~2 MB); 1gb = hidden 1024, 16 layers (~1 GB, fp32);
+qwen3-0.6b (~1.2 GB, bf16); qwen3-8b (~16 GB, bf16).
 Offline (HF_HUB_OFFLINE=1), deterministic and idempotent: a stamp file in OUT_DIR records the
 parameters; if it matches and the files are there, nothing is done.
 """
@@ -38,7 +47,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 # Bump when the output for given parameters changes (invalidates existing stamps).
-FORMAT = 1
+FORMAT = 2
 STAMP = ".llmux-model.json"
 
 SIZES = {
@@ -49,7 +58,17 @@ SIZES = {
     "1gb": dict(
         hidden_size=1024, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=16
     ),
+    # Qwen3-0.6B and Qwen3-8B as published (config.json), less the tokenizer
+    "qwen3-0.6b": dict(
+        hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, tie_word_embeddings=True
+    ),
+    "qwen3-8b": dict(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, tie_word_embeddings=False
+    ),
 }
+QWEN3_VOCAB = 151936
 VOCAB_SIZE = 768
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -158,6 +177,9 @@ def make_tokenizer():
 
 def make_model(tokenizer, name: str, size: str):
     import torch
+
+    if size.startswith("qwen3"):
+        return make_qwen3(tokenizer, name, size)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed_of(name))
@@ -174,15 +196,54 @@ def make_model(tokenizer, name: str, size: str):
         **dims,
     )
     model = LlamaForCausalLM(config).to(torch.float32).eval()
-    # Never the greedy pick: see the module docstring.
+    zero_never_picked(model, tokenizer)
+    return model
+
+
+def never_picked(tokenizer) -> list[int]:
+    """Ids greedy decoding must never pick: see the module docstring."""
     never = set(tokenizer.all_special_ids)
     for tid in range(len(tokenizer)):
         text = tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(tid)])
         if not text or not all(0x20 <= b < 0x7F for b in text.encode("utf-8", "replace")):
             never.add(tid)
+    return sorted(never)
+
+
+def zero_never_picked(model, tokenizer) -> None:
+    import torch
+
     with torch.no_grad():
-        for tid in sorted(never):
+        for tid in never_picked(tokenizer):
             model.lm_head.weight[tid].zero_()
+        model.lm_head.weight[len(tokenizer):].zero_()
+
+
+def make_qwen3(tokenizer, name: str, size: str):
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(seed_of(name))
+    config = Qwen3Config(
+        vocab_size=QWEN3_VOCAB,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="bfloat16",
+        **SIZES[size],
+    )
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = Qwen3ForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    zero_never_picked(model, tokenizer)
     return model
 
 
@@ -205,7 +266,8 @@ def main() -> int:
 
     import torch
 
-    torch.use_deterministic_algorithms(True)
+    if not args.size.startswith("qwen3"):
+        torch.use_deterministic_algorithms(True)
     log(f"making model '{args.name}' ({args.size}, seed {stamp['seed']}) in {out}")
     # Build next to OUT_DIR and rename at the end: an interrupted run leaves no half model.
     parent = os.path.dirname(out)
