@@ -5,6 +5,8 @@
 #                                qwen3-0.6b,qwen3-8b): Qwen3-shaped, random bf16 weights, a
 #                                tokenizer made here; /var/tmp/llmux-models/alpha-SIZE
 #   gpu-vllm.sh validate SIZE    `llmux --validate` through D-Bus, every eviction policy
+#   gpu-vllm.sh refuse SIZE MB   a checkpoint that cannot fit a state folder of MB is refused
+#                                before CRIU runs (NoSpace names both figures), the model runs on
 #   gpu-vllm.sh cross            the seeds' cross-container test (vllm_cross.py), A -> B -> C
 #   gpu-vllm.sh check            vLLM imports, the GPU, the models made so far
 # Output: $OUT (or ./gpu-out): the validator's and the cross test's logs, llmuxd's and the
@@ -53,6 +55,16 @@ case $cmd in
         "$PYTHON" packaging/gpu/gpu_validate.py --vllm "$MODELS/alpha-$size" --out "$out" "$@" 2>&1 |
             tee "$out/validate-$size.log" | grep -v "Warning\|warn("
         exit "${PIPESTATUS[0]}"
+        ;;
+    refuse)
+        size=${1:?refuse SIZE MB}; mb=${2:?refuse SIZE MB}; shift 2
+        wait_model "$size" || exit 1
+        "$PYTHON" packaging/gpu/gpu_validate.py --vllm "$MODELS/alpha-$size" --out "$out" \
+            --policies retain+checkpoint,offload+keep_running --state-limit-mb "$mb" "$@" 2>&1 |
+            tee "$out/refuse-$size.log" | grep -v "Warning\|warn("
+        # the verdict: refused by name with the GPU part, and the model served on after it
+        grep -q "needs about .* MiB of it GPU memory" "$out/refuse-$size.log" &&
+            grep -qE "^offload\+keep_running .* PASS" "$out/refuse-$size.log"
         ;;
     cross)
         wait_model qwen3-0.6b || exit 1

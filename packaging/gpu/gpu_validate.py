@@ -55,6 +55,9 @@ def main() -> int:
                         help="llmuxd's memory tier limit (0: images go to its state folder)")
     parser.add_argument("--load-threads", type=int, default=1,
                         help="readers loading the weights (LLMUX_BUILTIN_LOAD_THREADS)")
+    parser.add_argument("--state-limit-mb", type=int, default=0,
+                        help="llmuxd's state folder on a tmpfs of this size: a checkpoint "
+                             "that cannot fit is refused before CRIU runs, the model runs on")
     parser.add_argument("--workdir", default="/var/tmp",
                         help="where llmuxd's state (the images on disk), the bus and logs go")
     parser.add_argument("--out", default=os.environ.get("OUT", ""))
@@ -68,6 +71,10 @@ def main() -> int:
     import llmuxd_harness as harness
 
     work = Path(tempfile.mkdtemp(prefix="llmux-validate-", dir=args.workdir))
+    if args.state_limit_mb:
+        (work / "state").mkdir(mode=0o700)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={args.state_limit_mb}m,mode=0700",
+                        "tmpfs", str(work / "state")], check=True)
     daemon_config = ""
     if args.memory_tier_gb:
         daemon_config = (f'memory_tier_dir = "/dev/shm/llmux-validate-tier"\n'
@@ -109,6 +116,8 @@ def main() -> int:
                         engine_log.read_text(errors="replace")[-200_000:])
             if result.returncode != 0:
                 print("\n--- llmuxd log (tail) ---\n" + "\n".join(log.splitlines()[-40:]))
+    if args.state_limit_mb:
+        subprocess.run(["umount", "-l", str(work / "state")], check=False)
     subprocess.run(["rm", "-rf", str(work), "/dev/shm/llmux-validate-tier"], check=False)
     return result.returncode
 

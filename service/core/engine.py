@@ -40,6 +40,7 @@ from llmux.service.core.authz import Caller, RestoredRegistry
 from llmux.service.core.container import ContainerContext
 from llmux.service.core.criu import CriuRun, CriuTool, DumpRequest, RestoreRequest
 from llmux.service.core.cuda import CudaCheckpointer, driver_version, make_cuda_checkpointer
+from llmux.service.core.cuda import device_bytes as cuda_device_bytes
 from llmux.service.core.manifest import ExternalMountRecord, Manifest
 from llmux.service.core.store import (
     CheckpointStore,
@@ -529,8 +530,10 @@ class CheckpointEngine:
                 f"PID {root_pid} lives in a mount namespace whose root filesystem is not "
                 "visible on the host; it cannot be restored, so it is not dumped"
             )
-        expected = int((proctree.rss_bytes(pids) + weights_bytes) * _SIZE_MARGIN) + _SIZE_SLACK
-        self.store.check_space(model, expected)
+        gpu = cuda_device_bytes(pids) if self.config.cuda_mode != "off" else 0
+        expected = int((proctree.rss_bytes(pids) + gpu + weights_bytes) * _SIZE_MARGIN
+                       ) + _SIZE_SLACK
+        self.store.check_space(model, expected, gpu_bytes=gpu)
         return _Tree(pids, ctx, expected, resources.deleted_file_ids(pids),
                      proctree.start_times(pids))
 

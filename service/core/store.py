@@ -614,14 +614,18 @@ class CheckpointStore:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
-    def check_space(self, model: str, expected: int) -> None:
+    def check_space(self, model: str, expected: int, *, gpu_bytes: int = 0) -> None:
         """Refuse a dump that would not fit (an existing checkpoint of the model is only
-        replaced after the new one is complete, so it does not count as free)."""
+        replaced after the new one is complete, so it does not count as free).
+        ``gpu_bytes``: the part of ``expected`` that a CUDA checkpoint brings from the GPU
+        (weights, KV cache), named in the refusal: it is what an operator can shrink."""
         free = self.free_bytes()
         if expected > free:
+            gpu = (f", {gpu_bytes // _MB} MiB of it GPU memory (weights and KV cache) that "
+                   "the CUDA checkpoint brings into the image" if gpu_bytes else "")
             raise NoSpace(
-                f"checkpoint of {model!r} needs about {expected // _MB} MiB, but the state "
-                f"directory {self.root} has only {free // _MB} MiB free"
+                f"checkpoint of {model!r} needs about {expected // _MB} MiB{gpu}, but the "
+                f"state directory {self.root} has only {free // _MB} MiB free"
             )
 
 

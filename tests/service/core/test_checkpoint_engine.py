@@ -20,7 +20,7 @@ from llmux.service.core.engine import (
     EngineConfig,
     Progress,
 )
-from llmux.service.core.store import FINAL_KILL
+from llmux.service.core.store import FINAL_KILL, CheckpointStore
 from llmux.service.errors import (
     AccessDenied,
     Busy,
@@ -267,6 +267,20 @@ async def test_no_space_refused_and_tree_untouched(
     assert "MiB" in str(err.value) and str(tiny_tmpfs) in str(err.value)
     assert t.alive()
     assert list((tiny_tmpfs / "state").iterdir()) == []
+
+
+def test_no_space_names_the_gpu_memory_a_cuda_checkpoint_brings(tiny_tmpfs: Path) -> None:
+    """The refusal names both figures and the GPU part (weights and KV cache): the part an
+    operator bounds with vLLM's --kv-cache-memory-bytes or --gpu-memory-utilization."""
+    store = CheckpointStore(tiny_tmpfs)
+    with pytest.raises(NoSpace) as err:
+        store.check_space("big", 6 << 30, gpu_bytes=5 << 30)
+    msg = str(err.value)
+    assert "needs about 6144 MiB, 5120 MiB of it GPU memory (weights and KV cache)" in msg
+    assert "has only 1 MiB free" in msg or "has only 0 MiB free" in msg, msg
+    with pytest.raises(NoSpace) as err:
+        store.check_space("big", 6 << 30)
+    assert "GPU memory" not in str(err.value)
 
 
 async def test_open_cleans_leftovers_and_skips_incomplete(criu_path: str, state_dir: Path) -> None:
