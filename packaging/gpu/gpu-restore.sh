@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU-machine session for issue 13: the gpu-marked tests of the built-in engine (CUDA
-# virtual memory, graphs, distributed) and the checkpointer, then
+# One GPU-machine session measuring restore to first token: the gpu-marked tests of the
+# built-in engine (CUDA virtual memory, graphs, distributed) and the checkpointer, then
 # tests/bench/bench_gpu_restore.py. Everything goes to $OUT (or ./gpu-out) as it runs.
 #
 # Usage: packaging/gpu/gpu-restore.sh [--tests-only|--bench-only] [bench options...]

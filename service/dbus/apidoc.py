@@ -281,6 +281,16 @@ def render() -> str:
         "Model names: 1 to 128 characters of `A-Za-z0-9._-`, starting with a letter or a "
         "digit, without `..`.",
         "",
+        "```bash",
+        f"busctl introspect {contract.BUS_NAME} {contract.OBJECT_PATH}",
+        f"busctl call {contract.BUS_NAME} {contract.OBJECT_PATH} {contract.MANAGER_INTERFACE} "
+        f"{contract.LIST_CHECKPOINTS.name}",
+        f"busctl call {contract.BUS_NAME} {contract.OBJECT_PATH} {contract.MANAGER_INTERFACE} "
+        f"{contract.CHECKPOINT.name} '{contract.CHECKPOINT.in_signature}' qwen3-0.6b 4242 0",
+        f"busctl get-property {contract.BUS_NAME} {contract.job_path(1)} "
+        f"{contract.JOB_INTERFACE} Progress",
+        "```",
+        "",
         "## Interfaces",
         "",
     ]

@@ -170,9 +170,9 @@ def test_checkpoint_panel_with_llmuxd(llmuxd: Any, start_shim: Callable[..., Shi
 _AUTH = any(f.name == "auth" for f in dataclasses.fields(Config))
 
 
-# in the required tier once the shim has [auth] keys (issue 12); until then a plain skip
+# in the required tier once the shim has [auth] keys; until then a plain skip
 @(pytest.mark.browser if _AUTH else
-  pytest.mark.skip(reason="the shim has no [auth] keys yet (issue 12)"))
+  pytest.mark.skip(reason="the shim has no [auth] keys yet"))
 def test_sleep_is_refused_without_the_admin_key(start_shim: Callable[..., Shim],
                                                 open_page: Callable[..., Any]) -> None:
     shim = start_shim({A: "offload+keep_running", B: "retain+stop"},

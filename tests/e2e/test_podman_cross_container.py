@@ -1,4 +1,4 @@
-"""Cross-container restore end to end (issue 5): a model checkpointed in container A comes
+"""Cross-container restore end to end: a model checkpointed in container A comes
 back, warm, in container B, then C, with llmuxd on the host doing CRIU's part.
 
 Real parts only: a private dbus-daemon with the project's policy, llmuxd (CRIU 4.2, no
@@ -6,8 +6,8 @@ CUDA), podman + runc containers started with the README's flags (host PID/networ
 namespaces, no --privileged, no --init), `llmux serve` inside with the built-in engine as
 model qwen3-0.6b (eviction discard + checkpoint), HTTP on loopback, busctl.
 
-The built-in engine has both traits behind the seeds' "ZMQ IPC hangs after a
-cross-container restore": its ZMQ ipc sockets are in /tmp and it keeps a JIT log open
+The built-in engine has both traits behind "ZMQ IPC hangs after a cross-container
+restore": its ZMQ ipc sockets are in /tmp and it keeps a JIT log open
 under ~/.cache, both only in the container's writable layer; the test checks that the
 checkpoint carried them, that the restored tree is adopted by the new shim (same PIDs,
 watched through pidfds, never killed as a stray) and that it lives in the new container's

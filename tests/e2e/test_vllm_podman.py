@@ -1,4 +1,4 @@
-"""Seed 001's flow with real vLLM: checkpoint in container A, restore in B and C.
+"""The cross-container flow with real vLLM: checkpoint in container A, restore in B and C.
 
 llmuxd on the host (CRIU 4.2), `llmux serve` in podman containers with the README's flags
 (host PID/network/IPC namespaces, no --privileged), real vLLM (CPU) as the engine with
