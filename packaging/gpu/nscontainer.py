@@ -14,6 +14,7 @@ seccomp profile or dropped capabilities (it runs as root with all of them, like
 devtmpfs bound whole rather than a tmpfs of selected nodes.
 
 Used by packaging/gpu/vllm_cross.py; needs root, util-linux's `unshare` and overlayfs.
+`PodmanContainer` is the same interface over podman itself, where podman runs.
 """
 
 from __future__ import annotations
@@ -126,6 +127,9 @@ class NsContainer:
                 start_new_session=True)
         return self.proc.pid
 
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def processes(self) -> list[int]:
         """Every process in the container's mount namespace."""
         try:
@@ -161,6 +165,55 @@ class NsContainer:
         subprocess.run(["umount", "-l", str(self.merged)], check=False,
                        stderr=subprocess.DEVNULL)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@dataclass
+class PodmanContainer:
+    """The same interface over `podman --runtime runc run -d --rootfs /:O` with the flags
+    the shim's image is documented with (no --privileged, no --init)."""
+
+    name: str
+    base: Path
+    binds: list[tuple[str, str]] = field(default_factory=list)
+    _pid: int = 0
+    _log: Path | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("podman") is not None and shutil.which("runc") is not None
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    def _podman(self, *args: str, check: bool = True) -> str:
+        done = subprocess.run(["podman", "--runtime", "runc", *args], capture_output=True,
+                              text=True, check=False)
+        if check and done.returncode != 0:
+            raise RuntimeError(f"podman {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout.strip()
+
+    def start(self, argv: list[str], env: dict[str, str], log: Path) -> int:
+        volumes = [a for src, dst in self.binds for a in ("-v", f"{src}:{dst}")]
+        envs = [a for k in ("PYTHONPATH", "HF_HUB_OFFLINE", "LLMUX_VLLM_COMMAND", "HOME")
+                if k in env for a in ("--env", f"{k}={env[k]}")]
+        self._podman("run", "-d", "--name", f"llmux-{self.base.name}-{self.name}",
+                     "--network=host", "--pid=host", "--ipc=host", *volumes, *envs,
+                     "--rootfs", "/:O", *argv)
+        self._pid = int(self._podman("inspect", "--format", "{{.State.Pid}}",
+                                     f"llmux-{self.base.name}-{self.name}"))
+        self._log = log
+        return self._pid
+
+    def running(self) -> bool:
+        return self._pid > 0 and Path(f"/proc/{self._pid}").exists()
+
+    def remove(self) -> None:
+        """`podman rm --force`: its cgroup's processes die with it (a restored tree too)."""
+        name = f"llmux-{self.base.name}-{self.name}"
+        if self._log is not None:
+            self._log.write_text(self._podman("logs", name, check=False))
+        self._podman("rm", "--force", "--time", "5", name, check=False)
 
 
 if __name__ == "__main__" and len(sys.argv) > 4 and sys.argv[1] == "init":

@@ -41,7 +41,9 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nscontainer import NsContainer  # noqa: E402
+from nscontainer import NsContainer, PodmanContainer  # noqa: E402
+
+Container = NsContainer | PodmanContainer
 
 MODEL = "qwen3-0.6b"
 PROMPT = [{"role": "user", "content": "Name three colors."}]
@@ -91,7 +93,7 @@ def gpu_mib(pids: list[int]) -> int:
 class Shim:
     """One container running `llmux serve`, and the operator's clients for it."""
 
-    def __init__(self, container: NsContainer, port: int) -> None:
+    def __init__(self, container: Container, port: int) -> None:
         self.container = container
         self.url = f"http://127.0.0.1:{port}"
         self.http = httpx.Client(timeout=1800, trust_env=False)
@@ -104,7 +106,7 @@ class Shim:
                     return
             except httpx.HTTPError:
                 pass
-            if self.container.proc is not None and self.container.proc.poll() is not None:
+            if not self.container.running():
                 break
             time.sleep(0.2)
         raise RuntimeError(f"the shim in {self.container.name} did not become healthy")
@@ -153,6 +155,8 @@ def main() -> int:
     parser.add_argument("--dbus-daemon", default=str(REPO / ".dbus" / "dbus-daemon"))
     parser.add_argument("--cuda-mode", choices=("api", "off"),
                         default="api" if shutil.which("nvidia-smi") else "off")
+    parser.add_argument("--container", choices=("auto", "podman", "ns"), default="auto",
+                        help="podman where it runs (auto), else namespaces (nscontainer.py)")
     parser.add_argument("--workdir", default="/var/tmp")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "gpu-out"))
     args = parser.parse_args()
@@ -181,7 +185,11 @@ def main() -> int:
     table.update({"port": engine_port, "startup_timeout_secs": 900, "probe_timeout_secs": 300,
                   "eviction": dict(zip(("weights", "process"), args.eviction.split("+"),
                                        strict=True))})
-    containers: list[NsContainer] = []
+    containers: list[Container] = []
+    kind = args.container
+    if kind == "auto":
+        kind = "podman" if PodmanContainer.available() else "ns"
+    print(f"containers: {kind}", flush=True)
     with harness.running_bus(work) as bus, harness.running_llmuxd(
             bus, work, command=[sys.executable, "-m", "llmux.service.main"],
             cuda_mode=args.cuda_mode) as daemon:
@@ -203,7 +211,8 @@ def main() -> int:
         env = {**os.environ, "HOME": "/root"}
 
         def start(letter: str) -> Shim:
-            ctr = NsContainer(f"{letter}", base, binds)
+            ctr: Container = (PodmanContainer if kind == "podman" else NsContainer)(
+                letter, base, binds)
             containers.append(ctr)
             t = time.monotonic()
             ctr.start([sys.executable, "-m", "llmux.shim.cli", "serve", "--config",
