@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The demo: sets the machine up, starts the shim with two built-in-engine models, sends
-# chat requests that switch between them, shows /control/status, then stops everything.
+# chat requests that switch between them, shows /control/status; then llmuxd checkpoints a
+# model in one container and restores it in the next (packaging/demo/cross_container.py).
+# LLMUX_DEMO_VLLM=1 runs that second half with real vLLM (the CPU build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash packaging/setup-dev.sh
@@ -37,3 +39,22 @@ ask gemma-3-1b "Say hello"
 ask qwen3-0.6b "Say hello"
 printf '\n== GET /control/status\n'
 curl -s "$URL/control/status" | "$VENV/bin/python" -m json.tool
+
+# The headline: llmuxd on a private bus checkpoints the model in one container and restores
+# it in another (podman here; namespaces where podman does not run), cold start and restore
+# side by side. LLMUX_DEMO_VLLM=1: real vLLM (the CPU build: no sleep mode, so the weights
+# stay in the checkpoint) instead of the built-in engine.
+kill -TERM $SHIM 2>/dev/null; wait $SHIM 2>/dev/null || true
+trap - EXIT
+printf '\n== A checkpoint taken in one container, restored in the next\n'
+cross=(packaging/demo/cross_container.py --out "${TMPDIR:-/tmp}/llmux-demo-cross")
+if [ "${LLMUX_DEMO_VLLM:-0}" = 1 ]; then
+    VLLM_VENV=${LLMUX_VLLM_VENV:-$PWD/.cache/vllm-venv}
+    model=$PWD/.cache/vllm-models/demo-tiny
+    "$VLLM_VENV/bin/python" packaging/vllm/make-model.py "$model" --name demo >/dev/null 2>&1
+    LLMUX_VLLM_COMMAND=$VLLM_VENV/bin/vllm "$VENV/bin/python" "${cross[@]}" --vllm "$model" \
+        --eviction retain+checkpoint \
+        --vllm-args "--dtype float32 --max-model-len 512 --enforce-eager --kv-cache-memory-bytes 64M"
+else
+    "$VENV/bin/python" "${cross[@]}" --builtin
+fi

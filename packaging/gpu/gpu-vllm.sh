@@ -7,10 +7,10 @@
 #   gpu-vllm.sh validate SIZE    `llmux --validate` through D-Bus, every eviction policy
 #   gpu-vllm.sh refuse SIZE MB   a checkpoint that cannot fit a state folder of MB is refused
 #                                before CRIU runs (NoSpace names both figures), the model runs on
-#   gpu-vllm.sh cross            the seeds' cross-container test (vllm_cross.py), A -> B -> C
+#   gpu-vllm.sh cross            the seeds' cross-container test (cross_container.py), A -> B -> C
 #   gpu-vllm.sh check            vLLM imports, the GPU, the models made so far
 # Output: $OUT (or ./gpu-out): the validator's and the cross test's logs, llmuxd's and the
-# engines' logs, results.json. Extra arguments go to gpu_validate.py / vllm_cross.py.
+# engines' logs, results.json. Extra arguments go to gpu_validate.py / cross_container.py.
 set -uo pipefail
 MODELS=${LLMUX_GPU_MODELS:-/var/tmp/llmux-models}
 cmd=${1:-}; shift || true
@@ -68,7 +68,7 @@ case $cmd in
         ;;
     cross)
         wait_model qwen3-0.6b || exit 1
-        "$PYTHON" packaging/gpu/vllm_cross.py --vllm "$MODELS/alpha-qwen3-0.6b" --out "$out" "$@" 2>&1 |
+        "$PYTHON" packaging/demo/cross_container.py --vllm "$MODELS/alpha-qwen3-0.6b" --out "$out" "$@" 2>&1 |
             tee "$out/cross.log" | grep -v "Warning\|warn("
         exit "${PIPESTATUS[0]}"
         ;;

@@ -13,13 +13,13 @@ back warm in container B, then C, with llmuxd on the host doing CRIU's (and CUDA
 6. Again from B to C, this time by the chat request alone (the time from the request to the
    first token is what an operator's client sees).
 
-Containers: podman where it runs, else packaging/gpu/nscontainer.py (the same layout made
+Containers: podman where it runs, else packaging/demo/nscontainer.py (the same layout made
 with the kernel's parts; its docstring says what differs). Prints one line per step with its
 time, writes results.json and the logs to --out; exits 0 only if every check passed.
 
 Usage (the Python path as packaging/gpu/env.sh sets it):
-  python3 packaging/gpu/vllm_cross.py --vllm MODEL_DIR [--rounds 2] [--out DIR]
-  python3 packaging/gpu/vllm_cross.py --builtin            (the stand-in, e.g. on a CPU box)
+  python3 packaging/demo/cross_container.py --vllm MODEL_DIR [--rounds 2] [--out DIR]
+  python3 packaging/demo/cross_container.py --builtin            (the stand-in, e.g. on a CPU box)
 """
 
 from __future__ import annotations
@@ -151,7 +151,9 @@ def main() -> int:
     parser.add_argument("--eviction", default="discard+checkpoint",
                         help="weights+process (retain+checkpoint where vLLM has no sleep "
                              "mode, as on a CPU)")
-    parser.add_argument("--criu", default=str(REPO / ".criu" / "criu"))
+    parser.add_argument("--criu", default=next(
+        (p for p in (str(REPO / ".criu" / "criu"), "/opt/llmux/criu/criu") if os.access(p, os.X_OK)),
+        "criu"), help="the CRIU 4.2 bundle (default: .criu/criu, else setup-dev.sh's)")
     parser.add_argument("--dbus-daemon", default=str(REPO / ".dbus" / "dbus-daemon"))
     parser.add_argument("--cuda-mode", choices=("api", "off"),
                         default="api" if shutil.which("nvidia-smi") else "off")
@@ -264,6 +266,7 @@ def main() -> int:
                       code == 200 and body.get("state") == "running", secs=round(secs, 2),
                       body=json.dumps(body)[:300])
                 answer, first, total = shim.chat()
+                first += secs  # the restore ran in the wake: from the operator's call on
             else:
                 answer, first, total = shim.chat()
             status = shim.status()
@@ -298,6 +301,15 @@ def main() -> int:
     run.save()
     shutil.rmtree(base, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
+    times = {s["step"]: s.get("first_token_s", s.get("request_to_first_token_s"))
+             for s in run.steps}
+    cold = times.get("cold start in A")
+    restored = [(k.split()[2].rstrip(","), v) for k, v in times.items()
+                if k.startswith("restored in") and v is not None]
+    if cold is not None and restored:
+        print("\nTo the first token: cold start in A " + f"{cold:.2f} s; " + "; ".join(
+            f"restore in {c} {v:.2f} s" for c, v in restored)
+              + f" ({kind} containers, {args.eviction})")
     print(f"\n{len(run.steps) - run.failed} passed, {run.failed} failed")
     return 0 if run.failed == 0 and ok else 1
 

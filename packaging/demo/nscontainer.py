@@ -13,7 +13,7 @@ seccomp profile or dropped capabilities (it runs as root with all of them, like
 --privileged), no image layers (the lower layer is the host's root), and /dev is the host's
 devtmpfs bound whole rather than a tmpfs of selected nodes.
 
-Used by packaging/gpu/vllm_cross.py; needs root, util-linux's `unshare` and overlayfs.
+Used by packaging/demo/cross_container.py; needs root, util-linux's `unshare` and overlayfs.
 `PodmanContainer` is the same interface over podman itself, where podman runs.
 """
 
