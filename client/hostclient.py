@@ -331,6 +331,12 @@ class HostClient:
         after = await self.get_checkpoint(model) if keep_images else None
         return after or before
 
+    async def check_restore(self, model: str) -> tuple[bool, str]:
+        """(True, "") when a restore into the caller's container would pass llmuxd's checks;
+        else (False, llmuxd's reason). Nothing is claimed or touched."""
+        ok, why = await self.call(contract.CHECK_RESTORE, model)
+        return bool(ok), str(why)
+
     async def suspend(
         self,
         model: str,

@@ -327,6 +327,13 @@ RESTORE = Method(
     MANAGER_INTERFACE, "Restore", (Arg("model", "s"), _OPTIONS), _JOB, RestoreOptions
 )
 """Always restores into the caller's own container."""
+CHECK_RESTORE = Method(
+    MANAGER_INTERFACE, "CheckRestore", (Arg("name", "s"),), (Arg("ok", "b"), Arg("why", "s"))
+)
+"""Whether Restore would take the checkpoint back into the caller's container, by the
+checks Restore makes before its job (nothing claimed, no job, no file touched): (false,
+llmuxd's reason) for one it would refuse; (true, "") otherwise. PIDs and ports still held
+are found by the restore job only."""
 SUSPEND = Method(
     MANAGER_INTERFACE, "Suspend", (Arg("model", "s"), Arg("root_pid", "u"), _OPTIONS), _JOB,
     NoOptions,
@@ -361,6 +368,7 @@ COMPLETED = Signal(
 MANAGER = Interface(
     MANAGER_INTERFACE, OBJECT_PATH,
     methods=(CHECKPOINT, RESTORE, SUSPEND, RESUME, DELETE_CHECKPOINT, LIST_CHECKPOINTS,
+             CHECK_RESTORE,
              WAIT_JOB),
     properties=HostInfo.properties(),
     signals=(JOB_NEW, JOB_REMOVED),

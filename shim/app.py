@@ -14,7 +14,7 @@ import logging
 import resource
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from llmux.shim.httpbounds import bounded_protocol
 from llmux.shim.metrics import CONTENT_TYPE, ShimMetrics
 from llmux.shim.proxy import ASGIApp, ProxyApp, Receive, Scope, Send, send_error
 from llmux.shim.switcher import Switcher
-from llmux.shim.ui import OperatorPage, SwitchHistory, fan_out
+from llmux.shim.ui import HostCheckpoints, OperatorPage, SwitchHistory
 
 log = logging.getLogger("llmux.app")
 
@@ -46,15 +46,18 @@ FD_HEADROOM = 1024
 
 def build_app(config: Config, lifecycle: StatusSource, switcher: Switcher,
               engines: EngineClient, metrics: ShimMetrics, *,
+              control: ControlAPI | None = None,
               history: SwitchHistory | None = None,
+              checkpoints: HostCheckpoints | None = None,
               log_path: Callable[[str], Path] | None = None,
               stopping: Callable[[], bool] = lambda: False) -> ASGIApp:
     """The shim's ASGI app: the raw /v1 proxy in front of a Starlette app for the rest
     (the control API, /metrics and the operator's page /ui)."""
-    control = ControlAPI(config.models, switcher, lifecycle,
-                         has_host=config.checkpoint is not None)
+    if control is None:
+        control = ControlAPI(config.models, switcher, lifecycle,
+                             has_host=config.checkpoint is not None)
     page = OperatorPage(config, control.status_json, history or SwitchHistory(),
-                        log_path=log_path, stopping=stopping)
+                        log_path=log_path, checkpoints=checkpoints, stopping=stopping)
     created = int(time.time())
 
     def model_entry(name: str) -> dict[str, Any]:
@@ -194,33 +197,27 @@ class Shim:
         # A [checkpoint] section alone is enough: checkpoints left by an earlier container are
         # then restored on first use instead of cold-starting.
         backend = backend_for(config)
-        holder: list[Switcher] = []
-
-        def in_flight() -> Mapping[str, int]:
-            counts: Mapping[str, int] = holder[0].in_flight_all()
-            return counts
-
-        def status() -> Mapping[str, Any]:
-            return ControlAPI(config.models, holder[0], self.lifecycle).status_json()
-
-        self.metrics = ShimMetrics(in_flight=in_flight,
-                                   queue_depth=lambda: holder[0].queue_depth,
-                                   active_models=lambda: holder[0].active_models,
-                                   status=status)
+        self.lifecycle: Lifecycle = Lifecycle(config, self.supervisor, backend)
+        self.switcher = Switcher(config, self.lifecycle, memory=self.lifecycle)
+        self.control = ControlAPI(config.models, self.switcher, self.lifecycle,
+                                  has_host=config.checkpoint is not None)
+        switcher = self.switcher
+        self.metrics = ShimMetrics(in_flight=switcher.in_flight_all,
+                                   queue_depth=lambda: switcher.queue_depth,
+                                   active_models=lambda: switcher.active_models,
+                                   status=self.control.status_json)
         #: switches and transitions for the operator's page (/ui)
-        self.history = SwitchHistory(queue_depth=lambda: holder[0].queue_depth,
-                                     last_wake=lambda model: holder[0].last_wake(model))
-        self.lifecycle: Lifecycle = Lifecycle(
-            config, self.supervisor, backend,
-            observer=fan_out(self.metrics.observe_transition, self.history.observe_transition))
-        self.switcher = Switcher(config, self.lifecycle, memory=self.lifecycle,
-                                 on_switch=fan_out(self.metrics.observe_switch,
-                                                   self.history.observe_switch))
-        holder.append(self.switcher)
+        self.history = SwitchHistory()
+        for observer in (self.metrics.observe_transition, self.history.observe_transition):
+            self.lifecycle.add_observer(observer)
+        for listener in (self.metrics.observe_switch, self.history.observe_switch):
+            self.switcher.add_observer(listener)
         self.lifecycle.add_loss_listener(self.switcher.mark_failed)
         self.lifecycle.add_loss_listener(self.history.engine_lost)
         self.app = build_app(config, self.lifecycle, self.switcher, self.engines, self.metrics,
-                             history=self.history, log_path=self.supervisor.log_path,
+                             control=self.control, history=self.history,
+                             checkpoints=HostCheckpoints(config, backend=backend),
+                             log_path=self.supervisor.log_path,
                              stopping=lambda: self.servers[0].should_exit)
         bounds: dict[str, Any] = {"header_timeout_secs": config.header_timeout_secs,
                                   "max_connections": config.max_connections}

@@ -78,6 +78,11 @@ class ProcessBackend(Protocol):
     async def has_checkpoint(self, model: str) -> bool: ...
 
 
+class RestoreChecker(Protocol):
+    async def check_restore(self, model: str) -> str | None:
+        """None when llmuxd would restore the checkpoint here; else its reason."""
+
+
 class HostServiceBackend:
     """ProcessBackend over llmuxd's D-Bus API (llmux.client.hostclient)."""
 
@@ -139,6 +144,12 @@ class HostServiceBackend:
             raise HostUnavailable(f"host service: restore of model {model} answered without "
                                   f"a usable RootPid/Pids: {result!r}")
         return RestoredTree(root_pid=result.root_pid, pids=result.pids or [result.root_pid])
+
+    async def check_restore(self, model: str) -> str | None:
+        """None when llmuxd would restore the model's checkpoint into this container; else
+        llmuxd's reason (it runs the restore's own checks, touching nothing)."""
+        ok, why = await self._run("restore check", model, lambda c: c.check_restore(model))
+        return None if ok else str(why)
 
     async def has_checkpoint(self, model: str) -> bool:
         client = await self._connected()

@@ -42,6 +42,7 @@ from llmux.shim.errors import (
 )
 from llmux.shim.memory import FreeMemory, Measurement, MemoryMeter, MemorySource
 from llmux.shim.supervisor import Supervisor
+from llmux.shim.transitions import Action, WakeKind
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,18 +56,9 @@ class ModelState(StrEnum):
     STOPPED = "stopped"
 
 
-class WakeKind(StrEnum):
-    COLD = "cold"
-    WAKE = "wake"
-    RESUME = "resume"
-    RESTORE = "restore"
-
-
-#: (model, action, strategy, seconds). Actions: "cold_start", "restart" (after a
-#: crash or a failed wake), "wake", "sleep", "escalate" (a failed eviction that
-#: ended in stop), "stop" (shutdown). Strategy: the eviction policy as
+#: (model, action, strategy, seconds). Strategy: the eviction policy as
 #: "offload+keep_running", "cold", or "restore" for a checkpoint found at start-up.
-TransitionObserver = Callable[[str, str, str, float], None]
+TransitionObserver = Callable[[str, Action, str, float], None]
 
 #: (model) -> None: the model's engine died without being asked to
 LossListener = Callable[[str], None]
@@ -148,7 +140,7 @@ class Lifecycle:
         #: every call to an engine's API (the proxy's too): one pool per model
         self.engines = supervisor.engines
         self.backend = backend
-        self.observer = observer
+        self._observers: list[TransitionObserver] = [] if observer is None else [observer]
         self._loss_listeners: list[LossListener] = []
         #: bound on one /sleep, /wake_up or reload call (offloading large weights is slow)
         self.engine_call_timeout_secs = engine_call_timeout_secs
@@ -245,13 +237,17 @@ class Lifecycle:
             except Exception:
                 log.exception("loss listener failed for model %s", model)
 
-    def _observe(self, model: str, action: str, strategy: str, seconds: float) -> None:
+    def add_observer(self, observer: TransitionObserver) -> None:
+        """Called (model, action, strategy, seconds) after each transition."""
+        self._observers.append(observer)
+
+    def _observe(self, model: str, action: Action, strategy: str, seconds: float) -> None:
         log.info("model %s: %s (%s) took %.3f s", model, action, strategy, seconds)
-        if self.observer is not None:
+        for observer in list(self._observers):
             try:
-                self.observer(model, action, strategy, seconds)
+                observer(model, action, strategy, seconds)
             except Exception:
-                log.exception("transition observer failed")
+                log.exception("transition observer %r failed", observer)
 
     # ------------------------------------------------------------------ memory
 
@@ -349,7 +345,7 @@ class Lifecycle:
                 return await self._cold_start(rec, restart=True, t0=t0, retry=False)
             strategy = str(rec.evicted_with) if rec.evicted_with else kind.value
             self._done_waking(rec, kind)
-            self._observe(model, "wake", strategy, time.monotonic() - t0)
+            self._observe(model, Action.WAKE, strategy, time.monotonic() - t0)
             return kind
 
     async def _cold_start(self, rec: _Model, *, restart: bool, t0: float,
@@ -378,7 +374,7 @@ class Lifecycle:
         if restart:
             rec.restarts += 1
         self._done_waking(rec, WakeKind.COLD)
-        self._observe(name, "restart" if restart else "cold_start", "cold",
+        self._observe(name, Action.RESTART if restart else Action.COLD_START, "cold",
                       time.monotonic() - t0)
         return WakeKind.COLD
 
@@ -493,11 +489,11 @@ class Lifecycle:
                 rec.set(ModelState.STOPPED)
                 rec.sleep_level = 0
                 rec.evicted_with = policy
-                self._observe(model, "escalate", str(policy), time.monotonic() - t0)
+                self._observe(model, Action.ESCALATE, str(policy), time.monotonic() - t0)
                 return ModelState.STOPPED
             rec.evicted_with = policy
             rec.set(new_state)
-            self._observe(model, "sleep", str(policy), time.monotonic() - t0)
+            self._observe(model, Action.SLEEP, str(policy), time.monotonic() - t0)
             return new_state
 
     async def _evict(self, rec: _Model, state: ModelState, policy: EvictionPolicy) -> ModelState:
@@ -557,7 +553,7 @@ class Lifecycle:
                 if rec.state is not ModelState.CHECKPOINTED:
                     rec.set(ModelState.STOPPED)
                     rec.sleep_level = 0
-                self._observe(name, "stop", "stop", time.monotonic() - t0)
+                self._observe(name, Action.STOP, "stop", time.monotonic() - t0)
 
         if self._transitions:  # let transitions whose callers gave up finish first
             await asyncio.gather(*self._transitions, return_exceptions=True)
@@ -576,3 +572,7 @@ def _settle(task: asyncio.Future[Any]) -> None:
 
 def _why(e: BaseException) -> str:
     return e.message if isinstance(e, ShimError) else (str(e) or type(e).__name__)
+
+
+__all__ = ["Action", "Lifecycle", "LossListener", "ModelState", "ModelStatus",
+           "TransitionObserver", "WakeKind"]

@@ -16,14 +16,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from llmux.shim.transitions import Action, Switch
+
 log = logging.getLogger("llmux.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-#: Lifecycle observer actions that put a model away (escalate: a failed eviction that stopped it)
-_SLEEP_ACTIONS = frozenset({"sleep", "escalate"})
-#: ... and that bring one back (restart: after a crash or a failed wake)
-_WAKE_ACTIONS = frozenset({"wake", "cold_start", "restart"})
 _BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0,
             1800.0)
 
@@ -135,19 +133,19 @@ class ShimMetrics:
         key = (model, status)
         self.requests[key] = self.requests.get(key, 0) + 1
 
-    def observe_switch(self, source: str | None, target: str, seconds: float, ok: bool) -> None:
-        self.switch_seconds.labels(target, "ok" if ok else "failed").observe(seconds)
+    def observe_switch(self, switch: Switch) -> None:
+        """A switcher ``SwitchObserver``."""
+        self.switch_seconds.labels(switch.target, switch.outcome).observe(switch.seconds)
 
-    def observe_transition(self, model: str, action: str, strategy: str,
+    def observe_transition(self, model: str, action: Action, strategy: str,
                            seconds: float) -> None:
-        """A ``TransitionObserver`` for the Lifecycle: (model, action, strategy, seconds)."""
-        self.transition_seconds.labels(model, action, strategy).observe(seconds)
-        a = action.lower()
-        if a in _SLEEP_ACTIONS:
+        """A lifecycle ``TransitionObserver``."""
+        self.transition_seconds.labels(model, action.value, strategy).observe(seconds)
+        if action.puts_away:
             self.sleep_seconds.labels(model, strategy).observe(seconds)
-        elif a in _WAKE_ACTIONS:
+        elif action.brings_back:
             self.wake_seconds.labels(model, strategy).observe(seconds)
-        if a == "restart":
+        if action is Action.RESTART:
             self.engine_restarted(model)
         log.info("model=%s action=%s strategy=%s seconds=%.3f", model, action, strategy,
                  seconds)

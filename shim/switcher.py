@@ -20,7 +20,10 @@ requests get a 503 naming the shortfall. An idle model past its ``ttl_secs`` is 
 A switch marks its victims closing (nothing new is admitted for them), waits for their
 in-flight requests when ``drain_before_switch`` is set, evicts them, activates the
 target and admits every request waiting for it. Only one switch or control action runs
-at a time; every decision is taken synchronously in :meth:`Switcher._kick`.
+at a time; every decision is taken synchronously in :meth:`Switcher._kick`. Each switch
+ends with one :class:`~llmux.shim.transitions.Switch` to the observers (the metrics, the
+page): what was put away and how, what came back and how, made of what ``evict`` and
+``activate`` answered, with their times.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from llmux.shim.errors import (
     ShimError,
 )
 from llmux.shim.memory import FreeMemory
+from llmux.shim.transitions import BroughtBack, PutAway, Switch, WakeKind
 
 log = logging.getLogger("llmux.switcher")
 
@@ -50,9 +54,13 @@ log = logging.getLogger("llmux.switcher")
 class SwitchTarget(Protocol):
     """The part of :class:`llmux.shim.lifecycle.Lifecycle` the switcher drives."""
 
-    async def activate(self, model: str) -> Any: ...
+    async def activate(self, model: str) -> WakeKind | None:
+        """How the model came back; None when it was running already."""
+        ...
 
-    async def evict(self, model: str, policy: EvictionPolicy | None = None) -> Any: ...
+    async def evict(self, model: str, policy: EvictionPolicy | None = None) -> object:
+        """The state it ended in."""
+        ...
 
 
 class MemoryView(Protocol):
@@ -71,8 +79,8 @@ class MemoryView(Protocol):
     async def measure(self, model: str) -> Any: ...
 
 
-#: (from_model or None, to_model, seconds, ok)
-SwitchObserver = Callable[[str | None, str, float, bool], None]
+#: called with each switch once it has ended
+SwitchObserver = Callable[[Switch], None]
 
 
 #: how often idle models are checked against their ttl_secs
@@ -84,8 +92,8 @@ _UNBOUNDED = 1 << 62
 
 
 class _Slot:
-    __slots__ = ("active", "active_since", "closing", "in_flight", "last_switch_secs",
-                 "last_used", "last_wake", "limit", "name", "pinned", "priority", "ttl")
+    __slots__ = ("active", "active_since", "closing", "in_flight", "last_used", "limit", "name",
+                 "pinned", "priority", "ttl")
 
     def __init__(self, name: str, *, limit: int | None = None, pinned: bool = False,
                  priority: int = 0, ttl: float = 0.0) -> None:
@@ -100,8 +108,6 @@ class _Slot:
         self.ttl = ttl
         #: when its last request ended (or it became active); None: never active
         self.last_used: float | None = None
-        self.last_wake: str | None = None
-        self.last_switch_secs: float | None = None
 
     def lru_key(self) -> tuple[bool, float]:
         """Busy models count as used now; the rest by when their last request ended."""
@@ -150,7 +156,11 @@ class Switcher:
         self._config = config
         self._target = target
         self._memory = memory
-        self._on_switch = on_switch
+        self._observers: list[SwitchObserver] = [] if on_switch is None else [on_switch]
+        #: the evictions of the switch running now (one switch at a time); None between
+        self._put_away: list[PutAway] | None = None
+        #: each model's last bring-up by a switch
+        self._brought_back: dict[str, BroughtBack] = {}
         self._clock = clock
         self._slots = {name: _Slot(name, limit=m.max_concurrency, pinned=m.pinned,
                                    priority=m.priority, ttl=m.ttl_secs)
@@ -219,8 +229,9 @@ class Switcher:
     def switching(self) -> bool:
         return self._busy
 
-    def last_wake(self, model: str) -> str | None:
-        return self._slots[model].last_wake
+    def add_observer(self, observer: SwitchObserver) -> None:
+        """Called with each :class:`Switch` once it has ended."""
+        self._observers.append(observer)
 
     def idle_secs(self, model: str) -> float | None:
         """Seconds since the model's last request ended; 0 while it serves one; None
@@ -491,6 +502,9 @@ class Switcher:
     async def _switch(self, victims: list[str], target: str) -> None:
         t0 = self._clock()
         ok = False
+        put_away: list[PutAway] = []
+        self._put_away = put_away
+        self._brought_back.pop(target, None)
         try:
             for victim in victims:
                 await self._evict(victim, None)
@@ -500,13 +514,19 @@ class Switcher:
                 f"switching to model `{target}` was interrupted", code="switch_failed"))
             raise
         finally:
-            seconds = self._clock() - t0
+            self._put_away = None
             self.switches += 1
-            source = victims[0] if victims else None
-            if self._on_switch is not None:
-                self._on_switch(source, target, seconds, ok)
+            done = Switch(target=target, put_away=tuple(put_away),
+                          brought_back=self._brought_back.get(target) if ok else None,
+                          seconds=self._clock() - t0, ok=ok, at=time.time(),
+                          waiting=len(self._queue))
             log.info("model=%s action=switch from=%s ok=%s seconds=%.3f", target,
-                     ",".join(victims) or "-", ok, seconds)
+                     ",".join(victims) or "-", ok, done.seconds)
+            for observer in list(self._observers):
+                try:
+                    observer(done)
+                except Exception:
+                    log.exception("switch observer %r failed", observer)
             self._end()
 
     async def _bring_up(self, target: str) -> bool:
@@ -649,8 +669,12 @@ class Switcher:
             state = None
         s.active = False
         s.closing = False
-        log.info("model=%s action=evict state=%s seconds=%.3f", name, state,
-                 self._clock() - t0)
+        seconds = self._clock() - t0
+        if self._put_away is not None:
+            strategy = policy or self._config.models[name].eviction
+            self._put_away.append(PutAway(name, str(strategy),
+                                          None if state is None else str(state), seconds))
+        log.info("model=%s action=evict state=%s seconds=%.3f", name, state, seconds)
         return state
 
     async def _activate(self, name: str) -> bool:
@@ -671,10 +695,10 @@ class Switcher:
         s.closing = False
         s.active_since = s.last_used = self._clock()
         self._housekeep_soon()
-        s.last_wake = None if kind is None else str(kind)
-        s.last_switch_secs = s.active_since - t0
-        log.info("model=%s action=activate wake=%s seconds=%.3f", name, s.last_wake,
-                 s.last_switch_secs)
+        up = BroughtBack(name, None if kind is None else WakeKind(str(kind)),
+                         s.active_since - t0)
+        self._brought_back[name] = up
+        log.info("model=%s action=activate wake=%s seconds=%.3f", name, up.how, up.seconds)
         return True
 
     def _fail_waiters(self, model: str, error: ShimError) -> None:
@@ -724,8 +748,10 @@ class Switcher:
         self.leave(model)
         changed = not was_active and self.switches != switches
         evicted = next((m for m in before if m != model and not self._slots[m].active), None)
+        up = self._brought_back.get(model) if changed else None
         return ActionResult(model, "wake", changed, self._clock() - t0,
-                            wake=s.last_wake if changed else None, evicted=evicted)
+                            wake=None if up is None or up.how is None else str(up.how),
+                            evicted=evicted)
 
     def _slot(self, model: str) -> _Slot:
         """The model's slot (the control API checked the request's `model` already)."""

@@ -28,7 +28,10 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from llmux.shim.backend import RestoreChecker
 from llmux.shim.config import Config
+from llmux.shim.errors import ShimError
+from llmux.shim.transitions import Action, Switch
 
 log = logging.getLogger("llmux.ui")
 
@@ -62,43 +65,23 @@ _PAGE_HEADERS = {
     "Cache-Control": "no-cache",
 }
 
-#: lifecycle actions that put a model away / bring one back (as metrics.py reads them)
-_SLEEP_ACTIONS = frozenset({"sleep", "escalate"})
-_WAKE_ACTIONS = frozenset({"wake", "cold_start", "restart"})
-
-
 # ------------------------------------------------------------------------ switch history
-
-
-@dataclass
-class _Transition:
-    at: float  # monotonic
-    action: str
-    strategy: str
-    seconds: float
 
 
 @dataclass
 class SwitchHistory:
     """A bounded record of switches and transitions, for the page (never read by the proxy).
 
-    Fed by :class:`llmux.shim.switcher.Switcher`'s ``on_switch`` and the lifecycle's
-    transition observer: a switch's sleep and wake are the transitions of its two models
-    that happened while it ran.
+    Fed by :class:`llmux.shim.switcher.Switcher`'s switch observer (one
+    :class:`~llmux.shim.transitions.Switch` each, with its evictions and its bring-up) and
+    the lifecycle's transition observer (the log's lines).
     """
 
     limit: int = HISTORY_LIMIT
-    #: () -> requests waiting, read when a switch ends (its waiters are not admitted yet)
-    queue_depth: Callable[[], int] = lambda: 0
-    #: model -> how it last came back ("cold", "wake", "resume", "restore")
-    last_wake: Callable[[str], str | None] = lambda model: None
-    clock: Callable[[], float] = time.monotonic
     switches: deque[dict[str, Any]] = field(init=False)
     lines: deque[tuple[int, str]] = field(init=False)
     _seq: int = 0
-    _sleeps: dict[str, _Transition] = field(default_factory=dict)
-    _wakes: dict[str, _Transition] = field(default_factory=dict)
-    #: model -> {"how", "secs", "at"} of its last wake, cold start or restart
+    #: model -> {"how", "secs", "at"} of the switch that last brought it back
     came_back: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -117,51 +100,36 @@ class SwitchHistory:
     def lines_since(self, seq: int) -> list[dict[str, Any]]:
         return [{"seq": s, "text": t} for s, t in self.lines if s > seq]
 
-    def observe_transition(self, model: str, action: str, strategy: str,
+    def observe_transition(self, model: str, action: Action, strategy: str,
                            seconds: float) -> None:
         """A lifecycle ``TransitionObserver``."""
-        t = _Transition(self.clock(), action, strategy, seconds)
-        a = action.lower()
-        if a in _SLEEP_ACTIONS:
-            self._sleeps[model] = t
-        elif a in _WAKE_ACTIONS:
-            self._wakes[model] = t
-            # "wake" stands for wake, resume or restore until the switch says which
-            how = "wake" if a == "wake" else "cold"
-            self.came_back[model] = {"how": how, "secs": round(seconds, 3),
-                                     "at": time.time(), "action": a}
         self._line(f"{model}: {action} ({strategy}) {seconds:.3f} s")
 
-    def observe_switch(self, source: str | None, target: str, seconds: float,
-                       ok: bool) -> None:
-        """A switcher ``SwitchObserver``: one entry per switch, with its two transitions."""
-        since = self.clock() - seconds - 0.001
-        sleep = self._sleeps.get(source) if source else None
-        if sleep is not None and sleep.at < since:
-            sleep = None
-        wake = self._wakes.get(target)
-        if wake is not None and wake.at < since:
-            wake = None
-        how = self.last_wake(target) if ok else None
-        if wake is not None and how is not None and target in self.came_back:
-            self.came_back[target]["how"] = how  # the switcher knows it exactly
+    def observe_switch(self, switch: Switch) -> None:
+        """A switcher ``SwitchObserver``: one entry per switch."""
+        source = switch.source
+        up = switch.brought_back
+        how = switch.how
+        if how is not None and up is not None:
+            self.came_back[switch.target] = {"how": how.value, "secs": round(up.seconds, 3),
+                                             "at": switch.at}
         entry = {
-            "at": time.time(), "from": source, "to": target, "ok": ok,
-            "seconds": round(seconds, 3),
-            "strategy": sleep.strategy if sleep else None,
-            "sleep_secs": round(sleep.seconds, 3) if sleep else None,
-            "wake": how,
-            "wake_secs": round(wake.seconds, 3) if wake else None,
-            "waiting": self.queue_depth(),
+            "at": switch.at, "from": source.model if source else None, "to": switch.target,
+            "ok": switch.ok, "seconds": round(switch.seconds, 3),
+            "strategy": source.strategy if source else None,
+            "sleep_secs": round(source.seconds, 3) if source else None,
+            "wake": None if how is None else how.value,
+            "wake_secs": round(up.seconds, 3) if up else None,
+            "waiting": switch.waiting,
         }
         self.switches.append(entry)
-        parts = [f"switch {source or '-'} -> {target}: {'ok' if ok else 'FAILED'} "
-                 f"in {seconds:.3f} s"]
-        if sleep:
-            parts.append(f"sleep {sleep.strategy} {sleep.seconds:.3f} s")
-        if wake:
-            parts.append(f"{entry['wake'] or wake.action} {wake.seconds:.3f} s")
-        parts.append(f"{entry['waiting']} waiting")
+        parts = [f"switch {entry['from'] or '-'} -> {switch.target}: "
+                 f"{'ok' if switch.ok else 'FAILED'} in {switch.seconds:.3f} s"]
+        if source:
+            parts.append(f"sleep {source.strategy} {source.seconds:.3f} s")
+        if up:
+            parts.append(f"{how or 'running'} {up.seconds:.3f} s")
+        parts.append(f"{switch.waiting} waiting")
         self._line("; ".join(parts))
 
     def engine_lost(self, model: str) -> None:
@@ -249,19 +217,19 @@ def _sse(event: str, data: Any) -> bytes:
 # ------------------------------------------------------------------------ host checkpoints
 
 
-def _format_version_major(version: str) -> str:
-    return version.split(".", 1)[0]
-
-
 class HostCheckpoints:
     """The host's checkpoints as llmuxd lists them, and whether each can be restored here.
 
     A short-lived D-Bus connection per look, reused for CHECKPOINTS_CACHE_SECS, so that
-    any number of open pages costs llmuxd one call every few seconds at most.
+    any number of open pages costs llmuxd a few calls every few seconds at most. Whether
+    a checkpoint restores here is llmuxd's to say (CheckRestore, through the shim's
+    backend: the restore's own checks, for this container), never a copy of its rules.
     """
 
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: Config, *, backend: RestoreChecker | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._config = config
+        self._backend = backend
         self._clock = clock
         self._cached: tuple[float, dict[str, Any]] | None = None
         self._lock = asyncio.Lock()
@@ -317,9 +285,9 @@ class HostCheckpoints:
         finally:
             with contextlib.suppress(Exception):
                 await client.close()
+        whys = await asyncio.gather(*(self.why_not_here(c.model) for c in found))
         rows = []
-        for c in found:
-            why = self.why_not_here(c, info)
+        for c, why in zip(found, whys, strict=True):
             rows.append({"model": c.model, "size_bytes": c.size_bytes, "created": c.created,
                          "criu_version": c.criu_version, "kernel_release": c.kernel_release,
                          "driver_version": c.driver_version, "cuda": bool(c.cuda_pids),
@@ -328,19 +296,17 @@ class HostCheckpoints:
         return {"available": True, "reason": None if rows else "llmuxd holds no checkpoints",
                 "host": host, "checkpoints": rows}
 
-    def why_not_here(self, c: Any, info: Any) -> str | None:
-        """Why llmuxd would refuse to restore ``c`` into this shim (as its manifest check)."""
-        if c.model not in self._config.models:
+    async def why_not_here(self, model: str) -> str | None:
+        """Why this shim could not restore the checkpoint of ``model``: not one of its
+        models, or llmuxd's reason; None when it would restore."""
+        if model not in self._config.models:
             return "no model of that name is configured in this shim"
-        if (info.criu_version and _format_version_major(c.criu_version)
-                != _format_version_major(info.criu_version)):
-            return f"dumped by CRIU {c.criu_version}; the host runs CRIU {info.criu_version}"
-        if info.kernel_release and c.kernel_release != info.kernel_release:
-            return f"taken on kernel {c.kernel_release}; the host runs {info.kernel_release}"
-        if c.cuda_pids and c.driver_version != info.driver_version:
-            return (f"holds CUDA state from NVIDIA driver {c.driver_version or 'none'}; the "
-                    f"host has {info.driver_version or 'no NVIDIA driver'}")
-        return None
+        if self._backend is None:
+            return "this shim has no host service backend to restore it with"
+        try:
+            return await self._backend.check_restore(model)
+        except ShimError as e:
+            return f"llmuxd could not check it: {e.message}"
 
 
 def _host_message(e: BaseException) -> str:
@@ -459,18 +425,4 @@ def _bad(message: str) -> Response:
                                    "param": None, "code": 400}}, status_code=400)
 
 
-def fan_out(*observers: Callable[..., None] | None) -> Callable[..., None]:
-    """One observer that calls each of ``observers`` (their own errors logged, not raised)."""
-    live = [o for o in observers if o is not None]
-
-    def call(*args: Any) -> None:
-        for o in live:
-            try:
-                o(*args)
-            except Exception:
-                log.exception("observer %r failed", o)
-
-    return call
-
-
-__all__ = ["HostCheckpoints", "LogFollower", "OperatorPage", "SwitchHistory", "fan_out"]
+__all__ = ["HostCheckpoints", "LogFollower", "OperatorPage", "SwitchHistory"]

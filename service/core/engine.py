@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from llmux.service.contract import CheckpointInfo, HostInfo, JobProgress
-from llmux.service.core import authz, proctree, resources, upperfiles
+from llmux.service.core import authz, proctree, resources, restorecheck, upperfiles
 from llmux.service.core.authz import Caller, RestoredRegistry
 from llmux.service.core.container import ContainerContext
 from llmux.service.core.criu import CriuRun, CriuTool, DumpRequest, RestoreRequest
@@ -45,7 +45,6 @@ from llmux.service.core.manifest import ExternalMountRecord, Manifest
 from llmux.service.core.store import (
     CheckpointStore,
     Staging,
-    check_images,
     check_model,
     dir_bytes,
     dump_completed,
@@ -61,9 +60,7 @@ from llmux.service.errors import (
     CudaFailed,
     HostError,
     InvalidArgument,
-    ManifestMismatch,
     NoSpace,
-    NotFound,
     PidInUse,
     PortInUse,
     Unsupported,
@@ -910,14 +907,8 @@ class CheckpointEngine:
 
         async def checks() -> Callable[[_Reporter], Awaitable[Manifest]]:
             started = time.monotonic()
-            manifest = self.store.get(model)
-            authz.check_owner(caller, manifest.owner_uid, model)
-            if proctree.read_stat(caller.pid) is None:
-                raise NotFound(f"caller PID {caller.pid} is gone")
-            target = await asyncio.to_thread(ContainerContext.from_pid, caller.pid)
-            await asyncio.to_thread(self.check_manifest, manifest, target)
-            await asyncio.to_thread(self._check_intact, manifest)
-            await self._check_files_present(manifest, caller.pid if target.foreign else None)
+            manifest, target = await restorecheck.check_restore(
+                self.store, self.criu.version, caller, model)
 
             async def body(report: _Reporter) -> Manifest:
                 return await self._restore(
@@ -928,50 +919,10 @@ class CheckpointEngine:
 
         return await self._prepare(model, None, checks)
 
-    def check_manifest(self, manifest: Manifest, target: ContainerContext) -> None:
-        """Refuse, precisely, a checkpoint this host or this container cannot take back."""
-        major = manifest.criu_version.split(".", 1)[0]
-        if major != str(self.criu.version.major):
-            raise ManifestMismatch(
-                f"checkpoint {manifest.model!r} was dumped by CRIU {manifest.criu_version}; "
-                f"this host runs CRIU {self.criu.version}"
-            )
-        kernel = os.uname().release
-        if manifest.kernel_release != kernel:
-            raise ManifestMismatch(
-                f"checkpoint {manifest.model!r} was taken on kernel {manifest.kernel_release}; "
-                f"this host runs {kernel}"
-            )
-        if manifest.cuda_pids:
-            driver = driver_version()
-            if manifest.driver_version != driver:
-                raise ManifestMismatch(
-                    f"checkpoint {manifest.model!r} holds CUDA state from NVIDIA driver "
-                    f"{manifest.driver_version or 'none'}; this host has "
-                    f"{driver or 'no NVIDIA driver'}"
-                )
-        identity = target.rootfs_identity()
-        if manifest.rootfs != identity:
-            raise ManifestMismatch(
-                f"checkpoint {manifest.model!r} was taken in a filesystem {manifest.rootfs}; "
-                f"the caller's container has {identity} (another image?)"
-            )
-        if target.foreign and target.rootfs_host_path is None:
-            raise Unsupported("the caller's container root filesystem is not visible on the host")
-        for ext in manifest.external_mounts:
-            mine = target.external_for(ext.mount_point)
-            if mine is None or mine.host_source is None:
-                raise ManifestMismatch(
-                    f"checkpoint {manifest.model!r} needs a bind mount at {ext.mount_point}, "
-                    "which the caller's container does not have"
-                )
-
-    def _check_intact(self, manifest: Manifest) -> None:
-        """The checkpoint's files are the ones committed, by a cheap look (sizes, no links);
-        the saved files' checksums are read by the job."""
-        check_images(manifest.model, self.store.images_dir(manifest.model),
-                     manifest.image_sizes)
-        upperfiles.check_present(manifest.files, self.store.files_dir(manifest.model))
+    async def check_restore(self, caller: Caller, model: str) -> None:
+        """The checks of prepare_restore alone (restorecheck): nothing claimed, no job, no
+        file touched; raises what prepare_restore would."""
+        await restorecheck.check_restore(self.store, self.criu.version, caller, model)
 
     async def _wait_pids_free(self, manifest: Manifest) -> None:
         wanted = sorted(set(manifest.pids) | set(manifest.tids))
@@ -1046,21 +997,6 @@ class CheckpointEngine:
             raise PortInUse(
                 f"checkpoint {manifest.model!r} must listen again on TCP ports "
                 f"{manifest.listen_ports}, but {who}"
-            )
-
-    async def _check_files_present(self, manifest: Manifest, view_pid: int | None) -> None:
-        """The files the tree had open or mapped, that the checkpoint does not carry (its
-        libraries, the model's weights), exist in the target: CRIU would fail on the first
-        missing one, after half the tree is back."""
-        with ViewRoot(view_pid) as view:
-            missing = await asyncio.to_thread(
-                lambda: [p for p in manifest.external_files
-                         if not (view.path / p.lstrip("/")).is_file()])
-        if missing:
-            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-            raise ManifestMismatch(
-                f"checkpoint {manifest.model!r} needs files the tree had open, which the "
-                f"caller's container lacks: {', '.join(missing[:3])}{more}"
             )
 
     def _put_back(self, manifest: Manifest, files: Path, view_root: Path) -> list[str]:

@@ -34,6 +34,7 @@ from llmux.service.contract import (
     checkpoint_path,
 )
 from llmux.service.core.engine import Caller, CheckpointEngine, Prepared
+from llmux.service.core.restorecheck import NOT_RESTORABLE
 from llmux.service.dbus.bus import connected
 from llmux.service.dbus.dispatch import Dispatcher, Reply
 from llmux.service.dbus.exports import Call, exports, routes
@@ -162,6 +163,14 @@ class HostServer:
             call.caller, model, keep_images=options.keep_images
         )
         return self._job(Operation.RESTORE, call.caller, prepared)
+
+    @exports(contract.CHECK_RESTORE)
+    async def check_restore(self, call: Call, model: str) -> tuple[bool, str]:
+        try:
+            await self.engine.check_restore(call.caller, model)
+        except NOT_RESTORABLE as exc:
+            return (False, exc.message)
+        return (True, "")
 
     @exports(contract.SUSPEND)
     async def suspend(self, call: Call, model: str, root_pid: int, _options: NoOptions) -> Reply:

@@ -230,14 +230,7 @@ async def test_max_wait_bounds_every_wait_under_a_storm(
                     answers.append((model, r.json()["choices"][0]["message"]["content"]))
 
     switch_seconds: list[float] = []
-    observer = shim.switcher._on_switch
-
-    def watch(src: str | None, dst: str, secs: float, ok: bool) -> None:
-        switch_seconds.append(secs)
-        if observer is not None:
-            observer(src, dst, secs, ok)
-
-    shim.switcher._on_switch = watch
+    shim.switcher.add_observer(lambda switch: switch_seconds.append(switch.seconds))
     await asyncio.gather(*(client("a", i) for i in range(4)),
                          *(client("abc", 100 + i) for i in range(12)))
     assert set(codes) == {200}, sorted(set(codes))

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 from proxy_fixtures import ShimFactory, chat_body, http, shim_factory  # noqa: F401
 
+from llmux.shim.transitions import Action, BroughtBack, Switch, WakeKind
 from llmux.shim.ui import LogFollower, SwitchHistory
 
 
@@ -193,8 +194,10 @@ def test_follower_skips_ahead_of_a_fast_writer(tmp_path: Path) -> None:
 def test_history_is_bounded() -> None:
     h = SwitchHistory(limit=5)
     for i in range(12):
-        h.observe_transition("a", "cold_start", "cold", 0.1)
-        h.observe_switch(None, "a", 0.2, i % 2 == 0)
+        h.observe_transition("a", Action.COLD_START, "cold", 0.1)
+        ok = i % 2 == 0
+        h.observe_switch(Switch("a", (), BroughtBack("a", WakeKind.COLD, 0.1) if ok else None,
+                                0.2, ok, at=0.0, waiting=0))
     assert len(h.switches) == 5 and len(h.lines) == 5
     assert h.seq == 24
     assert [x["seq"] for x in h.lines_since(21)] == [22, 23, 24]
@@ -221,25 +224,34 @@ def test_the_page_is_in_the_wheel(tmp_path: Path) -> None:
     assert "llmux/shim/ui.py" in names
 
 
-def test_restorable_here_follows_llmuxds_manifest_check(
-        builtin_config: Any) -> None:
-    """The panel's "restorable here" says what llmuxd's check would refuse, and why."""
-    from llmux.service.contract import CheckpointInfo, HostInfo
+async def test_restorable_here_is_llmuxds_answer(builtin_config: Any) -> None:
+    """The panel's "restorable here" is what llmuxd's CheckRestore answers for this shim's
+    container, with llmuxd's reason; the panel adds only that a model is not its own.
+    (The manifest rules themselves: tests/service/test_restorecheck.py.)"""
+    from llmux.shim.errors import HostRefused
     from llmux.shim.ui import HostCheckpoints
 
-    panel = HostCheckpoints(builtin_config(["a"]))
-    host = HostInfo(version="0.1.0", criu_version="4.2.1", kernel_release="6.1.0",
-                    driver_version="580.1")
+    class Llmuxd:
+        def __init__(self) -> None:
+            self.asked: list[str] = []
 
-    def why(**kw: Any) -> str | None:
-        info = CheckpointInfo(**{"model": "a", "criu_version": "4.1", "kernel_release": "6.1.0",
-                                 **kw})
-        return panel.why_not_here(info, host)
+        async def check_restore(self, model: str) -> str | None:
+            self.asked.append(model)
+            if model == "c":
+                raise HostRefused("host service: restore check of model c failed: "
+                                  "org.llmux.Error.AccessDenied: checkpoint 'c' belongs to "
+                                  "uid 7", http_status=403, error_type="permission_error")
+            return {"a": None,
+                    "b": "checkpoint 'b' was dumped by CRIU 3.19; this host runs CRIU 4.2.1"
+                    }[model]
 
-    assert why() is None  # another minor CRIU version restores
-    assert "no model of that name" in (why(model="zz") or "")
-    assert "CRIU 3.19" in (why(criu_version="3.19") or "")
-    assert "kernel 6.2.0" in (why(kernel_release="6.2.0") or "")
-    assert why(driver_version="570.0") is None  # no CUDA state: the driver does not matter
-    assert "driver 570.0" in (why(driver_version="570.0", cuda_pids=[7]) or "")
-    assert why(driver_version="580.1", cuda_pids=[7]) is None
+    host = Llmuxd()
+    panel = HostCheckpoints(builtin_config(["a", "b", "c"]), backend=host)
+    assert "no model of that name" in (await panel.why_not_here("zz") or "")
+    assert host.asked == []  # not this shim's: llmuxd is not asked
+    assert await panel.why_not_here("a") is None
+    assert "CRIU 3.19" in (await panel.why_not_here("b") or "")
+    assert "uid 7" in (await panel.why_not_here("c") or "")
+    assert host.asked == ["a", "b", "c"]
+    alone = HostCheckpoints(builtin_config(["a"]))
+    assert "no host service" in (await alone.why_not_here("a") or "")
