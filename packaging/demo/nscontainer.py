@@ -19,6 +19,7 @@ Used by packaging/demo/cross_container.py; needs root, util-linux's `unshare` an
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -79,7 +80,7 @@ def _init(merged: str, binds: list[tuple[str, str]], argv: list[str]) -> None:
     if libc.umount2(b".", _MNT_DETACH) != 0:
         raise OSError(ctypes.get_errno(), "umount2 of the old root")
     os.chdir("/")
-    os.execvp(argv[0], argv)
+    os.execvp(argv[0], argv)  # noqa: S606 (argv is the caller's list, no shell)
 
 
 @dataclass
@@ -150,15 +151,11 @@ class NsContainer:
         """`podman rm --force`: kill what runs in it, drop its writable layer."""
         pids = self.processes() if self.proc is not None and self.proc.poll() is None else []
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         if self.proc is not None:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
         deadline = time.monotonic() + 30
         while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
