@@ -1,7 +1,8 @@
 """Maps the repository's top-level folders onto the llmux. namespace.
 
-service/ installs as llmux.service, client/ as llmux.client and shim/ as llmux.shim;
-the package list is derived from the tree so that a new subpackage needs no edit here.
+common/ installs as llmux.common, service/ as llmux.service, client/ as llmux.client and
+shim/ as llmux.shim; the package list is derived from the tree so that a new subpackage
+needs no edit here.
 """
 
 from pathlib import Path
@@ -10,11 +11,13 @@ from setuptools import find_packages, setup
 
 HERE = Path(__file__).resolve().parent
 # a folder left out of the sources is left out of the wheel: the host .deb builds
-# from service/ and client/ alone (packaging/deb/build.sh)
+# from common/, service/ and client/ (packaging/deb/build.sh), the shim's image from
+# common/, client/ and shim/ (packaging/Containerfile)
 ROOTS = {
     folder: name
     for folder, name in {
-        "service": "llmux.service", "client": "llmux.client", "shim": "llmux.shim"
+        "common": "llmux.common", "service": "llmux.service", "client": "llmux.client",
+        "shim": "llmux.shim",
     }.items()
     if (HERE / folder).is_dir()
 }

@@ -1,14 +1,14 @@
 """Error replies to exceptions: the service's own classes, by their D-Bus names.
 
 An ``org.llmux.Error.*`` reply becomes the very class the service raised
-(llmux.service.errors.BY_NAME); anything else the bus answers (its policy refused,
+(llmux.common.errors.BY_NAME); anything else the bus answers (its policy refused,
 no llmuxd, no reply) is a BusError carrying the bus's own name.
 """
 
 from __future__ import annotations
 
-from llmux.service.contract import ERROR_PREFIX
-from llmux.service.errors import BY_NAME, HostError
+from llmux.common.contract import ERROR_PREFIX
+from llmux.common.errors import BY_NAME, HostError
 
 __all__ = ["CONNECTION_FAILED", "BusError", "ConnectionFailed", "HostError", "error_from_name"]
 

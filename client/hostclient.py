@@ -1,13 +1,13 @@
 """The client of the host service (llmuxd, org.llmux.Host1): the shim's and the CLI's.
 
-Every call is built from its declaration in service/contract.py (``call(contract.X,
+Every call is built from its declaration in common/contract.py (``call(contract.X,
 ...)``: signature, typed options as variants); properties come back as the contract's
 records (HostInfo, CheckpointInfo, JobProgress).
 
 Long operations are jobs: the client subscribes to JobRemoved and to the jobs'
 PropertiesChanged *before* it starts one (a short job may end before the call's
 reply is read), then waits for the JobRemoved of its job id. A failure raises the
-service's own error class (llmux.service.errors: NotFound, NoSpace, ...) with the
+service's own error class (llmux.common.errors: NotFound, NoSpace, ...) with the
 service's message; what the bus itself answers is a BusError (llmux.client.errors).
 """
 
@@ -28,8 +28,8 @@ from dbus_next.message import Message
 from dbus_next.signature import Variant
 
 from llmux.client.errors import ConnectionFailed, error_from_name
-from llmux.service import contract, errors
-from llmux.service.contract import (
+from llmux.common import contract, errors
+from llmux.common.contract import (
     BUS_NAME,
     CHECKPOINT_INTERFACE,
     JOB_INTERFACE,

@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
 from rich.table import Table
 
-from llmux.service.contract import CheckpointInfo, ErrorName, valid_model_name
+from llmux.common.contract import CheckpointInfo, ErrorName, valid_model_name
 
 if TYPE_CHECKING:
     from llmux.client.hostclient import HostClient

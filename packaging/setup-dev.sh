@@ -42,7 +42,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     log "creating virtualenv $VENV"
     python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import llmux.shim, llmux.service, llmux.client, openai, pytest, playwright" 2>/dev/null \
+if ! "$VENV/bin/python" -c "import llmux.shim, llmux.common, llmux.service, llmux.client, openai, pytest, playwright" 2>/dev/null \
    || [ pyproject.toml -nt "$VENV/.llmux-installed" ]; then
     log "installing llmux (editable) and test dependencies"
     "$VENV/bin/pip" install -q --upgrade pip "setuptools>=77" >/dev/null

@@ -5,12 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash packaging/setup-dev.sh
 VENV=${LLMUX_VENV:-$PWD/.venv}
-echo "== ruff"; "$VENV/bin/ruff" check service client shim tests
+echo "== ruff"; "$VENV/bin/ruff" check common service client shim tests
 echo "== mypy (strict)"
 # mypy resolves llmux.* through a tree of links, as the wheel lays the packages out.
 types_root=$(mktemp -d); trap 'rm -rf "$types_root"' EXIT
-mkdir "$types_root/llmux"; ln -s "$PWD/service" "$types_root/llmux/service"; ln -s "$PWD/client" "$types_root/llmux/client"; ln -s "$PWD/shim" "$types_root/llmux/shim"
-MYPYPATH="$types_root" "$VENV/bin/mypy" --namespace-packages --explicit-package-bases -p llmux.service -p llmux.client -p llmux.shim
+mkdir "$types_root/llmux"; for _n in common service client shim; do ln -s "$PWD/$_n" "$types_root/llmux/$_n"; done
+MYPYPATH="$types_root" "$VENV/bin/mypy" --namespace-packages --explicit-package-bases -p llmux.common -p llmux.service -p llmux.client -p llmux.shim
 echo "== pytest"
 # Tiers that must run (not skip) here: a skip of one of them fails the run in CI.
 export LLMUX_REQUIRE_TIERS=${LLMUX_REQUIRE_TIERS:-criu,dbus,podman,systemd,vllm,browser}

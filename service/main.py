@@ -32,8 +32,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from llmux.service import errors
-from llmux.service.contract import DEFAULT_STATE_DIR
+from llmux.common import errors
+from llmux.common.contract import DEFAULT_STATE_DIR
 from llmux.service.core.engine import CheckpointEngine, EngineConfig
 from llmux.service.dbus import HostServer, connect_bus
 from llmux.service.journal import setup_logging

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from llmux.client.errors import BusError
-from llmux.service import errors
-from llmux.service.contract import CheckpointInfo
+from llmux.common import errors
+from llmux.common.contract import CheckpointInfo
 from llmux.shim.config import Config
 from llmux.shim.errors import HostRefused, HostUnavailable, ShimError
 

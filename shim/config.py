@@ -27,7 +27,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from llmux.service.contract import valid_model_name
+from llmux.common.contract import valid_model_name
 from llmux.shim.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from llmux.service.core import resources
+from llmux.common import resources
 from llmux.shim.config import ModelConfig
 from llmux.shim.errors import EngineFailed, ModelNotFound
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from llmux.service.core.proctree import pss_bytes as proctree_pss
+from llmux.common.proctree import pss_bytes as proctree_pss
 from llmux.shim.backend import ProcessBackend
 from llmux.shim.config import (
     Config,

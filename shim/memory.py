@@ -18,7 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from llmux.service.core import proctree
+from llmux.common import proctree
 
 log = logging.getLogger(__name__)
 

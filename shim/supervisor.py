@@ -3,7 +3,7 @@
 The supervisor knows processes, not policies nor HTTP: the lifecycle decides when an
 engine starts or stops, and every call to an engine's API (the /health polls here
 included) goes through :class:`llmux.shim.engineclient.EngineClient`. Process trees are
-read with the host service's own /proc code (llmux.service.core.proctree, resources).
+read with the /proc code the shim shares with llmuxd (llmux.common.proctree, resources).
 
 Every engine is watched through a pidfd, for the ones spawned here and for trees
 handed over by the host service alike, so that a death is noticed at once without
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmux.service.core import proctree, resources, upperfiles
+from llmux.common import proctree, resources
 from llmux.shim.config import Config, EngineKind, ModelConfig
 from llmux.shim.engineclient import ENGINE_HOST, EngineClient
 from llmux.shim.errors import Conflict, EngineFailed, ModelNotFound
@@ -612,7 +612,7 @@ def _made_files(pids: list[int]) -> set[str]:
         same = False
     if not same:
         return set()
-    live, _ = upperfiles.open_paths(pids)
+    live, _ = resources.open_paths(pids)
     return set(resources.shm_paths(live))
 
 

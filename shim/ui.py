@@ -257,7 +257,7 @@ class HostCheckpoints:
                                 "[checkpoint] section (bus = ...), so llmuxd is not used")
         from llmux.client.errors import ConnectionFailed
         from llmux.client.hostclient import HostClient
-        from llmux.service.errors import HostError
+        from llmux.common.errors import HostError
 
         client = HostClient(cp.bus)
         try:

@@ -18,7 +18,7 @@ from typing import Any
 
 # one copy of each: "alive" is the core's (exists and is not a zombie), free_port the
 # built-in engine's test helper's
-from llmux.service.core.proctree import exists as pid_alive
+from llmux.common.proctree import exists as pid_alive
 from llmux.shim.builtin.testing import free_port as free_port
 
 TESTS = Path(__file__).resolve().parent

@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from llmux.service.core import proctree
+from llmux.common import proctree
 
 _KERNEL_OBJECT = re.compile(r"^(socket|pipe|anon_inode:\[?[a-z_]+\]?)(:\[\d+\])?$")
 

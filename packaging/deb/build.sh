@@ -71,8 +71,8 @@ if ! { [[ -x $PY ]] && "$PY" -c 'import setuptools, pip' 2>/dev/null; }; then
     PY=$WORK/venv/bin/python
 fi
 mkdir -p "$WORK/src" "$WORK/wheel"
-# the service and the client only: the shim runs in containers, not on the host
-cp -r "$ROOT/service" "$ROOT/client" "$ROOT/setup.py" "$ROOT/pyproject.toml" "$WORK/src/"
+# the service, the client and what they share: the shim runs in containers, not on the host
+cp -r "$ROOT/common" "$ROOT/service" "$ROOT/client" "$ROOT/setup.py" "$ROOT/pyproject.toml" "$WORK/src/"
 if [[ -f $ROOT/README.md ]]; then cp "$ROOT/README.md" "$WORK/src/"; else echo "# llmux" >"$WORK/src/README.md"; fi
 find "$WORK/src" \( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
 log "building the llmux $VERSION wheel"
@@ -87,6 +87,7 @@ rm -f "$SITE"/llmux-*.dist-info/RECORD "$SITE"/llmux-*.dist-info/direct_url.json
 echo dpkg >"$SITE"/llmux-"$VERSION".dist-info/INSTALLER
 [[ -f $SITE/llmux/service/main.py ]] || die "the wheel has no llmux/service/main.py"
 [[ -f $SITE/llmux/client/opscli.py ]] || die "the wheel has no llmux/client/opscli.py"
+[[ -f $SITE/llmux/common/contract.py ]] || die "the wheel has no llmux/common/contract.py"
 [[ ! -e $SITE/llmux/shim ]] || die "the host package must not carry the shim (llmux/shim)"
 # the wheel's entry points name the shim's llmux; /usr/bin below is what runs
 rm -f "$SITE"/llmux-"$VERSION".dist-info/entry_points.txt

@@ -20,6 +20,6 @@ llmux_root=$(mktemp -d /tmp/llmux-pyroot.XXXXXX)
 trap 'rm -rf "$llmux_root"' EXIT
 mkdir "$llmux_root/llmux"
 : >"$llmux_root/llmux/__init__.py"
-for _n in service client shim; do ln -s "$repo/$_n" "$llmux_root/llmux/$_n"; done
+for _n in common service client shim; do ln -s "$repo/$_n" "$llmux_root/llmux/$_n"; done
 export PYTHONPATH="$llmux_root:$_site${PYTHONPATH:+:$PYTHONPATH}"
 cd "$repo"

@@ -15,7 +15,7 @@ Every check prints a PASS or FAIL line; the exit status is 0 only if all passed.
 the CRIU half on a machine without a GPU.
 
 The repository is not pip-installed on the GPU machine: a temporary folder with
-llmux/{service,shim} symlinks into this checkout is put first on sys.path and on
+llmux/{common,service,client,shim} symlinks into this checkout is put first on sys.path and on
 the children's PYTHONPATH, after whatever PYTHONPATH (unpacked wheels) is set.
 """
 
@@ -93,12 +93,13 @@ class Report:
 
 
 def make_import_root(workdir: Path) -> Path:
-    """A folder whose llmux/ package points at this checkout's service/, client/ and shim/."""
+    """A folder whose llmux/ package points at this checkout's common/, service/, client/ and
+    shim/."""
     root = workdir / "pyroot"
     pkg = root / "llmux"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
-    for name in ("service", "client", "shim"):
+    for name in ("common", "service", "client", "shim"):
         (pkg / name).symlink_to(REPO / name, target_is_directory=True)
     sys.path.insert(0, str(root))
     old = os.environ.get("PYTHONPATH", "")

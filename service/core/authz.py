@@ -19,9 +19,10 @@ import pwd
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmux.service.core import proctree
+from llmux.common import proctree
+from llmux.common.errors import AccessDenied, NoSuchProcess
 from llmux.service.core.container import cgroup_identity, read_cgroups
-from llmux.service.errors import AccessDenied, NoSuchProcess
+from llmux.service.core.procerrors import no_such_process
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,8 @@ class RestoredRegistry:
 
 def check_target(caller: Caller, root_pid: int, restored: RestoredRegistry | None) -> None:
     """Raise AccessDenied unless the caller may act on the tree rooted at root_pid."""
-    proctree.require(root_pid)
+    with no_such_process():
+        proctree.require(root_pid)
     if proctree.read_stat(caller.pid) is None:
         raise AccessDenied(f"caller PID {caller.pid} is gone")
     if root_pid == caller.pid:

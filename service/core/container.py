@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from llmux.service.core import proctree
-from llmux.service.errors import NoSuchProcess
+from llmux.common import proctree
+from llmux.common.errors import NoSuchProcess
+from llmux.service.core.procerrors import no_such_process
 
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
@@ -253,7 +254,8 @@ class ContainerContext:
 
     @classmethod
     def from_pid(cls, pid: int) -> ContainerContext:
-        proctree.require(pid)
+        with no_such_process():
+            proctree.require(pid)
         try:
             mnt_ns = os.readlink(f"/proc/{pid}/ns/mnt")
             own_ns = os.readlink("/proc/self/ns/mnt")

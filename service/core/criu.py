@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmux.service.errors import CriuFailed, Timeout, Unsupported
+from llmux.common.errors import CriuFailed, Timeout, Unsupported
 
 MIN_MAJOR = 4
 BUNDLE_PATH = "/opt/llmux/criu/criu"

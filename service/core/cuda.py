@@ -49,7 +49,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from llmux.service.errors import CudaFailed, InvalidArgument, NoSuchProcess
+from llmux.common.errors import CudaFailed, InvalidArgument, NoSuchProcess
 
 MODES = ("api", "binary", "plugin", "off")
 DEFAULT_BINARY = "cuda-checkpoint"

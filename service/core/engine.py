@@ -34,14 +34,27 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from llmux.service.contract import CheckpointInfo, HostInfo, JobProgress
-from llmux.service.core import authz, proctree, resources, restorecheck, upperfiles
+from llmux.common import proctree, resources
+from llmux.common.contract import CheckpointInfo, HostInfo, JobProgress
+from llmux.common.errors import (
+    Busy,
+    CriuFailed,
+    CudaFailed,
+    HostError,
+    InvalidArgument,
+    NoSpace,
+    PidInUse,
+    PortInUse,
+    Unsupported,
+)
+from llmux.service.core import authz, restorecheck, upperfiles
 from llmux.service.core.authz import Caller, RestoredRegistry
 from llmux.service.core.container import ContainerContext
 from llmux.service.core.criu import CriuRun, CriuTool, DumpRequest, RestoreRequest
 from llmux.service.core.cuda import CudaCheckpointer, driver_version, make_cuda_checkpointer
 from llmux.service.core.cuda import device_bytes as cuda_device_bytes
 from llmux.service.core.manifest import ExternalMountRecord, Manifest
+from llmux.service.core.procerrors import no_such_process
 from llmux.service.core.store import (
     CheckpointStore,
     Staging,
@@ -54,17 +67,6 @@ from llmux.service.core.store import (
     write_journal,
 )
 from llmux.service.core.upperfiles import SavedFile, ViewRoot
-from llmux.service.errors import (
-    Busy,
-    CriuFailed,
-    CudaFailed,
-    HostError,
-    InvalidArgument,
-    NoSpace,
-    PidInUse,
-    PortInUse,
-    Unsupported,
-)
 
 __all__ = [
     "Caller",
@@ -447,6 +449,12 @@ class CheckpointEngine:
         if isinstance(root_pid, bool) or not isinstance(root_pid, int) or root_pid <= 0:
             raise InvalidArgument(f"root PID must be a positive integer, not {root_pid!r}")
 
+    @staticmethod
+    async def _tree(root_pid: int) -> list[int]:
+        """The tree's PIDs (read in a thread); a gone root is the caller's NoSuchProcess."""
+        with no_such_process():
+            return await asyncio.to_thread(proctree.tree, root_pid)
+
     # ---- checkpoint ------------------------------------------------------------------
 
     async def checkpoint(
@@ -495,8 +503,7 @@ class CheckpointEngine:
             async def body(report: _Reporter) -> Manifest:
                 async with self._remap_guard(bool(tree.deleted_ids)):
                     found = tree
-                    if tree.deleted_ids and await asyncio.to_thread(
-                            proctree.tree, root_pid) != found.pids:
+                    if tree.deleted_ids and await self._tree(root_pid) != found.pids:
                         # it changed while another dump held the link-remaps: check again
                         found = await asyncio.to_thread(
                             self._inspect_tree, model, root_pid, weights_bytes
@@ -511,7 +518,8 @@ class CheckpointEngine:
 
     def _inspect_tree(self, model: str, root_pid: int, weights_bytes: int) -> _Tree:
         """The checks of a dump that read /proc (run in a thread)."""
-        pids = proctree.tree(root_pid)
+        with no_such_process():
+            pids = proctree.tree(root_pid)
         bad = resources.undumpable_fds(pids)
         if bad:
             raise Unsupported(
@@ -598,7 +606,7 @@ class CheckpointEngine:
             await asyncio.to_thread(self.store.write_pending, staging, pending)
             await asyncio.to_thread(write_journal, staging, tree=tree.starts,
                                     leave_running=leave_running)
-            live, deleted = await asyncio.to_thread(upperfiles.open_paths, pids)
+            live, deleted = await asyncio.to_thread(resources.open_paths, pids)
             shm = resources.shm_paths(live)
 
             def look_around() -> tuple[list[str], list[str]]:
@@ -1244,7 +1252,7 @@ class CheckpointEngine:
         async def checks() -> Callable[[_Reporter], Awaitable[SuspendResult]]:
             started = time.monotonic()
             await asyncio.to_thread(authz.check_target, caller, root_pid, self.restored)
-            pids = await asyncio.to_thread(proctree.tree, root_pid)
+            pids = await self._tree(root_pid)
             found = await asyncio.to_thread(cuda_of, pids) if cuda_of is not None else None
 
             async def run(report: _Reporter) -> SuspendResult:

@@ -11,9 +11,9 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from llmux.service.contract import CheckpointInfo
+from llmux.common.contract import CheckpointInfo
+from llmux.common.errors import ManifestMismatch
 from llmux.service.core.upperfiles import SavedFile
-from llmux.service.errors import ManifestMismatch
 
 FORMAT = 1
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import os
 
-from llmux.service.core import authz, proctree, upperfiles
+from llmux.common import proctree
+from llmux.common.errors import ManifestMismatch, NotFound, Unsupported
+from llmux.service.core import authz, upperfiles
 from llmux.service.core.authz import Caller
 from llmux.service.core.container import ContainerContext
 from llmux.service.core.criu import CriuVersion
@@ -21,7 +23,6 @@ from llmux.service.core.cuda import driver_version
 from llmux.service.core.manifest import Manifest
 from llmux.service.core.store import CheckpointStore, check_images, check_model
 from llmux.service.core.upperfiles import ViewRoot
-from llmux.service.errors import ManifestMismatch, NotFound, Unsupported
 
 #: what a checkpoint this service holds may fail for here: the answer to "would it
 #: restore?" rather than an error of the request (name, existence, ownership)

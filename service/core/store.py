@@ -25,10 +25,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from llmux.service.contract import DEFAULT_STATE_DIR, valid_model_name
-from llmux.service.core import proctree
+from llmux.common import proctree
+from llmux.common.contract import DEFAULT_STATE_DIR, valid_model_name
+from llmux.common.errors import HostError, InvalidArgument, ManifestMismatch, NoSpace, NotFound
 from llmux.service.core.manifest import Manifest
-from llmux.service.errors import HostError, InvalidArgument, ManifestMismatch, NoSpace, NotFound
 
 log = logging.getLogger(__name__)
 

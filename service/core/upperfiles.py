@@ -23,11 +23,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
-from llmux.service.core import resources
+from llmux.common import resources
+from llmux.common.errors import InvalidArgument, ManifestMismatch
 from llmux.service.core.container import ContainerContext
-from llmux.service.errors import InvalidArgument, ManifestMismatch
 
-_DELETED = " (deleted)"
 _CHUNK = 1 << 20
 
 
@@ -67,48 +66,9 @@ class SavedFile:
         )
 
 
-def _links(pid: int) -> list[str]:
-    """Paths of the files a process has open, mapped, or as cwd, as it sees them.
-
-    The kernel writes these links relative to its mount namespace's root; a process
-    whose root is a directory below that (chroot) sees them without that prefix.
-    """
-    raw = []
-    base = Path(f"/proc/{pid}")
-    for sub in ("fd", "map_files"):
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError, PermissionError):
-            for entry in os.scandir(base / sub):
-                with contextlib.suppress(OSError):
-                    raw.append(os.readlink(entry.path))
-    with contextlib.suppress(OSError):
-        raw.append(os.readlink(base / "cwd"))
-    try:
-        root = os.readlink(base / "root").rstrip("/")
-    except OSError:
-        root = ""
-    if not root:
-        return raw
-    return [link[len(root) :] if link.startswith(root + "/") else link for link in raw]
-
-
 def bound_socket_paths(pids: Iterable[int]) -> list[str]:
     """Filesystem paths of the unix sockets the processes have bound."""
     return resources.bound_unix_paths(list(pids))
-
-
-def open_paths(pids: Iterable[int]) -> tuple[list[str], list[str]]:
-    """(live paths, deleted paths) the processes hold open or mapped."""
-    live: set[str] = set()
-    deleted: set[str] = set()
-    for pid in pids:
-        for link in _links(pid):
-            if not link.startswith("/"):
-                continue
-            if link.endswith(_DELETED):
-                deleted.add(link[: -len(_DELETED)])
-            else:
-                live.add(link)
-    return sorted(live), sorted(deleted)
 
 
 def _in_upper(ctx: ContainerContext, path: str) -> bool:
@@ -128,7 +88,7 @@ def find_upper_files(pids: Sequence[int], ctx: ContainerContext) -> list[str]:
     layer, with every directory on their way that is also only there, parents first."""
     if ctx.overlay is None:
         return []
-    live, _ = open_paths(pids)
+    live, _ = resources.open_paths(pids)
     sockets = bound_socket_paths(pids)
     wanted: set[str] = set()
     for path in live:

@@ -27,15 +27,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 # -- every import of the contract's data is in this block: the contract (and its errors)
-# -- may move to a shared package; change these lines and nothing else ------------------
-from llmux.service import contract
-from llmux.service import errors as contract_errors
+# -- (the shared llmux.common): a move changes these lines and CONTRACT_FILE, nothing else --
+from llmux.common import contract
+from llmux.common import errors as contract_errors
 from llmux.service.dbus import exports as exports_module
 from llmux.service.dbus.server import HostServer
 
 # --------------------------------------------------------------------------------------
 
-CONTRACT_FILE = "service/contract.py"
+CONTRACT_FILE = "common/contract.py"
 """The contract's path in the repository, as the document names it."""
 COMMAND = "python -m llmux.service.dbus.apidoc --write docs/dbus-api.md"
 """How to regenerate the document (from the repository root, in the project's venv)."""
@@ -313,7 +313,7 @@ def render() -> str:
         "",
         f"Every failure is answered with one of these names (`{contract.ERROR_PREFIX}.*`); "
         "the message is for humans. The client raises the same class again from the name "
-        "(`llmux.service.errors.BY_NAME`).",
+        "(`llmux.common.errors.BY_NAME`).",
         "",
     ]
     lines += _errors()

@@ -25,8 +25,8 @@ from dbus_next.constants import BusType, MessageType
 from dbus_next.message import Message
 from dbus_next.service import ServiceInterface
 
-from llmux.service import errors
-from llmux.service.contract import OBJECT_PATH
+from llmux.common import errors
+from llmux.common.contract import OBJECT_PATH
 from llmux.service.core.engine import Caller
 
 log = logging.getLogger(__name__)

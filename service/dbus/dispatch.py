@@ -22,7 +22,7 @@ from dbus_next.aio.message_bus import MessageBus
 from dbus_next.constants import ErrorType, MessageFlag, MessageType
 from dbus_next.message import Message
 
-from llmux.service import errors
+from llmux.common import errors
 from llmux.service.core.engine import Caller
 from llmux.service.dbus.bus import caller_of, connected, exported, property_names
 from llmux.service.journal import fields

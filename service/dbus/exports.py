@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from dbus_next.message import Message
 from dbus_next.signature import Variant
 
-from llmux.service import contract, errors
+from llmux.common import contract, errors
 from llmux.service.core.engine import Caller
 from llmux.service.dbus.dispatch import Reply, Route
 

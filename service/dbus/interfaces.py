@@ -24,8 +24,8 @@ from dbus_next.constants import PropertyAccess
 from dbus_next.errors import DBusError
 from dbus_next.service import ServiceInterface, dbus_property, method, signal
 
-from llmux.service import contract
-from llmux.service.contract import ErrorName, JobProgress, JobState, Operation
+from llmux.common import contract
+from llmux.common.contract import ErrorName, JobProgress, JobState, Operation
 
 log = logging.getLogger(__name__)
 

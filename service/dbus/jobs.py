@@ -23,8 +23,8 @@ from typing import Any
 
 from dbus_next.aio.message_bus import MessageBus
 
-from llmux.service import contract, errors
-from llmux.service.contract import ErrorName, JobProgress, JobState, Operation, job_path
+from llmux.common import contract, errors
+from llmux.common.contract import ErrorName, JobProgress, JobState, Operation, job_path
 from llmux.service.core.engine import Caller, Prepared
 from llmux.service.dbus.interfaces import ContractObject, JobObject, JobView
 from llmux.service.journal import fields

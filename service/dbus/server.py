@@ -22,8 +22,8 @@ from dbus_next.aio.message_bus import MessageBus
 from dbus_next.constants import NameFlag, RequestNameReply
 from dbus_next.errors import DBusError
 
-from llmux.service import contract, errors
-from llmux.service.contract import (
+from llmux.common import contract, errors
+from llmux.common.contract import (
     BUS_NAME,
     OBJECT_PATH,
     CheckpointInfo,

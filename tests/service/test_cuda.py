@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from llmux.common.errors import CudaFailed, InvalidArgument, NoSuchProcess
 from llmux.service.core import cuda
 from llmux.service.core.cuda import (
     MODES,
@@ -43,7 +44,6 @@ from llmux.service.core.cuda import (
     parse_driver_version,
     validate_pids,
 )
-from llmux.service.errors import CudaFailed, InvalidArgument, NoSuchProcess
 
 HAVE_DRIVER = not ApiCheckpointer().problem()
 needs_gpu = pytest.mark.skipif(not HAVE_DRIVER, reason="no usable libcuda.so.1 / GPU here")

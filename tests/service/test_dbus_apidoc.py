@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmux.service import contract
+from llmux.common import contract
 from llmux.service.dbus import apidoc
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "dbus-api.md"

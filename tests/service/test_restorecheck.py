@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
+from llmux.common.errors import ManifestMismatch
 from llmux.service.core import restorecheck
 from llmux.service.core.container import ContainerContext
 from llmux.service.core.criu import CriuVersion
 from llmux.service.core.manifest import Manifest
 from llmux.service.core.store import IMAGES, CheckpointStore
-from llmux.service.errors import ManifestMismatch
 
 HOST = ContainerContext(pid=1, mnt_ns="mnt:[1]", foreign=False, root=None, overlay=None)
 CRIU = CriuVersion(4, 2, 1)

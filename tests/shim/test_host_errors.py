@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from llmux.client.errors import BusError, error_from_name
-from llmux.service import contract, errors
-from llmux.service.contract import CheckpointInfo, ErrorName, HostInfo, JobProgress
+from llmux.common import contract, errors
+from llmux.common.contract import CheckpointInfo, ErrorName, HostInfo, JobProgress
 from llmux.shim.backend import host_error
 from llmux.shim.errors import HostRefused, HostUnavailable
 

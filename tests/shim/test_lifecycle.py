@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from llmux.service.core import resources, upperfiles
+from llmux.common import resources
 from llmux.shim.backend import RestoredTree
 from llmux.shim.config import Config, EvictionPolicy, ProcessStrategy, WeightStrategy
 from llmux.shim.errors import ConfigError, EngineFailed, HostUnavailable, ModelNotFound
@@ -297,7 +297,7 @@ class SignalBackend:
         # as llmuxd: the tree's /dev/shm segments go into the checkpoint, the tree ends
         members = [int(p) for p in os.listdir("/proc") if p.isdigit()
                    and _pgid(int(p)) == root_pid]
-        shm = resources.shm_paths(upperfiles.open_paths(members)[0])
+        shm = resources.shm_paths(resources.open_paths(members)[0])
         os.killpg(root_pid, signal.SIGKILL)
         for _ in range(250):  # until no member maps them any more (zombies map nothing)
             if not resources.remove_unused(Path(p) for p in shm) and not any(

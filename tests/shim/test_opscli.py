@@ -25,7 +25,7 @@ import pytest
 from proxy_fixtures import ShimFactory, shim_factory  # noqa: F401
 
 from llmux.client.opscli import ProgressReporter, add_client_commands, render_table
-from llmux.service.contract import ErrorName
+from llmux.common.contract import ErrorName
 
 # The D-Bus harness of the host service's tests (tests/service/dbus/llmuxd_harness.py), the
 # module itself when pytest has already imported it for that folder.

@@ -308,7 +308,7 @@ def test_connections_to_counts_live_tcp_connections_to_a_port() -> None:
 
     from testprocs import wait_until
 
-    from llmux.service.core.resources import connections_to as open_connections
+    from llmux.common.resources import connections_to as open_connections
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))

@@ -58,7 +58,7 @@ def stand_in_base(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> str
 def shim_image(stand_in_base: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The Containerfile as shipped, FROM the stand-in, built from the files it copies."""
     context = tmp_path_factory.mktemp("context")
-    for name in ("pyproject.toml", "setup.py", "service", "client", "shim"):
+    for name in ("pyproject.toml", "setup.py", "common", "client", "shim"):
         source = REPO / name
         if source.is_dir():
             shutil.copytree(source, context / name,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from systemtest import Booted, Overlay, boot, remove_container, run
 
-from llmux.service.contract import (
+from llmux.common.contract import (
     BUS_NAME,
     MANAGER_INTERFACE,
     OBJECT_PATH,

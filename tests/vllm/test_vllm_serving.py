@@ -16,7 +16,7 @@ import openai
 import pytest
 from testprocs import pid_alive, wait_until
 
-from llmux.service.core import resources
+from llmux.common import resources
 
 pytestmark = [pytest.mark.vllm]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from criu_testlib import TARGET, Target, TargetFactory, reap, reaping
 
-from llmux.service.core import proctree
+from llmux.common import proctree
 from llmux.service.core.criu import BUNDLE_PATH, parse_version
 from llmux.service.core.engine import CheckpointEngine, EngineConfig
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmux.service.core import proctree
+from llmux.common import proctree
 
 TARGET = Path(__file__).with_name("target.py")
 

@@ -26,10 +26,10 @@ import httpx
 import pytest
 from criu_testlib import reap, reaping
 
-from llmux.service.core import proctree
+from llmux.common import proctree
+from llmux.common.errors import CriuFailed, ManifestMismatch, PortInUse, Unsupported
 from llmux.service.core.engine import Caller, CheckpointEngine
 from llmux.service.core.manifest import Manifest
-from llmux.service.errors import CriuFailed, ManifestMismatch, PortInUse, Unsupported
 from llmux.shim.builtin.testing import EngineProcess, start_engine_async
 
 pytestmark = pytest.mark.criu

@@ -13,15 +13,8 @@ from pathlib import Path
 import pytest
 from criu_testlib import Target, TargetFactory, blocking_criu, criu_after_dump
 
-from llmux.service.core import proctree
-from llmux.service.core.engine import (
-    Caller,
-    CheckpointEngine,
-    EngineConfig,
-    Progress,
-)
-from llmux.service.core.store import FINAL_KILL, CheckpointStore
-from llmux.service.errors import (
+from llmux.common import proctree
+from llmux.common.errors import (
     AccessDenied,
     Busy,
     CriuFailed,
@@ -33,6 +26,13 @@ from llmux.service.errors import (
     PidInUse,
     Unsupported,
 )
+from llmux.service.core.engine import (
+    Caller,
+    CheckpointEngine,
+    EngineConfig,
+    Progress,
+)
+from llmux.service.core.store import FINAL_KILL, CheckpointStore
 
 pytestmark = pytest.mark.criu
 

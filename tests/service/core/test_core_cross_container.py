@@ -24,7 +24,7 @@ import pytest
 from criu_testlib import TARGET, reap, reaping
 from testprocs import mount_overlay
 
-from llmux.service.core import proctree
+from llmux.common import proctree
 from llmux.service.core.container import ContainerContext
 from llmux.service.core.engine import Caller, CheckpointEngine
 

@@ -27,9 +27,8 @@ import httpx
 import pytest
 from criu_testlib import blocking_criu, reap, reaping
 
-from llmux.service.core import proctree, resources
-from llmux.service.core.engine import Caller, CheckpointEngine, EngineConfig
-from llmux.service.errors import (
+from llmux.common import proctree, resources
+from llmux.common.errors import (
     CriuFailed,
     HostError,
     ManifestMismatch,
@@ -37,6 +36,7 @@ from llmux.service.errors import (
     NotFound,
     Timeout,
 )
+from llmux.service.core.engine import Caller, CheckpointEngine, EngineConfig
 from llmux.shim.builtin.testing import EngineProcess, start_engine_async
 
 pytestmark = pytest.mark.criu

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from criu_testlib import TargetFactory
 
-from llmux.service.core import proctree
+from llmux.common import proctree
+from llmux.common.errors import InvalidArgument
 from llmux.service.core.authz import Caller
 from llmux.service.core.engine import CheckpointEngine, EngineConfig
 from llmux.service.core.manifest import Manifest
 from llmux.service.core.store import CheckpointStore
-from llmux.service.errors import InvalidArgument
 
 pytestmark = pytest.mark.criu
 ME = Caller(pid=os.getpid(), uid=os.getuid())

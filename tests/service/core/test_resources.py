@@ -6,7 +6,7 @@ import os
 import socket
 from pathlib import Path
 
-from llmux.service.core import resources
+from llmux.common import resources
 
 
 def test_link_remaps_are_told_apart_by_inode_and_age(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from testprocs import wait_until
 from zdtmcompare import assert_same, settled
 from zdtmcompare import usage as process_usage
 
-from llmux.service.core import proctree, resources
+from llmux.common import proctree, resources
 from llmux.shim.builtin.testing import EngineProcess, start_engine
 
 pytestmark = pytest.mark.criu

@@ -33,8 +33,8 @@ from llmuxd_harness import (
 
 from llmux.client.errors import ConnectionFailed
 from llmux.client.hostclient import HostClient, JobProgress
-from llmux.service import errors
-from llmux.service.core.proctree import tracer_of
+from llmux.common import errors
+from llmux.common.proctree import tracer_of
 
 pytestmark = [pytest.mark.dbus, pytest.mark.criu]
 

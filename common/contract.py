@@ -1,8 +1,9 @@
-"""The one contract between the shim and the host service, written once as data.
+"""The one contract between the host service and its callers, written once as data.
 
-Both sides import this module and nothing else of each other, so a rename here is a
-rename everywhere. It imports no D-Bus library: the core, the client's tests and the
-shim can read it without a bus. From these declarations
+llmuxd (llmux.service) on one side, its client (llmux.client) and the shim on the other,
+import this leaf of llmux.common and nothing else of each other, so a rename here is a
+rename everywhere. It imports no D-Bus library: the core, the client's tests and the shim can read
+it without a bus. From these declarations
 
   - the service's D-Bus face (llmux.service.dbus) generates its three interfaces (what
     ``busctl introspect`` shows), routes each method call to the one handler that says

@@ -2,7 +2,10 @@
 
 Everything here reads /proc directly (no library exposes mountinfo, map_files or the
 zombie-versus-reaped distinction that a restore depends on). A process may vanish between
-any two reads, so every reader treats a missing /proc entry as "gone", never as an error.
+any two reads, so every reader treats a missing /proc entry as "gone", never as an error;
+only require() and tree(), asked for one process that must be there, raise ProcessNotFound.
+That is this module's own exception, not a D-Bus error: the shim reads its trees here too,
+and llmuxd's core answers it as org.llmux.Error.NoSuchProcess.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmux.service.errors import NoSuchProcess
-
 PROC = Path("/proc")
+
+
+class ProcessNotFound(LookupError):
+    """No live process has the PID (never was, gone, or a zombie); the message says which."""
 
 
 @dataclass(frozen=True)
@@ -66,10 +71,10 @@ def exists(pid: int) -> bool:
 
 def require(pid: int) -> ProcStat:
     if pid <= 0:
-        raise NoSuchProcess(f"PID {pid} is not a valid process ID")
+        raise ProcessNotFound(f"PID {pid} is not a valid process ID")
     st = read_stat(pid)
     if st is None or st.state in ("Z", "X"):
-        raise NoSuchProcess(f"no process with PID {pid}")
+        raise ProcessNotFound(f"no process with PID {pid}")
     return st
 
 

@@ -2,12 +2,13 @@
 
 Each class carries its D-Bus error name, so the D-Bus face maps an exception to
 a named error in one line, the core raises them without importing D-Bus, and the
-client (llmux.client) raises the same classes again from the names (``BY_NAME``).
+client (llmux.client) raises the same classes again from the names (``BY_NAME``):
+part of the contract, so it lives beside it, not in the service.
 """
 
 from __future__ import annotations
 
-from llmux.service.contract import ErrorName
+from llmux.common.contract import ErrorName
 
 
 class HostError(Exception):

@@ -7,7 +7,8 @@ the port and its holder. They also find the tree's files in /dev/shm, which CRIU
 not put in its images (file-backed shared mappings are restored from the file) and which
 a clean stop of the engine deletes.
 
-Every function here reads /proc synchronously: the engine runs them in a worker thread.
+Every function here reads /proc synchronously: llmuxd's engine and the shim's supervisor
+run the long ones in a worker thread.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmux.service.core import proctree
+from llmux.common import proctree
 
 SHM_DIR = "/dev/shm"
 
@@ -244,6 +245,50 @@ def _unix_rows(pid: int | str) -> list[tuple[str, str]]:
             if len(f) >= 8 and f[7].startswith("/"):
                 rows.append((f[6], f[7]))
     return rows
+
+
+# ---------------------------------------------------------------------- open files
+
+_DELETED = " (deleted)"
+
+
+def _links(pid: int) -> list[str]:
+    """Paths of the files a process has open, mapped, or as cwd, as it sees them.
+
+    The kernel writes these links relative to its mount namespace's root; a process
+    whose root is a directory below that (chroot) sees them without that prefix.
+    """
+    raw = []
+    base = Path(f"/proc/{pid}")
+    for sub in ("fd", "map_files"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError, PermissionError):
+            for entry in os.scandir(base / sub):
+                with contextlib.suppress(OSError):
+                    raw.append(os.readlink(entry.path))
+    with contextlib.suppress(OSError):
+        raw.append(os.readlink(base / "cwd"))
+    try:
+        root = os.readlink(base / "root").rstrip("/")
+    except OSError:
+        root = ""
+    if not root:
+        return raw
+    return [link[len(root) :] if link.startswith(root + "/") else link for link in raw]
+
+
+def open_paths(pids: Iterable[int]) -> tuple[list[str], list[str]]:
+    """(live paths, deleted paths) the processes hold open or mapped."""
+    live: set[str] = set()
+    deleted: set[str] = set()
+    for pid in pids:
+        for link in _links(pid):
+            if not link.startswith("/"):
+                continue
+            if link.endswith(_DELETED):
+                deleted.add(link[: -len(_DELETED)])
+            else:
+                live.add(link)
+    return sorted(live), sorted(deleted)
 
 
 # ---------------------------------------------------------------------- CRIU link-remaps
