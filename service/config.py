@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from llmux.service.configschema import Problem, checked, default_of, file_keys, internal, key
+from llmux.service.configschema import Problem, checked, default_of, file_keys, internal, setting
 from llmux.service.core.config import EngineConfig, one_of
 
 DEFAULT_CONFIG = Path("/etc/llmux/llmuxd.toml")
@@ -45,9 +45,9 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    bus: str = key("system")
+    bus: str = setting("system")
     """"system", "session" or a D-Bus address."""
-    log_level: str = key("info", check=lambda v: one_of(LOG_LEVELS)(v.lower()))
+    log_level: str = setting("info", check=lambda v: one_of(LOG_LEVELS)(v.lower()))
     engine: EngineConfig = internal(EngineConfig())
     """The core's keys (flat in the file)."""
 

@@ -18,12 +18,12 @@ Problem = tuple[str, str]
 """(key path, why): one thing wrong in a config."""
 
 
-def key(default: Any = dataclasses.MISSING, *, check: Check | None = None,
-        required: str | None = None, name: str | None = None,
-        factory: Callable[[], Any] | None = None) -> Any:
+def setting(default: Any = dataclasses.MISSING, *, check: Check | None = None,
+            required: str | None = None, key: str | None = None,
+            factory: Callable[[], Any] | None = None) -> Any:
     """A config key: its default, and what the type alone does not say (a check, that it
     must be given, the name it has in the file when that is not the field's)."""
-    meta = {"check": check, "required": required, "key": name}
+    meta = {"check": check, "required": required, "key": key}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmux.service.configschema import Check, Problem, checked, internal, key
+from llmux.service.configschema import Check, Problem, checked, internal, setting
 from llmux.service.contract import DEFAULT_STATE_DIR
 from llmux.service.core.cuda import DEFAULT_BINARY, MODES
 
@@ -33,28 +33,28 @@ def one_of(choices: tuple[str, ...]) -> Check:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    state_dir: Path = key(Path(DEFAULT_STATE_DIR))
-    criu_path: str = key("criu", name="criu")
+    state_dir: Path = setting(Path(DEFAULT_STATE_DIR))
+    criu_path: str = setting("criu", key="criu")
     """The criu binary: a path, or a name looked up on PATH."""
-    cuda_mode: str = key("api", check=one_of(MODES))
+    cuda_mode: str = setting("api", check=one_of(MODES))
     """"api" | "binary" | "plugin" | "off"."""
-    cuda_checkpoint_path: str = key(DEFAULT_BINARY, name="cuda_checkpoint")
-    cuda_plugin_dir: str = key("/usr/lib/criu/")
-    ghost_limit_bytes: int = key(512 << 20, check=_positive)
-    memory_tier_dir: Path | None = key(DEFAULT_MEMORY_TIER_DIR)
+    cuda_checkpoint_path: str = setting(DEFAULT_BINARY, key="cuda_checkpoint")
+    cuda_plugin_dir: str = setting("/usr/lib/criu/")
+    ghost_limit_bytes: int = setting(512 << 20, check=_positive)
+    memory_tier_dir: Path | None = setting(DEFAULT_MEMORY_TIER_DIR)
     """A tmpfs folder for checkpoint images (the memory tier); see memory_tier_limit_bytes.
     None: no folder (then the limit must be 0)."""
-    memory_tier_limit_bytes: int = key(0, check=_not_negative)
+    memory_tier_limit_bytes: int = setting(0, check=_not_negative)
     """Most bytes of images in the memory tier (0: no memory tier). A dump that fits goes
     there, is restored from there while it is there, and moves to disk in the background."""
     prefetch_threads: int = internal(0)
     """Readers that bring a checkpoint's page images into the page cache during a restore;
     0: only ask the kernel to read ahead (POSIX_FADV_WILLNEED). Measured on the H200
     machine, 8 readers made an 8 GB restore slower (13.0 s against 10.7 s), so 0 it is."""
-    criu_timeout_secs: float = key(120.0, check=_positive)
+    criu_timeout_secs: float = setting(120.0, check=_positive)
     """A CRIU run is killed after this long, plus criu_timeout_secs_per_gib for each GiB
     of images it writes or reads: a stuck CRIU holds the tree frozen."""
-    criu_timeout_secs_per_gib: float = key(60.0, check=_not_negative)
+    criu_timeout_secs_per_gib: float = setting(60.0, check=_not_negative)
 
     def criu_bound_secs(self, nbytes: int) -> float:
         return self.criu_timeout_secs + self.criu_timeout_secs_per_gib * nbytes / (1 << 30)
