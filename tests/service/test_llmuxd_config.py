@@ -4,6 +4,7 @@ problem with its key."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,10 @@ def test_an_unreadable_or_torn_file_is_one_problem(tmp_path: Path) -> None:
     (tmp_path / "bad.toml").write_text("bus = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(tmp_path / "bad.toml")
+
+
+def test_the_shipped_example_is_the_defaults_but_the_bundled_criu() -> None:
+    example = Path(__file__).parents[2] / "packaging" / "examples" / "llmuxd.toml"
+    config = load_config(example)
+    assert config.engine == replace(EngineConfig(), criu_path="/usr/lib/llmux/criu/criu")
+    assert replace(config, engine=EngineConfig()) == DaemonConfig()
