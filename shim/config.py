@@ -3,10 +3,11 @@
 TOML is the native format; the original (Rust) llmux JSON config is accepted
 unchanged. The dataclasses below are the schema: each key's default is written
 once, as the field's default, and validation is derived from the field's type
-(plus a check where the type says too little). Every problem is collected with
-its key path instead of stopping at the first, so an operator fixes a file in
-one pass. Keys of the original that mean nothing here are accepted with one log
-line each (:data:`RETIRED`).
+(plus a check where the type says too little); the plumbing of such schemas
+(setting, internal, file_keys) is llmux.common.configschema, shared with
+llmuxd. Every problem is collected with its key path instead of stopping at the
+first, so an operator fixes a file in one pass. Keys of the original that mean
+nothing here are accepted with one log line each (:data:`RETIRED`).
 """
 
 from __future__ import annotations
@@ -20,20 +21,18 @@ import stat
 import tomllib
 import types
 import typing
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from llmux.common.configschema import Check, default_of, file_keys, internal, setting
 from llmux.common.contract import valid_model_name
 from llmux.shim.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-#: a value's check: None when it is fine, else why not
-Check = Callable[[Any], str | None]
 
 
 class WeightStrategy(StrEnum):
@@ -131,22 +130,6 @@ class EvictionPolicy:
         return policy
 
 
-def _key(default: Any = dataclasses.MISSING, *, check: Check | None = None,
-         required: str | None = None, key: str | None = None,
-         factory: Callable[[], Any] | None = None) -> Any:
-    """A config key: its default, and what the type alone does not say (a check, that it
-    must be given, the name it has in the file when that is not the field's)."""
-    meta = {"check": check, "required": required, "key": key}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def _internal(default: Any = dataclasses.MISSING) -> Any:
-    """A field that is not a key of the file."""
-    return field(default=default, metadata={"internal": True})
-
-
 # ---------------------------------------------------------------------------- checks
 
 
@@ -196,33 +179,33 @@ def _policy_type(v: str) -> str | None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _internal()
-    model_path: str = _key("", check=_nonempty, required="a Hugging Face id or a local path")
-    port: int = _key(0, check=_port, required="the port this model's engine listens on")
-    engine: EngineKind = _key(EngineKind.VLLM)
-    weights_mb: int = _key(64, check=_non_negative)
+    name: str = internal()
+    model_path: str = setting("", check=_nonempty, required="a Hugging Face id or a local path")
+    port: int = setting(0, check=_port, required="the port this model's engine listens on")
+    engine: EngineKind = setting(EngineKind.VLLM)
+    weights_mb: int = setting(64, check=_non_negative)
     #: argv appended to the engine's (never run through a shell)
-    extra_args: tuple[str, ...] = _key(())
+    extra_args: tuple[str, ...] = setting(())
     #: default: [policy] eviction
-    eviction: EvictionPolicy = _key(EvictionPolicy())
-    checkpoint_path: Path | None = _key(None)
+    eviction: EvictionPolicy = setting(EvictionPolicy())
+    checkpoint_path: Path | None = setting(None)
     #: argv prefix replacing the engine's default command (never run through a shell)
-    command: tuple[str, ...] | None = _key(None, check=_nonempty)
-    env: Mapping[str, str] = _key(factory=dict)
+    command: tuple[str, ...] | None = setting(None, check=_nonempty)
+    env: Mapping[str, str] = setting(factory=dict)
     #: default: the top-level startup_timeout_secs
-    startup_timeout_secs: float = _key(1800.0, check=_positive)
+    startup_timeout_secs: float = setting(1800.0, check=_positive)
     #: run the engine with vLLM's sleep mode; None: exactly when the eviction uses it
-    sleep_mode_override: bool | None = _key(None, key="sleep_mode")
+    sleep_mode_override: bool | None = setting(None, key="sleep_mode")
     #: bound on the one-token completion that proves an engine ready after each start
-    probe_timeout_secs: float = _key(60.0, check=_positive)
+    probe_timeout_secs: float = setting(60.0, check=_positive)
     #: the memory (MiB) the model is expected to use before it was ever measured; 0: unknown
-    memory_mb: int = _key(0, check=_non_negative)
+    memory_mb: int = setting(0, check=_non_negative)
     #: among models past [policy] max_wait_secs, the higher priority is switched to first
-    priority: int = _key(0)
+    priority: int = setting(0)
     #: an idle model is evicted after this long; 0: never
-    ttl_secs: float = _key(0.0, check=_non_negative)
+    ttl_secs: float = setting(0.0, check=_non_negative)
     #: never evicted by a switch, the memory budget or ttl_secs (only by /control/sleep)
-    pinned: bool = _key(False)
+    pinned: bool = setting(False)
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -252,25 +235,25 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    policy_type: str = _key("fifo", check=_policy_type)
-    request_timeout_secs: float = _key(300.0, check=_positive)
-    drain_before_switch: bool = _key(True)
-    eviction: EvictionPolicy = _key(EvictionPolicy())
-    min_active_secs: float = _key(5.0, check=_non_negative)
+    policy_type: str = setting("fifo", check=_policy_type)
+    request_timeout_secs: float = setting(300.0, check=_positive)
+    drain_before_switch: bool = setting(True)
+    eviction: EvictionPolicy = setting(EvictionPolicy())
+    min_active_secs: float = setting(5.0, check=_non_negative)
     #: the longest a request waits while another model keeps serving (its starvation
     #: bound); 0: strict arrival order across models
-    max_wait_secs: float = _key(30.0, check=_non_negative)
+    max_wait_secs: float = setting(30.0, check=_non_negative)
     #: the memory (MiB) resident models may use together; 0: off (max_active decides)
-    memory_budget_mb: int = _key(0, check=_non_negative)
+    memory_budget_mb: int = setting(0, check=_non_negative)
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
     #: where the host service listens: "system", "session" or a D-Bus address
-    bus: str = _key("system", check=_nonempty)
-    keep_images: bool = _key(True)
+    bus: str = setting("system", check=_nonempty)
+    keep_images: bool = setting(True)
     #: seconds a host job (dump/restore) may take before the shim gives up waiting
-    job_timeout_secs: float = _key(1800.0, check=_positive)
+    job_timeout_secs: float = setting(1800.0, check=_positive)
 
 
 def _api_keys(v: tuple[str, ...]) -> str | None:
@@ -298,14 +281,14 @@ class AuthConfig:
     ``admin_key_set``. Keys are never written into messages or logs.
     """
 
-    api_keys: tuple[str, ...] = _key((), check=_api_keys)
-    api_keys_file: Path | None = _key(None)
-    admin_keys: tuple[str, ...] = _key((), check=_api_keys)
-    admin_keys_file: Path | None = _key(None)
+    api_keys: tuple[str, ...] = setting((), check=_api_keys)
+    api_keys_file: Path | None = setting(None)
+    admin_keys: tuple[str, ...] = setting((), check=_api_keys)
+    admin_keys_file: Path | None = setting(None)
     #: /metrics needs a key too (any api or admin key)
-    metrics_auth: bool = _key(False)
-    api_key_set: frozenset[str] = _internal(frozenset())
-    admin_key_set: frozenset[str] = _internal(frozenset())
+    metrics_auth: bool = setting(False)
+    api_key_set: frozenset[str] = internal(frozenset())
+    admin_key_set: frozenset[str] = internal(frozenset())
 
     @property
     def enabled(self) -> bool:
@@ -367,30 +350,30 @@ def read_keys_file(path: Path) -> tuple[list[str], list[str]]:
 
 @dataclass(frozen=True)
 class Config:
-    models: Mapping[str, ModelConfig] = _internal()
-    policy: PolicyConfig = _key(PolicyConfig())
-    host: str = _key("0.0.0.0", check=_nonempty)
-    port: int = _key(3000, check=_port)
+    models: Mapping[str, ModelConfig] = internal()
+    policy: PolicyConfig = setting(PolicyConfig())
+    host: str = setting("0.0.0.0", check=_nonempty)
+    port: int = setting(3000, check=_port)
     #: a separate Prometheus port; 0 disables it (/metrics on the proxy port stays)
-    metrics_port: int = _key(9090, check=_port_or_zero)
-    vllm_command: str = _key("vllm", check=_nonempty)
+    metrics_port: int = setting(9090, check=_port_or_zero)
+    vllm_command: str = setting("vllm", check=_nonempty)
     #: present: the host service (llmuxd) is used, also to restore earlier checkpoints
-    checkpoint: CheckpointConfig | None = _key(None)
-    startup_timeout_secs: float = _key(1800.0, check=_positive)
+    checkpoint: CheckpointConfig | None = setting(None)
+    startup_timeout_secs: float = setting(1800.0, check=_positive)
     #: models allowed on the GPU at once
-    max_active: int = _key(1, check=_at_least(1))
+    max_active: int = setting(1, check=_at_least(1))
     #: request bodies above this are refused with 413 before any engine sees them
-    max_body_bytes: int = _key(16 << 20, check=_at_least(1024))
+    max_body_bytes: int = setting(16 << 20, check=_at_least(1024))
     #: a client must send a request's headers within this (slow-loris bound); 408 after
-    header_timeout_secs: float = _key(10.0, check=_positive)
+    header_timeout_secs: float = setting(10.0, check=_positive)
     #: ... and its whole body within this, from the end of its headers; 408 after
-    body_timeout_secs: float = _key(60.0, check=_positive)
+    body_timeout_secs: float = setting(60.0, check=_positive)
     #: open connections above this are answered 503 (each holds a file descriptor)
-    max_connections: int = _key(4096, check=_at_least(16))
-    auth: AuthConfig = _key(AuthConfig())
+    max_connections: int = setting(4096, check=_at_least(16))
+    auth: AuthConfig = setting(AuthConfig())
     #: per-model engine logs (stdout/stderr) are written here
-    log_dir: Path = _key(Path("/tmp/llmux-logs"))
-    source: str = _internal("<memory>")
+    log_dir: Path = setting(Path("/tmp/llmux-logs"))
+    source: str = internal("<memory>")
 
     @property
     def needs_host(self) -> bool:
@@ -468,21 +451,8 @@ _TP_SAFE_FLAGS = ("--enforce-eager", "--disable-custom-all-reduce")
 
 
 @cache
-def _keys(cls: type) -> dict[str, dataclasses.Field[Any]]:
-    """The section's keys as written in a file, and their fields."""
-    return {str(f.metadata.get("key") or f.name): f for f in dataclasses.fields(cls)
-            if not f.metadata.get("internal")}
-
-
-@cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
-
-
-def _default(f: dataclasses.Field[Any]) -> Any:
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return f.default
 
 
 def _kind_name(tp: Any) -> str:
@@ -552,7 +522,7 @@ class _Reader:
             self.bad(path, "expected a table/object")
             return None
         prefix = f"{path}." if path else ""
-        keys, retired = _keys(cls), RETIRED.get(cls, {})
+        keys, retired = file_keys(cls), RETIRED.get(cls, {})
         for key in raw:
             if key in retired:
                 self.notices.append(f"{prefix}{key} is {retired[key]}")
@@ -561,7 +531,7 @@ class _Reader:
                 self.bad(f"{prefix}{key}", f"unknown key (allowed: {allowed})")
         out: dict[str, Any] = {}
         for key, f in keys.items():
-            default = defaults[f.name] if f.name in defaults else _default(f)
+            default = defaults[f.name] if f.name in defaults else default_of(f)
             if key not in raw:
                 if f.metadata.get("required"):
                     self.bad(f"{prefix}{key}", f"missing ({f.metadata['required']})")
@@ -646,7 +616,7 @@ class _Reader:
             self.bad(path, "expected a table/object with model_path and port")
             return None
         nested = all(isinstance(v, dict) for v in raw.values())
-        if raw and nested and not raw.keys() & _keys(ModelConfig).keys():
+        if raw and nested and not raw.keys() & file_keys(ModelConfig).keys():
             sub = next(iter(raw))
             self.bad(path, f"a table of tables, not a model: in TOML a model name with a dot "
                      f"must be quoted, e.g. [models.\"{name}.{sub}\"]")

@@ -16,12 +16,14 @@ import contextlib
 import json
 import os
 import pwd
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmux.common import proctree
 from llmux.common.errors import AccessDenied, NoSuchProcess
 from llmux.service.core.container import cgroup_identity, read_cgroups
+from llmux.service.core.durable import write_json_durably
 from llmux.service.core.procerrors import no_such_process
 
 
@@ -65,6 +67,7 @@ class RestoredRegistry:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._lock = threading.Lock()
         self._trees: dict[int, RestoredTree] = {}
         self._load()
 
@@ -90,21 +93,19 @@ class RestoredRegistry:
                 del self._trees[pid]
 
     def _save(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        payload = [t.__dict__ for t in self._trees.values()]
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f)
-        os.replace(tmp, self.path)
+        """Durably: the registry grants rights after a restart, so a crash must leave
+        either the old or the new list, never a torn or lost one."""
+        write_json_durably(self.path, [t.__dict__ for t in self._trees.values()])
 
     def add(self, root_pid: int, cgroups: str, model: str) -> None:
         st = proctree.read_stat(root_pid)
         if st is None:
             return
-        self._prune()
-        self._trees[root_pid] = RestoredTree(root_pid, st.start_time, cgroups, model)
-        with contextlib.suppress(OSError):
-            self._save()
+        with self._lock:  # restores run in threads; one writer of the file at a time
+            self._prune()
+            self._trees[root_pid] = RestoredTree(root_pid, st.start_time, cgroups, model)
+            with contextlib.suppress(OSError):
+                self._save()
 
     def get(self, root_pid: int) -> RestoredTree | None:
         tree = self._trees.get(root_pid)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+from llmux.common import proctree
 from llmux.common.errors import NoSuchProcess
 from llmux.common.proctree import ProcessNotFound
 
@@ -22,3 +23,9 @@ def no_such_process() -> Iterator[None]:
         yield
     except ProcessNotFound as exc:
         raise NoSuchProcess(str(exc)) from None
+
+
+def tree(root_pid: int) -> list[int]:
+    """proctree.tree for the core: a gone root is the caller's NoSuchProcess."""
+    with no_such_process():
+        return proctree.tree(root_pid)

@@ -12,22 +12,18 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import secrets
 import shutil
-import signal
 import stat
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
-from llmux.common import proctree
 from llmux.common.contract import DEFAULT_STATE_DIR, valid_model_name
 from llmux.common.errors import HostError, InvalidArgument, ManifestMismatch, NoSpace, NotFound
+from llmux.service.core.durable import fsync_dir, write_durably
 from llmux.service.core.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -72,14 +68,6 @@ class Staging:
     @property
     def files(self) -> Path:
         return self.path / FILES
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _SYNC_FILE_RANGE_WRITE = 2
@@ -176,7 +164,7 @@ def _fsync_tree(path: Path) -> None:
             finally:
                 os.close(fd)
         for name in dirnames:
-            _fsync_dir(Path(dirpath) / name)
+            fsync_dir(Path(dirpath) / name)
 
 
 def dir_bytes(path: Path) -> int:
@@ -235,83 +223,6 @@ def check_images(model: str, images: Path, recorded: dict[str, int]) -> None:
                 f"the dump wrote {size} (truncated?)")
 
 
-def write_journal(staging: Staging, **values: object) -> None:
-    """Merge ``values`` into the job's journal (the tree's and CRIU's PIDs with their start
-    times), synced, so a service that dies mid-dump finds at start-up what to cure."""
-    path = staging.path / JOURNAL
-    current = read_journal(staging.path)
-    current.update(values)
-    tmp = path.with_suffix(".new")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(current, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
-
-
-def read_journal(tmp: Path) -> dict[str, Any]:
-    try:
-        found = json.loads((tmp / JOURNAL).read_text())
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
-
-
-def _starts(journal: dict[str, Any], key: str) -> dict[int, int]:
-    raw = journal.get(key)
-    if not isinstance(raw, dict):
-        return {}
-    try:
-        return {int(pid): int(start) for pid, start in raw.items()}
-    except (TypeError, ValueError):
-        return {}
-
-
-def _wait_gone(starts: dict[int, int], within: float) -> bool:
-    deadline = time.monotonic() + within
-    while proctree.same_processes(starts):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def cure_interrupted(tmp: Path) -> str:
-    """Put right what a dump cut short by the service's death left behind, before its
-    staging directory is salvaged or removed: a CRIU still running is killed (it would
-    otherwise finish unseen, or hold the tree traced); then a tree whose dump completed is
-    finished off as CRIU meant to (its images hold it), and any other is let run again
-    (no job-control stop left). Returns what was done, for the log."""
-    journal = read_journal(tmp)
-    done = []
-    criu = _starts(journal, "criu")
-    if proctree.kill_exact(criu, signal.SIGKILL):
-        done.append(f"killed CRIU {sorted(criu)}")
-        _wait_gone(criu, 10.0)
-    # CRIU's clones (its argv; this staging folder's name is unique) stay stopped when it
-    # dies mid-dump
-    clones = proctree.start_times(proctree.criu_clones("dump", tmp / IMAGES))
-    if proctree.kill_exact(clones, signal.SIGKILL):
-        done.append(f"killed CRIU's helper tasks {sorted(clones)}")
-        _wait_gone(clones, 10.0)
-    tree = _starts(journal, "tree")
-    if not tree:
-        return "; ".join(done)
-    if dump_completed(tmp / IMAGES) and not journal.get("leave_running", False):
-        killed = proctree.kill_exact(tree, signal.SIGKILL)
-        if killed:
-            done.append(f"killed the rest of the dumped tree {killed}")
-            _wait_gone(tree, 10.0)
-    else:
-        for pid in proctree.same_processes(tree):
-            if proctree.read_stat(pid) is not None and proctree.stopped([pid]):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGCONT)
-                done.append(f"continued stopped PID {pid}")
-    return "; ".join(done)
-
-
 def restrict(path: Path) -> None:
     """0700 for every directory, 0600 for every file (CRIU's logs and images included)."""
     os.chmod(path, 0o700)
@@ -342,10 +253,11 @@ class CheckpointStore:
         self.memory_limit_bytes = memory_limit_bytes
         self._manifests: dict[str, Manifest] = {}
 
-    def prepare(self) -> list[str]:
+    def prepare(self, cure: Callable[[Path], bool] = lambda tmp: False) -> list[str]:
         """Create the directory (0700), remove crash leftovers, load the manifests.
 
-        Returns what was cleaned, for the log.
+        ``cure(tmp)`` sees each interrupted dump first (the start-up cure, recovery.py's):
+        True when it salvaged it. Returns what was cleaned, for the log.
         """
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.root, 0o700)
@@ -353,11 +265,7 @@ class CheckpointStore:
             os.chown(self.root, 0, 0)
         cleaned = []
         for entry in sorted(self.root.iterdir()):
-            if entry.name.startswith(_TMP):
-                cured = cure_interrupted(entry)
-                if cured:
-                    log.warning("%s: %s", entry.name, cured)
-            if entry.name.startswith(_TMP) and self._salvage(entry):
+            if entry.name.startswith(_TMP) and cure(entry):
                 cleaned.append(f"{entry.name} (completed dump salvaged)")
             elif entry.name.startswith((_TMP, _OLD)):
                 shutil.rmtree(entry, ignore_errors=True)
@@ -451,7 +359,7 @@ class CheckpointStore:
             return False
         os.unlink(images)
         os.rename(copy, images)
-        _fsync_dir(images.parent)
+        fsync_dir(images.parent)
         return True
 
     @staticmethod
@@ -464,19 +372,16 @@ class CheckpointStore:
         return Path(os.readlink(images)).parent if images.is_symlink() else None
 
     def write_pending(self, staging: Staging, pending: Manifest) -> None:
-        """What is known before CRIU runs, for _salvage after a crash of the service."""
-        fd = os.open(staging.path / PENDING, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(pending.to_json())
-            f.flush()
-            os.fsync(f.fileno())
+        """What is known before CRIU runs, for salvage after a crash of the service."""
+        write_durably(staging.path / PENDING, pending.to_json())
 
-    def _salvage(self, tmp: Path) -> bool:
+    def salvage(self, tmp: Path, runs: Callable[[Manifest], bool]) -> bool:
         """Finish a dump that CRIU completed while the service died before committing it.
 
         CRIU kills the tree only after writing every image; then these images are the
         only copy of it, so they must not be cleaned away. Files of a container's
         writable layer were not saved yet: a restore into the same container still works.
+        ``runs(pending)`` says whether the dumped tree still runs (the journal knows).
         """
         log_path = tmp / IMAGES / "dump.log"
         try:
@@ -485,10 +390,7 @@ class CheckpointStore:
             return False
         if not dump_completed(tmp / IMAGES) or not valid_model_name(pending.model):
             return False
-        tree = _starts(read_journal(tmp), "tree")
-        alive = (proctree.same_processes(tree) if tree
-                 else [p for p in pending.pids if proctree.exists(p)])
-        if alive and not pending.leave_running:
+        if not pending.leave_running and runs(pending):
             return False  # the tree still runs: nothing to salvage, just a leftover
         manifest = replace(
             pending,
@@ -575,13 +477,7 @@ class CheckpointStore:
         restrict(staging.path)
         # A power loss after the rename must not leave a manifest over missing pages.
         _fsync_tree(staging.path)
-        mpath = staging.path / MANIFEST
-        fd = os.open(mpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(manifest.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(staging.path)
+        write_durably(staging.path / MANIFEST, manifest.to_json())
         final = self.root / staging.model
         old = None
         old_tier = None
@@ -590,7 +486,7 @@ class CheckpointStore:
             old = self.root / f"{_OLD}{staging.model}-{secrets.token_hex(4)}"
             os.rename(final, old)
         os.rename(staging.path, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         if old_tier is not None:

@@ -145,7 +145,7 @@ async def test_checkpoint_restores_from_memory_and_moves_to_disk(
     with pytest.raises(InvalidArgument, match="memory_tier_dir"):
         await CheckpointEngine.open(EngineConfig(
             state_dir=tmp_path / "s2", criu_path=criu_path, cuda_mode="off",
-            memory_tier_limit_bytes=1 << 30))
+            memory_tier_dir=None, memory_tier_limit_bytes=1 << 30))
 
 
 async def _until(condition: Callable[[], bool], seconds: float = 30.0) -> None:
