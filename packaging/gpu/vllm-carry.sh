@@ -12,7 +12,9 @@
 #
 # What travels: vLLM 0.24.0 (repacked without the FlashAttention-2 kernels, which Hopper does
 # not use: vLLM picks FlashAttention-3 there, and its loader treats a missing FA2 as
-# unavailable; nor the vendored DeepGEMM/FMHA sources, only built for FP8/MoE and Blackwell),
+# unavailable; nor the vendored DeepGEMM/FMHA sources, only built for FP8/MoE and Blackwell;
+# nor the MoE kernels, whose import vLLM suppresses when missing and a dense model never
+# calls; nor the Rust frontend, used only when VLLM_RUST_FRONTEND_PATH asks for it),
 # its requirements the machine lacks (vllm-requirements.txt), the llmux wheels of
 # fetch-wheels.sh, the CRIU bundle (.criu) and the dbus-daemon bundle (.dbus).
 # After `unpack`: wheels in $SITE (env.sh puts it on PYTHONPATH, `$SITE/bin/vllm` is the
@@ -40,7 +42,7 @@ repack_vllm() {  # WHEEL OUT: the wheel without files the Hopper path never load
 import sys, zipfile
 src, dst = sys.argv[1], sys.argv[2]
 drop = ("vllm/vllm_flash_attn/_vllm_fa2_C", "vllm/third_party/deep_gemm/",
-        "vllm/third_party/fmha_sm100/")
+        "vllm/third_party/fmha_sm100/", "vllm/_moe_C_stable_libtorch", "vllm/vllm-rs")
 with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
     for info in zin.infolist():
         if info.filename.startswith(drop):
