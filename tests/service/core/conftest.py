@@ -13,11 +13,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from criu_testlib import TARGET, Target, TargetFactory, reap, reaping
 
 from llmux.common import proctree
 from llmux.service.core.criu import BUNDLE_PATH, parse_version
 from llmux.service.core.engine import CheckpointEngine, EngineConfig
+from tests.support.criu_testlib import TARGET, Target, TargetFactory, reap, reaping
 
 
 def find_criu() -> str | None:

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from criu_testlib import TARGET, reap, reaping
-from testprocs import mount_overlay
 
 from llmux.common import proctree
 from llmux.service.core.container import ContainerContext
 from llmux.service.core.engine import Caller, CheckpointEngine
+from tests.support.criu_testlib import TARGET, reap, reaping
+from tests.support.procs import mount_overlay, wait_until_async
 
 pytestmark = pytest.mark.criu
 
@@ -93,7 +93,7 @@ async def _ping(port: int) -> list[str]:
 
 
 @pytest.fixture
-async def reaper() -> AsyncIterator[list[int]]:
+async def reaped_pids() -> AsyncIterator[list[int]]:
     """Reaps the given PIDs while the test runs (restored trees are the test's children)."""
     pids: list[int] = []
 
@@ -102,7 +102,7 @@ async def reaper() -> AsyncIterator[list[int]]:
 
 
 async def test_restore_into_another_container(
-    engine: CheckpointEngine, containers: Containers, tmp_path: Path, reaper: list[int]
+    engine: CheckpointEngine, containers: Containers, tmp_path: Path, reaped_pids: list[int]
 ) -> None:
     workdir = tmp_path / "wd"  # exists in the lower layer (the host root) before mounting
     workdir.mkdir()
@@ -119,7 +119,7 @@ async def test_restore_into_another_container(
         await asyncio.sleep(0.05)
     info = json.loads(ready_in_a.read_text())
     pids = [info["pid"], info["child"]]
-    reaper.extend(pids)
+    reaped_pids.extend(pids)
     try:
         assert info["pid"] == target.pid
         assert (await _ping(info["port"]))[3] == "1"
@@ -133,9 +133,8 @@ async def test_restore_into_another_container(
         assert f"{workdir}/target.log" in saved  # only in A's writable layer
         assert m.foreign_mntns and m.rootfs == {"kind": "overlay", "lowerdirs": ["/"]}
         target.wait()
-        deadline = time.monotonic() + 30
-        while proctree.taken(pids) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await wait_until_async(lambda: not proctree.taken(pids), 30,
+                               f"the dumped tree {pids} to be gone")
 
         # Container A goes away (its writable layer with it); B asks for the model back.
         subprocess.run(["umount", "-l", str(a / "merged")], check=True)
