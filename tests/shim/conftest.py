@@ -1,7 +1,9 @@
-"""Shared fixtures for the shim's tests: free ports, a log folder, builtin-engine configs.
+"""Fixtures of the shim's tests: process tracking, validated built-in configs, config files.
 
-Kept generic so that every shim test module (supervisor, lifecycle, proxy, CLI)
-can build a real configuration of real built-in engines on free loopback ports.
+The raw built-in config (builtin_config_dict), its log folder and the in-loop shim are
+tests/support/proxy_fixtures.py's, registered by the root conftest (tests/client uses them
+too), so that every shim test module (supervisor, lifecycle, proxy, CLI) builds a real
+configuration of real built-in engines on free loopback ports.
 """
 
 from __future__ import annotations

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 # one copy of each: "alive" is the core's (exists and is not a zombie), free_port the
-# built-in engine's test helper's
+# built-in engine's test helper's (imported when called: it brings httpx)
 from llmux.common.proctree import exists as pid_alive
-from llmux.shim.builtin.testing import free_port as free_port
 
 T = TypeVar("T")
 
@@ -59,6 +58,13 @@ async def wait_until_async(predicate: Callable[[], T], timeout: float, what: str
         if time.monotonic() > deadline:
             raise _timed_out(what, timeout, last)
         await asyncio.sleep(interval)
+
+
+def free_port() -> int:
+    """A free loopback port (llmux.shim.builtin.testing's)."""
+    from llmux.shim.builtin.testing import free_port as builtin_free_port
+
+    return builtin_free_port()
 
 
 def processes_tagged(tag: str) -> list[int]:

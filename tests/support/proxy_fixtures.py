@@ -17,20 +17,23 @@ import re
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import pytest
 
-from llmux.shim.app import Shim
-from llmux.shim.config import Config, config_from_dict
-from llmux.shim.supervisor import ENGINE_MARK
 from tests.support.procs import free_ports, marked_roots, pid_alive
+
+if TYPE_CHECKING:
+    # the shim's modules (starlette, uvicorn, httpx) are imported by the fixtures that use
+    # them: the root conftest registers this module for every run, the GPU machine's too
+    import httpx
+
+    from llmux.shim.app import Shim
 
 #: small weights keep engine start-up quick on a 2-core machine
 TEST_WEIGHTS_MB = 4
 
-ShimFactory = Callable[..., Awaitable[Shim]]
+ShimFactory = Callable[..., Awaitable["Shim"]]
 
 
 @pytest.fixture
@@ -85,7 +88,10 @@ async def shim_factory(builtin_config_dict: Callable[..., dict[str, Any]]
         raw = builtin_config_dict(list(names), eviction=eviction, top=top, **per_model)
         raw["policy"] = {"min_active_secs": 0, "request_timeout_secs": 120,
                          **(policy or {})}
-        config: Config = config_from_dict(raw, source="test")
+        from llmux.shim.app import Shim
+        from llmux.shim.config import config_from_dict
+
+        config = config_from_dict(raw, source="test")
         shim = Shim(config)
         started.append(shim)
         await shim.start()
@@ -100,6 +106,8 @@ async def shim_factory(builtin_config_dict: Callable[..., dict[str, Any]]
 
 @pytest.fixture
 async def http() -> AsyncIterator[httpx.AsyncClient]:
+    import httpx
+
     async with httpx.AsyncClient(timeout=120) as client:
         yield client
 
@@ -151,6 +159,8 @@ def kill_pids(pids: list[int]) -> None:
 def engine_roots(shim: Shim, model: str) -> list[int]:
     """Roots of the process trees carrying the model's engine mark: more than one is a
     model loaded twice."""
+    from llmux.shim.supervisor import ENGINE_MARK
+
     return marked_roots(f"{ENGINE_MARK}={shim.supervisor.mark(model)}")
 
 

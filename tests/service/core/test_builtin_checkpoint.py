@@ -111,6 +111,7 @@ async def test_builtin_engine_checkpoint_restore_reload(
         assert builtin.pid in m.pids and core in m.pids
         await wait_until_async(lambda: not proctree.taken(m.pids), 30,
                                f"the dumped tree {m.pids} to be gone")
+        assert not proctree.taken(m.pids)
 
         began = time.monotonic()
         r = await engine.restore(ME, "builtin")
@@ -163,6 +164,7 @@ async def pure(tmp_path: Path) -> AsyncIterator[Any]:
 async def _gone(pids: list[int]) -> None:
     await wait_until_async(lambda: (reap(pids), not proctree.taken(pids))[1], 30,
                            f"PIDs {pids} to be free (reaped)")
+    assert not proctree.taken(pids), f"PIDs {proctree.taken(pids)} still taken"
 
 
 async def _dumped(engine: CheckpointEngine, model: str, pid: int) -> Manifest:

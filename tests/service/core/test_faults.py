@@ -122,6 +122,7 @@ def _criu_children() -> list[int]:
 async def _gone(pids: list[int], within: float = 30.0) -> None:
     await wait_until_async(lambda: (reap(pids), not proctree.taken(pids))[1], within,
                            f"PIDs {pids} to be free (reaped)")
+    assert not proctree.taken(pids), f"PIDs {proctree.taken(pids)} still taken"
 
 
 def _link_remaps(*roots: Path) -> list[str]:
