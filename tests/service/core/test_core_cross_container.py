@@ -112,11 +112,12 @@ async def test_restore_into_another_container(
         a, "sh", "-c", f"exec {sys.executable} {TARGET} {workdir} </dev/null >/dev/null 2>&1"
     )
     ready_in_a = a / "merged" / str(workdir).lstrip("/") / "ready"
-    deadline = time.monotonic() + 60
-    while not ready_in_a.exists():
+
+    def ready() -> bool:
         assert target.poll() is None, "target died in container A"
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+        return ready_in_a.exists()
+
+    await wait_until_async(ready, 60, "the target to be ready in container A")
     info = json.loads(ready_in_a.read_text())
     pids = [info["pid"], info["child"]]
     reaped_pids.extend(pids)
@@ -139,7 +140,6 @@ async def test_restore_into_another_container(
         # Container A goes away (its writable layer with it); B asks for the model back.
         subprocess.run(["umount", "-l", str(a / "merged")], check=True)
         caller_b = containers.run(b, "sleep", "600")
-        deadline = time.monotonic() + 20
         host_ns = os.readlink("/proc/self/ns/mnt")
 
         def entered() -> bool:  # B's sleep runs in its own namespace (pivoted)
@@ -149,10 +149,11 @@ async def test_restore_into_another_container(
                 ).endswith("sleep")
             return False
 
-        while not entered():
+        def started() -> bool:
             assert caller_b.poll() is None, "container B failed to start"
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+            return entered()
+
+        await wait_until_async(started, 20, "container B's caller to run in its namespace")
         r = await engine.restore(Caller(pid=caller_b.pid, uid=0), "xc")
         assert r.pids == pids
         # Same PIDs, TCP listener and ZMQ ipc link alive, in B's filesystem.
