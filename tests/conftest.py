@@ -7,6 +7,9 @@ LLMUX_REQUIRE_TIERS (set by packaging/test.sh, e.g. "criu,dbus") names the
 markers whose tests must run on this machine. In CI a skip of such a test is
 turned into a failure, and a required tier with no test run at all fails the
 session, so a missing install step can never pass as green.
+
+The fixtures that more than one test folder uses are registered here, once, from the
+support package (tests/support/): pytest_plugins may only be declared in this conftest.
 """
 
 from __future__ import annotations
@@ -15,6 +18,13 @@ import os
 from collections.abc import Generator
 
 import pytest
+
+pytest_plugins = [
+    # the private system-style bus and llmuxd on it (private_bus, llmuxd, spawn_counter)
+    "tests.support.llmuxd_harness",
+    # a whole shim in the test's loop (shim_factory, http): tests/shim and tests/client
+    "tests.support.proxy_fixtures",
+]
 
 TIERS = ("criu", "dbus", "podman", "systemd", "vllm", "gpu", "browser")
 
@@ -98,7 +108,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 @pytest.fixture(scope="session")
 def vllm_bed() -> object:
-    """Real vLLM and its two test models (tests/vllmbed.py); skips where not installed."""
-    from vllmbed import find_bed
+    """Real vLLM and its two test models (tests/support/vllmbed.py); skips where not
+    installed."""
+    from tests.support.vllmbed import find_bed
 
     return find_bed()
+
+
+@pytest.fixture(autouse=True)
+def builtin_backend(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The built-in engine's backend for every engine a test starts without naming one in
+    the engine's own environment: the pure-Python model, which starts about four times
+    faster than the PyTorch one on a 2-core machine. Set for the test alone (and undone
+    after it); a test that wants PyTorch names it in the model's env, a parametrised one
+    (tests/builtin, the core's checkpoint of the engine) passes its backend explicitly."""
+    monkeypatch.setenv("LLMUX_BUILTIN_BACKEND", "pure")
+    return "pure"

@@ -66,9 +66,8 @@ def main() -> int:
     os.environ["LLMUX_CRIU"] = args.criu
     if os.access(args.dbus_daemon, os.X_OK):
         os.environ["LLMUX_DBUS_DAEMON"] = args.dbus_daemon
-    sys.path.insert(0, str(REPO / "tests"))
-    sys.path.insert(0, str(REPO / "tests" / "service" / "dbus"))
-    import llmuxd_harness as harness
+    sys.path.insert(0, str(REPO))  # the tests' support package: tests.support.*
+    from tests.support import llmuxd_harness as harness
 
     work = Path(tempfile.mkdtemp(prefix="llmux-validate-", dir=args.workdir))
     if args.state_limit_mb:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Dump and restore throughput of the checkpoint engine, next to the disk's own speed.
 
-Run as root: ``.venv/bin/python tests/bench/bench_checkpoint.py [--sizes 1,4,8]``.
+Run as root, from the repository root: ``.venv/bin/python -m tests.bench.bench_checkpoint
+[--sizes 1,4,8]``.
 
 One run measures, in the state directory's filesystem, the disk's sequential write speed
 (large blocks, fsync included) and read speed (page cache dropped first), both buffered and
@@ -40,9 +41,7 @@ from llmux.service.core.authz import Caller
 from llmux.service.core.engine import CheckpointEngine, EngineConfig
 from llmux.shim.builtin import testing
 from llmux.shim.builtin.testing import EngineProcess
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared test helpers
-import testprocs
+from tests.support import procs as testprocs
 
 MB = 1 << 20
 GB = 1 << 30

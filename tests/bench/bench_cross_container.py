@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Cold start vs restore into a new container, for the built-in engine, side by side.
 
-Run as root: ``.venv/bin/python tests/bench/bench_cross_container.py [--sizes 256,2048]``.
+Run as root, from the repository root: ``.venv/bin/python -m tests.bench.bench_cross_container
+[--sizes 256,2048]``.
 
 The same set-up as tests/e2e: a private dbus-daemon with the project's policy, llmuxd on the
 host (CRIU 4.2, --cuda-mode off), the shim in podman containers (runc, host PID/network/IPC
@@ -36,15 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))  # the shared test helpers (testprocs)
-import testprocs  # noqa: E402
+from tests.support import llmuxd_harness as harness
+from tests.support import podman_shim
+from tests.support import procs as testprocs
 
 MB = 1 << 20
 
 
-harness = testprocs.llmuxd_harness()
-podman_shim = testprocs.load_module("podman_shim", TESTS / "e2e" / "podman_shim.py")
 
 
 @dataclass

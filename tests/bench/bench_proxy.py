@@ -18,7 +18,7 @@ operator's page open (an SSE client following /ui's engine-log stream, polling
 by LOG_LINES_PER_S lines), in alternating rounds of one run: the page must cost the
 proxy less than 5%.
 
-Usage: .venv/bin/python tests/bench/bench_proxy.py [--requests N] [--streams N]
+Usage: .venv/bin/python -m tests.bench.bench_proxy [--requests N] [--streams N]
 [--chunks N] [--only trivial|builtin|page] [--page-rounds N] [--api-key KEY]. Loopback only,
 bounded request counts. With --api-key the trivial shim has `[auth] api_keys = [KEY]` and
 every request sends it: the cost of the key check on the hot path.

@@ -18,8 +18,9 @@ answer is checked: its ``model`` field and its text must be the requested model'
 models answer a prompt differently and deterministically); any request without an
 answer, a non-200 status or a wrong answer is counted and printed as lost.
 
-Usage: .venv/bin/python tests/bench/bench_storm.py [--duration 60] [--clients 50]
-[--weights-mb 16] [--eviction offload+keep_running] [--only strict,default,budget]
+Usage (from the repository root): .venv/bin/python -m tests.bench.bench_storm
+[--duration 60] [--clients 50] [--weights-mb 16] [--eviction offload+keep_running]
+[--only strict,default,budget]
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ from typing import Any
 
 import aiohttp
 
+from tests.support.procs import free_ports
+
 PY = sys.executable
-HERE = Path(__file__).resolve()
-sys.path.insert(0, str(HERE.parents[1]))  # the shared test helpers
-from testprocs import free_ports  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 MODELS = ("alpha", "beta", "gamma")
 PROMPTS = [f"storm prompt {i}" for i in range(5)]
@@ -199,8 +200,9 @@ async def run_scenario(name: str, label: str, args: argparse.Namespace,
     path.write_text(json.dumps(cfg))
     url = f"http://127.0.0.1:{cfg['port']}"
     log = open(tmp / f"{name}.log", "ab")  # noqa: SIM115
-    shim = subprocess.Popen([PY, str(HERE), "--serve-shim", str(path)], stdin=subprocess.DEVNULL,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    shim = subprocess.Popen([PY, "-m", "tests.bench.bench_storm", "--serve-shim", str(path)],
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=REPO)
     res = Result(label, max_wait_secs=max_wait)
     try:
         await wait_up(url)

@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Cold start vs restore through llmux for real vLLM (CPU), same and new container.
 
-Run as root: ``.venv/bin/python tests/bench/bench_vllm.py [--sizes tiny,1gb]``.
+Run as root, from the repository root: ``.venv/bin/python -m tests.bench.bench_vllm
+[--sizes tiny,1gb]``.
 
 The set-up of tests/e2e/test_vllm_podman.py: a private dbus-daemon with the project's
 policy, llmuxd on the host (CRIU 4.2, --cuda-mode off), the shim in podman containers
 (runc, host PID/network/IPC namespaces, no --privileged) serving real vLLM (the CPU build
-in .cache/vllm-venv, tests/vllmbed.py's engine flags) as qwen3-0.6b with eviction
-retain+checkpoint. The models are tests/vllmbed.py's: Llama-architecture, random weights,
+in .cache/vllm-venv, tests/support/vllmbed.py's engine flags) as qwen3-0.6b with eviction
+retain+checkpoint. The models are tests/support/vllmbed.py's: Llama-architecture, random weights,
 "tiny" (hidden 128, 2 layers, ~2 MB) and "1gb" (hidden 1024, 16 layers, fp32, ~1 GB).
 For each size, one after the other:
 
@@ -42,18 +43,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))  # the shared test helpers (testprocs, shimproc, vllmbed)
-import testprocs  # noqa: E402
-import vllmbed  # noqa: E402
+from tests.support import llmuxd_harness as harness
+from tests.support import podman_shim, vllmbed
+from tests.support import procs as testprocs
 
 MB = 1 << 20
 #: restore should be at least this much faster than a cold start
 TARGET_SPEEDUP = 10.0
 
 
-harness = testprocs.llmuxd_harness()
-podman_shim = testprocs.load_module("podman_shim", TESTS / "e2e" / "podman_shim.py")
 
 
 @dataclass
@@ -93,7 +91,7 @@ class Row:
 
 
 def engine_args(model_dir: Path) -> list[str]:
-    """tests/vllmbed.py's flags, with a KV cache big enough for one max-length request.
+    """tests/support/vllmbed.py's flags, with a KV cache big enough for one max-length request.
 
     vLLM reads "64M" as 64 * 10**6 bytes; the 1gb model's KV cache for 512 tokens (16
     layers, 16 KV heads of 64, fp32) is 64 MiB, so its engine would refuse to start.
@@ -258,7 +256,7 @@ def print_table(rows: list[Row]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--sizes", default="tiny,1gb",
-                   help="model sizes (tests/vllmbed.py's: tiny, 1gb), comma-separated")
+                   help="model sizes (tests/support/vllmbed.py's: tiny, 1gb), comma-separated")
     p.add_argument("--drop-caches", dest="drop_caches", action="store_true", default=True,
                    help="empty the page cache before each timed phase (the default)")
     p.add_argument("--no-drop-caches", dest="drop_caches", action="store_false",

@@ -17,16 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from shimproc import Shim, shims_for_test
-from testprocs import free_ports, llmuxd_harness
 
-_dbus = llmuxd_harness()
-# the private bus and llmuxd of tests/service/dbus, for the checkpoint panel's test
-private_bus = _dbus.private_bus
-llmuxd = _dbus.llmuxd
+from tests.support.procs import free_ports
+from tests.support.shimproc import Shim, shims_for_test
 
-#: the pure-Python model starts fastest on a 2-core machine
-os.environ.setdefault("LLMUX_BUILTIN_BACKEND", "pure")
+# the private bus and llmuxd (for the checkpoint panel's test) are the root conftest's
 
 
 def chromium_path() -> str | None:
@@ -107,8 +102,8 @@ def builtin_model(port: int, tag: str, workdir: Path,
 
 
 @pytest.fixture
-def start_shim(tmp_path: Path) -> Iterator[Callable[..., Shim]]:
-    """start_shim({name: eviction}, **top) -> a running `llmux serve`; all of it ends after."""
+def start_page_shim(tmp_path: Path) -> Iterator[Callable[..., Shim]]:
+    """start_page_shim({name: eviction}, **top) -> a running `llmux serve`; all of it ends after."""
     tag = secrets.token_hex(8)
     with shims_for_test(tmp_path, tag) as launch:
 

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from shimproc import Shim
 
 from llmux.shim.config import Config
+from tests.support.shimproc import Shim
 
 expect = pytest.importorskip("playwright.sync_api").expect
 
@@ -38,9 +38,9 @@ def no_horizontal_overflow(page: Any) -> dict[str, int]:
 
 
 @pytest.mark.browser
-def test_page_follows_switches_logs_and_acts(start_shim: Callable[..., Shim],
+def test_page_follows_switches_logs_and_acts(start_page_shim: Callable[..., Shim],
                                              open_page: Callable[..., Any]) -> None:
-    shim = start_shim({A: "offload+keep_running",
+    shim = start_page_shim({A: "offload+keep_running",
                        B: {"eviction": "retain+stop", "sleep_mode": True}})
     assert shim.text(A)  # A running, B never started
     page, log = open_page(f"{shim.url}/ui", 1280, 800)
@@ -107,9 +107,9 @@ def test_page_follows_switches_logs_and_acts(start_shim: Callable[..., Shim],
 
 
 @pytest.mark.browser
-def test_narrow_width_and_admin_key(start_shim: Callable[..., Shim],
+def test_narrow_width_and_admin_key(start_page_shim: Callable[..., Shim],
                                     open_page: Callable[..., Any]) -> None:
-    shim = start_shim({A: "offload+keep_running", B: "retain+stop"})
+    shim = start_page_shim({A: "offload+keep_running", B: "retain+stop"})
     page, log = open_page(f"{shim.url}/ui", 390, 844)
     expect(row(page, A)).to_have_attribute("data-state", "stopped")
     expect(row(page, B)).to_have_attribute("data-state", "stopped")
@@ -139,11 +139,11 @@ def test_narrow_width_and_admin_key(start_shim: Callable[..., Shim],
 @pytest.mark.browser
 @pytest.mark.criu
 @pytest.mark.dbus
-def test_checkpoint_panel_with_llmuxd(llmuxd: Any, start_shim: Callable[..., Shim],
+def test_checkpoint_panel_with_llmuxd(llmuxd: Any, start_page_shim: Callable[..., Shim],
                                       open_page: Callable[..., Any]) -> None:
     """A request for B checkpoints A through a real llmuxd: the panel lists A's checkpoint,
     restorable here, with the host's versions."""
-    shim = start_shim({A: "discard+checkpoint", B: "retain+stop"},
+    shim = start_page_shim({A: "discard+checkpoint", B: "retain+stop"},
                       checkpoint={"bus": llmuxd.bus.address, "job_timeout_secs": 300})
     assert shim.text(A)
     assert shim.text(B)
@@ -173,9 +173,9 @@ _AUTH = any(f.name == "auth" for f in dataclasses.fields(Config))
 # in the required tier once the shim has [auth] keys; until then a plain skip
 @(pytest.mark.browser if _AUTH else
   pytest.mark.skip(reason="the shim has no [auth] keys yet"))
-def test_sleep_is_refused_without_the_admin_key(start_shim: Callable[..., Shim],
+def test_sleep_is_refused_without_the_admin_key(start_page_shim: Callable[..., Shim],
                                                 open_page: Callable[..., Any]) -> None:
-    shim = start_shim({A: "offload+keep_running", B: "retain+stop"},
+    shim = start_page_shim({A: "offload+keep_running", B: "retain+stop"},
                       auth={"api_keys": ["user-key"], "admin_keys": ["admin-key"]})
     shim.client.headers["Authorization"] = "Bearer admin-key"
     assert shim.text(A)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from llmux.shim.builtin.testing import EngineProcess, start_engine
+from tests.support.builtin_engine import EngineEnv
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 BACKENDS = [
@@ -22,8 +23,6 @@ def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """HF and XDG caches of the engines under test (checkpoints, JIT logs)."""
     return tmp_path_factory.mktemp("builtin-cache")
 
-
-EngineEnv = Callable[[str], dict[str, str]]
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +12,8 @@ import httpx
 import pytest
 
 from llmux.shim.builtin.testing import EngineProcess, start_engine
+from tests.support.builtin_engine import EngineEnv
 
-EngineEnv = Callable[[str], dict[str, str]]
 MIB = 1 << 20
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +11,7 @@ import httpx
 import pytest
 
 from llmux.shim.builtin.testing import EngineProcess, spawn_engine, start_engine
-
-EngineEnv = Callable[[str], dict[str, str]]
-PROMPTS = ["the king and the queen", "a cold night in the forest", "what is the answer"]
-
-
-def answers(engine: EngineProcess) -> list[str]:
-    out = []
-    for prompt in PROMPTS:
-        response = httpx.post(f"{engine.base_url}/v1/completions",
-                              json={"prompt": prompt, "max_tokens": 10})
-        assert response.status_code == 200
-        out.append(response.json()["choices"][0]["text"])
-    return out
+from tests.support.builtin_engine import PROMPTS, EngineEnv, answers
 
 
 def engine_state(engine: EngineProcess) -> dict[str, Any]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import httpx
 import openai
 import pytest
 
 from llmux.shim.builtin.testing import EngineProcess
+from tests.support.procs import wait_until
 
 MODEL = "test-org/shared-model"
 
@@ -206,9 +206,7 @@ def test_a_client_that_leaves_mid_stream_frees_the_engine(shared_engine: EngineP
         for line in response.iter_lines():
             if line.startswith("data: "):
                 break  # leave after the first chunk; closing the stream drops the connection
-    deadline = time.monotonic() + 60
-    while httpx.get(f"{base}/engine_state").json()["running_requests"]:
-        assert time.monotonic() < deadline, "the abandoned request never left the engine"
-        time.sleep(0.05)
+    wait_until(lambda: not httpx.get(f"{base}/engine_state").json()["running_requests"], 60,
+               "the abandoned request to leave the engine")
     ok = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "x"})
     assert ok.status_code == 200

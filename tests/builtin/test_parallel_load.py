@@ -10,11 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_model_and_checkpoint import EngineEnv, answers
 
 from llmux.shim.builtin import safetensors_io
 from llmux.shim.builtin.safetensors_io import Chunk, SafetensorsError, TensorSpec
 from llmux.shim.builtin.testing import EngineProcess, EngineStartError, start_engine
+from tests.support.builtin_engine import EngineEnv, answers
 
 
 def _write(path: Path, sizes: dict[str, int]) -> dict[str, bytes]:

@@ -9,7 +9,6 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -17,10 +16,11 @@ import pytest
 
 from llmux.shim.builtin.checkpoint import ModelConfig
 from llmux.shim.builtin.testing import EngineProcess, spawn_engine, start_engine
+from tests.support.builtin_engine import EngineEnv
+from tests.support.procs import wait_until
 
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 O_APPEND = 0o2000
-EngineEnv = Callable[[str], dict[str, str]]
 
 
 def state_of(engine: EngineProcess) -> dict[str, object]:
@@ -34,17 +34,17 @@ def core_pid(engine: EngineProcess) -> int:
     return pid
 
 
+def gone(pid: int) -> bool:
+    """The process has ended: no longer there, or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return True
+    return fields[0] == "Z"
+
+
 def wait_until_gone(pid: int, seconds: float = 30.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            return True
-        if fields[0] == "Z":
-            return True
-        time.sleep(0.05)
-    return False
+    return wait_until(lambda: gone(pid), seconds, f"the engine core {pid} to end")
 
 
 def test_api_server_and_engine_core_are_parent_and_child(shared_engine: EngineProcess) -> None:

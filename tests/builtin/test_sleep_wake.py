@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from llmux.shim.builtin.testing import EngineProcess, start_engine
+from tests.support.builtin_engine import EngineEnv
 
-EngineEnv = Callable[[str], dict[str, str]]
 MIB = 1 << 20
 
 
@@ -22,7 +22,7 @@ def sleepy_engine(engine_env: EngineEnv, backend: str) -> Iterator[EngineProcess
 
 
 @pytest.fixture
-def engine(sleepy_engine: EngineProcess) -> Iterator[EngineProcess]:
+def awake_engine(sleepy_engine: EngineProcess) -> Iterator[EngineProcess]:
     """The module's engine, put back awake with its weights loaded after every test."""
     yield sleepy_engine
     if sleepy_engine.process.poll() is None:
@@ -64,96 +64,97 @@ def worker_rss(engine: EngineProcess) -> int:
     return int(status.split("VmRSS:")[1].split()[0]) * 1024
 
 
-def test_awake_state(engine: EngineProcess) -> None:
-    current = state(engine)
+def test_awake_state(awake_engine: EngineProcess) -> None:
+    current = state(awake_engine)
     assert current["weights"] == "device"
     assert current["device"] in ("cpu", "cuda")
     assert current["sleeping"] is False and current["level"] == 0
     assert current["weights_bytes"] >= 4 * MIB
     assert current["resident_weight_bytes"] == current["weights_bytes"]
-    assert not is_sleeping(engine)
+    assert not is_sleeping(awake_engine)
 
 
-def test_level_1_offloads_and_wakes_with_the_same_weights(engine: EngineProcess) -> None:
-    before = text(engine)
-    assert post(engine, "/sleep", params={"level": 1}).status_code == 200
-    assert is_sleeping(engine)
-    asleep = state(engine)
+def test_level_1_offloads_and_wakes_with_the_same_weights(awake_engine: EngineProcess) -> None:
+    before = text(awake_engine)
+    assert post(awake_engine, "/sleep", params={"level": 1}).status_code == 200
+    assert is_sleeping(awake_engine)
+    asleep = state(awake_engine)
     assert (asleep["weights"], asleep["level"], asleep["sleeping"]) == ("host", 1, True)
     assert asleep["resident_weight_bytes"] == asleep["weights_bytes"]
     assert asleep["prefix_cache_entries"] == 0
-    refused = answer(engine)
+    refused = answer(awake_engine)
     assert refused.status_code == 503
     assert "sleeping" in refused.json()["error"]["message"]
-    streamed = post(engine, "/v1/completions", json={"prompt": "x", "stream": True})
+    streamed = post(awake_engine, "/v1/completions", json={"prompt": "x", "stream": True})
     assert streamed.status_code == 503
-    assert post(engine, "/wake_up").status_code == 200
-    awake = state(engine)
+    assert post(awake_engine, "/wake_up").status_code == 200
+    awake = state(awake_engine)
     assert (awake["weights"], awake["level"], awake["sleeping"]) == ("device", 0, False)
-    assert not is_sleeping(engine)
-    assert text(engine) == before
+    assert not is_sleeping(awake_engine)
+    assert text(awake_engine) == before
 
 
-def test_level_2_discards_and_reload_reads_the_checkpoint_again(engine: EngineProcess) -> None:
-    before = text(engine)
-    assert post(engine, "/sleep?level=2").status_code == 200
-    asleep = state(engine)
+def test_level_2_discards_and_reload_reads_the_checkpoint_again(
+        awake_engine: EngineProcess) -> None:
+    before = text(awake_engine)
+    assert post(awake_engine, "/sleep?level=2").status_code == 200
+    asleep = state(awake_engine)
     assert (asleep["weights"], asleep["level"], asleep["resident_weight_bytes"]) == (
         "discarded", 2, 0)
-    assert is_sleeping(engine)
-    refused = post(engine, "/reload_weights")
+    assert is_sleeping(awake_engine)
+    refused = post(awake_engine, "/reload_weights")
     assert refused.status_code == 400 and "wake_up first" in refused.json()["error"]["message"]
-    assert post(engine, "/wake_up").status_code == 200
-    woken = state(engine)
+    assert post(awake_engine, "/wake_up").status_code == 200
+    woken = state(awake_engine)
     assert (woken["weights"], woken["sleeping"], woken["level"]) == ("discarded", False, 0)
-    assert not is_sleeping(engine)
-    refused = answer(engine)
+    assert not is_sleeping(awake_engine)
+    refused = answer(awake_engine)
     assert refused.status_code == 503
     assert "reload_weights" in refused.json()["error"]["message"]
-    rpc = post(engine, "/collective_rpc", json={"method": "reload_weights"})
+    rpc = post(awake_engine, "/collective_rpc", json={"method": "reload_weights"})
     assert rpc.status_code == 200 and rpc.json() == {"results": [None]}
-    reloaded = state(engine)
+    reloaded = state(awake_engine)
     assert reloaded["weights"] == "device"
     assert reloaded["resident_weight_bytes"] == reloaded["weights_bytes"]
-    assert text(engine) == before
+    assert text(awake_engine) == before
 
 
-def test_wake_up_by_tags_like_vllm(engine: EngineProcess) -> None:
-    before = text(engine)
-    assert post(engine, "/sleep?level=1").status_code == 200
-    assert post(engine, "/wake_up?tags=weights").status_code == 200
-    partly = state(engine)
+def test_wake_up_by_tags_like_vllm(awake_engine: EngineProcess) -> None:
+    before = text(awake_engine)
+    assert post(awake_engine, "/sleep?level=1").status_code == 200
+    assert post(awake_engine, "/wake_up?tags=weights").status_code == 200
+    partly = state(awake_engine)
     assert partly["weights"] == "device"
     assert partly["sleeping_tags"] == ["kv_cache"]
-    assert is_sleeping(engine)
-    assert answer(engine).status_code == 503
-    assert post(engine, "/wake_up?tags=kv_cache").status_code == 200
-    assert not is_sleeping(engine)
-    assert text(engine) == before
+    assert is_sleeping(awake_engine)
+    assert answer(awake_engine).status_code == 503
+    assert post(awake_engine, "/wake_up?tags=kv_cache").status_code == 200
+    assert not is_sleeping(awake_engine)
+    assert text(awake_engine) == before
     # Both tags in one call, repeated query parameters as vLLM takes them.
-    assert post(engine, "/sleep?level=2").status_code == 200
-    assert post(engine, "/wake_up?tags=weights&tags=kv_cache").status_code == 200
-    assert not is_sleeping(engine)
-    assert post(engine, "/reload_weights").status_code == 200
-    assert text(engine) == before
+    assert post(awake_engine, "/sleep?level=2").status_code == 200
+    assert post(awake_engine, "/wake_up?tags=weights&tags=kv_cache").status_code == 200
+    assert not is_sleeping(awake_engine)
+    assert post(awake_engine, "/reload_weights").status_code == 200
+    assert text(awake_engine) == before
 
 
-def test_level_2_after_level_1_drops_the_host_copy(engine: EngineProcess) -> None:
-    assert post(engine, "/sleep?level=1").status_code == 200
-    assert post(engine, "/sleep?level=2").status_code == 200
-    current = state(engine)
+def test_level_2_after_level_1_drops_the_host_copy(awake_engine: EngineProcess) -> None:
+    assert post(awake_engine, "/sleep?level=1").status_code == 200
+    assert post(awake_engine, "/sleep?level=2").status_code == 200
+    current = state(awake_engine)
     assert (current["weights"], current["level"], current["resident_weight_bytes"]) == (
         "discarded", 2, 0)
-    assert post(engine, "/wake_up").status_code == 200
-    assert post(engine, "/reload_weights").status_code == 200
-    assert state(engine)["weights"] == "device"
+    assert post(awake_engine, "/wake_up").status_code == 200
+    assert post(awake_engine, "/reload_weights").status_code == 200
+    assert state(awake_engine)["weights"] == "device"
 
 
-def test_wake_up_when_awake_is_harmless(engine: EngineProcess) -> None:
-    before = text(engine)
-    assert post(engine, "/wake_up").status_code == 200
-    assert state(engine)["weights"] == "device"
-    assert text(engine) == before
+def test_wake_up_when_awake_is_harmless(awake_engine: EngineProcess) -> None:
+    before = text(awake_engine)
+    assert post(awake_engine, "/wake_up").status_code == 200
+    assert state(awake_engine)["weights"] == "device"
+    assert text(awake_engine) == before
 
 
 def test_sleep_needs_sleep_mode(engine_env: EngineEnv) -> None:

@@ -12,7 +12,6 @@ import contextlib
 import os
 import re
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import httpx
 import pytest
 
 from llmux.shim.builtin.testing import EngineProcess, start_engine
+from tests.support.procs import wait_until
 
 EngineEnv = Callable[[str], dict[str, str]]
 IO_URING_FD = "anon_inode:[io_uring]"
@@ -67,15 +67,6 @@ def segment_of(engine: EngineProcess) -> Path:
     path = Path(segments[0])
     assert path.parent == Path("/dev/shm") and PSM_RE.match(path.name), path
     return path
-
-
-def wait_for(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def io_uring_disabled() -> bool:
@@ -140,7 +131,7 @@ def test_engine_core_writes_its_counters_to_the_segment(shared_engine: EnginePro
         return bool(after["tokens_generated"] == counters["tokens_generated"] + 7
                     and after["heartbeat"] > counters["heartbeat"])
 
-    assert wait_for(counted, 10)
+    assert wait_until(counted, 10, "the shared-memory counters to count the 7 tokens")
 
 
 def test_one_resource_tracker_serves_the_tree(shared_engine: EngineProcess) -> None:
@@ -196,7 +187,7 @@ def test_sigkill_of_the_api_server_alone_leaves_cleanup_to_the_resource_tracker(
     try:
         os.kill(engine.pid, signal.SIGKILL)
         engine.process.wait(timeout=30)
-        assert wait_for(lambda: not path.exists())
+        assert wait_until(lambda: not path.exists(), 30, f"the segment {path} to be removed")
         assert "leaked shared_memory" in engine.log_text()
     finally:
         engine.stop()

@@ -1,8 +1,8 @@
 """End to end in real containers: llmuxd on the host, the shim in podman containers.
 
 The private system-style dbus-daemon (with the project's policy) and the llmuxd fixture are
-tests/service/dbus/llmuxd_harness.py's, loaded by path under the same module name as the
-other suites do. The bus socket's directory is bind-mounted into every container.
+tests/support/llmuxd_harness.py's (registered by the root conftest). The bus socket's
+directory is bind-mounted into every container.
 """
 
 from __future__ import annotations
@@ -14,16 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from podman_shim import Reaper, ShimFactory, prepare_rootfs
-from testprocs import llmuxd_harness
 
-_dbus = llmuxd_harness()
-private_bus = _dbus.private_bus
-llmuxd = _dbus.llmuxd
+from tests.support.podman_shim import Reaper, ShimFactory, prepare_rootfs
 
 
 @pytest.fixture(scope="session")
-def rootfs() -> str:
+def podman_rootfs() -> str:
     """The shim containers' --rootfs, checked once per session by packaging's script."""
     if os.geteuid() != 0:
         pytest.skip("rootful podman is needed (run as root)")
@@ -43,11 +39,11 @@ def reaper() -> Iterator[Reaper]:
 
 
 @pytest.fixture
-def shims(rootfs: str, llmuxd: Any, tmp_path: Path) -> Iterator[ShimFactory]:
+def shims(podman_rootfs: str, llmuxd: Any, tmp_path: Path) -> Iterator[ShimFactory]:
     """Start shim containers; every container and engine process is gone afterwards."""
     bus_dir = Path(llmuxd.bus.socket_path).parent
     factory = ShimFactory(
-        rootfs=rootfs,
+        rootfs=podman_rootfs,
         bus_dir=bus_dir,
         bus_address_in=f"unix:path=/run/llmux-bus/{Path(llmuxd.bus.socket_path).name}",
         workdir=tmp_path / "shared",

@@ -23,7 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from podman_shim import (
+
+from llmux.service.core.container import ContainerContext
+from tests.support.llmuxd_harness import Llmuxd
+from tests.support.podman_shim import (
     MODEL,
     Reaper,
     ShimContainer,
@@ -31,13 +34,9 @@ from podman_shim import (
     pidfd_targets,
     read_cgroups,
 )
-from testprocs import pid_alive, processes_tagged, wait_until
-
-from llmux.service.core.container import ContainerContext
+from tests.support.procs import pid_alive, processes_tagged, wait_until
 
 pytestmark = [pytest.mark.podman, pytest.mark.criu, pytest.mark.dbus]
-
-Llmuxd = Any  # the harness's class; tests/ is not a package
 
 SLEEP_WAKE_ROUNDS = 3
 

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from podman_shim import MODEL, Reaper, ShimContainer, ShimFactory
-from testprocs import pid_alive, wait_until
+
+from tests.support.podman_shim import MODEL, Reaper, ShimContainer, ShimFactory
+from tests.support.procs import pid_alive, wait_until
 
 pytestmark = [pytest.mark.vllm, pytest.mark.podman, pytest.mark.criu, pytest.mark.dbus]
 
@@ -54,13 +55,13 @@ def restored(shim: ShimContainer, pids: list[int], first: str) -> None:
 
 
 def test_real_vllm_checkpoint_in_a_restores_in_b_and_c(
-        llmuxd: Llmuxd, rootfs: str, reaper: Reaper, vllm_bed: Any, tmp_path: Path) -> None:
+        llmuxd: Llmuxd, podman_rootfs: str, reaper: Reaper, vllm_bed: Any, tmp_path: Path) -> None:
     bus_dir = Path(llmuxd.bus.socket_path).parent
     model = vllm_bed.model("alpha", 0, "retain+checkpoint", "")
     model.pop("port")
     model["env"] = {"HF_HUB_OFFLINE": "1"}
     shims = ShimFactory(
-        rootfs=rootfs, bus_dir=bus_dir,
+        rootfs=podman_rootfs, bus_dir=bus_dir,
         bus_address_in=f"unix:path=/run/llmux-bus/{Path(llmuxd.bus.socket_path).name}",
         workdir=tmp_path / "shared", model=model,
         top={"vllm_command": str(vllm_bed.vllm)})

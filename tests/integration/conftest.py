@@ -1,8 +1,8 @@
 """The whole system on one machine: a private bus, llmuxd on it, a real shim in front of it.
 
 The private system-style dbus-daemon (with the project's policy) and the llmuxd fixture
-are the ones tests/service/dbus uses (its llmuxd_harness.py, loaded by path under the
-same module name: tests/ is not a package), so both suites exercise the same set-up.
+are the ones tests/service/dbus uses (tests/support/llmuxd_harness.py, registered by the
+root conftest), so both suites exercise the same set-up.
 The shim runs as `llmux serve --config FILE`, a separate process: llmuxd resolves it
 from the bus as the caller, and its engines are its own descendants, as in a container.
 
@@ -20,18 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from shimproc import REQUEST_TIMEOUT_S, Shim, shims_for_test
-from testprocs import free_port, llmuxd_harness
 
-_dbus = llmuxd_harness()
-
-# Re-exported fixtures: pytest registers fixtures found in a conftest's namespace.
-private_bus = _dbus.private_bus
-llmuxd = _dbus.llmuxd
-PrivateBus = _dbus.PrivateBus
-Llmuxd = _dbus.Llmuxd
-BusCall = _dbus.BusCall
-
+from tests.support.procs import free_port
+from tests.support.shimproc import REQUEST_TIMEOUT_S, Shim, shims_for_test
 
 
 def builtin_model(port: int, tag: str, workdir: Path, eviction: str,

@@ -13,12 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from testprocs import pid_alive, wait_until
 
-# The fixtures' types (conftest.Llmuxd, conftest.Shim); tests/ is not a package, so
-# they are not imported here.
-Llmuxd = Any
-Shim = Any
+from tests.support.llmuxd_harness import Llmuxd
+from tests.support.procs import pid_alive, wait_until
+from tests.support.shimproc import Shim
 
 pytestmark = [pytest.mark.criu, pytest.mark.dbus]
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import httpx
 import pytest
-from shimproc import REQUEST_TIMEOUT_S
-from testprocs import marked_roots
 
 from llmux.shim.supervisor import ENGINE_MARK
+from tests.support.procs import marked_roots
+from tests.support.shimproc import REQUEST_TIMEOUT_S
 
 pytestmark = [pytest.mark.criu, pytest.mark.dbus]
 

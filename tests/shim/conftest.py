@@ -1,7 +1,9 @@
-"""Shared fixtures for the shim's tests: free ports, a log folder, builtin-engine configs.
+"""Fixtures of the shim's tests: process tracking, validated built-in configs, config files.
 
-Kept generic so that every shim test module (supervisor, lifecycle, proxy, CLI)
-can build a real configuration of real built-in engines on free loopback ports.
+The raw built-in config (builtin_config_dict), its log folder and the in-loop shim are
+tests/support/proxy_fixtures.py's, registered by the root conftest (tests/client uses them
+too), so that every shim test module (supervisor, lifecycle, proxy, CLI) builds a real
+configuration of real built-in engines on free loopback ports.
 """
 
 from __future__ import annotations
@@ -10,33 +12,19 @@ import contextlib
 import json
 import os
 import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from testprocs import free_ports as free_ports
-from testprocs import pid_alive as running
 
 from llmux.shim.config import Config, config_from_dict
+from tests.support.procs import pid_alive as running
+from tests.support.procs import wait_until_async
+from tests.support.proxy_fixtures import ConfigDict
 
-#: small weights keep engine start-up quick on a 2-core machine
-TEST_WEIGHTS_MB = 4
-
-# The pure-Python model starts about four times faster than the PyTorch one on a
-# 2-core machine; a test that wants PyTorch sets it in the model's env.
-os.environ.setdefault("LLMUX_BUILTIN_BACKEND", "pure")
-
-
-def wait_until(predicate: Callable[[], bool], within: float = 30.0, step: float = 0.05) -> bool:
-    """Poll ``predicate`` until true or ``within`` seconds passed (no timing asserted)."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
+# The built-in engines' backend (pure) is the root conftest's builtin_backend fixture; a
+# test that wants PyTorch sets it in the model's env.
 
 
 def pids_with_marker(marker: str) -> list[int]:
@@ -57,7 +45,6 @@ class ProcTracker:
     """Process helpers for tests; every tracked PID still running at teardown is killed."""
 
     running = staticmethod(running)
-    wait_until = staticmethod(wait_until)
     pids_with_marker = staticmethod(pids_with_marker)
 
     def __init__(self) -> None:
@@ -70,26 +57,10 @@ class ProcTracker:
         return any(running(p) for p in pids)
 
     async def wait_gone(self, pids: list[int], within: float = 30.0) -> bool:
-        """Async poll until none of ``pids`` runs (death clean-up is asynchronous)."""
-        import asyncio
-
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            if not self.any_running(pids):
-                return True
-            await asyncio.sleep(0.05)
-        return not self.any_running(pids)
-
-    async def eventually(self, predicate: Callable[[], bool], within: float = 30.0) -> bool:
-        """Async poll of ``predicate`` (for what the event loop must process first)."""
-        import asyncio
-
-        deadline = time.monotonic() + within
-        while not predicate():
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.05)
-        return True
+        """Until none of ``pids`` runs (death clean-up is asynchronous): True, or the
+        test fails with wait_until's message."""
+        return await wait_until_async(lambda: not self.any_running(pids), within,
+                                      f"processes {pids} to be gone")
 
     def kill_leftovers(self) -> list[int]:
         leaked = [p for p in self.tracked if running(p)]
@@ -106,45 +77,6 @@ def procs() -> Iterator[ProcTracker]:
     yield tracker
     leaked = tracker.kill_leftovers()
     assert not leaked, f"processes leaked by the test (killed now): {leaked}"
-
-
-@pytest.fixture
-def log_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "logs"
-    d.mkdir()
-    return d
-
-
-ConfigDict = dict[str, Any]
-
-
-@pytest.fixture
-def builtin_config_dict(log_dir: Path) -> Callable[..., ConfigDict]:
-    """Build a raw config (dict) of built-in-engine models on free ports.
-
-    ``make(["a", "b"], eviction="offload+keep_running", a={"weights_mb": 8}, port=...)``:
-    names, an optional eviction applied to every model, per-model overrides as
-    keyword arguments named like the model, and top-level overrides in ``top``.
-    """
-
-    def make(names: list[str] | tuple[str, ...] = ("m1",), *, eviction: str | None = None,
-             top: dict[str, Any] | None = None, **per_model: dict[str, Any]) -> ConfigDict:
-        ports = free_ports(len(names) + 2)
-        models: dict[str, Any] = {}
-        for name, port in zip(names, ports[2:], strict=False):
-            m: dict[str, Any] = {"model_path": f"llmux-test/{name}", "port": port,
-                                 "engine": "builtin", "weights_mb": TEST_WEIGHTS_MB,
-                                 "startup_timeout_secs": 120}
-            if eviction is not None:
-                m["eviction"] = eviction
-            m.update(per_model.get(name.replace("-", "_"), {}))
-            models[name] = m
-        raw: dict[str, Any] = {"models": models, "host": "127.0.0.1", "port": ports[0],
-                               "metrics_port": 0, "log_dir": str(log_dir)}
-        raw.update(top or {})
-        return raw
-
-    return make
 
 
 @pytest.fixture

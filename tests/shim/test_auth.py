@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,34 +13,17 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from proxy_fixtures import ShimFactory, chat_body, http, shim_factory  # noqa: F401
 
-from llmux.shim.app import Shim
 from llmux.shim.auth import KeyGate, bearer_token
 from llmux.shim.config import AuthConfig, config_from_dict, parse_config
 from llmux.shim.errors import ConfigError
+from tests.support.proxy_fixtures import ShimFactory, chat_body, switches, untouched
 
 API = "sk-api-0123456789abcdef"
 API2 = "sk-api-second-key"
 ADMIN = "sk-admin-fedcba9876543210"
 
 LLMUX = Path(sys.executable).with_name("llmux")
-
-
-def switches(shim: Shim) -> float:
-    """Switches the shim has counted (the metric), any outcome."""
-    text = shim.metrics.render().decode()
-    return sum(float(m) for m in re.findall(
-        r'^llmux_switch_duration_seconds_count\{[^}]*\} (\S+)$', text, re.M))
-
-
-def untouched(shim: Shim) -> None:
-    """No engine started, no switch made: what a refused request must leave."""
-    assert switches(shim) == 0
-    assert shim.switcher.active is None
-    for name in shim.config.models:
-        assert not shim.supervisor.pids(name), f"an engine of {name} was started"
-        assert str(shim.lifecycle.status(name).state) == "stopped"
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -152,7 +134,7 @@ def test_gate_compares_every_key() -> None:
 
 
 async def test_v1_needs_an_api_key_and_a_refusal_touches_nothing(
-        shim_factory: ShimFactory, http: httpx.AsyncClient,  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient,
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     shim = await shim_factory(["a", "b"], top={"auth": {"api_keys": [API, API2]}})
@@ -201,7 +183,7 @@ async def test_v1_needs_an_api_key_and_a_refusal_touches_nothing(
 
 
 async def test_admin_keys_guard_control(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b"], top={"auth": {"api_keys": [API],
                                                         "admin_keys": [ADMIN]}})
     for action in ("sleep", "wake", "switch"):
@@ -227,7 +209,7 @@ async def test_admin_keys_guard_control(
 
 
 async def test_admin_keys_alone_leave_v1_open(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a"], top={"auth": {"admin_keys": [ADMIN]}})
     assert (await http.get(f"{shim.url}/v1/models")).status_code == 200
     assert (await http.get(f"{shim.url}/control/status")).status_code == 401
@@ -235,9 +217,9 @@ async def test_admin_keys_alone_leave_v1_open(
                            headers=bearer(ADMIN))).status_code == 200
 
 
-async def test_metrics_auth(shim_factory: ShimFactory, http: httpx.AsyncClient,  # noqa: F811
+async def test_metrics_auth(shim_factory: ShimFactory, http: httpx.AsyncClient,
                             builtin_config_dict: Callable[..., dict[str, Any]]) -> None:
-    from testprocs import free_ports
+    from tests.support.procs import free_ports
 
     (metrics_port,) = free_ports(1)
     shim = await shim_factory(["a"], top={"metrics_port": metrics_port, "auth": {
@@ -253,7 +235,7 @@ async def test_metrics_auth(shim_factory: ShimFactory, http: httpx.AsyncClient, 
     assert (await http.get(f"{shim.url}/health")).status_code == 200
 
 
-async def test_openai_client_with_api_key(shim_factory: ShimFactory) -> None:  # noqa: F811
+async def test_openai_client_with_api_key(shim_factory: ShimFactory) -> None:
     shim = await shim_factory(["a"], top={"auth": {"api_keys": [API]}})
     good = openai.AsyncOpenAI(base_url=f"{shim.url}/v1", api_key=API, max_retries=0)
     bad = openai.AsyncOpenAI(base_url=f"{shim.url}/v1", api_key="sk-wrong", max_retries=0)
@@ -278,7 +260,7 @@ async def test_openai_client_with_api_key(shim_factory: ShimFactory) -> None:  #
 
 
 async def test_llmux_status_takes_the_key_from_the_environment(
-        shim_factory: ShimFactory) -> None:  # noqa: F811
+        shim_factory: ShimFactory) -> None:
     shim = await shim_factory(["a"], top={"auth": {"api_keys": [API], "admin_keys": [ADMIN]}})
 
     async def status(key: str | None) -> tuple[int, str, str]:

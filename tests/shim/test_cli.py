@@ -6,13 +6,14 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+
+from tests.support.procs import wait_until
 
 SEED = {"models": {"qwen3-0.6b": {
     "model_path": "Qwen/Qwen3-0.6B", "port": 8001,
@@ -171,16 +172,17 @@ def test_serve_runs_until_sigterm(
     base = f"http://127.0.0.1:{raw['port']}"
     try:
         with httpx.Client(trust_env=False, timeout=120) as c:
-            deadline = time.monotonic() + 60
-            while True:
+
+            def listening() -> bool:
                 try:
                     if c.get(f"{base}/health").status_code == 200:
-                        break
+                        return True
                 except httpx.HTTPError:
                     pass
                 assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-                assert time.monotonic() < deadline, "the shim never listened"
-                time.sleep(0.1)
+                return False
+
+            wait_until(listening, 60, "the shim to listen", interval=0.1)
             body = {"model": "m1", "messages": [{"role": "user", "content": "hi"}],
                     "max_tokens": 4, "temperature": 0}
             r = c.post(f"{base}/v1/chat/completions", json=body)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import httpx
-from proxy_fixtures import ShimFactory, chat_body, http, shim_factory  # noqa: F401
+
+from tests.support.procs import wait_until_async
+from tests.support.proxy_fixtures import ShimFactory, chat_body
 
 
-async def test_status_shape(shim_factory: ShimFactory,  # noqa: F811
-                            http: httpx.AsyncClient) -> None:  # noqa: F811
+async def test_status_shape(shim_factory: ShimFactory,
+                            http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b"])
     st = (await http.get(f"{shim.url}/control/status")).json()
     assert st["active"] is None
@@ -24,8 +26,8 @@ async def test_status_shape(shim_factory: ShimFactory,  # noqa: F811
     assert a["in_flight"] == 0 and a["queued"] == 0
 
 
-async def test_sleep_wake_and_switch(shim_factory: ShimFactory,  # noqa: F811
-                                     http: httpx.AsyncClient) -> None:  # noqa: F811
+async def test_sleep_wake_and_switch(shim_factory: ShimFactory,
+                                     http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b"])
     base = shim.url
     r = (await http.post(f"{base}/control/wake", json={"model": "a"})).json()
@@ -67,8 +69,8 @@ async def test_sleep_wake_and_switch(shim_factory: ShimFactory,  # noqa: F811
     assert st["active"] == "a" and st["models"]["a"]["last_wake"] == "wake"
 
 
-async def test_sleep_waits_for_in_flight_requests(shim_factory: ShimFactory,  # noqa: F811
-                                                  http: httpx.AsyncClient) -> None:  # noqa: F811
+async def test_sleep_waits_for_in_flight_requests(shim_factory: ShimFactory,
+                                                  http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a"])
     await shim.switcher.wake("a")
     order: list[str] = []
@@ -80,8 +82,8 @@ async def test_sleep_waits_for_in_flight_requests(shim_factory: ShimFactory,  # 
         order.append("stream")
 
     t = asyncio.create_task(stream())
-    while shim.switcher.in_flight("a") == 0:
-        await asyncio.sleep(0.005)
+    await wait_until_async(lambda: shim.switcher.in_flight("a"), 30,
+                           "a's stream to be in flight", interval=0.005)
     r = await http.post(f"{shim.url}/control/sleep", json={"model": "a"})
     order.append("sleep")
     await t
@@ -89,8 +91,8 @@ async def test_sleep_waits_for_in_flight_requests(shim_factory: ShimFactory,  # 
     assert order == ["stream", "sleep"]
 
 
-async def test_control_bad_input(shim_factory: ShimFactory,  # noqa: F811
-                                 http: httpx.AsyncClient) -> None:  # noqa: F811
+async def test_control_bad_input(shim_factory: ShimFactory,
+                                 http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a"])
     base = shim.url
     cases = [

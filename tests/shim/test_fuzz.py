@@ -25,12 +25,12 @@ import schemathesis.specs.openapi.checks as openapi_checks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
-from shimproc import Shim as ShimProc
-from shimproc import shims_for_test
-from testprocs import free_ports
 
 from llmux.shim.config import Config, config_from_dict, parse_config
 from llmux.shim.errors import ConfigError
+from tests.support.procs import free_ports
+from tests.support.shimproc import Shim as ShimProc
+from tests.support.shimproc import shims_for_test
 
 #: the whole fuzz budget; each part gets its share and stops generating when it is spent
 FUZZ_SECS = float(os.environ.get("LLMUX_FUZZ_SECS", "60"))

@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from llmux.client.errors import BusError, error_from_name
+from llmux.client.errors import BusError
 from llmux.common import contract, errors
-from llmux.common.contract import CheckpointInfo, ErrorName, HostInfo, JobProgress
+from llmux.common.contract import CheckpointInfo, HostInfo, JobProgress
 from llmux.shim.backend import host_error
 from llmux.shim.errors import HostRefused, HostUnavailable
-
-
-@pytest.mark.parametrize("name", list(ErrorName))
-def test_every_error_name_comes_back_as_the_services_own_class(name: str) -> None:
-    exc = error_from_name(name, "why")
-    assert type(exc) is errors.BY_NAME[name]
-    assert exc.dbus_name == name and exc.message == "why"
-
-
-def test_an_error_of_the_bus_keeps_its_name() -> None:
-    exc = error_from_name("org.freedesktop.DBus.Error.AccessDenied", "policy")
-    assert isinstance(exc, BusError) and exc.dbus_name.endswith("AccessDenied")
 
 
 @pytest.mark.parametrize(("error", "status"), [

@@ -19,14 +19,13 @@ from typing import Any
 
 import httpx
 import pytest
-from proxy_fixtures import ShimFactory, chat_body, http, shim_factory  # noqa: F401
-from shimproc import Shim as ShimProc
-from shimproc import shims_for_test
-from test_auth import switches, untouched
-from testprocs import free_ports
 
 from llmux.shim.app import Shim
 from llmux.shim.httpbounds import MAX_HEADER_BYTES
+from tests.support.procs import free_ports, wait_until
+from tests.support.proxy_fixtures import ShimFactory, chat_body, switches, untouched
+from tests.support.shimproc import Shim as ShimProc
+from tests.support.shimproc import shims_for_test
 
 #: what "within a bound" means for an answer to a refused request
 ANSWER_BOUND_S = 10.0
@@ -58,7 +57,7 @@ async def raw_exchange(port: int, data: bytes, *, read_for: float = ANSWER_BOUND
 
 
 async def test_malformed_and_huge_bodies(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b"], top={"max_body_bytes": 65536})
     url = f"{shim.url}/v1/chat/completions"
     cases: list[tuple[bytes, dict[str, str], int]] = [
@@ -128,7 +127,7 @@ COMPLETION_FIELDS: dict[str, list[Any]] = {
 
 
 async def test_wrong_types_for_every_field_are_refused_before_a_switch(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b"])
     good_chat = chat_body("a", "hi")
     good_comp = {"model": "a", "prompt": "once", "max_tokens": 4}
@@ -162,7 +161,7 @@ async def test_wrong_types_for_every_field_are_refused_before_a_switch(
 
 
 async def test_unknown_and_path_like_model_names(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b"])
     long_name = "m" * 100_000
     names = ["../a", "a/b", "/etc/passwd", "a\nb", "a\x00", "a\r\nX-Injected: 1", "..",
@@ -192,7 +191,7 @@ async def test_unknown_and_path_like_model_names(
 
 
 async def test_slow_loris_headers_and_bodies_are_bounded(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a"], top={"header_timeout_secs": 1.5,
                                           "body_timeout_secs": 1.5})
     port = shim.config.port
@@ -262,7 +261,7 @@ async def test_slow_loris_headers_and_bodies_are_bounded(
 
 
 async def test_garbage_on_the_wire(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a"], top={"header_timeout_secs": 2})
     port = shim.config.port
     for data in (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64,  # TLS hello
@@ -356,20 +355,18 @@ def test_max_connections_answers_503(tagged_shims: Any) -> None:
     finally:
         for s in socks:
             s.close()
-    status = {}
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def answered() -> dict[str, Any]:
         r = shim.client.get(f"{shim.url}/control/status")
-        if r.status_code == 200:
-            status = r.json()
-            break
-        time.sleep(0.2)
+        return r.json() if r.status_code == 200 else {}
+
+    status = wait_until(answered, 30, "/control/status to answer 200", interval=0.2)
     assert status["models"]["a"]["state"] == "stopped"  # the refused one started nothing
     assert shim.complete("a", max_tokens=4).status_code == 200
 
 
 async def test_a_flood_of_bad_requests_leaves_good_clients_served(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b"])
     url = f"{shim.url}/v1/chat/completions"
     r = await http.post(url, json=chat_body("a", "warm up"))
@@ -394,7 +391,7 @@ async def test_a_flood_of_bad_requests_leaves_good_clients_served(
 
 
 async def test_openapi_description_is_served(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim: Shim = await shim_factory(["a"])
     r = await http.get(f"{shim.url}/openapi.json")
     assert r.status_code == 200
@@ -412,7 +409,7 @@ async def test_openapi_description_is_served(
 
 
 async def test_a_host_strategy_without_a_host_is_a_400(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     """Found by the fuzz: it was a 503 ("retry later") for what no retry can change."""
     shim = await shim_factory(["a"])
     assert (await http.post(f"{shim.url}/control/wake", json={"model": "a"})).status_code == 200

@@ -28,6 +28,7 @@ from llmux.shim.config import Config, EvictionPolicy, ProcessStrategy, WeightStr
 from llmux.shim.errors import ConfigError, EngineFailed, HostUnavailable, ModelNotFound
 from llmux.shim.lifecycle import Lifecycle, ModelState, WakeKind
 from llmux.shim.supervisor import Supervisor
+from tests.support.procs import wait_until, wait_until_async
 
 Transitions = list[tuple[str, str, str]]
 
@@ -155,7 +156,8 @@ async def test_dead_engine_is_restarted_on_next_activate(
     h = harness(builtin_config(["m1"]))
     lc, old = await h.started(procs, signal.SIGKILL)
     assert await procs.wait_gone(old)
-    assert await procs.eventually(lambda: lc.status("m1").state is ModelState.STOPPED)
+    assert await wait_until_async(lambda: lc.status("m1").state is ModelState.STOPPED, 30,
+                                  "m1 to be stopped")
     status = lc.status("m1")
     assert status.state is ModelState.STOPPED and status.pids == []
     assert "exited unexpectedly" in (status.last_error or "")
@@ -224,7 +226,7 @@ async def test_a_cancelled_caller_does_not_cut_a_transition_short(
     lc = h.lifecycle
     await lc.start()
     caller = asyncio.create_task(lc.activate("m1"))
-    await asyncio.sleep(0.1)  # the engine is starting
+    await wait_until_async(lambda: h.supervisor.pids("m1"), 30, "m1's engine to be starting")
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):
         await caller
@@ -385,7 +387,7 @@ async def test_cuda_suspend_and_resume(builtin_config: Callable[..., Config],
         with open(f"/proc/{pids[0]}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] == "T"
 
-    assert procs.wait_until(stopped), "the tree is stopped while suspended"
+    assert wait_until(stopped, 30, "the tree is stopped while suspended")
     assert await lc.activate("m1") is WakeKind.RESUME
     assert lc.status("m1").pids == pids, "resume keeps the same processes"
     assert (await h.get("m1", "/engine_state"))["weights"] == "device"
@@ -626,7 +628,8 @@ async def test_a_success_clears_an_old_error(
         procs: Any) -> None:
     h = harness(builtin_config(["m1"], eviction="retain+keep_running"))
     lc, _ = await h.started(procs, signal.SIGKILL)
-    assert await procs.eventually(lambda: lc.status("m1").state is ModelState.STOPPED)
+    assert await wait_until_async(lambda: lc.status("m1").state is ModelState.STOPPED, 30,
+                                  "m1 to be stopped")
     assert "exited unexpectedly" in (lc.status("m1").last_error or "")
     assert await lc.activate("m1") is WakeKind.COLD
     procs.track(*lc.status("m1").pids)

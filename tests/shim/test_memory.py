@@ -15,18 +15,13 @@ from typing import Any
 
 import httpx
 import pytest
-from proxy_fixtures import (  # noqa: F401
-    ShimFactory,
-    chat_body,
-    http,
-    proxy_chat,
-    shim_factory,
-)
 
 from llmux.shim.app import Shim
 from llmux.shim.config import config_from_dict
 from llmux.shim.errors import ConfigError
 from llmux.shim.memory import MemoryMeter
+from tests.support.procs import wait_until_async
+from tests.support.proxy_fixtures import ShimFactory, chat_body, proxy_chat
 
 WEIGHTS_MB = 160
 #: an estimate before the first start (the measurement replaces it)
@@ -35,13 +30,13 @@ BUDGET_MB = 520
 EACH = {"weights_mb": WEIGHTS_MB, "memory_mb": ESTIMATE_MB}
 
 
-async def _three(shim_factory: ShimFactory, **per_model: dict[str, Any]) -> Shim:  # noqa: F811
+async def _three(shim_factory: ShimFactory, **per_model: dict[str, Any]) -> Shim:
     models = {name: {**EACH, **per_model.get(name, {})} for name in ("a", "b", "c")}
     return await shim_factory(["a", "b", "c"], eviction="retain+stop",
                               policy={"memory_budget_mb": BUDGET_MB}, **models)
 
 
-async def _status(http: httpx.AsyncClient, shim: Shim) -> dict[str, Any]:  # noqa: F811
+async def _status(http: httpx.AsyncClient, shim: Shim) -> dict[str, Any]:
     r = await http.get(f"{shim.url}/control/status")
     assert r.status_code == 200
     body: dict[str, Any] = r.json()
@@ -53,7 +48,7 @@ def _state(shim: Shim, model: str) -> str:
 
 
 async def test_two_fit_together_and_a_third_evicts_the_least_recently_used(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await _three(shim_factory)
     before = await _status(http, shim)
     assert before["memory_budget_mb"] == BUDGET_MB and before["memory_used_mb"] == 0
@@ -96,7 +91,7 @@ async def test_two_fit_together_and_a_third_evicts_the_least_recently_used(
 
 
 async def test_a_pinned_model_is_never_the_one_evicted(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await _three(shim_factory, a={"pinned": True})
     await proxy_chat(http, shim, "a", "first")
     await proxy_chat(http, shim, "b", "second")
@@ -114,16 +109,16 @@ async def test_a_pinned_model_is_never_the_one_evicted(
     assert _state(shim, "a") == "stopped"
 
 
-async def test_ttl_evicts_an_idle_model(shim_factory: ShimFactory,  # noqa: F811
-                                        http: httpx.AsyncClient) -> None:  # noqa: F811
+async def test_ttl_evicts_an_idle_model(shim_factory: ShimFactory,
+                                        http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b"], eviction="retain+stop",
                               a={"ttl_secs": 1}, b={"ttl_secs": 1, "pinned": True})
     await proxy_chat(http, shim, "a", "x")
     st = await _status(http, shim)
     assert st["models"]["a"]["ttl_secs"] == 1
     t0 = time.monotonic()
-    while shim.switcher.is_active("a") and time.monotonic() - t0 < 20:
-        await asyncio.sleep(0.1)
+    await wait_until_async(lambda: not shim.switcher.is_active("a"), 20,
+                           "a to be evicted after its ttl", interval=0.1)
     idle_for = time.monotonic() - t0
     assert not shim.switcher.is_active("a") and _state(shim, "a") == "stopped"
     assert idle_for >= 0.5  # not at once: after being idle for its ttl
@@ -146,7 +141,7 @@ def test_a_model_larger_than_the_budget_is_refused_at_validation(
 
 
 async def test_a_model_measured_larger_than_the_budget_is_refused(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     """No estimate: it starts, is measured, is found too big alone and refused; the next
     request is refused before anything starts; the resident model keeps serving."""
     shim = await shim_factory(["a", "big"], eviction="retain+stop",
@@ -171,7 +166,7 @@ async def test_a_model_measured_larger_than_the_budget_is_refused(
 
 
 async def test_admission_shortfall_answers_503_and_leaves_resident_models_running(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     """The free figure is the host's real MemAvailable; the model asks (memory_mb, its
     estimate before a first start) for more than that, beyond what evicting could free."""
     available_mb = MemoryMeter().mem_available_bytes() >> 20
@@ -202,7 +197,7 @@ async def test_admission_shortfall_answers_503_and_leaves_resident_models_runnin
 
 
 async def test_max_wait_bounds_every_wait_under_a_storm(
-        shim_factory: ShimFactory) -> None:  # noqa: F811
+        shim_factory: ShimFactory) -> None:
     """`a` runs one request at a time (--max-num-seqs 1) and hog clients keep requests for
     it queued, so it is never idle: without the starvation bound requests for b and c
     would wait until their timeout (504). With max_wait_secs = 2 every request is admitted

@@ -13,9 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
-from proxy_fixtures import ShimFactory, chat_body, shim_factory  # noqa: F401
 
 from llmux.shim.memory import MIB, MemoryMeter
+from tests.support.proxy_fixtures import ShimFactory, chat_body
 
 WEIGHTS_MB = 8192
 #: the CUDA context and PyTorch's allocator come on top of the weights
@@ -52,7 +52,7 @@ def _nvml_report(meter: MemoryMeter, pids: dict[str, list[int]], title: str) -> 
 
 
 async def test_two_8gb_models_share_the_gpu_and_a_third_evicts_the_lru(
-        shim_factory: ShimFactory) -> None:  # noqa: F811
+        shim_factory: ShimFactory) -> None:
     each: dict[str, Any] = {
         # one model path: its 8 GiB of weights are written to disk once, loaded three times
         "model_path": "llmux-gpu/budget-8g", "weights_mb": WEIGHTS_MB,

@@ -7,11 +7,12 @@ import asyncio
 import httpx
 import openai
 import pytest
-from proxy_fixtures import ShimFactory, direct_chat, http, shim_factory  # noqa: F401
+
+from tests.support.proxy_fixtures import ShimFactory, direct_chat
 
 
 async def test_openai_client_chat_completions_streaming_and_models(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b"])
     client = openai.AsyncOpenAI(base_url=f"{shim.url}/v1", api_key="x", max_retries=0)
     try:
@@ -66,7 +67,7 @@ async def test_openai_client_chat_completions_streaming_and_models(
         await client.close()
 
 
-async def test_sync_openai_client(shim_factory: ShimFactory) -> None:  # noqa: F811
+async def test_sync_openai_client(shim_factory: ShimFactory) -> None:
     """The synchronous client too, from a thread while the shim serves in this loop."""
     shim = await shim_factory(["a"])
 

@@ -14,17 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from proxy_fixtures import (  # noqa: F401
-    ShimFactory,
-    chat_body,
-    http,
-    kill_pids,
-    shim_factory,
-    sse_events,
-)
-from testprocs import pid_alive
 
 from llmux.shim.app import Shim
+from tests.support.procs import pid_alive, wait_until_async
+from tests.support.proxy_fixtures import ShimFactory, chat_body, kill_pids, sse_events
 
 
 async def raw_post(shim: Shim, path: str, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
@@ -39,7 +32,7 @@ async def raw_post(shim: Shim, path: str, head: bytes, body: bytes = b"") -> tup
 
 
 async def test_bad_input_is_refused_and_others_are_unaffected(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b"], top={"max_body_bytes": 4096})
     url = f"{shim.url}/v1/chat/completions"
     bad_cases: list[tuple[str, int, str, httpx.Response]] = []
@@ -90,7 +83,7 @@ async def test_bad_input_is_refused_and_others_are_unaffected(
     assert all(r.status_code == s for _, s, _, r in bad_cases)
 
 
-async def test_oversized_body_by_header_and_by_counting(shim_factory: ShimFactory) -> None:  # noqa: F811
+async def test_oversized_body_by_header_and_by_counting(shim_factory: ShimFactory) -> None:
     shim = await shim_factory(["a"], top={"max_body_bytes": 2048})
     # a Content-Length above the limit is refused before the body is read
     status, body = await raw_post(shim, "/v1/completions",
@@ -111,7 +104,7 @@ async def test_oversized_body_by_header_and_by_counting(shim_factory: ShimFactor
 
 
 async def test_streaming_is_passed_through_as_it_comes(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a"])
     # long enough that the engine is still generating when a loaded client reads its first
     # event (300 tokens were all sent before that once, under the full suite's load)
@@ -132,7 +125,7 @@ async def test_streaming_is_passed_through_as_it_comes(
 
 
 async def test_other_v1_routes_are_forwarded_by_model(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a"])
     # a /v1 route the engine does not have: the engine's own 404 comes back (it was asked)
     r = await http.post(f"{shim.url}/v1/embeddings", json={"model": "a", "input": "x"})
@@ -143,8 +136,8 @@ async def test_other_v1_routes_are_forwarded_by_model(
     assert r.status_code == 404 and "no route" in r.json()["error"]["message"]
 
 
-async def test_models_health_and_metrics(shim_factory: ShimFactory,  # noqa: F811
-                                         http: httpx.AsyncClient) -> None:  # noqa: F811
+async def test_models_health_and_metrics(shim_factory: ShimFactory,
+                                         http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b"])
     r = await http.get(f"{shim.url}/health")
     assert r.status_code == 200 and r.json()["status"] == "ok"
@@ -175,8 +168,8 @@ async def test_models_health_and_metrics(shim_factory: ShimFactory,  # noqa: F81
         assert needle in text, needle
 
 
-async def test_separate_metrics_port(shim_factory: ShimFactory,  # noqa: F811
-                                     http: httpx.AsyncClient) -> None:  # noqa: F811
+async def test_separate_metrics_port(shim_factory: ShimFactory,
+                                     http: httpx.AsyncClient) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -199,7 +192,7 @@ def established_to(port: int) -> int:
 
 
 async def test_release_closes_every_engine_connection(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a"])
     port = shim.config.models["a"].port
     await shim.switcher.wake("a")
@@ -210,18 +203,16 @@ async def test_release_closes_every_engine_connection(
     assert established_to(port) >= 1
     await shim.engines.release("a")
     assert shim.engines.open_connections("a") == 0
-    for _ in range(100):
-        if established_to(port) == 0:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until_async(lambda: established_to(port) == 0, 1,
+                           "the engine connection to close", interval=0.01)
     assert established_to(port) == 0
     # and the next request simply reconnects
     r = await http.post(f"{shim.url}/v1/chat/completions", json=chat_body("a", "again"))
     assert r.status_code == 200
 
 
-async def test_upstream_error_bodies_pass_through(shim_factory: ShimFactory,  # noqa: F811
-                                                  http: httpx.AsyncClient) -> None:  # noqa: F811
+async def test_upstream_error_bodies_pass_through(shim_factory: ShimFactory,
+                                                  http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a"])
     r = await http.post(f"{shim.url}/v1/chat/completions",
                         json={"model": "a", "messages": "not a list"})

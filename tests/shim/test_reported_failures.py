@@ -13,16 +13,9 @@ import sys
 import httpx
 import openai
 import pytest
-from proxy_fixtures import (  # noqa: F401
-    ShimFactory,
-    chat_body,
-    engine_roots,
-    http,
-    shim_factory,
-    starts_logged,
-)
 
 from llmux.shim.app import Shim
+from tests.support.proxy_fixtures import ShimFactory, chat_body, engine_roots, starts_logged
 
 
 async def ask(client: httpx.AsyncClient, shim: Shim, model: str, prompt: str = "hello"
@@ -31,7 +24,7 @@ async def ask(client: httpx.AsyncClient, shim: Shim, model: str, prompt: str = "
 
 
 async def test_a_crowd_for_a_stopped_model_starts_one_engine(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b"])
     answers = await asyncio.gather(*(ask(http, shim, "a", f"p{i % 3}") for i in range(30)))
     assert [r.status_code for r in answers] == [200] * 30, [r.text for r in answers][:3]
@@ -40,7 +33,7 @@ async def test_a_crowd_for_a_stopped_model_starts_one_engine(
 
 
 async def test_two_switches_at_once_end_with_one_model_and_one_engine_each(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b"], eviction="retain+stop")
     for _ in range(3):
         results = await asyncio.gather(
@@ -58,7 +51,7 @@ async def test_two_switches_at_once_end_with_one_model_and_one_engine_each(
 
 
 async def test_a_flood_while_asleep_wakes_the_model_once(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b"])  # offload+keep_running: the engine sleeps
     first = await ask(http, shim, "a", "flood")
     assert first.status_code == 200
@@ -75,7 +68,7 @@ async def test_a_flood_while_asleep_wakes_the_model_once(
 
 
 async def test_a_model_that_never_gets_ready_is_not_stuck_starting(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     never = [sys.executable, "-c", "import time; time.sleep(600)"]
     shim = await shim_factory(["a", "hung"], hung={"command": never, "startup_timeout_secs": 2})
     for attempt in (1, 2):
@@ -102,7 +95,7 @@ _STUBBORN = ("import signal, subprocess, sys, time\n"
 
 
 async def test_an_engine_that_will_not_stop_is_killed_and_nothing_answers_500(
-        shim_factory: ShimFactory, http: httpx.AsyncClient,  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient,
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="llmux.shim.supervisor")
     shim = await shim_factory(["a", "b"], eviction="retain+stop",
@@ -117,7 +110,7 @@ async def test_an_engine_that_will_not_stop_is_killed_and_nothing_answers_500(
 
 
 async def test_engine_killed_mid_stream_ends_it_with_an_error_the_client_raises(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a"], a={"weights_mb": 32})  # slower tokens: a longer stream
     first = await ask(http, shim, "a", "before")
     client = openai.AsyncOpenAI(base_url=f"{shim.url}/v1", api_key="unused", max_retries=0)
@@ -145,7 +138,7 @@ async def test_engine_killed_mid_stream_ends_it_with_an_error_the_client_raises(
 
 
 async def test_an_engine_killed_while_asleep_comes_back_cold(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b"])  # offload+keep_running: the engine sleeps
     first = await ask(http, shim, "a", "asleep")
     slept = await http.post(f"{shim.url}/control/sleep", json={"model": "a"})

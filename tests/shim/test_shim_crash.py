@@ -13,10 +13,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from shimproc import shims_for_test
-from testprocs import free_port, pid_alive, wait_until
-
 from llmux.shim.supervisor import ENGINE_MARK
+from tests.support.procs import free_port, pid_alive, wait_until
+from tests.support.shimproc import shims_for_test
 
 
 def _config(tmp_path: Path, tag: str, model_port: int) -> dict[str, Any]:

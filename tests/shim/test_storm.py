@@ -19,17 +19,15 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
-from proxy_fixtures import (  # noqa: F401
+
+from llmux.shim.app import Shim
+from tests.support.proxy_fixtures import (
     ShimFactory,
     chat_body,
     direct_chat,
     engine_roots,
-    http,
-    shim_factory,
     sse_events,
 )
-
-from llmux.shim.app import Shim
 
 MODELS = ["a", "b", "c"]
 PROMPTS = [f"storm prompt {i}" for i in range(5)]
@@ -105,8 +103,8 @@ async def one_request(c: httpx.AsyncClient, shim: Shim, model: str, prompt: str,
     return Outcome(model, prompt, kind, 200, text, time.monotonic() - t0)
 
 
-async def test_switch_storm_loses_nothing(shim_factory: ShimFactory,  # noqa: F811
-                                          http: httpx.AsyncClient) -> None:  # noqa: F811
+async def test_switch_storm_loses_nothing(shim_factory: ShimFactory,
+                                          http: httpx.AsyncClient) -> None:
     shim = await shim_factory(MODELS, eviction=None, policy={
         "request_timeout_secs": TIMEOUT_SECS},
         a={"eviction": "offload+keep_running"}, b={"eviction": "retain+stop"},

@@ -19,6 +19,7 @@ import pytest
 from llmux.shim.config import Config
 from llmux.shim.errors import EngineFailed
 from llmux.shim.supervisor import Supervisor
+from tests.support.procs import wait_until_async
 
 
 def _fd_targets(pid: int) -> dict[int, str]:
@@ -306,9 +307,8 @@ def test_vllm_argv_is_a_list_with_extra_args(builtin_config_dict: Callable[..., 
 def test_connections_to_counts_live_tcp_connections_to_a_port() -> None:
     import socket
 
-    from testprocs import wait_until
-
     from llmux.common.resources import connections_to as open_connections
+    from tests.support.procs import wait_until
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
@@ -343,10 +343,8 @@ async def test_what_a_tree_leaves_behind_is_removed_when_it_ends(
         [segment] = state["shm_segments"]
         assert Path(segment).exists()
         os.killpg(eng.root_pid, signal.SIGKILL)
-        for _ in range(200):
-            if not tmp.exists() and not Path(segment).exists():
-                break
-            await asyncio.sleep(0.05)
+        await wait_until_async(lambda: not tmp.exists() and not Path(segment).exists(), 10,
+                               f"{tmp} and {segment} to go with their tree")
         assert not tmp.exists(), f"{tmp} outlived its tree"
         assert not Path(segment).exists(), f"{segment} outlived its tree"
         # the other engine's files are untouched, and it still answers

@@ -11,22 +11,15 @@ from typing import Any
 
 import httpx
 import pytest
-from proxy_fixtures import (  # noqa: F401
-    ShimFactory,
-    chat_body,
-    direct_chat,
-    http,
-    proxy_chat,
-    shim_factory,
-    sse_events,
-)
 
 from llmux.shim.app import Shim
+from tests.support.procs import wait_until_async
+from tests.support.proxy_fixtures import ShimFactory, chat_body, direct_chat, proxy_chat, sse_events
 
 PROMPTS = [f"prompt number {i}" for i in range(6)]
 
 
-async def _queued(http: httpx.AsyncClient, shim: Shim, model: str, prompt: str,  # noqa: F811
+async def _queued(http: httpx.AsyncClient, shim: Shim, model: str, prompt: str,
                   done: list[str], depth: int) -> asyncio.Task[None]:
     """A chat request to model, in a task that appends model to done once answered;
     returns when the switcher's queue is depth requests long."""
@@ -36,12 +29,12 @@ async def _queued(http: httpx.AsyncClient, shim: Shim, model: str, prompt: str, 
         done.append(model)
 
     task = asyncio.create_task(req())
-    while shim.switcher.queue_depth < depth:
-        await asyncio.sleep(0.005)
+    await wait_until_async(lambda: shim.switcher.queue_depth >= depth, 30,
+                           f"{depth} request(s) to queue", interval=0.005)
     return task
 
 
-async def expected_answers(http: httpx.AsyncClient, shim: Shim,  # noqa: F811
+async def expected_answers(http: httpx.AsyncClient, shim: Shim,
                            models: list[str]) -> dict[tuple[str, str], str]:
     """Each model's own answer to each prompt, asked of the engine directly."""
     out: dict[tuple[str, str], str] = {}
@@ -53,8 +46,8 @@ async def expected_answers(http: httpx.AsyncClient, shim: Shim,  # noqa: F811
     return out
 
 
-async def test_twenty_clients_switch_back_and_forth(shim_factory: ShimFactory,  # noqa: F811
-                                                    http: httpx.AsyncClient) -> None:  # noqa: F811
+async def test_twenty_clients_switch_back_and_forth(shim_factory: ShimFactory,
+                                                    http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b"])
     expected = await expected_answers(http, shim, ["a", "b"])
     switches_before = shim.switcher.switches
@@ -78,7 +71,7 @@ async def test_twenty_clients_switch_back_and_forth(shim_factory: ShimFactory,  
     assert shim.switcher.in_flight_all() == {"a": 0, "b": 0}
 
 
-async def test_streams_switch_back_and_forth(shim_factory: ShimFactory) -> None:  # noqa: F811
+async def test_streams_switch_back_and_forth(shim_factory: ShimFactory) -> None:
     shim = await shim_factory(["a", "b"])
 
     async def one(model: str) -> list[Any]:
@@ -97,8 +90,8 @@ async def test_streams_switch_back_and_forth(shim_factory: ShimFactory) -> None:
     assert len(set(a_text)) == 1  # deterministic and from the same model every time
 
 
-async def test_fifo_order_between_models(shim_factory: ShimFactory,  # noqa: F811
-                                         http: httpx.AsyncClient) -> None:  # noqa: F811
+async def test_fifo_order_between_models(shim_factory: ShimFactory,
+                                         http: httpx.AsyncClient) -> None:
     """Strict order (max_wait_secs = 0), `a` active and past min_active: b then a queued;
     b is served first."""
     shim = await shim_factory(["a", "b"], policy={"min_active_secs": 0, "max_wait_secs": 0})
@@ -107,8 +100,8 @@ async def test_fifo_order_between_models(shim_factory: ShimFactory,  # noqa: F81
     # hold `a` busy with a stream so that the next requests queue up behind the drain
     hold = asyncio.create_task(http.post(f"{shim.url}/v1/completions", json={
         "model": "a", "prompt": "long", "max_tokens": 400, "stream": True}))
-    while shim.switcher.in_flight("a") == 0:
-        await asyncio.sleep(0.01)
+    await wait_until_async(lambda: shim.switcher.in_flight("a"), 30,
+                           "a's stream to be in flight", interval=0.01)
 
     tb = await _queued(http, shim, "b", "order", done, depth=1)
     ta = await _queued(http, shim, "a", "order", done, depth=2)
@@ -118,7 +111,7 @@ async def test_fifo_order_between_models(shim_factory: ShimFactory,  # noqa: F81
 
 
 async def test_min_active_keeps_admitting_the_active_model(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b"], policy={"min_active_secs": 3})
     await shim.switcher.wake("a")  # a just became active: protected for 3 s
     order: list[str] = []
@@ -134,7 +127,7 @@ async def test_min_active_keeps_admitting_the_active_model(
 
 
 async def test_drain_before_switch_lets_streams_finish(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b"], policy={"drain_before_switch": True})
     await shim.switcher.wake("a")
     events: list[str] = []
@@ -159,8 +152,8 @@ async def test_drain_before_switch_lets_streams_finish(
     assert events == ["a-stream-done", "b-answered"]
 
 
-async def test_request_timeout_answers_504(shim_factory: ShimFactory,  # noqa: F811
-                                           http: httpx.AsyncClient) -> None:  # noqa: F811
+async def test_request_timeout_answers_504(shim_factory: ShimFactory,
+                                           http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b"], policy={"min_active_secs": 60,
                                                   "request_timeout_secs": 0.5})
     await shim.switcher.wake("a")
@@ -176,7 +169,7 @@ async def test_request_timeout_answers_504(shim_factory: ShimFactory,  # noqa: F
 
 
 async def test_failed_switch_answers_503_and_leaves_others(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "bad"], bad={"command": ["/bin/false"],
                                                  "startup_timeout_secs": 5})
 
@@ -194,7 +187,7 @@ async def test_failed_switch_answers_503_and_leaves_others(
 
 
 async def test_client_disconnect_mid_stream_releases_the_slot(
-        shim_factory: ShimFactory, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+        shim_factory: ShimFactory, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     shim = await shim_factory(["a", "b"], a={"weights_mb": 32})  # slower tokens
     await shim.switcher.wake("a")
@@ -209,11 +202,10 @@ async def test_client_disconnect_mid_stream_releases_the_slot(
                     mid_stream = shim.switcher.in_flight("a") == 1
                     break
         # the client is gone (connection closed): the slot is released before the stream's end
-        for _ in range(500):
-            if shim.switcher.in_flight("a") == 0 and (
-                    not mid_stream or "action=client_disconnect" in caplog.text):
-                break
-            await asyncio.sleep(0.01)
+        await wait_until_async(
+            lambda mid_stream=mid_stream: shim.switcher.in_flight("a") == 0 and (
+                not mid_stream or "action=client_disconnect" in caplog.text),
+            5, "a's slot to be released (and the disconnect logged)", interval=0.01)
         assert shim.switcher.in_flight("a") == 0
         if mid_stream:
             break
@@ -229,7 +221,7 @@ async def test_client_disconnect_mid_stream_releases_the_slot(
 
 
 async def test_client_gone_while_queued_leaves_the_queue(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b"], policy={"min_active_secs": 60})
     await shim.switcher.wake("a")
     with_timeout = httpx.AsyncClient(timeout=httpx.Timeout(120, read=0.5))
@@ -240,24 +232,20 @@ async def test_client_gone_while_queued_leaves_the_queue(
         pass
     finally:
         await with_timeout.aclose()
-    for _ in range(500):
-        if shim.switcher.queue_depth == 0:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until_async(lambda: shim.switcher.queue_depth == 0, 5,
+                           "the queue to be empty", interval=0.01)
     assert shim.switcher.queue_depth == 0
     assert shim.switcher.active == "a"
 
 
 async def test_killed_engine_is_restarted_on_next_request(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a"])
     first = await proxy_chat(http, shim, "a", "before")
     pid = shim.supervisor.pids("a")[0]
     os.kill(pid, signal.SIGKILL)
-    for _ in range(500):
-        if not shim.supervisor.is_alive("a"):
-            break
-        await asyncio.sleep(0.01)
+    await wait_until_async(lambda: not shim.supervisor.is_alive("a"), 5,
+                           "the killed engine to be seen dead", interval=0.01)
     assert await proxy_chat(http, shim, "a", "before") == first
     status = (await http.get(f"{shim.url}/control/status")).json()["models"]["a"]
     assert status["state"] == "running" and status["restarts"] >= 1 and pid not in status["pids"]
@@ -265,8 +253,8 @@ async def test_killed_engine_is_restarted_on_next_request(
     assert 'llmux_engine_restarts_total{model="a"} 1.0' in metrics
 
 
-async def test_max_active_two_keeps_both_models(shim_factory: ShimFactory,  # noqa: F811
-                                                http: httpx.AsyncClient) -> None:  # noqa: F811
+async def test_max_active_two_keeps_both_models(shim_factory: ShimFactory,
+                                                http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b", "c"], top={"max_active": 2})
     for model in ("a", "b", "a", "b"):
         await proxy_chat(http, shim, model, "both")
@@ -280,20 +268,20 @@ async def test_max_active_two_keeps_both_models(shim_factory: ShimFactory,  # no
 
 
 async def test_shutdown_answers_queued_requests_with_503(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b"], policy={"min_active_secs": 60})
     await shim.switcher.wake("a")
     queued = asyncio.create_task(http.post(f"{shim.url}/v1/chat/completions",
                                            json=chat_body("b", "never")))
-    while shim.switcher.queue_depth == 0:
-        await asyncio.sleep(0.01)
+    await wait_until_async(lambda: shim.switcher.queue_depth, 30, "b's request to queue",
+                           interval=0.01)
     await shim.switcher.aclose()
     r = await queued
     assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
 
 
 async def test_drain_is_cancelled_when_nobody_waits_any_more(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     """b gives up (timeout) while a drains for it: a serves new requests again."""
     shim = await shim_factory(["a", "b"], policy={"request_timeout_secs": 0.3})
     await shim.switcher.wake("a")

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from proxy_fixtures import ShimFactory, chat_body, http, shim_factory  # noqa: F401
 
 from llmux.shim.transitions import Action, BroughtBack, Switch, WakeKind
 from llmux.shim.ui import LogFollower, SwitchHistory
+from tests.support.proxy_fixtures import ShimFactory, chat_body
 
 
 class SSEReader:
@@ -51,8 +51,8 @@ class SSEReader:
         return out
 
 
-async def test_page_and_static_files_are_served(shim_factory: ShimFactory,  # noqa: F811
-                                                http: httpx.AsyncClient) -> None:  # noqa: F811
+async def test_page_and_static_files_are_served(shim_factory: ShimFactory,
+                                                http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b"])
     page = await http.get(f"{shim.url}/ui")
     assert page.status_code == 200
@@ -69,7 +69,7 @@ async def test_page_and_static_files_are_served(shim_factory: ShimFactory,  # no
 
 
 async def test_state_shows_status_switches_and_switch_log(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b"])
     st = (await http.get(f"{shim.url}/ui/api/state")).json()
     assert set(st["status"]["models"]) == {"a", "b"}
@@ -102,8 +102,8 @@ async def test_state_shows_status_switches_and_switch_log(
     assert bad.status_code == 400 and "since" in bad.json()["error"]["message"]
 
 
-async def test_log_stream_follows_the_engine_log(shim_factory: ShimFactory,  # noqa: F811
-                                                 http: httpx.AsyncClient) -> None:  # noqa: F811
+async def test_log_stream_follows_the_engine_log(shim_factory: ShimFactory,
+                                                 http: httpx.AsyncClient) -> None:
     shim = await shim_factory(["a", "b"])
     async with http.stream("GET", f"{shim.url}/ui/api/logs/a") as resp:
         assert resp.status_code == 200
@@ -125,7 +125,7 @@ async def test_log_stream_follows_the_engine_log(shim_factory: ShimFactory,  # n
 
 
 async def test_open_log_stream_does_not_hold_the_shutdown(
-        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient) -> None:
     """uvicorn's graceful shutdown waits for open responses; a page left open must not make
     every stop of the shim take its whole grace period."""
     shim = await shim_factory(["a"])
@@ -137,7 +137,7 @@ async def test_open_log_stream_does_not_hold_the_shutdown(
 
 
 async def test_checkpoint_panel_says_why_it_is_empty(
-        shim_factory: ShimFactory, http: httpx.AsyncClient, tmp_path: Path) -> None:  # noqa: F811
+        shim_factory: ShimFactory, http: httpx.AsyncClient, tmp_path: Path) -> None:
     shim = await shim_factory(["a"])
     body = (await http.get(f"{shim.url}/ui/api/checkpoints")).json()
     assert body["available"] is False and body["checkpoints"] == []

@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from systemtest import REPO, Booted, Overlay, boot, remove_container, run
+
+from tests.support.systemtest import REPO, Booted, Overlay, boot, remove_container, run
 
 
 def _missing_tools() -> list[str]:
@@ -54,7 +55,7 @@ def deb_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def rootfs(deb_path: Path) -> Path:
+def debian_rootfs(deb_path: Path) -> Path:
     """The cached Debian 12 tree with the .deb's dependencies (built on first use)."""
     started = time.monotonic()
     proc = run(["bash", str(REPO / "packaging/rootfs/build-rootfs.sh"), "--deb", str(deb_path)],
@@ -64,8 +65,8 @@ def rootfs(deb_path: Path) -> Path:
 
 
 @pytest.fixture
-def overlay(rootfs: Path, tmp_path: Path) -> Iterator[Overlay]:
-    ov = Overlay(rootfs, tmp_path / "overlay")
+def overlay(debian_rootfs: Path, tmp_path: Path) -> Iterator[Overlay]:
+    ov = Overlay(debian_rootfs, tmp_path / "overlay")
     ov.mount()
     try:
         yield ov
@@ -74,10 +75,10 @@ def overlay(rootfs: Path, tmp_path: Path) -> Iterator[Overlay]:
 
 
 @pytest.fixture(scope="module")
-def installed(rootfs: Path, deb_path: Path,
+def installed(debian_rootfs: Path, deb_path: Path,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
     """The tree with the .deb installed by ``chroot dpkg -i``, booted with systemd."""
-    ov = Overlay(rootfs, tmp_path_factory.mktemp("installed"))
+    ov = Overlay(debian_rootfs, tmp_path_factory.mktemp("installed"))
     ov.mount()
     name = f"llmux-systest-{uuid.uuid4().hex[:8]}"
     try:

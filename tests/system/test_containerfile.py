@@ -21,8 +21,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from systemtest import REPO, Overlay, run
-from testprocs import free_ports
+
+from tests.support.procs import free_ports, wait_until
+from tests.support.systemtest import REPO, Overlay, run
 
 pytestmark = [pytest.mark.podman]
 
@@ -30,12 +31,12 @@ HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 
 @pytest.fixture(scope="session")
-def stand_in_base(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+def stand_in_base(debian_rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     """localhost/llmux-standin-vllm:<tree key>: the tree plus python3-pip, built once."""
-    image = f"localhost/llmux-standin-vllm:{rootfs.parent.name}"
+    image = f"localhost/llmux-standin-vllm:{debian_rootfs.parent.name}"
     if run(["podman", "image", "exists", image], check=False).returncode == 0:
         return image
-    ov = Overlay(rootfs, tmp_path_factory.mktemp("standin"))
+    ov = Overlay(debian_rootfs, tmp_path_factory.mktemp("standin"))
     ov.mount()
     try:
         shutil.copy("/etc/resolv.conf", ov.merged / "etc/resolv.conf")
@@ -137,7 +138,6 @@ def test_image_serves_with_the_readme_flags(shim_image: str, tmp_path: Path) -> 
     finally:
         run(["podman", "rm", "-f", "-t", "20", name], check=False, timeout=120)
     for pid in pids:  # the shim stopped its engines when the container stopped
-        deadline = time.monotonic() + 30
-        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), 30,
+                   f"engine PID {pid} to end with its container", interval=0.2)
         assert not os.path.exists(f"/proc/{pid}"), f"engine PID {pid} outlived its container"

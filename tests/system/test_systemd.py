@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-from systemtest import Booted, Overlay, boot, remove_container, run
 
 from llmux.common.contract import (
     BUS_NAME,
@@ -23,6 +22,7 @@ from llmux.common.contract import (
     POLICY_GROUP,
     ErrorName,
 )
+from tests.support.systemtest import Booted, Overlay, boot, remove_container, run
 
 pytestmark = [pytest.mark.systemd, pytest.mark.podman]
 
@@ -365,11 +365,11 @@ def test_chroot_install_remove_purge_leaves_nothing(overlay: Overlay, deb_path: 
     assert not gone, f"removed by install + purge: {gone}"
 
 
-def test_boot_of_a_tree_without_the_package(rootfs: Path) -> None:
+def test_boot_of_a_tree_without_the_package(debian_rootfs: Path) -> None:
     """The bare tree boots too (what the rootfs script promises on its own)."""
     name = f"llmux-systest-bare-{int(time.time())}"
     try:
-        machine = boot(name, rootfs, overlay=True)
+        machine = boot(name, debian_rootfs, overlay=True)
         assert machine.exec("systemctl", "is-system-running", check=False).stdout.strip() in (
             "running", "degraded")
         assert machine.show(UNIT, "LoadState")["LoadState"] == "not-found"

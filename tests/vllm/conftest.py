@@ -1,7 +1,7 @@
-"""The `vllm` tier: real vLLM (the CPU build) behind the real shim (see tests/vllmbed.py).
+"""The `vllm` tier: real vLLM (the CPU build) behind the real shim (see tests/support/vllmbed.py).
 
-llmuxd and its private bus are tests/service/dbus/llmuxd_harness.py's, loaded by path as
-the other suites do.
+llmuxd and its private bus are tests/support/llmuxd_harness.py's (the root conftest
+registers them), as for the other suites.
 """
 
 from __future__ import annotations
@@ -12,13 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from shimproc import Shim, shims_for_test
-from testprocs import free_port, llmuxd_harness
-from vllmbed import REQUEST_TIMEOUT_S, VllmBed
 
-_dbus = llmuxd_harness()
-private_bus = _dbus.private_bus
-llmuxd = _dbus.llmuxd
+from tests.support.procs import free_port
+from tests.support.shimproc import Shim, shims_for_test
+from tests.support.vllmbed import REQUEST_TIMEOUT_S, VllmBed
 
 
 @pytest.fixture

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from testprocs import pid_alive, wait_until
-from zdtmcompare import assert_same, settled, usage
+
+from tests.support.procs import pid_alive, wait_until
+from tests.support.zdtmcompare import assert_same, settled, usage
 
 pytestmark = [pytest.mark.vllm, pytest.mark.criu, pytest.mark.dbus]
 

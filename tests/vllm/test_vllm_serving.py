@@ -14,13 +14,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from testprocs import pid_alive, wait_until
 
 from llmux.common import resources
+from tests.support.procs import pid_alive, wait_until
+from tests.support.shimproc import Shim
 
 pytestmark = [pytest.mark.vllm]
-
-Shim = Any  # shimproc.Shim; tests/ is not a package
 
 PROMPT = [{"role": "user", "content": "Tell me about the old sailor"}]
 MAX_TOKENS = 8

@@ -13,11 +13,12 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from criu_testlib import TARGET, Target, TargetFactory, reap, reaping
 
 from llmux.common import proctree
 from llmux.service.core.criu import BUNDLE_PATH, parse_version
 from llmux.service.core.engine import CheckpointEngine, EngineConfig
+from tests.support.criu_testlib import TARGET, Target, TargetFactory, reap, reaping
+from tests.support.procs import wait_until_async
 
 
 def find_criu() -> str | None:
@@ -123,12 +124,13 @@ async def spawn_target(tmp_path: Path) -> AsyncIterator[TargetFactory]:
             start_new_session=True,
         )
         ready = workdir / "ready"
-        for _ in range(600):
-            if ready.exists():
-                break
+
+        def is_ready() -> bool:
             if proc.returncode is not None:
                 raise RuntimeError(f"target exited with {proc.returncode}")
-            await asyncio.sleep(0.05)
+            return ready.exists()
+
+        await wait_until_async(is_ready, 30, f"the target in {workdir} to be ready")
         info = json.loads(ready.read_text())
         t = Target(workdir, info["pid"], info["child"], info["port"], info["ipc"], proc)
         started.append(t)

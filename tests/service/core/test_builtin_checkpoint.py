@@ -24,13 +24,14 @@ from typing import Any
 
 import httpx
 import pytest
-from criu_testlib import reap, reaping
 
 from llmux.common import proctree
 from llmux.common.errors import CriuFailed, ManifestMismatch, PortInUse, Unsupported
 from llmux.service.core.engine import Caller, CheckpointEngine
 from llmux.service.core.manifest import Manifest
 from llmux.shim.builtin.testing import EngineProcess, start_engine_async
+from tests.support.criu_testlib import reap, reaping
+from tests.support.procs import wait_until_async
 
 pytestmark = pytest.mark.criu
 
@@ -108,9 +109,8 @@ async def test_builtin_engine_checkpoint_restore_reload(
         m = await engine.checkpoint(ME, "builtin", builtin.pid)
         dump_secs = time.monotonic() - began
         assert builtin.pid in m.pids and core in m.pids
-        deadline = time.monotonic() + 30
-        while proctree.taken(m.pids) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await wait_until_async(lambda: not proctree.taken(m.pids), 30,
+                               f"the dumped tree {m.pids} to be gone")
         assert not proctree.taken(m.pids)
 
         began = time.monotonic()
@@ -162,10 +162,8 @@ async def pure(tmp_path: Path) -> AsyncIterator[Any]:
 
 
 async def _gone(pids: list[int]) -> None:
-    deadline = time.monotonic() + 30
-    while proctree.taken(pids) and time.monotonic() < deadline:
-        reap(pids)
-        await asyncio.sleep(0.05)
+    await wait_until_async(lambda: (reap(pids), not proctree.taken(pids))[1], 30,
+                           f"PIDs {pids} to be free (reaped)")
     assert not proctree.taken(pids), f"PIDs {proctree.taken(pids)} still taken"
 
 

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from criu_testlib import Target, TargetFactory, blocking_criu, criu_after_dump
 
 from llmux.common import proctree
 from llmux.common.errors import (
@@ -33,6 +32,8 @@ from llmux.service.core.engine import (
     Progress,
 )
 from llmux.service.core.store import FINAL_KILL, CheckpointStore
+from tests.support.criu_testlib import Target, TargetFactory, blocking_criu, criu_after_dump
+from tests.support.procs import wait_until_async
 
 pytestmark = pytest.mark.criu
 
@@ -56,12 +57,6 @@ async def _open_after_dump(
     return eng, await spawn_target(), marker
 
 
-async def _until(cond: object, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.05)
 
 
 def _assert_root_only(path: Path) -> None:
@@ -94,7 +89,8 @@ async def test_checkpoint_then_restore_keeps_pids_and_links(
     assert m.kernel_release == os.uname().release
     assert m.images_bytes > 0
     assert seen[-1].status == "done" and seen[-1].fraction == 1.0
-    await _until(lambda: not proctree.taken(t.pids))
+    await wait_until_async(lambda: not proctree.taken(t.pids), 30,
+                           f"the dumped tree {t.pids} to be gone")
 
     listed = engine.list_checkpoints()
     assert [x.model for x in listed] == ["tiny-model"]
@@ -167,7 +163,8 @@ async def test_restore_with_pid_taken_names_the_holder_and_keeps_checkpoint(
 ) -> None:
     t = await spawn_target()
     await engine.checkpoint(ME, "taken", t.pid)
-    await _until(lambda: not proctree.taken(t.pids))
+    await wait_until_async(lambda: not proctree.taken(t.pids), 30,
+                           f"the dumped tree {t.pids} to be gone")
     squatter = _take_pid(t.child)
     if squatter is None:
         pytest.skip("could not place a process on a chosen PID (busy machine)")
@@ -195,7 +192,7 @@ async def test_cancel_during_dump_leaves_tree_running(
     eng = await _open(state_dir, wrapper)
     t = await spawn_target()
     job = asyncio.create_task(eng.checkpoint(ME, "cancelled", t.pid))
-    await _until(marker.exists)
+    await wait_until_async(marker.exists, 30, f"criu to reach {marker.name}")
     # CRIU has written the images and holds the tree frozen: the worst moment to die.
     with pytest.raises(Busy):
         await eng.checkpoint(ME, "cancelled", t.pid)
@@ -416,8 +413,9 @@ async def test_service_death_after_dump_is_salvaged_at_start(
     eng, t, marker = await _open_after_dump(state_dir, tmp_path, criu_path, "exec sleep 120",
                                             spawn_target)
     job = asyncio.create_task(eng.checkpoint(ME, "crash", t.pid))
-    await _until(marker.exists)
-    await _until(lambda: not proctree.taken(t.pids))
+    await wait_until_async(marker.exists, 30, f"criu to reach {marker.name}")
+    await wait_until_async(lambda: not proctree.taken(t.pids), 30,
+                           f"the dumped tree {t.pids} to be gone")
     # What a service killed right now would leave behind: copy it into another state dir.
     other = tmp_path / "other-state"
     other.mkdir(mode=0o700)

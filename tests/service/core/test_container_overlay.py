@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from testprocs import mount_overlay
 
 from llmux.service.core import upperfiles
 from llmux.service.core.container import (
@@ -24,8 +23,16 @@ from llmux.service.core.container import (
     parse_mountinfo,
 )
 from llmux.service.core.upperfiles import ViewRoot
+from tests.support.procs import mount_overlay, wait_until
 
 pytestmark = pytest.mark.criu  # needs root: mount, unshare, chroot
+
+
+def _exe(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
 
 
 @dataclass
@@ -63,14 +70,8 @@ def contained(tmp_path: Path) -> Iterator[Contained]:
         stdin=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                if os.readlink(f"/proc/{proc.pid}/exe").endswith("sleep"):
-                    break
-            except OSError:
-                pass
-            time.sleep(0.05)
+        wait_until(lambda: _exe(proc.pid).endswith("sleep"), 20,
+                   f"the contained process {proc.pid} to exec sleep")
         yield Contained(proc.pid, upper, merged, inside)
     finally:
         proc.kill()

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from criu_testlib import TARGET, reap, reaping
-from testprocs import mount_overlay
 
 from llmux.common import proctree
 from llmux.service.core.container import ContainerContext
 from llmux.service.core.engine import Caller, CheckpointEngine
+from tests.support.criu_testlib import TARGET, reap, reaping
+from tests.support.procs import mount_overlay, wait_until_async
 
 pytestmark = pytest.mark.criu
 
@@ -93,7 +93,7 @@ async def _ping(port: int) -> list[str]:
 
 
 @pytest.fixture
-async def reaper() -> AsyncIterator[list[int]]:
+async def reaped_pids() -> AsyncIterator[list[int]]:
     """Reaps the given PIDs while the test runs (restored trees are the test's children)."""
     pids: list[int] = []
 
@@ -102,7 +102,7 @@ async def reaper() -> AsyncIterator[list[int]]:
 
 
 async def test_restore_into_another_container(
-    engine: CheckpointEngine, containers: Containers, tmp_path: Path, reaper: list[int]
+    engine: CheckpointEngine, containers: Containers, tmp_path: Path, reaped_pids: list[int]
 ) -> None:
     workdir = tmp_path / "wd"  # exists in the lower layer (the host root) before mounting
     workdir.mkdir()
@@ -112,14 +112,15 @@ async def test_restore_into_another_container(
         a, "sh", "-c", f"exec {sys.executable} {TARGET} {workdir} </dev/null >/dev/null 2>&1"
     )
     ready_in_a = a / "merged" / str(workdir).lstrip("/") / "ready"
-    deadline = time.monotonic() + 60
-    while not ready_in_a.exists():
+
+    def ready() -> bool:
         assert target.poll() is None, "target died in container A"
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+        return ready_in_a.exists()
+
+    await wait_until_async(ready, 60, "the target to be ready in container A")
     info = json.loads(ready_in_a.read_text())
     pids = [info["pid"], info["child"]]
-    reaper.extend(pids)
+    reaped_pids.extend(pids)
     try:
         assert info["pid"] == target.pid
         assert (await _ping(info["port"]))[3] == "1"
@@ -133,14 +134,12 @@ async def test_restore_into_another_container(
         assert f"{workdir}/target.log" in saved  # only in A's writable layer
         assert m.foreign_mntns and m.rootfs == {"kind": "overlay", "lowerdirs": ["/"]}
         target.wait()
-        deadline = time.monotonic() + 30
-        while proctree.taken(pids) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await wait_until_async(lambda: not proctree.taken(pids), 30,
+                               f"the dumped tree {pids} to be gone")
 
         # Container A goes away (its writable layer with it); B asks for the model back.
         subprocess.run(["umount", "-l", str(a / "merged")], check=True)
         caller_b = containers.run(b, "sleep", "600")
-        deadline = time.monotonic() + 20
         host_ns = os.readlink("/proc/self/ns/mnt")
 
         def entered() -> bool:  # B's sleep runs in its own namespace (pivoted)
@@ -150,10 +149,11 @@ async def test_restore_into_another_container(
                 ).endswith("sleep")
             return False
 
-        while not entered():
+        def started() -> bool:
             assert caller_b.poll() is None, "container B failed to start"
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+            return entered()
+
+        await wait_until_async(started, 20, "container B's caller to run in its namespace")
         r = await engine.restore(Caller(pid=caller_b.pid, uid=0), "xc")
         assert r.pids == pids
         # Same PIDs, TCP listener and ZMQ ipc link alive, in B's filesystem.

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from criu_testlib import blocking_criu, reap, reaping
 
 from llmux.common import proctree, resources
 from llmux.common.errors import (
@@ -38,6 +37,8 @@ from llmux.common.errors import (
 )
 from llmux.service.core.engine import Caller, CheckpointEngine, EngineConfig
 from llmux.shim.builtin.testing import EngineProcess, start_engine_async
+from tests.support.criu_testlib import blocking_criu, reap, reaping
+from tests.support.procs import wait_until_async
 
 pytestmark = pytest.mark.criu
 
@@ -119,10 +120,8 @@ def _criu_children() -> list[int]:
 
 
 async def _gone(pids: list[int], within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    while proctree.taken(pids) and time.monotonic() < deadline:
-        reap(pids)
-        await asyncio.sleep(0.05)
+    await wait_until_async(lambda: (reap(pids), not proctree.taken(pids))[1], within,
+                           f"PIDs {pids} to be free (reaped)")
     assert not proctree.taken(pids), f"PIDs {proctree.taken(pids)} still taken"
 
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from criu_testlib import TargetFactory
 
 from llmux.common import proctree
 from llmux.common.errors import InvalidArgument
@@ -17,6 +15,8 @@ from llmux.service.core.authz import Caller
 from llmux.service.core.engine import CheckpointEngine, EngineConfig
 from llmux.service.core.manifest import Manifest
 from llmux.service.core.store import CheckpointStore
+from tests.support.criu_testlib import TargetFactory
+from tests.support.procs import wait_until_async
 
 pytestmark = pytest.mark.criu
 ME = Caller(pid=os.getpid(), uid=os.getuid())
@@ -121,7 +121,8 @@ async def test_checkpoint_restores_from_memory_and_moves_to_disk(
     m = await engine.checkpoint(ME, "tiered", t.pid)
     assert m.images_bytes > 0
     # restore while the images may still be in memory: the same process comes back
-    await _until(lambda: not proctree.taken(t.pids))
+    await wait_until_async(lambda: not proctree.taken(t.pids), 30,
+                           f"the dumped tree {t.pids} to be gone")
     await engine.restore(ME, "tiered")
     after = await t.ping()  # the same processes, their state (a ping counter) kept
     assert after[:3] == before[:3] and int(after[3]) == int(before[3]) + 1
@@ -129,7 +130,8 @@ async def test_checkpoint_restores_from_memory_and_moves_to_disk(
     assert not engine.store.in_memory("tiered")
     # a move waits while a restore runs: restores are latency, moves background work
     await engine.checkpoint(ME, "tiered", t.pid)
-    await _until(lambda: not proctree.taken(t.pids))
+    await wait_until_async(lambda: not proctree.taken(t.pids), 30,
+                           f"the dumped tree {t.pids} to be gone")
     engine._no_restores.clear()  # as a restore of another model does
     try:
         await asyncio.sleep(1.0)
@@ -146,10 +148,3 @@ async def test_checkpoint_restores_from_memory_and_moves_to_disk(
         await CheckpointEngine.open(EngineConfig(
             state_dir=tmp_path / "s2", criu_path=criu_path, cuda_mode="off",
             memory_tier_dir=None, memory_tier_limit_bytes=1 << 30))
-
-
-async def _until(condition: Callable[[], bool], seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)

@@ -12,9 +12,10 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
-from llmuxd_harness import BUS_NAME, OBJECT_PATH, Llmuxd, pid_alive
 
 from llmux.service.core.store import IMAGES
+from tests.support.llmuxd_harness import BUS_NAME, OBJECT_PATH, Llmuxd
+from tests.support.procs import pid_alive
 
 pytestmark = [pytest.mark.dbus, pytest.mark.criu]
 
@@ -41,8 +42,8 @@ def test_check_restore_is_introspectable(llmuxd: Llmuxd) -> None:
     assert method.find("arg").get("name") == "name"  # dbus-next names no out argument
 
 
-def test_check_restore_answers_what_restore_would(llmuxd: Llmuxd, spawn_target) -> None:
-    target = spawn_target()
+def test_check_restore_answers_what_restore_would(llmuxd: Llmuxd, spawn_counter) -> None:
+    target = spawn_counter()
     job_id, _ = llmuxd.ok("Checkpoint", "sua{sv}", "cr", target.pid, 0)
     assert job_id == 1
     assert llmuxd.ok("WaitJob", "ud", job_id, 120) == ["done", "", ""]
@@ -69,7 +70,7 @@ def test_check_restore_answers_what_restore_would(llmuxd: Llmuxd, spawn_target) 
 
 
 def test_check_restore_refuses_the_request_with_named_errors(llmuxd: Llmuxd,
-                                                            spawn_target) -> None:
+                                                            spawn_counter) -> None:
     """A bad name, no checkpoint, someone else's: errors of the call, as Restore's."""
     assert "model name" in llmuxd.expect_error(
         "org.llmux.Error.InvalidArgument", "CheckRestore", "s", "../etc")
@@ -84,7 +85,7 @@ def test_check_restore_refuses_the_request_with_named_errors(llmuxd: Llmuxd,
         gid = grp.getgrnam("llmux").gr_gid
     except KeyError:
         pytest.skip("no llmux group on this machine (the package's sysusers.d creates it)")
-    target = spawn_target()
+    target = spawn_counter()
     job_id, _ = llmuxd.ok("Checkpoint", "sua{sv}", "mine", target.pid, 1, "leave_running",
                           "b", True)
     assert llmuxd.ok("WaitJob", "ud", job_id, 120) == ["done", "", ""]

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from llmuxd_harness import OBJECT_PATH, Llmuxd, children_of
-from testprocs import wait_until
-from zdtmcompare import assert_same, settled
-from zdtmcompare import usage as process_usage
 
 from llmux.common import proctree, resources
 from llmux.shim.builtin.testing import EngineProcess, start_engine
+from tests.support.llmuxd_harness import OBJECT_PATH, Llmuxd, children_of
+from tests.support.procs import wait_until
+from tests.support.zdtmcompare import assert_same, settled
+from tests.support.zdtmcompare import usage as process_usage
 
 pytestmark = pytest.mark.criu
 

@@ -12,7 +12,8 @@ import os
 import re
 
 import pytest
-from llmuxd_harness import BUS_NAME, OBJECT_PATH, Llmuxd
+
+from tests.support.llmuxd_harness import BUS_NAME, OBJECT_PATH, Llmuxd
 
 pytestmark = pytest.mark.dbus
 
@@ -127,10 +128,10 @@ def test_pids_that_are_not_the_callers_are_access_denied(llmuxd: Llmuxd) -> None
 
 
 def test_a_caller_in_another_container_may_not_touch_our_processes(
-    llmuxd: Llmuxd, spawn_target
+    llmuxd: Llmuxd, spawn_counter
 ) -> None:
     """A caller in its own mount namespace is a container: a host process is foreign to it."""
-    target = spawn_target()
+    target = spawn_counter()
     message = llmuxd.expect_error(
         "org.llmux.Error.AccessDenied",
         "Checkpoint",

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 from dbus_next.message import Message
-from llmuxd_harness import BUS_NAME, OBJECT_PATH, PrivateBus
 
 from llmux.service.core.engine import Caller
 from llmux.service.dbus.bus import connect_bus
 from llmux.service.dbus.dispatch import Dispatcher, Reply, Route
+from tests.support.llmuxd_harness import BUS_NAME, OBJECT_PATH, PrivateBus
 
 pytestmark = pytest.mark.dbus
 

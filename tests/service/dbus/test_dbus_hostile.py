@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
-from llmuxd_harness import BUS_NAME, OBJECT_PATH, Llmuxd, pid_alive, pid_state, wait_until
+
+from tests.support.llmuxd_harness import BUS_NAME, OBJECT_PATH, Llmuxd, pid_state
+from tests.support.procs import pid_alive, wait_until
 
 pytestmark = pytest.mark.dbus
 
@@ -195,7 +197,7 @@ def _pid_of(argv0: str) -> int | None:
     return None
 
 
-def test_pids_that_may_not_be_targeted(llmuxd: Llmuxd, spawn_target) -> None:
+def test_pids_that_may_not_be_targeted(llmuxd: Llmuxd, spawn_counter) -> None:
     """PID 1, llmuxd itself, the bus daemon's own parent chain, PIDs that do not exist, a
     zombie; and a target outside the caller's container (a mount namespace of its own)."""
     assert llmuxd.proc is not None
@@ -221,7 +223,7 @@ def test_pids_that_may_not_be_targeted(llmuxd: Llmuxd, spawn_target) -> None:
                    DENIED))
     zombie.wait()
     # from inside another container (its own mount namespace), a host process is foreign
-    target = spawn_target()
+    target = spawn_counter()
     for method in ("Checkpoint", "Suspend"):
         message = refused(llmuxd, method, "sua{sv}", "m", str(target.pid), "0",
                           names=(DENIED,),
@@ -234,8 +236,8 @@ def test_pids_that_may_not_be_targeted(llmuxd: Llmuxd, spawn_target) -> None:
 
 
 @pytest.mark.criu
-def test_a_target_that_exits_mid_call_leaves_nothing(llmuxd: Llmuxd, spawn_target) -> None:
-    target = spawn_target(megabytes=256)  # a dump long enough to die during it
+def test_a_target_that_exits_mid_call_leaves_nothing(llmuxd: Llmuxd, spawn_counter) -> None:
+    target = spawn_counter(megabytes=256)  # a dump long enough to die during it
     job_id, _path = llmuxd.ok("Checkpoint", "sua{sv}", "dies", target.pid, 0)
     target.proc.kill()
     target.proc.wait()

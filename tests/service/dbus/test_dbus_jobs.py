@@ -7,7 +7,6 @@ from the number it had reached, under the same PID.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -15,26 +14,19 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-from dbus_next.aio.message_bus import MessageBus
-from dbus_next.message import Message
-from llmuxd_harness import (
+
+from llmux.common.proctree import tracer_of
+from tests.support.dbus_jobs import counts_on, no_half_checkpoints
+from tests.support.llmuxd_harness import (
     BUS_NAME,
     OBJECT_PATH,
     Llmuxd,
-    Target,
     children_of,
-    pid_alive,
     pid_state,
-    wait_until,
 )
-
-from llmux.client.errors import ConnectionFailed
-from llmux.client.hostclient import HostClient, JobProgress
-from llmux.common import errors
-from llmux.common.proctree import tracer_of
+from tests.support.procs import pid_alive, wait_until
 
 pytestmark = [pytest.mark.dbus, pytest.mark.criu]
 
@@ -42,130 +34,11 @@ JOB = "org.llmux.Host1.Job"
 CHECKPOINT = "org.llmux.Host1.Checkpoint"
 
 
-class SignalRecorder:
-    """A second client that records every signal llmuxd sends."""
-
-    def __init__(self, address: str):
-        self.address = address
-        self.bus: MessageBus | None = None
-        self.signals: list[tuple[str, str, list[Any]]] = []
-
-    async def __aenter__(self) -> SignalRecorder:
-        self.bus = await MessageBus(bus_address=self.address).connect()
-        self.bus.add_message_handler(self._record)
-        await self.bus.call(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="AddMatch",
-                signature="s",
-                body=[f"type='signal',sender='{BUS_NAME}'"],
-            )
-        )
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.bus is not None
-        self.bus.disconnect()
-
-    def _record(self, msg: Message) -> bool:
-        if msg.message_type.name == "SIGNAL":
-            self.signals.append((msg.member, msg.path, msg.body))
-        return False
-
-    def members(self, member: str) -> list[list[Any]]:
-        return [body for name, _path, body in self.signals if name == member]
-
-    async def wait_for(self, member: str, timeout: float = 60) -> list[Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if found := self.members(member):
-                return found[-1]
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"no {member} signal in {self.signals}")
-
-
-def counts_on(target: Target, after: int) -> None:
-    wait_until(lambda: target.last() > after + 3, 30, "the restored target to count on")
-    numbers = [int(n) for n in target.log.read_text().split()]
-    # one process, one memory: no restart from 1, no gap, no repeat
-    assert numbers == list(range(1, len(numbers) + 1))
-
-
-def no_half_checkpoints(state_dir: Path) -> None:
-    leftovers = [p.name for p in state_dir.iterdir() if p.name.startswith((".tmp-", ".old-"))]
-    assert leftovers == []
-
-
-async def test_hostclient_checkpoint_then_restore(llmuxd: Llmuxd, spawn_target) -> None:
-    target = spawn_target(megabytes=64)
-    progress: list[JobProgress] = []
-    async with (
-        SignalRecorder(llmuxd.bus.address) as recorder,
-        HostClient(llmuxd.bus.address) as client,
-    ):
-        props = await client.checkpoint(
-            "tiny-0.1b", target.pid, progress=progress.append, timeout=120
-        )
-        assert props.model == "tiny-0.1b"
-        assert props.root_pid == target.pid and props.pids[0] == target.pid
-        assert props.size_bytes > 64 << 20
-        assert json.loads(props.manifest)["root_pid"] == target.pid
-        assert progress and progress[-1].fraction == 1.0
-        assert all(0.0 <= p.fraction <= 1.0 for p in progress)
-
-        job_id, job_path = recorder.members("JobNew")[0]
-        removed = await recorder.wait_for("JobRemoved")
-        assert removed == [job_id, job_path, "done"]
-        completed = [b for n, path, b in recorder.signals if n == "Completed" and path == job_path]
-        assert completed == [[True, "", ""]]
-        host_changes = [
-            body[1]
-            for name, path, body in recorder.signals
-            if name == "PropertiesChanged" and path == OBJECT_PATH
-        ]
-        assert any("FreeBytes" in changed for changed in host_changes)  # 64 MB less free
-        added = [b[0] for b in recorder.members("InterfacesAdded")]
-        assert f"{OBJECT_PATH}/checkpoint/tiny_2d0_2e1b" in added
-        assert [c.model for c in await client.list_checkpoints()] == ["tiny-0.1b"]
-        assert llmuxd.ok("ListCheckpoints") == [
-            [["tiny-0.1b", f"{OBJECT_PATH}/checkpoint/tiny_2d0_2e1b"]]
-        ]
-
-        # our unreaped zombie holds the PID: the restore waits, the client gives up and cancels
-        with pytest.raises(errors.Timeout) as late:
-            await client.restore("tiny-0.1b", timeout=0.5)
-        assert late.value.dbus_name == "org.llmux.Error.Timeout"
-        assert recorder.members("JobRemoved")[-1][2] == "cancelled"
-        assert recorder.members("Completed")[-1][:2] == [False, "org.llmux.Error.Cancelled"]
-        assert await client.get_checkpoint("tiny-0.1b") is not None
-
-        target.reap()  # CRIU killed it after the dump
-        reached = target.last()
-        restored = await client.restore("tiny-0.1b", keep_images=False, timeout=120)
-        assert restored.root_pid == target.pid
-        assert pid_alive(target.pid)
-        counts_on(target, reached)
-        assert await client.list_checkpoints() == []
-        assert await client.get_checkpoint("tiny-0.1b") is None
-        removed_paths = [b[0] for b in recorder.members("InterfacesRemoved")]
-        assert f"{OBJECT_PATH}/checkpoint/tiny_2d0_2e1b" in removed_paths
-
-        with pytest.raises(errors.NotFound) as refused:  # the service's own class
-            await client.restore("tiny-0.1b")
-        assert refused.value.dbus_name == "org.llmux.Error.NotFound"
-        with pytest.raises(errors.AccessDenied) as denied:
-            await client.checkpoint("other", 1)
-        assert denied.value.dbus_name == "org.llmux.Error.AccessDenied"
-    no_half_checkpoints(llmuxd.state_dir)
-
-
 def test_busctl_alone_drives_checkpoint_restore_and_reads_progress(
-    llmuxd: Llmuxd, spawn_target
+    llmuxd: Llmuxd, spawn_counter
 ) -> None:
     """As root on the host busctl is the administrator: it may act on the test's process."""
-    target = spawn_target(megabytes=16)
+    target = spawn_counter(megabytes=16)
     job_id, job_path = llmuxd.ok("Checkpoint", "sua{sv}", "m1", target.pid, 0)
     assert job_path == f"{OBJECT_PATH}/job/{job_id}"
     assert llmuxd.ok("WaitJob", "ud", job_id, 120) == ["done", "", ""]
@@ -234,8 +107,8 @@ def test_busctl_alone_drives_checkpoint_restore_and_reads_progress(
     assert llmuxd.ok("ListCheckpoints") == [[]]
 
 
-def test_cancel_keeps_the_checkpoint_and_the_state(llmuxd: Llmuxd, spawn_target) -> None:
-    target = spawn_target()
+def test_cancel_keeps_the_checkpoint_and_the_state(llmuxd: Llmuxd, spawn_counter) -> None:
+    target = spawn_counter()
     job_id, _ = llmuxd.ok("Checkpoint", "sua{sv}", "m2", target.pid, 0)
     assert llmuxd.ok("WaitJob", "ud", job_id, 120) == ["done", "", ""]
     # a restore job held by our unreaped zombie (its PID is not free), then cancelled
@@ -254,8 +127,8 @@ def test_cancel_keeps_the_checkpoint_and_the_state(llmuxd: Llmuxd, spawn_target)
     assert pid_alive(target.pid)
 
 
-def test_a_second_job_on_the_same_model_is_busy(llmuxd: Llmuxd, spawn_target) -> None:
-    target = spawn_target()
+def test_a_second_job_on_the_same_model_is_busy(llmuxd: Llmuxd, spawn_counter) -> None:
+    target = spawn_counter()
     job_id, _ = llmuxd.ok("Checkpoint", "sua{sv}", "m3", target.pid, 0)
     assert llmuxd.ok("WaitJob", "ud", job_id, 120)[0] == "done"
     job_id, _ = llmuxd.ok("Restore", "sa{sv}", "m3", 0)  # waits for our zombie
@@ -265,8 +138,8 @@ def test_a_second_job_on_the_same_model_is_busy(llmuxd: Llmuxd, spawn_target) ->
     assert llmuxd.ok("WaitJob", "ud", job_id, 120)[0] == "done"
 
 
-def test_sigterm_cancels_running_jobs_and_exits_cleanly(llmuxd: Llmuxd, spawn_target) -> None:
-    target = spawn_target()
+def test_sigterm_cancels_running_jobs_and_exits_cleanly(llmuxd: Llmuxd, spawn_counter) -> None:
+    target = spawn_counter()
     job_id, _ = llmuxd.ok("Checkpoint", "sua{sv}", "m4", target.pid, 0)
     assert llmuxd.ok("WaitJob", "ud", job_id, 120)[0] == "done"
     llmuxd.ok("Restore", "sa{sv}", "m4", 0)  # held by our zombie
@@ -294,13 +167,13 @@ def test_sigterm_cancels_running_jobs_and_exits_cleanly(llmuxd: Llmuxd, spawn_ta
 @pytest.mark.parametrize("delay", [0.0, 0.2, 0.6, 1.2])
 @pytest.mark.parametrize("how", ["like-systemd", "daemon-only"])
 def test_llmuxd_killed_mid_dump_loses_nothing(
-    llmuxd: Llmuxd, spawn_target, how: str, delay: float
+    llmuxd: Llmuxd, spawn_counter, how: str, delay: float
 ) -> None:
     """like-systemd: the unit's cgroup dies with llmuxd (KillMode=mixed SIGKILLs CRIU too);
     daemon-only: llmuxd alone is killed (CRIU dies with it: PR_SET_PDEATHSIG). ``delay``
     after CRIU started: a kill after CRIU began to kill the tree once threw away complete
     images (the tree dead: lost); start-up must keep them."""
-    target = spawn_target(megabytes=1024)
+    target = spawn_counter(megabytes=1024)
     job_id, _ = llmuxd.ok("Checkpoint", "sua{sv}", "big", target.pid, 0)
     assert llmuxd.proc is not None
     proc = llmuxd.proc
@@ -342,13 +215,13 @@ SIGTERM_BOUND_SECS = 10.0
 
 @pytest.mark.parametrize("state", ["idle", "dumping", "restoring", "restore-waiting"])
 def test_sigterm_is_honoured_within_the_bound_in_every_job_state(
-    llmuxd: Llmuxd, spawn_target, state: str
+    llmuxd: Llmuxd, spawn_counter, state: str
 ) -> None:
     """Whatever llmuxd is doing, SIGTERM ends it within 10 s, exit 0, and loses nothing:
     the tree runs (not stopped, not traced) or its checkpoint is there for the next start."""
     assert llmuxd.proc is not None
     proc = llmuxd.proc
-    target = spawn_target(megabytes=0 if state == "idle" else 768)
+    target = spawn_counter(megabytes=0 if state == "idle" else 768)
     if state in ("restoring", "restore-waiting"):
         job_id, _ = llmuxd.ok("Checkpoint", "sua{sv}", "t", target.pid, 0)
         assert llmuxd.ok("WaitJob", "ud", job_id, 120)[0] == "done"
@@ -375,27 +248,8 @@ def test_sigterm_is_honoured_within_the_bound_in_every_job_state(
         assert listed == [[["t", f"{OBJECT_PATH}/checkpoint/t"]]], "a restore lost it"
 
 
-def test_hostclient_reports_named_failures(llmuxd: Llmuxd) -> None:
-    async def run() -> None:
-        async with HostClient(llmuxd.bus.address) as client:
-            info = await client.info()
-            assert info.state_dir == str(llmuxd.state_dir)
-            with pytest.raises(errors.InvalidArgument) as bad:
-                await client.checkpoint("../x", os.getpid())
-            assert bad.value.dbus_name == "org.llmux.Error.InvalidArgument"
-            with pytest.raises(errors.NotFound) as missing:
-                await client.delete_checkpoint("nothing")
-            assert missing.value.dbus_name == "org.llmux.Error.NotFound"
-            assert await client.get_checkpoint("nothing") is None
-
-    asyncio.run(run())
-    with pytest.raises(ConnectionFailed) as unreachable:
-        asyncio.run(HostClient("unix:path=/nonexistent/socket").connect())
-    assert unreachable.value.dbus_name == "org.llmux.Error.Client.ConnectionFailed"
-
-
 def test_signals_reach_root_but_not_an_unprivileged_user(
-    llmuxd: Llmuxd, spawn_target, tmp_path: Path
+    llmuxd: Llmuxd, spawn_counter, tmp_path: Path
 ) -> None:
     """The policy keeps job and checkpoint signals (models, PIDs, owners) from strangers."""
     monitors = {}
@@ -419,7 +273,7 @@ def test_signals_reach_root_but_not_an_unprivileged_user(
                 30,
                 f"{who}'s monitor",
             )
-        target = spawn_target()
+        target = spawn_counter()
         job_id, _ = llmuxd.ok("Checkpoint", "sua{sv}", "secret-model", target.pid, 0)
         assert llmuxd.ok("WaitJob", "ud", job_id, 120)[0] == "done"
         wait_until(
@@ -440,11 +294,11 @@ def test_signals_reach_root_but_not_an_unprivileged_user(
 
 
 def test_a_refused_request_is_the_calls_own_error_and_makes_no_job(
-    llmuxd: Llmuxd, spawn_target
+    llmuxd: Llmuxd, spawn_counter
 ) -> None:
     """The core prepares the operation inside the call: what it refuses (here, CUDA mode
     off: nothing to suspend) fails the call at once, and no job object appears."""
-    target = spawn_target()
+    target = spawn_counter()
     began = time.monotonic()
     message = llmuxd.expect_error(
         "org.llmux.Error.Unsupported", "Suspend", "sua{sv}", "s1", target.pid, 0

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from llmuxd_harness import LLMUXD, REPO, Llmuxd, PrivateBus, criu_usable
 
 from llmux.service.journal import KeyValueFormatter, fields, journal_handler
 from llmux.service.notify import watchdog_interval
+from tests.support.llmuxd_harness import LLMUXD, REPO, Llmuxd, PrivateBus, criu_usable
 
 UNITS = REPO / "units"
 

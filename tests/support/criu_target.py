@@ -4,7 +4,7 @@ Parent + child talk over a ZMQ ipc socket in /tmp (as vLLM's API server and engi
 the parent serves a listening TCP socket (a line protocol: "ping" -> "pong <pid> <child pid>
 <n>" where n counts round trips through ZMQ), and both keep a log file open for appending.
 
-Usage: python target.py WORKDIR [BALLAST_MB]
+Usage: python criu_target.py WORKDIR [BALLAST_MB]
 BALLAST_MB of non-zero memory in the parent make a dump take long enough to be interrupted.
 Writes WORKDIR/ready (JSON: pids, port) once serving. stdio must not be a pipe to a process
 outside the tree (CRIU would restore a pipe with no reader): the tests use /dev/null.

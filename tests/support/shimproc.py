@@ -1,7 +1,7 @@
 """A `llmux serve` process for tests: its TOML config, its start, an HTTP client for it.
 
-Shared by tests/integration (built-in engines) and tests/vllm (real vLLM); importable as
-``shimproc`` (tests/ is on sys.path, as for testprocs).
+Shared by tests/integration (built-in engines), tests/vllm (real vLLM), tests/browser and
+the shim's process-level tests: ``tests.support.shimproc``.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def launch_shim(config: dict[str, Any], config_path: Path, log_path: Path, tag: 
 def shims_for_test(workdir: Path, tag: str) -> Iterator[Callable[..., Shim]]:
     """launch(config, **launch_shim's options) -> a running shim, its files shim-N.toml and
     shim-N.log in workdir; on leaving, all are stopped and no engine with the tag may be left."""
-    from testprocs import stop_shims
+    from tests.support.procs import stop_shims
 
     started: list[Shim] = []
 

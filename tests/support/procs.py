@@ -1,7 +1,7 @@
 """Process helpers shared by the test folders and the benchmarks: one copy of each.
 
-Importable as ``testprocs`` (pytest puts tests/ on sys.path for its rootdir conftest;
-the benchmarks add it themselves).
+``tests.support.procs``: pytest puts the repository root on sys.path (pyproject's
+``pythonpath``); the benchmarks run as ``python -m tests.bench.NAME`` from the root.
 """
 
 from __future__ import annotations
@@ -14,22 +14,57 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 # one copy of each: "alive" is the core's (exists and is not a zombie), free_port the
-# built-in engine's test helper's
+# built-in engine's test helper's (imported when called: it brings httpx)
 from llmux.common.proctree import exists as pid_alive
-from llmux.shim.builtin.testing import free_port as free_port
 
-TESTS = Path(__file__).resolve().parent
+T = TypeVar("T")
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+def _timed_out(what: str, timeout: float, last: object) -> AssertionError:
+    return AssertionError(f"timed out after {timeout:g} s waiting for {what} "
+                          f"(last value seen: {last!r})")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str,
+               interval: float = 0.05) -> T:
+    """Poll ``predicate`` until it returns a true value, and return that value.
+
+    The suite's one wait: a timeout fails the test with an AssertionError naming ``what``
+    was awaited and the last value ``predicate`` returned."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while True:
+        last = predicate()
+        if last:
+            return last
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
+            raise _timed_out(what, timeout, last)
+        time.sleep(interval)
+
+
+async def wait_until_async(predicate: Callable[[], T], timeout: float, what: str,
+                           interval: float = 0.05) -> T:
+    """wait_until for a test running in the event loop: polls with ``asyncio.sleep``, so
+    that what the loop must process first (a lifecycle's clean-up) goes on meanwhile."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise _timed_out(what, timeout, last)
+        await asyncio.sleep(interval)
+
+
+def free_port() -> int:
+    """A free loopback port (llmux.shim.builtin.testing's)."""
+    from llmux.shim.builtin.testing import free_port as builtin_free_port
+
+    return builtin_free_port()
 
 
 def processes_tagged(tag: str) -> list[int]:
@@ -58,27 +93,6 @@ def kill_tagged(tag: str, timeout: float = 30.0) -> list[int]:
         wait_until(lambda: not any(pid_alive(p) for p in left), timeout,
                    f"processes {left} to die")
     return left
-
-
-def load_module(name: str, path: Path) -> Any:
-    """A file of tests/ loaded once by path under its own name (tests/ is not a package)."""
-    import importlib.util
-    import sys
-
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None, f"cannot load {path}"
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while being made
-    spec.loader.exec_module(module)
-    return module
-
-
-def llmuxd_harness() -> Any:
-    """tests/service/dbus/llmuxd_harness.py, so that every suite shares its private bus and
-    llmuxd fixtures."""
-    return load_module("llmuxd_harness", TESTS / "service" / "dbus" / "llmuxd_harness.py")
 
 
 def drop_caches() -> bool:

@@ -1,5 +1,5 @@
-"""Helpers shared by the checkpoint engine tests (imported by plain name: this folder is on
-sys.path under pytest's default import mode)."""
+"""Helpers shared by the checkpoint engine's tests (tests/service/core): the target tree
+(criu_target.py), reaping, and criu wrappers that block or fail at a stage."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from llmux.common import proctree
 
-TARGET = Path(__file__).with_name("target.py")
+TARGET = Path(__file__).with_name("criu_target.py")
 
 
 def reap(pids: list[int]) -> None:
@@ -45,7 +45,7 @@ async def reaping(pids: Callable[[], list[int]],
 
 @dataclass
 class Target:
-    """A running test tree (see target.py)."""
+    """A running test tree (see criu_target.py)."""
 
     workdir: Path
     pid: int

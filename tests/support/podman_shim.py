@@ -1,5 +1,5 @@
 """The shim in real podman containers, as an operator runs it: used by the end-to-end tests
-and by tests/bench/bench_cross_container.py (loaded by path: tests/ is not a package).
+and by tests/bench/bench_cross_container.py and bench_vllm.py.
 
 Each container: `podman --runtime runc run -d --network=host --pid=host --ipc=host` (no
 --privileged, no --init) on the rootfs packaging/containers/prepare-rootfs.sh checks (an
@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from shimproc import toml_value
-from testprocs import free_port, kill_tagged
+
+from tests.support.procs import free_port, kill_tagged
+from tests.support.shimproc import toml_value
 
 REPO = Path(__file__).resolve().parents[2]
 PREPARE = REPO / "packaging" / "containers" / "prepare-rootfs.sh"

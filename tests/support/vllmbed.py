@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VLLM_VENV = Path(os.environ.get("LLMUX_VLLM_VENV", REPO / ".cache" / "vllm-venv"))
 MODELS_DIR = Path(os.environ.get("LLMUX_VLLM_MODELS", REPO / ".cache" / "vllm-models"))
 MAKE_MODEL = REPO / "packaging" / "vllm" / "make-model.py"

@@ -8,7 +8,6 @@ types them, with stdout and stderr read back (and a real pseudo-terminal for the
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import io
 import json
 import os
@@ -22,27 +21,12 @@ from typing import Any
 
 import httpx
 import pytest
-from proxy_fixtures import ShimFactory, shim_factory  # noqa: F401
 
 from llmux.client.opscli import ProgressReporter, add_client_commands, render_table
 from llmux.common.contract import ErrorName
-
-# The D-Bus harness of the host service's tests (tests/service/dbus/llmuxd_harness.py), the
-# module itself when pytest has already imported it for that folder.
-_HARNESS = Path(__file__).resolve().parents[1] / "service" / "dbus" / "llmuxd_harness.py"
-if "llmuxd_harness" in sys.modules:
-    dbus_fixtures: Any = sys.modules["llmuxd_harness"]
-else:
-    _spec = importlib.util.spec_from_file_location("llmuxd_harness", _HARNESS)
-    assert _spec is not None and _spec.loader is not None
-    dbus_fixtures = importlib.util.module_from_spec(_spec)
-    sys.modules[_spec.name] = dbus_fixtures
-    _spec.loader.exec_module(dbus_fixtures)
-private_bus = dbus_fixtures.private_bus
-llmuxd = dbus_fixtures.llmuxd
-spawn_target = dbus_fixtures.spawn_target
-Llmuxd = Any  # dbus_fixtures.Llmuxd: a running llmuxd on the private bus
-Target = Any  # dbus_fixtures.Target: a checkpointable process
+from tests.support.llmuxd_harness import Llmuxd, Target
+from tests.support.procs import pid_alive, wait_until
+from tests.support.proxy_fixtures import ShimFactory
 
 NOBODY = 65534
 BUS_ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
@@ -166,10 +150,10 @@ def test_named_errors_from_the_service(llmuxd: Llmuxd) -> None:
 @pytest.mark.dbus
 @pytest.mark.criu
 def test_checkpoint_list_inspect_restore_delete(
-    llmuxd: Llmuxd, spawn_target: Callable[..., Target]
+    llmuxd: Llmuxd, spawn_counter: Callable[..., Target]
 ) -> None:
     address = llmuxd.bus.address
-    target = spawn_target(megabytes=64)
+    target = spawn_counter(megabytes=64)
     assert ok_json("checkpoints", "list", "--bus", address) == []
     assert llmux("checkpoints", "list", "--bus", address).stdout.strip() == "no checkpoints"
 
@@ -201,7 +185,7 @@ def test_checkpoint_list_inspect_restore_delete(
     counted = target.last()
     restored = ok_json("restore", "opscli-a", "--bus", address)
     assert restored["RootPid"] == target.pid and restored["ImagesKept"] is True
-    dbus_fixtures.wait_until(lambda: target.last() > counted, 30, "the restored target to count")
+    wait_until(lambda: target.last() > counted, 30, "the restored target to count")
 
     proc = llmux("checkpoints", "delete", "opscli-a", "--bus", address)
     assert proc.returncode == 0, proc.stderr
@@ -211,8 +195,8 @@ def test_checkpoint_list_inspect_restore_delete(
 
 @pytest.mark.dbus
 @pytest.mark.criu
-def test_progress_bar_on_a_terminal(llmuxd: Llmuxd, spawn_target: Callable[..., Target]) -> None:
-    target = spawn_target(megabytes=128)
+def test_progress_bar_on_a_terminal(llmuxd: Llmuxd, spawn_counter: Callable[..., Target]) -> None:
+    target = spawn_counter(megabytes=128)
     controller, terminal = pty.openpty()
     try:
         proc = subprocess.run(
@@ -242,7 +226,7 @@ def test_progress_bar_on_a_terminal(llmuxd: Llmuxd, spawn_target: Callable[..., 
     assert any(line.startswith("checkpoint opscli-tty ") for line in drawn_lines), text
     assert re.search(r"checkpoint opscli-tty ━{30} +100%", drawn_lines[-1]), drawn_lines[-1]
     assert "left running" in proc.stdout
-    assert dbus_fixtures.pid_alive(target.pid)
+    assert pid_alive(target.pid)
     assert llmux("checkpoints", "delete", "opscli-tty", "--bus", llmuxd.bus.address
                  ).returncode == 0
 
@@ -259,7 +243,7 @@ async def _llmux_async(*args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-async def test_shim_status_table_and_json(shim_factory: ShimFactory) -> None:  # noqa: F811
+async def test_shim_status_table_and_json(shim_factory: ShimFactory) -> None:
     shim = await shim_factory(["a", "b"])
     async with httpx.AsyncClient(timeout=120) as client:
         r = await client.post(f"{shim.url}/v1/chat/completions", json={

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from testprocs import pid_alive, wait_until
 
-REPO = Path(__file__).resolve().parents[3]
+from tests.support.procs import pid_alive, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
 LLMUXD = Path(sys.executable).with_name("llmuxd")
 CRIU = os.environ.get("LLMUX_CRIU", "/opt/llmux/criu/criu")
 #: where nothing is installed (the GPU machine), the carried bundle (packaging/dbus/)
@@ -368,7 +369,7 @@ class Target:
 
 
 @pytest.fixture
-def spawn_target(tmp_path: Path) -> Iterator[Callable[..., Target]]:
+def spawn_counter(tmp_path: Path) -> Iterator[Callable[..., Target]]:
     started: list[Target] = []
 
     def spawn(megabytes: int = 0, name: str = "target") -> Target:
