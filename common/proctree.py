@@ -10,7 +10,6 @@ and llmuxd's core answers it as org.llmux.Error.NoSuchProcess.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -205,19 +204,6 @@ def holder(pid: int) -> str | None:
 
 def taken(pids: Iterable[int]) -> list[int]:
     return [p for p in pids if (PROC / str(p)).exists()]
-
-
-async def wait_gone(pids: Sequence[int], within: float, interval: float = 0.05) -> list[int]:
-    """Wait until no PID of the list exists any more (reaped, not merely dead).
-
-    Returns the PIDs still present when the timeout passed (empty on success).
-    """
-    deadline = time.monotonic() + within
-    left = taken(pids)
-    while left and time.monotonic() < deadline:
-        await asyncio.sleep(interval)
-        left = taken(left)
-    return left
 
 
 def rss_bytes(pids: Iterable[int]) -> int:
