@@ -83,6 +83,8 @@ class SwitchHistory:
     _seq: int = 0
     #: model -> {"how", "secs", "at"} of the switch that last brought it back
     came_back: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the lifecycle's last action that brought each model back (cold_start, restart, wake)
+    _brought_back_by: dict[str, Action] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.switches = deque(maxlen=self.limit)
@@ -103,6 +105,8 @@ class SwitchHistory:
     def observe_transition(self, model: str, action: Action, strategy: str,
                            seconds: float) -> None:
         """A lifecycle ``TransitionObserver``."""
+        if action.brings_back:
+            self._brought_back_by[model] = action
         self._line(f"{model}: {action} ({strategy}) {seconds:.3f} s")
 
     def observe_switch(self, switch: Switch) -> None:
@@ -111,8 +115,10 @@ class SwitchHistory:
         up = switch.brought_back
         how = switch.how
         if how is not None and up is not None:
+            action = self._brought_back_by.get(switch.target)
             self.came_back[switch.target] = {"how": how.value, "secs": round(up.seconds, 3),
-                                             "at": switch.at}
+                                             "at": switch.at,
+                                             "action": action.value if action else None}
         entry = {
             "at": switch.at, "from": source.model if source else None, "to": switch.target,
             "ok": switch.ok, "seconds": round(switch.seconds, 3),

@@ -129,7 +129,7 @@ def test_the_page_reads_the_records() -> None:
         "at": 1234.5, "from": "a", "to": "b", "ok": True, "seconds": 1.75,
         "strategy": "discard+checkpoint", "sleep_secs": 0.25, "wake": "restore",
         "wake_secs": 1.5, "waiting": 3}]
-    assert h.came_back == {"b": {"how": "restore", "secs": 1.5, "at": 1234.5}}
+    assert h.came_back == {"b": {"how": "restore", "secs": 1.5, "at": 1234.5, "action": None}}
     texts = [t for _, t in h.lines]
     assert texts[0].endswith("a: sleep (discard+checkpoint) 0.250 s")
     assert texts[1].endswith("switch a -> b: ok in 1.750 s; sleep discard+checkpoint 0.250 s; "
@@ -222,3 +222,11 @@ async def test_control_status_and_wake_keep_their_shapes() -> None:
         "in_flight", "queued", "pinned", "ttl_secs", "idle_secs", "priority"]
     assert status["active"] == "b" and status["models"]["b"]["last_wake"] == "restore"
     assert status["models"]["a"]["active"] is False
+
+
+def test_came_back_names_the_lifecycle_action_that_brought_it_back() -> None:
+    h = SwitchHistory()
+    h.observe_transition("b", Action.RESTART, "cold", 1.5)
+    h.observe_switch(_switch())
+    assert h.came_back["b"]["action"] == "restart"
+    assert h.came_back["b"]["how"] == "restore", "how: the switch record's word"
