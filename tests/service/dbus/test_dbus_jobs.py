@@ -164,6 +164,10 @@ def test_sigterm_cancels_running_jobs_and_exits_cleanly(llmuxd: Llmuxd, spawn_co
     target.reap()
 
 
+#: what a task dies of when CRIU is killed while its parasite is in it (the injected trap)
+CRIU_TRAP_SIGNALS = {signal.SIGTRAP, signal.SIGSEGV, signal.SIGILL, signal.SIGBUS}
+
+
 @pytest.mark.parametrize("delay", [0.0, 0.2, 0.6, 1.2])
 @pytest.mark.parametrize("how", ["like-systemd", "daemon-only"])
 def test_llmuxd_killed_mid_dump_loses_nothing(
@@ -200,11 +204,16 @@ def test_llmuxd_killed_mid_dump_loses_nothing(
         wait_until(lambda: target.last() > before + 3, 30, "the target to run on")
         assert listed in ([[]], [[["big", f"{OBJECT_PATH}/checkpoint/big"]]])
     else:
+        status = target.proc.wait(30)
+        if listed == [[]] and -status in CRIU_TRAP_SIGNALS:
+            # CRIU killed inside its parasite's window: the task dies on the trap CRIU
+            # injected (docs/testing.md, "Known limit"); no half checkpoint was left (above)
+            pytest.xfail(f"known CRIU limit: the target died of signal {-status} when CRIU "
+                         "was killed while infecting it")
         # the dump had completed: the checkpoint must be complete and restorable
         assert listed == [[["big", f"{OBJECT_PATH}/checkpoint/big"]]], (
-            f"target gone and no checkpoint: lost\n{llmuxd.log()}"
+            f"target gone (exit status {status}) and no checkpoint: lost\n{llmuxd.log()}"
         )
-        target.reap()
         job_id, _ = llmuxd.ok("Restore", "sa{sv}", "big", 0)
         assert llmuxd.ok("WaitJob", "ud", job_id, 120) == ["done", "", ""]
         assert pid_alive(target.pid)
