@@ -21,18 +21,17 @@ from pathlib import Path
 from llmux.common import proctree, resources
 from llmux.common.errors import CriuFailed, HostError, InvalidArgument, NoSpace, Unsupported
 from llmux.service.core import authz, procerrors, upperfiles
-from llmux.service.core.authz import Caller, RestoredRegistry
-from llmux.service.core.claims import Claims, Prepared, Reporter, uncancellable
-from llmux.service.core.config import EngineConfig
+from llmux.service.core.authz import Caller
+from llmux.service.core.claims import Prepared, Reporter, uncancellable
 from llmux.service.core.container import ContainerContext
-from llmux.service.core.criu import CriuRun, CriuTool, DumpRequest
+from llmux.service.core.criu import CriuRun, DumpRequest
 from llmux.service.core.cuda import CudaCheckpointer, driver_version
 from llmux.service.core.cuda import device_bytes as cuda_device_bytes
 from llmux.service.core.gone import wait_gone_async
+from llmux.service.core.jobbase import JobBase
 from llmux.service.core.manifest import ExternalMountRecord, Manifest
 from llmux.service.core.recovery import sweep_shm, write_journal
 from llmux.service.core.store import (
-    CheckpointStore,
     Staging,
     check_model,
     dir_bytes,
@@ -146,18 +145,11 @@ async def thaw(cuda: CudaCheckpointer, pids: Sequence[int], cuda_pids: Sequence[
             log.exception("resuming CUDA after a failed dump failed")
 
 
-class Dumper:
+class Dumper(JobBase):
     """Checks and runs dumps; commits them to the store and hands them to the mover."""
 
-    def __init__(self, config: EngineConfig, criu: CriuTool, store: CheckpointStore,
-                 cuda: CudaCheckpointer, claims: Claims, restored: RestoredRegistry,
-                 mover: TierMover) -> None:
-        self.config = config
-        self.criu = criu
-        self.store = store
-        self.cuda = cuda
-        self.claims = claims
-        self.restored = restored
+    def __init__(self, base: JobBase, mover: TierMover) -> None:
+        super().__init__(**vars(base))
         self.mover = mover
 
     async def prepare(self, caller: Caller, model: str, root_pid: int, *,

@@ -36,6 +36,7 @@ from llmux.service.core.criu import CriuTool
 from llmux.service.core.cuda import CudaCheckpointer, driver_version, make_cuda_checkpointer
 from llmux.service.core.cudajobs import CudaJobs, SuspendResult
 from llmux.service.core.dump import Dumper
+from llmux.service.core.jobbase import JobBase
 from llmux.service.core.manifest import Manifest
 from llmux.service.core.restore import Restorer
 from llmux.service.core.store import CheckpointStore, check_model
@@ -84,8 +85,9 @@ class CheckpointEngine:
         self.claims = Claims()
         self._version = _service_version()
         self.mover = TierMover(store, self.claims)
-        self.dumper = Dumper(config, criu, store, cuda, self.claims, self.restored, self.mover)
-        self.restorer = Restorer(config, criu, store, cuda, self.claims, self.restored)
+        base = JobBase(config, criu, store, cuda, self.claims, self.restored)
+        self.dumper = Dumper(base, self.mover)
+        self.restorer = Restorer(base)
         self.cuda_jobs = CudaJobs(cuda, config.cuda_mode, self.claims, self.restored)
 
     @classmethod

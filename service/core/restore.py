@@ -24,16 +24,15 @@ from llmux.common.errors import (
     PortInUse,
 )
 from llmux.service.core import restorecheck, upperfiles
-from llmux.service.core.authz import Caller, RestoredRegistry
-from llmux.service.core.claims import Claims, Prepared, Reporter, uncancellable
-from llmux.service.core.config import EngineConfig
+from llmux.service.core.authz import Caller
+from llmux.service.core.claims import Prepared, Reporter, uncancellable
 from llmux.service.core.container import ContainerContext
-from llmux.service.core.criu import CriuRun, CriuTool, RestoreRequest
-from llmux.service.core.cuda import CudaCheckpointer
+from llmux.service.core.criu import CriuRun, RestoreRequest
 from llmux.service.core.gone import wait_gone_async
+from llmux.service.core.jobbase import JobBase
 from llmux.service.core.manifest import Manifest
 from llmux.service.core.recovery import RestoreJournal, kill_half_restored
-from llmux.service.core.store import CheckpointStore, check_model, prefetch
+from llmux.service.core.store import check_model, prefetch
 from llmux.service.core.upperfiles import SavedFile, ViewRoot
 
 log = logging.getLogger(__name__)
@@ -68,17 +67,11 @@ class Restore:
         return self.caller.pid if self.target.foreign else None
 
 
-class Restorer:
+class Restorer(JobBase):
     """Checks and runs restores; records the restored trees (authz) for their container."""
 
-    def __init__(self, config: EngineConfig, criu: CriuTool, store: CheckpointStore,
-                 cuda: CudaCheckpointer, claims: Claims, restored: RestoredRegistry) -> None:
-        self.config = config
-        self.criu = criu
-        self.store = store
-        self.cuda = cuda
-        self.claims = claims
-        self.restored = restored
+    def __init__(self, base: JobBase) -> None:
+        super().__init__(**vars(base))
         self.pid_free_timeout = PID_FREE_TIMEOUT_SECS
 
     async def prepare(self, caller: Caller, model: str, *,
