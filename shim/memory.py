@@ -18,13 +18,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from llmux.common import proctree
+from llmux.common import gpumem, proctree
 
 log = logging.getLogger(__name__)
 
 MIB = 1 << 20
-#: NVML reports "not available" (a container, MIG) as this or as None
-_NVML_NOT_AVAILABLE = (1 << 64) - 1
 
 
 class MemorySource(StrEnum):
@@ -92,23 +90,11 @@ class MemoryMeter:
         nvml = self.nvml()
         if nvml is None or not pids:
             return 0
-        wanted = set(pids)
-        total = 0
         try:
-            for h in self._handles(nvml):
-                seen: set[int] = set()
-                for getter in (nvml.nvmlDeviceGetComputeRunningProcesses,
-                               nvml.nvmlDeviceGetGraphicsRunningProcesses):
-                    for p in getter(h):
-                        used = p.usedGpuMemory
-                        if (p.pid in wanted and p.pid not in seen and used is not None
-                                and used != _NVML_NOT_AVAILABLE):
-                            seen.add(p.pid)
-                            total += int(used)
+            return gpumem.process_bytes(nvml, pids)
         except Exception as e:  # pynvml.NVMLError
             log.warning("NVML: cannot read per-process GPU memory: %s", e)
             return 0
-        return total
 
     def measure(self, pids: list[int]) -> Measurement | None:
         """The tree's GPU memory when it holds any, else its PSS; None if it is gone."""

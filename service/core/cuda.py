@@ -186,37 +186,6 @@ def may_hold_cuda(pid: int) -> bool:
     return False
 
 
-_NVML_NOT_AVAILABLE = (1 << 64) - 1
-
-
-def device_bytes(pids: Sequence[int]) -> int:
-    """GPU memory NVML attributes to ``pids`` over every device; 0 without NVML or a GPU.
-
-    A CUDA checkpoint brings all of it (weights, KV cache, graphs' pools) into host memory,
-    where CRIU's image takes it: a dump's free-space check must count it beforehand.
-    """
-    try:
-        import pynvml  # type: ignore[import-untyped,unused-ignore]
-
-        pynvml.nvmlInit()
-    except Exception:  # ImportError, or pynvml.NVMLError: no driver, no device
-        return 0
-    wanted, total = set(pids), 0
-    try:
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                used = p.usedGpuMemory
-                if p.pid in wanted and used is not None and used != _NVML_NOT_AVAILABLE:
-                    total += int(used)
-    except Exception:  # pynvml.NVMLError: the estimate falls back to host memory alone
-        return 0
-    finally:
-        with contextlib.suppress(Exception):
-            pynvml.nvmlShutdown()
-    return total
-
-
 def parse_driver_version(text: str) -> str:
     """The kernel module version from /proc/driver/nvidia/version ("580.159.04")."""
     match = re.search(r"Kernel Module(?:\s+for\s+\S+)?\s+(\d+(?:\.\d+)+)", text)

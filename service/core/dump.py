@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from llmux.common import proctree, resources
+from llmux.common import gpumem, proctree, resources
 from llmux.common.errors import CriuFailed, HostError, InvalidArgument, NoSpace, Unsupported
 from llmux.service.core import authz, procerrors, upperfiles
 from llmux.service.core.authz import Caller
@@ -26,7 +26,6 @@ from llmux.service.core.claims import Prepared, Reporter, uncancellable
 from llmux.service.core.container import ContainerContext
 from llmux.service.core.criu import CriuRun, DumpRequest
 from llmux.service.core.cuda import CudaCheckpointer, driver_version
-from llmux.service.core.cuda import device_bytes as cuda_device_bytes
 from llmux.service.core.gone import wait_gone_async
 from llmux.service.core.jobbase import JobBase
 from llmux.service.core.manifest import ExternalMountRecord, Manifest
@@ -207,7 +206,7 @@ class Dumper(JobBase):
                 "visible on the host; it cannot be restored, so it is not dumped"
             )
         # a CUDA checkpoint brings the tree's GPU memory (weights, KV cache) into the image
-        gpu = cuda_device_bytes(pids) if self.config.cuda_mode != "off" else 0
+        gpu = gpumem.tree_bytes(pids) if self.config.cuda_mode != "off" else 0
         expected = int((proctree.rss_bytes(pids) + gpu + weights_bytes) * _SIZE_MARGIN
                        ) + _SIZE_SLACK
         self.store.check_space(model, expected, gpu_bytes=gpu)

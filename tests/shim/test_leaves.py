@@ -23,7 +23,8 @@ ENTRY_POINTS = ("llmux.shim.app", "llmux.shim.cli", "llmux.client.hostclient",
 
 LEAVES = {
     "the contract": {"llmux.common.contract", "llmux.common.errors"},
-    "the /proc reading": {"llmux.common.proctree", "llmux.common.resources"},
+    "the /proc reading": {"llmux.common.proctree", "llmux.common.resources",
+                          "llmux.common.gpumem"},
     "the config schema": {"llmux.common.configschema"},
 }
 """Each leaf of llmux.common and its modules: a leaf imports nothing of llmux outside it."""
