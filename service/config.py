@@ -55,9 +55,6 @@ class DaemonConfig:
     def state_dir(self) -> Path:
         return self.engine.state_dir
 
-    def engine_config(self) -> EngineConfig:
-        return self.engine
-
     def problems(self) -> list[Problem]:
         return checked(self) + self.engine.problems()
 

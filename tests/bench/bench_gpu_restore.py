@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support import procs
+
 REPO = Path(__file__).resolve().parents[2]
 GB = 1e9
 MIB = 1 << 20
@@ -68,15 +70,8 @@ KEEP_CACHE: list[bool] = []
 
 
 def drop_caches() -> bool:
-    """Drop the page cache (machine-wide), so reads come from the disk."""
-    if KEEP_CACHE:
-        return False
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        return False
-    return True
+    """Drop the page cache (machine-wide), so reads come from the disk; not with KEEP_CACHE."""
+    return False if KEEP_CACHE else procs.drop_caches()
 
 
 # --------------------------------------------------------------------------- limits
