@@ -17,6 +17,9 @@ cmd=${1:-}; shift || true
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 export LLMUX_VLLM_COMMAND=${LLMUX_VLLM_COMMAND:-$_site/bin/vllm}
 export HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+# FlashInfer does not travel (vllm-carry.sh): vLLM's V2 model runner imports it for its top-k/top-p
+# sampler unless told not to, and falls back to its own PyTorch sampler when told.
+export VLLM_USE_FLASHINFER_SAMPLER=${VLLM_USE_FLASHINFER_SAMPLER:-0}
 
 wait_model() {  # SIZE: until alpha-SIZE is complete (the maker renames it into place)
     local i
