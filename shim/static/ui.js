@@ -122,7 +122,7 @@ function el(tag, text, cls) {
 function modelRow(name) {
   const tr = el("tr");
   tr.dataset.model = name;
-  const cells = ["name", "state", "eviction", "came-back", "pids", "memory", "load", "pinned",
+  const cells = ["name", "state", "eviction", "came-back", "pids", "gpu", "memory", "load", "pinned",
     "priority", "ttl", "idle"];
   for (const c of cells) {
     const td = el("td", null, c);
@@ -198,6 +198,7 @@ function renderModels(status, cameBack) {
     cell("pids").textContent = pids.length
       ? pids.slice(0, 4).join(" ") + (pids.length > 4 ? " +" + (pids.length - 4) : "") : "—";
     cell("pids").title = pids.join(" ");
+    cell("gpu").textContent = m.gpus && m.gpus.length ? m.gpus.join(",") : "—";
     let mem = mb(m.memory_mb);
     if (m.memory_source) mem += " (" + m.memory_source + ")";
     if (budget) mem += " / " + mb(budget);
@@ -233,6 +234,12 @@ function renderSummary(status) {
     meter.hidden = !budget;
     if (budget) { meter.max = budget; meter.value = Math.min(used, budget); }
   }
+  // several GPUs: which models each holds and what they count there
+  const gpus = status.gpus || [];
+  $("gpus-line").hidden = gpus.length === 0;
+  $("gpus").textContent = gpus.map((g) => g.index + ": " + (g.models.length
+    ? g.models.join("+") : "free") + " " + mb(g.memory_used_mb) +
+    (g.memory_budget_mb ? " / " + mb(g.memory_budget_mb) : "")).join(" · ");
 }
 
 function renderSwitches(switches) {

@@ -297,6 +297,8 @@ class InMemoryDriver(cuda._Transitions):  # type: ignore[misc]
         self.table = dict(states)
         self.fail = fail
         self.calls: list[tuple[str, int]] = []
+        #: the device map each restore was given
+        self.maps: dict[int, cuda.DeviceMap] = {}
 
     def problem(self) -> str:
         return ""
@@ -306,8 +308,11 @@ class InMemoryDriver(cuda._Transitions):  # type: ignore[misc]
             raise RuntimeError("CUDA_ERROR_NOT_FOUND")
         return self.table[pid]
 
-    async def _act(self, action: str, pid: int) -> None:
+    async def _act(self, action: str, pid: int, device_map: cuda.DeviceMap = cuda.IN_PLACE
+                   ) -> None:
         self.calls.append((action, pid))
+        if action == "restore":
+            self.maps[pid] = device_map
         await asyncio.sleep(0)
         moves = {
             "lock": (ProcessState.RUNNING, ProcessState.LOCKED),
