@@ -8,11 +8,11 @@ its measured memory on each (tensor-parallel shards are equal).
 
 The switcher asks :meth:`Placement.plan` for the GPUs a model is to come up on and the
 models to evict there: of every set of GPUs the model may use, the one that evicts the
-fewest models (then the least memory) wins; among equals, the GPUs its CUDA state was on
-(no remapping), then the least used. An engine that is alive with its CUDA context
-(sleeping) can only come back where it is; a suspended or checkpointed one may come back
-on other GPUs of the same model, which llmuxd does through the driver's device map
-(:meth:`gpu_map`); a stopped one starts anywhere.
+fewest models (then the least memory, then the least recently used) wins; among equals,
+the GPUs its CUDA state was on (no remapping), then the least used. An engine that is
+alive with its CUDA context (sleeping) can only come back where it is; a suspended or
+checkpointed one may come back on other GPUs of the same model, which llmuxd does through
+the driver's device map (:meth:`gpu_map`); a stopped one starts anywhere.
 
 The host's GPUs are NVML's; without NVML, the top-level ``gpus`` declares that many
 slots so that the placement (device indices and budgets, nothing of CUDA) can be
@@ -191,7 +191,10 @@ class Placement:
             if victims is None:
                 continue
             load = sum(self._load(g, others, memory_mb, budget) for g in gpus)
-            key = (len(victims), sum(memory_mb(v) for v in victims), gpus != home, load, gpus)
+            evicted = [r for r in others if r.name in victims]
+            key = (len(victims), sum(memory_mb(v) for v in victims) if budget else 0,
+                   max((r.lru_key() for r in evicted), default=(False, 0.0)),
+                   gpus != home, load, gpus)
             if best is None or key < best[0]:
                 best = (key, Plan(gpus, tuple(victims)))
         if best is None:

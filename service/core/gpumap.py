@@ -76,6 +76,16 @@ def host_gpus() -> list[GpuId]:
             pynvml.nvmlShutdown()
 
 
+def driver_can_remap(driver: str) -> bool:
+    """Whether the driver ("580.65.06", or "cuda-13.0" where /proc does not say) takes a
+    device map: 580 and later, which is CUDA 13."""
+    if driver.startswith("cuda-"):
+        major = driver.removeprefix("cuda-").split(".", 1)[0]
+        return major.isdigit() and int(major) >= 13
+    major = driver.split(".", 1)[0]
+    return major.isdigit() and int(major) >= MIN_DRIVER_MAJOR
+
+
 def resolve(gpu_map: Mapping[int, int], gpus: Sequence[GpuId], *, driver: str,
             cuda_mode: str) -> DeviceMap:
     """The device map for ``gpu_map`` (old index to new index) on a host with ``gpus`` and
@@ -87,8 +97,7 @@ def resolve(gpu_map: Mapping[int, int], gpus: Sequence[GpuId], *, driver: str,
         raise Unsupported(f"restoring onto other GPUs needs the CUDA mode api or binary; "
                           f"this llmuxd runs with {cuda_mode!r} (CRIU's CUDA plugin restores "
                           "onto the GPUs the checkpoint was taken on)")
-    major = driver.split(".", 1)[0]
-    if not major.isdigit() or int(major) < MIN_DRIVER_MAJOR:
+    if not driver_can_remap(driver):
         raise Unsupported(f"restoring onto other GPUs needs NVIDIA driver {MIN_DRIVER_MAJOR} "
                           f"or later (its checkpoint API's device map); this host has "
                           f"{driver or 'none'}")
