@@ -24,6 +24,15 @@ class SuspendResult:
     seconds: float
 
 
+def device_map_for(gpu_map: Mapping[int, int], cuda_mode: str) -> gpumap.DeviceMap:
+    """``gpu_map`` (the shim's GPU indices) as the driver's device map, checked against this
+    host's GPUs, driver and CUDA mode. Blocking (NVML)."""
+    if not gpu_map or all(old == new for old, new in gpu_map.items()):
+        return IN_PLACE
+    return gpumap.resolve(gpu_map, gpumap.host_gpus(), driver=driver_version(),
+                          cuda_mode=cuda_mode)
+
+
 @dataclass(frozen=True)
 class CudaJob:
     """One suspend or resume: its tree, and the CUDA PIDs its checks found (suspend)."""
@@ -74,12 +83,7 @@ class CudaJobs:
         return await self._prepare(caller, model, root_pid, None, self._resume, device_map)
 
     def device_map(self, gpu_map: Mapping[int, int]) -> gpumap.DeviceMap:
-        """``gpu_map`` (the shim's GPU indices) as the driver's device map, checked against
-        this host's GPUs, driver and CUDA mode. Blocking (NVML)."""
-        if not gpu_map or all(old == new for old, new in gpu_map.items()):
-            return IN_PLACE
-        return gpumap.resolve(gpu_map, gpumap.host_gpus(), driver=driver_version(),
-                              cuda_mode=self.cuda_mode)
+        return device_map_for(gpu_map, self.cuda_mode)
 
     async def _prepare(
         self,

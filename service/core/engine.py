@@ -193,9 +193,8 @@ class CheckpointEngine:
         gpu_map: Mapping[int, int] | None = None,
     ) -> Prepared[Manifest]:
         """Checks a restore into the caller's container and claims the model (restore.py)."""
-        device_map = await asyncio.to_thread(self.cuda_jobs.device_map, gpu_map or {})
         return await self.restorer.prepare(caller, model, keep_images=keep_images,
-                                           device_map=device_map)
+                                           gpu_map=gpu_map)
 
     async def restore(
         self, caller: Caller, model: str, *, keep_images: bool = True,

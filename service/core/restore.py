@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from llmux.service.core.claims import Prepared, Reporter, uncancellable
 from llmux.service.core.container import ContainerContext
 from llmux.service.core.criu import CriuRun, RestoreRequest
 from llmux.service.core.cuda import IN_PLACE
+from llmux.service.core.cudajobs import device_map_for
 from llmux.service.core.gone import wait_gone_async
 from llmux.service.core.gpumap import DeviceMap
 from llmux.service.core.jobbase import JobBase
@@ -79,7 +80,7 @@ class Restorer(JobBase):
         self.pid_free_timeout = PID_FREE_TIMEOUT_SECS
 
     async def prepare(self, caller: Caller, model: str, *, keep_images: bool,
-                      device_map: DeviceMap = IN_PLACE) -> Prepared[Manifest]:
+                      gpu_map: Mapping[int, int] | None = None) -> Prepared[Manifest]:
         """Checks a restore into the caller's container (the checkpoint is there and the
         caller's, this host and that container can take it back, the files it needs are
         there) and claims the model. Its PIDs and ports are checked by the run: a tree just
@@ -90,6 +91,10 @@ class Restorer(JobBase):
             started = time.monotonic()
             manifest, target = await restorecheck.check_restore(
                 self.store, self.criu.version, caller, model)
+            # onto other GPUs: refused here, by name, where the driver could not (a tree
+            # without CUDA state has nothing to remap)
+            device_map = IN_PLACE if not manifest.cuda_pids else await asyncio.to_thread(
+                device_map_for, gpu_map or {}, self.config.cuda_mode)
 
             async def body(report: Reporter) -> Manifest:
                 return await self._run(

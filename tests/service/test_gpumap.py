@@ -133,18 +133,15 @@ def llmuxd_api(private_bus: PrivateBus, tmp_path: Path) -> Iterator[Llmuxd]:
 
 @pytest.mark.dbus
 def test_resume_and_restore_on_other_gpus_are_refused_by_name(llmuxd: Llmuxd) -> None:
-    """cuda_mode off: no way to remap; the refusal comes before anything is touched."""
+    """cuda_mode off: no way to remap; the refusal comes before anything is claimed."""
     import os
 
     message = llmuxd.expect_error("org.llmux.Error.Unsupported", "Resume", "sua{sv}", "m",
                                   os.getpid(), 1, "gpu_map", "a{uu}", 1, 0, 1)
     assert "CUDA mode api or binary" in message
-    message = llmuxd.expect_error("org.llmux.Error.Unsupported", "Restore", "sa{sv}", "m",
-                                  1, "gpu_map", "a{uu}", 1, 0, 1)
-    assert "CUDA mode api or binary" in message
-    # in place (the identity) is no map: the call goes on to its own checks
+    # Restore reads the checkpoint first: one without CUDA state has nothing to remap
     llmuxd.expect_error("org.llmux.Error.NotFound", "Restore", "sa{sv}", "m",
-                        1, "gpu_map", "a{uu}", 1, 0, 0)
+                        1, "gpu_map", "a{uu}", 1, 0, 1)
     assert "a{uu}" in llmuxd.expect_error("org.llmux.Error.InvalidArgument", "Resume",
                                           "sua{sv}", "m", os.getpid(), 1, "gpu_map", "u", 1)
 
