@@ -16,6 +16,9 @@ many as their measured memory allows; a model that does not fit evicts the least
 recently used models that are not pinned. Before a model is brought up the free memory
 of its device is checked (admission): when it is short, more models are evicted or its
 requests get a 503 naming the shortfall. An idle model past its ``ttl_secs`` is evicted.
+With several GPUs (llmux.shim.placement) each GPU is such a slot: the placement picks the
+GPUs a model comes up on and the victims there; the decision is still taken here, in
+``_kick``, one at a time.
 
 A switch marks its victims closing (nothing new is admitted for them), waits for their
 in-flight requests when ``drain_before_switch`` is set, evicts them, activates the
