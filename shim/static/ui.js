@@ -122,7 +122,7 @@ function el(tag, text, cls) {
 function modelRow(name) {
   const tr = el("tr");
   tr.dataset.model = name;
-  const cells = ["name", "state", "eviction", "came-back", "pids", "gpu", "memory", "load", "pinned",
+  const cells = ["name", "state", "eviction", "came-back", "pids", "memory", "load", "pinned",
     "priority", "ttl", "idle"];
   for (const c of cells) {
     const td = el("td", null, c);
@@ -195,10 +195,11 @@ function renderModels(status, cameBack) {
     cell("came-back").textContent = how
       ? how + (cb && cb.secs !== undefined ? " " + secs(cb.secs) : "") : "—";
     const pids = m.pids || [];
-    cell("pids").textContent = pids.length
-      ? pids.slice(0, 4).join(" ") + (pids.length > 4 ? " +" + (pids.length - 4) : "") : "—";
+    // several GPUs: the ones its engine is on (or was last given) lead the cell
+    const gpu = m.gpus && m.gpus.length ? "GPU " + m.gpus.join(",") + " · " : "";
+    cell("pids").textContent = gpu + (pids.length
+      ? pids.slice(0, 4).join(" ") + (pids.length > 4 ? " +" + (pids.length - 4) : "") : "—");
     cell("pids").title = pids.join(" ");
-    cell("gpu").textContent = m.gpus && m.gpus.length ? m.gpus.join(",") : "—";
     let mem = mb(m.memory_mb);
     if (m.memory_source) mem += " (" + m.memory_source + ")";
     if (budget) mem += " / " + mb(budget);
