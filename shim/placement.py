@@ -16,8 +16,8 @@ the driver's device map (:meth:`gpu_map`); a stopped one starts anywhere.
 
 The host's GPUs are NVML's; without NVML, the top-level ``gpus`` declares that many
 slots so that the placement (device indices and budgets, nothing of CUDA) can be
-exercised with the built-in engine. Without either there is no placement: the host is one
-slot, as before.
+exercised with the built-in engine. With fewer than two there is no placement: the host
+is one slot, as before.
 """
 
 from __future__ import annotations
@@ -92,12 +92,14 @@ class Placement:
         #: the model's engine holds a CUDA context on its GPUs (alive, not suspended): it
         #: can only come back there. Set by the app to the lifecycle's answer.
         self.stays_home: Callable[[str], bool] = lambda _model: False
-        if self.enabled:
+        if self.gpus:
             self._check()
 
     @property
     def enabled(self) -> bool:
-        return bool(self.gpus)
+        """Two GPUs or more: a host of one GPU is the one slot it always was (engines see
+        the GPU as they did, and no model can move)."""
+        return len(self.gpus) >= 2
 
     def _check(self) -> None:
         """The models' GPUs against the host's (the config checked the declared slots)."""

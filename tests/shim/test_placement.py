@@ -61,10 +61,14 @@ def test_a_model_needing_more_gpus_than_declared_is_refused() -> None:
     assert problems == {"models.a.extra_args": "the model needs 4 GPUs, but gpus = 2"}
 
 
-def test_no_gpus_no_placement() -> None:
+def test_no_gpus_no_placement_and_one_gpu_is_one_slot_as_before() -> None:
     cfg = _config({"a": {}})
     p = Placement(cfg, host_gpus(cfg, None))
     assert not p.enabled and p.engine_env("a") == {}
+    one = Placement(cfg, [Gpu(0, "H100")])
+    assert not one.enabled and one.engine_env("a") == {}
+    with pytest.raises(ConfigError, match="needs 2 GPUs, but this host has 1"):
+        Placement(_config({"a": {"gpu_count": 2}}), [Gpu(0, "H100")])
 
 
 def test_gpus_nvml_does_not_have_are_refused_at_start() -> None:
