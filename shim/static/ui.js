@@ -227,16 +227,19 @@ function renderSummary(status) {
   const used = status.memory_used_mb;
   const budget = status.memory_budget_mb;
   const meter = $("memory-meter");
+  // several GPUs: the budget is each GPU's, shown on the line of the GPUs
+  const gpus = status.gpus || [];
   if (used === undefined || used === null) {
     $("memory").textContent = "—";
+    meter.hidden = true;
+  } else if (gpus.length) {
+    $("memory").textContent = mb(used) + (budget ? " (budget " + mb(budget) + " per GPU)" : "");
     meter.hidden = true;
   } else {
     $("memory").textContent = mb(used) + (budget ? " / " + mb(budget) : " (no budget)");
     meter.hidden = !budget;
     if (budget) { meter.max = budget; meter.value = Math.min(used, budget); }
   }
-  // several GPUs: which models each holds and what they count there
-  const gpus = status.gpus || [];
   $("gpus-line").hidden = gpus.length === 0;
   $("gpus").textContent = gpus.map((g) => g.index + ": " + (g.models.length
     ? g.models.join("+") : "free") + " " + mb(g.memory_used_mb) +
