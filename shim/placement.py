@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -228,7 +228,7 @@ class Placement:
         victims: list[str] = []
 
         def fits(g: int) -> bool:
-            on = [r for r in self._on(g, left)]
+            on = self._on(g, left)
             if budget:
                 return sum(self.share_mb(r.name, memory_mb(r.name)) for r in on) + need <= budget
             return len(on) + 1 <= max_active
@@ -269,7 +269,3 @@ class Placement:
 
 def _gpus(gpus: Sequence[int]) -> str:
     return ",".join(map(str, gpus))
-
-
-def as_json(mapping: Mapping[int, int]) -> dict[str, int]:
-    return {str(k): v for k, v in mapping.items()}
