@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -45,6 +45,7 @@ from llmux.common.contract import (
     NoOptions,
     Options,
     RestoreOptions,
+    ResumeOptions,
     checkpoint_path,
 )
 
@@ -318,6 +319,7 @@ class HostClient:
         model: str,
         *,
         keep_images: bool = True,
+        gpu_map: Mapping[int, int] | None = None,
         progress: ProgressCallback | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - cancels the job too
     ) -> CheckpointInfo:
@@ -326,7 +328,7 @@ class HostClient:
         before = await self.get_checkpoint(model)
         if before is None:
             raise errors.NotFound(f"no checkpoint of {model}")
-        options = RestoreOptions(keep_images=keep_images)
+        options = RestoreOptions(keep_images=keep_images, gpu_map=dict(gpu_map or {}))
         await self._run_job(contract.RESTORE, [model], options, progress, timeout)
         after = await self.get_checkpoint(model) if keep_images else None
         return after or before
@@ -353,10 +355,13 @@ class HostClient:
         model: str,
         root_pid: int,
         *,
+        gpu_map: Mapping[int, int] | None = None,
         progress: ProgressCallback | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - cancels the job too
     ) -> None:
-        await self._run_job(contract.RESUME, [model, root_pid], NoOptions(), progress, timeout)
+        """``gpu_map``: resume on other GPUs (old index to new, every GPU it was on)."""
+        await self._run_job(contract.RESUME, [model, root_pid],
+                            ResumeOptions(gpu_map=dict(gpu_map or {})), progress, timeout)
 
     async def list_checkpoints(self) -> list[CheckpointInfo]:
         (objects,) = await self._call(OBJECT_PATH, OBJECT_MANAGER, "GetManagedObjects")

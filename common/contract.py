@@ -220,6 +220,16 @@ class CheckpointOptions(Options):
 @dataclass(frozen=True)
 class RestoreOptions(Options):
     keep_images: bool = _option("b", True)
+    gpu_map: dict[int, int] = field(default_factory=dict, metadata={"dbus": ("", "a{uu}")})
+    """Old GPU to new GPU (the host's NVML indices), every GPU of the CUDA state: the
+    driver restores it onto the new ones, which must be of the same model. Empty: in
+    place."""
+
+
+@dataclass(frozen=True)
+class ResumeOptions(Options):
+    gpu_map: dict[int, int] = field(default_factory=dict, metadata={"dbus": ("", "a{uu}")})
+    """As Restore's: resume the CUDA state on other GPUs of the same model."""
 
 
 @dataclass(frozen=True)
@@ -342,7 +352,7 @@ SUSPEND = Method(
 """CUDA state of every process of the tree to host memory; the tree stays alive."""
 RESUME = Method(
     MANAGER_INTERFACE, "Resume", (Arg("model", "s"), Arg("root_pid", "u"), _OPTIONS), _JOB,
-    NoOptions,
+    ResumeOptions,
 )
 DELETE_CHECKPOINT = Method(MANAGER_INTERFACE, "DeleteCheckpoint", (Arg("model", "s"),))
 LIST_CHECKPOINTS = Method(

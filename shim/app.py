@@ -32,6 +32,7 @@ from llmux.shim.engineclient import EngineClient
 from llmux.shim.errors import ModelNotFound, ShimError
 from llmux.shim.httpbounds import bounded_protocol
 from llmux.shim.metrics import CONTENT_TYPE, ShimMetrics
+from llmux.shim.placement import Placement, host_gpus
 from llmux.shim.proxy import ASGIApp, ProxyApp, Receive, Scope, Send, send_error
 from llmux.shim.switcher import Switcher
 from llmux.shim.ui import HostCheckpoints, OperatorPage, SwitchHistory
@@ -198,7 +199,11 @@ class Shim:
         # then restored on first use instead of cold-starting.
         backend = backend_for(config)
         self.lifecycle: Lifecycle = Lifecycle(config, self.supervisor, backend)
-        self.switcher = Switcher(config, self.lifecycle, memory=self.lifecycle)
+        #: several GPUs (NVML's, or the declared slots): each engine is given its own
+        self.placement = Placement(config, host_gpus(config, self.lifecycle.meter.nvml()))
+        self.lifecycle.place_on(self.placement)
+        self.switcher = Switcher(config, self.lifecycle, memory=self.lifecycle,
+                                 placement=self.placement)
         self.control = ControlAPI(config.models, self.switcher, self.lifecycle,
                                   has_host=config.checkpoint is not None)
         switcher = self.switcher

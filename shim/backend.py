@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -68,12 +69,16 @@ class ProcessBackend(Protocol):
 
     async def suspend(self, model: str, root_pid: int) -> None: ...
 
-    async def resume(self, model: str, root_pid: int) -> None: ...
+    async def resume(self, model: str, root_pid: int, *,
+                     gpu_map: Mapping[int, int] | None = None) -> None:
+        """``gpu_map``: old GPU to new GPU (host indices), every GPU of the CUDA state."""
+        ...
 
     async def checkpoint(self, model: str, root_pid: int, *, weights_bytes: int) -> None:
         """Dump the tree to images; the tree is gone afterwards."""
 
-    async def restore(self, model: str, *, keep_images: bool) -> RestoredTree: ...
+    async def restore(self, model: str, *, keep_images: bool,
+                      gpu_map: Mapping[int, int] | None = None) -> RestoredTree: ...
 
     async def has_checkpoint(self, model: str) -> bool: ...
 
@@ -128,18 +133,20 @@ class HostServiceBackend:
         await self._run("suspend", model,
                         lambda c: c.suspend(model, root_pid, timeout=self.job_timeout_secs))
 
-    async def resume(self, model: str, root_pid: int) -> None:
-        await self._run("resume", model,
-                        lambda c: c.resume(model, root_pid, timeout=self.job_timeout_secs))
+    async def resume(self, model: str, root_pid: int, *,
+                     gpu_map: Mapping[int, int] | None = None) -> None:
+        await self._run("resume", model, lambda c: c.resume(
+            model, root_pid, gpu_map=gpu_map, timeout=self.job_timeout_secs))
 
     async def checkpoint(self, model: str, root_pid: int, *, weights_bytes: int) -> None:
         await self._run("checkpoint", model, lambda c: c.checkpoint(
             model, root_pid, leave_running=False, weights_bytes=weights_bytes,
             timeout=self.job_timeout_secs))
 
-    async def restore(self, model: str, *, keep_images: bool) -> RestoredTree:
+    async def restore(self, model: str, *, keep_images: bool,
+                      gpu_map: Mapping[int, int] | None = None) -> RestoredTree:
         result: CheckpointInfo = await self._run("restore", model, lambda c: c.restore(
-            model, keep_images=keep_images, timeout=self.job_timeout_secs))
+            model, keep_images=keep_images, gpu_map=gpu_map, timeout=self.job_timeout_secs))
         if result.root_pid <= 0:
             raise HostUnavailable(f"host service: restore of model {model} answered without "
                                   f"a usable RootPid/Pids: {result!r}")

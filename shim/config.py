@@ -166,6 +166,14 @@ _POLICY_TYPES = ("fifo",)
 _ORIGINAL_POLICY_TYPES = ("cost_aware", "time_slice")
 
 
+def _gpu_indices(v: tuple[int, ...]) -> str | None:
+    if any(i < 0 for i in v):
+        return f"GPU indices must not be negative, got {list(v)}"
+    if len(set(v)) != len(v):
+        return f"a GPU is listed twice: {list(v)}"
+    return None
+
+
 def _policy_type(v: str) -> str | None:
     if v in _ORIGINAL_POLICY_TYPES:
         return f"{v!r} is not implemented here; use 'fifo'"
@@ -206,10 +214,23 @@ class ModelConfig:
     ttl_secs: float = setting(0.0, check=_non_negative)
     #: never evicted by a switch, the memory budget or ttl_secs (only by /control/sleep)
     pinned: bool = setting(False)
+    #: GPUs (host indices) the model may be placed on; empty: any. As many as it needs:
+    #: pinned to exactly those
+    gpus: tuple[int, ...] = setting((), check=_gpu_indices)
+    #: GPUs the engine is given; 0: its --tensor-parallel-size (1 without it)
+    gpu_count: int = setting(0, check=_non_negative)
 
     @property
     def tensor_parallel_size(self) -> int:
         return _tensor_parallel_size(self.extra_args)
+
+    @property
+    def gpus_needed(self) -> int:
+        """GPUs the engine is placed on: gpu_count, else its tensor parallel size; 0 for an
+        engine told to run on the CPU."""
+        if self.on_cpu:
+            return 0
+        return self.gpu_count or _tensor_parallel_size(self.extra_args)
 
     @property
     def sleep_mode(self) -> bool:
@@ -371,6 +392,9 @@ class Config:
     #: open connections above this are answered 503 (each holds a file descriptor)
     max_connections: int = setting(4096, check=_at_least(16))
     auth: AuthConfig = setting(AuthConfig())
+    #: GPU slots (0..N-1) where NVML finds no GPU: the built-in engine's placement on a
+    #: host without one (tests, the demo); 0: the GPUs NVML finds, none without it
+    gpus: int = setting(0, check=_non_negative)
     #: per-model engine logs (stdout/stderr) are written here
     log_dir: Path = setting(Path("/tmp/llmux-logs"))
     source: str = internal("<memory>")
@@ -482,9 +506,10 @@ def _convert(tp: Any, value: Any) -> tuple[Any, str | None]:
     if origin is tuple:
         if not isinstance(value, list):
             return None, _expected(tp, value)
-        bad = [x for x in value if not isinstance(x, str)]
+        item = typing.get_args(tp)[0]
+        bad = [x for x in value if isinstance(x, bool) or not isinstance(x, item)]
         if bad:
-            return None, f"every item must be a string, got {bad[0]!r}"
+            return None, f"every item must be {_kind_name(item)}, got {bad[0]!r}"
         return tuple(value), None
     if origin is Mapping:
         if not isinstance(value, dict):
@@ -586,6 +611,7 @@ class _Reader:
                         models[mc.name] = mc
         self.ports(all_models, top["port"], top["metrics_port"])
         self.pinned(all_models, policy.memory_budget_mb)
+        self.gpus(all_models, top["gpus"])
         top["auth"] = self.auth(top["auth"])
         return Config(models=models, source=source, **top)
 
@@ -664,6 +690,30 @@ class _Reader:
             self.bad("policy.memory_budget_mb",
                      f"{budget} MiB cannot hold the pinned models together: {names} need "
                      f"{total} MiB, and a pinned model is never evicted")
+
+    def gpus(self, models: Mapping[str, ModelConfig], slots: int) -> None:
+        """A model's GPUs: at least as many allowed as it needs, within the declared slots
+        (the GPUs NVML finds are checked when the shim starts: llmux.shim.placement)."""
+        for m in models.values():
+            path = f"models.{m.name}"
+            try:
+                tp = m.tensor_parallel_size
+            except ValueError:
+                continue  # said already
+            if m.gpu_count and m.gpu_count < tp:
+                self.bad(f"{path}.gpu_count",
+                         f"{m.gpu_count}, but its --tensor-parallel-size is {tp}: the "
+                         "engine needs a GPU for each shard")
+            need = m.gpus_needed
+            if m.gpus and len(m.gpus) < need:
+                self.bad(f"{path}.gpus", f"{list(m.gpus)} allows {len(m.gpus)} GPU(s), but "
+                         f"the model needs {need}")
+            if slots and m.gpus and max(m.gpus) >= slots:
+                self.bad(f"{path}.gpus", f"GPU {max(m.gpus)} does not exist: gpus = {slots} "
+                         f"declares GPUs 0-{slots - 1}")
+            elif slots and need > slots:
+                self.bad(f"{path}.gpu_count" if m.gpu_count else f"{path}.extra_args",
+                         f"the model needs {need} GPUs, but gpus = {slots}")
 
     def ports(self, models: Mapping[str, ModelConfig], port: int, metrics_port: int) -> None:
         owners: dict[int, str] = {port: "port"}

@@ -103,6 +103,7 @@ class ControlAPI:
             "switching": self._switcher.switching,
             "memory_budget_mb": self._switcher.memory_budget_mb,
             "memory_used_mb": self._switcher.memory_used_mb(),
+            "gpus": self._switcher.gpu_usage(),
             "models": models,
         }
 

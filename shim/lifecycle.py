@@ -41,6 +41,7 @@ from llmux.shim.errors import (
     ShimError,
 )
 from llmux.shim.memory import FreeMemory, Measurement, MemoryMeter, MemorySource
+from llmux.shim.placement import Placement
 from llmux.shim.supervisor import Supervisor
 from llmux.shim.transitions import Action, WakeKind
 
@@ -89,6 +90,8 @@ class ModelStatus:
     #: measured MiB when running (kept while it is away), None before its first start
     memory_mb: int | None = None
     memory_source: MemorySource = MemorySource.CONFIG
+    #: the GPUs (host indices) its engine is on or was last given; None: no placement
+    gpus: list[int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -105,6 +108,7 @@ class ModelStatus:
             "last_error": self.last_error,
             "memory_mb": self.memory_mb,
             "memory_source": self.memory_source.value,
+            "gpus": self.gpus,
         }
 
 
@@ -148,7 +152,24 @@ class Lifecycle:
         #: why the configured host service was dropped at start-up, for later errors
         self._host_problem: str | None = None
         self._transitions: set[asyncio.Future[Any]] = set()
+        #: which GPUs each engine is given (several GPUs); None: the host is one slot
+        self.placement: Placement | None = None
         supervisor.add_death_listener(self._on_death)
+
+    def place_on(self, placement: Placement) -> None:
+        """Give each engine its GPUs (``CUDA_VISIBLE_DEVICES``) and move a suspended or
+        checkpointed one to other GPUs where the switcher placed it."""
+        if not placement.enabled:
+            return
+        self.placement = placement
+        self.supervisor.extra_env = placement.engine_env
+        placement.stays_home = self.stays_home
+
+    def stays_home(self, model: str) -> bool:
+        """Its engine holds a CUDA context on its GPUs (running or sleeping): it can come
+        back only there. A suspended or checkpointed one can move (llmuxd remaps it)."""
+        return self._effective_state(self._rec(model)) in (ModelState.RUNNING,
+                                                           ModelState.SLEEPING)
 
     # ------------------------------------------------------------------ start-up
 
@@ -213,7 +234,13 @@ class Lifecycle:
             state is ModelState.CHECKPOINTED else 0,
             evicted_with=rec.evicted_with, restarts=rec.restarts, last_error=rec.last_error,
             memory_mb=rec.memory.mb if rec.memory else None,
-            memory_source=rec.memory.source if rec.memory else MemorySource.CONFIG)
+            memory_source=rec.memory.source if rec.memory else MemorySource.CONFIG,
+            gpus=self._gpus(m.name))
+
+    def _gpus(self, model: str) -> list[int] | None:
+        p = self.placement
+        gpus = p.devices(model) if p is not None and p.need(model) else None
+        return None if gpus is None else list(gpus)
 
     def statuses(self) -> dict[str, ModelStatus]:
         return {name: self.status(name) for name in self._models}
@@ -295,7 +322,7 @@ class Lifecycle:
                 pids = self.supervisor.pids(model)
                 held = (self.meter.gpu_bytes(pids) if gpu
                         else proctree_pss(pids)) >> 20
-            return max(0, full - held), self.meter.free(gpu)
+            return max(0, full - held), self.meter.free(gpu, self._gpus(model))
 
         return await asyncio.to_thread(read)
 
@@ -384,6 +411,8 @@ class Lifecycle:
         rec.sleep_level = 0
         rec.evicted_with = None
         rec.set(ModelState.RUNNING)
+        if self.placement is not None:
+            self.placement.came_up(rec.config.name)
 
     async def _warm_start(self, rec: _Model, state: ModelState) -> WakeKind:
         name = rec.config.name
@@ -394,19 +423,27 @@ class Lifecycle:
         if state is ModelState.SUSPENDED:
             eng = self.supervisor.engine(name)
             assert eng is not None  # state SUSPENDED is effective only while it is alive
-            await backend.resume(name, eng.root_pid)
+            await backend.resume(name, eng.root_pid, **self._moved(name))
             await self.supervisor.wait_healthy(name, within_secs=self.engine_call_timeout_secs)
             await self._wake_weights(rec)
             return WakeKind.RESUME
         if state is ModelState.CHECKPOINTED:
             keep = self.config.checkpoint.keep_images if self.config.checkpoint else True
             await asyncio.to_thread(self.supervisor.prepare_tmp_dir, name, fresh=False)
-            tree = await backend.restore(name, keep_images=keep)
+            tree = await backend.restore(name, keep_images=keep, **self._moved(name))
             await self.supervisor.adopt(name, tree.root_pid, tree.pids)
             await self.supervisor.wait_healthy(name)
             await self._wake_weights(rec)
             return WakeKind.RESTORE
         raise Conflict(f"model {name}: cannot activate from state {state}")
+
+    def _moved(self, model: str) -> dict[str, dict[int, int]]:
+        """The resume's or restore's device map where the placement moved the model: old
+        GPU to new GPU, each GPU of its CUDA state (the driver wants them all)."""
+        gpu_map = self.placement.gpu_map(model) if self.placement is not None else {}
+        if gpu_map:
+            log.info("model=%s action=move_gpus map=%s", model, gpu_map)
+        return {"gpu_map": gpu_map} if gpu_map else {}
 
     async def _wake_weights(self, rec: _Model) -> None:
         """Undo /sleep: wake_up, reload discarded weights, drop the stale prefix cache."""

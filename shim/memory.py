@@ -106,14 +106,18 @@ class MemoryMeter:
             return Measurement(_mb(pss), MemorySource.PSS)
         return None
 
-    def free(self, gpu: bool) -> FreeMemory:
-        """Free memory where a model will live: the GPUs' (NVML) or the host's."""
+    def free(self, gpu: bool, devices: list[int] | None = None) -> FreeMemory:
+        """Free memory where a model will live: the GPUs' (NVML; only ``devices``, by
+        index, when it is placed on some) or the host's."""
         nvml = self.nvml() if gpu else None
         if nvml is not None:
             try:
-                free = sum(int(nvml.nvmlDeviceGetMemoryInfo(h).free)
-                           for h in self._handles(nvml))
-                return FreeMemory(free // MIB, "GPU memory free (NVML)")
+                handles = self._handles(nvml)
+                if devices is not None:
+                    handles = [handles[i] for i in devices if i < len(handles)]
+                free = sum(int(nvml.nvmlDeviceGetMemoryInfo(h).free) for h in handles)
+                where = "" if devices is None else f" on GPU {','.join(map(str, devices))}"
+                return FreeMemory(free // MIB, f"GPU memory free{where} (NVML)")
             except Exception as e:  # pynvml.NVMLError
                 log.warning("NVML: cannot read free GPU memory (%s); using MemAvailable", e)
         return FreeMemory(self.mem_available_bytes() // MIB, "host MemAvailable")

@@ -77,6 +77,11 @@ _MEMORY_GAUGES: dict[str, tuple[str, list[str]]] = {
                              ["model"]),
     "llmux_model_idle_secs": ("Seconds since the model's last request ended", ["model"]),
     "llmux_model_priority": ("The model's priority past max_wait_secs", ["model"]),
+    "llmux_model_gpu": ("1 for each GPU the model's engine is on or was last given",
+                        ["model", "gpu"]),
+    "llmux_gpu_memory_used_mb": ("Memory the resident models count on the GPU", ["gpu"]),
+    "llmux_gpu_memory_budget_mb": ("memory_budget_mb of each GPU (0: off)", ["gpu"]),
+    "llmux_gpu_models": ("Resident models on the GPU", ["gpu"]),
 }
 
 
@@ -94,6 +99,13 @@ def _memory_gauges(status: Mapping[str, Any]) -> Iterator[Metric]:
         if d.get("idle_secs") is not None:
             g["llmux_model_idle_secs"].add_metric([model], d["idle_secs"])
         g["llmux_model_priority"].add_metric([model], d.get("priority") or 0)
+        for gpu in d.get("gpus") or ():
+            g["llmux_model_gpu"].add_metric([model, str(gpu)], 1)
+    for gpu in status.get("gpus") or ():
+        label = [str(gpu["index"])]
+        g["llmux_gpu_memory_used_mb"].add_metric(label, gpu["memory_used_mb"])
+        g["llmux_gpu_memory_budget_mb"].add_metric(label, gpu["memory_budget_mb"])
+        g["llmux_gpu_models"].add_metric(label, len(gpu["models"]))
     yield from g.values()
 
 

@@ -99,6 +99,8 @@ class Supervisor:
         self._engines: dict[str, EngineProcess] = {}
         self._listeners: list[DeathListener] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        #: more environment per model: its GPUs (set by the lifecycle's placement)
+        self.extra_env: Callable[[str], dict[str, str]] = _no_env
 
     # ------------------------------------------------------------------ queries
 
@@ -155,7 +157,7 @@ class Supervisor:
 
     def env(self, m: ModelConfig) -> dict[str, str]:
         return {**os.environ, **ENGINE_ENV, "TMPDIR": str(self.tmp_dir(m.name)), **m.env,
-                ENGINE_MARK: self.mark(m.name)}
+                **self.extra_env(m.name), ENGINE_MARK: self.mark(m.name)}
 
     def mark(self, model: str) -> str:
         """What every process of the model's engine carries in its environment: a shim
@@ -549,6 +551,10 @@ class Supervisor:
 
 
 # ---------------------------------------------------------------------- /proc helpers
+
+
+def _no_env(_model: str) -> dict[str, str]:
+    return {}
 
 
 def _pidfd_exited(fd: int) -> bool:

@@ -16,6 +16,9 @@ many as their measured memory allows; a model that does not fit evicts the least
 recently used models that are not pinned. Before a model is brought up the free memory
 of its device is checked (admission): when it is short, more models are evicted or its
 requests get a 503 naming the shortfall. An idle model past its ``ttl_secs`` is evicted.
+With several GPUs (llmux.shim.placement) each GPU is such a slot: the placement picks the
+GPUs a model comes up on and the victims there; the decision is still taken here, in
+``_kick``, one at a time.
 
 A switch marks its victims closing (nothing new is admitted for them), waits for their
 in-flight requests when ``drain_before_switch`` is set, evicts them, activates the
@@ -46,6 +49,7 @@ from llmux.shim.errors import (
     ShimError,
 )
 from llmux.shim.memory import FreeMemory
+from llmux.shim.placement import Placement
 from llmux.shim.transitions import BroughtBack, PutAway, Switch, WakeKind
 
 log = logging.getLogger("llmux.switcher")
@@ -152,8 +156,11 @@ class Switcher:
     def __init__(self, config: Config, target: SwitchTarget, *,
                  memory: MemoryView | None = None,
                  on_switch: SwitchObserver | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 placement: Placement | None = None) -> None:
         self._config = config
+        #: several GPUs: max_active and the budget are per GPU (llmux.shim.placement)
+        self._placement = placement if placement is not None and placement.enabled else None
         self._target = target
         self._memory = memory
         self._observers: list[SwitchObserver] = [] if on_switch is None else [on_switch]
@@ -246,6 +253,15 @@ class Switcher:
     @property
     def memory_budget_mb(self) -> int:
         return self._budget
+
+    def gpu_usage(self) -> list[dict[str, Any]]:
+        """Each GPU's resident models and memory; [] without placement."""
+        p = self._placement
+        if p is None:
+            return []
+        mem = self._memory
+        return p.usage(self.active_models, mem.memory_mb if mem is not None else _zero,
+                       self._budget)
 
     def memory_used_mb(self) -> int:
         """What the resident (active) models use: their measured memory."""
@@ -435,6 +451,8 @@ class Switcher:
         """The models to evict so that ``target`` fits (max_active, or the memory budget);
         None when it cannot fit at all (its waiters are answered with the reason)."""
         active = [s for s in self._slots.values() if s.active]
+        if self._placement is not None:
+            return self._plan_placed(target, active)
         if self._budget and self._memory is not None:
             mem = self._memory
             need = mem.memory_mb(target.name)
@@ -470,6 +488,19 @@ class Switcher:
                 code="all_pinned"))
             return None
         return evictable[:len(active) - self._max_active + 1]
+
+    def _plan_placed(self, target: _Slot, active: list[_Slot]) -> list[_Slot] | None:
+        """_plan over several GPUs: the placement picks the GPUs and the victims there."""
+        assert self._placement is not None
+        mem = self._memory
+        try:
+            plan = self._placement.plan(
+                target.name, active, memory_mb=mem.memory_mb if mem is not None else _zero,
+                budget=self._budget, max_active=self._max_active)
+        except NoRoom as e:
+            self._fail_waiters(target.name, e)
+            return None
+        return [self._slots[v] for v in plan.victims]
 
     def _wake_in(self, delay: float) -> None:
         """Kick again in ``delay`` seconds (one timer: the earliest wins)."""
@@ -555,6 +586,9 @@ class Switcher:
                 return
             short = need - free.mb
             candidates = self._evictable(but=self._slots[target])
+            p = self._placement
+            if p is not None:  # only models on the target's GPUs free memory there
+                candidates = [s for s in candidates if p.shares_gpu(s.name, target)]
             freeable = sum(mem.memory_mb(s.name) for s in candidates)
             if not candidates or freeable < short:
                 also = (f"; evicting the resident model(s) "
@@ -574,6 +608,8 @@ class Switcher:
         mem = self._memory
         assert mem is not None
         mine = mem.memory_mb(target)
+        if self._placement is not None:
+            mine = self._placement.share_mb(target, mine)
         if mine > self._budget:
             err = NoRoom(
                 f"model `{target}` uses {mine} MiB "
@@ -586,12 +622,24 @@ class Switcher:
                 await self._evict(target, None)
             self._fail_waiters(target, err)
             return False
-        while self.memory_used_mb() > self._budget:
-            candidates = self._evictable(but=self._slots[target])
-            if not candidates:
-                break
-            await self._drain_and_evict(candidates[0], f"memory budget ({target} measured)")
+        while (victim := self._over_budget(target)) is not None:
+            await self._drain_and_evict(victim, f"memory budget ({target} measured)")
         return True
+
+    def _over_budget(self, target: str) -> _Slot | None:
+        """The next model to evict because the budget (of one of the target's GPUs) is
+        exceeded now that the target was measured; None when everything fits."""
+        mem = self._memory
+        assert mem is not None
+        p = self._placement
+        if p is not None:
+            active = [s for s in self._slots.values() if s.active]
+            name = p.over_budget(target, active, mem.memory_mb, self._budget)
+            return None if name is None else self._slots[name]
+        if self.memory_used_mb() <= self._budget:
+            return None
+        candidates = self._evictable(but=self._slots[target])
+        return candidates[0] if candidates else None
 
     async def _drain_and_evict(self, s: _Slot, why: str) -> None:
         s.closing = True
@@ -779,6 +827,10 @@ class Switcher:
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(asyncio.shield(task), timeout=60)
 
+
+
+def _zero(_model: str) -> int:
+    return 0
 
 
 def _source_words(source: str) -> str:

@@ -49,7 +49,11 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from llmux.common.errors import CudaFailed, InvalidArgument, NoSuchProcess
+from llmux.common.errors import CudaFailed, InvalidArgument, NoSuchProcess, Unsupported
+from llmux.service.core.gpumap import DeviceMap
+
+IN_PLACE = DeviceMap()
+"""No device map: the driver restores onto the GPUs the state was taken on."""
 
 MODES = ("api", "binary", "plugin", "off")
 DEFAULT_BINARY = "cuda-checkpoint"
@@ -117,8 +121,10 @@ class CudaCheckpointer(Protocol):
         """Every pid to CHECKPOINTED (GPU memory freed), all in parallel; rolls back on failure."""
         ...
 
-    async def restore_and_unlock(self, pids: Sequence[int]) -> None:
-        """Every pid back to RUNNING, all in parallel; rolls back on failure."""
+    async def restore_and_unlock(self, pids: Sequence[int],
+                                 device_map: DeviceMap = IN_PLACE) -> None:
+        """Every pid back to RUNNING, all in parallel; rolls back on failure. ``device_map``:
+        onto other GPUs (llmux.service.core.gpumap)."""
         ...
 
 
@@ -243,8 +249,52 @@ class _ZeroArgs(ctypes.Structure):
     _fields_ = [("reserved", ctypes.c_uint64 * 8)]
 
 
+class _GpuPair(ctypes.Structure):
+    """CUcheckpointGpuPair: CUuuid oldUuid; CUuuid newUuid (16 bytes each)."""
+
+    _fields_ = [("oldUuid", ctypes.c_char * 16), ("newUuid", ctypes.c_char * 16)]
+
+
+class _RestoreArgs(ctypes.Structure):
+    """CUcheckpointRestoreArgs: CUcheckpointGpuPair *gpuPairs; unsigned gpuPairsCount; the
+    rest (padding, driver 580's customStorageInfo_out, reserved) zero."""
+
+    _fields_ = [
+        ("gpuPairs", ctypes.POINTER(_GpuPair)),
+        ("gpuPairsCount", ctypes.c_uint),
+        ("reserved", ctypes.c_char * 52),
+    ]
+
+
+def uuid_bytes(uuid: str) -> bytes:
+    """NVML's "GPU-8f4022ba-e0cb-1298-286e-225c953a7feb" as the CUuuid's 16 bytes."""
+    hexdigits = uuid.removeprefix("GPU-").replace("-", "")
+    try:
+        raw = bytes.fromhex(hexdigits)
+    except ValueError:
+        raw = b""
+    if len(raw) != 16:
+        raise InvalidArgument(f"{uuid!r} is not a GPU UUID")
+    return raw
+
+
+def restore_args(device_map: DeviceMap) -> tuple[_RestoreArgs, ctypes.Array[_GpuPair] | None]:
+    """The restore's arguments, and the pair array they point into (keep it alive)."""
+    args = _RestoreArgs()
+    if not device_map:
+        return args, None
+    pairs = (_GpuPair * len(device_map.pairs))()
+    for i, (old, new) in enumerate(device_map.pairs):
+        pairs[i].oldUuid = uuid_bytes(old)
+        pairs[i].newUuid = uuid_bytes(new)
+    args.gpuPairs = ctypes.cast(pairs, ctypes.POINTER(_GpuPair))
+    args.gpuPairsCount = len(device_map.pairs)
+    return args, pairs
+
+
 assert ctypes.sizeof(_LockArgs) == 64
 assert ctypes.sizeof(_ZeroArgs) == 64
+assert ctypes.sizeof(_RestoreArgs) == 64
 
 _EXECUTOR = ThreadPoolExecutor(max_workers=64, thread_name_prefix="cuda-checkpoint")
 """Driver calls block for seconds; one thread per process of a tree (asyncio's default
@@ -318,7 +368,7 @@ class CudaDriver:
         # CUresult cuCheckpointProcessCheckpoint(int pid, CUcheckpointCheckpointArgs *args)
         self._checkpoint = bind("cuCheckpointProcessCheckpoint", [c_int, ctypes.POINTER(_ZeroArgs)])
         # CUresult cuCheckpointProcessRestore(int pid, CUcheckpointRestoreArgs *args)
-        self._restore = bind("cuCheckpointProcessRestore", [c_int, ctypes.POINTER(_ZeroArgs)])
+        self._restore = bind("cuCheckpointProcessRestore", [c_int, ctypes.POINTER(_RestoreArgs)])
         # CUresult cuCheckpointProcessUnlock(int pid, CUcheckpointUnlockArgs *args)
         self._unlock = bind("cuCheckpointProcessUnlock", [c_int, ctypes.POINTER(_ZeroArgs)])
         self._initialized = False
@@ -363,8 +413,8 @@ class CudaDriver:
         args = _ZeroArgs()
         self._check("cuCheckpointProcessCheckpoint", self._checkpoint(pid, ctypes.byref(args)))
 
-    def restore(self, pid: int) -> None:
-        args = _ZeroArgs()
+    def restore(self, pid: int, device_map: DeviceMap = IN_PLACE) -> None:
+        args, _pairs = restore_args(device_map)
         self._check("cuCheckpointProcessRestore", self._restore(pid, ctypes.byref(args)))
 
     def unlock(self, pid: int) -> None:
@@ -380,8 +430,10 @@ def binary_state_argv(binary: str, pid: int) -> list[str]:
     return [binary, "--get-state", "--pid", str(pid)]
 
 
-def binary_action_argv(binary: str, action: str, pid: int, timeout_ms: int = 0) -> list[str]:
-    """argv for one transition; only "lock" takes a timeout (0: wait forever)."""
+def binary_action_argv(binary: str, action: str, pid: int, timeout_ms: int = 0,
+                       device_map: DeviceMap = IN_PLACE) -> list[str]:
+    """argv for one transition; only "lock" takes a timeout (0: wait forever), only
+    "restore" a device map (cuda-checkpoint 580's ``--device-map old=new,...``)."""
     if action not in ("lock", "checkpoint", "restore", "unlock"):
         raise InvalidArgument(f"unknown cuda-checkpoint action {action!r}")
     if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
@@ -389,6 +441,8 @@ def binary_action_argv(binary: str, action: str, pid: int, timeout_ms: int = 0) 
     argv = [binary, "--action", action, "--pid", str(pid)]
     if action == "lock" and timeout_ms > 0:
         argv += ["--timeout", str(timeout_ms)]
+    if action == "restore" and device_map:
+        argv += ["--device-map", device_map.argument()]
     return argv
 
 
@@ -418,7 +472,7 @@ class _Transitions:
     async def _state(self, pid: int) -> ProcessState:
         raise NotImplementedError
 
-    async def _act(self, action: str, pid: int) -> None:
+    async def _act(self, action: str, pid: int, device_map: DeviceMap = IN_PLACE) -> None:
         raise NotImplementedError
 
     def _describe_failure(self, exc: BaseException) -> str:
@@ -427,8 +481,9 @@ class _Transitions:
     async def lock_and_checkpoint(self, pids: Sequence[int]) -> None:
         await _settle(self._converge(pids, ProcessState.CHECKPOINTED, "suspend"))
 
-    async def restore_and_unlock(self, pids: Sequence[int]) -> None:
-        await _settle(self._converge(pids, ProcessState.RUNNING, "resume"))
+    async def restore_and_unlock(self, pids: Sequence[int],
+                                 device_map: DeviceMap = IN_PLACE) -> None:
+        await _settle(self._converge(pids, ProcessState.RUNNING, "resume", device_map))
 
     async def states(self, pids: Sequence[int]) -> dict[int, ProcessState]:
         """Each pid's CUDA state; CudaFailed names every pid the driver does not know."""
@@ -456,7 +511,8 @@ class _Transitions:
                 f"cannot checkpoint the CUDA state of pid {', '.join(map(str, pids))}: {problem}"
             )
 
-    async def _converge(self, pids: Sequence[int], goal: ProcessState, verb: str) -> None:
+    async def _converge(self, pids: Sequence[int], goal: ProcessState, verb: str,
+                        device_map: DeviceMap = IN_PLACE) -> None:
         self.last_timings = Timings()
         pids = validate_pids(pids)
         if not pids:
@@ -470,7 +526,8 @@ class _Transitions:
             )
         steps = _DOWN if goal is ProcessState.CHECKPOINTED else _UP
         reverse = _UP if goal is ProcessState.CHECKPOINTED else _DOWN
-        current, failures = await self._walk(start, {p: goal for p in pids}, steps, record=True)
+        current, failures = await self._walk(start, {p: goal for p in pids}, steps, record=True,
+                                             device_map=device_map)
         if not failures:
             return
         # Roll back: every pid to the state it started in, re-reading where the failed ones are.
@@ -500,6 +557,7 @@ class _Transitions:
         steps: Sequence[_Step],
         *,
         record: bool,
+        device_map: DeviceMap = IN_PLACE,
     ) -> tuple[dict[int, ProcessState], dict[int, BaseException]]:
         """Run each step for every pid that needs it, in parallel; stop after a failing phase."""
         current = dict(current)
@@ -512,7 +570,7 @@ class _Transitions:
             ]
             started = time.monotonic()
             results = await asyncio.gather(
-                *(self._act(step.action, p) for p in movers), return_exceptions=True
+                *(self._act(step.action, p, device_map) for p in movers), return_exceptions=True
             )
             if record:
                 self.last_timings.phases[step.action] = time.monotonic() - started
@@ -609,11 +667,13 @@ class ApiCheckpointer(_Transitions):
         assert isinstance(state, ProcessState)
         return state
 
-    async def _act(self, action: str, pid: int) -> None:
+    async def _act(self, action: str, pid: int, device_map: DeviceMap = IN_PLACE) -> None:
         driver = self._driver
         assert driver is not None
         if action == "lock":
             await _in_thread(driver.lock, pid, self.lock_timeout_ms)
+        elif action == "restore":
+            await _in_thread(driver.restore, pid, device_map)
         else:
             await _in_thread(getattr(driver, action), pid)
 
@@ -684,8 +744,9 @@ class BinaryCheckpointer(_Transitions):
     async def _state(self, pid: int) -> ProcessState:
         return parse_binary_state(await self._run(binary_state_argv(self.binary, pid)))
 
-    async def _act(self, action: str, pid: int) -> None:
-        await self._run(binary_action_argv(self.binary, action, pid, self.lock_timeout_ms))
+    async def _act(self, action: str, pid: int, device_map: DeviceMap = IN_PLACE) -> None:
+        await self._run(binary_action_argv(self.binary, action, pid, self.lock_timeout_ms,
+                                           device_map))
 
 
 class PluginCheckpointer:
@@ -704,8 +765,10 @@ class PluginCheckpointer:
     async def lock_and_checkpoint(self, pids: Sequence[int]) -> None:
         validate_pids(pids)
 
-    async def restore_and_unlock(self, pids: Sequence[int]) -> None:
+    async def restore_and_unlock(self, pids: Sequence[int],
+                                 device_map: DeviceMap = IN_PLACE) -> None:
         validate_pids(pids)
+        _in_place_only(device_map, type(self).__name__)
 
 
 class NoCudaCheckpointer:
@@ -721,8 +784,15 @@ class NoCudaCheckpointer:
     async def lock_and_checkpoint(self, pids: Sequence[int]) -> None:
         validate_pids(pids)
 
-    async def restore_and_unlock(self, pids: Sequence[int]) -> None:
+    async def restore_and_unlock(self, pids: Sequence[int],
+                                 device_map: DeviceMap = IN_PLACE) -> None:
         validate_pids(pids)
+        _in_place_only(device_map, type(self).__name__)
+
+
+def _in_place_only(device_map: DeviceMap, who: str) -> None:
+    if device_map:
+        raise Unsupported(f"{who} cannot restore CUDA state onto other GPUs")
 
 
 def make_cuda_checkpointer(
@@ -775,5 +845,7 @@ __all__ = [
     "may_hold_cuda",
     "parse_binary_state",
     "parse_driver_version",
+    "restore_args",
+    "uuid_bytes",
     "validate_pids",
 ]

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from llmux.common.errors import Unsupported
-from llmux.service.core import authz, procerrors
+from llmux.service.core import authz, gpumap, procerrors
 from llmux.service.core.authz import Caller, RestoredRegistry
 from llmux.service.core.claims import Claims, Prepared, Reporter, uncancellable
-from llmux.service.core.cuda import CudaCheckpointer
+from llmux.service.core.cuda import IN_PLACE, CudaCheckpointer, driver_version
 from llmux.service.core.dump import check_pid_arg, thaw
 from llmux.service.core.store import check_model
 
@@ -24,6 +24,15 @@ class SuspendResult:
     seconds: float
 
 
+def device_map_for(gpu_map: Mapping[int, int], cuda_mode: str) -> gpumap.DeviceMap:
+    """``gpu_map`` (the shim's GPU indices) as the driver's device map, checked against this
+    host's GPUs, driver and CUDA mode. Blocking (NVML)."""
+    if not gpu_map or all(old == new for old, new in gpu_map.items()):
+        return IN_PLACE
+    return gpumap.resolve(gpu_map, gpumap.host_gpus(), driver=driver_version(),
+                          cuda_mode=cuda_mode)
+
+
 @dataclass(frozen=True)
 class CudaJob:
     """One suspend or resume: its tree, and the CUDA PIDs its checks found (suspend)."""
@@ -33,6 +42,7 @@ class CudaJob:
     pids: list[int]
     found: list[int] | None
     report: Reporter
+    device_map: gpumap.DeviceMap = IN_PLACE
 
 
 class CudaJobs:
@@ -65,10 +75,15 @@ class CudaJobs:
         return await self._prepare(caller, model, root_pid, cuda_of, self._suspend)
 
     async def prepare_resume(
-        self, caller: Caller, model: str, root_pid: int
+        self, caller: Caller, model: str, root_pid: int, gpu_map: Mapping[int, int] | None = None
     ) -> Prepared[SuspendResult]:
-        """Checks that the caller may resume the tree."""
-        return await self._prepare(caller, model, root_pid, None, self._resume)
+        """Checks that the caller may resume the tree (onto the GPUs ``gpu_map`` names, old
+        index to new: refused by name where the driver could not)."""
+        device_map = await asyncio.to_thread(self.device_map, gpu_map or {})
+        return await self._prepare(caller, model, root_pid, None, self._resume, device_map)
+
+    def device_map(self, gpu_map: Mapping[int, int]) -> gpumap.DeviceMap:
+        return device_map_for(gpu_map, self.cuda_mode)
 
     async def _prepare(
         self,
@@ -77,6 +92,7 @@ class CudaJobs:
         root_pid: int,
         cuda_of: Callable[[list[int]], list[int]] | None,
         body: Callable[[CudaJob], Awaitable[list[int]]],
+        device_map: gpumap.DeviceMap = IN_PLACE,
     ) -> Prepared[SuspendResult]:
         """What suspend and resume share: checks, the model's claim, progress, timing."""
         check_model(model)
@@ -89,7 +105,7 @@ class CudaJobs:
             found = await asyncio.to_thread(cuda_of, pids) if cuda_of is not None else None
 
             async def run(report: Reporter) -> SuspendResult:
-                cuda_pids = await body(CudaJob(model, root_pid, pids, found, report))
+                cuda_pids = await body(CudaJob(model, root_pid, pids, found, report, device_map))
                 report(1.0, 0, 0.0, "done")
                 return SuspendResult(model, pids, cuda_pids, time.monotonic() - started)
 
@@ -117,6 +133,6 @@ class CudaJobs:
             cuda_pids = await asyncio.to_thread(self.cuda.cuda_pids, job.pids)
         if cuda_pids:
             job.report(0.1, 0, 0.0, "cuda-restore")
-            await self.cuda.restore_and_unlock(cuda_pids)
+            await self.cuda.restore_and_unlock(cuda_pids, job.device_map)
         self._suspended.pop(job.model, None)
         return cuda_pids

@@ -24,6 +24,7 @@ import importlib.metadata
 import logging
 import os
 import threading
+from collections.abc import Mapping
 
 from llmux.common.contract import CheckpointInfo, HostInfo, JobProgress
 from llmux.common.errors import Busy, InvalidArgument
@@ -188,10 +189,12 @@ class CheckpointEngine:
         return await prepared.run(progress)
 
     async def prepare_restore(
-        self, caller: Caller, model: str, *, keep_images: bool = True
+        self, caller: Caller, model: str, *, keep_images: bool = True,
+        gpu_map: Mapping[int, int] | None = None,
     ) -> Prepared[Manifest]:
         """Checks a restore into the caller's container and claims the model (restore.py)."""
-        return await self.restorer.prepare(caller, model, keep_images=keep_images)
+        return await self.restorer.prepare(caller, model, keep_images=keep_images,
+                                           gpu_map=gpu_map)
 
     async def restore(
         self, caller: Caller, model: str, *, keep_images: bool = True,
@@ -208,10 +211,11 @@ class CheckpointEngine:
         return await self.cuda_jobs.prepare_suspend(caller, model, root_pid)
 
     async def prepare_resume(
-        self, caller: Caller, model: str, root_pid: int
+        self, caller: Caller, model: str, root_pid: int,
+        gpu_map: Mapping[int, int] | None = None,
     ) -> Prepared[SuspendResult]:
-        """Checks that the caller may resume the tree."""
-        return await self.cuda_jobs.prepare_resume(caller, model, root_pid)
+        """Checks that the caller may resume the tree (onto other GPUs: ``gpu_map``)."""
+        return await self.cuda_jobs.prepare_resume(caller, model, root_pid, gpu_map)
 
     async def suspend(
         self, caller: Caller, model: str, root_pid: int, progress: ProgressSink | None = None,

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +28,10 @@ from llmux.service.core.authz import Caller
 from llmux.service.core.claims import Prepared, Reporter, uncancellable
 from llmux.service.core.container import ContainerContext
 from llmux.service.core.criu import CriuRun, RestoreRequest
+from llmux.service.core.cuda import IN_PLACE
+from llmux.service.core.cudajobs import device_map_for
 from llmux.service.core.gone import wait_gone_async
+from llmux.service.core.gpumap import DeviceMap
 from llmux.service.core.jobbase import JobBase
 from llmux.service.core.manifest import Manifest
 from llmux.service.core.recovery import RestoreJournal, kill_half_restored
@@ -56,6 +59,8 @@ class Restore:
     """The CRIU run, once started (what progress measures)."""
     noted: list[asyncio.Future[None]] = field(default_factory=list)
     """The journal's note of CRIU's start, in flight."""
+    device_map: DeviceMap = IN_PLACE
+    """Onto other GPUs than the checkpoint's (llmux.service.core.gpumap)."""
 
     @property
     def model(self) -> str:
@@ -74,8 +79,8 @@ class Restorer(JobBase):
         super().__init__(**vars(base))
         self.pid_free_timeout = PID_FREE_TIMEOUT_SECS
 
-    async def prepare(self, caller: Caller, model: str, *,
-                      keep_images: bool) -> Prepared[Manifest]:
+    async def prepare(self, caller: Caller, model: str, *, keep_images: bool,
+                      gpu_map: Mapping[int, int] | None = None) -> Prepared[Manifest]:
         """Checks a restore into the caller's container (the checkpoint is there and the
         caller's, this host and that container can take it back, the files it needs are
         there) and claims the model. Its PIDs and ports are checked by the run: a tree just
@@ -86,10 +91,15 @@ class Restorer(JobBase):
             started = time.monotonic()
             manifest, target = await restorecheck.check_restore(
                 self.store, self.criu.version, caller, model)
+            # onto other GPUs: refused here, by name, where the driver could not (a tree
+            # without CUDA state has nothing to remap)
+            device_map = IN_PLACE if not manifest.cuda_pids else await asyncio.to_thread(
+                device_map_for, gpu_map or {}, self.config.cuda_mode)
 
             async def body(report: Reporter) -> Manifest:
                 return await self._run(
-                    Restore(caller, manifest, target, keep_images, report, started))
+                    Restore(caller, manifest, target, keep_images, report, started,
+                            device_map=device_map))
 
             return body
 
@@ -239,7 +249,7 @@ class Restorer(JobBase):
         if manifest.cuda_pids:
             r.report(0.9, 0, 0.0, "cuda-restore")
             try:
-                await self.cuda.restore_and_unlock(manifest.cuda_pids)
+                await self.cuda.restore_and_unlock(manifest.cuda_pids, r.device_map)
             except HostError as exc:
                 raise CudaFailed(
                     f"CRIU restored {model!r} (PIDs {manifest.pids}) but its CUDA state could "

@@ -130,7 +130,9 @@ def _options_lines(options: type[contract.Options], docs: dict[str, str]) -> Ite
     yield "|---|---|---|---|"
     for f in rows:
         doc = docs.get(f"{options.__name__}.{f.name}", "")
-        yield (f"| `{f.name}` | {_type(f.metadata['dbus'][1])} | `{f.default!r}` "
+        default = (f.default if f.default_factory is dataclasses.MISSING
+                   else f.default_factory())
+        yield (f"| `{f.name}` | {_type(f.metadata['dbus'][1])} | `{default!r}` "
                f"| {_cell(doc)} |")
 
 

@@ -31,6 +31,7 @@ from llmux.common.contract import (
     NoOptions,
     Operation,
     RestoreOptions,
+    ResumeOptions,
     checkpoint_path,
 )
 from llmux.service.core.engine import Caller, CheckpointEngine, Prepared
@@ -160,7 +161,7 @@ class HostServer:
     @exports(contract.RESTORE)
     async def restore(self, call: Call, model: str, options: RestoreOptions) -> Reply:
         prepared = await self.engine.prepare_restore(
-            call.caller, model, keep_images=options.keep_images
+            call.caller, model, keep_images=options.keep_images, gpu_map=options.gpu_map
         )
         return self._job(Operation.RESTORE, call.caller, prepared)
 
@@ -178,8 +179,10 @@ class HostServer:
         return self._job(Operation.SUSPEND, call.caller, prepared)
 
     @exports(contract.RESUME)
-    async def resume(self, call: Call, model: str, root_pid: int, _options: NoOptions) -> Reply:
-        prepared = await self.engine.prepare_resume(call.caller, model, root_pid)
+    async def resume(self, call: Call, model: str, root_pid: int,
+                     options: ResumeOptions) -> Reply:
+        prepared = await self.engine.prepare_resume(call.caller, model, root_pid,
+                                                    options.gpu_map)
         return self._job(Operation.RESUME, call.caller, prepared)
 
     @exports(contract.DELETE_CHECKPOINT)

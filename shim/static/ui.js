@@ -195,8 +195,10 @@ function renderModels(status, cameBack) {
     cell("came-back").textContent = how
       ? how + (cb && cb.secs !== undefined ? " " + secs(cb.secs) : "") : "—";
     const pids = m.pids || [];
-    cell("pids").textContent = pids.length
-      ? pids.slice(0, 4).join(" ") + (pids.length > 4 ? " +" + (pids.length - 4) : "") : "—";
+    // several GPUs: the ones its engine is on (or was last given) lead the cell
+    const gpu = m.gpus && m.gpus.length ? "GPU " + m.gpus.join(",") + " · " : "";
+    cell("pids").textContent = gpu + (pids.length
+      ? pids.slice(0, 4).join(" ") + (pids.length > 4 ? " +" + (pids.length - 4) : "") : "—");
     cell("pids").title = pids.join(" ");
     let mem = mb(m.memory_mb);
     if (m.memory_source) mem += " (" + m.memory_source + ")";
@@ -225,14 +227,23 @@ function renderSummary(status) {
   const used = status.memory_used_mb;
   const budget = status.memory_budget_mb;
   const meter = $("memory-meter");
+  // several GPUs: the budget is each GPU's, shown on the line of the GPUs
+  const gpus = status.gpus || [];
   if (used === undefined || used === null) {
     $("memory").textContent = "—";
+    meter.hidden = true;
+  } else if (gpus.length) {
+    $("memory").textContent = mb(used) + (budget ? " (budget " + mb(budget) + " per GPU)" : "");
     meter.hidden = true;
   } else {
     $("memory").textContent = mb(used) + (budget ? " / " + mb(budget) : " (no budget)");
     meter.hidden = !budget;
     if (budget) { meter.max = budget; meter.value = Math.min(used, budget); }
   }
+  $("gpus-line").hidden = gpus.length === 0;
+  $("gpus").textContent = gpus.map((g) => g.index + ": " + (g.models.length
+    ? g.models.join("+") : "free") + " " + mb(g.memory_used_mb) +
+    (g.memory_budget_mb ? " / " + mb(g.memory_budget_mb) : "")).join(" · ");
 }
 
 function renderSwitches(switches) {

@@ -190,3 +190,20 @@ def test_sleep_is_refused_without_the_admin_key(start_page_shim: Callable[..., S
     expect(page.locator("#banner")).to_be_hidden()
     row(page, A).locator("button.sleep").click()
     expect(row(page, A)).to_have_attribute("data-state", "sleeping")
+
+
+@pytest.mark.browser
+def test_page_shows_which_model_is_on_which_gpu(start_page_shim: Callable[..., Shim],
+                                                open_page: Callable[..., Any]) -> None:
+    shim = start_page_shim({A: "retain+stop", B: "retain+stop"}, gpus=2)
+    assert shim.text(A) and shim.text(B)  # one per GPU slot, both resident
+    page, log = open_page(f"{shim.url}/ui", 1280, 800)
+    expect(row(page, A).locator("td.pids")).to_contain_text("GPU 0 · ")
+    expect(row(page, B).locator("td.pids")).to_contain_text("GPU 1 · ")
+    expect(page.locator("#gpus-line")).to_be_visible()
+    expect(page.locator("#gpus")).to_contain_text(f"0: {A}")
+    expect(page.locator("#gpus")).to_contain_text(f"1: {B}")
+    box = row(page, B).locator("button.stop").bounding_box()  # still in view at 1280
+    assert box is not None and box["x"] + box["width"] <= 1280 - 16, box
+    no_horizontal_overflow(page)
+    assert not log.errors, log.errors

@@ -297,6 +297,8 @@ class InMemoryDriver(cuda._Transitions):  # type: ignore[misc]
         self.table = dict(states)
         self.fail = fail
         self.calls: list[tuple[str, int]] = []
+        #: the device map each restore was given
+        self.maps: dict[int, cuda.DeviceMap] = {}
 
     def problem(self) -> str:
         return ""
@@ -306,8 +308,11 @@ class InMemoryDriver(cuda._Transitions):  # type: ignore[misc]
             raise RuntimeError("CUDA_ERROR_NOT_FOUND")
         return self.table[pid]
 
-    async def _act(self, action: str, pid: int) -> None:
+    async def _act(self, action: str, pid: int, device_map: cuda.DeviceMap = cuda.IN_PLACE
+                   ) -> None:
         self.calls.append((action, pid))
+        if action == "restore":
+            self.maps[pid] = device_map
         await asyncio.sleep(0)
         moves = {
             "lock": (ProcessState.RUNNING, ProcessState.LOCKED),
@@ -519,3 +524,68 @@ def test_gpu_binary_suspend_resume(torch_gpu: tuple[subprocess.Popen[str], str])
     checkpointer = make_cuda_checkpointer("binary", "cuda-checkpoint")
     assert checkpointer.cuda_pids([proc.pid]) == [proc.pid]
     _suspend_resume_roundtrip(checkpointer, proc, checksum)
+
+
+def _on_gpus(pid: int) -> set[int]:
+    """The GPUs NVML lists ``pid`` on."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        return {i for i in range(pynvml.nvmlDeviceGetCount())
+                if pid in {p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses(
+                    pynvml.nvmlDeviceGetHandleByIndex(i))}}
+    finally:
+        pynvml.nvmlShutdown()
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("mode", ["api", "binary"])
+def test_gpu_restore_takes_a_device_map(torch_gpu: tuple[subprocess.Popen[str], str],
+                                        mode: str) -> None:
+    """The restore's device map as the driver takes it, on one GPU: GPU 0's own pair (the
+    struct's layout, the binary's --device-map), the answer unchanged."""
+    if mode == "binary" and not shutil.which("cuda-checkpoint"):
+        pytest.skip("cuda-checkpoint not installed")
+    from llmux.service.core import gpumap
+
+    proc, checksum = torch_gpu
+    gpus = gpumap.host_gpus()
+    assert gpus and gpumap.driver_can_remap(driver_version()), (gpus, driver_version())
+    checkpointer = make_cuda_checkpointer(mode, "cuda-checkpoint")
+    asyncio.run(checkpointer.lock_and_checkpoint([proc.pid]))
+    same = gpumap.DeviceMap(((gpus[0].uuid, gpus[0].uuid),))
+    asyncio.run(checkpointer.restore_and_unlock([proc.pid], same))
+    assert _ask(proc) == checksum
+    assert _on_gpus(proc.pid) == {0}
+
+
+def _two_gpus() -> bool:
+    from llmux.service.core import gpumap
+
+    gpus = gpumap.host_gpus()
+    return len(gpus) >= 2 and gpus[0].name == gpus[1].name
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.skipif(not _two_gpus(), reason="needs 2 GPUs of the same model in one host")
+def test_gpu_restore_onto_the_other_gpu() -> None:
+    """Suspended on GPU 0, resumed on GPU 1 (the map the shim asks for as {0: 1})."""
+    from llmux.service.core import gpumap
+
+    proc = _spawn(TORCH_HOLDER, stdin=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        checksum = proc.stdout.readline().split()[1]
+        assert _on_gpus(proc.pid) == {0}
+        checkpointer = make_cuda_checkpointer("api", "cuda-checkpoint")
+        asyncio.run(checkpointer.lock_and_checkpoint([proc.pid]))
+        moved = gpumap.resolve({0: 1}, gpumap.host_gpus(), driver=driver_version(),
+                               cuda_mode="api")
+        asyncio.run(checkpointer.restore_and_unlock([proc.pid], moved))
+        assert _on_gpus(proc.pid) == {1}
+        assert _ask(proc) == checksum
+    finally:
+        _stop(proc)

@@ -215,10 +215,11 @@ async def test_control_status_and_wake_keep_their_shapes() -> None:
                               "seconds": 2.5, "wake": "restore", "evicted": "a"}
     status: dict[str, Any] = json.loads(json.dumps(control.status_json()))
     assert list(status) == ["active", "active_models", "queue_depth", "switching",
-                            "memory_budget_mb", "memory_used_mb", "models"]
+                            "memory_budget_mb", "memory_used_mb", "gpus", "models"]
+    assert status["gpus"] == []  # one slot: no placement
     assert list(status["models"]["b"]) == [
         "state", "pids", "last_wake", "eviction", "port", "engine", "since", "sleep_level",
-        "evicted_with", "restarts", "last_error", "memory_mb", "memory_source", "active",
+        "evicted_with", "restarts", "last_error", "memory_mb", "memory_source", "gpus", "active",
         "in_flight", "queued", "pinned", "ttl_secs", "idle_secs", "priority"]
     assert status["active"] == "b" and status["models"]["b"]["last_wake"] == "restore"
     assert status["models"]["a"]["active"] is False
