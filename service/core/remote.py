@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,7 +38,14 @@ from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from llmux.common.contract import valid_model_name
-from llmux.common.errors import Cancelled, HostError, ManifestMismatch, NotFound, StoreFailed
+from llmux.common.errors import (
+    Cancelled,
+    HostError,
+    InvalidArgument,
+    ManifestMismatch,
+    NotFound,
+    StoreFailed,
+)
 from llmux.service.core.claims import Reporter, uncancellable
 from llmux.service.core.config import RemoteConfig
 from llmux.service.core.durable import fsync_dir
@@ -345,9 +353,25 @@ class S3Backend:
                     "Quiet": True})
 
 
+def check_credentials_file(path: str) -> None:
+    """The credentials file exists, is a regular file, and only its owner, root, reads it."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise InvalidArgument(f"remote.credentials_file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidArgument(f"remote.credentials_file {path} is not a regular file")
+    if st.st_mode & 0o077 or (os.geteuid() == 0 and st.st_uid != 0):
+        raise InvalidArgument(
+            f"remote.credentials_file {path} must be root-only (owner uid {st.st_uid}, mode "
+            f"{stat.S_IMODE(st.st_mode):04o}): chown root and chmod 600 it")
+
+
 def backend_for(config: RemoteConfig) -> Backend:
     if config.url.startswith("file://"):
         return FileBackend(Path(urlparse(config.url).path))
+    if config.credentials_file:
+        check_credentials_file(config.credentials_file)
     return S3Backend(config)
 
 
