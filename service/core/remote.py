@@ -243,6 +243,8 @@ class S3Backend:
         import botocore.config
         import botocore.session
 
+        for name in ("botocore", "boto3", "s3transfer", "urllib3"):  # their debug is a flood
+            logging.getLogger(name).setLevel(max(logging.INFO, logging.root.level))
         parsed = urlparse(config.url)
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
