@@ -239,9 +239,14 @@ class S3Backend:
     """An S3-compatible store through boto3."""
 
     def __init__(self, config: RemoteConfig) -> None:
-        import boto3
-        import botocore.config
-        import botocore.session
+        try:
+            import boto3
+            import botocore.config
+            import botocore.session
+        except ImportError:
+            raise InvalidArgument(
+                f"remote.url {config.url} needs boto3, which is not installed "
+                "(apt install python3-boto3, or pip install boto3)") from None
 
         for name in ("botocore", "boto3", "s3transfer", "urllib3"):  # their debug is a flood
             logging.getLogger(name).setLevel(max(logging.INFO, logging.root.level))
