@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llmux.common.contract import BUS_NAME, CHECKPOINT_INTERFACE, checkpoint_path
 from tests.support.llmuxd_harness import Llmuxd, running_bus, running_llmuxd
@@ -59,14 +60,17 @@ def remote_toml(url: str, endpoint_url: str = "", credentials_file: str = "",
 @contextlib.contextmanager
 def host(name: str, workdir: Path, rootfs: str, config: str, *,
          engine_port: int | None = None, backend: str = "pure",
-         weights_mb: int = 16) -> Iterator[Host]:
-    """One host: bus, llmuxd with ``config`` (llmuxd.toml), a shim factory on that bus."""
+         weights_mb: int = 16, model: dict[str, Any] | None = None) -> Iterator[Host]:
+    """One host: bus, llmuxd with ``config`` (llmuxd.toml), a shim factory on that bus
+    (``model``: the model's table instead of the built-in engine's default one)."""
     workdir.mkdir(parents=True, exist_ok=True)
     bus_dir = Path(tempfile.mkdtemp(prefix=f"llmux-remote-bus-{name}-"))
     os.chmod(bus_dir, 0o755)
     try:
         with running_bus(bus_dir) as bus, running_llmuxd(bus, workdir, config) as daemon:
-            extra = {"engine_port": engine_port} if engine_port else {}
+            extra: dict[str, Any] = {"engine_port": engine_port} if engine_port else {}
+            if model is not None:
+                extra["model"] = model
             with shim_factory(
                 rootfs=rootfs, bus_dir=bus_dir,
                 bus_address_in=f"unix:path=/run/llmux-bus/{Path(bus.socket_path).name}",
