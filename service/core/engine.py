@@ -102,7 +102,8 @@ class CheckpointEngine:
         """Keep checkpoints in ``remote`` too: uploaded after each dump, downloaded by a
         restore of one this host does not hold."""
         self.remote = remote
-        self.uploads = Uploader(remote, self.store.path, self.store.get)
+        self.uploads = Uploader(remote, self.store.path, self.store.get,
+                                settled=self.mover.wait)
         self.dumper.on_commit = self.uploads.start
         self.restorer.remote = remote
 

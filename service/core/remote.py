@@ -27,11 +27,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,6 +59,8 @@ RECORD = "manifest.json"
 CHUNK = 8 << 20
 #: written into an images folder by a restore, not part of the checkpoint
 _NOT_UPLOADED = frozenset({"restore.log", "restore.pid"})
+
+_GENERATION = re.compile(r"[0-9A-Za-z][0-9A-Za-z_-]{0,63}")
 
 Cancel = Callable[[], bool]
 """True once the work should stop (a newer dump superseded the upload)."""
@@ -103,6 +106,9 @@ class RemoteRecord:
             uploaded = float(data.get("uploaded", 0.0))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ManifestMismatch(f"the store's record {where} is malformed: {exc}") from exc
+        if not _GENERATION.fullmatch(generation):
+            raise ManifestMismatch(f"the store's record {where} has an invalid generation "
+                                   f"{generation!r}")
         for rel in files:
             parts = Path(rel).parts
             if (Path(rel).is_absolute() or ".." in parts or not parts
@@ -305,6 +311,8 @@ class S3Backend:
                 return StoreFailed(f"{what} failed: the store {self.url} refused the "
                                    f"credentials ({code}: {message})")
             return StoreFailed(f"{what} failed: {code}: {message} (store {self.url})")
+        if isinstance(exc, OSError) and exc.filename:  # the local file, not the store
+            return StoreFailed(f"{what} failed: {exc}")
         if isinstance(exc, bce.NoCredentialsError):
             return StoreFailed(f"{what} failed: no credentials for the store {self.url} (set "
                                "remote.credentials_file or the AWS environment)")
@@ -486,7 +494,8 @@ class RemoteStore:
             log.warning("removing old objects of %s from %s failed: %s", model, self.url, exc)
 
     def download(self, record: RemoteRecord, into: Path,
-                 progress: Callable[[int], None] = lambda _n: None) -> None:
+                 progress: Callable[[int], None] = lambda _n: None,
+                 cancelled: Cancel = lambda: False) -> None:
         """Stream every file of ``record`` into the folder ``into`` (a staging folder),
         each checked against its size and sha256 as it arrives."""
         done = 0
@@ -499,6 +508,8 @@ class RemoteStore:
             with open(target, "wb") as out:
                 os.fchmod(out.fileno(), 0o600)
                 for chunk in self.backend.read_chunks(key):
+                    if cancelled():
+                        raise Cancelled(f"download of {record.model} cancelled")
                     out.write(chunk)
                     digest.update(chunk)
                     size += len(chunk)
@@ -542,8 +553,12 @@ class Uploader:
 
     def __init__(self, remote: RemoteStore, directory: Callable[[str], Path],
                  manifest: Callable[[str], Manifest],
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 on_change: Callable[[], None] = lambda: None,
+                 settled: Callable[[], Awaitable[None]] | None = None) -> None:
         self.remote = remote
+        self._settled = settled
+        """Awaited before an upload: the memory tier's moves to disk (the images' folder
+        changes under a move)."""
         self._directory = directory
         self._manifest = manifest
         self.on_change = on_change
@@ -563,6 +578,8 @@ class Uploader:
                    superseded: threading.Event) -> None:
         if previous is not None:
             await asyncio.gather(previous.task, return_exceptions=True)
+        if self._settled is not None:
+            await self._settled()
         t = time.monotonic()
         try:
             manifest = self._manifest(model)
@@ -624,10 +641,12 @@ async def fetch(store: CheckpointStore, remote: RemoteStore, record: RemoteRecor
             rate = done / max(time.monotonic() - t, 1e-6)
             loop.call_soon_threadsafe(report, 0.0, done, rate, "downloading")
 
+    stop = threading.Event()
     try:
-        await asyncio.to_thread(remote.download, record, staging.path, progress)
+        await asyncio.to_thread(remote.download, record, staging.path, progress, stop.is_set)
         await asyncio.to_thread(store.commit, staging, record.manifest)
     except BaseException:
+        stop.set()
         await uncancellable(asyncio.to_thread(store.abort, staging))
         raise
     secs = time.monotonic() - t

@@ -88,7 +88,10 @@ class HostServer:
         log.info("owning %s; %s", BUS_NAME, self.status_line())
 
     async def stop(self) -> None:
-        """Cancels running jobs (the core puts their processes back), then lets go of the name."""
+        """Cancels running jobs (the core puts their processes back) and uploads (the local
+        copies stay; the next dump uploads again), then lets go of the name."""
+        if self.engine.uploads is not None:
+            self.engine.uploads.cancel_all()
         await self.jobs.shutdown()
         try:
             await asyncio.wait_for(self.dispatcher.drain(), 5)
