@@ -140,3 +140,25 @@ def test_an_incompatible_checkpoint_is_a_cold_start_with_the_reason(
         assert not (b.daemon.state_dir / MODEL).exists(), "B downloaded a refused checkpoint"
         assert b.location() == "remote", "the stored checkpoint is kept"
         shim.stop()
+
+
+def test_the_store_unreachable_at_the_wake_is_a_cold_start_with_the_reason(
+    tmp_path: Path, podman_rootfs: str, moto: MotoServer, reaper: Reaper,
+) -> None:
+    creds = moto.credentials_file(tmp_path / "aws-credentials")
+    config = remote_toml(f"s3://{BUCKET}/e2e", moto.endpoint, str(creds))
+    first, _pids, engine_port = checkpoint_on_a(tmp_path, podman_rootfs, config, reaper)
+
+    with host("b", tmp_path / "host-b", podman_rootfs, config, engine_port=engine_port) as b:
+        shim = b.shims.start("b")
+        assert shim.model_status()["state"] == "checkpointed"
+        moto.kill()  # the store goes away between the listing and the wake
+        assert shim.answer() == first
+        status = shim.model_status()
+        assert status["state"] == "running" and status["last_wake"] == "cold", status
+        reaper.watch(list(status["pids"]))
+        error = status["last_error"] or ""
+        assert "org.llmux.Error.StoreFailed" in error and "unreachable" in error, status
+        assert moto.endpoint in error, error
+        assert not (b.daemon.state_dir / MODEL).exists()
+        shim.stop()
