@@ -157,6 +157,23 @@ async def test_a_newer_dump_supersedes_the_upload(
     assert generations == {record.generation}, f"stale generations left: {generations}"
 
 
+async def test_a_checkpoint_in_the_memory_tier_is_uploaded_after_its_move_to_disk(
+    criu_path: str, tmp_path: Path, file_config: RemoteConfig, spawn_target: TargetFactory,
+) -> None:
+    a = await CheckpointEngine.open(EngineConfig(
+        state_dir=tmp_path / "host-a", criu_path=criu_path, cuda_mode="off",
+        memory_tier_dir=tmp_path / "tier", memory_tier_limit_bytes=1 << 30,
+        remote=file_config))
+    t, answer = await dumped_on_a(a, spawn_target)
+    assert a.uploads is not None
+    await a.uploads.wait()
+    assert a.uploads.errors == {}
+    assert not a.store.in_memory(MODEL), "uploaded before the images' move to disk"
+    b = await open_host(criu_path, tmp_path / "host-b", file_config)
+    await b.restore(ME, MODEL)
+    assert await t.ping() == after(answer)
+
+
 # ------------------------------------------------------------------------------- faults
 
 
