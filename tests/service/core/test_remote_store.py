@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -172,6 +173,27 @@ async def test_a_checkpoint_in_the_memory_tier_is_uploaded_after_its_move_to_dis
     b = await open_host(criu_path, tmp_path / "host-b", file_config)
     await b.restore(ME, MODEL)
     assert await t.ping() == after(answer)
+
+
+async def test_an_upload_stops_at_once_when_llmuxd_stops(
+    criu_path: str, tmp_path: Path, moto: MotoServer, s3_config: RemoteConfig,
+    spawn_target: TargetFactory,
+) -> None:
+    a = await open_host(criu_path, tmp_path / "host-a", s3_config)
+    t = await spawn_target(300)
+    await a.checkpoint(ME, MODEL, t.pid)
+    s3 = moto.client()
+    await wait_until_async(lambda: bool(s3.list_objects_v2(Bucket=BUCKET).get("KeyCount")),
+                           30, "the upload to begin")
+    assert a.uploads is not None and a.uploads.busy(MODEL), "the upload ended too soon"
+    began = time.monotonic()
+    a.uploads.cancel_all()  # what HostServer.stop does on SIGTERM
+    await a.uploads.wait()
+    assert time.monotonic() - began < 5, "the upload went on after llmuxd's stop"
+    assert a.remote is not None
+    with pytest.raises(NotFound):
+        a.remote.record(MODEL)  # nothing half-uploaded visible
+    assert where(a) == {MODEL: "local"}
 
 
 # ------------------------------------------------------------------------------- faults
