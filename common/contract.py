@@ -83,6 +83,7 @@ class ErrorName(StrEnum):
     UNSUPPORTED = f"{ERROR_PREFIX}.Unsupported"
     NO_SUCH_PROCESS = f"{ERROR_PREFIX}.NoSuchProcess"
     INTERNAL = f"{ERROR_PREFIX}.Internal"
+    STORE_FAILED = f"{ERROR_PREFIX}.StoreFailed"
 
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -315,6 +316,9 @@ class CheckpointInfo(Record):
     """The whole manifest, JSON."""
     listen_ports: list[int] = _dbus("ListenPorts", "au", factory=list)  # noqa: RUF009
     """TCP ports the tree listened on: each must be free for a restore."""
+    location: str = _dbus("Location", "s", "local")
+    """Where the checkpoint is: "local" (this host's state directory), "remote" (only in
+    the object store; a restore downloads it) or "both"."""
 
 
 JOB_OBJECT_PROPERTIES = (

@@ -83,6 +83,13 @@ class NoSuchProcess(HostError):
     dbus_name = ErrorName.NO_SUCH_PROCESS
 
 
+class StoreFailed(HostError):
+    """The remote checkpoint store could not be used: unreachable, a missing bucket,
+    credentials refused; the message names the store and what failed."""
+
+    dbus_name = ErrorName.STORE_FAILED
+
+
 class Internal(HostError):
     dbus_name = ErrorName.INTERNAL
 
@@ -92,7 +99,7 @@ BY_NAME: dict[str, type[HostError]] = {
     for cls in (
         NotFound, AccessDenied, InvalidArgument, NoSpace, PidInUse, PortInUse, CriuFailed,
         CudaFailed, ManifestMismatch, Busy, Cancelled, Timeout, Unsupported, NoSuchProcess,
-        Internal,
+        StoreFailed, Internal,
     )
 }
 """Every ErrorName to its class: what a client raises for an error reply."""

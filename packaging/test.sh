@@ -13,5 +13,5 @@ mkdir "$types_root/llmux"; for _n in common service client shim; do ln -s "$PWD/
 MYPYPATH="$types_root" "$VENV/bin/mypy" --namespace-packages --explicit-package-bases -p llmux.common -p llmux.service -p llmux.client -p llmux.shim
 echo "== pytest"
 # Tiers that must run (not skip) here: a skip of one of them fails the run in CI.
-export LLMUX_REQUIRE_TIERS=${LLMUX_REQUIRE_TIERS:-criu,dbus,podman,systemd,vllm,browser}
+export LLMUX_REQUIRE_TIERS=${LLMUX_REQUIRE_TIERS:-criu,dbus,podman,systemd,vllm,browser,s3}
 "$VENV/bin/pytest" -ra "$@"

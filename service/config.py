@@ -13,6 +13,13 @@
     criu_timeout_secs_per_gib = 60.0   # thawed), plus this per GiB of images
     log_level = "info"
 
+    [remote]                       # optional: checkpoints also in an object store
+    url = "s3://bucket/prefix"     # or "file:///shared/path"
+    endpoint_url = ""              # an S3-compatible endpoint (MinIO, Ceph); "" for AWS
+    credentials_file = ""          # a root-only AWS credentials file; "" for the AWS chain
+    region = ""
+    keep_local = true              # a host that downloaded a checkpoint keeps its copy
+
 The schema is DaemonConfig with the core's EngineConfig (service/core/config.py): each
 default is written there once. The reader lists every problem with its key.
 """
@@ -28,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from llmux.common.configschema import Problem, checked, default_of, file_keys, internal, setting
-from llmux.service.core.config import EngineConfig, one_of
+from llmux.service.core.config import EngineConfig, RemoteConfig, one_of
 
 DEFAULT_CONFIG = Path("/etc/llmux/llmuxd.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -87,12 +94,32 @@ def _section(cls: type, raw: Mapping[str, Any], problems: list[Problem]) -> Any:
     return cls(**values)
 
 
+def _remote(raw: Any, problems: list[Problem]) -> RemoteConfig | None:
+    """The ``[remote]`` table; its problems keyed ``remote.KEY``."""
+    if not isinstance(raw, Mapping):
+        problems.append(("remote", "remote must be a table ([remote])"))
+        return None
+    found: list[Problem] = [(f"remote.{k}", f"unknown key 'remote.{k}'")
+                            for k in raw if k not in file_keys(RemoteConfig)]
+    for key, f in file_keys(RemoteConfig).items():
+        if f.metadata.get("required") and key not in raw:
+            found.append((f"remote.{key}", f"remote.{key} is missing "
+                                           f"({f.metadata['required']})"))
+    section: list[Problem] = []
+    remote: RemoteConfig = _section(RemoteConfig, raw, section)
+    found += [(f"remote.{key}", f"remote.{why}") for key, why in section]
+    problems += found
+    return remote if not found else None
+
+
 def read_config(raw: Mapping[str, Any], source: str) -> DaemonConfig:
     """The configuration in ``raw`` (a parsed llmuxd.toml, the flags merged in); raises
     ConfigError listing every problem found."""
-    known = file_keys(DaemonConfig).keys() | file_keys(EngineConfig).keys()
+    known = file_keys(DaemonConfig).keys() | file_keys(EngineConfig).keys() | {"remote"}
     problems: list[Problem] = [(k, f"unknown key {k!r}") for k in raw if k not in known]
     engine: EngineConfig = _section(EngineConfig, raw, problems)
+    if "remote" in raw:
+        engine = replace(engine, remote=_remote(raw["remote"], problems))
     config: DaemonConfig = replace(_section(DaemonConfig, raw, problems), engine=engine)
     problems += config.problems()
     if problems:

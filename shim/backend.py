@@ -40,6 +40,7 @@ HOST_ERRORS: dict[type[errors.HostError], tuple[int, str]] = {
     errors.Timeout: (504, "timeout"),
     errors.CriuFailed: (502, "host_service_error"),
     errors.CudaFailed: (502, "host_service_error"),
+    errors.StoreFailed: (502, "host_service_error"),
     errors.Internal: (502, "host_service_error"),
 }
 

@@ -26,7 +26,7 @@ pytest_plugins = [
     "tests.support.proxy_fixtures",
 ]
 
-TIERS = ("criu", "dbus", "podman", "systemd", "vllm", "gpu", "browser")
+TIERS = ("criu", "dbus", "podman", "systemd", "vllm", "gpu", "browser", "s3")
 
 
 def _required() -> set[str]:

@@ -31,6 +31,30 @@ def one_of(choices: tuple[str, ...]) -> Check:
     return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
 
 
+def _store_url(v: str) -> str | None:
+    if v.startswith("s3://") and len(v) > 5 and not v[5:].startswith("/"):
+        return None
+    if v.startswith("file:///"):
+        return None
+    return f"must be s3://BUCKET[/PREFIX] or file:///PATH, not {v!r}"
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """``[remote]`` of llmuxd.toml: checkpoints also kept in an object store (remote.py)."""
+
+    url: str = setting("", required="the store's URL (s3://BUCKET/PREFIX or file:///PATH)",
+                       check=_store_url)
+    endpoint_url: str = setting("")
+    """An S3-compatible endpoint (MinIO, Ceph, ...); "" for AWS's own."""
+    credentials_file: str = setting("")
+    """A root-only AWS shared-credentials file; "" for the standard chain (environment,
+    ~/.aws, the instance role)."""
+    keep_local: bool = setting(True)
+    """Whether a host that downloaded a checkpoint to restore it keeps the local copy."""
+    region: str = setting("")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     state_dir: Path = setting(Path(DEFAULT_STATE_DIR))
@@ -55,6 +79,8 @@ class EngineConfig:
     """A CRIU run is killed after this long, plus criu_timeout_secs_per_gib for each GiB
     of images it writes or reads: a stuck CRIU holds the tree frozen."""
     criu_timeout_secs_per_gib: float = setting(60.0, check=_not_negative)
+    remote: RemoteConfig | None = internal(None)
+    """The remote store (``[remote]``), None: checkpoints stay on this host."""
 
     def criu_bound_secs(self, nbytes: int) -> float:
         return self.criu_timeout_secs + self.criu_timeout_secs_per_gib * nbytes / (1 << 30)
@@ -62,6 +88,8 @@ class EngineConfig:
     def problems(self) -> list[Problem]:
         """Every value refused, as (key, message): the rules, written once."""
         found = checked(self)
+        if self.remote is not None:
+            found += [(f"remote.{key}", f"remote.{why}") for key, why in checked(self.remote)]
         if self.memory_tier_limit_bytes > 0 and self.memory_tier_dir is None:
             found.append(("memory_tier_dir", "memory_tier_limit_bytes needs memory_tier_dir"))
         return found

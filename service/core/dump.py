@@ -20,7 +20,7 @@ from pathlib import Path
 
 from llmux.common import gpumem, proctree, resources
 from llmux.common.errors import CriuFailed, HostError, InvalidArgument, NoSpace, Unsupported
-from llmux.service.core import authz, procerrors, upperfiles
+from llmux.service.core import authz, compat, procerrors, upperfiles
 from llmux.service.core.authz import Caller
 from llmux.service.core.claims import Prepared, Reporter, uncancellable
 from llmux.service.core.container import ContainerContext
@@ -150,6 +150,8 @@ class Dumper(JobBase):
     def __init__(self, base: JobBase, mover: TierMover) -> None:
         super().__init__(**vars(base))
         self.mover = mover
+        self.on_commit: Callable[[str], None] = lambda _model: None
+        """Called with the model once a checkpoint is committed (the remote upload)."""
 
     async def prepare(self, caller: Caller, model: str, root_pid: int, *,
                       leave_running: bool, weights_bytes: int) -> Prepared[Manifest]:
@@ -217,6 +219,7 @@ class Dumper(JobBase):
                         tree: Tree) -> Manifest:
         """The manifest as far as it is known before CRIU runs."""
         pids, ctx = tree.pids, tree.ctx
+        rootfs = await asyncio.to_thread(ctx.rootfs_identity)
         return Manifest(
             model=model,
             owner=authz.user_name(caller.uid),
@@ -229,7 +232,8 @@ class Dumper(JobBase):
             kernel_release=os.uname().release,
             driver_version=driver_version(),
             created=0.0,
-            rootfs=await asyncio.to_thread(ctx.rootfs_identity),
+            rootfs=rootfs,
+            compat=await asyncio.to_thread(compat.host_facts, str(self.criu.version), rootfs),
             foreign_mntns=ctx.foreign,
             shell_job=await asyncio.to_thread(_session_outside, pids),
             external_mounts=[ExternalMountRecord(e.key, e.mount_point) for e in ctx.externals],
@@ -462,4 +466,5 @@ class Dumper(JobBase):
         log.info("checkpointed %s (PIDs %s) in %.2fs: %d MiB", d.model, d.pids, d.dump_secs,
                  images_bytes >> 20)
         self.mover.start(d.model)
+        self.on_commit(d.model)
         return manifest

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Mapping
 
 from llmux.common.contract import CheckpointInfo, HostInfo, JobProgress
-from llmux.common.errors import Busy, InvalidArgument
+from llmux.common.errors import Busy, HostError, InvalidArgument
 from llmux.service.core import authz, recovery, restorecheck
 from llmux.service.core.authz import Caller, RestoredRegistry
 from llmux.service.core.claims import Claims, Prepared, Progress, ProgressSink
@@ -39,6 +39,7 @@ from llmux.service.core.cudajobs import CudaJobs, SuspendResult
 from llmux.service.core.dump import Dumper
 from llmux.service.core.jobbase import JobBase
 from llmux.service.core.manifest import Manifest
+from llmux.service.core.remote import RemoteStore, Uploader
 from llmux.service.core.restore import Restorer
 from llmux.service.core.store import CheckpointStore, check_model
 from llmux.service.core.tiermove import TierMover
@@ -58,6 +59,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+REMOTE_LIST_TIMEOUT_SECS = 10.0
+"""How long a listing of the remote store may take before the index is left as it was."""
 
 
 def _service_version() -> str:
@@ -90,6 +94,19 @@ class CheckpointEngine:
         self.dumper = Dumper(base, self.mover)
         self.restorer = Restorer(base)
         self.cuda_jobs = CudaJobs(cuda, config.cuda_mode, self.claims, self.restored)
+        self.remote: RemoteStore | None = None
+        self.uploads: Uploader | None = None
+        if config.remote is not None:
+            self.attach_remote(RemoteStore(config.remote))
+
+    def attach_remote(self, remote: RemoteStore) -> None:
+        """Keep checkpoints in ``remote`` too: uploaded after each dump, downloaded by a
+        restore of one this host does not hold."""
+        self.remote = remote
+        self.uploads = Uploader(remote, self.store.path, self.store.get,
+                                settled=self.mover.wait)
+        self.dumper.on_commit = self.uploads.start
+        self.restorer.remote = remote
 
     @classmethod
     async def open(cls, config: EngineConfig) -> CheckpointEngine:
@@ -104,7 +121,9 @@ class CheckpointEngine:
                                 config.memory_tier_limit_bytes)
         await asyncio.to_thread(recovery.recover, store)
         cuda = make_cuda_checkpointer(config.cuda_mode, config.cuda_checkpoint_path)
-        return cls(config, criu, store, cuda)
+        engine = cls(config, criu, store, cuda)
+        await engine.refresh_remote()
+        return engine
 
     @property
     def pid_free_timeout(self) -> float:
@@ -136,16 +155,48 @@ class CheckpointEngine:
         found: list[Manifest] = self.store.manifests()
         return found
 
+    def checkpoint_infos(self) -> list[CheckpointInfo]:
+        """Every checkpoint, on this host or in the remote store, with where it is."""
+        local = {m.model: m for m in self.store.manifests()}
+        remote = dict(self.remote.records) if self.remote is not None else {}
+        infos = []
+        for model in sorted(local.keys() | remote.keys()):
+            if model in local:
+                where = "both" if model in remote else "local"
+                infos.append(local[model].info(where))
+            else:
+                infos.append(remote[model].manifest.info("remote"))
+        return infos
+
+    async def refresh_remote(self, timeout_secs: float = REMOTE_LIST_TIMEOUT_SECS) -> None:
+        """Re-read the remote store's index (what other hosts uploaded); a store that does
+        not answer in time is logged, and the index kept as it was."""
+        if self.remote is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.remote.refresh), timeout_secs)
+        except (HostError, TimeoutError) as exc:
+            log.warning("listing the remote store %s failed: %s", self.remote.url,
+                        exc or "timed out")
+
     def get_checkpoint(self, model: str) -> Manifest:
         return self.store.get(model)
 
     def delete_checkpoint(self, caller: Caller, model: str) -> None:
+        """The checkpoint on this host and in the remote store (run in a thread)."""
         check_model(model)
         if model in self.claims.models:
             raise Busy(f"a job for model {model!r} is running")
-        manifest = self.store.get(model)
+        remote = self.remote.records.get(model) if self.remote is not None else None
+        if remote is None or self.store.has(model):
+            manifest = self.store.get(model)
+        else:
+            manifest = remote.manifest
         authz.check_owner(caller, manifest.owner_uid, model)
-        self.store.delete(model)
+        if self.store.has(model):
+            self.store.delete(model)
+        if self.remote is not None and remote is not None:
+            self.remote.delete(model)
 
     def check_manifest(self, manifest: Manifest, target: ContainerContext) -> None:
         """Refuse, precisely, a checkpoint this host or this container cannot take back."""
@@ -154,7 +205,10 @@ class CheckpointEngine:
     async def check_restore(self, caller: Caller, model: str) -> None:
         """The checks of prepare_restore alone (restorecheck): nothing claimed, no job, no
         file touched; raises what prepare_restore would."""
-        await restorecheck.check_restore(self.store, self.criu.version, caller, model)
+        check_model(model)
+        record = await self.restorer.remote_record(model)
+        await restorecheck.check_restore(self.store, self.criu.version, caller, model,
+                                         remote=record.manifest if record else None)
 
     def take_back_interrupted_restores(self) -> list[str]:
         """What restores cut short by the service's death put into their targets."""

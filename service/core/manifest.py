@@ -65,6 +65,9 @@ class Manifest:
     image_sizes: dict[str, int] = field(default_factory=dict)
     """CRIU's image files and their sizes at commit: a truncated, missing or replaced image
     is refused before CRIU reads it (empty in checkpoints of older versions)."""
+    compat: dict[str, str] = field(default_factory=dict)
+    """What the restoring host must match (compat.py: kernel, CPU features, CRIU, GPU model
+    and driver, the container image), checked before a remote checkpoint is downloaded."""
     format: int = FORMAT
 
     @property
@@ -83,7 +86,7 @@ class Manifest:
         out["size_bytes"] = self.size_bytes
         return out
 
-    def info(self) -> CheckpointInfo:
+    def info(self, location: str = "local") -> CheckpointInfo:
         """What the checkpoint's D-Bus object shows (contract.CheckpointInfo)."""
         return CheckpointInfo(
             model=self.model,
@@ -99,6 +102,7 @@ class Manifest:
             cuda_pids=list(self.cuda_pids),
             manifest=self.to_json(),
             listen_ports=list(self.listen_ports),
+            location=location,
         )
 
     def to_json(self) -> str:
@@ -144,3 +148,5 @@ class Manifest:
         if not all(isinstance(k, str) and "/" not in k and isinstance(v, int)
                    for k, v in self.image_sizes.items()):
             raise ManifestMismatch("manifest has invalid image sizes")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.compat.items()):
+            raise ManifestMismatch("manifest has invalid compatibility fields")

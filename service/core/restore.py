@@ -20,6 +20,7 @@ from llmux.common import proctree, resources
 from llmux.common.errors import (
     CudaFailed,
     HostError,
+    NotFound,
     PidInUse,
     PortInUse,
 )
@@ -35,6 +36,7 @@ from llmux.service.core.gpumap import DeviceMap
 from llmux.service.core.jobbase import JobBase
 from llmux.service.core.manifest import Manifest
 from llmux.service.core.recovery import RestoreJournal, kill_half_restored
+from llmux.service.core.remote import RemoteRecord, RemoteStore, fetch
 from llmux.service.core.store import check_model, prefetch
 from llmux.service.core.upperfiles import SavedFile, ViewRoot
 
@@ -78,6 +80,8 @@ class Restorer(JobBase):
     def __init__(self, base: JobBase) -> None:
         super().__init__(**vars(base))
         self.pid_free_timeout = PID_FREE_TIMEOUT_SECS
+        self.remote: RemoteStore | None = None
+        """The remote store: a checkpoint not on this host is downloaded from it."""
 
     async def prepare(self, caller: Caller, model: str, *, keep_images: bool,
                       gpu_map: Mapping[int, int] | None = None) -> Prepared[Manifest]:
@@ -89,21 +93,38 @@ class Restorer(JobBase):
 
         async def checks() -> Callable[[Reporter], Awaitable[Manifest]]:
             started = time.monotonic()
+            record = await self.remote_record(model)
             manifest, target = await restorecheck.check_restore(
-                self.store, self.criu.version, caller, model)
+                self.store, self.criu.version, caller, model,
+                remote=record.manifest if record is not None else None)
             # onto other GPUs: refused here, by name, where the driver could not (a tree
             # without CUDA state has nothing to remap)
             device_map = IN_PLACE if not manifest.cuda_pids else await asyncio.to_thread(
                 device_map_for, gpu_map or {}, self.config.cuda_mode)
 
             async def body(report: Reporter) -> Manifest:
+                keep = keep_images
+                if record is not None and self.remote is not None:
+                    await fetch(self.store, self.remote, record, report)
+                    keep = keep_images and self.remote.config.keep_local
                 return await self._run(
-                    Restore(caller, manifest, target, keep_images, report, started,
+                    Restore(caller, manifest, target, keep, report, started,
                             device_map=device_map))
 
             return body
 
         return await self.claims.prepare(model, None, checks)
+
+    async def remote_record(self, model: str) -> RemoteRecord | None:
+        """The store's record of a checkpoint this host does not hold (None: it does, or
+        there is no store); its manifest is checked here before any byte moves."""
+        if self.remote is None or self.store.has(model):
+            return None
+        try:
+            return await asyncio.to_thread(self.remote.record, model)
+        except NotFound:
+            raise NotFound(f"no checkpoint for model {model!r} in {self.store.root} nor in "
+                           f"the store {self.remote.url}") from None
 
     async def _wait_pids_free(self, manifest: Manifest) -> None:
         wanted = sorted(set(manifest.pids) | set(manifest.tids))

@@ -15,7 +15,7 @@ import os
 
 from llmux.common import proctree
 from llmux.common.errors import ManifestMismatch, NotFound, Unsupported
-from llmux.service.core import authz, upperfiles
+from llmux.service.core import authz, compat, upperfiles
 from llmux.service.core.authz import Caller
 from llmux.service.core.container import ContainerContext
 from llmux.service.core.criu import CriuVersion
@@ -30,21 +30,25 @@ NOT_RESTORABLE = (ManifestMismatch, Unsupported)
 
 
 async def check_restore(
-    store: CheckpointStore, criu: CriuVersion, caller: Caller, model: str
+    store: CheckpointStore, criu: CriuVersion, caller: Caller, model: str,
+    remote: Manifest | None = None,
 ) -> tuple[Manifest, ContainerContext]:
     """The checkpoint of ``model`` and the caller's container it would restore into.
 
     Raises InvalidArgument, NotFound or AccessDenied for the request itself, and one of
     NOT_RESTORABLE, saying precisely why, for a checkpoint this container cannot take back.
+    ``remote``: the manifest of a checkpoint still in the remote store (not downloaded:
+    its files are checked as they arrive).
     """
     check_model(model)
-    manifest = store.get(model)
+    manifest = store.get(model) if remote is None else remote
     authz.check_owner(caller, manifest.owner_uid, model)
     if proctree.read_stat(caller.pid) is None:
         raise NotFound(f"caller PID {caller.pid} is gone")
     target = await asyncio.to_thread(ContainerContext.from_pid, caller.pid)
     await asyncio.to_thread(check_manifest, manifest, target, criu)
-    await asyncio.to_thread(check_intact, store, manifest)
+    if remote is None:
+        await asyncio.to_thread(check_intact, store, manifest)
     await check_files_present(manifest, caller.pid if target.foreign else None)
     return manifest, target
 
@@ -79,6 +83,9 @@ def check_manifest(manifest: Manifest, target: ContainerContext, criu: CriuVersi
         )
     if target.foreign and target.rootfs_host_path is None:
         raise Unsupported("the caller's container root filesystem is not visible on the host")
+    if manifest.compat:
+        compat.check(manifest.model, manifest.compat,
+                     compat.host_facts(str(criu), identity), cuda=bool(manifest.cuda_pids))
     for ext in manifest.external_mounts:
         mine = target.external_for(ext.mount_point)
         if mine is None or mine.host_source is None:

@@ -66,6 +66,8 @@ class HostServer:
         self.manager = ManagerObject(lambda: engine.info().to_properties())
         self.jobs = JobTable(bus, self.manager, self._status_changed, self._job_finished)
         self._checkpoints: dict[str, tuple[ContractObject, CheckpointInfo]] = {}
+        if engine.uploads is not None:  # an upload done: the checkpoint is "both" now
+            engine.uploads.on_change = self.sync_checkpoints
         self.dispatcher = Dispatcher(bus)
         # every method of contract.py, each to the one handler marked @exports(...) below
         for on_path, route in routes(self):
@@ -87,7 +89,10 @@ class HostServer:
         log.info("owning %s; %s", BUS_NAME, self.status_line())
 
     async def stop(self) -> None:
-        """Cancels running jobs (the core puts their processes back), then lets go of the name."""
+        """Cancels running jobs (the core puts their processes back) and uploads (the local
+        copies stay; the next dump uploads again), then lets go of the name."""
+        if self.engine.uploads is not None:
+            self.engine.uploads.cancel_all()
         await self.jobs.shutdown()
         try:
             await asyncio.wait_for(self.dispatcher.drain(), 5)
@@ -117,7 +122,7 @@ class HostServer:
 
     def sync_checkpoints(self) -> None:
         """One object per checkpoint on disk; InterfacesAdded/Removed as they come and go."""
-        infos = {m.model: m.info() for m in self.engine.list_checkpoints()}
+        infos = {info.model: info for info in self.engine.checkpoint_infos()}
         for model in [m for m in self._checkpoints if m not in infos]:
             self._bus.unexport(checkpoint_path(model))
             del self._checkpoints[model]
@@ -196,7 +201,9 @@ class HostServer:
 
     @exports(contract.LIST_CHECKPOINTS)
     async def list_checkpoints(self, call: Call) -> tuple[list[list[str]]]:
-        models = [m.model for m in self.engine.list_checkpoints()]
+        await self.engine.refresh_remote()
+        self.sync_checkpoints()
+        models = [info.model for info in self.engine.checkpoint_infos()]
         return ([[model, checkpoint_path(model)] for model in models],)
 
     @exports(contract.WAIT_JOB)

@@ -172,12 +172,15 @@ def test_checkpoint_list_inspect_restore_delete(
     header, row = table.splitlines()[:2]
     assert header.split()[:3] == ["MODEL", "SIZE", "CREATED"]
     assert row.split()[0] == "opscli-a" and str(target.pid) in row
+    assert header.split()[-1] == "WHERE" and row.split()[-1] == "local", table
     [listed] = ok_json("checkpoints", "list", "--bus", address)
     assert listed["Model"] == "opscli-a" and listed["RootPid"] == target.pid
     assert listed["SizeBytes"] > 64 << 20
+    assert listed["Location"] == "local"
 
     shown = llmux("checkpoints", "inspect", "opscli-a", "--bus", address).stdout
     assert f"Root PID: {target.pid}" in shown and "Manifest:" in shown
+    assert "Where: local" in shown
     inspected = ok_json("checkpoints", "inspect", "opscli-a", "--bus", address)
     assert inspected["Manifest"]["model"] == "opscli-a"
     assert inspected["Manifest"]["root_pid"] == target.pid

@@ -101,3 +101,47 @@ def test_the_shipped_example_is_the_defaults_but_the_bundled_criu() -> None:
     config = load_config(example)
     assert config.engine == replace(EngineConfig(), criu_path="/usr/lib/llmux/criu/criu")
     assert replace(config, engine=EngineConfig()) == DaemonConfig()
+
+
+def test_the_remote_table_is_read_with_its_key_paths() -> None:
+    config = read_config({"remote": {"url": "s3://ckpts/cluster-1",
+                                     "endpoint_url": "http://minio:9000",
+                                     "credentials_file": "/etc/llmux/aws", "keep_local": False}},
+                         "<file>")
+    remote = config.engine.remote
+    assert remote is not None
+    assert (remote.url, remote.endpoint_url, remote.credentials_file, remote.keep_local) == (
+        "s3://ckpts/cluster-1", "http://minio:9000", "/etc/llmux/aws", False)
+    assert read_config({}, "<file>").engine.remote is None, "no [remote]: no store"
+    assert read_config({"remote": {"url": "file:///mnt/shared"}}, "<f>").engine.remote
+
+
+def test_every_problem_of_the_remote_table_is_listed() -> None:
+    with pytest.raises(ConfigError) as err:
+        read_config({"remote": {"endpoint_url": 5, "keep_locl": True}, "bus": 3}, "<file>")
+    problems = dict(err.value.problems)
+    assert sorted(problems) == ["bus", "remote.endpoint_url", "remote.keep_locl", "remote.url"]
+    assert "missing" in problems["remote.url"]
+    assert "must be a str" in problems["remote.endpoint_url"]
+    with pytest.raises(ConfigError) as err:
+        read_config({"remote": {"url": "http://bucket"}}, "<file>")
+    assert err.value.problems == [
+        ("remote.url", "remote.url must be s3://BUCKET[/PREFIX] or file:///PATH, not "
+                       "'http://bucket'")]
+    with pytest.raises(ConfigError) as err:
+        read_config({"remote": "s3://x"}, "<file>")
+    assert [k for k, _ in err.value.problems] == ["remote"]
+
+
+def test_a_credentials_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    from llmux.common.errors import InvalidArgument
+    from llmux.service.core.config import RemoteConfig
+    from llmux.service.core.remote import RemoteStore
+
+    creds = tmp_path / "aws"
+    creds.write_text("[default]\naws_access_key_id = x\naws_secret_access_key = y\n")
+    creds.chmod(0o644)
+    with pytest.raises(InvalidArgument, match=r"remote.credentials_file .* root-only.*0644"):
+        RemoteStore(RemoteConfig(url="s3://b", credentials_file=str(creds)))
+    with pytest.raises(InvalidArgument, match=r"remote\.credentials_file"):
+        RemoteStore(RemoteConfig(url="s3://b", credentials_file=str(tmp_path / "none")))
