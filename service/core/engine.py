@@ -25,9 +25,9 @@ import logging
 import os
 import threading
 
-from llmux.common.contract import CheckpointInfo, HostInfo, JobProgress
+from llmux.common.contract import CheckpointBreakdown, CheckpointInfo, HostInfo, JobProgress
 from llmux.common.errors import Busy, InvalidArgument
-from llmux.service.core import authz, recovery, restorecheck
+from llmux.service.core import authz, explain, recovery, restorecheck
 from llmux.service.core.authz import Caller, RestoredRegistry
 from llmux.service.core.claims import Claims, Prepared, Progress, ProgressSink
 from llmux.service.core.config import EngineConfig
@@ -145,6 +145,10 @@ class CheckpointEngine:
         manifest = self.store.get(model)
         authz.check_owner(caller, manifest.owner_uid, model)
         self.store.delete(model)
+
+    async def explain_checkpoint(self, caller: Caller, model: str) -> CheckpointBreakdown:
+        """What the caller's checkpoint holds, byte by byte (explain.py)."""
+        return await explain.explain_checkpoint(self.store, caller, model)
 
     def check_manifest(self, manifest: Manifest, target: ContainerContext) -> None:
         """Refuse, precisely, a checkpoint this host or this container cannot take back."""
