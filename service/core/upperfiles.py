@@ -25,6 +25,7 @@ from typing import Any, BinaryIO
 
 from llmux.common import resources
 from llmux.common.errors import InvalidArgument, ManifestMismatch
+from llmux.service.core import zerodigest
 from llmux.service.core.container import ContainerContext
 
 _CHUNK = 1 << 20
@@ -41,6 +42,7 @@ class SavedFile:
     gid: int
     size: int = 0
     sha256: str = ""
+    """zerodigest's checksum (``nz-sha256:...``), or a plain SHA-256 in older checkpoints."""
     stored: str = ""
     """Name under the checkpoint's files/ directory ("" for directories)."""
     mtime_ns: int = 0
@@ -129,13 +131,14 @@ def _sparse_copy(fin: BinaryIO, fout: BinaryIO, digest: Any = None) -> int:
 
 
 def _hash_copy(src: Path, dst: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
+    """Copy sparse; the copy's checksum skips its zeros (zerodigest: a restore reads no hole)."""
+    h = zerodigest.NonzeroDigest()
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with src.open("rb") as fin, os.fdopen(fd, "wb") as fout:
         size = _sparse_copy(fin, fout, h)
         fout.flush()
         os.fsync(fout.fileno())
-    return h.hexdigest(), size
+    return h.hexdigest(size), size
 
 
 def save(
@@ -195,7 +198,9 @@ def verify(saved: Sequence[SavedFile], files_dir: Path) -> None:
         if f.kind != "file":
             continue
         copy = files_dir / f.stored
-        if sha256_of(copy) != f.sha256:
+        found = (zerodigest.of_file(copy) if f.sha256.startswith(zerodigest.PREFIX)
+                 else sha256_of(copy))
+        if found != f.sha256:
             raise ManifestMismatch(f"saved file {f.path} is corrupt: checksum differs ({copy})")
 
 
