@@ -130,6 +130,33 @@ def _sparse_copy(fin: BinaryIO, fout: BinaryIO, digest: Any = None) -> int:
     return size
 
 
+def _copy_data(fin: BinaryIO, fout: BinaryIO) -> None:
+    """A sparse copy of a sparse file: only its data extents are read (SEEK_DATA), so a
+    400 MiB segment of holes costs nothing; holes stay holes."""
+    size = os.fstat(fin.fileno()).st_size
+    offset = 0
+    while offset < size:
+        try:
+            data = os.lseek(fin.fileno(), offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole remains
+            break
+        hole = os.lseek(fin.fileno(), data, os.SEEK_HOLE)
+        fin.seek(data)
+        fout.seek(data)
+        left = hole - data
+        while left > 0:
+            chunk = fin.read(min(_CHUNK, left))
+            if not chunk:
+                break
+            if chunk == _ZEROS[: len(chunk)]:
+                fout.seek(len(chunk), os.SEEK_CUR)
+            else:
+                fout.write(chunk)
+            left -= len(chunk)
+        offset = hole
+    fout.truncate(size)
+
+
 def _hash_copy(src: Path, dst: Path) -> tuple[str, int]:
     """Copy sparse; the copy's checksum skips its zeros (zerodigest: a restore reads no hole)."""
     h = zerodigest.NonzeroDigest()
@@ -229,7 +256,7 @@ def put_back(saved: Sequence[SavedFile], files_dir: Path, view_root: Path) -> No
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         with (files_dir / f.stored).open("rb") as fin, tmp.open("wb") as fout:
-            _sparse_copy(fin, fout)
+            _copy_data(fin, fout)
         os.chmod(tmp, f.mode)
         os.lchown(tmp, f.uid, f.gid)
         os.utime(tmp, ns=(f.mtime_ns, f.mtime_ns))

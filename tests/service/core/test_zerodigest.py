@@ -88,3 +88,17 @@ def test_verify_still_takes_a_plain_sha256(tmp_path: Path) -> None:
     broken = SavedFile.from_dict({**saved.to_dict(), "sha256": "0" * 64})
     with pytest.raises(ManifestMismatch):
         upperfiles.verify([broken], files)
+
+
+def test_put_back_copies_data_and_keeps_holes(tmp_path: Path) -> None:
+    """The put-back reads only the data extents: the target has the same bytes, sparse."""
+    data = {0: b"head", 7 * MiB + 3: b"middle", 32 * MiB - 4: b"tail"}
+    saved, files = _saved(tmp_path, 32 * MiB, data)
+    target = tmp_path / "target"
+    target.mkdir()
+    upperfiles.put_back([SavedFile.from_dict({**saved.to_dict(), "path": "/seg"})], files,
+                        target)
+    back = target / "seg"
+    assert back.read_bytes() == (tmp_path / "segment").read_bytes()
+    assert _allocated(back) < 4 * MiB
+    assert zerodigest.of_file(back) == saved.sha256
