@@ -372,10 +372,11 @@ def _part_row(part: MemoryPart) -> list[str]:
         return f"{format_bytes(n)} ({100 * n / part.stored_bytes:.0f}%)" if n else "-"
 
     return [part.kind, format_bytes(part.stored_bytes), share(part.zero_bytes),
-            share(part.file_equal_bytes), str(part.mappings), format_bytes(part.mapped_bytes)]
+            share(part.file_equal_bytes), share(part.duplicate_bytes), str(part.mappings),
+            format_bytes(part.mapped_bytes)]
 
 
-PART_HEADERS = ["KIND", "STORED", "ZERO PAGES", "= FILE", "MAPPINGS", "MAPPED"]
+PART_HEADERS = ["KIND", "STORED", "ZERO PAGES", "= FILE", "DUPLICATES", "MAPPINGS", "MAPPED"]
 
 
 def render_breakdown(b: CheckpointBreakdown) -> str:
@@ -383,6 +384,7 @@ def render_breakdown(b: CheckpointBreakdown) -> str:
     stored = sum(p.stored_bytes for p in b.totals())
     zero = sum(p.zero_bytes for p in b.totals()) + sum(f.zero_bytes for f in b.files)
     equal = sum(p.file_equal_bytes for p in b.totals())
+    duplicate = sum(p.duplicate_bytes for p in b.totals())
     out = [render_fields([
         ("Model", b.model),
         ("Images", f"{format_bytes(b.images_bytes)} ({format_bytes(stored)} of pages, "
@@ -390,6 +392,7 @@ def render_breakdown(b: CheckpointBreakdown) -> str:
         ("Saved files", format_bytes(b.files_bytes)),
         ("Zero pages", format_bytes(zero)),
         ("Pages = file", format_bytes(equal)),
+        ("Duplicate pages", format_bytes(duplicate)),
     ]), "", "All processes:", render_table(PART_HEADERS, [_part_row(p) for p in b.totals()
                                                           if p.stored_bytes or p.mappings])]
     for proc in b.processes:

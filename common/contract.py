@@ -321,6 +321,9 @@ class MemoryPart:
     """Of those, bytes in pages that are all zeros."""
     file_equal_bytes: int = 0
     """Of those, bytes in pages equal to the file they map (checked where it is readable)."""
+    duplicate_bytes: int = 0
+    """Of those, bytes in non-zero pages whose contents an earlier page of the checkpoint
+    (any process, processes in tree order) already holds: what deduplication would save."""
     mapped_bytes: int = 0
     """The mappings' whole size, stored or not."""
 
@@ -364,6 +367,7 @@ class CheckpointBreakdown:
                 stored_bytes=have.stored_bytes + part.stored_bytes,
                 zero_bytes=have.zero_bytes + part.zero_bytes,
                 file_equal_bytes=have.file_equal_bytes + part.file_equal_bytes,
+                duplicate_bytes=have.duplicate_bytes + part.duplicate_bytes,
                 mapped_bytes=have.mapped_bytes + part.mapped_bytes)
         return sorted(by_kind.values(), key=lambda p: (-p.stored_bytes, p.kind))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -110,15 +111,32 @@ class _Tally:
     stored: int = 0
     zero: int = 0
     file_equal: int = 0
+    duplicate: int = 0
 
     def part(self, kind: str) -> MemoryPart:
         return MemoryPart(kind=kind, mappings=self.mappings, stored_bytes=self.stored,
                           zero_bytes=self.zero, file_equal_bytes=self.file_equal,
-                          mapped_bytes=self.mapped)
+                          duplicate_bytes=self.duplicate, mapped_bytes=self.mapped)
 
 
 def _zero_pages(buf: memoryview) -> int:
     return sum(1 for o in range(0, len(buf), PAGE) if buf[o:o + PAGE] == ZERO_PAGE)
+
+
+def _count_pages(buf: memoryview, seen: set[bytes]) -> tuple[int, int]:
+    """(zero pages, non-zero pages whose contents an earlier page had: ``seen``)."""
+    zero = dup = 0
+    for o in range(0, len(buf), PAGE):
+        page = buf[o:o + PAGE]
+        if page == ZERO_PAGE:
+            zero += 1
+            continue
+        key = hashlib.blake2b(page, digest_size=16).digest()
+        if key in seen:
+            dup += 1
+        else:
+            seen.add(key)
+    return zero, dup
 
 
 def _equal_pages(buf: memoryview, file: bytes) -> int:
@@ -168,7 +186,7 @@ def _runs(entries: tuple[ci.PagemapEntry, ...]) -> Iterator[tuple[int, int, int]
 
 
 def _process(images: Path, pid: int, paths: dict[int, str], files: _Files,
-             shm_kinds: dict[int, str]) -> ProcessMemory:
+             shm_kinds: dict[int, str], seen: set[bytes]) -> ProcessMemory:
     vmas = ci.read_vmas(images, pid)
     kinds = [classify(v, vmas[i - 1] if i else None, vmas[i + 1] if i + 1 < len(vmas) else None,
                       paths) for i, v in enumerate(vmas)]
@@ -195,7 +213,9 @@ def _process(images: Path, pid: int, paths: dict[int, str], files: _Files,
                 piece = buf[pos:end]
                 t = tallies.setdefault(kinds[i] if vma else OTHER, _Tally())
                 t.stored += len(piece)
-                t.zero += _zero_pages(piece) * PAGE
+                zero, dup = _count_pages(piece, seen)
+                t.zero += zero * PAGE
+                t.duplicate += dup * PAGE
                 if vma is not None and vma.status & ci.VMA_FILE_PRIVATE:
                     data = files.read(paths.get(vma.shmid, ""),
                                       vma.pgoff + (at - vma.start), len(piece))
@@ -207,7 +227,7 @@ def _process(images: Path, pid: int, paths: dict[int, str], files: _Files,
     return ProcessMemory(pid=pid, comm=ci.read_comm(images, pid), parts=parts)
 
 
-def _shared(images: Path, shm_kinds: dict[int, str]) -> list[MemoryPart]:
+def _shared(images: Path, shm_kinds: dict[int, str], seen: set[bytes]) -> list[MemoryPart]:
     tallies: dict[str, _Tally] = {}
     for shmid, path in sorted(ci.shmem_pagemaps(images).items()):
         pagemap = ci.read_pagemap(path)
@@ -218,7 +238,9 @@ def _shared(images: Path, shm_kinds: dict[int, str]) -> list[MemoryPart]:
                 buf = memoryview(os.pread(pages.fileno(), n * PAGE, offset))
                 t.stored += len(buf)
                 t.mapped += len(buf)
-                t.zero += _zero_pages(buf) * PAGE
+                zero, dup = _count_pages(buf, seen)
+                t.zero += zero * PAGE
+                t.duplicate += dup * PAGE
     return [t.part(k) for k, t in sorted(tallies.items())]
 
 
@@ -243,8 +265,9 @@ def explain(manifest: Manifest, images: Path, files_dir: Path,
     paths = ci.read_file_paths(images)
     files = _Files(opener)
     shm_kinds: dict[int, str] = {}
+    seen: set[bytes] = set()  # 16-byte digests of the non-zero pages read so far
     try:
-        processes = [_process(images, pid, paths, files, shm_kinds)
+        processes = [_process(images, pid, paths, files, shm_kinds, seen)
                      for pid, _ppid in ci.read_pstree(images)]
     finally:
         files.close()
@@ -255,7 +278,7 @@ def explain(manifest: Manifest, images: Path, files_dir: Path,
         images_bytes=images_bytes,
         files_bytes=manifest.files_bytes,
         processes=processes,
-        shared=_shared(images, shm_kinds),
+        shared=_shared(images, shm_kinds, seen),
         files=_saved_files(manifest, files_dir),
         other_images_bytes=images_bytes - pages_bytes,
     )

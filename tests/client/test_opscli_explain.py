@@ -52,12 +52,14 @@ def test_checkpoints_explain(llmuxd: Llmuxd, spawn_counter: Callable[..., Target
     [large] = [q for q in p["parts"] if q["kind"] == LARGE]
     assert large["stored_bytes"] >= 32 << 20
     assert large["zero_bytes"] < 1 << 20, "the ballast is 0xa5, not zeros"
+    assert large["duplicate_bytes"] >= 31 << 20, "one page, repeated (the ends differ)"
 
     text = llmux("checkpoints", "--explain", "explained", "--bus", address)
     assert text.returncode == 0, text.stderr
     print(text.stdout)
     assert "All processes:" in text.stdout and f"PID {target.pid} (python" in text.stdout
     assert re.search(r"^anonymous >= 1 MiB .*\s+3\d\.\d MiB\s", text.stdout, re.M), text.stdout
+    assert "Duplicate pages:" in text.stdout
     # the same answer over busctl, as root on the host
     [answer] = llmuxd.ok("ExplainCheckpoint", "s", "explained")
     assert json.loads(answer) == b

@@ -102,6 +102,8 @@ async def test_every_stored_byte_is_sorted_by_kind(
     assert large.stored_bytes >= 24 * MiB
     assert 16 * MiB <= large.zero_bytes < 17 * MiB, "the zeros, not the 0xab block"
     assert large.file_equal_bytes == 0
+    # every page of the 0xab block is the same page: all but its first are duplicates
+    assert 8 * MiB - 4096 <= large.duplicate_bytes < 9 * MiB
 
     files = _part(parts, explain.OTHER_FILES)
     assert files.stored_bytes >= MiB
