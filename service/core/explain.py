@@ -22,6 +22,7 @@ import bisect
 import contextlib
 import hashlib
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,7 +157,12 @@ class _Files:
             fd = None
             if where is not None:
                 with contextlib.suppress(OSError):
-                    fd = os.open(where, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                    # non-blocking: a FIFO put where the file was must not hang the read
+                    fd = os.open(where, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+                                 | os.O_NONBLOCK)
+                if fd is not None and not stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.close(fd)
+                    fd = None
             self._fds[path] = fd
         fd = self._fds[path]
         if fd is None:

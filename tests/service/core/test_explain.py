@@ -10,6 +10,7 @@ pages images under some kind.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -83,7 +84,7 @@ def _part(parts: list[MemoryPart], kind: str) -> MemoryPart:
 
 
 async def test_every_stored_byte_is_sorted_by_kind(
-    engine: CheckpointEngine, target: tuple[int, Path]
+    engine: CheckpointEngine, target: tuple[int, Path], tmp_path: Path
 ) -> None:
     pid, _shm = target
     m = await engine.checkpoint(ME, "explained", pid, leave_running=True)
@@ -117,6 +118,14 @@ async def test_every_stored_byte_is_sorted_by_kind(
     [segment] = b.files
     assert segment.kind == "/dev/shm segments"
     assert segment.stored_bytes == segment.zero_bytes == MiB
+
+    # the mapped file replaced by a FIFO: not compared, and the read does not hang
+    weights = tmp_path / "weights.bin"
+    weights.unlink()
+    os.mkfifo(weights)
+    fifo = await asyncio.wait_for(engine.explain_checkpoint(ME, "explained"), 60)
+    assert _part(fifo.processes[0].parts, explain.OTHER_FILES).file_equal_bytes == 0
+    assert fifo.totals()[0].stored_bytes == b.totals()[0].stored_bytes
 
     # the answer is what the bus carries, and back
     again = CheckpointBreakdown.from_json(b.to_json())
