@@ -213,6 +213,21 @@ def read_file_paths(images: Path) -> dict[int, str]:
     return out
 
 
+def read_memfd_names(images: Path) -> dict[int, str]:
+    """Shared memory ids to their memfd names (memfd.img's memfd_inode_entry: name,
+    shmid); a shared anonymous mapping is a memfd named "/dev/zero" to CRIU."""
+    out: dict[int, str] = {}
+    path = images / "memfd.img"
+    if not path.exists():
+        return out
+    for raw in entries(path):
+        f = dict(fields(raw))
+        name, shmid = f.get(1), f.get(5)
+        if isinstance(name, bytes) and isinstance(shmid, int):
+            out[shmid] = name.decode(errors="replace")
+    return out
+
+
 _SHMEM = re.compile(r"^pagemap-shmem-(\d+)\.img$")
 
 

@@ -235,9 +235,14 @@ def _process(images: Path, pid: int, paths: dict[int, str], files: _Files,
 
 def _shared(images: Path, shm_kinds: dict[int, str], seen: set[bytes]) -> list[MemoryPart]:
     tallies: dict[str, _Tally] = {}
+    names = ci.read_memfd_names(images)
     for shmid, path in sorted(ci.shmem_pagemaps(images).items()):
         pagemap = ci.read_pagemap(path)
-        t = tallies.setdefault(shm_kinds.get(shmid, SHARED_ANON), _Tally())
+        if shmid in names:
+            kind = SHARED_ANON if names[shmid] == "/dev/zero" else MEMFD
+        else:
+            kind = shm_kinds.get(shmid, SHARED_ANON)
+        t = tallies.setdefault(kind, _Tally())
         t.mappings += 1
         with open(images / f"pages-{pagemap.pages_id}.img", "rb") as pages:
             for _addr, n, offset in _runs(pagemap.entries):

@@ -3,9 +3,9 @@ back page by page (explain.py over criuimages.py).
 
 The target lays out what a model engine has, each of a size that stands out: a large
 anonymous block written with zeros, one with data, a private file mapping whose pages
-are written back unchanged (equal to the file) but one, a thread with a stack, and a
-/dev/shm segment. Every stored page must land under its kind, and every byte of the
-pages images under some kind.
+are written back unchanged (equal to the file) but one, a thread with a stack, shared
+anonymous memory and a /dev/shm segment. Every stored page must land under its kind,
+and every byte of the pages images under some kind.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ with open(os.path.join(work, "weights.bin"), "rb") as f:
 for o in range(0, len(private), 4096):
     private[o] = private[o]           # copied on write, equal to the file
 private[4096 * 3] = (private[4096 * 3] + 1) % 256   # this one differs
+shared = mmap.mmap(-1, 4 << 20)       # MAP_SHARED anonymous: CRIU stores it once
+shared.write(os.urandom(4 << 20))
 fd = os.open(shm, os.O_RDWR | os.O_CREAT, 0o600)
 os.ftruncate(fd, 1 << 20)
 segment = mmap.mmap(fd, 1 << 20)
@@ -115,6 +117,12 @@ async def test_every_stored_byte_is_sorted_by_kind(
     assert _part(parts, explain.LIBRARIES).mappings > 0
     assert _part(parts, explain.SHARED_FILES).stored_bytes == 0  # /dev/shm is saved aside
 
+    [shared] = b.shared  # CRIU 4.2 dumps it as a memfd named /dev/zero
+    assert shared.kind == explain.SHARED_ANON and shared.mappings == 1
+    assert shared.stored_bytes == 4 * MiB and shared.duplicate_bytes == 0
+    assert not [p for p in parts if p.kind in (explain.SHARED_ANON, explain.MEMFD)
+                and p.stored_bytes], "stored once, not per process"
+
     [segment] = b.files
     assert segment.kind == "/dev/shm segments"
     assert segment.stored_bytes == segment.zero_bytes == MiB
@@ -145,7 +153,7 @@ async def test_explain_refuses_with_named_errors(
     with pytest.raises(AccessDenied):
         await engine.explain_checkpoint(Caller(pid=os.getpid(), uid=4242), "mine")
     images = engine.store.images_dir("mine")
-    [pagemap] = images.glob("pagemap-*.img")
+    [pagemap] = images.glob(f"pagemap-{pid}.img")
     pagemap.write_bytes(pagemap.read_bytes()[:-3])  # truncated: refused, not misread
     with pytest.raises(ManifestMismatch, match="pagemap"):
         await engine.explain_checkpoint(ME, "mine")
