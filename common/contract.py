@@ -420,9 +420,12 @@ EXPLAIN_CHECKPOINT = Method(
 )
 """What the checkpoint's bytes are, read from its images (the caller must own it):
 ``CheckpointBreakdown`` as JSON. Per process, the pages CRIU stored by kind of mapping
-(heap, stacks, malloc arenas, large anonymous blocks, private file pages...) with the
-zero pages and the pages equal to the file they map; shared memory; the saved files.
-Reads every page once: seconds for a GB."""
+(heap, stacks, malloc arenas, large anonymous blocks, private file pages...) with its
+zero pages, the pages equal to the file they map and the duplicated pages; shared memory;
+the saved files. Reads every page once: seconds for a GB. The JSON: ``{model,
+images_bytes, files_bytes, other_images_bytes, processes: [{pid, comm, parts}], shared:
+parts, files: parts}``, each part ``{kind, mappings, stored_bytes, zero_bytes,
+file_equal_bytes, duplicate_bytes, mapped_bytes}``."""
 SUSPEND = Method(
     MANAGER_INTERFACE, "Suspend", (Arg("model", "s"), Arg("root_pid", "u"), _OPTIONS), _JOB,
     NoOptions,
