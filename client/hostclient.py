@@ -339,6 +339,11 @@ class HostClient:
         ok, why = await self.call(contract.CHECK_RESTORE, model)
         return bool(ok), str(why)
 
+    async def explain_checkpoint(self, model: str) -> contract.CheckpointBreakdown:
+        """What the checkpoint's bytes are (llmuxd reads its images; seconds for a GB)."""
+        (text,) = await self.call(contract.EXPLAIN_CHECKPOINT, model)
+        return contract.CheckpointBreakdown.from_json(str(text))
+
     async def suspend(
         self,
         model: str,

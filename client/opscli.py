@@ -2,6 +2,7 @@
 
   llmux host status                         llmuxd's versions, state directory, free space
   llmux checkpoints list | inspect NAME | delete NAME
+  llmux checkpoints --explain NAME          what the checkpoint's bytes are (by mapping kind)
   llmux checkpoint MODEL --pid PID          dump a model's process tree (a job, with progress)
   llmux restore MODEL                       restore it into the caller's container
   llmux status [--url URL]                  a shim's GET /control/status as a table
@@ -32,7 +33,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
 from rich.table import Table
 
-from llmux.common.contract import CheckpointInfo, ErrorName, valid_model_name
+from llmux.common.contract import (
+    CheckpointBreakdown,
+    CheckpointInfo,
+    ErrorName,
+    MemoryPart,
+    valid_model_name,
+)
 
 if TYPE_CHECKING:
     from llmux.client.hostclient import HostClient
@@ -362,6 +369,64 @@ def cmd_checkpoints_inspect(args: argparse.Namespace) -> int:
     return _run_for_model(args, args.name, work)
 
 
+def _part_row(part: MemoryPart) -> list[str]:
+    def share(n: int) -> str:
+        return f"{format_bytes(n)} ({100 * n / part.stored_bytes:.0f}%)" if n else "-"
+
+    return [part.kind, format_bytes(part.stored_bytes), share(part.zero_bytes),
+            share(part.file_equal_bytes), share(part.duplicate_bytes), str(part.mappings),
+            format_bytes(part.mapped_bytes)]
+
+
+PART_HEADERS = ["KIND", "STORED", "ZERO PAGES", "= FILE", "DUPLICATES", "MAPPINGS", "MAPPED"]
+
+
+def render_breakdown(b: CheckpointBreakdown) -> str:
+    """ExplainCheckpoint's answer as text: totals by kind, then each process, then files."""
+    stored = sum(p.stored_bytes for p in b.totals())
+    zero = sum(p.zero_bytes for p in b.totals()) + sum(f.zero_bytes for f in b.files)
+    equal = sum(p.file_equal_bytes for p in b.totals())
+    duplicate = sum(p.duplicate_bytes for p in b.totals())
+    out = [render_fields([
+        ("Model", b.model),
+        ("Images", f"{format_bytes(b.images_bytes)} ({format_bytes(stored)} of pages, "
+                   f"{format_bytes(b.other_images_bytes)} of other records)"),
+        ("Saved files", format_bytes(b.files_bytes)),
+        ("Zero pages", format_bytes(zero)),
+        ("Pages = file", format_bytes(equal)),
+        ("Duplicate pages", format_bytes(duplicate)),
+    ]), "", "All processes:", render_table(PART_HEADERS, [_part_row(p) for p in b.totals()
+                                                          if p.stored_bytes or p.mappings])]
+    for proc in b.processes:
+        out += ["", f"PID {proc.pid} ({proc.comm or '?'}): {format_bytes(proc.stored_bytes)}",
+                render_table(PART_HEADERS, [_part_row(p) for p in proc.parts if p.stored_bytes])]
+    if b.shared:
+        out += ["", "Shared memory:", render_table(PART_HEADERS, [_part_row(p) for p in b.shared])]
+    if b.files:
+        out += ["", "Saved files:", render_table(PART_HEADERS, [_part_row(p) for p in b.files])]
+    return "\n".join(out)
+
+
+def cmd_checkpoints_explain(args: argparse.Namespace) -> int:
+    async def work() -> int:
+        async with _host(args) as client:
+            breakdown = await client.explain_checkpoint(args.explain)
+        if args.json:
+            print_json(json.loads(breakdown.to_json()))
+        else:
+            print(render_breakdown(breakdown))
+        return EXIT_OK
+
+    return _run_for_model(args, args.explain, work)
+
+
+def _checkpoints_bare(args: argparse.Namespace) -> int:
+    """``llmux checkpoints`` without a command: --explain NAME, or a usage error."""
+    if args.explain:
+        return cmd_checkpoints_explain(args)
+    return _usage("llmux checkpoints: give a command (list, inspect, delete) or --explain NAME")
+
+
 def cmd_checkpoints_delete(args: argparse.Namespace) -> int:
     async def work() -> int:
         async with _host(args) as client:
@@ -559,9 +624,12 @@ def add_client_commands(
     host_status.set_defaults(func=cmd_host_status)
 
     cps = subparsers.add_parser("checkpoints", help="list, inspect or delete checkpoints")
+    cps.add_argument("--explain", metavar="NAME", default=None,
+                     help="what a checkpoint's bytes are: per process, by kind of mapping, "
+                          "with its zero pages and the pages equal to the file they map")
+    _common(cps)
     cps_sub = cps.add_subparsers(dest="checkpoints_command", metavar="COMMAND")
-    cps.set_defaults(
-        func=lambda _a: _usage("llmux checkpoints: give a command (list, inspect, delete)"))
+    cps.set_defaults(func=_checkpoints_bare)
     listing = cps_sub.add_parser("list", help="every checkpoint on this host")
     _common(listing)
     listing.set_defaults(func=cmd_checkpoints_list)

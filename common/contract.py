@@ -28,9 +28,10 @@ properties ``CheckpointInfo``. Every failure is one of ``ErrorName``.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -321,6 +322,85 @@ class CheckpointInfo(Record):
     the object store; a restore downloads it) or "both"."""
 
 
+@dataclass(frozen=True)
+class MemoryPart:
+    """One kind of memory in a checkpoint: what it is, and how much of it need not be there."""
+
+    kind: str
+    """e.g. "heap", "thread stacks", "anonymous >= 1 MiB", "libraries (private)"."""
+    mappings: int = 0
+    stored_bytes: int = 0
+    """Bytes of it in CRIU's pages images (or, for a saved file, its size)."""
+    zero_bytes: int = 0
+    """Of those, bytes in pages that are all zeros."""
+    file_equal_bytes: int = 0
+    """Of those, bytes in pages equal to the file they map (checked where it is readable)."""
+    duplicate_bytes: int = 0
+    """Of those, bytes in non-zero pages whose contents an earlier page of the checkpoint
+    (any process, processes in tree order) already holds: what deduplication would save."""
+    mapped_bytes: int = 0
+    """The mappings' whole size, stored or not."""
+
+
+@dataclass(frozen=True)
+class ProcessMemory:
+    pid: int
+    comm: str
+    parts: list[MemoryPart] = field(default_factory=list)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(p.stored_bytes for p in self.parts)
+
+
+@dataclass(frozen=True)
+class CheckpointBreakdown:
+    """What a checkpoint holds, byte by byte: ExplainCheckpoint's answer (as JSON)."""
+
+    model: str
+    images_bytes: int = 0
+    files_bytes: int = 0
+    processes: list[ProcessMemory] = field(default_factory=list)
+    shared: list[MemoryPart] = field(default_factory=list)
+    """Shared anonymous memory and memfd contents (CRIU stores them once, not per process)."""
+    files: list[MemoryPart] = field(default_factory=list)
+    """Files saved beside the images: /dev/shm segments, the writable layer's files."""
+    other_images_bytes: int = 0
+    """Images that are not pages: registers, mappings, file tables, CRIU's log."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def totals(self) -> list[MemoryPart]:
+        """Every process's parts and the shared ones summed by kind, largest first."""
+        by_kind: dict[str, MemoryPart] = {}
+        for part in [q for p in self.processes for q in p.parts] + self.shared:
+            have = by_kind.get(part.kind)
+            by_kind[part.kind] = part if have is None else MemoryPart(
+                kind=part.kind, mappings=have.mappings + part.mappings,
+                stored_bytes=have.stored_bytes + part.stored_bytes,
+                zero_bytes=have.zero_bytes + part.zero_bytes,
+                file_equal_bytes=have.file_equal_bytes + part.file_equal_bytes,
+                duplicate_bytes=have.duplicate_bytes + part.duplicate_bytes,
+                mapped_bytes=have.mapped_bytes + part.mapped_bytes)
+        return sorted(by_kind.values(), key=lambda p: (-p.stored_bytes, p.kind))
+
+    @classmethod
+    def from_json(cls, text: str) -> CheckpointBreakdown:
+        data = json.loads(text)
+        return cls(
+            model=str(data["model"]),
+            images_bytes=int(data.get("images_bytes", 0)),
+            files_bytes=int(data.get("files_bytes", 0)),
+            processes=[ProcessMemory(int(p["pid"]), str(p["comm"]),
+                                     [MemoryPart(**q) for q in p.get("parts", [])])
+                       for p in data.get("processes", [])],
+            shared=[MemoryPart(**q) for q in data.get("shared", [])],
+            files=[MemoryPart(**q) for q in data.get("files", [])],
+            other_images_bytes=int(data.get("other_images_bytes", 0)),
+        )
+
+
 JOB_OBJECT_PROPERTIES = (
     Property("Id", "u", "id"),
     Property("Operation", "s", "operation"),
@@ -349,6 +429,17 @@ CHECK_RESTORE = Method(
 checks Restore makes before its job (nothing claimed, no job, no file touched): (false,
 llmuxd's reason) for one it would refuse; (true, "") otherwise. PIDs and ports still held
 are found by the restore job only."""
+EXPLAIN_CHECKPOINT = Method(
+    MANAGER_INTERFACE, "ExplainCheckpoint", (Arg("name", "s"),), (Arg("explanation", "s"),)
+)
+"""What the checkpoint's bytes are, read from its images (the caller must own it):
+``CheckpointBreakdown`` as JSON. Per process, the pages CRIU stored by kind of mapping
+(heap, stacks, malloc arenas, large anonymous blocks, private file pages...) with its
+zero pages, the pages equal to the file they map and the duplicated pages; shared memory;
+the saved files. Reads every page once: seconds for a GB. The JSON: ``{model,
+images_bytes, files_bytes, other_images_bytes, processes: [{pid, comm, parts}], shared:
+parts, files: parts}``, each part ``{kind, mappings, stored_bytes, zero_bytes,
+file_equal_bytes, duplicate_bytes, mapped_bytes}``."""
 SUSPEND = Method(
     MANAGER_INTERFACE, "Suspend", (Arg("model", "s"), Arg("root_pid", "u"), _OPTIONS), _JOB,
     NoOptions,
@@ -383,7 +474,7 @@ COMPLETED = Signal(
 MANAGER = Interface(
     MANAGER_INTERFACE, OBJECT_PATH,
     methods=(CHECKPOINT, RESTORE, SUSPEND, RESUME, DELETE_CHECKPOINT, LIST_CHECKPOINTS,
-             CHECK_RESTORE,
+             CHECK_RESTORE, EXPLAIN_CHECKPOINT,
              WAIT_JOB),
     properties=HostInfo.properties(),
     signals=(JOB_NEW, JOB_REMOVED),

@@ -26,9 +26,9 @@ import os
 import threading
 from collections.abc import Mapping
 
-from llmux.common.contract import CheckpointInfo, HostInfo, JobProgress
+from llmux.common.contract import CheckpointBreakdown, CheckpointInfo, HostInfo, JobProgress
 from llmux.common.errors import Busy, HostError, InvalidArgument
-from llmux.service.core import authz, recovery, restorecheck
+from llmux.service.core import authz, explain, recovery, restorecheck
 from llmux.service.core.authz import Caller, RestoredRegistry
 from llmux.service.core.claims import Claims, Prepared, Progress, ProgressSink
 from llmux.service.core.config import EngineConfig
@@ -197,6 +197,10 @@ class CheckpointEngine:
             self.store.delete(model)
         if self.remote is not None and remote is not None:
             self.remote.delete(model)
+
+    async def explain_checkpoint(self, caller: Caller, model: str) -> CheckpointBreakdown:
+        """What the caller's checkpoint holds, byte by byte (explain.py)."""
+        return await explain.explain_checkpoint(self.store, caller, model)
 
     def check_manifest(self, manifest: Manifest, target: ContainerContext) -> None:
         """Refuse, precisely, a checkpoint this host or this container cannot take back."""

@@ -25,6 +25,7 @@ from typing import Any, BinaryIO
 
 from llmux.common import resources
 from llmux.common.errors import InvalidArgument, ManifestMismatch
+from llmux.service.core import zerodigest
 from llmux.service.core.container import ContainerContext
 
 _CHUNK = 1 << 20
@@ -41,6 +42,7 @@ class SavedFile:
     gid: int
     size: int = 0
     sha256: str = ""
+    """zerodigest's checksum (``nz-sha256:...``), or a plain SHA-256 in older checkpoints."""
     stored: str = ""
     """Name under the checkpoint's files/ directory ("" for directories)."""
     mtime_ns: int = 0
@@ -128,14 +130,42 @@ def _sparse_copy(fin: BinaryIO, fout: BinaryIO, digest: Any = None) -> int:
     return size
 
 
+def _copy_data(fin: BinaryIO, fout: BinaryIO) -> None:
+    """A sparse copy of a sparse file: only its data extents are read (SEEK_DATA), so a
+    400 MiB segment of holes costs nothing; holes stay holes."""
+    size = os.fstat(fin.fileno()).st_size
+    offset = 0
+    while offset < size:
+        try:
+            data = os.lseek(fin.fileno(), offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole remains
+            break
+        hole = os.lseek(fin.fileno(), data, os.SEEK_HOLE)
+        fin.seek(data)
+        fout.seek(data)
+        left = hole - data
+        while left > 0:
+            chunk = fin.read(min(_CHUNK, left))
+            if not chunk:
+                break
+            if chunk == _ZEROS[: len(chunk)]:
+                fout.seek(len(chunk), os.SEEK_CUR)
+            else:
+                fout.write(chunk)
+            left -= len(chunk)
+        offset = hole
+    fout.truncate(size)
+
+
 def _hash_copy(src: Path, dst: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
+    """Copy sparse; the copy's checksum skips its zeros (zerodigest: a restore reads no hole)."""
+    h = zerodigest.NonzeroDigest()
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with src.open("rb") as fin, os.fdopen(fd, "wb") as fout:
         size = _sparse_copy(fin, fout, h)
         fout.flush()
         os.fsync(fout.fileno())
-    return h.hexdigest(), size
+    return h.hexdigest(size), size
 
 
 def save(
@@ -195,7 +225,9 @@ def verify(saved: Sequence[SavedFile], files_dir: Path) -> None:
         if f.kind != "file":
             continue
         copy = files_dir / f.stored
-        if sha256_of(copy) != f.sha256:
+        found = (zerodigest.of_file(copy) if f.sha256.startswith(zerodigest.PREFIX)
+                 else sha256_of(copy))
+        if found != f.sha256:
             raise ManifestMismatch(f"saved file {f.path} is corrupt: checksum differs ({copy})")
 
 
@@ -224,7 +256,7 @@ def put_back(saved: Sequence[SavedFile], files_dir: Path, view_root: Path) -> No
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         with (files_dir / f.stored).open("rb") as fin, tmp.open("wb") as fout:
-            _sparse_copy(fin, fout)
+            _copy_data(fin, fout)
         os.chmod(tmp, f.mode)
         os.lchown(tmp, f.uid, f.gid)
         os.utime(tmp, ns=(f.mtime_ns, f.mtime_ns))

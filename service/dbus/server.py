@@ -178,6 +178,11 @@ class HostServer:
             return (False, exc.message)
         return (True, "")
 
+    @exports(contract.EXPLAIN_CHECKPOINT)
+    async def explain_checkpoint(self, call: Call, model: str) -> tuple[str]:
+        breakdown = await self.engine.explain_checkpoint(call.caller, model)
+        return (breakdown.to_json(),)
+
     @exports(contract.SUSPEND)
     async def suspend(self, call: Call, model: str, root_pid: int, _options: NoOptions) -> Reply:
         prepared = await self.engine.prepare_suspend(call.caller, model, root_pid)

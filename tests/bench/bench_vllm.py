@@ -32,14 +32,18 @@ This is a benchmark that prints numbers, not a test: nothing here asserts a spee
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +52,8 @@ from tests.support import podman_shim, vllmbed
 from tests.support import procs as testprocs
 
 MB = 1 << 20
+#: --perf DIR: perf record -a -g of each restore's wake call, one file each
+PERF_DIR: Path | None = None
 #: restore should be at least this much faster than a cold start
 TARGET_SPEEDUP = 10.0
 
@@ -130,13 +136,57 @@ def criu_errors(daemon: Any) -> str:
     return f"\n{log} around its first error:\n" + "\n".join(lines[max(0, first - 30):first + 5])
 
 
+def reported_kib() -> int:
+    """KiB of free memory the guest has reported to its hypervisor (virtio-balloon free
+    page reporting; the host drops those pages and faults them in again on next use)."""
+    try:
+        return int(Path("/sys/module/page_reporting/parameters/reported_kib").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def cpu_ticks() -> dict[tuple[int, str], int]:
+    """(PID, name) -> user + system clock ticks of every process now."""
+    out = {}
+    for pid, text in testprocs.proc_stats():
+        name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:]
+        fields = rest.split()
+        out[(pid, name)] = int(fields[11]) + int(fields[12])
+    return out
+
+
+def busiest(before: dict[tuple[int, str], int], after: dict[tuple[int, str], int],
+            n: int = 6) -> str:
+    """The processes that used the most CPU between two cpu_ticks() (seconds each)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    used = sorted(((after[k] - before.get(k, 0), k) for k in after), reverse=True)[:n]
+    return ", ".join(f"{name}[{pid}] {ticks / hz:.2f}s" for ticks, (pid, name) in used if ticks)
+
+
 def timed_wake(shim: Any, expect: str, drop: bool, daemon: Any) -> Timed:
     """Drop the caches, POST /control/wake, one token; then the full answer (untimed)."""
     restores_before = len(criu_restores(daemon))
+    reported0 = reported_kib()
     dropped = testprocs.drop_caches() if drop else False
+    reported1 = reported_kib()
+    ticks = cpu_ticks()
+    perf = None
+    if PERF_DIR is not None and expect == "restore":  # the whole machine, with call graphs
+        PERF_DIR.mkdir(parents=True, exist_ok=True)
+        out = PERF_DIR / f"wake-{len(list(PERF_DIR.glob('wake-*.data')))}.data"
+        perf = subprocess.Popen(["perf", "record", "-a", "-g", "-q", "-o", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)  # perf is recording
     t0 = time.perf_counter()
     body = shim.control("wake")
     t_wake = time.perf_counter() - t0
+    if perf is not None:
+        perf.send_signal(signal.SIGINT)
+        perf.wait(60)
+    print(f"[{expect} wake] CPU used during it: {busiest(ticks, cpu_ticks())}; free memory "
+          f"reported to the hypervisor: {(reported1 - reported0) >> 10} MiB while the cache "
+          f"was dropped, {(reported_kib() - reported1) >> 10} MiB during the wake",
+          file=sys.stderr)
     token = shim.first_token()
     total = time.perf_counter() - t0
     if body.get("wake") != expect:
@@ -160,6 +210,22 @@ def sleep(shim: Any, daemon: Any) -> tuple[float, dict[str, Any]]:
     manifest: dict[str, Any] = json.loads(
         (daemon.state_dir / podman_shim.MODEL / "manifest.json").read_text())
     return sleep_s, manifest
+
+
+def keep(args: argparse.Namespace, daemon: Any, size: str, what: str) -> None:
+    """With --keep DIR: CRIU's -v4 logs of the checkpoint as they are now (restore.log of
+    the last restore, dump.log of the last dump) and, after a dump, ExplainCheckpoint's
+    breakdown, for the stage times and the bytes of each phase."""
+    if args.keep is None:
+        return
+    args.keep.mkdir(parents=True, exist_ok=True)
+    images = daemon.state_dir / podman_shim.MODEL / "images"
+    for log in ("restore.log", "dump.log"):
+        with contextlib.suppress(OSError):
+            shutil.copyfile(images / log, args.keep / f"{size}-{what}-{log}")
+    if what.startswith("dump"):
+        [text] = daemon.ok("ExplainCheckpoint", "s", podman_shim.MODEL)
+        (args.keep / f"{size}-{what}-explain.json").write_text(text)
 
 
 def say(size: str, what: str) -> None:
@@ -193,22 +259,55 @@ def measure(size: str, model_dir: Path, bed: Any, args: argparse.Namespace, root
         cold = timed_wake(a, "cold", args.drop_caches, daemon)
         say(size, f"cold start {cold.total_s:.2f} s; sleep (dump)")
         sleep_s, manifest = sleep(a, daemon)
+        keep(args, daemon, size, "dump1")
         say(size, f"dumped in {manifest['dump_seconds']} s "
                   f"({(manifest['images_bytes'] + manifest['files_bytes']) / MB:.0f} MB); "
                   "container A: restore")
-        same = timed_wake(a, "restore", args.drop_caches, daemon)
-        say(size, f"restore in the same container {same.total_s:.2f} s; sleep (dump) again")
-        _, manifest2 = sleep(a, daemon)
-        a.stop()
-        a.remove()
+        if args.new_first:
+            # the other order: the first restore after the cold start goes into B, then
+            # B's tree is dumped and restored in B (the same container, second)
+            a.stop()
+            a.remove()
+            say(size, "container B: restore into a new container (first)")
+            b = shims.start("b")
+            new = timed_wake(b, "restore", args.drop_caches, daemon)
+            keep(args, daemon, size, "new")
+            _, manifest2 = sleep(b, daemon)
+            keep(args, daemon, size, "dump2")
+            time.sleep(args.settle)
+            same = timed_wake(b, "restore", args.drop_caches, daemon)
+            keep(args, daemon, size, "same")
+            say(size, f"restores: new container {new.total_s:.2f} s, then the same "
+                      f"container {same.total_s:.2f} s")
+            b.remove()
+            testprocs.wait_until(lambda: not testprocs.processes_tagged(shims.tag), 120,
+                                 "the restored engine to end with container B")
+        else:
+            time.sleep(args.settle)
+            same = timed_wake(a, "restore", args.drop_caches, daemon)
+            keep(args, daemon, size, "same")
+            say(size, f"restore in the same container {same.total_s:.2f} s; sleep (dump) again")
+            if args.same_images:
+                # B restores the very images A did: the restored tree ends with A, undumped
+                manifest2 = manifest
+                a.stop()
+                a.remove()
+                testprocs.wait_until(lambda: not testprocs.processes_tagged(shims.tag), 120,
+                                     "the restored engine to end with container A")
+            else:
+                _, manifest2 = sleep(a, daemon)
+                keep(args, daemon, size, "dump2")
+                a.stop()
+                a.remove()
 
-        say(size, "container B: restore into a new container")
-        b = shims.start("b")
-        new = timed_wake(b, "restore", args.drop_caches, daemon)
-        say(size, f"restore into a new container {new.total_s:.2f} s")
-        b.remove()
-        testprocs.wait_until(lambda: not testprocs.processes_tagged(shims.tag), 120,
-                             "the restored engine to end with container B")
+            say(size, "container B: restore into a new container")
+            b = shims.start("b")
+            new = timed_wake(b, "restore", args.drop_caches, daemon)
+            keep(args, daemon, size, "new")
+            say(size, f"restore into a new container {new.total_s:.2f} s")
+            b.remove()
+            testprocs.wait_until(lambda: not testprocs.processes_tagged(shims.tag), 120,
+                                 "the restored engine to end with container B")
         # the next size starts from an empty state directory
         daemon.ok("DeleteCheckpoint", "s", podman_shim.MODEL)
         return Row(
@@ -253,6 +352,34 @@ def print_table(rows: list[Row]) -> None:
               f"{r.checkpoint2_bytes / MB:.0f} MB")
 
 
+def tier_config(args: argparse.Namespace) -> str:
+    """llmuxd.toml with the memory tier that --memory-tier-mb asks for (else empty)."""
+    if args.memory_tier_mb <= 0:
+        return ""
+    return (f'memory_tier_dir = "/dev/shm/llmux-bench-tier-{os.getpid()}"\n'
+            f"memory_tier_limit_bytes = {args.memory_tier_mb * MB}\n")
+
+
+def print_medians(rows: list[Row]) -> None:
+    """Per configuration (size/label), the median of each time over the repeats."""
+    labels = sorted({r.size for r in rows})
+    if len(rows) == len(labels):
+        return
+    print("\nmedians over the repeats (s): cold start, restore same / new container, "
+          "CRIU restore same / new")
+    for label in labels:
+        mine = [r for r in rows if r.size == label]
+
+        def med(values: list[float]) -> str:
+            return f"{statistics.median(values):.2f}"
+
+        print(f"  {label:<10} n={len(mine)}  cold {med([r.cold.total_s for r in mine])}  "
+              f"restore {med([r.same.total_s for r in mine])} / "
+              f"{med([r.new.total_s for r in mine])}  CRIU "
+              f"{med([r.same.criu_restore_s for r in mine])} / "
+              f"{med([r.new.criu_restore_s for r in mine])}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--sizes", default="tiny,1gb",
@@ -263,6 +390,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep the page cache between the phases")
     p.add_argument("--llmuxd-log", type=Path, default=None,
                    help="keep a copy of llmuxd's log there")
+    p.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                   help="keep CRIU's logs of each phase and the checkpoints' breakdowns there")
+    p.add_argument("--same-images", action="store_true",
+                   help="no second dump: B restores the images A restored (A's restored "
+                        "tree ends with A), so that both restores read the same checkpoint")
+    p.add_argument("--settle", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long between the dump and the restore in the same container")
+    p.add_argument("--perf", type=Path, default=None, metavar="DIR",
+                   help="record each restore's wake call with perf record -a -g there")
+    p.add_argument("--new-first", action="store_true",
+                   help="restore into the new container first, then dump and restore there "
+                        "again (the same container second)")
+    p.add_argument("--memory-tier-mb", type=int, default=0, metavar="MB",
+                   help="llmuxd's memory tier (a /dev/shm folder) up to this size; 0: none")
+    p.add_argument("--compare-tier", action="store_true",
+                   help="with --memory-tier-mb: each repeat runs without the tier, then with it")
+    p.add_argument("--repeat", type=int, default=1, help="run everything this many times")
     p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                    help="no untimed cold start before the timed one")
     return p.parse_args(argv)
@@ -270,6 +414,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    global PERF_DIR
+    PERF_DIR = args.perf
     if os.geteuid() != 0:
         print("run as root (rootful podman, CRIU)", file=sys.stderr)
         return 2
@@ -289,16 +435,31 @@ def main(argv: list[str] | None = None) -> int:
         free_gb = shutil.disk_usage(workdir).free / (1 << 30)
         print(f"state directory under {workdir}: {free_gb:.0f} GB free", file=sys.stderr)
         (workdir / "bus").mkdir(mode=0o755)
-        with harness.running_bus(workdir / "bus") as bus, \
-                harness.running_llmuxd(bus, workdir) as daemon:
+        configs = [("disk", "")]
+        if args.memory_tier_mb > 0:
+            tier = [("tier", tier_config(args))]
+            configs = [*configs, *tier] if args.compare_tier else tier
+        logs: list[str] = []
+        with harness.running_bus(workdir / "bus") as bus:
             try:
-                for size in sizes:
-                    rows.append(measure(size, models[size], bed, args, rootfs, daemon,
-                                        workdir))
+                for rep in range(args.repeat):  # the configurations interleaved, each run
+                    for label, config in configs:
+                        here = workdir / f"{label}-{rep}"
+                        here.mkdir()
+                        with harness.running_llmuxd(bus, here, config) as daemon:
+                            try:
+                                for size in sizes:
+                                    row = measure(size, models[size], bed, args, rootfs,
+                                                  daemon, here)
+                                    tag = f"{size}/{label}" if len(configs) > 1 else size
+                                    rows.append(replace(row, size=tag))
+                            finally:
+                                logs.append(daemon.log())
             finally:
                 if args.llmuxd_log is not None:
-                    args.llmuxd_log.write_text(daemon.log())
+                    args.llmuxd_log.write_text("\n".join(logs))
     print_table(rows)
+    print_medians(rows)
     return 0
 
 

@@ -4,7 +4,6 @@ exist only in the writable layer."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llmux.service.core import upperfiles
+from llmux.service.core import upperfiles, zerodigest
 from llmux.service.core.container import (
     ContainerContext,
     external_mount_key,
@@ -113,7 +112,9 @@ def test_upper_only_files_are_found_saved_and_put_back(
         saved = upperfiles.save(found, view.path, files)
     by_path = {s.path: s for s in saved}
     assert by_path[held].kind == "file"
-    assert by_path[held].sha256 == hashlib.sha256(b"only-in-upper\n").hexdigest()
+    digest = zerodigest.NonzeroDigest()
+    digest.update(b"only-in-upper\n")
+    assert by_path[held].sha256 == digest.hexdigest()
     assert by_path[contained.workdir].kind == "dir"
     upperfiles.verify(saved, files)
 
