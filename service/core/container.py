@@ -211,7 +211,10 @@ def _per_container_layer(lowerdir: str) -> bool:
     return target.rstrip("/").endswith(_INIT_LAYER_SUFFIX)
 
 
-_PSEUDO_FS = frozenset({"proc", "sysfs", "devpts", "mqueue", "cgroup", "cgroup2", "overlay"})
+_PSEUDO_FS = frozenset({"proc", "devpts", "cgroup", "cgroup2", "overlay"})
+"""Filesystems CRIU mounts afresh. sysfs and mqueue belong to the network and IPC namespaces,
+which the shim shares with the host (--network=host --ipc=host): the host's own mounts of them
+are bound instead, which a tree in a user namespace of its own also gets back."""
 
 
 def _host_visible(m: MountEntry, host: Sequence[MountEntry]) -> bool:
@@ -238,6 +241,15 @@ def _is_external(m: MountEntry, mounts: Sequence[MountEntry], host: Sequence[Mou
     return True
 
 
+_MADE_AT_RESTORE = {"/dev": "tmpfs", "/sys": "sysfs", "/dev/mqueue": "mqueue"}
+"""What a restore in a user namespace makes on the host to bind (core/devcopy.py)."""
+
+
+def _made_at_restore(m: MountEntry) -> bool:
+    """A container's own /dev tmpfs, its sysfs or its mqueue."""
+    return _MADE_AT_RESTORE.get(m.mount_point) == m.fstype and m.root == "/"
+
+
 @dataclass(frozen=True)
 class ContainerContext:
     """A process's view of the filesystem and cgroups, mapped to host paths."""
@@ -253,7 +265,13 @@ class ContainerContext:
     mounts: tuple[MountEntry, ...] = ()
 
     @classmethod
-    def from_pid(cls, pid: int) -> ContainerContext:
+    def from_pid(cls, pid: int, *, own_mounts: bool = False,
+                 userns: bool = False) -> ContainerContext:
+        """``own_mounts``: seen as a tree with a mount namespace of its own made from this
+        process's (a restore of a tree in a PID namespace of its own: CRIU rebuilds its
+        mount namespace from this one's mounts even on the host). ``userns``: for a tree
+        in a user namespace of its own, the container's own tmpfs on /dev is external too
+        (devcopy supplies it at restore: no mknod there)."""
         with no_such_process():
             proctree.require(pid)
         try:
@@ -262,7 +280,7 @@ class ContainerContext:
         except FileNotFoundError as exc:
             raise NoSuchProcess(f"no process with PID {pid}") from exc
         cgroups = read_cgroups(pid)
-        if mnt_ns == own_ns:
+        if mnt_ns == own_ns and not own_mounts:
             return cls(
                 pid=pid, mnt_ns=mnt_ns, foreign=False, root=None, overlay=None, cgroups=cgroups
             )
@@ -274,7 +292,7 @@ class ContainerContext:
         for m in mounts:
             if m.mount_point == "/" or any(e.mount_point == m.mount_point for e in externals):
                 continue  # the root, or a mount stacked on one already declared
-            if _is_external(m, mounts, host):
+            if _is_external(m, mounts, host) or (userns and _made_at_restore(m)):
                 externals.append(
                     ExternalMount(
                         key=external_mount_key(m.mount_point),

@@ -65,6 +65,11 @@ class Manifest:
     image_sizes: dict[str, int] = field(default_factory=dict)
     """CRIU's image files and their sizes at commit: a truncated, missing or replaced image
     is refused before CRIU reads it (empty in checkpoints of older versions)."""
+    pid_namespace: bool = False
+    """The root is the init of a PID namespace of the tree's own: CRIU restores it into a
+    fresh one, so any PIDs do (the PIDs above are the dump's host PIDs)."""
+    inner_pids: list[int] = field(default_factory=list)
+    """With pid_namespace: each process's PID inside it, in the order of ``pids``."""
     format: int = FORMAT
 
     @property

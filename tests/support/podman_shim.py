@@ -284,6 +284,7 @@ class ShimFactory:
                 "-v", f"{self.bus_dir}:{BUS_DIR_IN}",
                 "-v", f"{self.hf}:{HF_IN}",
                 "-v", f"{self.config}:{CONFIG_IN}:ro",
+                "-v", "/proc:/run/llmux/proc:ro",
                 "--rootfs", self.rootfs,
                 str(LLMUX), "serve", "--config", CONFIG_IN]
 
