@@ -23,7 +23,9 @@ The kernel lets a user namespace mount a procfs only where one is already fully 
 (``mount_too_revealing``): podman's masked ``/proc`` paths hide parts of the container's, so
 a podman container needs one read-only bind of the host's ``/proc`` (``-v
 /proc:/run/llmux/proc:ro``, see docs/deployment.md). Without one the launcher runs the engine
-as before, in the container's PID namespace, and says so in the engine's log.
+as before, in the container's PID namespace, and says so in the engine's log; so does an
+engine of a shim that does not run in a container laid out by a container runtime
+(``runtime_layout``: the host itself, or a container of bare namespaces).
 """
 
 from __future__ import annotations
@@ -112,10 +114,28 @@ def why_not() -> str | None:
             info = f.read()
     except OSError as e:
         return f"cannot read /proc/self/mountinfo: {e.strerror}"
+    if not runtime_layout(info):
+        return ("not a container runtime's layout (an overlay as / and a tmpfs on /dev), "
+                "which a restore into a user namespace needs")
     if not visible_procfs(info):
         return ("no fully visible /proc in this container (podman masks parts of its /proc: "
                 "add -v /proc:/run/llmux/proc:ro)")
     return None
+
+
+def runtime_layout(mountinfo: str) -> bool:
+    """Whether this mount namespace is laid out as podman, docker or runc lay a container
+    out: an overlay as its root and a tmpfs of its own on /dev. A restore into a user
+    namespace binds the root without what is mounted inside it and makes /dev anew; the
+    host's own root has every other mount inside it ("mnt: Unable to mount
+    /proc/self/fd/8: Invalid argument"), and a bind of the host's /dev its children."""
+    last: dict[str, str] = {}
+    for line in mountinfo.splitlines():
+        left, _, right = line.partition(" - ")
+        fields, after = left.split(), right.split()
+        if len(fields) >= 5 and after:
+            last[fields[4]] = after[0]
+    return last.get("/") == "overlay" and last.get("/dev") == "tmpfs"
 
 
 def enter() -> None:

@@ -32,13 +32,6 @@ def _fd_targets(pid: int) -> dict[int, str]:
     return out
 
 
-def _nspid(pid: int) -> list[int]:
-    """The PID in each namespace from the host's down (the last: its own namespace's)."""
-    line = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
-                if ln.startswith("NSpid:"))
-    return [int(x) for x in line.split()[1:]]
-
-
 def _environ(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return dict(x.decode().split("=", 1) for x in raw if b"=" in x)
@@ -54,20 +47,15 @@ async def test_spawn_clean_fds_env_session_and_stop(
         pid = eng.root_pid
         pids = sup.pids("m1")
         procs.track(*pids)
-        assert pids[0] == pid and len(pids) >= 3, "init, API server and engine core"
-        # the root is the init of the engine's own PID namespace, the API server its PID 2
-        api = next(p for p in pids if Path(f"/proc/{p}/stat").read_text().split()[3] == str(pid))
-        assert _nspid(pid)[-1] == 1 and _nspid(api)[-1] == 2
-        assert os.readlink(f"/proc/{pid}/ns/pid") != os.readlink("/proc/self/ns/pid")
+        assert pids[0] == pid and len(pids) >= 2, "API server and engine core"
         # it answers on its port
         r = await sup.engines.call("m1", "GET", "/health")
         assert r.status_code == 200
         state = (await sup.engines.call("m1", "GET", "/engine_state")).json()
-        assert state["pid_api"] == 2, "the engine sees its namespace's PIDs"
-        assert any(_nspid(p)[-1] == state["pid_core"] for p in pids)
+        assert state["pid_api"] == pid and state["pid_core"] in pids
 
         # argv exactly as configured, no shell in between
-        cmdline = Path(f"/proc/{api}/cmdline").read_bytes().decode().split("\0")[:-1]
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
         assert cmdline == sup.argv(cfg.models["m1"])
         assert cmdline[:3] == [sys.executable, "-m", "llmux.shim.builtin"]
         assert "--weights-mb" in cmdline and "--enable-sleep-mode" not in cmdline
