@@ -254,9 +254,9 @@ def serve(argv: Sequence[str]) -> int:
         except OSError as e:
             print(f"llmux.shim.launch: cannot run {argv[0]!r}: {e.strerror}", file=sys.stderr)
             os._exit(127 if e.errno == errno.ENOENT else 126)
-    for sig in pending:
+    for signum in pending:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(engine, sig)
+            os.kill(engine, signum)
     while True:
         try:
             pid, status = os.wait()
@@ -279,10 +279,10 @@ def wait_init(child: int) -> int:
     _, status = os.waitpid(child, 0)
     code = _exit_code(status)
     if 128 < code < 128 + signal.NSIG:
-        sig = code - 128
-        if sig not in (signal.SIGKILL, signal.SIGSTOP):
-            signal.signal(sig, signal.SIG_DFL)
-        os.kill(os.getpid(), sig)
+        signum = code - 128
+        if signum not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
     return code
 
 

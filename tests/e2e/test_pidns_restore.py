@@ -1,0 +1,66 @@
+"""A checkpoint restores into any free PIDs: the engine's tree has a PID namespace of its
+own (llmux.shim.pidns), which CRIU restores afresh.
+
+Every host PID the checkpointed tree had is held by another process (the host's
+ns_last_pid written, then a fork) before the next container wakes the model: the model is
+restored, not cold-started, answers the same, and the holders keep their PIDs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from llmux.service.core.pidns import inner_pids
+from tests.support.llmuxd_harness import Llmuxd
+from tests.support.podman_shim import MODEL, Reaper, ShimFactory
+from tests.support.procs import hold_pid, wait_until
+
+pytestmark = [pytest.mark.podman, pytest.mark.criu, pytest.mark.dbus]
+
+
+def test_restore_while_every_pid_of_the_tree_is_held(
+    llmuxd: Llmuxd, shims: ShimFactory, reaper: Reaper
+) -> None:
+    a = shims.start("a")
+    first = a.answer()
+    status = a.model_status()
+    pids = list(status["pids"])
+    reaper.watch(pids)
+    inner = inner_pids(pids)
+    assert inner[0] == 1 and 2 in inner, f"not in a PID namespace of its own: {inner}"
+    assert a.control("sleep")["state"] == "checkpointed"
+    manifest = json.loads((llmuxd.state_dir / MODEL / "manifest.json").read_text())
+    assert manifest["pid_namespace"] is True and sorted(manifest["pids"]) == sorted(pids)
+    a.stop()
+    a.remove()
+
+    holders: list[subprocess.Popen[bytes]] = []
+    try:
+        for pid in manifest["pids"]:
+            wait_until(lambda p=pid: not _exists(p), 30, f"PID {pid} to be free")
+            held = hold_pid(pid)
+            if held is None:
+                pytest.skip(f"could not place a process on PID {pid} (busy machine)")
+            holders.append(held)
+        b = shims.start("b")
+        assert b.answer() == first
+        woke = b.model_status()
+        assert woke["last_wake"] == "restore", f"{woke}\n{b.logs()}"
+        assert not set(woke["pids"]) & set(manifest["pids"]), woke["pids"]
+        assert sorted(inner_pids(woke["pids"])) == sorted(manifest["inner_pids"])
+        assert all(h.poll() is None for h in holders), "a holder lost its PID"
+    finally:
+        for h in holders:
+            h.kill()
+            h.wait()
+
+
+def _exists(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat"):
+            return True
+    except FileNotFoundError:
+        return False
