@@ -211,10 +211,7 @@ def _per_container_layer(lowerdir: str) -> bool:
     return target.rstrip("/").endswith(_INIT_LAYER_SUFFIX)
 
 
-_PSEUDO_FS = frozenset({"proc", "devpts", "cgroup", "cgroup2", "overlay"})
-"""Filesystems CRIU mounts afresh. sysfs and mqueue belong to the network and IPC namespaces,
-which the shim shares with the host (--network=host --ipc=host): the host's own mounts of them
-are bound instead, which a tree in a user namespace of its own also gets back."""
+_PSEUDO_FS = frozenset({"proc", "sysfs", "devpts", "mqueue", "cgroup", "cgroup2", "overlay"})
 
 
 def _host_visible(m: MountEntry, host: Sequence[MountEntry]) -> bool:
@@ -265,13 +262,10 @@ class ContainerContext:
     mounts: tuple[MountEntry, ...] = ()
 
     @classmethod
-    def from_pid(cls, pid: int, *, own_mounts: bool = False,
-                 userns: bool = False) -> ContainerContext:
-        """``own_mounts``: seen as a tree with a mount namespace of its own made from this
-        process's (a restore of a tree in a PID namespace of its own: CRIU rebuilds its
-        mount namespace from this one's mounts even on the host). ``userns``: for a tree
-        in a user namespace of its own, the container's own tmpfs on /dev is external too
-        (devcopy supplies it at restore: no mknod there)."""
+    def from_pid(cls, pid: int, *, userns: bool = False) -> ContainerContext:
+        """``userns``: for a tree in a user namespace of its own, the container's own tmpfs
+        on /dev, its sysfs and its mqueue are external too (core/devcopy.py makes them at
+        restore: that namespace may neither mknod nor mount them)."""
         with no_such_process():
             proctree.require(pid)
         try:
@@ -280,7 +274,7 @@ class ContainerContext:
         except FileNotFoundError as exc:
             raise NoSuchProcess(f"no process with PID {pid}") from exc
         cgroups = read_cgroups(pid)
-        if mnt_ns == own_ns and not own_mounts:
+        if mnt_ns == own_ns:
             return cls(
                 pid=pid, mnt_ns=mnt_ns, foreign=False, root=None, overlay=None, cgroups=cgroups
             )

@@ -43,7 +43,7 @@ async def check_restore(
     if proctree.read_stat(caller.pid) is None:
         raise NotFound(f"caller PID {caller.pid} is gone")
     target = await asyncio.to_thread(lambda: ContainerContext.from_pid(
-        caller.pid, own_mounts=manifest.pid_namespace, userns=manifest.pid_namespace))
+        caller.pid, userns=manifest.pid_namespace))
     await asyncio.to_thread(check_manifest, manifest, target, criu)
     await asyncio.to_thread(check_intact, store, manifest)
     await check_files_present(manifest, caller.pid if target.foreign else None)
