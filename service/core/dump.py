@@ -207,7 +207,18 @@ class Dumper(JobBase):
                 + "; engines started by llmux run with io_uring unavailable "
                 "(python -m llmux.shim.launch)"
             )
-        ctx = ContainerContext.from_pid(root_pid, userns=pidns.owns_namespace(root_pid))
+        own_ns = pidns.owns_namespace(root_pid)
+        connected = resources.connected_ports(pids) if own_ns else []
+        if connected:
+            raise Unsupported(
+                f"the tree of PID {root_pid} runs in a user namespace of its own and holds "
+                f"open TCP connections (local ports {connected}) in its container's "
+                "network namespace: "
+                "CRIU cannot restore them inside that user namespace (TCP repair needs "
+                "CAP_NET_ADMIN over that network: \"Can't turn TCP repair mode ON: "
+                "Operation not permitted\"); start the model with LLMUX_PID_NAMESPACE=0 in "
+                "its env to checkpoint it in the container's PID namespace")
+        ctx = ContainerContext.from_pid(root_pid, userns=own_ns)
         if ctx.foreign and ctx.rootfs_host_path is None:
             raise Unsupported(
                 f"PID {root_pid} lives in a mount namespace whose root filesystem is not "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +65,32 @@ def _exists(pid: int) -> bool:
             return True
     except FileNotFoundError:
         return False
+
+
+def test_a_tree_with_open_tcp_connections_is_refused_by_name(
+    llmuxd: Llmuxd, podman_rootfs: str, reaper: Reaper, tmp_path: Path
+) -> None:
+    """The built-in engine's torch backend keeps TCP connections open across the dump (its
+    torch.distributed links): inside a user namespace CRIU could dump them but not restore
+    them (TCP repair needs CAP_NET_ADMIN over the container's network). The checkpoint is
+    refused before CRIU runs, naming the ports; the model is stopped, nothing is lost."""
+    shims = ShimFactory(
+        rootfs=podman_rootfs, bus_dir=Path(llmuxd.bus.socket_path).parent,
+        bus_address_in=f"unix:path=/run/llmux-bus/{Path(llmuxd.bus.socket_path).name}",
+        workdir=tmp_path / "shared", backend="torch")
+    try:
+        a = shims.start("a")
+        first = a.answer()
+        pids = list(a.model_status()["pids"])
+        reaper.watch(pids)
+        assert inner_pids(pids)[0] == 1
+        body = a.control("sleep")
+        assert body["state"] == "stopped", body
+        error = a.model_status()["last_error"] or ""
+        assert "org.llmux.Error.Unsupported" in error, error
+        assert "open TCP connections" in error and "LLMUX_PID_NAMESPACE=0" in error
+        assert MODEL not in [p.name for p in llmuxd.state_dir.iterdir()]
+        assert a.answer() == first  # started again, the same answer
+    finally:
+        leftovers = shims.cleanup()
+        assert not leftovers, leftovers
