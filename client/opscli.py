@@ -262,6 +262,7 @@ def _checkpoint_row(info: CheckpointInfo) -> list[str]:
         format_pids(info.pids),
         info.owner,
         f"{info.dump_seconds:.1f} s",
+        str(info.live_trees),
     ]
 
 
@@ -318,7 +319,7 @@ def cmd_checkpoints_list(args: argparse.Namespace) -> int:
         if not found:
             print("no checkpoints")
             return EXIT_OK
-        headers = ["MODEL", "SIZE", "CREATED", "ROOT PID", "PIDS", "OWNER", "DUMP"]
+        headers = ["MODEL", "SIZE", "CREATED", "ROOT PID", "PIDS", "OWNER", "DUMP", "LIVE"]
         print_table(headers, [_checkpoint_row(p) for p in found])
         total = sum(p.size_bytes for p in found)
         print(f"\n{len(found)} checkpoint(s), {format_bytes(total)}")

@@ -310,6 +310,8 @@ class CheckpointInfo(Record):
     """The whole manifest, JSON."""
     listen_ports: list[int] = _dbus("ListenPorts", "au", factory=list)  # noqa: RUF009
     """TCP ports the tree listened on: each must be free for a restore."""
+    live_trees: int = _dbus("LiveTrees", "u", 0)
+    """How many trees restored from this checkpoint are running now (read when asked)."""
 
 
 JOB_OBJECT_PROPERTIES = (

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from llmux.common.contract import BUS_NAME, CHECKPOINT_INTERFACE, checkpoint_path
 from llmux.service.core.pidns import inner_pids
 from tests.support.llmuxd_harness import Llmuxd
 from tests.support.podman_shim import MODEL, Reaper, ShimFactory
@@ -53,10 +54,22 @@ def test_restore_while_every_pid_of_the_tree_is_held(
         assert not set(woke["pids"]) & set(manifest["pids"]), woke["pids"]
         assert sorted(inner_pids(woke["pids"])) == sorted(manifest["inner_pids"])
         assert all(h.poll() is None for h in holders), "a holder lost its PID"
+        # the checkpoint (kept) counts the live tree restored from it, until it ends
+        assert live_trees(llmuxd) == 1
+        b.remove()
+        wait_until(lambda: live_trees(llmuxd) == 0, 30, "the restored tree to be counted out")
     finally:
         for h in holders:
             h.kill()
             h.wait()
+
+
+def live_trees(daemon: Llmuxd) -> int:
+    """The checkpoint's LiveTrees property, as `busctl get-property` reads it."""
+    got = daemon.busctl("--json=short", "get-property", BUS_NAME, checkpoint_path(MODEL),
+                        CHECKPOINT_INTERFACE, "LiveTrees")
+    assert got.rc == 0, f"get-property failed: {got.error_name} {got.error_message}"
+    return int(json.loads(got.stdout)["data"])
 
 
 def _exists(pid: int) -> bool:
