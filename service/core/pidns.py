@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from llmux.common import proctree
+from llmux.service.core import procerrors
 
 
 def nspids(pid: int) -> list[int]:
@@ -47,5 +47,5 @@ def inner_pids(pids: Sequence[int]) -> list[int]:
 def host_pids(root_pid: int) -> tuple[list[int], dict[int, int]]:
     """A restored tree: its host PIDs (root first) and the map from its namespace's PIDs
     to them."""
-    pids = proctree.tree(root_pid)
+    pids = procerrors.tree(root_pid)  # a root already gone: NoSuchProcess
     return pids, {inner: pid for pid, inner in zip(pids, inner_pids(pids), strict=True)}

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from llmux.common import proctree, resources
 from llmux.common.errors import (
+    CriuFailed,
     CudaFailed,
     HostError,
     PidInUse,
@@ -275,7 +276,10 @@ class Restorer(JobBase):
         restore_secs = time.monotonic() - t
         try:
             restored_root = int((await asyncio.to_thread(pidfile.read_text)).strip())
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
+            if manifest.pid_namespace:  # its new root is known from CRIU only
+                raise CriuFailed(f"criu restored {model!r} but its pidfile {pidfile} cannot "
+                                 f"be read ({exc}); the checkpoint is kept") from exc
             restored_root = manifest.root_pid
         if restored_root != manifest.root_pid and not manifest.pid_namespace:
             log.warning("restored root PID %s, expected %s", restored_root, manifest.root_pid)
