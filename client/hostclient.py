@@ -18,7 +18,7 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
@@ -323,15 +323,28 @@ class HostClient:
         progress: ProgressCallback | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - cancels the job too
     ) -> CheckpointInfo:
-        """Restores into the caller's container; returns the checkpoint's properties
-        (root_pid, pids: CRIU gives the processes their PIDs back)."""
+        """Restores into the caller's container; returns the checkpoint's properties with
+        root_pid and pids those of the restored tree (the job's last progress says them: a
+        tree in a PID namespace of its own gets new host PIDs)."""
         before = await self.get_checkpoint(model)
         if before is None:
             raise errors.NotFound(f"no checkpoint of {model}")
         options = RestoreOptions(keep_images=keep_images, gpu_map=dict(gpu_map or {}))
-        await self._run_job(contract.RESTORE, [model], options, progress, timeout)
+        restored: list[JobProgress] = []
+
+        def seen(p: JobProgress) -> None:
+            if p.root_pid > 0:
+                restored.append(p)
+            if progress is not None:
+                progress(p)
+
+        await self._run_job(contract.RESTORE, [model], options, seen, timeout)
         after = await self.get_checkpoint(model) if keep_images else None
-        return after or before
+        info = after or before
+        if restored:
+            info = replace(info, root_pid=restored[-1].root_pid,
+                           pids=restored[-1].pids or [restored[-1].root_pid])
+        return info
 
     async def check_restore(self, model: str) -> tuple[bool, str]:
         """(True, "") when a restore into the caller's container would pass llmuxd's checks;

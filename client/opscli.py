@@ -270,6 +270,7 @@ def _checkpoint_row(info: CheckpointInfo) -> list[str]:
         info.owner,
         f"{info.dump_seconds:.1f} s",
         info.location,
+        str(info.live_trees),
     ]
 
 
@@ -326,7 +327,8 @@ def cmd_checkpoints_list(args: argparse.Namespace) -> int:
         if not found:
             print("no checkpoints")
             return EXIT_OK
-        headers = ["MODEL", "SIZE", "CREATED", "ROOT PID", "PIDS", "OWNER", "DUMP", "WHERE"]
+        headers = ["MODEL", "SIZE", "CREATED", "ROOT PID", "PIDS", "OWNER", "DUMP", "WHERE",
+                   "LIVE"]
         print_table(headers, [_checkpoint_row(p) for p in found])
         total = sum(p.size_bytes for p in found)
         print(f"\n{len(found)} checkpoint(s), {format_bytes(total)}")

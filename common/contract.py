@@ -295,6 +295,11 @@ class JobProgress(Record):
     """The core's phase (off the bus): "dumping", "restoring", "cuda-checkpoint", "done"..."""
     job_id: int = 0
     """The job's id (off the bus: the client knows it from the call's reply)."""
+    root_pid: int = _dbus("RootPid", "u", 0)
+    """A restore's, once done: the restored tree's root PID as CRIU gave it (a tree in a PID
+    namespace of its own gets new host PIDs; otherwise the checkpoint's)."""
+    pids: list[int] = _dbus("Pids", "au", factory=list)  # noqa: RUF009
+    """A restore's, once done: every process of the restored tree, root first."""
 
 
 @dataclass(frozen=True)
@@ -320,6 +325,9 @@ class CheckpointInfo(Record):
     location: str = _dbus("Location", "s", "local")
     """Where the checkpoint is: "local" (this host's state directory), "remote" (only in
     the object store; a restore downloads it) or "both"."""
+    live_trees: int = _dbus("LiveTrees", "u", 0)
+    """How many trees restored from this checkpoint are running now (read when asked)."""
+
 
 
 @dataclass(frozen=True)

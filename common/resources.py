@@ -191,6 +191,18 @@ def listening_ports(pids: Sequence[int]) -> list[int]:
                    if state == _LISTEN and ino in inodes})
 
 
+def connected_ports(pids: Sequence[int]) -> list[int]:
+    """Local ports of the tree's own TCP sockets that are connected (neither listening nor
+    closed), sorted: what CRIU carries with --tcp-established and restores by TCP repair."""
+    if not pids:
+        return []
+    inodes: set[str] = set()
+    for pid in pids:
+        inodes |= _socket_inodes(pid)
+    return sorted({port for _, port, state, ino in _tcp_rows(pids[0])
+                   if ino in inodes and state != _LISTEN and state not in _FREE_STATES})
+
+
 def connections_to(port: int, netns_pid: int | str = "self") -> int:
     """TCP connections whose local port is ``port``, in any state but listening or closed
     (what a dump of the port's owner would carry), in netns_pid's network namespace."""

@@ -7,6 +7,10 @@ forks, so libuv (and anything else) falls back to epoll, as on a kernel without 
 Everything else is allowed. The filter is inherited across fork and exec, cannot be
 removed, and CRIU checkpoints and restores it with the process.
 
+It also gives the engine a PID namespace of its own (llmux.shim.pidns): it stays as the
+init's parent, and the supervisor learns the init's PID through the fd named by
+``LLMUX_LAUNCH_REPORT_FD``; without a namespace it execs the engine itself, as before.
+
 An exec wrapper rather than a ``preexec_fn``: code run between fork and exec in a
 threaded parent (the shim) can deadlock; this process has one thread.
 """
@@ -19,6 +23,8 @@ import os
 import struct
 import sys
 from collections.abc import Sequence
+
+from llmux.shim import pidns
 
 #: io_uring_setup has this number on every architecture since the syscall tables were unified
 NR_IO_URING_SETUP = 425
@@ -102,6 +108,28 @@ def main(args: Sequence[str] | None = None) -> int:
     except OSError as e:
         print(f"llmux.shim.launch: cannot make io_uring unavailable: {e}", file=sys.stderr)
         return 126
+    report_fd = os.environ.pop(pidns.ENV_REPORT_FD, None)
+    why = pidns.why_not()
+    if why is None:
+        try:
+            pidns.enter()
+        except OSError as e:
+            why = str(e)
+    if why is None:
+        child = os.fork()
+        if child == 0:
+            if report_fd is not None:
+                os.close(int(report_fd))
+            os._exit(pidns.init(argv))
+        if report_fd is not None:
+            os.write(int(report_fd), f"{child}\n".encode())
+            os.close(int(report_fd))
+        return pidns.wait_init(child)
+    if why != f"{pidns.ENV_SWITCH}=0":
+        print(f"llmux.shim.launch: the engine runs in this container's PID namespace ({why}); "
+              "its checkpoint restores only where all its PIDs are free", file=sys.stderr)
+    if report_fd is not None:
+        os.close(int(report_fd))
     try:
         os.execvp(argv[0], argv)  # noqa: S606 (an argv, never a shell)
     except OSError as e:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from llmux.common import proctree, resources
+from llmux.shim import pidns
 from llmux.shim.config import Config, EngineKind, ModelConfig
 from llmux.shim.engineclient import ENGINE_HOST, EngineClient
 from llmux.shim.errors import Conflict, EngineFailed, ModelNotFound
@@ -53,6 +54,8 @@ ENGINE_MARK = "LLMUX_ENGINE"
 LOG_TAIL_LINES = 20
 _POLL_SECS = 0.05
 _KILL_WAIT_SECS = 10.0
+_LAUNCHER_EXIT_SECS = 2.0
+_LAUNCH_REPORT_SECS = 30.0
 
 
 @dataclass
@@ -197,21 +200,34 @@ class Supervisor:
         log_path = self._open_log_header(model, argv)
         await asyncio.to_thread(self.prepare_tmp_dir, model, fresh=True)
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        report_r, report_w = os.pipe()
         try:
             # subprocess.Popen, not the event loop's subprocess support: uvloop ignores
             # close_fds and would leak every inheritable fd of the shim into the engine
             proc = await asyncio.to_thread(
                 subprocess.Popen, launcher_argv(argv), stdin=subprocess.DEVNULL, stdout=fd,
-                stderr=fd, env=self.env(m), close_fds=True, pass_fds=(), start_new_session=True)
+                stderr=fd, env={**self.env(m), pidns.ENV_REPORT_FD: str(report_w)},
+                close_fds=True, pass_fds=(report_w,), start_new_session=True)
         except OSError as e:
+            os.close(report_r)
             raise EngineFailed(f"model {model}: cannot start engine {argv[0]!r}: "
                                f"{e.strerror or e}") from e
         finally:
             os.close(fd)
+            os.close(report_w)
         eng = EngineProcess(model=model, root_pid=proc.pid, adopted=False, log_path=log_path,
                             popen=proc)
         self._engines[model] = eng
         self._watch(eng, proc.pid)
+        init = await asyncio.to_thread(_read_init_pid, report_r)
+        if init is not None:
+            # the tree's root is the init of its PID namespace; the launcher, its parent,
+            # stays a member (it ends as the init ends)
+            self._open_pidfd(eng, init)
+            if init in eng.pidfds and not _pidfd_exited(eng.pidfds[proc.pid]):
+                asyncio.get_running_loop().remove_reader(eng.pidfds[proc.pid])
+                eng.root_pid = init
+                self._watch(eng, init, opened=True)
         log.info("model %s: engine started, pid %d, log %s", model, proc.pid, log_path)
         try:
             await self._wait_healthy(eng, m.startup_timeout_secs)
@@ -338,6 +354,10 @@ class Supervisor:
         self._spawn_task(self._root_exited(eng))
 
     async def _root_exited(self, eng: EngineProcess) -> None:
+        if eng.popen is not None and eng.popen.pid != eng.root_pid:
+            # the launcher ends right after the init it waits for: its status is the engine's
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(eng.popen.wait, _LAUNCHER_EXIT_SECS)
         self._reap(eng)
         if eng.exited.is_set():
             return
@@ -453,7 +473,7 @@ class Supervisor:
         if eng.popen is not None and eng.returncode is None:
             eng.returncode = eng.popen.poll()
         for pid in list(eng.pidfds):
-            if pid == eng.root_pid and eng.popen is not None:
+            if eng.popen is not None and pid == eng.popen.pid:
                 continue
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitpid(pid, os.WNOHANG)
@@ -561,6 +581,20 @@ def _pidfd_exited(fd: int) -> bool:
     p = select.poll()
     p.register(fd, select.POLLIN)
     return bool(p.poll(0))
+
+
+def _read_init_pid(fd: int) -> int | None:
+    """The PID the launcher reports for the init of the engine's PID namespace; None when
+    it ran the engine without one (it closed the pipe unwritten) or died first."""
+    try:
+        ready, _, _ = select.select([fd], [], [], _LAUNCH_REPORT_SECS)
+        data = os.read(fd, 32) if ready else b""
+    finally:
+        os.close(fd)
+    try:
+        return int(data.decode().strip()) or None
+    except ValueError:
+        return None
 
 
 def _tree_pids(root: int) -> list[int]:

@@ -196,6 +196,8 @@ class PodmanContainer:
                 if k in env for a in ("--env", f"{k}={env[k]}")]
         self._podman("run", "-d", "--name", f"llmux-{self.base.name}-{self.name}",
                      "--network=host", "--pid=host", "--ipc=host", *volumes, *envs,
+                     # a fully visible procfs: engines get PID namespaces of their own
+                     "-v", "/proc:/run/llmux/proc:ro",
                      "--rootfs", "/:O", *argv)
         self._pid = int(self._podman("inspect", "--format", "{{.State.Pid}}",
                                      f"llmux-{self.base.name}-{self.name}"))

@@ -107,6 +107,12 @@ class RestoredRegistry:
             with contextlib.suppress(OSError):
                 self._save()
 
+    def live(self, model: str) -> int:
+        """How many trees restored from the model's checkpoint still run."""
+        with self._lock:
+            self._prune()
+            return sum(1 for t in self._trees.values() if t.model == model)
+
     def get(self, root_pid: int) -> RestoredTree | None:
         tree = self._trees.get(root_pid)
         if tree is None:

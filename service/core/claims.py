@@ -9,7 +9,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Generic, TypeVar
 
 from llmux.common.contract import JobProgress
@@ -33,11 +33,13 @@ class Reporter:
     def __init__(self, sink: ProgressSink | None) -> None:
         self.sink = sink
 
-    def __call__(self, fraction: float, nbytes: int, rate: float, status: str) -> None:
+    def __call__(self, fraction: float, nbytes: int, rate: float, status: str, *,
+                 pids: Sequence[int] = ()) -> None:
         if self.sink is None:
             return
         try:
-            self.sink(JobProgress(max(0.0, min(1.0, fraction)), nbytes, rate, status))
+            self.sink(JobProgress(max(0.0, min(1.0, fraction)), nbytes, rate, status,
+                                  root_pid=pids[0] if pids else 0, pids=list(pids)))
         except Exception:
             log.exception("progress sink failed")
 

@@ -238,6 +238,15 @@ def _is_external(m: MountEntry, mounts: Sequence[MountEntry], host: Sequence[Mou
     return True
 
 
+_MADE_AT_RESTORE = {"/dev": "tmpfs", "/sys": "sysfs", "/dev/mqueue": "mqueue"}
+"""What a restore in a user namespace makes on the host to bind (core/devcopy.py)."""
+
+
+def _made_at_restore(m: MountEntry) -> bool:
+    """A container's own /dev tmpfs, its sysfs or its mqueue."""
+    return _MADE_AT_RESTORE.get(m.mount_point) == m.fstype and m.root == "/"
+
+
 @dataclass(frozen=True)
 class ContainerContext:
     """A process's view of the filesystem and cgroups, mapped to host paths."""
@@ -253,7 +262,10 @@ class ContainerContext:
     mounts: tuple[MountEntry, ...] = ()
 
     @classmethod
-    def from_pid(cls, pid: int) -> ContainerContext:
+    def from_pid(cls, pid: int, *, userns: bool = False) -> ContainerContext:
+        """``userns``: for a tree in a user namespace of its own, the container's own tmpfs
+        on /dev, its sysfs and its mqueue are external too (core/devcopy.py makes them at
+        restore: that namespace may neither mknod nor mount them)."""
         with no_such_process():
             proctree.require(pid)
         try:
@@ -274,7 +286,7 @@ class ContainerContext:
         for m in mounts:
             if m.mount_point == "/" or any(e.mount_point == m.mount_point for e in externals):
                 continue  # the root, or a mount stacked on one already declared
-            if _is_external(m, mounts, host):
+            if _is_external(m, mounts, host) or (userns and _made_at_restore(m)):
                 externals.append(
                     ExternalMount(
                         key=external_mount_key(m.mount_point),

@@ -17,10 +17,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from llmux.common import gpumem, proctree, resources
 from llmux.common.errors import CriuFailed, HostError, InvalidArgument, NoSpace, Unsupported
-from llmux.service.core import authz, compat, procerrors, upperfiles
+from llmux.service.core import authz, compat, pidns, procerrors, upperfiles
 from llmux.service.core.authz import Caller
 from llmux.service.core.claims import Prepared, Reporter, uncancellable
 from llmux.service.core.container import ContainerContext
@@ -131,6 +132,13 @@ def _session_outside(pids: Sequence[int]) -> bool:
     return False
 
 
+def _namespace_fields(root_pid: int, pids: Sequence[int]) -> dict[str, Any]:
+    """The manifest's pid_namespace and inner_pids (a tree in a PID namespace of its own)."""
+    if not pidns.owns_namespace(root_pid):
+        return {}
+    return {"pid_namespace": True, "inner_pids": pidns.inner_pids(pids)}
+
+
 async def thaw(cuda: CudaCheckpointer, pids: Sequence[int], cuda_pids: Sequence[int]) -> None:
     """Make a tree whose dump failed run again: no job-control stop, CUDA unlocked."""
     for pid in await asyncio.to_thread(proctree.stopped, pids):
@@ -201,7 +209,18 @@ class Dumper(JobBase):
                 + "; engines started by llmux run with io_uring unavailable "
                 "(python -m llmux.shim.launch)"
             )
-        ctx = ContainerContext.from_pid(root_pid)
+        own_ns = pidns.owns_namespace(root_pid)
+        connected = resources.connected_ports(pids) if own_ns else []
+        if connected:
+            raise Unsupported(
+                f"the tree of PID {root_pid} runs in a user namespace of its own and holds "
+                f"open TCP connections (local ports {connected}) in its container's "
+                "network namespace: "
+                "CRIU cannot restore them inside that user namespace (TCP repair needs "
+                "CAP_NET_ADMIN over that network: \"Can't turn TCP repair mode ON: "
+                "Operation not permitted\"); start the model with LLMUX_PID_NAMESPACE=0 in "
+                "its env to checkpoint it in the container's PID namespace")
+        ctx = ContainerContext.from_pid(root_pid, userns=own_ns)
         if ctx.foreign and ctx.rootfs_host_path is None:
             raise Unsupported(
                 f"PID {root_pid} lives in a mount namespace whose root filesystem is not "
@@ -241,6 +260,7 @@ class Dumper(JobBase):
             expected_bytes=tree.expected,
             leave_running=leave_running,
             listen_ports=await asyncio.to_thread(resources.listening_ports, pids),
+            **await asyncio.to_thread(_namespace_fields, root_pid, pids),
         )
 
     async def _run(self, caller: Caller, model: str, root_pid: int, leave_running: bool,

@@ -68,6 +68,11 @@ class Manifest:
     compat: dict[str, str] = field(default_factory=dict)
     """What the restoring host must match (compat.py: kernel, CPU features, CRIU, GPU model
     and driver, the container image), checked before a remote checkpoint is downloaded."""
+    pid_namespace: bool = False
+    """The root is the init of a PID namespace of the tree's own: CRIU restores it into a
+    fresh one, so any PIDs do (the PIDs above are the dump's host PIDs)."""
+    inner_pids: list[int] = field(default_factory=list)
+    """With pid_namespace: each process's PID inside it, in the order of ``pids``."""
     format: int = FORMAT
 
     @property

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,13 +19,14 @@ from pathlib import Path
 
 from llmux.common import proctree, resources
 from llmux.common.errors import (
+    CriuFailed,
     CudaFailed,
     HostError,
     NotFound,
     PidInUse,
     PortInUse,
 )
-from llmux.service.core import restorecheck, upperfiles
+from llmux.service.core import devcopy, pidns, restorecheck, upperfiles
 from llmux.service.core.authz import Caller
 from llmux.service.core.claims import Prepared, Reporter, uncancellable
 from llmux.service.core.container import ContainerContext
@@ -72,6 +74,18 @@ class Restore:
     def view_pid(self) -> int | None:
         """Whose view of the filesystem the target's paths are in (None: the host's)."""
         return self.caller.pid if self.target.foreign else None
+
+
+def _half_restored_pids(manifest: Manifest, pidfile: Path) -> list[int]:
+    """What a CRIU cut short may have restored: the dump's PIDs, or for a tree in a PID
+    namespace of its own the namespace's init when CRIU named it (killing the init ends the
+    whole namespace; CRIU's helpers are found by their argv)."""
+    if not manifest.pid_namespace:
+        return manifest.pids
+    try:
+        return [int(pidfile.read_text().strip())]
+    except (OSError, ValueError):
+        return []
 
 
 class Restorer(JobBase):
@@ -127,6 +141,8 @@ class Restorer(JobBase):
                            f"the store {self.remote.url}") from None
 
     async def _wait_pids_free(self, manifest: Manifest) -> None:
+        if manifest.pid_namespace:
+            return  # restored into a fresh PID namespace: every PID is free there
         wanted = sorted(set(manifest.pids) | set(manifest.tids))
         left = await wait_gone_async(lambda: proctree.taken(wanted), self.pid_free_timeout)
         if left:
@@ -175,7 +191,7 @@ class Restorer(JobBase):
         async with self.claims.remap_guard(any(f.reason == "link-remap" for f in manifest.files)):
             r.journal = await asyncio.to_thread(
                 RestoreJournal.begin, self.store.root, r.model, view_pid=r.view_pid,
-                paths=transient, pids=manifest.pids,
+                paths=transient, pids=[] if manifest.pid_namespace else manifest.pids,
                 log_path=self.store.images_dir(r.model) / "restore.log")
             try:
                 with ViewRoot(r.view_pid) as view:
@@ -193,13 +209,35 @@ class Restorer(JobBase):
             finally:
                 await uncancellable(asyncio.to_thread(r.journal.end))
 
+    @staticmethod
+    def _mount_sources(r: Restore) -> dict[str, Path]:
+        """For a tree in a user namespace of its own: /dev, /sys, /dev/mqueue made here."""
+        if not r.manifest.pid_namespace:
+            return {}
+        wanted = {e.mount_point for e in r.manifest.external_mounts}
+        made: dict[str, Path] = {}
+        under = Path(tempfile.gettempdir())
+        try:
+            if devcopy.DEV in wanted:
+                made[devcopy.DEV] = devcopy.prepare(r.caller.pid, under)
+            for point, fstype in devcopy.FRESH.items():
+                if point in wanted:
+                    made[point] = devcopy.prepare_fs(fstype, under)
+        except BaseException:
+            for path in made.values():
+                devcopy.release(path)
+            raise
+        return made
+
     def _request(self, r: Restore, images: Path, pidfile: Path,
-                 cgroup_procs: list[Path]) -> RestoreRequest:
+                 cgroup_procs: list[Path], sources: dict[str, Path]) -> RestoreRequest:
         target = r.target
         externals: list[tuple[str, str]] = []
         for ext in r.manifest.external_mounts:
             mine = target.external_for(ext.mount_point)
-            if mine is not None and mine.host_source is not None:
+            if ext.mount_point in sources:
+                externals.append((ext.key, str(sources[ext.mount_point])))
+            elif mine is not None and mine.host_source is not None:
                 externals.append((ext.key, mine.host_source))
         root = target.rootfs_host_path if target.foreign else None
         return RestoreRequest(
@@ -241,8 +279,9 @@ class Restorer(JobBase):
             # waiting forever in its restorer, holding the PIDs: finish it off.
             await uncancellable(asyncio.gather(*r.noted, return_exceptions=True))
             if r.criu_runs:
-                await uncancellable(asyncio.to_thread(
-                    kill_half_restored, manifest.pids, journal.since, req.images_dir))
+                await uncancellable(asyncio.to_thread(lambda: kill_half_restored(
+                    _half_restored_pids(manifest, req.pidfile), journal.since,
+                    req.images_dir)))
             raise
         finally:
             with contextlib.suppress(Exception):
@@ -257,20 +296,36 @@ class Restorer(JobBase):
             with contextlib.suppress(FileNotFoundError):
                 await asyncio.to_thread(stale.unlink)
         cgroup_procs = await asyncio.to_thread(r.target.cgroup_procs_files)
+        sources = await asyncio.to_thread(self._mount_sources, r)
         t = time.monotonic()
-        await self._criu_restore(r, self._request(r, images, pidfile, cgroup_procs))
+        try:
+            await self._criu_restore(r, self._request(r, images, pidfile, cgroup_procs,
+                                                      sources))
+        finally:
+            for made in sources.values():
+                await uncancellable(asyncio.to_thread(devcopy.release, made))
         restore_secs = time.monotonic() - t
         try:
             restored_root = int((await asyncio.to_thread(pidfile.read_text)).strip())
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
+            if manifest.pid_namespace:  # its new root is known from CRIU only
+                raise CriuFailed(f"criu restored {model!r} but its pidfile {pidfile} cannot "
+                                 f"be read ({exc}); the checkpoint is kept") from exc
             restored_root = manifest.root_pid
-        if restored_root != manifest.root_pid:
+        if restored_root != manifest.root_pid and not manifest.pid_namespace:
             log.warning("restored root PID %s, expected %s", restored_root, manifest.root_pid)
+        pids, cuda_pids = manifest.pids, manifest.cuda_pids
+        if manifest.pid_namespace:
+            # new host PIDs: the namespace's own PIDs name the same processes as at dump
+            pids, by_inner = await asyncio.to_thread(pidns.host_pids, restored_root)
+            inner = dict(zip(manifest.pids, manifest.inner_pids, strict=False))
+            cuda_pids = [by_inner[inner[p]] for p in manifest.cuda_pids
+                         if inner.get(p) in by_inner]
 
-        if manifest.cuda_pids:
+        if cuda_pids:
             r.report(0.9, 0, 0.0, "cuda-restore")
             try:
-                await self.cuda.restore_and_unlock(manifest.cuda_pids, r.device_map)
+                await self.cuda.restore_and_unlock(cuda_pids, r.device_map)
             except HostError as exc:
                 raise CudaFailed(
                     f"CRIU restored {model!r} (PIDs {manifest.pids}) but its CUDA state could "
@@ -281,7 +336,7 @@ class Restorer(JobBase):
         if not r.keep_images:
             await asyncio.to_thread(self.store.delete, model)
         r.report(1.0, manifest.images_bytes,
-                 manifest.images_bytes / max(restore_secs, 1e-6), "done")
-        log.info("restored %s (PIDs %s) in %.2fs (%.2fs total)", model, manifest.pids,
+                 manifest.images_bytes / max(restore_secs, 1e-6), "done", pids=pids)
+        log.info("restored %s (PIDs %s) in %.2fs (%.2fs total)", model, pids,
                  restore_secs, time.monotonic() - r.started)
         return manifest

@@ -15,7 +15,7 @@ import os
 
 from llmux.common import proctree
 from llmux.common.errors import ManifestMismatch, NotFound, Unsupported
-from llmux.service.core import authz, compat, upperfiles
+from llmux.service.core import authz, compat, devcopy, upperfiles
 from llmux.service.core.authz import Caller
 from llmux.service.core.container import ContainerContext
 from llmux.service.core.criu import CriuVersion
@@ -45,7 +45,8 @@ async def check_restore(
     authz.check_owner(caller, manifest.owner_uid, model)
     if proctree.read_stat(caller.pid) is None:
         raise NotFound(f"caller PID {caller.pid} is gone")
-    target = await asyncio.to_thread(ContainerContext.from_pid, caller.pid)
+    target = await asyncio.to_thread(lambda: ContainerContext.from_pid(
+        caller.pid, userns=manifest.pid_namespace))
     await asyncio.to_thread(check_manifest, manifest, target, criu)
     if remote is None:
         await asyncio.to_thread(check_intact, store, manifest)
@@ -88,6 +89,8 @@ def check_manifest(manifest: Manifest, target: ContainerContext, criu: CriuVersi
                      compat.host_facts(str(criu), identity), cuda=bool(manifest.cuda_pids))
     for ext in manifest.external_mounts:
         mine = target.external_for(ext.mount_point)
+        if ext.mount_point in devcopy.MADE_HERE and manifest.pid_namespace:
+            continue  # the restore makes what it binds there
         if mine is None or mine.host_source is None:
             raise ManifestMismatch(
                 f"checkpoint {manifest.model!r} needs a bind mount at {ext.mount_point}, "

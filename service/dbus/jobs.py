@@ -218,7 +218,7 @@ class JobTable:
         job.view.state = outcome.result
         if outcome.result == JobState.DONE:
             job.view.progress = replace(job.view.progress, fraction=1.0)
-        job.interface.refresh("State", "Progress", "Bytes", "Rate")
+        job.interface.refresh("State", "Progress", "Bytes", "Rate", "RootPid", "Pids")
         try:
             self._on_finished(job)
         except Exception:

@@ -21,6 +21,10 @@ qwen3-0.6b with eviction discard + checkpoint. For each weight size, one after t
 With --drop-caches (the default) the page cache is emptied before each timed phase, so
 that the cold start reads the weights and the restore reads the images from the disk.
 llmuxd runs CRIU from $LLMUX_CRIU (default /opt/llmux/criu/criu, packaging/criu).
+With --pid-namespace both (the default) every size is measured twice, one after the other in
+the same run: the engine in a PID namespace of its own (what `llmux serve` does in a
+container: restored into fresh PIDs) and in the container's (LLMUX_PID_NAMESPACE=0: the
+checkpoint's PIDs taken back).
 This is a benchmark that prints numbers, not a test: nothing here asserts a speed.
 """
 
@@ -48,6 +52,7 @@ MB = 1 << 20
 
 @dataclass
 class Row:
+    mode: str
     weights_mb: int
     cold_s: float
     restore_secs: float
@@ -75,12 +80,17 @@ def timed_wake(shim: Any, expect: str, drop: bool) -> tuple[float, float, str, b
     return total, t_wake, token, dropped
 
 
+MODES = {"ns": {}, "host": {"LLMUX_PID_NAMESPACE": "0"}}
+"""The engine's PID namespace: its own, or the container's (the host's)."""
+
+
 def measure(size: int, args: argparse.Namespace, rootfs: str, daemon: Any,
-            workdir: Path) -> Row:
+            workdir: Path, mode: str) -> Row:
     with podman_shim.shim_factory(
         rootfs=rootfs, bus_dir=Path(daemon.bus.socket_path).parent,
         bus_address_in="unix:path=/run/llmux-bus/system_bus_socket",
-        workdir=workdir / f"w{size}", weights_mb=size, backend=args.backend,
+        workdir=workdir / f"w{size}-{mode}", weights_mb=size, backend=args.backend,
+        engine_env=MODES[mode],
     ) as shims:
         print(f"[{size} MB] warm-up: writing the weights file", file=sys.stderr)
         warm = shims.start("warm")
@@ -114,8 +124,12 @@ def measure(size: int, args: argparse.Namespace, rootfs: str, daemon: Any,
         criu_restore_s = float(found[-1]) if found else float("nan")
         # the next size starts from an empty state directory
         daemon.ok("DeleteCheckpoint", "s", podman_shim.MODEL)
+        if manifest.get("pid_namespace", False) != (mode == "ns"):
+            raise RuntimeError(f"mode {mode}: the manifest says pid_namespace="
+                               f"{manifest.get('pid_namespace')}")
         return Row(
-            weights_mb=size, cold_s=cold_s, restore_secs=restore_secs, restore_wake_s=wake_s,
+            mode=mode, weights_mb=size, cold_s=cold_s, restore_secs=restore_secs,
+            restore_wake_s=wake_s,
             criu_restore_s=criu_restore_s,
             images_bytes=int(manifest["images_bytes"]), files_bytes=int(manifest["files_bytes"]),
             dump_secs=float(manifest["dump_seconds"]), sleep_s=sleep_s,
@@ -126,7 +140,8 @@ def measure(size: int, args: argparse.Namespace, rootfs: str, daemon: Any,
 def print_table(rows: list[Row], backend: str) -> None:
     print(f"\nbuilt-in engine ({backend} backend), eviction discard+checkpoint, restore into a "
           "new container; times from POST /control/wake to the first token")
-    head = (f"{'weights':>8} | {'cold start':>10} | {'restore':>8} | {'speed-up':>8} | "
+    head = (f"{'PID ns':>6} | {'weights':>8} | {'cold start':>10} | {'restore':>8} | "
+            f"{'speed-up':>8} | "
             f"{'(restore call)':>14} | {'(CRIU)':>6} | {'checkpoint':>10} | {'dump':>6} | "
             f"{'sleep call':>10} | "
             f"{'same answer':>11} | {'cache dropped':>13}")
@@ -134,7 +149,8 @@ def print_table(rows: list[Row], backend: str) -> None:
     print("-" * len(head))
     for r in rows:
         size = (r.images_bytes + r.files_bytes) / MB
-        print(f"{r.weights_mb:>5} MB | {r.cold_s:>8.2f} s | {r.restore_secs:>6.2f} s | "
+        print(f"{r.mode:>6} | {r.weights_mb:>5} MB | {r.cold_s:>8.2f} s | "
+              f"{r.restore_secs:>6.2f} s | "
               f"{r.cold_s / r.restore_secs:>7.1f}x | {r.restore_wake_s:>12.2f} s | "
               f"{r.criu_restore_s:>4.2f} s | "
               f"{size:>7.0f} MB | {r.dump_secs:>4.2f} s | {r.sleep_s:>8.2f} s | "
@@ -145,6 +161,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--sizes", default="256,2048", help="weights in MB, comma-separated")
     p.add_argument("--backend", choices=["torch", "pure"], default="torch")
+    p.add_argument("--pid-namespace", choices=["both", "ns", "host"], default="both",
+                   help="the engine's PID namespace: its own (ns), the container's, or both")
     p.add_argument("--no-drop-caches", dest="drop_caches", action="store_false",
                    help="keep the page cache between the phases")
     return p.parse_args(argv)
@@ -163,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         (workdir / "bus").mkdir(mode=0o755)
         with harness.running_bus(workdir / "bus") as bus, \
                 harness.running_llmuxd(bus, workdir) as daemon:
+            modes = ["ns", "host"] if args.pid_namespace == "both" else [args.pid_namespace]
             for size in sizes:
-                rows.append(measure(size, args, rootfs, daemon, workdir))
+                for mode in modes:
+                    rows.append(measure(size, args, rootfs, daemon, workdir, mode))
     print_table(rows, args.backend)
     return 0
 

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from llmux.service.core.container import ContainerContext
+from llmux.service.core.pidns import inner_pids
 from tests.support.llmuxd_harness import Llmuxd
 from tests.support.podman_shim import (
     MODEL,
@@ -111,9 +112,10 @@ def sleep_checkpoint(shim: ShimContainer, daemon: Llmuxd, pids: list[int]) -> No
     assert sorted(manifest["pids"]) == sorted(pids), manifest["pids"]
 
 
-def wake_restore(shim: ShimContainer, pids: list[int], *, via: str = "control") -> None:
-    """Step 5: restored (not cold-started) with the same PIDs, adopted by this shim, in
-    this container, weights reloaded through the engine's ZMQ channel."""
+def wake_restore(shim: ShimContainer, inner: list[int], *, via: str = "control") -> list[int]:
+    """Step 5: restored (not cold-started) into a fresh PID namespace: new host PIDs, the
+    same PIDs inside it (``inner``); adopted by this shim, in this container, weights
+    reloaded through the engine's ZMQ channel. Returns the restored tree's host PIDs."""
     if via == "control":
         body = shim.control("wake")
         assert body["state"] == "running", body
@@ -121,7 +123,8 @@ def wake_restore(shim: ShimContainer, pids: list[int], *, via: str = "control") 
     status = shim.model_status()
     assert status["state"] == "running", status
     assert status["last_wake"] == "restore", f"{status}\n{shim.logs()}"
-    assert sorted(status["pids"]) == sorted(pids), (status["pids"], pids)
+    pids = list(status["pids"])
+    assert sorted(inner_pids(pids)) == sorted(inner), (pids, inner_pids(pids), inner)
     # adopted: the shim watches the restored tree through pidfds (a non-child it neither
     # reaps nor treats as a stray)
     held = pidfd_targets(shim.shim_pid)
@@ -131,13 +134,14 @@ def wake_restore(shim: ShimContainer, pids: list[int], *, via: str = "control") 
     r = shim.engine("GET", "/engine_state")
     assert r.status_code == 200, r.text
     state = r.json()
-    assert state["pid_core"] in pids, state
+    assert state["pid_core"] in inner, state
     assert state["weights"] == "device" and not state["sleeping"], state
     log = engine_log(pids[0])
     asleep = log.rfind("Engine asleep at level 2")
     assert asleep >= 0, "the engine never discarded its weights (sleep level 2)"
     assert log.find("Weights reloaded from", asleep) > asleep, (
         "no reload_weights after the last sleep:\n" + log[-3000:])
+    return pids
 
 
 # ------------------------------------------------------------------------------- the flow
@@ -151,6 +155,8 @@ def test_checkpoint_in_a_restores_in_b_and_c(
     assert a.model_status()["state"] == "stopped"
     first, pids = cold_start(a, reaper)
     check_in_container(a, pids)
+    inner = inner_pids(pids)
+    assert inner[0] == 1, f"the tree's root is not the init of its PID namespace: {inner}"
     core_pid = a.engine("GET", "/engine_state").json()["pid_core"]
     jit_log = a.engine("GET", "/engine_state").json()["jit_log"]
     a_upper = Path(upperdir_of(a.shim_pid))
@@ -174,15 +180,15 @@ def test_checkpoint_in_a_restores_in_b_and_c(
     assert not in_b.exists() or a_line not in in_b.read_text(), "B started with A's JIT log"
     assert b.model_status()["state"] == "checkpointed", "the shim did not find the checkpoint"
 
-    # 5-6: wake -> restored, same PIDs, same answer
-    wake_restore(b, pids)
+    # 5-6: wake -> restored into a fresh PID namespace, same answer
+    pids = wake_restore(b, inner)
     assert b.engine("GET", "/engine_state").json()["pid_core"] == core_pid
     assert b.answer() == first
 
     # 7: sleep/wake several times in B
     for _ in range(SLEEP_WAKE_ROUNDS):
         sleep_checkpoint(b, llmuxd, pids)
-        wake_restore(b, pids)
+        pids = wake_restore(b, inner)
         assert b.answer() == first
 
     # 7: a restart of llmuxd between sleep and wake: the checkpoint survives it
@@ -190,7 +196,7 @@ def test_checkpoint_in_a_restores_in_b_and_c(
     llmuxd.stop()
     llmuxd.start()
     assert MODEL in listed_checkpoints(llmuxd)
-    wake_restore(b, pids)
+    pids = wake_restore(b, inner)
     assert b.answer() == first
     # the restored tree keeps running, adopted, across requests (no stray-kill)
     time.sleep(1)
@@ -208,11 +214,11 @@ def test_checkpoint_in_a_restores_in_b_and_c(
     c = shims.start("c")
     assert c.model_status()["state"] == "checkpointed"
     assert c.answer() == first
-    wake_restore(c, pids, via="request")
+    pids = wake_restore(c, inner, via="request")
 
     # and C can hand it on again
     sleep_checkpoint(c, llmuxd, pids)
-    wake_restore(c, pids)
+    wake_restore(c, inner)
     assert c.answer() == first
 
 

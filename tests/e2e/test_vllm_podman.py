@@ -4,7 +4,8 @@ llmuxd on the host (CRIU 4.2), `llmux serve` in podman containers with the READM
 (host PID/network/IPC namespaces, no --privileged), real vLLM (CPU) as the engine with
 `retain+checkpoint`. The vLLM tree (API server on uvloop, EngineCore, worker, resource
 tracker; ZMQ ipc sockets in the container's /tmp; psm_* segments in /dev/shm) comes back in
-another container with the same PIDs and the same greedy answer.
+another container, in a fresh PID namespace (new host PIDs, the same ones inside it), with the
+same greedy answer.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from llmux.service.core.pidns import inner_pids
 from tests.support.podman_shim import MODEL, Reaper, ShimContainer, ShimFactory
 from tests.support.procs import pid_alive, wait_until
 
@@ -42,16 +44,20 @@ def sleep(shim: ShimContainer, daemon: Llmuxd, pids: list[int]) -> None:
     assert MODEL in listed(daemon)
 
 
-def restored(shim: ShimContainer, pids: list[int], first: str) -> None:
+def restored(shim: ShimContainer, inner: list[int], first: str) -> list[int]:
+    """Restored into a fresh PID namespace: the same PIDs inside it (``inner``), new host
+    PIDs (returned)."""
     assert shim.answer() == first
     status = shim.model_status()
     assert status["state"] == "running" and status["last_wake"] == "restore", (
         f"{status}\n{shim.logs()}")
-    assert sorted(status["pids"]) == sorted(pids), (status["pids"], pids)
+    pids = list(status["pids"])
+    assert sorted(inner_pids(pids)) == sorted(inner), (pids, inner_pids(pids), inner)
     shim_cgroups = Path(f"/proc/{shim.shim_pid}/cgroup").read_text()
     for pid in pids:
         assert Path(f"/proc/{pid}/cgroup").read_text() == shim_cgroups, (
             f"restored PID {pid} is not in {shim.name}'s cgroups")
+    return pids
 
 
 def test_real_vllm_checkpoint_in_a_restores_in_b_and_c(
@@ -75,6 +81,8 @@ def test_real_vllm_checkpoint_in_a_restores_in_b_and_c(
         reaper.watch(pids)
         host_ns = os.readlink("/proc/self/ns/mnt")
         assert all(os.readlink(f"/proc/{p}/ns/mnt") != host_ns for p in pids)
+        inner = inner_pids(pids)
+        assert inner[0] == 1 and 2 in inner, f"vLLM is not in a PID namespace of its own: {inner}"
 
         sleep(a, llmuxd, pids)
         a.stop()
@@ -83,7 +91,7 @@ def test_real_vllm_checkpoint_in_a_restores_in_b_and_c(
         # B: the checkpoint is found at start-up and restored on wake
         b = shims.start("b")
         assert b.model_status()["state"] == "checkpointed"
-        restored(b, pids, first)
+        pids = restored(b, inner, first)
 
         # a restart of llmuxd between sleep and wake; this dump is of a restored tree, whose
         # mount namespace (and its /dev/shm bind) ends with it: its segments are carried too
@@ -95,7 +103,7 @@ def test_real_vllm_checkpoint_in_a_restores_in_b_and_c(
         llmuxd.stop()
         llmuxd.start()
         assert MODEL in listed(llmuxd)
-        restored(b, pids, first)
+        pids = restored(b, inner, first)
 
         # B killed: the restored engine dies with its container
         b.kill()
@@ -105,7 +113,7 @@ def test_real_vllm_checkpoint_in_a_restores_in_b_and_c(
         # C restores the kept checkpoint on its first request
         c = shims.start("c")
         assert c.model_status()["state"] == "checkpointed"
-        restored(c, pids, first)
+        restored(c, inner, first)
     finally:
         leftovers = shims.cleanup()
         assert not leftovers, f"processes left after the containers were removed: {leftovers}"

@@ -126,10 +126,11 @@ def pidfd_targets(pid: int) -> set[int]:
 
 def toml_config(*, port: int, engine_port: int, bus_address: str, tag: str,
                 weights_mb: int, backend: str, keep_images: bool = True,
-                model: dict[str, Any] | None = None, top: dict[str, Any] | None = None) -> str:
+                model: dict[str, Any] | None = None, top: dict[str, Any] | None = None,
+                engine_env: dict[str, str] | None = None) -> str:
     """The shim config mounted read-only at CONFIG_IN: one model, MODEL. By default the
     built-in engine with discard+checkpoint; ``model`` replaces its table (e.g. real vLLM)."""
-    env = {"LLMUX_TEST_TAG": tag, "LLMUX_BUILTIN_BACKEND": backend}
+    env = {"LLMUX_TEST_TAG": tag, "LLMUX_BUILTIN_BACKEND": backend, **(engine_env or {})}
     env_text = ", ".join(f"{k} = {json.dumps(v)}" for k, v in env.items())
     if model is not None:
         table = {**model, "port": engine_port, "env": {**model.get("env", {}), **env}}
@@ -267,6 +268,8 @@ class ShimFactory:
     #: the model's table instead of the built-in engine's, and extra top-level keys
     model: dict[str, Any] | None = None
     top: dict[str, Any] | None = None
+    #: more environment for the engine (e.g. LLMUX_PID_NAMESPACE=0)
+    engine_env: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         self.hf = self.workdir / "hf"
@@ -275,7 +278,7 @@ class ShimFactory:
         self.config.write_text(toml_config(
             port=self.port, engine_port=self.engine_port, bus_address=self.bus_address_in,
             tag=self.tag, weights_mb=self.weights_mb, backend=self.backend,
-            model=self.model, top=self.top))
+            model=self.model, top=self.top, engine_env=self.engine_env))
 
     def argv(self, name: str) -> list[str]:
         """`podman run` for one shim container: the flags the README documents."""
@@ -284,6 +287,7 @@ class ShimFactory:
                 "-v", f"{self.bus_dir}:{BUS_DIR_IN}",
                 "-v", f"{self.hf}:{HF_IN}",
                 "-v", f"{self.config}:{CONFIG_IN}:ro",
+                "-v", "/proc:/run/llmux/proc:ro",
                 "--rootfs", self.rootfs,
                 str(LLMUX), "serve", "--config", CONFIG_IN]
 

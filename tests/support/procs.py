@@ -163,3 +163,23 @@ def marked_roots(entry: str) -> list[int]:
         if want in env and fields[0] != "Z":
             sessions.add(int(fields[3]))
     return sorted(sessions)
+
+
+def hold_pid(pid: int, tries: int = 50) -> subprocess.Popen[bytes] | None:
+    """A process that holds exactly this PID (the host's ns_last_pid set to the PID before
+    it, then a fork), or None when another process took it first. The counter is put back
+    afterwards, so that other processes do not go on to take the PIDs right after it."""
+    last = Path("/proc/sys/kernel/ns_last_pid")
+    before = int(last.read_text())
+    try:
+        for _ in range(tries):
+            last.write_text(str(pid - 1))
+            p = subprocess.Popen(["sleep", "600"])
+            if p.pid == pid:
+                return p
+            p.kill()
+            p.wait()
+        return None
+    finally:
+        if int(last.read_text()) < before:
+            last.write_text(str(before))

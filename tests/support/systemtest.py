@@ -97,6 +97,25 @@ class Booted:
             time.sleep(0.2)
         raise AssertionError(f"{unit}: {what} did not happen within {timeout:.0f} s; last {props}")
 
+    def wait_up(self) -> None:
+        """Until systemd says the system is up (running, or degraded)."""
+        deadline = time.monotonic() + BOOT_TIMEOUT_S
+        state = ""
+        while time.monotonic() < deadline:
+            state = self.exec("systemctl", "is-system-running", check=False).stdout.strip()
+            if state in ("running", "degraded"):
+                return
+            time.sleep(0.25)
+        failed = self.exec("systemctl", "--failed", "--no-pager", check=False).stdout
+        raise AssertionError(
+            f"systemd did not come up in {BOOT_TIMEOUT_S:.0f} s: {state}\n{failed}")
+
+    def restart(self) -> None:
+        """The machine rebooted: its container stopped (every process ends) and started
+        again on the same root filesystem; returns once systemd is up."""
+        run(["podman", "restart", "--time", "30", self.name], timeout=180)
+        self.wait_up()
+
     def journal(self, unit: str) -> str:
         return self.exec("journalctl", "-u", unit, "--no-pager", "-o", "cat").stdout
 
@@ -107,15 +126,8 @@ def boot(name: str, rootfs: Path, *, overlay: bool) -> Booted:
     run(["podman", "--runtime", "runc", "run", "-d", "--name", name, "--privileged",
          "--systemd=always", "--network=host", "--rootfs", root, "/lib/systemd/systemd"])
     machine = Booted(name)
-    deadline = time.monotonic() + BOOT_TIMEOUT_S
-    state = ""
-    while time.monotonic() < deadline:
-        state = machine.exec("systemctl", "is-system-running", check=False).stdout.strip()
-        if state in ("running", "degraded"):
-            return machine
-        time.sleep(0.25)
-    failed = machine.exec("systemctl", "--failed", "--no-pager", check=False).stdout
-    raise AssertionError(f"systemd did not come up in {BOOT_TIMEOUT_S:.0f} s: {state}\n{failed}")
+    machine.wait_up()
+    return machine
 
 
 def remove_container(name: str) -> None:

@@ -261,6 +261,42 @@ def test_checkpoint_and_restore_under_the_unit(installed: Booted) -> None:
         installed.exec("kill", "-9", pid, check=False)
 
 
+def test_a_checkpoint_survives_a_restart_of_the_machine(installed: Booted) -> None:
+    """Checkpoint, reboot (the container that runs systemd restarted), restore: the state
+    directory is on the machine's disk, llmuxd is activated again by the first call and
+    reads the checkpoint back, and the restore journal is empty. The sleeper is put on a
+    PID the boot does not reach (ns_last_pid), as a tree without a PID namespace of its own
+    must get its PIDs back."""
+    pid = installed.exec("sh", "-c", "echo 40000 > /proc/sys/kernel/ns_last_pid; "
+                         "sleep 600 </dev/null >/dev/null 2>&1 & echo $!").stdout.strip()
+    assert int(pid) > 40000, pid
+    reply = busctl_call_args(installed, "Checkpoint", "sua{sv}", "systest-reboot", pid, "0")
+    assert _wait_job(installed, reply) == ["done", "", ""]
+    state = installed.exec("sh", "-c", "ls /var/lib/llmux/checkpoints/systest-reboot").stdout
+    assert "manifest.json" in state.split(), state
+
+    installed.restart()
+    assert installed.exec("test", "-e", f"/proc/{pid}", check=False).returncode != 0
+    # the first call activates llmuxd, which finds the checkpoint in its state directory
+    listed = busctl_call(installed, "ListCheckpoints")
+    assert "systest-reboot" in listed, listed
+    leftovers = installed.exec("sh", "-c", "ls -A /var/lib/llmux/checkpoints | "
+                               "grep -c '^[.]restoring' || true").stdout.strip()
+    assert leftovers == "0", "a restore journal outlived the reboot"
+    reply = busctl_call_args(installed, "Restore", "sa{sv}", "systest-reboot", "0")
+    try:
+        assert _wait_job(installed, reply) == ["done", "", ""]
+        assert installed.exec("ps", "-o", "args=", "-p", pid).stdout.strip() == "sleep 600"
+    finally:
+        installed.exec("kill", "-9", pid, check=False)
+        busctl_call_args(installed, "DeleteCheckpoint", "s", "systest-reboot", check=False)
+
+
+def busctl_call_args(machine: Booted, member: str, *args: str, check: bool = True) -> str:
+    return machine.exec("busctl", "--json=short", "call", BUS_NAME, OBJECT_PATH,
+                        MANAGER_INTERFACE, member, *args, check=check).stdout
+
+
 def test_systemd_analyze_verify_passes(installed: Booted) -> None:
     proc = installed.exec("systemd-analyze", "verify", f"/usr/lib/systemd/system/{UNIT}",
                           check=False)

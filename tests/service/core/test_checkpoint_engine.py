@@ -162,7 +162,9 @@ async def test_restore_with_pid_taken_names_the_holder_and_keeps_checkpoint(
     engine: CheckpointEngine, spawn_target: TargetFactory
 ) -> None:
     t = await spawn_target()
-    await engine.checkpoint(ME, "taken", t.pid)
+    m = await engine.checkpoint(ME, "taken", t.pid)
+    # not spawned by `llmux serve`: no PID namespace of its own, so its PIDs must be free
+    assert not m.pid_namespace and m.inner_pids == []
     await wait_until_async(lambda: not proctree.taken(t.pids), 30,
                            f"the dumped tree {t.pids} to be gone")
     squatter = _take_pid(t.child)

@@ -1,0 +1,109 @@
+"""A checkpoint restores into any free PIDs: the engine's tree has a PID namespace of its
+own (llmux.shim.pidns), which CRIU restores afresh.
+
+Every host PID the checkpointed tree had is held by another process (the host's
+ns_last_pid written, then a fork) before the next container wakes the model: the model is
+restored, not cold-started, answers the same, and the holders keep their PIDs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from llmux.common.contract import BUS_NAME, CHECKPOINT_INTERFACE, checkpoint_path
+from llmux.service.core.pidns import inner_pids
+from tests.support.llmuxd_harness import Llmuxd
+from tests.support.podman_shim import MODEL, Reaper, ShimFactory
+from tests.support.procs import hold_pid, wait_until
+
+pytestmark = [pytest.mark.podman, pytest.mark.criu, pytest.mark.dbus]
+
+
+def test_restore_while_every_pid_of_the_tree_is_held(
+    llmuxd: Llmuxd, shims: ShimFactory, reaper: Reaper
+) -> None:
+    a = shims.start("a")
+    first = a.answer()
+    status = a.model_status()
+    pids = list(status["pids"])
+    reaper.watch(pids)
+    inner = inner_pids(pids)
+    assert inner[0] == 1 and 2 in inner, f"not in a PID namespace of its own: {inner}"
+    assert a.control("sleep")["state"] == "checkpointed"
+    manifest = json.loads((llmuxd.state_dir / MODEL / "manifest.json").read_text())
+    assert manifest["pid_namespace"] is True and sorted(manifest["pids"]) == sorted(pids)
+    a.stop()
+    a.remove()
+
+    holders: list[subprocess.Popen[bytes]] = []
+    try:
+        for pid in manifest["pids"]:
+            wait_until(lambda p=pid: not _exists(p), 30, f"PID {pid} to be free")
+            held = hold_pid(pid)
+            if held is None:
+                pytest.skip(f"could not place a process on PID {pid} (busy machine)")
+            holders.append(held)
+        b = shims.start("b")
+        assert b.answer() == first
+        woke = b.model_status()
+        assert woke["last_wake"] == "restore", f"{woke}\n{b.logs()}"
+        assert not set(woke["pids"]) & set(manifest["pids"]), woke["pids"]
+        assert sorted(inner_pids(woke["pids"])) == sorted(manifest["inner_pids"])
+        assert all(h.poll() is None for h in holders), "a holder lost its PID"
+        # the checkpoint (kept) counts the live tree restored from it, until it ends
+        assert live_trees(llmuxd) == 1
+        b.remove()
+        wait_until(lambda: live_trees(llmuxd) == 0, 30, "the restored tree to be counted out")
+    finally:
+        for h in holders:
+            h.kill()
+            h.wait()
+
+
+def live_trees(daemon: Llmuxd) -> int:
+    """The checkpoint's LiveTrees property, as `busctl get-property` reads it."""
+    got = daemon.busctl("--json=short", "get-property", BUS_NAME, checkpoint_path(MODEL),
+                        CHECKPOINT_INTERFACE, "LiveTrees")
+    assert got.rc == 0, f"get-property failed: {got.error_name} {got.error_message}"
+    return int(json.loads(got.stdout)["data"])
+
+
+def _exists(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat"):
+            return True
+    except FileNotFoundError:
+        return False
+
+
+def test_a_tree_with_open_tcp_connections_is_refused_by_name(
+    llmuxd: Llmuxd, podman_rootfs: str, reaper: Reaper, tmp_path: Path
+) -> None:
+    """The built-in engine's torch backend keeps TCP connections open across the dump (its
+    torch.distributed links): inside a user namespace CRIU could dump them but not restore
+    them (TCP repair needs CAP_NET_ADMIN over the container's network). The checkpoint is
+    refused before CRIU runs, naming the ports; the model is stopped, nothing is lost."""
+    shims = ShimFactory(
+        rootfs=podman_rootfs, bus_dir=Path(llmuxd.bus.socket_path).parent,
+        bus_address_in=f"unix:path=/run/llmux-bus/{Path(llmuxd.bus.socket_path).name}",
+        workdir=tmp_path / "shared", backend="torch")
+    try:
+        a = shims.start("a")
+        first = a.answer()
+        pids = list(a.model_status()["pids"])
+        reaper.watch(pids)
+        assert inner_pids(pids)[0] == 1
+        body = a.control("sleep")
+        assert body["state"] == "stopped", body
+        error = a.model_status()["last_error"] or ""
+        assert "org.llmux.Error.Unsupported" in error, error
+        assert "open TCP connections" in error and "LLMUX_PID_NAMESPACE=0" in error
+        assert MODEL not in [p.name for p in llmuxd.state_dir.iterdir()]
+        assert a.answer() == first  # started again, the same answer
+    finally:
+        leftovers = shims.cleanup()
+        assert not leftovers, leftovers
