@@ -172,7 +172,7 @@ def test_checkpoint_list_inspect_restore_delete(
     header, row = table.splitlines()[:2]
     assert header.split()[:3] == ["MODEL", "SIZE", "CREATED"]
     assert row.split()[0] == "opscli-a" and str(target.pid) in row
-    assert header.split()[-1] == "WHERE" and row.split()[-1] == "local", table
+    assert header.split()[-2:] == ["WHERE", "LIVE"] and row.split()[-2:] == ["local", "0"], table
     [listed] = ok_json("checkpoints", "list", "--bus", address)
     assert listed["Model"] == "opscli-a" and listed["RootPid"] == target.pid
     assert listed["SizeBytes"] > 64 << 20
