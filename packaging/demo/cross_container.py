@@ -187,6 +187,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     run = Run(out)
     work = Path(tempfile.mkdtemp(prefix="llmux-cross-", dir=args.workdir))
+    if len(os.fsencode(work / "system_bus_socket")) > 99:  # dbus-daemon's limit
+        work.rmdir()
+        raise SystemExit(f"--workdir {args.workdir} is too long a path for the bus socket "
+                         "(at most 99 bytes in all): give a shorter one")
     os.chmod(work, 0o755)  # noqa: S103 (the bus socket's folder: the policy decides)
     base = Path(tempfile.mkdtemp(prefix="llmux-ctr-", dir=args.workdir))
     port, engine_port = free_port(), free_port()

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -32,10 +33,16 @@ def test_checkpoint_restores_in_the_next_container(kind: str, tmp_path: Path) ->
     if kind == "podman" and shutil.which("podman") is None:
         pytest.skip("podman is needed (bash packaging/setup-dev.sh)")
     out = tmp_path / "out"
-    done = subprocess.run(
-        [sys.executable, str(DRIVER), "--builtin", "--container", kind, "--out", str(out),
-         "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, check=False)
+    # a short workdir: the bus socket inside it must stay under dbus-daemon's 99 bytes, which
+    # pytest's own tmp_path (/tmp/pytest-of-root/pytest-NN/test_...) may not leave room for
+    work = Path(tempfile.mkdtemp(prefix="llmux-e2e-", dir="/var/tmp"))
+    try:
+        done = subprocess.run(
+            [sys.executable, str(DRIVER), "--builtin", "--container", kind, "--out", str(out),
+             "--workdir", str(work)],
+            capture_output=True, text=True, timeout=600, check=False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     report = done.stdout + done.stderr
     assert done.returncode == 0, report[-6000:]
     steps = {s["step"]: s for s in json.loads((out / "results.json").read_text())}

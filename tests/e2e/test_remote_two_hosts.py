@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from llmux.service.core.pidns import inner_pids
 from llmux.service.core.remote import RECORD
 from tests.support.podman_shim import MODEL, Reaper
 from tests.support.s3server import MotoServer
@@ -75,7 +76,7 @@ def tamper_record(kind: str, tmp_path: Path, moto: MotoServer | None, field: str
 def checkpoint_on_a(tmp_path: Path, podman_rootfs: str, config: str,
                     reaper: Reaper) -> tuple[str, list[int], int]:
     """Host A: cold start, sleep (checkpoint), upload; A's shim and llmuxd gone after.
-    (the answer, the engine's PIDs, its port)."""
+    (the answer, the engine's PIDs inside its namespace, its port)."""
     with host("a", tmp_path / "host-a", podman_rootfs, config) as a:
         shim = a.shims.start("a")
         first = shim.answer()
@@ -83,6 +84,7 @@ def checkpoint_on_a(tmp_path: Path, podman_rootfs: str, config: str,
         assert status["last_wake"] == "cold", status
         pids = list(status["pids"])
         reaper.watch(pids)
+        inner = inner_pids(pids)  # the PIDs inside the engine's namespace: a restore keeps them
         body = shim.control("sleep")
         assert body["state"] == "checkpointed", f"{body}\n{shim.logs()}"
         a.wait_location("both")  # uploaded: in the store and on A
@@ -91,14 +93,14 @@ def checkpoint_on_a(tmp_path: Path, podman_rootfs: str, config: str,
     # the model's weights are on host B as on any host that serves it (its model cache):
     # the restored engine reloads them from there after a discard
     shutil.copytree(tmp_path / "host-a" / "shared" / "hf", tmp_path / "host-b" / "shared" / "hf")
-    return first, pids, engine_port
+    return first, inner, engine_port
 
 
 def test_host_b_wakes_the_model_from_the_store(
     tmp_path: Path, podman_rootfs: str, store: tuple[str, str], reaper: Reaper,
 ) -> None:
     config, _kind = store
-    first, pids, engine_port = checkpoint_on_a(tmp_path, podman_rootfs, config, reaper)
+    first, inner, engine_port = checkpoint_on_a(tmp_path, podman_rootfs, config, reaper)
 
     with host("b", tmp_path / "host-b", podman_rootfs, config, engine_port=engine_port) as b:
         assert b.location() == "remote", "host B's llmuxd does not list the stored checkpoint"
@@ -110,8 +112,9 @@ def test_host_b_wakes_the_model_from_the_store(
         status = shim.model_status()
         assert status["last_wake"] == "restore", f"{status}\n{shim.logs()}\n" \
                                                  f"{b.daemon.log()[-4000:]}"
-        assert sorted(status["pids"]) == sorted(pids)
+        pids = list(status["pids"])
         reaper.watch(pids)
+        assert sorted(inner_pids(pids)) == sorted(inner), (pids, inner_pids(pids), inner)
         assert shim.answer() == first
         assert b.location() == "both", "keep_local: B keeps the downloaded copy"
         assert "downloaded checkpoint" in b.daemon.log()
