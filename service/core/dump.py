@@ -361,6 +361,7 @@ class Dumper(JobBase):
         if not completed or (d.leave_running and await uncancellable(
                 asyncio.to_thread(proctree.exists, d.root_pid))):
             await uncancellable(thaw(self.cuda, d.pids, d.cuda_pids))
+            await uncancellable(asyncio.to_thread(self._drop_own_remaps, d))
             if isinstance(exc, CriuFailed):
                 await uncancellable(self._end_if_damaged(d.model, d.tree.starts, exc))
                 free = await asyncio.to_thread(self.store.free_bytes)
@@ -380,6 +381,23 @@ class Dumper(JobBase):
         current = asyncio.current_task()
         if isinstance(exc, asyncio.CancelledError) and current is not None:
             current.uncancel()
+
+    @staticmethod
+    def _drop_own_remaps(d: Dump) -> None:
+        """The link-remaps a CRIU killed mid-dump made for this tree's deleted files (it
+        removes them itself only when it ends on its own): left, each would keep a deleted
+        /dev/shm segment's memory until a later dump found it stale."""
+        try:
+            mine = resources.owned_by(
+                [d.view.resolve(p) for p in upperfiles.list_link_remaps(d.remap_dirs, d.view)],
+                d.tree.deleted_ids)
+        except (OSError, ValueError) as exc:
+            log.warning("checkpoint %s: its link-remap files not looked for: %s", d.model, exc)
+            return
+        if mine:
+            log.info("checkpoint %s: removing the link-remaps of the failed dump: %s",
+                     d.model, [str(p) for p in mine])
+            upperfiles.remove_files(mine)
 
     async def _end_if_damaged(self, model: str, starts: dict[int, int],
                               exc: CriuFailed) -> None:
