@@ -555,7 +555,7 @@ class Lifecycle:
             await backend.suspend(name, eng.root_pid)
             return ModelState.SUSPENDED
         # no established TCP connection into the tree at dump time
-        await self.engines.prepare_dump(name)
+        await self.engines.prepare_dump(name, root_pid=eng.root_pid)
         self.supervisor.expect_exit(name)
         await backend.checkpoint(name, eng.root_pid, weights_bytes=self._weights_bytes(rec))
         await self.supervisor.wait_exit(name)
