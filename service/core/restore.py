@@ -19,6 +19,7 @@ from pathlib import Path
 
 from llmux.common import proctree, resources
 from llmux.common.errors import (
+    Busy,
     CriuFailed,
     CudaFailed,
     HostError,
@@ -98,15 +99,23 @@ class Restorer(JobBase):
         """The remote store: a checkpoint not on this host is downloaded from it."""
 
     async def prepare(self, caller: Caller, model: str, *, keep_images: bool,
-                      gpu_map: Mapping[int, int] | None = None) -> Prepared[Manifest]:
+                      gpu_map: Mapping[int, int] | None = None,
+                      replica: bool = False) -> Prepared[Manifest]:
         """Checks a restore into the caller's container (the checkpoint is there and the
         caller's, this host and that container can take it back, the files it needs are
-        there) and claims the model. Its PIDs and ports are checked by the run: a tree just
-        dumped may take a moment to let go of them."""
+        there; no tree restored from it runs, unless ``replica``) and claims the model. Its
+        PIDs and ports are checked by the run: a tree just dumped may take a moment to let
+        go of them."""
         check_model(model)
 
         async def checks() -> Callable[[Reporter], Awaitable[Manifest]]:
             started = time.monotonic()
+            live = await asyncio.to_thread(self.restored.live, model)
+            if live and not replica:
+                raise Busy(
+                    f"checkpoint {model!r} has {live} live tree(s) restored from it; "
+                    "restoring another is a replica (the Restore option replica, a model's "
+                    "replicas_from_checkpoint = true in the shim's config)")
             record = await self.remote_record(model)
             manifest, target = await restorecheck.check_restore(
                 self.store, self.criu.version, caller, model,
