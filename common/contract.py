@@ -228,7 +228,8 @@ class RestoreOptions(Options):
     place."""
     replica: bool = _option("b", False)
     """Restore even while trees restored from this checkpoint run (LiveTrees above 0):
-    another replica. Without it such a restore is refused (Busy, with the count)."""
+    another replica, of a tree in namespaces of its own. Without it such a restore is
+    refused (Busy, with the count); a PID-bound tree's gets PidInUse either way."""
 
 
 @dataclass(frozen=True)

@@ -110,16 +110,19 @@ class Restorer(JobBase):
 
         async def checks() -> Callable[[Reporter], Awaitable[Manifest]]:
             started = time.monotonic()
-            live = await asyncio.to_thread(self.restored.live, model)
+            record = await self.remote_record(model)
+            manifest, target = await restorecheck.check_restore(
+                self.store, self.criu.version, caller, model,
+                remote=record.manifest if record is not None else None)
+            # a replica needs a tree in namespaces of its own; a PID-bound one that runs
+            # holds the very PIDs a second one needs (PidInUse, as ever)
+            live = await asyncio.to_thread(self.restored.live, model) \
+                if manifest.pid_namespace else 0
             if live and not replica:
                 raise Busy(
                     f"checkpoint {model!r} has {live} live tree(s) restored from it; "
                     "restoring another is a replica (the Restore option replica, a model's "
                     "replicas_from_checkpoint = true in the shim's config)")
-            record = await self.remote_record(model)
-            manifest, target = await restorecheck.check_restore(
-                self.store, self.criu.version, caller, model,
-                remote=record.manifest if record is not None else None)
             # onto other GPUs: refused here, by name, where the driver could not (a tree
             # without CUDA state has nothing to remap)
             device_map = IN_PLACE if not manifest.cuda_pids else await asyncio.to_thread(
