@@ -190,6 +190,9 @@ class Supervisor:
         """
         m = self.model(model)
         await self._clear_ended(model, "an engine is already running")
+        # a new tree: no pooled connection to the last one, and the way to it chosen anew
+        # (its unix socket or its port: llmux.shim.netns)
+        await self.engines.release(model)
         argv = self.argv(m)
         if shutil.which(argv[0]) is None:
             raise EngineFailed(f"model {model}: cannot start engine {argv[0]!r}: not found "
@@ -322,6 +325,7 @@ class Supervisor:
         """
         self.model(model)
         await self._clear_ended(model, f"cannot adopt pid {root_pid}, an engine is already tracked")
+        await self.engines.release(model)  # a new tree: the way to it may be another
         eng = EngineProcess(model=model, root_pid=root_pid, adopted=True,
                             log_path=self.log_path(model))
         try:
