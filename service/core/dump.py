@@ -220,8 +220,9 @@ class Dumper(JobBase):
                 "network namespace, not a network of its own: "
                 "CRIU cannot restore them inside that user namespace (TCP repair needs "
                 "CAP_NET_ADMIN over that network: \"Can't turn TCP repair mode ON: "
-                "Operation not permitted\"); start the model with LLMUX_PID_NAMESPACE=0 in "
-                "its env to checkpoint it in the container's PID namespace")
+                "Operation not permitted\"); let the engine have a network of its own (no "
+                "LLMUX_NET_NAMESPACE=0 in its env), or start it with LLMUX_PID_NAMESPACE=0 "
+                "to checkpoint it in the container's PID namespace")
         ctx = ContainerContext.from_pid(root_pid, userns=own_ns)
         if ctx.foreign and ctx.rootfs_host_path is None:
             raise Unsupported(

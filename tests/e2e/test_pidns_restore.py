@@ -101,7 +101,6 @@ def test_a_tree_with_open_tcp_connections_restores_in_its_own_network(
         assert owns_network(pids[0]), "the tree has no network of its own"
         connected = connected_ports(pids)
         assert connected, "the torch backend holds no TCP connection: nothing is tested"
-        print("connected ports at dump:", connected)
         body = a.control("sleep")
         assert body["state"] == "checkpointed", f"{body}\n{a.logs()}"
         manifest = json.loads((llmuxd.state_dir / MODEL / "manifest.json").read_text())
@@ -111,6 +110,37 @@ def test_a_tree_with_open_tcp_connections_restores_in_its_own_network(
         assert woke["last_wake"] == "restore", f"{woke}\n{a.logs()}"
         assert connected_ports(list(woke["pids"])), "the torch links did not come back"
         assert a.answer() == first
+    finally:
+        leftovers = shims.cleanup()
+        assert not leftovers, leftovers
+
+
+def test_a_tree_on_the_containers_network_with_tcp_connections_is_refused_by_name(
+    llmuxd: Llmuxd, podman_rootfs: str, reaper: Reaper, tmp_path: Path
+) -> None:
+    """The same engine in a PID namespace of its own but on the container's network
+    (LLMUX_NET_NAMESPACE=0): CRIU could dump its links but not restore them there (TCP
+    repair needs CAP_NET_ADMIN over that network). Refused before CRIU runs, naming the
+    ports; the model is stopped, nothing is lost."""
+    shims = ShimFactory(
+        rootfs=podman_rootfs, bus_dir=Path(llmuxd.bus.socket_path).parent,
+        bus_address_in=f"unix:path=/run/llmux-bus/{Path(llmuxd.bus.socket_path).name}",
+        workdir=tmp_path / "shared", backend="torch",
+        engine_env={"LLMUX_NET_NAMESPACE": "0"})
+    try:
+        a = shims.start("a")
+        first = a.answer()
+        pids = list(a.model_status()["pids"])
+        reaper.watch(pids)
+        assert inner_pids(pids)[0] == 1 and not owns_network(pids[0])
+        body = a.control("sleep")
+        assert body["state"] == "stopped", body
+        error = a.model_status()["last_error"] or ""
+        assert "org.llmux.Error.Unsupported" in error, error
+        assert "open TCP connections" in error and "not a network of its own" in error
+        assert "LLMUX_NET_NAMESPACE=0" in error, error
+        assert MODEL not in [p.name for p in llmuxd.state_dir.iterdir()]
+        assert a.answer() == first  # started again, the same answer
     finally:
         leftovers = shims.cleanup()
         assert not leftovers, leftovers
