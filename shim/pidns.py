@@ -10,7 +10,9 @@ The launcher (``llmux.shim.launch``) builds it without privilege, as ``unshare -
   namespace it owns, and the engine keeps its ids;
 - the launcher's first child is PID 1 there (the *init*): it takes mount, UTS and cgroup
   namespaces of its own (copies of the container's: CRIU dumps a user namespace only when
-  it owns every namespace of the tree that is not the host's) and mounts a procfs of its
+  it owns every namespace of the tree that is not the host's), a network namespace with
+  only its loopback (llmux.shim.netns: a forwarder beside the engine joins the shim's unix
+  socket to the engine's port), and mounts a procfs of its
   PID namespace on ``/proc``. CRIU needs that: its parasite reads ``/proc/self`` inside the
   dumped init and, when it does not name the init itself, mounts a procfs there, which an
   unprivileged tree cannot ("can't dump unprivileged task whose /proc doesn't belong to
@@ -37,6 +39,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -310,7 +313,7 @@ def serve(argv: Sequence[str], fwd: Forward | None = None) -> int:
     for signum in pending:
         with contextlib.suppress(ProcessLookupError):
             os.kill(engine, signum)
-    forwarder = 0
+    forwarder, forwarder_started = 0, time.monotonic()
     if listener is not None and fwd is not None:
         forwarder = _start_forwarder(listener, fwd.port)
     while True:
@@ -321,7 +324,10 @@ def serve(argv: Sequence[str], fwd: Forward | None = None) -> int:
         if pid == engine:
             return _exit_code(status)
         if pid == forwarder and listener is not None and fwd is not None:
-            forwarder = _start_forwarder(listener, fwd.port)
+            if time.monotonic() - forwarder_started < 1.0:
+                time.sleep(1.0)  # one that fails at once is not started in a tight loop
+            forwarder, forwarder_started = (_start_forwarder(listener, fwd.port),
+                                            time.monotonic())
 
 
 def wait_init(child: int) -> int:

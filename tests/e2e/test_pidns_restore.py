@@ -9,6 +9,8 @@ restored, not cold-started, answers the same, and the holders keep their PIDs.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -65,6 +67,13 @@ def test_restore_while_every_pid_of_the_tree_is_held(
             h.wait()
 
 
+def _forwarder_of(init: int) -> int:
+    """The init's child that is not the engine (PID 2 inside): its socket forwarder."""
+    children = Path(f"/proc/{init}/task/{init}/children").read_text().split()
+    others = [int(c) for c in children if inner_pids([int(c)])[0] != 2]
+    return others[0] if others else 0
+
+
 def live_trees(daemon: Llmuxd) -> int:
     """The checkpoint's LiveTrees property, as `busctl get-property` reads it."""
     got = daemon.busctl("--json=short", "get-property", BUS_NAME, checkpoint_path(MODEL),
@@ -110,6 +119,13 @@ def test_a_tree_with_open_tcp_connections_restores_in_its_own_network(
         assert woke["last_wake"] == "restore", f"{woke}\n{a.logs()}"
         assert connected_ports(list(woke["pids"])), "the torch links did not come back"
         assert a.answer() == first
+        # the forwarder (the init's child beside the engine) ended: the init starts another
+        init = woke["pids"][0]
+        forwarder = _forwarder_of(init)
+        os.kill(forwarder, signal.SIGKILL)
+        wait_until(lambda: _forwarder_of(init) not in (0, forwarder), 30, "a new forwarder")
+        assert a.answer() == first
+        assert a.model_status()["last_wake"] == "restore", "the engine itself was restarted"
     finally:
         leftovers = shims.cleanup()
         assert not leftovers, leftovers
