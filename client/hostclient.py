@@ -320,16 +320,19 @@ class HostClient:
         *,
         keep_images: bool = True,
         gpu_map: Mapping[int, int] | None = None,
+        replica: bool = False,
         progress: ProgressCallback | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - cancels the job too
     ) -> CheckpointInfo:
         """Restores into the caller's container; returns the checkpoint's properties with
         root_pid and pids those of the restored tree (the job's last progress says them: a
-        tree in a PID namespace of its own gets new host PIDs)."""
+        tree in a PID namespace of its own gets new host PIDs). ``replica``: even while
+        trees restored from it run."""
         before = await self.get_checkpoint(model)
         if before is None:
             raise errors.NotFound(f"no checkpoint of {model}")
-        options = RestoreOptions(keep_images=keep_images, gpu_map=dict(gpu_map or {}))
+        options = RestoreOptions(keep_images=keep_images, gpu_map=dict(gpu_map or {}),
+                                 replica=replica)
         restored: list[JobProgress] = []
 
         def seen(p: JobProgress) -> None:

@@ -226,6 +226,10 @@ class RestoreOptions(Options):
     """Old GPU to new GPU (the host's NVML indices), every GPU of the CUDA state: the
     driver restores it onto the new ones, which must be of the same model. Empty: in
     place."""
+    replica: bool = _option("b", False)
+    """Restore even while trees restored from this checkpoint run (LiveTrees above 0):
+    another replica, of a tree in namespaces of its own. Without it such a restore is
+    refused (Busy, with the count); a PID-bound tree's gets PidInUse either way."""
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,10 @@ class ProcessBackend(Protocol):
         """Dump the tree to images; the tree is gone afterwards."""
 
     async def restore(self, model: str, *, keep_images: bool,
-                      gpu_map: Mapping[int, int] | None = None) -> RestoredTree: ...
+                      gpu_map: Mapping[int, int] | None = None,
+                      replica: bool = False) -> RestoredTree:
+        """``replica``: even while trees restored from the checkpoint run elsewhere."""
+        ...
 
     async def has_checkpoint(self, model: str) -> bool: ...
 
@@ -145,9 +148,11 @@ class HostServiceBackend:
             timeout=self.job_timeout_secs))
 
     async def restore(self, model: str, *, keep_images: bool,
-                      gpu_map: Mapping[int, int] | None = None) -> RestoredTree:
+                      gpu_map: Mapping[int, int] | None = None,
+                      replica: bool = False) -> RestoredTree:
         result: CheckpointInfo = await self._run("restore", model, lambda c: c.restore(
-            model, keep_images=keep_images, gpu_map=gpu_map, timeout=self.job_timeout_secs))
+            model, keep_images=keep_images, gpu_map=gpu_map, replica=replica,
+            timeout=self.job_timeout_secs))
         if result.root_pid <= 0:
             raise HostUnavailable(f"host service: restore of model {model} answered without "
                                   f"a usable RootPid/Pids: {result!r}")

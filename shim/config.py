@@ -219,6 +219,10 @@ class ModelConfig:
     gpus: tuple[int, ...] = setting((), check=_gpu_indices)
     #: GPUs the engine is given; 0: its --tensor-parallel-size (1 without it)
     gpu_count: int = setting(0, check=_non_negative)
+    #: a wake may restore the model's checkpoint while a tree another container restored
+    #: from it runs (a replica); false: llmuxd refuses such a restore (Busy) and the model
+    #: starts cold
+    replicas_from_checkpoint: bool = setting(False)
 
     @property
     def tensor_parallel_size(self) -> int:

@@ -22,6 +22,7 @@ import aiohttp
 from yarl import URL
 
 from llmux.common import resources
+from llmux.shim import netns
 from llmux.shim.config import ModelConfig
 from llmux.shim.errors import EngineFailed, ModelNotFound
 
@@ -82,12 +83,19 @@ class EngineClient:
         if s is None or s.closed:
             if self._closed:
                 raise RuntimeError("engine client is closed")
-            connector = aiohttp.TCPConnector(
-                limit=0,  # the switcher, not the pool, bounds concurrency
-                keepalive_timeout=60.0,
-                force_close=False,
-                enable_cleanup_closed=False,
-            )
+            m = self._models[model]
+            sock = netns.socket_path(m.name, m.port)
+            connector: aiohttp.BaseConnector
+            if sock.exists():
+                # the engine's tree has a network of its own: through its forwarder
+                connector = aiohttp.UnixConnector(str(sock), limit=0, keepalive_timeout=60.0)
+            else:
+                connector = aiohttp.TCPConnector(
+                    limit=0,  # the switcher, not the pool, bounds concurrency
+                    keepalive_timeout=60.0,
+                    force_close=False,
+                    enable_cleanup_closed=False,
+                )
             s = aiohttp.ClientSession(
                 connector=connector,
                 cookie_jar=aiohttp.DummyCookieJar(),  # engines set no cookies; skip the jar
@@ -199,17 +207,25 @@ class EngineClient:
             # let the transports' close callbacks run so the sockets are really gone
             await asyncio.sleep(0)
 
-    async def prepare_dump(self, model: str, within_secs: float = 2.0) -> None:
+    async def prepare_dump(self, model: str, within_secs: float = 2.0,
+                           root_pid: int | None = None) -> None:
         """Before a CRIU dump: close our connections to the engine, then wait until no TCP
-        connection to its port is open. A connection dumped half-closed comes back with
-        its 4-tuple, which a later restore can find taken (EADDRNOTAVAIL). Clients other
-        than the shim may hold one; after ``within_secs`` the dump goes on and CRIU
-        carries what is left (--tcp-established)."""
+        connection to its port is open (in the network of ``root_pid``, the tree's root:
+        the engine's own, where its forwarder's connections end once ours are closed). A
+        connection dumped half-closed comes back with its 4-tuple, which a later restore
+        can find taken (EADDRNOTAVAIL); a forwarder's still joined to ours would be a
+        unix socket whose peer is outside the tree. Clients other than the shim may hold
+        one; after ``within_secs`` the dump goes on and CRIU carries what is left
+        (--tcp-established)."""
         await self.release(model)
         port = self._models[model].port
+        where: int | str = "self" if root_pid is None else root_pid
         deadline = time.monotonic() + within_secs
         for _ in range(10_000):  # kernel state: nothing to await but time
-            left = resources.connections_to(port)
+            try:
+                left = resources.connections_to(port, where)
+            except OSError:  # the tree is gone: nothing to wait for
+                return
             if not left or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.02)

@@ -7,8 +7,9 @@ forks, so libuv (and anything else) falls back to epoll, as on a kernel without 
 Everything else is allowed. The filter is inherited across fork and exec, cannot be
 removed, and CRIU checkpoints and restores it with the process.
 
-It also gives the engine a PID namespace of its own (llmux.shim.pidns): it stays as the
-init's parent, and the supervisor learns the init's PID through the fd named by
+It also gives the engine a PID namespace of its own (llmux.shim.pidns), with a network of
+its own reached through a unix socket (llmux.shim.netns): it stays as the init's parent,
+and the supervisor learns the init's PID through the fd named by
 ``LLMUX_LAUNCH_REPORT_FD``; without a namespace it execs the engine itself, as before.
 
 An exec wrapper rather than a ``preexec_fn``: code run between fork and exec in a
@@ -24,7 +25,7 @@ import struct
 import sys
 from collections.abc import Sequence
 
-from llmux.shim import pidns
+from llmux.shim import netns, pidns
 
 #: io_uring_setup has this number on every architecture since the syscall tables were unified
 NR_IO_URING_SETUP = 425
@@ -109,6 +110,8 @@ def main(args: Sequence[str] | None = None) -> int:
         print(f"llmux.shim.launch: cannot make io_uring unavailable: {e}", file=sys.stderr)
         return 126
     report_fd = os.environ.pop(pidns.ENV_REPORT_FD, None)
+    port = os.environ.pop(netns.ENV_PORT, None)
+    sock = os.environ.pop(netns.ENV_SOCKET, None)
     why = pidns.why_not()
     if why is None:
         try:
@@ -116,11 +119,30 @@ def main(args: Sequence[str] | None = None) -> int:
         except OSError as e:
             why = str(e)
     if why is None:
+        net_why = "no port and socket given" if port is None or sock is None \
+            else netns.why_not(sock)
+        if net_why is not None and net_why != f"{netns.ENV_SWITCH}=0":
+            print(f"llmux.shim.launch: the engine stays on this container's network "
+                  f"({net_why}); its open TCP connections keep it from being checkpointed",
+                  file=sys.stderr)
+        ready_r, ready_w = os.pipe()
         child = os.fork()
         if child == 0:
+            os.close(ready_r)
             if report_fd is not None:
                 os.close(int(report_fd))
-            os._exit(pidns.init(argv))
+            forward = None
+            if net_why is None and port is not None and sock is not None:
+                forward = pidns.Forward(sock, int(port), ready_w)
+            else:
+                os.close(ready_w)
+            os._exit(pidns.init(argv, forward))
+        os.close(ready_w)
+        # the engine's socket is bound before the supervisor hears of the init: it picks
+        # the way to the engine by the socket's presence
+        while os.read(ready_r, 1):
+            pass
+        os.close(ready_r)
         if report_fd is not None:
             os.write(int(report_fd), f"{child}\n".encode())
             os.close(int(report_fd))

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
+from llmux.common.contract import ErrorName
 from llmux.common.proctree import pss_bytes as proctree_pss
-from llmux.shim.backend import ProcessBackend
+from llmux.shim.backend import ProcessBackend, RestoredTree
 from llmux.shim.config import (
     Config,
     EngineKind,
@@ -36,6 +37,7 @@ from llmux.shim.errors import (
     ConfigError,
     Conflict,
     EngineFailed,
+    HostRefused,
     HostUnavailable,
     ModelNotFound,
     ShimError,
@@ -65,6 +67,9 @@ TransitionObserver = Callable[[str, Action, str, float], None]
 LossListener = Callable[[str], None]
 
 #: engine states in which a process tree of ours exists
+#: how often a replica's wake asks again while llmuxd restores the checkpoint elsewhere
+REPLICA_RETRY_SECS = 0.5
+
 _ALIVE_STATES = frozenset({"running", "sleeping", "suspended"})
 _WEIGHT_LEVEL = {WeightStrategy.RETAIN: 0, WeightStrategy.OFFLOAD: 1, WeightStrategy.DISCARD: 2}
 
@@ -430,12 +435,32 @@ class Lifecycle:
         if state is ModelState.CHECKPOINTED:
             keep = self.config.checkpoint.keep_images if self.config.checkpoint else True
             await asyncio.to_thread(self.supervisor.prepare_tmp_dir, name, fresh=False)
-            tree = await backend.restore(name, keep_images=keep, **self._moved(name))
+            tree = await self._restore(backend, rec, keep)
             await self.supervisor.adopt(name, tree.root_pid, tree.pids)
             await self.supervisor.wait_healthy(name)
             await self._wake_weights(rec)
             return WakeKind.RESTORE
         raise Conflict(f"model {name}: cannot activate from state {state}")
+
+    async def _restore(self, backend: ProcessBackend, rec: _Model, keep: bool) -> RestoredTree:
+        """The restore; a replica's (replicas_from_checkpoint) waits while llmuxd restores
+        the same checkpoint for another container (one restore of a checkpoint at a time:
+        Busy), within the job timeout."""
+        name = rec.config.name
+        options: dict[str, Any] = dict(self._moved(name))
+        if not rec.config.replicas_from_checkpoint:
+            return await backend.restore(name, keep_images=keep, **options)
+        options["replica"] = True
+        bound = self.config.checkpoint.job_timeout_secs if self.config.checkpoint else 1800.0
+        deadline = time.monotonic() + bound
+        while True:
+            try:
+                return await backend.restore(name, keep_images=keep, **options)
+            except HostRefused as e:
+                if e.code != ErrorName.BUSY or time.monotonic() >= deadline:
+                    raise
+                log.info("model %s: %s; trying again", name, e.message)
+                await asyncio.sleep(REPLICA_RETRY_SECS)
 
     def _moved(self, model: str) -> dict[str, dict[int, int]]:
         """The resume's or restore's device map where the placement moved the model: old
@@ -555,7 +580,7 @@ class Lifecycle:
             await backend.suspend(name, eng.root_pid)
             return ModelState.SUSPENDED
         # no established TCP connection into the tree at dump time
-        await self.engines.prepare_dump(name)
+        await self.engines.prepare_dump(name, root_pid=eng.root_pid)
         self.supervisor.expect_exit(name)
         await backend.checkpoint(name, eng.root_pid, weights_bytes=self._weights_bytes(rec))
         await self.supervisor.wait_exit(name)

@@ -10,7 +10,9 @@ The launcher (``llmux.shim.launch``) builds it without privilege, as ``unshare -
   namespace it owns, and the engine keeps its ids;
 - the launcher's first child is PID 1 there (the *init*): it takes mount, UTS and cgroup
   namespaces of its own (copies of the container's: CRIU dumps a user namespace only when
-  it owns every namespace of the tree that is not the host's) and mounts a procfs of its
+  it owns every namespace of the tree that is not the host's), a network namespace with
+  only its loopback (llmux.shim.netns: a forwarder beside the engine joins the shim's unix
+  socket to the engine's port), and mounts a procfs of its
   PID namespace on ``/proc``. CRIU needs that: its parasite reads ``/proc/self`` inside the
   dumped init and, when it does not name the init itself, mounts a procfs there, which an
   unprivileged tree cannot ("can't dump unprivileged task whose /proc doesn't belong to
@@ -35,8 +37,13 @@ import ctypes
 import errno
 import os
 import signal
+import socket
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+from llmux.shim import netns
 
 CLONE_NEWNS = 0x0002_0000
 CLONE_NEWCGROUP = 0x0200_0000
@@ -184,9 +191,23 @@ def _exit_code(status: int) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-def init(argv: Sequence[str]) -> int:
+@dataclass(frozen=True)
+class Forward:
+    """The engine's network of its own (llmux.shim.netns): where its forwarder listens,
+    the engine's port, and the fd the init closes once the socket is bound."""
+
+    path: str
+    port: int
+    ready_fd: int
+
+    def args(self) -> list[str]:
+        return ["--forward", self.path, str(self.port), str(self.ready_fd)]
+
+
+def init(argv: Sequence[str], forward: Forward | None = None) -> int:
     """The launcher's first child, PID 1 of the namespace: a mount namespace and /proc of
-    its own, then itself again by exec (``python -m llmux.shim.pidns``) to run the engine.
+    its own (and with ``forward`` a network namespace), then itself again by exec
+    (``python -m llmux.shim.pidns``) to run the engine.
 
     The exec and the reopened stdio matter to CRIU: it names each mapped file and open fd by
     its mount, which must be one of the dumped mount namespace's; what this process mapped
@@ -195,20 +216,28 @@ def init(argv: Sequence[str]) -> int:
     try:
         # CRIU dumps a user namespace only with every namespace of the tree's that is not
         # the host's owned by it: a container's UTS and cgroup namespaces are not
-        unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWCGROUP)
+        unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWCGROUP
+                | (netns.CLONE_NEWNET if forward is not None else 0))
+        if forward is not None:
+            netns.loopback_up()
         mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing leaks either way
         # read-only: the kernel demands it where the visible procfs is a read-only bind
         mount("proc", "/proc", "proc", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
         for fd in (0, 1, 2):
             _reopen(fd)
-        os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the supervisor passes none
+        keep = forward.ready_fd if forward is not None else 2
+        if forward is not None:
+            os.set_inheritable(forward.ready_fd, True)
+        os.closerange(3, keep)  # the supervisor passes none
+        os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
     except OSError as e:
         print(f"llmux.shim.launch: cannot set up the engine's PID namespace: {e}",
               file=sys.stderr)
         return 126
     try:
         os.execv(sys.executable,  # noqa: S606 (an argv, never a shell)
-                 [sys.executable, "-m", "llmux.shim.pidns", "--", *argv])
+                 [sys.executable, "-m", "llmux.shim.pidns",
+                  *(forward.args() if forward is not None else []), "--", *argv])
     except OSError as e:
         print(f"llmux.shim.launch: cannot run {sys.executable}: {e.strerror}", file=sys.stderr)
     return 126
@@ -230,11 +259,38 @@ def _reopen(fd: int) -> None:
     os.close(new)
 
 
-def serve(argv: Sequence[str]) -> int:
+def _start_forwarder(listener: socket.socket, port: int) -> int:
+    child = os.fork()
+    if child == 0:
+        code = 0
+        try:
+            for sig in FORWARDED:
+                signal.signal(sig, signal.SIG_DFL)
+            netns.forward(listener, port)
+        except BaseException as e:  # a child: report and end, never return
+            print(f"llmux.shim.launch: the engine's socket forwarder failed: {e!r}",
+                  file=sys.stderr)
+            code = 1
+        finally:
+            os._exit(code)
+    return child
+
+
+def serve(argv: Sequence[str], fwd: Forward | None = None) -> int:
     """PID 1's work: the engine as PID 2, every orphan reaped, signals forwarded; the
-    engine's end is the namespace's."""
+    engine's end is the namespace's. With ``forward``, the engine's socket bound first and
+    its forwarder (started again should it end) run beside the engine."""
     engine = 0
     pending: list[int] = []
+    listener: socket.socket | None = None
+    if fwd is not None:
+        try:
+            listener = netns.listen(fwd.path)
+        except OSError as e:
+            print(f"llmux.shim.launch: cannot listen on {fwd.path}: {e}", file=sys.stderr)
+            return 126
+        finally:
+            os.close(fwd.ready_fd)
 
     def forward(signum: int, _frame: object) -> None:
         if engine:
@@ -257,6 +313,9 @@ def serve(argv: Sequence[str]) -> int:
     for signum in pending:
         with contextlib.suppress(ProcessLookupError):
             os.kill(engine, signum)
+    forwarder, forwarder_started = 0, time.monotonic()
+    if listener is not None and fwd is not None:
+        forwarder = _start_forwarder(listener, fwd.port)
     while True:
         try:
             pid, status = os.wait()
@@ -264,6 +323,11 @@ def serve(argv: Sequence[str]) -> int:
             return 0
         if pid == engine:
             return _exit_code(status)
+        if pid == forwarder and listener is not None and fwd is not None:
+            if time.monotonic() - forwarder_started < 1.0:
+                time.sleep(1.0)  # one that fails at once is not started in a tight loop
+            forwarder, forwarder_started = (_start_forwarder(listener, fwd.port),
+                                            time.monotonic())
 
 
 def wait_init(child: int) -> int:
@@ -286,6 +350,13 @@ def wait_init(child: int) -> int:
     return code
 
 
+def _main(args: list[str]) -> int:
+    forward = None
+    if args[:1] == ["--forward"]:
+        forward = Forward(args[1], int(args[2]), int(args[3]))
+        args = args[4:]
+    return serve(args[1:] if args[:1] == ["--"] else args, forward)
+
+
 if __name__ == "__main__":
-    _args = sys.argv[1:]
-    sys.exit(serve(_args[1:] if _args[:1] == ["--"] else _args))
+    sys.exit(_main(sys.argv[1:]))

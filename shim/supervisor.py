@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from llmux.common import proctree, resources
-from llmux.shim import pidns
+from llmux.shim import netns, pidns
 from llmux.shim.config import Config, EngineKind, ModelConfig
 from llmux.shim.engineclient import ENGINE_HOST, EngineClient
 from llmux.shim.errors import Conflict, EngineFailed, ModelNotFound
@@ -172,9 +171,7 @@ class Supervisor:
         torch's caches land here, not among other processes' files in /tmp. Removed when
         the tree is stopped or dies; kept when it ends by a checkpoint (a restore binds
         its sockets here again)."""
-        # the port makes it unique on the host (two shims cannot share one) and the same in
-        # every container that restores the engine (a restored engine keeps its port)
-        return Path(tempfile.gettempdir()) / f"llmux-engine-{model}-{self.model(model).port}"
+        return netns.engine_tmp_dir(model, self.model(model).port)
 
     def prepare_tmp_dir(self, model: str, *, fresh: bool) -> None:
         """Create the model's TMPDIR (empty for a cold start, kept for a restore)."""
@@ -193,6 +190,9 @@ class Supervisor:
         """
         m = self.model(model)
         await self._clear_ended(model, "an engine is already running")
+        # a new tree: no pooled connection to the last one, and the way to it chosen anew
+        # (its unix socket or its port: llmux.shim.netns)
+        await self.engines.release(model)
         argv = self.argv(m)
         if shutil.which(argv[0]) is None:
             raise EngineFailed(f"model {model}: cannot start engine {argv[0]!r}: not found "
@@ -206,7 +206,9 @@ class Supervisor:
             # close_fds and would leak every inheritable fd of the shim into the engine
             proc = await asyncio.to_thread(
                 subprocess.Popen, launcher_argv(argv), stdin=subprocess.DEVNULL, stdout=fd,
-                stderr=fd, env={**self.env(m), pidns.ENV_REPORT_FD: str(report_w)},
+                stderr=fd, env={**self.env(m), pidns.ENV_REPORT_FD: str(report_w),
+                                        netns.ENV_PORT: str(m.port), netns.ENV_SOCKET: str(
+                                            netns.socket_path(m.name, m.port))},
                 close_fds=True, pass_fds=(report_w,), start_new_session=True)
         except OSError as e:
             os.close(report_r)
@@ -323,6 +325,7 @@ class Supervisor:
         """
         self.model(model)
         await self._clear_ended(model, f"cannot adopt pid {root_pid}, an engine is already tracked")
+        await self.engines.release(model)  # a new tree: the way to it may be another
         eng = EngineProcess(model=model, root_pid=root_pid, adopted=True,
                             log_path=self.log_path(model))
         try:

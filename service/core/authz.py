@@ -108,10 +108,12 @@ class RestoredRegistry:
                 self._save()
 
     def live(self, model: str) -> int:
-        """How many trees restored from the model's checkpoint still run."""
+        """How many trees restored from the model's checkpoint still run (a root that
+        has ended but is not reaped yet, a zombie, runs no more)."""
         with self._lock:
             self._prune()
-            return sum(1 for t in self._trees.values() if t.model == model)
+            return sum(1 for t in self._trees.values()
+                       if t.model == model and proctree.exists(t.root_pid))
 
     def get(self, root_pid: int) -> RestoredTree | None:
         tree = self._trees.get(root_pid)

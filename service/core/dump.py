@@ -136,7 +136,8 @@ def _namespace_fields(root_pid: int, pids: Sequence[int]) -> dict[str, Any]:
     """The manifest's pid_namespace and inner_pids (a tree in a PID namespace of its own)."""
     if not pidns.owns_namespace(root_pid):
         return {}
-    return {"pid_namespace": True, "inner_pids": pidns.inner_pids(pids)}
+    return {"pid_namespace": True, "inner_pids": pidns.inner_pids(pids),
+            "net_namespace": pidns.owns_network(root_pid)}
 
 
 async def thaw(cuda: CudaCheckpointer, pids: Sequence[int], cuda_pids: Sequence[int]) -> None:
@@ -210,16 +211,18 @@ class Dumper(JobBase):
                 "(python -m llmux.shim.launch)"
             )
         own_ns = pidns.owns_namespace(root_pid)
-        connected = resources.connected_ports(pids) if own_ns else []
+        connected = (resources.connected_ports(pids)
+                     if own_ns and not pidns.owns_network(root_pid) else [])
         if connected:
             raise Unsupported(
                 f"the tree of PID {root_pid} runs in a user namespace of its own and holds "
                 f"open TCP connections (local ports {connected}) in its container's "
-                "network namespace: "
+                "network namespace, not a network of its own: "
                 "CRIU cannot restore them inside that user namespace (TCP repair needs "
                 "CAP_NET_ADMIN over that network: \"Can't turn TCP repair mode ON: "
-                "Operation not permitted\"); start the model with LLMUX_PID_NAMESPACE=0 in "
-                "its env to checkpoint it in the container's PID namespace")
+                "Operation not permitted\"); let the engine have a network of its own (no "
+                "LLMUX_NET_NAMESPACE=0 in its env), or start it with LLMUX_PID_NAMESPACE=0 "
+                "to checkpoint it in the container's PID namespace")
         ctx = ContainerContext.from_pid(root_pid, userns=own_ns)
         if ctx.foreign and ctx.rootfs_host_path is None:
             raise Unsupported(

@@ -248,11 +248,11 @@ class CheckpointEngine:
 
     async def prepare_restore(
         self, caller: Caller, model: str, *, keep_images: bool = True,
-        gpu_map: Mapping[int, int] | None = None,
+        gpu_map: Mapping[int, int] | None = None, replica: bool = False,
     ) -> Prepared[Manifest]:
         """Checks a restore into the caller's container and claims the model (restore.py)."""
         return await self.restorer.prepare(caller, model, keep_images=keep_images,
-                                           gpu_map=gpu_map)
+                                           gpu_map=gpu_map, replica=replica)
 
     async def restore(
         self, caller: Caller, model: str, *, keep_images: bool = True,

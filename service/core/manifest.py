@@ -73,6 +73,10 @@ class Manifest:
     fresh one, so any PIDs do (the PIDs above are the dump's host PIDs)."""
     inner_pids: list[int] = field(default_factory=list)
     """With pid_namespace: each process's PID inside it, in the order of ``pids``."""
+    net_namespace: bool = False
+    """The tree has a network namespace of its own (owned by its user namespace): its
+    listening ports are its own, free wherever it restores, and its TCP connections
+    restore by TCP repair."""
     format: int = FORMAT
 
     @property

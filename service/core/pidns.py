@@ -10,6 +10,8 @@ PID namespace keeps its PIDs and needs them free (``PidInUse``).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 from collections.abc import Sequence
 
@@ -37,6 +39,34 @@ def owns_namespace(root_pid: int) -> bool:
         return False
     found = nspids(root_pid)
     return len(found) >= 2 and found[-1] == 1
+
+
+_NS_GET_USERNS = 0xB701
+
+
+def owns_network(root_pid: int) -> bool:
+    """Whether root_pid's network namespace is owned by its own user namespace (one that
+    is not this service's): the tree then holds CAP_NET_ADMIN over it, and CRIU can restore
+    its TCP connections by TCP repair inside that user namespace."""
+    try:
+        if os.readlink(f"/proc/{root_pid}/ns/user") == os.readlink("/proc/self/ns/user"):
+            return False
+        fd = os.open(f"/proc/{root_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    try:
+        owner = fcntl.ioctl(fd, _NS_GET_USERNS)
+        try:
+            st = os.fstat(owner)
+        finally:
+            os.close(owner)
+        mine = os.stat(f"/proc/{root_pid}/ns/user")
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def inner_pids(pids: Sequence[int]) -> list[int]:

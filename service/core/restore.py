@@ -19,6 +19,7 @@ from pathlib import Path
 
 from llmux.common import proctree, resources
 from llmux.common.errors import (
+    Busy,
     CriuFailed,
     CudaFailed,
     HostError,
@@ -98,11 +99,13 @@ class Restorer(JobBase):
         """The remote store: a checkpoint not on this host is downloaded from it."""
 
     async def prepare(self, caller: Caller, model: str, *, keep_images: bool,
-                      gpu_map: Mapping[int, int] | None = None) -> Prepared[Manifest]:
+                      gpu_map: Mapping[int, int] | None = None,
+                      replica: bool = False) -> Prepared[Manifest]:
         """Checks a restore into the caller's container (the checkpoint is there and the
         caller's, this host and that container can take it back, the files it needs are
-        there) and claims the model. Its PIDs and ports are checked by the run: a tree just
-        dumped may take a moment to let go of them."""
+        there; no tree restored from it runs, unless ``replica``) and claims the model. Its
+        PIDs and ports are checked by the run: a tree just dumped may take a moment to let
+        go of them."""
         check_model(model)
 
         async def checks() -> Callable[[Reporter], Awaitable[Manifest]]:
@@ -111,6 +114,15 @@ class Restorer(JobBase):
             manifest, target = await restorecheck.check_restore(
                 self.store, self.criu.version, caller, model,
                 remote=record.manifest if record is not None else None)
+            # a replica needs a tree in namespaces of its own; a PID-bound one that runs
+            # holds the very PIDs a second one needs (PidInUse, as ever)
+            live = await asyncio.to_thread(self.restored.live, model) \
+                if manifest.pid_namespace else 0
+            if live and not replica:
+                raise Busy(
+                    f"checkpoint {model!r} has {live} live tree(s) restored from it; "
+                    "restoring another is a replica (the Restore option replica, a model's "
+                    "replicas_from_checkpoint = true in the shim's config)")
             # onto other GPUs: refused here, by name, where the driver could not (a tree
             # without CUDA state has nothing to remap)
             device_map = IN_PLACE if not manifest.cuda_pids else await asyncio.to_thread(
@@ -154,7 +166,10 @@ class Restorer(JobBase):
             )
 
     async def _check_ports_free(self, manifest: Manifest, caller_pid: int) -> None:
-        """Each TCP port the tree listened on is free in the caller's network namespace."""
+        """Each TCP port the tree listened on is free in the caller's network namespace
+        (a tree with a network of its own listens in it, where every port is free)."""
+        if manifest.net_namespace:
+            return
         holders = await asyncio.to_thread(resources.port_holders, manifest.listen_ports,
                                           caller_pid)
         if holders:

@@ -168,8 +168,8 @@ class HostServer:
     @exports(contract.RESTORE)
     async def restore(self, call: Call, model: str, options: RestoreOptions) -> Reply:
         prepared = await self.engine.prepare_restore(
-            call.caller, model, keep_images=options.keep_images, gpu_map=options.gpu_map
-        )
+            call.caller, model, keep_images=options.keep_images, gpu_map=options.gpu_map,
+            replica=options.replica)
         return self._job(Operation.RESTORE, call.caller, prepared)
 
     @exports(contract.CHECK_RESTORE)

@@ -24,7 +24,8 @@ llmuxd runs CRIU from $LLMUX_CRIU (default /opt/llmux/criu/criu, packaging/criu)
 With --pid-namespace both (the default) every size is measured twice, one after the other in
 the same run: the engine in a PID namespace of its own (what `llmux serve` does in a
 container: restored into fresh PIDs) and in the container's (LLMUX_PID_NAMESPACE=0: the
-checkpoint's PIDs taken back).
+checkpoint's PIDs taken back); with --pid-namespace net, with a network namespace of its
+own and without one (LLMUX_NET_NAMESPACE=0).
 This is a benchmark that prints numbers, not a test: nothing here asserts a speed.
 """
 
@@ -80,8 +81,10 @@ def timed_wake(shim: Any, expect: str, drop: bool) -> tuple[float, float, str, b
     return total, t_wake, token, dropped
 
 
-MODES = {"ns": {}, "host": {"LLMUX_PID_NAMESPACE": "0"}}
-"""The engine's PID namespace: its own, or the container's (the host's)."""
+MODES = {"ns": {}, "ns-nonet": {"LLMUX_NET_NAMESPACE": "0"}, "host": {"LLMUX_PID_NAMESPACE": "0"}}
+"""The engine's namespaces: PID and network of its own (what `llmux serve` does), a PID
+namespace of its own on the container's network, or the container's (the host's) PIDs."""
+COMPARED = {"both": ["ns", "host"], "net": ["ns", "ns-nonet"]}
 
 
 def measure(size: int, args: argparse.Namespace, rootfs: str, daemon: Any,
@@ -124,9 +127,11 @@ def measure(size: int, args: argparse.Namespace, rootfs: str, daemon: Any,
         criu_restore_s = float(found[-1]) if found else float("nan")
         # the next size starts from an empty state directory
         daemon.ok("DeleteCheckpoint", "s", podman_shim.MODEL)
-        if manifest.get("pid_namespace", False) != (mode == "ns"):
+        if (manifest.get("pid_namespace", False) != (mode != "host")
+                or manifest.get("net_namespace", False) != (mode == "ns")):
             raise RuntimeError(f"mode {mode}: the manifest says pid_namespace="
-                               f"{manifest.get('pid_namespace')}")
+                               f"{manifest.get('pid_namespace')}, net_namespace="
+                               f"{manifest.get('net_namespace')}")
         return Row(
             mode=mode, weights_mb=size, cold_s=cold_s, restore_secs=restore_secs,
             restore_wake_s=wake_s,
@@ -140,7 +145,7 @@ def measure(size: int, args: argparse.Namespace, rootfs: str, daemon: Any,
 def print_table(rows: list[Row], backend: str) -> None:
     print(f"\nbuilt-in engine ({backend} backend), eviction discard+checkpoint, restore into a "
           "new container; times from POST /control/wake to the first token")
-    head = (f"{'PID ns':>6} | {'weights':>8} | {'cold start':>10} | {'restore':>8} | "
+    head = (f"{'ns':>8} | {'weights':>8} | {'cold start':>10} | {'restore':>8} | "
             f"{'speed-up':>8} | "
             f"{'(restore call)':>14} | {'(CRIU)':>6} | {'checkpoint':>10} | {'dump':>6} | "
             f"{'sleep call':>10} | "
@@ -149,7 +154,7 @@ def print_table(rows: list[Row], backend: str) -> None:
     print("-" * len(head))
     for r in rows:
         size = (r.images_bytes + r.files_bytes) / MB
-        print(f"{r.mode:>6} | {r.weights_mb:>5} MB | {r.cold_s:>8.2f} s | "
+        print(f"{r.mode:>8} | {r.weights_mb:>5} MB | {r.cold_s:>8.2f} s | "
               f"{r.restore_secs:>6.2f} s | "
               f"{r.cold_s / r.restore_secs:>7.1f}x | {r.restore_wake_s:>12.2f} s | "
               f"{r.criu_restore_s:>4.2f} s | "
@@ -161,8 +166,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--sizes", default="256,2048", help="weights in MB, comma-separated")
     p.add_argument("--backend", choices=["torch", "pure"], default="torch")
-    p.add_argument("--pid-namespace", choices=["both", "ns", "host"], default="both",
-                   help="the engine's PID namespace: its own (ns), the container's, or both")
+    p.add_argument("--pid-namespace", choices=["both", "net", *MODES], default="both",
+                   help="the engine's namespaces: its own PID and network (ns), its own PID "
+                   "namespace on the container's network (ns-nonet), the container's PIDs "
+                   "(host); both: ns and host; net: ns and ns-nonet")
     p.add_argument("--no-drop-caches", dest="drop_caches", action="store_false",
                    help="keep the page cache between the phases")
     return p.parse_args(argv)
@@ -181,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         (workdir / "bus").mkdir(mode=0o755)
         with harness.running_bus(workdir / "bus") as bus, \
                 harness.running_llmuxd(bus, workdir) as daemon:
-            modes = ["ns", "host"] if args.pid_namespace == "both" else [args.pid_namespace]
+            modes = COMPARED.get(args.pid_namespace, [args.pid_namespace])
             for size in sizes:
                 for mode in modes:
                     rows.append(measure(size, args, rootfs, daemon, workdir, mode))

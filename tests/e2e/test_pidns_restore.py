@@ -9,13 +9,16 @@ restored, not cold-started, answers the same, and the holders keep their PIDs.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from llmux.common.contract import BUS_NAME, CHECKPOINT_INTERFACE, checkpoint_path
-from llmux.service.core.pidns import inner_pids
+from llmux.common.resources import connected_ports
+from llmux.service.core.pidns import inner_pids, owns_network
 from tests.support.llmuxd_harness import Llmuxd
 from tests.support.podman_shim import MODEL, Reaper, ShimFactory
 from tests.support.procs import hold_pid, wait_until
@@ -64,6 +67,13 @@ def test_restore_while_every_pid_of_the_tree_is_held(
             h.wait()
 
 
+def _forwarder_of(init: int) -> int:
+    """The init's child that is not the engine (PID 2 inside): its socket forwarder."""
+    children = Path(f"/proc/{init}/task/{init}/children").read_text().split()
+    others = [int(c) for c in children if inner_pids([int(c)])[0] != 2]
+    return others[0] if others else 0
+
+
 def live_trees(daemon: Llmuxd) -> int:
     """The checkpoint's LiveTrees property, as `busctl get-property` reads it."""
     got = daemon.busctl("--json=short", "get-property", BUS_NAME, checkpoint_path(MODEL),
@@ -80,13 +90,13 @@ def _exists(pid: int) -> bool:
         return False
 
 
-def test_a_tree_with_open_tcp_connections_is_refused_by_name(
+def test_a_tree_with_open_tcp_connections_restores_in_its_own_network(
     llmuxd: Llmuxd, podman_rootfs: str, reaper: Reaper, tmp_path: Path
 ) -> None:
     """The built-in engine's torch backend keeps TCP connections open across the dump (its
-    torch.distributed links): inside a user namespace CRIU could dump them but not restore
-    them (TCP repair needs CAP_NET_ADMIN over the container's network). The checkpoint is
-    refused before CRIU runs, naming the ports; the model is stopped, nothing is lost."""
+    torch.distributed links). Its tree has a network namespace of its own (owned by its
+    user namespace), so CRIU restores them by TCP repair there; the shim reaches the
+    engine through the tree's unix socket, before and after."""
     shims = ShimFactory(
         rootfs=podman_rootfs, bus_dir=Path(llmuxd.bus.socket_path).parent,
         bus_address_in=f"unix:path=/run/llmux-bus/{Path(llmuxd.bus.socket_path).name}",
@@ -97,11 +107,54 @@ def test_a_tree_with_open_tcp_connections_is_refused_by_name(
         pids = list(a.model_status()["pids"])
         reaper.watch(pids)
         assert inner_pids(pids)[0] == 1
+        assert owns_network(pids[0]), "the tree has no network of its own"
+        connected = connected_ports(pids)
+        assert connected, "the torch backend holds no TCP connection: nothing is tested"
+        body = a.control("sleep")
+        assert body["state"] == "checkpointed", f"{body}\n{a.logs()}"
+        manifest = json.loads((llmuxd.state_dir / MODEL / "manifest.json").read_text())
+        assert manifest["net_namespace"] is True
+        assert a.answer() == first
+        woke = a.model_status()
+        assert woke["last_wake"] == "restore", f"{woke}\n{a.logs()}"
+        assert connected_ports(list(woke["pids"])), "the torch links did not come back"
+        assert a.answer() == first
+        # the forwarder (the init's child beside the engine) ended: the init starts another
+        init = woke["pids"][0]
+        forwarder = _forwarder_of(init)
+        os.kill(forwarder, signal.SIGKILL)
+        wait_until(lambda: _forwarder_of(init) not in (0, forwarder), 30, "a new forwarder")
+        assert a.answer() == first
+        assert a.model_status()["last_wake"] == "restore", "the engine itself was restarted"
+    finally:
+        leftovers = shims.cleanup()
+        assert not leftovers, leftovers
+
+
+def test_a_tree_on_the_containers_network_with_tcp_connections_is_refused_by_name(
+    llmuxd: Llmuxd, podman_rootfs: str, reaper: Reaper, tmp_path: Path
+) -> None:
+    """The same engine in a PID namespace of its own but on the container's network
+    (LLMUX_NET_NAMESPACE=0): CRIU could dump its links but not restore them there (TCP
+    repair needs CAP_NET_ADMIN over that network). Refused before CRIU runs, naming the
+    ports; the model is stopped, nothing is lost."""
+    shims = ShimFactory(
+        rootfs=podman_rootfs, bus_dir=Path(llmuxd.bus.socket_path).parent,
+        bus_address_in=f"unix:path=/run/llmux-bus/{Path(llmuxd.bus.socket_path).name}",
+        workdir=tmp_path / "shared", backend="torch",
+        engine_env={"LLMUX_NET_NAMESPACE": "0"})
+    try:
+        a = shims.start("a")
+        first = a.answer()
+        pids = list(a.model_status()["pids"])
+        reaper.watch(pids)
+        assert inner_pids(pids)[0] == 1 and not owns_network(pids[0])
         body = a.control("sleep")
         assert body["state"] == "stopped", body
         error = a.model_status()["last_error"] or ""
         assert "org.llmux.Error.Unsupported" in error, error
-        assert "open TCP connections" in error and "LLMUX_PID_NAMESPACE=0" in error
+        assert "open TCP connections" in error and "not a network of its own" in error
+        assert "LLMUX_NET_NAMESPACE=0" in error, error
         assert MODEL not in [p.name for p in llmuxd.state_dir.iterdir()]
         assert a.answer() == first  # started again, the same answer
     finally:

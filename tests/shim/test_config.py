@@ -136,6 +136,14 @@ def test_defaults() -> None:
     assert cfg.checkpoint is None and cfg.max_active == 1 and cfg.vllm_command == "vllm"
 
 
+def test_replicas_from_checkpoint_is_a_boolean_off_by_default() -> None:
+    assert config_from_dict(base()).models["a"].replicas_from_checkpoint is False
+    assert config_from_dict(model(replicas_from_checkpoint=True)).models["a"] \
+        .replicas_from_checkpoint is True
+    assert "true or false" in problem(model(replicas_from_checkpoint="yes"),
+                             "models.a.replicas_from_checkpoint")
+
+
 def test_retired_keys_are_accepted_with_a_deprecation_warning(
         caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("WARNING", logger="llmux.shim.config"):

@@ -48,9 +48,10 @@ class Harness:
         assert seconds >= 0
         self.transitions.append((model, action, strategy))
 
-    async def _release(self, model: str, within_secs: float = 2.0) -> None:
+    async def _release(self, model: str, within_secs: float = 2.0,
+                       root_pid: int | None = None) -> None:
         self.released.append(model)
-        await self._prepare_dump(model, within_secs)
+        await self._prepare_dump(model, within_secs, root_pid)
 
     async def started(self, procs: Any, signum: int | None = None) -> tuple[Lifecycle, list[int]]:
         """The lifecycle, started and with m1 active; m1's PIDs, tracked by procs. With

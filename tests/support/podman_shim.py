@@ -229,14 +229,25 @@ class ShimContainer:
         return body
 
     def engine(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        """The engine's own API (host network: its port is on the host's loopback).
+        """The engine's own API: through its tree's unix socket when it has a network of
+        its own (llmux.shim.netns), else on its port on the host's loopback.
 
         Connection: close, so that the test holds no connection into the engine that a later
         dump would have to carry (the shim waits for the engine's port to be idle first).
         """
         headers = {"Connection": "close", **kw.pop("headers", {})}
         url = f"http://127.0.0.1:{self.engine_port}{path}"
-        return self.client.request(method, url, headers=headers, **kw)
+        sock = self.engine_socket()
+        if sock is None:
+            return self.client.request(method, url, headers=headers, **kw)
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=60) as c:
+            return c.request(method, url, headers=headers, **kw)
+
+    def engine_socket(self) -> Path | None:
+        """The engine's unix socket as the host sees it (None: there is none)."""
+        sock = Path(f"/proc/{self.shim_pid}/root/tmp/llmux-engine-{MODEL}-"
+                    f"{self.engine_port}/engine.sock")
+        return sock if sock.exists() else None
 
     def kill(self) -> None:
         """SIGKILL the shim: it cannot stop its engines; only the container's end can."""

@@ -76,6 +76,26 @@ def test_the_registry_of_restored_trees_is_written_durably_and_survives(
     assert tree is not None and (tree.cgroups, tree.model) == ("0::/llmux.slice/a", "m")
 
 
+def test_a_restored_tree_that_ended_unreaped_is_not_counted_live(tmp_path: Path) -> None:
+    """LiveTrees: a root killed with its container may stay a zombie until its parent
+    reaps it; it serves nothing, and a restore of its checkpoint is no replica."""
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        registry = RestoredRegistry(tmp_path / ".restored.json")
+        registry.add(proc.pid, "0::/llmux.slice/a", "m")
+        assert registry.live("m") == 1 and registry.live("other") == 0
+        proc.kill()
+        for _ in range(500):  # until it is a zombie (not reaped: no wait yet)
+            st = proctree.read_stat(proc.pid)
+            if st is not None and st.state == "Z":
+                break
+            time.sleep(0.01)
+        assert registry.live("m") == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_wait_gone_returns_what_is_left_at_the_deadline() -> None:
     left = [7, 8]
     t = time.monotonic()
