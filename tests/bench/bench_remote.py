@@ -6,10 +6,10 @@ Run as root, from the repository root: ``.venv/bin/python -m tests.bench.bench_r
 [--stores s3,file] [--weights-mb 256]``.
 
 The set-up of tests/e2e/test_remote_two_hosts.py (tests/support/twohosts.py): two hosts on
-one machine, each with its own bus, llmuxd and shim container, sharing only the store (a
-moto S3 server on loopback, or a folder). The built-in engine serves qwen3-0.6b with
-``weights_mb`` of weights kept through the checkpoint (eviction retain + checkpoint), so
-that the checkpoint carries them.
+one machine, each with its own bus, llmuxd and shim container (on a network of its own),
+sharing only the store (a moto S3 server on loopback, or a folder). The built-in engine
+serves qwen3-0.6b with ``weights_mb`` of weights kept through the checkpoint (eviction
+retain + checkpoint), so that the checkpoint carries them.
 
 1. the local disk: a file of the checkpoint's size written (fsync) and read back (its
    pages dropped first) in the state directory's filesystem;

@@ -6,6 +6,9 @@ Each container: `podman --runtime runc run -d --network=host --pid=host --ipc=ho
 overlay of the host root: the container's own writable layer, mount namespace and
 cgroups), with three bind mounts: the private bus's socket directory, a
 Hugging-Face-style cache and the config (read-only). `llmux serve` runs as its command.
+With ``network="bridge"`` a container has a network namespace of its own on podman's
+default bridge instead: the shim listens on all of the container's addresses and the test
+reaches it on a port published on the machine's loopback (``-p 127.0.0.1:HOST:PORT``).
 """
 
 from __future__ import annotations
@@ -126,6 +129,7 @@ def pidfd_targets(pid: int) -> set[int]:
 
 def toml_config(*, port: int, engine_port: int, bus_address: str, tag: str,
                 weights_mb: int, backend: str, keep_images: bool = True,
+                listen: str = "127.0.0.1",
                 model: dict[str, Any] | None = None, top: dict[str, Any] | None = None,
                 engine_env: dict[str, str] | None = None) -> str:
     """The shim config mounted read-only at CONFIG_IN: one model, MODEL. By default the
@@ -146,7 +150,7 @@ startup_timeout_secs = 300
 env = {{ {env_text} }}"""
     top_text = "".join(f"{k} = {toml_value(v)}\n" for k, v in (top or {}).items())
     return f"""\
-{top_text}host = "127.0.0.1"
+{top_text}host = {json.dumps(listen)}
 port = {port}
 metrics_port = 0
 log_dir = "/tmp/llmux-logs"
@@ -167,7 +171,9 @@ job_timeout_secs = 600
 
 @dataclass
 class ShimContainer:
-    """One `llmux serve` container and an HTTP client for its port."""
+    """One `llmux serve` container and an HTTP client for its port (``port``: where the
+    test reaches it on the machine's loopback, published when the container has a network of
+    its own)."""
 
     name: str
     port: int
@@ -186,6 +192,11 @@ class ShimContainer:
     def shim_pid(self) -> int:
         """The container's first process, `llmux serve` (a host PID: --pid=host)."""
         return int(self.inspect("{{.State.Pid}}"))
+
+    @property
+    def net_ns(self) -> str:
+        """The shim process's network namespace, e.g. "net:[4026532301]"."""
+        return os.readlink(f"/proc/{self.shim_pid}/ns/net")
 
     def logs(self) -> str:
         proc = podman("logs", self.name, check=False)
@@ -281,6 +292,9 @@ class ShimFactory:
     top: dict[str, Any] | None = None
     #: more environment for the engine (e.g. LLMUX_PID_NAMESPACE=0)
     engine_env: dict[str, str] | None = None
+    #: "host" (the machine's network) or "bridge" (a network namespace of the container's
+    #: own, ``port`` published on a free port of the machine's loopback)
+    network: str = "host"
 
     def __post_init__(self) -> None:
         self.hf = self.workdir / "hf"
@@ -289,11 +303,18 @@ class ShimFactory:
         self.config.write_text(toml_config(
             port=self.port, engine_port=self.engine_port, bus_address=self.bus_address_in,
             tag=self.tag, weights_mb=self.weights_mb, backend=self.backend,
+            listen="0.0.0.0" if self.network == "bridge" else "127.0.0.1",
             model=self.model, top=self.top, engine_env=self.engine_env))
 
-    def argv(self, name: str) -> list[str]:
-        """`podman run` for one shim container: the flags the README documents."""
-        return ["run", "-d", "--name", name, "--network=host", "--pid=host", "--ipc=host",
+    def argv(self, name: str, host_port: int) -> list[str]:
+        """`podman run` for one shim container: the flags the README documents (on the
+        bridge: its own network, ``port`` published at ``host_port`` on loopback)."""
+        if self.network == "bridge":
+            net = ["--network=bridge", "-p", f"127.0.0.1:{host_port}:{self.port}"]
+        else:
+            assert self.network == "host", self.network
+            net = ["--network=host"]
+        return ["run", "-d", "--name", name, *net, "--pid=host", "--ipc=host",
                 "--label", f"llmux-e2e={self.tag}",
                 "-v", f"{self.bus_dir}:{BUS_DIR_IN}",
                 "-v", f"{self.hf}:{HF_IN}",
@@ -304,10 +325,11 @@ class ShimFactory:
 
     def start(self, letter: str) -> ShimContainer:
         name = f"llmux-e2e-{self.tag}-{letter}"
-        shim = ShimContainer(name, self.port, self.engine_port,
+        host_port = free_port() if self.network == "bridge" else self.port
+        shim = ShimContainer(name, host_port, self.engine_port,
                              httpx.Client(timeout=REQUEST_TIMEOUT_S, trust_env=False))
         self.started.append(shim)
-        shim.cid = podman(*self.argv(name)).stdout.strip()
+        shim.cid = podman(*self.argv(name, host_port)).stdout.strip()
         deadline = time.monotonic() + SHIM_START_TIMEOUT_S
         while True:
             state = shim.inspect("{{.State.Status}}")

@@ -4,9 +4,13 @@ Each host: its own private system-style bus, its own llmuxd (own state directory
 same ``[remote]`` store) and its shims in podman containers that reach that bus only.
 Used by tests/e2e/test_remote_two_hosts.py and tests/bench/bench_remote.py.
 
-The containers keep the network mode the project supports (``--network=host``): a
-restored engine listens where its checkpoint listened, so host B's shim is configured
-with host A's engine port.
+Each host's shim container has a network namespace of its own (podman's default bridge;
+the test reaches it on a port published on the machine's loopback): only llmuxd, on the
+machine, talks to the store, and the shim reaches llmuxd over the bus's unix socket and its
+engine over the unix socket in the engine's TMPDIR (llmux.shim.netns). The hosts share one
+shim config, ports included, as real hosts would: the engine's port is inside the engine's
+own network namespace and names its TMPDIR, which a restored tree keeps, and the shim's is
+inside its container's; neither needs to be free on the machine.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ def remote_toml(url: str, endpoint_url: str = "", credentials_file: str = "",
 
 @contextlib.contextmanager
 def host(name: str, workdir: Path, rootfs: str, config: str, *,
-         engine_port: int | None = None, backend: str = "pure",
+         port: int | None = None, engine_port: int | None = None, backend: str = "pure",
          weights_mb: int = 16, model: dict[str, Any] | None = None) -> Iterator[Host]:
     """One host: bus, llmuxd with ``config`` (llmuxd.toml), a shim factory on that bus
     (``model``: the model's table instead of the built-in engine's default one)."""
@@ -69,13 +73,15 @@ def host(name: str, workdir: Path, rootfs: str, config: str, *,
     try:
         with running_bus(bus_dir) as bus, running_llmuxd(bus, workdir, config) as daemon:
             extra: dict[str, Any] = {"engine_port": engine_port} if engine_port else {}
+            if port:
+                extra["port"] = port
             if model is not None:
                 extra["model"] = model
             with shim_factory(
                 rootfs=rootfs, bus_dir=bus_dir,
                 bus_address_in=f"unix:path=/run/llmux-bus/{Path(bus.socket_path).name}",
                 workdir=workdir / "shared", backend=backend, weights_mb=weights_mb,
-                **extra,
+                network="bridge", **extra,
             ) as shims:
                 yield Host(name, daemon, shims)
     finally:
