@@ -20,7 +20,7 @@ from llmux.client.errors import BusError
 from llmux.common import errors
 from llmux.common.contract import CheckpointInfo
 from llmux.shim.config import Config
-from llmux.shim.errors import HostRefused, HostUnavailable, ShimError
+from llmux.shim.errors import Conflict, HostRefused, HostUnavailable, ShimError
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,11 @@ class ProcessBackend(Protocol):
 
     async def restore(self, model: str, *, keep_images: bool,
                       gpu_map: Mapping[int, int] | None = None,
-                      replica: bool = False) -> RestoredTree:
-        """``replica``: even while trees restored from the checkpoint run elsewhere."""
+                      replica: bool = False, port: int | None = None) -> RestoredTree:
+        """``replica``: even while trees restored from the checkpoint run elsewhere.
+        ``port``: the engine port this config gives the model; a checkpoint whose engine
+        listened on another is refused before anything is restored (the restored engine
+        would not be found where the shim looks for it)."""
         ...
 
     async def has_checkpoint(self, model: str) -> bool: ...
@@ -149,7 +152,9 @@ class HostServiceBackend:
 
     async def restore(self, model: str, *, keep_images: bool,
                       gpu_map: Mapping[int, int] | None = None,
-                      replica: bool = False) -> RestoredTree:
+                      replica: bool = False, port: int | None = None) -> RestoredTree:
+        if port is not None:
+            await self._check_port(model, port)
         result: CheckpointInfo = await self._run("restore", model, lambda c: c.restore(
             model, keep_images=keep_images, gpu_map=gpu_map, replica=replica,
             timeout=self.job_timeout_secs))
@@ -157,6 +162,23 @@ class HostServiceBackend:
             raise HostUnavailable(f"host service: restore of model {model} answered without "
                                   f"a usable RootPid/Pids: {result!r}")
         return RestoredTree(root_pid=result.root_pid, pids=result.pids or [result.root_pid])
+
+    async def _check_port(self, model: str, port: int) -> None:
+        """The checkpoint's engine listened on ``port`` (a checkpoint not listed here, e.g.
+        one only in the remote store, is left to the restore's own checks)."""
+        client = await self._connected()
+        try:
+            info: CheckpointInfo | None = await client.get_checkpoint(model)
+        except errors.NotFound:
+            return
+        except Exception as e:
+            raise host_error(f"looking up the checkpoint of model {model}", e) from e
+        if info is not None and info.listen_ports and port not in info.listen_ports:
+            raise Conflict(
+                f"model {model}: its checkpoint's engine listened on port(s) "
+                f"{sorted(info.listen_ports)}, but this config gives it port {port}: the "
+                f"restored engine would not answer there; the checkpoint is kept (give the "
+                f"model its old port to restore it)")
 
     async def check_restore(self, model: str) -> str | None:
         """None when llmuxd would restore the model's checkpoint into this container; else

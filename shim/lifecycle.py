@@ -447,7 +447,7 @@ class Lifecycle:
         the same checkpoint for another container (one restore of a checkpoint at a time:
         Busy), within the job timeout."""
         name = rec.config.name
-        options: dict[str, Any] = dict(self._moved(name))
+        options: dict[str, Any] = {**self._moved(name), "port": rec.config.port}
         if not rec.config.replicas_from_checkpoint:
             return await backend.restore(name, keep_images=keep, **options)
         options["replica"] = True

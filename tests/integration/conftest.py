@@ -49,9 +49,13 @@ def start_shim(tmp_path: Path) -> Iterator[Callable[..., Shim]]:
     with shims_for_test(tmp_path, tag) as launch:
 
         def start(bus_address: str = "", models: dict[str, str] | None = None, *,
-                  same_as: Shim | None = None, **top: Any) -> Shim:
+                  same_as: Shim | None = None,
+                  edit: Callable[[dict[str, Any]], None] | None = None, **top: Any) -> Shim:
             if same_as is not None:
-                return launch(tomllib.loads(same_as.config_path.read_text()))
+                config = tomllib.loads(same_as.config_path.read_text())
+                if edit is not None:
+                    edit(config)
+                return launch(config)
             assert models is not None, "start_shim needs the models, or same_as"
             port = free_port()
             config: dict[str, Any] = {

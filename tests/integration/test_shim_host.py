@@ -9,13 +9,14 @@ CRIU 4.2, `llmux serve` with two built-in engines, HTTP on loopback.
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.llmuxd_harness import Llmuxd
-from tests.support.procs import pid_alive, wait_until
+from tests.support.procs import free_port, pid_alive, wait_until
 from tests.support.shimproc import Shim
 
 pytestmark = [pytest.mark.criu, pytest.mark.dbus]
@@ -103,6 +104,34 @@ def test_a_restored_tree_of_a_killed_shim_is_ended_by_the_next_one(
     assert "an earlier shim left running" in second.log()
     assert second.text(A) == first, second.log()[-4000:]
     assert second.model_status(A)["state"] == "running"
+
+
+def test_a_checkpoint_taken_on_another_engine_port_is_refused_and_kept(
+    llmuxd: Llmuxd, start_shim: Any
+) -> None:
+    """A shim whose config moved A to another engine port finds A's checkpoint: restoring it
+    would bring back an engine listening on the old port, where this shim does not look.
+    The wake is refused before llmuxd restores anything, names both ports, starts A cold
+    instead, and llmuxd keeps the checkpoint."""
+    shim, first, pids = cold_start_a(llmuxd, start_shim, "discard+checkpoint")
+    slept = shim.control("sleep", {"model": A})
+    assert slept.status_code == 200 and slept.json()["state"] == "checkpointed", slept.text
+    wait_until(lambda: gone(pids), 30, f"A's processes {pids} to be gone after the dump")
+    shim.proc.terminate()
+    shim.proc.wait(30)
+
+    old_port = int(tomllib.loads(shim.config_path.read_text())["models"][A]["port"])
+    new_port = free_port()
+    second = start_shim(same_as=shim,
+                        edit=lambda config: config["models"][A].update(port=new_port))
+    assert second.model_status(A)["state"] == "checkpointed", second.model_status(A)
+    assert second.text(A) == first
+    a = second.model_status(A)
+    assert a["state"] == "running" and a["last_wake"] == "cold", a
+    assert f"port(s) [{old_port}]" in a["last_error"], a
+    assert f"port {new_port}" in a["last_error"], a
+    assert A in checkpoints(llmuxd), "the refused checkpoint was not kept"
+    assert f"restored {A} " not in llmuxd.log(), "llmuxd restored the refused checkpoint"
 
 
 def test_control_sleep_and_wake_checkpoint_a(llmuxd: Llmuxd, start_shim: Any) -> None:

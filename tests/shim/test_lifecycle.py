@@ -308,7 +308,8 @@ class SignalBackend:
                 break
             await asyncio.sleep(0.02)
 
-    async def restore(self, model: str, *, keep_images: bool) -> RestoredTree:
+    async def restore(self, model: str, *, keep_images: bool,
+                      port: int | None = None) -> RestoredTree:
         self.calls.append(("restore", model))
         level = self.images[model] if keep_images else self.images.pop(model)
         argv = Supervisor(self.config).argv(self.config.models[model])
@@ -423,7 +424,8 @@ async def test_failed_restore_falls_back_to_cold_start(
     cfg = builtin_config(["m1"], eviction="retain+checkpoint")
 
     class Broken(SignalBackend):
-        async def restore(self, model: str, *, keep_images: bool) -> RestoredTree:
+        async def restore(self, model: str, *, keep_images: bool,
+                          port: int | None = None) -> RestoredTree:
             raise HostUnavailable("host service: restore of model m1 failed: "
                                   "org.llmux.Error.CriuFailed: no images")
 
