@@ -5,6 +5,12 @@ Layout: <state>/<model>/{images/, files/, manifest.json}. A dump writes into
 written and synced last); a replaced checkpoint goes to .old-<model>-<random>/ first. A
 crash therefore leaves only dot-names behind, which prepare() removes at start-up. Images
 are root-only: 0700 directories, 0600 files.
+
+With the memory tier, ``images`` is a link to the images in a tmpfs; their durable copy is
+written behind the dump to ``.tmp-images-<random>/`` and renamed to ``images.disk/`` once
+complete and synced. Dropping the memory copy renames ``images.disk`` to ``images``. After
+a reboot (the link dangles) ``images.disk`` becomes ``images``; a ``.tmp-images-*`` is an
+incomplete copy, removed at start-up and written again from the memory copy.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
+import hashlib
 import logging
 import os
 import secrets
@@ -23,6 +30,7 @@ from pathlib import Path
 
 from llmux.common.contract import DEFAULT_STATE_DIR, valid_model_name
 from llmux.common.errors import HostError, InvalidArgument, ManifestMismatch, NoSpace, NotFound
+from llmux.service.core import memtier
 from llmux.service.core.durable import fsync_dir, write_durably
 from llmux.service.core.manifest import Manifest
 
@@ -32,6 +40,8 @@ MANIFEST = "manifest.json"
 PENDING = "pending.json"
 JOURNAL = "journal.json"
 IMAGES = "images"
+DISK_COPY = "images.disk"
+"""The durable copy of images kept in the memory tier, complete once it has this name."""
 FILES = "files"
 _TMP = ".tmp-"
 _OLD = ".old-"
@@ -93,14 +103,6 @@ def start_writeback(path: Path) -> None:
                 os.close(fd)
 
 
-def _mem_available() -> int:
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def prefetch(images: Path, total_bytes: int, threads: int = 0) -> None:
     """Bring the page images into the page cache while CRIU restores from them.
 
@@ -109,7 +111,7 @@ def prefetch(images: Path, total_bytes: int, threads: int = 0) -> None:
     GB/s with one reader, 1.70-1.86 GB/s with eight, but a restore beside them got slower:
     see EngineConfig.prefetch_threads). Skipped when the images would not fit in free memory.
     """
-    if _mem_available() < total_bytes * 5 // 4:
+    if memtier.Memory.read().available < total_bytes * 5 // 4:
         return
     files = sorted(images.glob("pages-*.img"), key=lambda p: -p.stat().st_size)
     if threads <= 0:
@@ -240,16 +242,20 @@ def restrict(path: Path) -> None:
 class CheckpointStore:
     """Checkpoints on disk, one directory per model, with an optional memory tier.
 
-    The memory tier (``memory_dir`` on a tmpfs, at most ``memory_limit_bytes`` in it): a dump
-    that fits writes its images there, and the checkpoint's ``images`` is a link to them; a
-    restore reads them at memory speed while they are there. copy_to_disk + finish_move then
-    put them on disk in the background, and the link becomes a directory again.
+    The memory tier (``memory_dir`` on a tmpfs, within ``memory_limit_bytes``, AUTO or a
+    count, see memtier.py): a dump that fits writes its images there, and the checkpoint's
+    ``images`` is a link to them; a restore reads them at memory speed while they are
+    there. copy_to_disk + finish_disk_copy write their durable copy behind the dump (the
+    memory copy stays); drop_memory_copy gives the memory back, the disk copy taking over.
     """
 
     def __init__(self, root: Path | str = DEFAULT_STATE_DIR, memory_dir: Path | None = None,
                  memory_limit_bytes: int = 0) -> None:
         self.root = Path(root)
-        self.memory_dir = memory_dir if memory_limit_bytes > 0 else None
+        # one folder per state directory: a sweep never touches another llmuxd's images
+        mine = hashlib.sha256(str(self.root.absolute()).encode()).hexdigest()[:12]
+        self.memory_dir = memory_dir / f"state-{mine}" if (
+            memory_dir is not None and memory_limit_bytes != 0) else None
         self.memory_limit_bytes = memory_limit_bytes
         self._manifests: dict[str, Manifest] = {}
 
@@ -274,23 +280,48 @@ class CheckpointStore:
         for entry in sorted(self.root.iterdir()):
             if entry.name.startswith(".") or not entry.is_dir():
                 continue
-            for partial in entry.glob(f"{_TMP}images-*"):  # a move to disk cut short
+            for partial in entry.glob(f"{_TMP}images-*"):  # a copy to disk cut short
                 shutil.rmtree(partial, ignore_errors=True)
-            images = entry / IMAGES
-            if images.is_symlink() and not images.exists():
-                # its images were in the memory tier, which a reboot emptied
-                log.warning("removing checkpoint %s: its images in memory are gone", entry.name)
-                shutil.rmtree(entry, ignore_errors=True)
-                cleaned.append(f"{entry.name} (images in memory lost)")
-                continue
+                cleaned.append(f"{partial} (an incomplete copy to disk, written again)")
             try:
                 manifest = self._read_manifest(entry)
             except HostError as exc:
                 log.warning("ignoring %s: %s", entry, exc)
                 continue
+            if not self._settle_tiers(entry, manifest, cleaned):
+                continue
             self._manifests[manifest.model] = manifest
         cleaned += self._sweep_memory_tier()
         return cleaned
+
+    def _settle_tiers(self, entry: Path, manifest: Manifest, cleaned: list[str]) -> bool:
+        """At start-up: the memory copy found again if whole, else the disk copy takes
+        over; False (the checkpoint removed) when neither is left."""
+        images, disk = entry / IMAGES, entry / DISK_COPY
+        if not images.is_symlink():
+            return True
+        if images.exists():
+            try:
+                check_images(manifest.model, images, manifest.image_sizes)
+                return True
+            except ManifestMismatch as exc:
+                reason = f"its memory copy is damaged ({exc})"
+        else:
+            reason = "its images in memory are gone (a reboot)"
+        if disk.is_dir():
+            tier = Path(os.readlink(images)).parent
+            os.unlink(images)
+            os.rename(disk, images)
+            fsync_dir(entry)
+            shutil.rmtree(tier, ignore_errors=True)
+            log.warning("checkpoint %s: %s; its copy on disk is used", entry.name, reason)
+            cleaned.append(f"{entry.name} (memory copy dropped: {reason})")
+            return True
+        log.warning("removing checkpoint %s: %s and it had no copy on disk yet",
+                    entry.name, reason)
+        shutil.rmtree(entry, ignore_errors=True)
+        cleaned.append(f"{entry.name} (images in memory lost)")
+        return False
 
     # ---- the memory tier -----------------------------------------------------------
 
@@ -320,22 +351,33 @@ class CheckpointStore:
     def _fits_in_memory(self, expected: int) -> bool:
         if self.memory_dir is None or expected <= 0:
             return False
-        if self.memory_used_bytes() + expected > self.memory_limit_bytes:
-            return False
-        return _mem_available() >= expected * 5 // 4
+        return memtier.fits(self.memory_limit_bytes, self.memory_used_bytes(), expected,
+                            memtier.Memory.read())
 
     def in_memory(self, model: str) -> bool:
         """True while the checkpoint's images are in the memory tier."""
         return self.images_dir(model).is_symlink()
 
+    def on_disk(self, model: str) -> bool:
+        """True when the checkpoint has a complete copy on disk (it survives a reboot)."""
+        return not self.in_memory(model) or (self.path(model) / DISK_COPY).is_dir()
+
+    def memory_copies(self) -> list[tuple[str, bool]]:
+        """(model, on disk too) of each checkpoint in the memory tier, the oldest first."""
+        found = [(m.created, m.model) for m in self._manifests.values()
+                 if self.in_memory(m.model)]
+        return [(model, self.on_disk(model)) for _created, model in sorted(found)]
+
     def copy_to_disk(self, model: str, pause: Callable[[], None] = lambda: None,
                      ) -> tuple[Path, Path] | None:
         """Copy the images of ``model`` from the memory tier to a folder beside them on disk,
-        synced; (tier folder, disk copy) for finish_move, None if there is nothing to move
-        (not in memory, or the checkpoint went away meanwhile). ``pause()`` is called before
-        each chunk and may block: the copy is background work, and gives way."""
+        synced; (tier folder, disk copy) for finish_disk_copy, None if there is nothing to
+        copy (not in memory, on disk already, or the checkpoint went away). ``pause()`` is
+        called before each chunk and may block: the copy is background work, and gives way.
+        A failed copy (a full disk) is removed and its OSError raised: the memory copy stays.
+        """
         images = self.images_dir(model)
-        if not images.is_symlink():
+        if not images.is_symlink() or self.on_disk(model):
             return None
         source = Path(os.readlink(images))
         copy = self.path(model) / f"{_TMP}images-{secrets.token_hex(4)}"
@@ -343,28 +385,45 @@ class CheckpointStore:
             shutil.copytree(source, copy, symlinks=True, copy_function=_chunked_copy(pause))
             restrict(copy)
             _fsync_tree(copy)
-        except OSError as exc:
-            log.warning("moving %s's images to disk failed: %s", model, exc)
+        except BaseException:
             shutil.rmtree(copy, ignore_errors=True)
-            return None
+            if not source.exists():
+                return None  # deleted or replaced meanwhile
+            raise
         return source.parent, copy
 
-    def finish_move(self, model: str, tier: Path, copy: Path) -> bool:
-        """Swap the link for the disk copy, if the checkpoint still links to ``tier`` (the
-        caller holds the model: no restore reads it meanwhile). The tier folder is left for
-        drop_memory_copy."""
+    def finish_disk_copy(self, model: str, tier: Path, copy: Path) -> bool:
+        """Name the complete disk copy ``images.disk`` (durably), if the checkpoint still
+        links to ``tier``; False (the copy removed) if it was replaced or deleted."""
         images = self.images_dir(model)
-        if not (images.is_symlink() and Path(os.readlink(images)).parent == tier):
+        try:
+            current = Path(os.readlink(images)).parent
+        except OSError:
+            current = None
+        if current != tier:
             shutil.rmtree(copy, ignore_errors=True)
             return False
-        os.unlink(images)
-        os.rename(copy, images)
+        try:  # a checkpoint replaced meanwhile took ``copy`` away with its folder
+            os.rename(copy, images.parent / DISK_COPY)
+        except FileNotFoundError:
+            return False
         fsync_dir(images.parent)
         return True
 
-    @staticmethod
-    def drop_memory_copy(tier: Path) -> None:
+    def drop_memory_copy(self, model: str) -> int:
+        """Give the memory copy back, the disk copy taking over (the caller holds the model:
+        no restore reads it meanwhile); the bytes freed, 0 if it has no disk copy."""
+        images = self.images_dir(model)
+        disk = self.path(model) / DISK_COPY
+        if not images.is_symlink() or not disk.is_dir():
+            return 0
+        tier = Path(os.readlink(images)).parent
+        freed = dir_bytes(tier)
+        os.unlink(images)
+        os.rename(disk, images)
+        fsync_dir(images.parent)
         shutil.rmtree(tier, ignore_errors=True)
+        return freed
 
     @staticmethod
     def _tier_of(checkpoint_dir: Path) -> Path | None:
@@ -453,6 +512,7 @@ class CheckpointStore:
         path.mkdir(mode=0o700)
         if self.memory_dir is not None and self._fits_in_memory(expected_bytes):
             self.memory_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(self.memory_dir.parent, 0o700)
             os.chmod(self.memory_dir, 0o700)
             tier = self.memory_dir / path.name
             tier.mkdir(mode=0o700)

@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         free_gb = shutil.disk_usage(workdir).free / (1 << 30)
         print(f"state directory under {workdir}: {free_gb:.0f} GB free", file=sys.stderr)
         (workdir / "bus").mkdir(mode=0o755)
-        configs = [("disk", "")]
+        configs = [("disk", "memory_tier_limit_bytes = 0\n")]  # the tier is on by default
         if args.memory_tier_mb > 0:
             tier = [("tier", tier_config(args))]
             configs = [*configs, *tier] if args.compare_tier else tier
@@ -458,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 if args.llmuxd_log is not None:
                     args.llmuxd_log.write_text("\n".join(logs))
+                shutil.rmtree(f"/dev/shm/llmux-bench-tier-{os.getpid()}", ignore_errors=True)
     print_table(rows)
     print_medians(rows)
     return 0
