@@ -40,6 +40,8 @@ MANIFEST = "manifest.json"
 PENDING = "pending.json"
 JOURNAL = "journal.json"
 IMAGES = "images"
+TIER_OWNER = "state-dir"
+"""In each state directory's folder of the memory tier: that state directory's path."""
 DISK_COPY = "images.disk"
 """The durable copy of images kept in the memory tier, complete once it has this name."""
 FILES = "files"
@@ -81,6 +83,7 @@ class Staging:
 
 
 _SYNC_FILE_RANGE_WRITE = 2
+_SYNC_CHUNK = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER: the range is on disk
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 
@@ -335,12 +338,14 @@ class CheckpointStore:
         return found
 
     def _sweep_memory_tier(self) -> list[str]:
-        if self.memory_dir is None or not self.memory_dir.is_dir():
+        if self.memory_dir is None:
             return []
+        cleaned = sweep_orphaned_tiers(self.memory_dir.parent)
+        if not self.memory_dir.is_dir():
+            return cleaned
         wanted = self._tier_targets()
-        cleaned = []
         for entry in sorted(self.memory_dir.iterdir()):
-            if entry not in wanted:
+            if entry.name != TIER_OWNER and entry not in wanted:
                 shutil.rmtree(entry, ignore_errors=True)
                 cleaned.append(f"{entry} (unused in the memory tier)")
         return cleaned
@@ -514,6 +519,9 @@ class CheckpointStore:
             self.memory_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.chmod(self.memory_dir.parent, 0o700)
             os.chmod(self.memory_dir, 0o700)
+            owner = self.memory_dir / TIER_OWNER
+            if not owner.exists():
+                owner.write_text(str(self.root.absolute()))
             tier = self.memory_dir / path.name
             tier.mkdir(mode=0o700)
             (tier / IMAGES).mkdir(mode=0o700)
@@ -585,12 +593,31 @@ class CheckpointStore:
             )
 
 
+def sweep_orphaned_tiers(tier_root: Path, under: Path | None = None) -> list[str]:
+    """Remove the memory tier's folders of state directories that no longer exist (or, with
+    ``under``, of any state directory below it): their images serve no llmuxd."""
+    cleaned: list[str] = []
+    if not tier_root.is_dir():
+        return cleaned
+    for folder in sorted(tier_root.glob("state-*")):
+        try:
+            owner = Path((folder / TIER_OWNER).read_text())
+        except OSError:
+            continue
+        if (under is not None and owner.is_relative_to(under)) or not owner.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            cleaned.append(f"{folder} (the memory tier of {owner}, which is gone)")
+    return cleaned
+
+
 _COPY_CHUNK = 64 << 20
 
 
 def _chunked_copy(pause: Callable[[], None]) -> Callable[[str, str], str]:
     """shutil's copy function, in chunks of 64 MiB (sendfile: no copy through user space),
-    with ``pause()`` before each."""
+    with ``pause()`` before each, and each chunk on disk before the next: the kernel's
+    writeback of the copy never runs far ahead of it, so a restore that makes it pause does
+    not share the CPU and the disk with a backlog of dirty pages being written."""
 
     def copy(src: str, dst: str) -> str:
         with open(src, "rb") as fin, open(dst, "wb") as fout:
@@ -602,6 +629,9 @@ def _chunked_copy(pause: Callable[[], None]) -> Callable[[str, str], str]:
                                    min(_COPY_CHUNK, size - done))
                 if not sent:
                     raise OSError(f"{src}: ended at byte {done} of {size}")
+                if _libc.sync_file_range(fout.fileno(), done, sent, _SYNC_CHUNK) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"writing {dst}: {os.strerror(err)}")
                 done += sent
         shutil.copystat(src, dst)
         return dst

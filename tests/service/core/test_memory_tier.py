@@ -19,13 +19,18 @@ from llmux.service.core import dump, memtier, tiermove
 from llmux.service.core.authz import Caller
 from llmux.service.core.engine import CheckpointEngine, EngineConfig
 from llmux.service.core.manifest import Manifest
-from llmux.service.core.store import DISK_COPY, CheckpointStore
+from llmux.service.core.store import DISK_COPY, TIER_OWNER, CheckpointStore
 from tests.support.criu_testlib import TargetFactory
 from tests.support.procs import wait_until_async
 
 pytestmark = pytest.mark.criu
 ME = Caller(pid=os.getpid(), uid=os.getuid())
 MIB = 1 << 20
+
+
+def _held(tier: Path) -> list[Path]:
+    """The checkpoints' folders in a state directory's folder of the tier."""
+    return [p for p in tier.iterdir() if p.name != TIER_OWNER]
 
 
 def _fake_dump(store: CheckpointStore, model: str, expected: int, payload: bytes) -> Path:
@@ -61,7 +66,7 @@ def test_a_dump_that_fits_stays_in_memory_with_a_copy_on_disk(tmp_path: Path) ->
     assert store.drop_memory_copy("m") >= MIB
     assert not store.in_memory("m") and images.is_dir() and not images.is_symlink()
     assert (images / "pages-1.img").read_bytes() == b"x" * MIB
-    assert not (final / DISK_COPY).exists() and list(tier.iterdir()) == []
+    assert not (final / DISK_COPY).exists() and _held(tier) == []
 
 
 def test_the_move_gives_way_before_every_chunk(tmp_path: Path,
@@ -111,11 +116,11 @@ def test_delete_replace_and_a_lost_tier(tmp_path: Path) -> None:
     _fake_dump(store, "a", MIB, b"1")
     first = Path(os.readlink(store.images_dir("a"))).parent
     _fake_dump(store, "a", MIB, b"2")  # the replaced checkpoint's tier folder goes too
-    assert not first.exists() and len(list(tier.iterdir())) == 1
+    assert not first.exists() and len(_held(tier)) == 1
     copied = store.copy_to_disk("a")
     assert copied is not None and store.finish_disk_copy("a", *copied)
     store.delete("a")  # both copies
-    assert list(tier.iterdir()) == [] and not store.path("a").exists()
+    assert _held(tier) == [] and not store.path("a").exists()
 
     _fake_dump(store, "b", MIB, b"3")  # in memory only
     _fake_dump(store, "c", MIB, b"4")  # in memory and on disk
@@ -137,6 +142,10 @@ def test_delete_replace_and_a_lost_tier(tmp_path: Path) -> None:
     assert any("incomplete copy to disk" in c for c in cleaned)
     assert [m for m, _ in again.memory_copies()] == ["b", "c", "d"]
     assert other.in_memory("z")
+    assert other.memory_dir is not None and other.memory_dir.is_dir()
+    shutil.rmtree(tmp_path / "state-other")  # its llmuxd's state directory is gone
+    CheckpointStore(tmp_path / "state", tmp_path / "tier", 64 * MIB).prepare()
+    assert not other.memory_dir.exists(), "the tier of a state directory gone was kept"
 
     (Path(os.readlink(again.images_dir("c"))) / "pages-1.img").write_bytes(b"")
     restarted = CheckpointStore(tmp_path / "state", tmp_path / "tier", 64 * MIB)
@@ -212,7 +221,7 @@ async def test_restores_read_the_memory_copy_while_the_disk_copy_is_written(
     assert int((await t.ping())[3]) == int(before[3]) + 3
     assert not engine.store.has("tiered") and not engine.store.path("tiered").exists()
     assert engine.store.memory_dir is not None
-    assert list(engine.store.memory_dir.iterdir()) == []
+    assert _held(engine.store.memory_dir) == []
 
     # keep_images=false frees both copies
     await engine.checkpoint(ME, "tiered", t.pid)
@@ -221,7 +230,7 @@ async def test_restores_read_the_memory_copy_while_the_disk_copy_is_written(
     await engine.restore(ME, "tiered", keep_images=False)
     assert _restored_from(caplog, "tiered") == "the memory tier"
     assert not engine.store.path("tiered").exists()
-    assert list(engine.store.memory_dir.iterdir()) == []
+    assert _held(engine.store.memory_dir) == []
     with pytest.raises(InvalidArgument, match="memory_tier_dir"):
         await CheckpointEngine.open(EngineConfig(
             state_dir=tmp_path / "s2", criu_path=criu_path, cuda_mode="off",
