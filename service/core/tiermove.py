@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 #: how long a copy to disk gives way to restores (per chunk) before it goes on regardless
 MOVE_WAIT_SECS = 600.0
+#: how long after a restore a copy to disk waits before it goes on: the restored engine's
+#: first token needs the CPU (on a 2-vCPU host the copy's writeback took 1-2 s of it)
+AFTER_RESTORE_SECS = 3.0
 #: how often the tier's use and the host's memory are measured while the tier holds images
 WATCH_SECS = 2.0
 #: how long after a failed copy to disk it is tried again
@@ -80,8 +83,17 @@ class TierMover:
         await self.make_room()
 
     def _give_way(self) -> None:
-        """Blocks a copy's chunk (in its thread) while a restore runs, up to MOVE_WAIT_SECS."""
-        self.claims.no_restores.wait(MOVE_WAIT_SECS)
+        """Blocks a copy's chunk (in its thread) while a restore runs and AFTER_RESTORE_SECS
+        after it, up to MOVE_WAIT_SECS in all."""
+        deadline = time.monotonic() + MOVE_WAIT_SECS
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.claims.no_restores.wait(left):
+                return
+            quiet = self.claims.last_restore_end + AFTER_RESTORE_SECS - time.monotonic()
+            if quiet <= 0:
+                return
+            time.sleep(min(quiet, left))
 
     async def make_room(self, need: int = 0, *, for_tier: bool = False,
                         keep: str = "") -> list[str]:

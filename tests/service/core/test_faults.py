@@ -381,7 +381,8 @@ async def test_the_disk_filling_during_a_dump_is_no_space_and_loses_nothing(
                        f'--action-script "{act}"; fi\n'
                        f'exec "{criu_path}" "$@"\n')
     wrapper.chmod(0o755)
-    eng = await _open(small_state / "state", str(wrapper))
+    # the images on disk (no memory tier): the disk that fills is the one CRIU writes to
+    eng = await _open(small_state / "state", str(wrapper), memory_tier_limit_bytes=0)
     answer = await model.answer()
     with pytest.raises(NoSpace) as err:
         await eng.checkpoint(ME, "full", model.root)

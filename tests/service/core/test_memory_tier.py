@@ -318,3 +318,48 @@ async def test_a_failed_copy_to_disk_keeps_the_memory_copy_and_says_so(
                            "the copy to disk to be tried again")
     assert "m" not in engine.mover.write_errors
     assert engine.store.in_memory("m")
+
+
+async def test_a_copy_to_disk_cut_short_is_found_incomplete_and_written_again(
+    criu_path: str, tmp_path: Path, spawn_target: TargetFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """llmuxd gone mid-copy (here: its copy held after the first files, and a second
+    llmuxd opening the same state directory, as a restart does)."""
+    caplog.set_level(logging.INFO, logger="llmux")
+    config = EngineConfig(state_dir=tmp_path / "state", criu_path=criu_path, cuda_mode="off",
+                          memory_tier_dir=tmp_path / "tier", memory_tier_limit_bytes=1 << 30)
+    first = await CheckpointEngine.open(config)
+    t = await spawn_target()
+    before = await t.ping()
+    copied: list[int] = []
+
+    def hold_after_two_files() -> None:  # the copy's pause before each chunk
+        copied.append(1)
+        if len(copied) > 2:
+            first.claims.no_restores.clear()
+            first.claims.no_restores.wait(30)
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(first.mover, "_give_way", hold_after_two_files)
+    try:
+        await first.checkpoint(ME, "m", t.pid)
+        await _gone(t.pids)
+        partial = tmp_path / "state" / "m"
+        await wait_until_async(lambda: bool(list(partial.glob(".tmp-images-*"))), 10,
+                               "the copy to disk to begin")
+        assert not first.store.on_disk("m")
+        second = await CheckpointEngine.open(config)  # the restart
+        assert any("an incomplete copy to disk" in r.getMessage() for r in caplog.records)
+        await second.wait_moves()
+        assert second.store.in_memory("m") and second.store.on_disk("m")
+        assert len(list(partial.glob(".tmp-images-*"))) == 0
+        await second.restore(ME, "m")
+        assert _restored_from(caplog, "m") == "the memory tier"
+        assert int((await t.ping())[3]) == int(before[3]) + 1
+    finally:
+        first.claims.no_restores.set()
+        monkey.undo()
+        await first.wait_moves()
+    # the first llmuxd's copy, let go after the restart, harmed nothing
+    assert second.store.on_disk("m") and (partial / "images.disk" / "inventory.img").is_file()
