@@ -392,20 +392,22 @@ class CheckpointStore:
             _fsync_tree(copy)
         except BaseException:
             shutil.rmtree(copy, ignore_errors=True)
-            if not source.exists():
-                return None  # deleted or replaced meanwhile
+            if self._linked_tier(model) != source.parent:
+                return None  # deleted or replaced meanwhile: its folder went with it
             raise
         return source.parent, copy
+
+    def _linked_tier(self, model: str) -> Path | None:
+        try:
+            return Path(os.readlink(self.images_dir(model))).parent
+        except OSError:
+            return None
 
     def finish_disk_copy(self, model: str, tier: Path, copy: Path) -> bool:
         """Name the complete disk copy ``images.disk`` (durably), if the checkpoint still
         links to ``tier``; False (the copy removed) if it was replaced or deleted."""
         images = self.images_dir(model)
-        try:
-            current = Path(os.readlink(images)).parent
-        except OSError:
-            current = None
-        if current != tier:
+        if self._linked_tier(model) != tier:
             shutil.rmtree(copy, ignore_errors=True)
             return False
         try:  # a checkpoint replaced meanwhile took ``copy`` away with its folder

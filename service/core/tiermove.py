@@ -31,6 +31,9 @@ MOVE_WAIT_SECS = 600.0
 AFTER_RESTORE_SECS = 3.0
 #: how often the tier's use and the host's memory are measured while the tier holds images
 WATCH_SECS = 2.0
+#: copies of one model in a row, each superseded by a new dump of it, before the watch's
+#: next turn takes over
+_COPY_ATTEMPTS = 5
 #: how long after a failed copy to disk it is tried again
 RETRY_SECS = 30.0
 
@@ -64,22 +67,27 @@ class TierMover:
         self._watch()
 
     async def _copy_to_disk(self, model: str) -> None:
-        try:
-            copied = await asyncio.to_thread(self.store.copy_to_disk, model, self._give_way)
-        except OSError as exc:
-            self.write_errors[model] = f"writing its images to disk failed: {exc}"
-            self._failed_at[model] = time.monotonic()
-            log.warning("checkpoint %s is in the memory tier only (a reboot would lose it): "
-                        "writing its images to disk failed: %s; kept in memory, tried again "
-                        "in %.0fs", model, exc, RETRY_SECS)
-            return
-        if copied is None:
-            return
-        tier, copy = copied
-        if await asyncio.to_thread(self.store.finish_disk_copy, model, tier, copy):
-            self.write_errors.pop(model, None)
-            self._failed_at.pop(model, None)
-            log.info("wrote the images of %s to disk; its memory copy stays", model)
+        """The copy; again while the checkpoint is replaced under it (a new dump of the
+        model commits while the old one's copy runs: that copy is dropped with it)."""
+        store = self.store
+        for _attempt in range(_COPY_ATTEMPTS):
+            if not (store.has(model) and store.in_memory(model) and not store.on_disk(model)):
+                break
+            try:
+                copied = await asyncio.to_thread(store.copy_to_disk, model, self._give_way)
+            except OSError as exc:
+                self.write_errors[model] = f"writing its images to disk failed: {exc}"
+                self._failed_at[model] = time.monotonic()
+                log.warning("checkpoint %s is in the memory tier only (a reboot would lose "
+                            "it): writing its images to disk failed: %s; kept in memory, "
+                            "tried again in %.0fs", model, exc, RETRY_SECS)
+                return
+            if copied is not None and await asyncio.to_thread(
+                    store.finish_disk_copy, model, *copied):
+                self.write_errors.pop(model, None)
+                self._failed_at.pop(model, None)
+                log.info("wrote the images of %s to disk; its memory copy stays", model)
+                break
         await self.make_room()
 
     def _give_way(self) -> None:
@@ -151,9 +159,11 @@ class TierMover:
                 log.exception("giving the memory tier's memory back failed")
             now = time.monotonic()
             for model, on_disk in copies:
+                if on_disk or model in self._movers:
+                    continue
                 failed = self._failed_at.get(model)
-                if not on_disk and failed is not None and now - failed > RETRY_SECS:
-                    self._failed_at.pop(model)
+                if failed is None or now - failed > RETRY_SECS:
+                    self._failed_at.pop(model, None)
                     self.start(model)
             await asyncio.sleep(WATCH_SECS)
 

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -363,3 +364,32 @@ async def test_a_copy_to_disk_cut_short_is_found_incomplete_and_written_again(
         await first.wait_moves()
     # the first llmuxd's copy, let go after the restart, harmed nothing
     assert second.store.on_disk("m") and (partial / "images.disk" / "inventory.img").is_file()
+
+
+async def test_a_new_dump_during_the_copy_of_the_old_one_is_copied_too(
+    criu_path: str, tmp_path: Path, spawn_target: TargetFactory,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    caplog.set_level(logging.INFO, logger="llmux")
+    engine = await CheckpointEngine.open(EngineConfig(
+        state_dir=tmp_path / "state", criu_path=criu_path, cuda_mode="off",
+        memory_tier_dir=tmp_path / "tier", memory_tier_limit_bytes=1 << 30))
+    held = threading.Event()
+    monkeypatch.setattr(engine.mover, "_give_way", lambda: held.wait(30))
+    t = await spawn_target()
+    try:
+        await engine.checkpoint(ME, "m", t.pid)
+        await _gone(t.pids)
+        await engine.restore(ME, "m")
+        await engine.checkpoint(ME, "m", t.pid)  # replaces the one whose copy waits
+        await _gone(t.pids)
+    finally:
+        held.set()
+    await engine.wait_moves()
+    assert engine.store.in_memory("m") and engine.store.on_disk("m")
+    assert engine.mover.write_errors == {}
+    assert not any("memory tier only" in r.getMessage() for r in caplog.records)
+    assert engine.store.drop_memory_copy("m") > 0  # the disk copy is the new dump's
+    await engine.restore(ME, "m")
+    assert _restored_from(caplog, "m") == "disk"
+    await t.ping()
