@@ -356,6 +356,12 @@ class CheckpointStore:
     def _fits_in_memory(self, expected: int) -> bool:
         if self.memory_dir is None or expected <= 0:
             return False
+        where = self.memory_dir
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        st = os.statvfs(where)  # the tmpfs's own size (/dev/shm: half the RAM by default)
+        if expected > st.f_bavail * st.f_frsize:
+            return False
         return memtier.fits(self.memory_limit_bytes, self.memory_used_bytes(), expected,
                             memtier.Memory.read())
 

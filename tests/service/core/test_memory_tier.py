@@ -393,3 +393,14 @@ async def test_a_new_dump_during_the_copy_of_the_old_one_is_copied_too(
     await engine.restore(ME, "m")
     assert _restored_from(caplog, "m") == "disk"
     await t.ping()
+
+
+def test_a_dump_larger_than_the_tmpfs_has_room_for_goes_to_disk(tmp_path: Path,
+                                                                 tiny_tmpfs: Path) -> None:
+    store = CheckpointStore(tmp_path / "state", tiny_tmpfs / "tier", memtier.AUTO)
+    store.prepare()
+    _fake_dump(store, "big", 2 * MIB, b"b" * 2 * MIB)  # the tmpfs holds 1 MiB
+    assert not store.in_memory("big")
+    assert (store.images_dir("big") / "pages-1.img").stat().st_size == 2 * MIB
+    _fake_dump(store, "small", 64 * 1024, b"s" * 1024)
+    assert store.in_memory("small")
