@@ -299,7 +299,8 @@ class CheckpointStore:
 
     def _settle_tiers(self, entry: Path, manifest: Manifest, cleaned: list[str]) -> bool:
         """At start-up: the memory copy found again if whole, else the disk copy takes
-        over; False (the checkpoint removed) when neither is left."""
+        over; False (the checkpoint removed) when the images are gone from both. A damaged
+        memory copy without a disk copy stays, for a restore to refuse by name."""
         images, disk = entry / IMAGES, entry / DISK_COPY
         if not images.is_symlink():
             return True
@@ -308,6 +309,9 @@ class CheckpointStore:
                 check_images(manifest.model, images, manifest.image_sizes)
                 return True
             except ManifestMismatch as exc:
+                if not disk.is_dir():
+                    log.warning("checkpoint %s: %s", entry.name, exc)
+                    return True
                 reason = f"its memory copy is damaged ({exc})"
         else:
             reason = "its images in memory are gone (a reboot)"

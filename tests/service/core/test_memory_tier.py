@@ -149,10 +149,13 @@ def test_delete_replace_and_a_lost_tier(tmp_path: Path) -> None:
     assert not other.memory_dir.exists(), "the tier of a state directory gone was kept"
 
     (Path(os.readlink(again.images_dir("c"))) / "pages-1.img").write_bytes(b"")
+    (Path(os.readlink(again.images_dir("b"))) / "pages-1.img").write_bytes(b"")
     restarted = CheckpointStore(tmp_path / "state", tmp_path / "tier", 64 * MIB)
     cleaned = restarted.prepare()  # a damaged memory copy: the disk copy takes over
     assert not restarted.in_memory("c") and restarted.on_disk("c")
     assert (restarted.images_dir("c") / "pages-1.img").read_bytes() == b"4"
+    assert restarted.in_memory("b"), "a damaged copy, the only one, is kept for a restore " \
+        "to refuse by name"
 
     _empty(tier)  # a reboot
     (tmp_path / "tier").mkdir(exist_ok=True)
@@ -334,12 +337,12 @@ async def test_a_copy_to_disk_cut_short_is_found_incomplete_and_written_again(
     t = await spawn_target()
     before = await t.ping()
     copied: list[int] = []
+    released = threading.Event()
 
     def hold_after_two_files() -> None:  # the copy's pause before each chunk
         copied.append(1)
         if len(copied) > 2:
-            first.claims.no_restores.clear()
-            first.claims.no_restores.wait(30)
+            released.wait(30)
 
     monkey = pytest.MonkeyPatch()
     monkey.setattr(first.mover, "_give_way", hold_after_two_files)
@@ -359,7 +362,7 @@ async def test_a_copy_to_disk_cut_short_is_found_incomplete_and_written_again(
         assert _restored_from(caplog, "m") == "the memory tier"
         assert int((await t.ping())[3]) == int(before[3]) + 1
     finally:
-        first.claims.no_restores.set()
+        released.set()
         monkey.undo()
         await first.wait_moves()
     # the first llmuxd's copy, let go after the restart, harmed nothing
