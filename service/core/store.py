@@ -397,7 +397,9 @@ class CheckpointStore:
         source = Path(os.readlink(images))
         copy = self.path(model) / f"{_TMP}images-{secrets.token_hex(4)}"
         try:
-            shutil.copytree(source, copy, symlinks=True, copy_function=_chunked_copy(pause))
+            copy.mkdir(mode=0o700)  # root-only from the first byte, not after the copy
+            shutil.copytree(source, copy, symlinks=True, copy_function=_chunked_copy(pause),
+                            dirs_exist_ok=True)
             restrict(copy)
             _fsync_tree(copy)
         except BaseException:
@@ -632,7 +634,8 @@ def _chunked_copy(pause: Callable[[], None]) -> Callable[[str, str], str]:
     not share the CPU and the disk with a backlog of dirty pages being written."""
 
     def copy(src: str, dst: str) -> str:
-        with open(src, "rb") as fin, open(dst, "wb") as fout:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
             size = os.fstat(fin.fileno()).st_size
             done = 0
             while done < size:
