@@ -7,8 +7,9 @@
     cuda_checkpoint = "cuda-checkpoint"
     cuda_plugin_dir = "/usr/lib/criu/"
     ghost_limit_bytes = 536870912
-    memory_tier_dir = "/dev/shm/llmux-checkpoints"  # a tmpfs folder for images, used
-    memory_tier_limit_bytes = 0        # up to this many bytes (0: no memory tier)
+    memory_tier_dir = "/dev/shm/llmux-checkpoints"  # a tmpfs folder for images, kept
+    memory_tier_limit_bytes = -1       # up to this many bytes (-1: half the memory available
+                                       # without the tier; 0: no memory tier)
     criu_timeout_secs = 120.0          # a stuck CRIU is killed after this long (the tree
     criu_timeout_secs_per_gib = 60.0   # thawed), plus this per GiB of images
     log_level = "info"

@@ -124,3 +124,16 @@ def builtin_backend(monkeypatch: pytest.MonkeyPatch) -> str:
     (tests/builtin, the core's checkpoint of the engine) passes its backend explicitly."""
     monkeypatch.setenv("LLMUX_BUILTIN_BACKEND", "pure")
     return "pure"
+
+
+@pytest.fixture(autouse=True)
+def memory_tier_swept(tmp_path_factory: pytest.TempPathFactory) -> Generator[None, None, None]:
+    """The memory tier is on by default: what a test's llmuxd kept in the default tier
+    folder (/dev/shm) for a state directory under the test session's temporary folder is
+    removed after the test, not left in memory for the rest of the run."""
+    yield
+    from llmux.service.core.config import DEFAULT_MEMORY_TIER_DIR
+    from llmux.service.core.store import sweep_orphaned_tiers
+
+    if DEFAULT_MEMORY_TIER_DIR.is_dir():
+        sweep_orphaned_tiers(DEFAULT_MEMORY_TIER_DIR, under=tmp_path_factory.getbasetemp())

@@ -140,6 +140,9 @@ class Claims:
         self.no_restores = threading.Event()
         self.no_restores.set()
         self._restores = 0
+        #: time.monotonic() when the last restore's CRIU ended (the copies to disk let the
+        #: restored engine reach its first token before they go on)
+        self.last_restore_end = 0.0
 
     def claim(self, model: str, root_pid: int | None = None) -> Callable[[], None]:
         """Claims the model (and root PID) for one job; returns what lets go of it."""
@@ -190,5 +193,6 @@ class Claims:
             yield
         finally:
             self._restores -= 1
+            self.last_restore_end = time.monotonic()
             if not self._restores:
                 self.no_restores.set()

@@ -15,12 +15,17 @@ from pathlib import Path
 from llmux.common.configschema import Check, Problem, checked, internal, setting
 from llmux.common.contract import DEFAULT_STATE_DIR
 from llmux.service.core.cuda import DEFAULT_BINARY, MODES
+from llmux.service.core.memtier import AUTO
 
 DEFAULT_MEMORY_TIER_DIR = Path("/dev/shm/llmux-checkpoints")
 
 
 def _positive(v: float) -> str | None:
     return None if math.isfinite(v) and v > 0 else f"must be positive: {v}"
+
+
+def _limit(v: int) -> str | None:
+    return None if v >= AUTO else f"must be >= 0, or {AUTO} for the automatic ceiling: {v}"
 
 
 def _not_negative(v: float) -> str | None:
@@ -68,9 +73,12 @@ class EngineConfig:
     memory_tier_dir: Path | None = setting(DEFAULT_MEMORY_TIER_DIR)
     """A tmpfs folder for checkpoint images (the memory tier); see memory_tier_limit_bytes.
     None: no folder (then the limit must be 0)."""
-    memory_tier_limit_bytes: int = setting(0, check=_not_negative)
-    """Most bytes of images in the memory tier (0: no memory tier). A dump that fits goes
-    there, is restored from there while it is there, and moves to disk in the background."""
+    memory_tier_limit_bytes: int = setting(AUTO, check=_limit)
+    """Most bytes of images in the memory tier; -1 (the default): half of the memory that
+    would be available without the tier, and never below the reserve (memtier.py); 0: no
+    memory tier. A dump that fits goes there and stays for the restores to come, a durable
+    copy written to disk behind it; the oldest memory copies are dropped when memory is
+    needed."""
     prefetch_threads: int = internal(0)
     """Readers that bring a checkpoint's page images into the page cache during a restore;
     0: only ask the kernel to read ahead (POSIX_FADV_WILLNEED). Measured on the H200

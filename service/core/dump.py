@@ -270,6 +270,7 @@ class Dumper(JobBase):
                    tree: Tree, report: Reporter, started: float) -> Manifest:
         await asyncio.to_thread(sweep_shm, self.store, self.claims.models)
         pending = await self._describe(caller, model, root_pid, leave_running, tree)
+        await self.mover.make_room(tree.expected, for_tier=True)  # the oldest copies go
         staging = await asyncio.to_thread(self.store.begin, model, tree.expected)
         view = await asyncio.to_thread(ViewRoot, root_pid if tree.ctx.foreign else None)
         d = Dump(model, root_pid, leave_running, tree, report, started, pending, staging, view)

@@ -93,6 +93,7 @@ class CheckpointEngine:
         base = JobBase(config, criu, store, cuda, self.claims, self.restored)
         self.dumper = Dumper(base, self.mover)
         self.restorer = Restorer(base)
+        self.restorer.make_room = self.mover.make_room
         self.cuda_jobs = CudaJobs(cuda, config.cuda_mode, self.claims, self.restored)
         self.remote: RemoteStore | None = None
         self.uploads: Uploader | None = None
@@ -122,6 +123,7 @@ class CheckpointEngine:
         await asyncio.to_thread(recovery.recover, store)
         cuda = make_cuda_checkpointer(config.cuda_mode, config.cuda_checkpoint_path)
         engine = cls(config, criu, store, cuda)
+        engine.mover.resume()
         await engine.refresh_remote()
         return engine
 

@@ -89,6 +89,10 @@ def _half_restored_pids(manifest: Manifest, pidfile: Path) -> list[int]:
         return []
 
 
+async def _no_room_needed(*_args: object, **_kw: object) -> None:
+    """No memory tier to make room in."""
+
+
 class Restorer(JobBase):
     """Checks and runs restores; records the restored trees (authz) for their container."""
 
@@ -97,6 +101,8 @@ class Restorer(JobBase):
         self.pid_free_timeout = PID_FREE_TIMEOUT_SECS
         self.remote: RemoteStore | None = None
         """The remote store: a checkpoint not on this host is downloaded from it."""
+        self.make_room: Callable[..., Awaitable[object]] = _no_room_needed
+        """The memory tier's: other checkpoints' memory copies dropped for the tree's sake."""
 
     async def prepare(self, caller: Caller, model: str, *, keep_images: bool,
                       gpu_map: Mapping[int, int] | None = None,
@@ -199,6 +205,7 @@ class Restorer(JobBase):
         r.report(0.0, 0, 0.0, "waiting for PIDs")
         await self._wait_pids_free(manifest)
         await self._check_ports_free(manifest, r.caller.pid)
+        await self.make_room(manifest.images_bytes, keep=r.model)
 
         files = self.store.files_dir(r.model)
         await asyncio.to_thread(upperfiles.verify, manifest.files, files)
@@ -312,6 +319,8 @@ class Restorer(JobBase):
                 await asyncio.to_thread(stale.unlink)
         cgroup_procs = await asyncio.to_thread(r.target.cgroup_procs_files)
         sources = await asyncio.to_thread(self._mount_sources, r)
+        log.info("restoring %s from %s", model,
+                 "the memory tier" if images.is_symlink() else "disk")
         t = time.monotonic()
         try:
             await self._criu_restore(r, self._request(r, images, pidfile, cgroup_procs,

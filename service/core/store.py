@@ -5,6 +5,12 @@ Layout: <state>/<model>/{images/, files/, manifest.json}. A dump writes into
 written and synced last); a replaced checkpoint goes to .old-<model>-<random>/ first. A
 crash therefore leaves only dot-names behind, which prepare() removes at start-up. Images
 are root-only: 0700 directories, 0600 files.
+
+With the memory tier, ``images`` is a link to the images in a tmpfs; their durable copy is
+written behind the dump to ``.tmp-images-<random>/`` and renamed to ``images.disk/`` once
+complete and synced. Dropping the memory copy renames ``images.disk`` to ``images``. After
+a reboot (the link dangles) ``images.disk`` becomes ``images``; a ``.tmp-images-*`` is an
+incomplete copy, removed at start-up and written again from the memory copy.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
+import hashlib
 import logging
 import os
 import secrets
@@ -23,6 +30,7 @@ from pathlib import Path
 
 from llmux.common.contract import DEFAULT_STATE_DIR, valid_model_name
 from llmux.common.errors import HostError, InvalidArgument, ManifestMismatch, NoSpace, NotFound
+from llmux.service.core import memtier
 from llmux.service.core.durable import fsync_dir, write_durably
 from llmux.service.core.manifest import Manifest
 
@@ -32,6 +40,10 @@ MANIFEST = "manifest.json"
 PENDING = "pending.json"
 JOURNAL = "journal.json"
 IMAGES = "images"
+TIER_OWNER = "state-dir"
+"""In each state directory's folder of the memory tier: that state directory's path."""
+DISK_COPY = "images.disk"
+"""The durable copy of images kept in the memory tier, complete once it has this name."""
 FILES = "files"
 _TMP = ".tmp-"
 _OLD = ".old-"
@@ -71,6 +83,7 @@ class Staging:
 
 
 _SYNC_FILE_RANGE_WRITE = 2
+_SYNC_CHUNK = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER: the range is on disk
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 
@@ -93,14 +106,6 @@ def start_writeback(path: Path) -> None:
                 os.close(fd)
 
 
-def _mem_available() -> int:
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def prefetch(images: Path, total_bytes: int, threads: int = 0) -> None:
     """Bring the page images into the page cache while CRIU restores from them.
 
@@ -109,7 +114,7 @@ def prefetch(images: Path, total_bytes: int, threads: int = 0) -> None:
     GB/s with one reader, 1.70-1.86 GB/s with eight, but a restore beside them got slower:
     see EngineConfig.prefetch_threads). Skipped when the images would not fit in free memory.
     """
-    if _mem_available() < total_bytes * 5 // 4:
+    if memtier.Memory.read().available < total_bytes * 5 // 4:
         return
     files = sorted(images.glob("pages-*.img"), key=lambda p: -p.stat().st_size)
     if threads <= 0:
@@ -240,16 +245,20 @@ def restrict(path: Path) -> None:
 class CheckpointStore:
     """Checkpoints on disk, one directory per model, with an optional memory tier.
 
-    The memory tier (``memory_dir`` on a tmpfs, at most ``memory_limit_bytes`` in it): a dump
-    that fits writes its images there, and the checkpoint's ``images`` is a link to them; a
-    restore reads them at memory speed while they are there. copy_to_disk + finish_move then
-    put them on disk in the background, and the link becomes a directory again.
+    The memory tier (``memory_dir`` on a tmpfs, within ``memory_limit_bytes``, AUTO or a
+    count, see memtier.py): a dump that fits writes its images there, and the checkpoint's
+    ``images`` is a link to them; a restore reads them at memory speed while they are
+    there. copy_to_disk + finish_disk_copy write their durable copy behind the dump (the
+    memory copy stays); drop_memory_copy gives the memory back, the disk copy taking over.
     """
 
     def __init__(self, root: Path | str = DEFAULT_STATE_DIR, memory_dir: Path | None = None,
                  memory_limit_bytes: int = 0) -> None:
         self.root = Path(root)
-        self.memory_dir = memory_dir if memory_limit_bytes > 0 else None
+        # one folder per state directory: a sweep never touches another llmuxd's images
+        mine = hashlib.sha256(str(self.root.absolute()).encode()).hexdigest()[:12]
+        self.memory_dir = memory_dir / f"state-{mine}" if (
+            memory_dir is not None and memory_limit_bytes != 0) else None
         self.memory_limit_bytes = memory_limit_bytes
         self._manifests: dict[str, Manifest] = {}
 
@@ -274,23 +283,52 @@ class CheckpointStore:
         for entry in sorted(self.root.iterdir()):
             if entry.name.startswith(".") or not entry.is_dir():
                 continue
-            for partial in entry.glob(f"{_TMP}images-*"):  # a move to disk cut short
+            for partial in entry.glob(f"{_TMP}images-*"):  # a copy to disk cut short
                 shutil.rmtree(partial, ignore_errors=True)
-            images = entry / IMAGES
-            if images.is_symlink() and not images.exists():
-                # its images were in the memory tier, which a reboot emptied
-                log.warning("removing checkpoint %s: its images in memory are gone", entry.name)
-                shutil.rmtree(entry, ignore_errors=True)
-                cleaned.append(f"{entry.name} (images in memory lost)")
-                continue
+                cleaned.append(f"{partial} (an incomplete copy to disk, written again)")
             try:
                 manifest = self._read_manifest(entry)
             except HostError as exc:
                 log.warning("ignoring %s: %s", entry, exc)
                 continue
+            if not self._settle_tiers(entry, manifest, cleaned):
+                continue
             self._manifests[manifest.model] = manifest
         cleaned += self._sweep_memory_tier()
         return cleaned
+
+    def _settle_tiers(self, entry: Path, manifest: Manifest, cleaned: list[str]) -> bool:
+        """At start-up: the memory copy found again if whole, else the disk copy takes
+        over; False (the checkpoint removed) when the images are gone from both. A damaged
+        memory copy without a disk copy stays, for a restore to refuse by name."""
+        images, disk = entry / IMAGES, entry / DISK_COPY
+        if not images.is_symlink():
+            return True
+        if images.exists():
+            try:
+                check_images(manifest.model, images, manifest.image_sizes)
+                return True
+            except ManifestMismatch as exc:
+                if not disk.is_dir():
+                    log.warning("checkpoint %s: %s", entry.name, exc)
+                    return True
+                reason = f"its memory copy is damaged ({exc})"
+        else:
+            reason = "its images in memory are gone (a reboot)"
+        if disk.is_dir():
+            tier = Path(os.readlink(images)).parent
+            os.unlink(images)
+            os.rename(disk, images)
+            fsync_dir(entry)
+            shutil.rmtree(tier, ignore_errors=True)
+            log.warning("checkpoint %s: %s; its copy on disk is used", entry.name, reason)
+            cleaned.append(f"{entry.name} (memory copy dropped: {reason})")
+            return True
+        log.warning("removing checkpoint %s: %s and it had no copy on disk yet",
+                    entry.name, reason)
+        shutil.rmtree(entry, ignore_errors=True)
+        cleaned.append(f"{entry.name} (images in memory lost)")
+        return False
 
     # ---- the memory tier -----------------------------------------------------------
 
@@ -304,12 +342,14 @@ class CheckpointStore:
         return found
 
     def _sweep_memory_tier(self) -> list[str]:
-        if self.memory_dir is None or not self.memory_dir.is_dir():
+        if self.memory_dir is None:
             return []
+        cleaned = sweep_orphaned_tiers(self.memory_dir.parent)
+        if not self.memory_dir.is_dir():
+            return cleaned
         wanted = self._tier_targets()
-        cleaned = []
         for entry in sorted(self.memory_dir.iterdir()):
-            if entry not in wanted:
+            if entry.name != TIER_OWNER and entry not in wanted:
                 shutil.rmtree(entry, ignore_errors=True)
                 cleaned.append(f"{entry} (unused in the memory tier)")
         return cleaned
@@ -320,51 +360,89 @@ class CheckpointStore:
     def _fits_in_memory(self, expected: int) -> bool:
         if self.memory_dir is None or expected <= 0:
             return False
-        if self.memory_used_bytes() + expected > self.memory_limit_bytes:
+        where = self.memory_dir
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        st = os.statvfs(where)  # the tmpfs's own size (/dev/shm: half the RAM by default)
+        if expected > st.f_bavail * st.f_frsize:
             return False
-        return _mem_available() >= expected * 5 // 4
+        return memtier.fits(self.memory_limit_bytes, self.memory_used_bytes(), expected,
+                            memtier.Memory.read())
 
     def in_memory(self, model: str) -> bool:
         """True while the checkpoint's images are in the memory tier."""
         return self.images_dir(model).is_symlink()
 
+    def on_disk(self, model: str) -> bool:
+        """True when the checkpoint has a complete copy on disk (it survives a reboot)."""
+        return not self.in_memory(model) or (self.path(model) / DISK_COPY).is_dir()
+
+    def memory_copies(self) -> list[tuple[str, bool]]:
+        """(model, on disk too) of each checkpoint in the memory tier, the oldest first."""
+        found = [(m.created, m.model) for m in self._manifests.values()
+                 if self.in_memory(m.model)]
+        return [(model, self.on_disk(model)) for _created, model in sorted(found)]
+
     def copy_to_disk(self, model: str, pause: Callable[[], None] = lambda: None,
                      ) -> tuple[Path, Path] | None:
         """Copy the images of ``model`` from the memory tier to a folder beside them on disk,
-        synced; (tier folder, disk copy) for finish_move, None if there is nothing to move
-        (not in memory, or the checkpoint went away meanwhile). ``pause()`` is called before
-        each chunk and may block: the copy is background work, and gives way."""
+        synced; (tier folder, disk copy) for finish_disk_copy, None if there is nothing to
+        copy (not in memory, on disk already, or the checkpoint went away). ``pause()`` is
+        called before each chunk and may block: the copy is background work, and gives way.
+        A failed copy (a full disk) is removed and its OSError raised: the memory copy stays.
+        """
         images = self.images_dir(model)
-        if not images.is_symlink():
+        if not images.is_symlink() or self.on_disk(model):
             return None
         source = Path(os.readlink(images))
         copy = self.path(model) / f"{_TMP}images-{secrets.token_hex(4)}"
         try:
-            shutil.copytree(source, copy, symlinks=True, copy_function=_chunked_copy(pause))
+            copy.mkdir(mode=0o700)  # root-only from the first byte, not after the copy
+            shutil.copytree(source, copy, symlinks=True, copy_function=_chunked_copy(pause),
+                            dirs_exist_ok=True)
             restrict(copy)
             _fsync_tree(copy)
-        except OSError as exc:
-            log.warning("moving %s's images to disk failed: %s", model, exc)
+        except BaseException:
             shutil.rmtree(copy, ignore_errors=True)
-            return None
+            if self._linked_tier(model) != source.parent:
+                return None  # deleted or replaced meanwhile: its folder went with it
+            raise
         return source.parent, copy
 
-    def finish_move(self, model: str, tier: Path, copy: Path) -> bool:
-        """Swap the link for the disk copy, if the checkpoint still links to ``tier`` (the
-        caller holds the model: no restore reads it meanwhile). The tier folder is left for
-        drop_memory_copy."""
+    def _linked_tier(self, model: str) -> Path | None:
+        try:
+            return Path(os.readlink(self.images_dir(model))).parent
+        except OSError:
+            return None
+
+    def finish_disk_copy(self, model: str, tier: Path, copy: Path) -> bool:
+        """Name the complete disk copy ``images.disk`` (durably), if the checkpoint still
+        links to ``tier``; False (the copy removed) if it was replaced or deleted."""
         images = self.images_dir(model)
-        if not (images.is_symlink() and Path(os.readlink(images)).parent == tier):
+        if self._linked_tier(model) != tier:
             shutil.rmtree(copy, ignore_errors=True)
             return False
-        os.unlink(images)
-        os.rename(copy, images)
+        try:  # a checkpoint replaced meanwhile took ``copy`` away with its folder
+            os.rename(copy, images.parent / DISK_COPY)
+        except FileNotFoundError:
+            return False
         fsync_dir(images.parent)
         return True
 
-    @staticmethod
-    def drop_memory_copy(tier: Path) -> None:
+    def drop_memory_copy(self, model: str) -> int:
+        """Give the memory copy back, the disk copy taking over (the caller holds the model:
+        no restore reads it meanwhile); the bytes freed, 0 if it has no disk copy."""
+        images = self.images_dir(model)
+        disk = self.path(model) / DISK_COPY
+        if not images.is_symlink() or not disk.is_dir():
+            return 0
+        tier = Path(os.readlink(images)).parent
+        freed = dir_bytes(tier)
+        os.unlink(images)
+        os.rename(disk, images)
+        fsync_dir(images.parent)
         shutil.rmtree(tier, ignore_errors=True)
+        return freed
 
     @staticmethod
     def _tier_of(checkpoint_dir: Path) -> Path | None:
@@ -453,7 +531,11 @@ class CheckpointStore:
         path.mkdir(mode=0o700)
         if self.memory_dir is not None and self._fits_in_memory(expected_bytes):
             self.memory_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(self.memory_dir.parent, 0o700)
             os.chmod(self.memory_dir, 0o700)
+            owner = self.memory_dir / TIER_OWNER
+            if not owner.exists():
+                owner.write_text(str(self.root.absolute()))
             tier = self.memory_dir / path.name
             tier.mkdir(mode=0o700)
             (tier / IMAGES).mkdir(mode=0o700)
@@ -525,15 +607,35 @@ class CheckpointStore:
             )
 
 
+def sweep_orphaned_tiers(tier_root: Path, under: Path | None = None) -> list[str]:
+    """Remove the memory tier's folders of state directories that no longer exist (or, with
+    ``under``, of any state directory below it): their images serve no llmuxd."""
+    cleaned: list[str] = []
+    if not tier_root.is_dir():
+        return cleaned
+    for folder in sorted(tier_root.glob("state-*")):
+        try:
+            owner = Path((folder / TIER_OWNER).read_text())
+        except OSError:
+            continue
+        if (under is not None and owner.is_relative_to(under)) or not owner.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            cleaned.append(f"{folder} (the memory tier of {owner}, which is gone)")
+    return cleaned
+
+
 _COPY_CHUNK = 64 << 20
 
 
 def _chunked_copy(pause: Callable[[], None]) -> Callable[[str, str], str]:
     """shutil's copy function, in chunks of 64 MiB (sendfile: no copy through user space),
-    with ``pause()`` before each."""
+    with ``pause()`` before each, and each chunk on disk before the next: the kernel's
+    writeback of the copy never runs far ahead of it, so a restore that makes it pause does
+    not share the CPU and the disk with a backlog of dirty pages being written."""
 
     def copy(src: str, dst: str) -> str:
-        with open(src, "rb") as fin, open(dst, "wb") as fout:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
             size = os.fstat(fin.fileno()).st_size
             done = 0
             while done < size:
@@ -542,6 +644,9 @@ def _chunked_copy(pause: Callable[[], None]) -> Callable[[str, str], str]:
                                    min(_COPY_CHUNK, size - done))
                 if not sent:
                     raise OSError(f"{src}: ended at byte {done} of {size}")
+                if _libc.sync_file_range(fout.fileno(), done, sent, _SYNC_CHUNK) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"writing {dst}: {os.strerror(err)}")
                 done += sent
         shutil.copystat(src, dst)
         return dst

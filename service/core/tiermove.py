@@ -1,73 +1,179 @@
-"""Moving a checkpoint's images from the memory tier to disk, in the background.
+"""The memory tier's background work: each checkpoint's durable copy, and memory given back.
 
-A dump that fits writes its images to the memory tier (a tmpfs); then they are copied to
-disk behind the job that made them, without holding the model (a restore may read them
-meanwhile), giving way while a restore runs, and swapped in while no job holds it.
+A dump that fits writes its images to the memory tier (a tmpfs; memtier.py says how much
+it may hold). Behind the job that made them they are copied to disk, without holding the
+model (a restore reads the memory copy meanwhile) and giving way while a restore runs; the
+memory copy stays for the restores to come. It is dropped, the oldest checkpoints' first,
+when the tier is over its ceiling or the host's available memory under the reserve:
+before a dump or a restore that needs the memory, and every few seconds while the tier
+holds anything. Only a copy with a complete twin on disk is dropped; a failed copy to disk
+keeps the memory copy, says so in the log and in the checkpoint's ``write_errors``, and is
+tried again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import time
 
 from llmux.common.errors import Busy
+from llmux.service.core import memtier
 from llmux.service.core.claims import Claims
 from llmux.service.core.store import CheckpointStore
 
 log = logging.getLogger(__name__)
 
-#: how long a move to disk waits for the model's jobs to let go before it gives up
+#: how long a copy to disk gives way to restores (per chunk) before it goes on regardless
 MOVE_WAIT_SECS = 600.0
+#: how long after a restore a copy to disk waits before it goes on: the restored engine's
+#: first token needs the CPU (on a 2-vCPU host the copy's writeback took 1-2 s of it)
+AFTER_RESTORE_SECS = 3.0
+#: how often the tier's use and the host's memory are measured while the tier holds images
+WATCH_SECS = 2.0
+#: copies of one model in a row, each superseded by a new dump of it, before the watch's
+#: next turn takes over
+_COPY_ATTEMPTS = 5
+#: how long after a failed copy to disk it is tried again
+RETRY_SECS = 30.0
 
 
 class TierMover:
-    """The moves to disk in flight; one per checkpoint just committed in the memory tier."""
+    """The copies to disk in flight and the watch over the tier's memory."""
 
     def __init__(self, store: CheckpointStore, claims: Claims) -> None:
         self.store = store
         self.claims = claims
-        self._movers: set[asyncio.Task[None]] = set()
+        self._movers: dict[str, asyncio.Task[None]] = {}
+        self._watcher: asyncio.Task[None] | None = None
+        self.write_errors: dict[str, str] = {}
+        """Each checkpoint whose copy to disk failed: why (until one succeeds)."""
+        self._failed_at: dict[str, float] = {}
 
     def start(self, model: str) -> None:
-        """Move ``model``'s images to disk in the background if they are in the tier."""
-        if not self.store.in_memory(model):
-            return
-        mover = asyncio.create_task(self._move_to_disk(model), name=f"move-{model}")
-        self._movers.add(mover)
-        mover.add_done_callback(self._movers.discard)
+        """Write ``model``'s durable copy in the background if its images are in memory
+        only; keep watching the tier."""
+        if self.store.in_memory(model) and model not in self._movers:
+            mover = asyncio.create_task(self._copy_to_disk(model), name=f"copy-{model}")
+            self._movers[model] = mover
+            mover.add_done_callback(lambda _t: self._movers.pop(model, None))
+        self._watch()
 
-    async def _move_to_disk(self, model: str) -> None:
-        moved = await asyncio.to_thread(self.store.copy_to_disk, model, self._give_way)
-        if moved is None:
-            return
-        tier, copy = moved
+    def resume(self) -> None:
+        """At start-up: the copies to disk that a stop cut short, written again."""
+        for model, on_disk in self.store.memory_copies():
+            if not on_disk:
+                self.start(model)
+        self._watch()
+
+    async def _copy_to_disk(self, model: str) -> None:
+        """The copy; again while the checkpoint is replaced under it (a new dump of the
+        model commits while the old one's copy runs: that copy is dropped with it)."""
+        store = self.store
+        for _attempt in range(_COPY_ATTEMPTS):
+            if not (store.has(model) and store.in_memory(model) and not store.on_disk(model)):
+                break
+            try:
+                copied = await asyncio.to_thread(store.copy_to_disk, model, self._give_way)
+            except OSError as exc:
+                self.write_errors[model] = f"writing its images to disk failed: {exc}"
+                self._failed_at[model] = time.monotonic()
+                log.warning("checkpoint %s is in the memory tier only (a reboot would lose "
+                            "it): writing its images to disk failed: %s; kept in memory, "
+                            "tried again in %.0fs", model, exc, RETRY_SECS)
+                return
+            if copied is not None and await asyncio.to_thread(
+                    store.finish_disk_copy, model, *copied):
+                self.write_errors.pop(model, None)
+                self._failed_at.pop(model, None)
+                log.info("wrote the images of %s to disk; its memory copy stays", model)
+                break
+        await self.make_room()
+
+    def _give_way(self) -> None:
+        """Blocks a copy's chunk (in its thread) while a restore runs and AFTER_RESTORE_SECS
+        after it, up to MOVE_WAIT_SECS in all."""
         deadline = time.monotonic() + MOVE_WAIT_SECS
         while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.claims.no_restores.wait(left):
+                return
+            quiet = self.claims.last_restore_end + AFTER_RESTORE_SECS - time.monotonic()
+            if quiet <= 0:
+                return
+            time.sleep(min(quiet, left))
+
+    async def make_room(self, need: int = 0, *, for_tier: bool = False,
+                        keep: str = "") -> list[str]:
+        """Drop memory copies, the oldest checkpoints' first (only those on disk too and
+        not held by a job, never ``keep``'s), while the tier is over its ceiling or the
+        host's memory less ``need`` under the reserve. ``for_tier``: ``need`` is a dump about
+        to go to the tier (nothing is dropped for a dump that could not fit anyway).
+        Returns the models whose memory copies were dropped."""
+        store = self.store
+        if store.memory_dir is None and not store.memory_copies():
+            return []
+        limit = store.memory_limit_bytes
+        dropped: list[str] = []
+        for model, on_disk in store.memory_copies():
+            used = await asyncio.to_thread(store.memory_used_bytes)
+            memory = memtier.Memory.read()
+            if for_tier:
+                if memtier.fits(limit, used, need, memory):
+                    break
+                if (need > memtier.ceiling(limit, used, memory)
+                        or memory.available + used - need < memory.reserve):
+                    break  # it goes to disk whatever is dropped
+            elif not memtier.over(limit, used, memory, need) and store.memory_dir is not None:
+                break
+            if not on_disk or model == keep:
+                continue
             try:
                 release = self.claims.claim(model)
             except Busy:
-                if time.monotonic() > deadline:
-                    log.warning("%s stays in the memory tier: its jobs kept it busy", model)
-                    await asyncio.to_thread(shutil.rmtree, copy, True)
-                    return
-                await asyncio.sleep(0.5)
                 continue
-            try:  # the model stays claimed across the await: no restore reads meanwhile
-                swapped = await asyncio.to_thread(self.store.finish_move, model, tier, copy)
+            try:
+                freed = await asyncio.to_thread(store.drop_memory_copy, model)
             finally:
                 release()
-            break
-        if swapped:
-            await asyncio.to_thread(self.store.drop_memory_copy, tier)
-            log.info("moved the images of %s from the memory tier to disk", model)
+            if freed:
+                dropped.append(model)
+                log.info("dropped the memory copy of %s (%d MiB; %d MiB available): the "
+                         "tier gives memory back, its copy on disk stays", model,
+                         freed >> 20, memory.available >> 20)
+        return dropped
 
-    def _give_way(self) -> None:
-        """Blocks a move's copy (in its thread) while a restore runs, up to MOVE_WAIT_SECS."""
-        self.claims.no_restores.wait(MOVE_WAIT_SECS)
+    def _watch(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch_loop(), name="memory-tier-watch")
+
+    async def _watch_loop(self) -> None:
+        """While the tier holds images: give memory back when needed, retry failed copies."""
+        while True:
+            copies = self.store.memory_copies()
+            if not copies:
+                return
+            try:
+                await self.make_room()
+            except OSError:
+                log.exception("giving the memory tier's memory back failed")
+            now = time.monotonic()
+            for model, on_disk in copies:
+                if on_disk or model in self._movers:
+                    continue
+                failed = self._failed_at.get(model)
+                if failed is None or now - failed > RETRY_SECS:
+                    self._failed_at.pop(model, None)
+                    self.start(model)
+            await asyncio.sleep(WATCH_SECS)
 
     async def wait(self) -> None:
-        """Until every move to disk in flight is done (tests; a clean stop)."""
+        """Until every copy to disk in flight is done (tests; a clean stop)."""
         while self._movers:
-            await asyncio.gather(*self._movers, return_exceptions=True)
+            await asyncio.gather(*self._movers.values(), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Stop watching (a clean stop); copies in flight finish or are redone at start-up."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)

@@ -242,8 +242,8 @@ class Service:
 
     def __init__(self, state_dir: Path, criu: str, gpu: bool, prefetch_threads: int = 0,
                  memory_tier: Path | None = None) -> None:
-        """``memory_tier``: llmuxd's memory tier (images in that tmpfs folder, moved to
-        ``state_dir`` in the background), as ``memory_tier_dir`` in llmuxd.toml sets it."""
+        """``memory_tier``: llmuxd's memory tier (images in that tmpfs folder, a copy written
+        to ``state_dir`` in the background), as ``memory_tier_dir`` in llmuxd.toml sets it."""
         from llmux.service.core.authz import Caller
         from llmux.service.core.engine import CheckpointEngine, EngineConfig
 

@@ -163,11 +163,33 @@ def busiest(before: dict[tuple[int, str], int], after: dict[tuple[int, str], int
     return ", ".join(f"{name}[{pid}] {ticks / hz:.2f}s" for ticks, (pid, name) in used if ticks)
 
 
+def evict_state_dir(state_dir: Path) -> bool:
+    """Written back, then out of the page cache: the files of llmuxd's state directory only
+    (the checkpoints' images on disk), the rest of the cache (libraries, the model) kept."""
+    os.sync()
+    for dirpath, _dirs, names in os.walk(state_dir):
+        for name in names:
+            with contextlib.suppress(OSError):
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+    return True
+
+
+EVICT_ONLY_IMAGES = False
+"""--evict-images: a restore's phase evicts the state directory's files, not every cache."""
+
+
 def timed_wake(shim: Any, expect: str, drop: bool, daemon: Any) -> Timed:
     """Drop the caches, POST /control/wake, one token; then the full answer (untimed)."""
     restores_before = len(criu_restores(daemon))
     reported0 = reported_kib()
-    dropped = testprocs.drop_caches() if drop else False
+    if drop and EVICT_ONLY_IMAGES and expect == "restore":
+        dropped = evict_state_dir(daemon.state_dir)
+    else:
+        dropped = testprocs.drop_caches() if drop else False
     reported1 = reported_kib()
     ticks = cpu_ticks()
     perf = None
@@ -406,6 +428,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="llmuxd's memory tier (a /dev/shm folder) up to this size; 0: none")
     p.add_argument("--compare-tier", action="store_true",
                    help="with --memory-tier-mb: each repeat runs without the tier, then with it")
+    p.add_argument("--evict-images", action="store_true",
+                   help="before a restore, evict only the state directory's files from the "
+                        "page cache (the images on disk cold; libraries and the memory tier "
+                        "as they are), not every cache")
     p.add_argument("--repeat", type=int, default=1, help="run everything this many times")
     p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                    help="no untimed cold start before the timed one")
@@ -414,8 +440,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    global PERF_DIR
+    global PERF_DIR, EVICT_ONLY_IMAGES
     PERF_DIR = args.perf
+    EVICT_ONLY_IMAGES = args.evict_images
     if os.geteuid() != 0:
         print("run as root (rootful podman, CRIU)", file=sys.stderr)
         return 2
@@ -435,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         free_gb = shutil.disk_usage(workdir).free / (1 << 30)
         print(f"state directory under {workdir}: {free_gb:.0f} GB free", file=sys.stderr)
         (workdir / "bus").mkdir(mode=0o755)
-        configs = [("disk", "")]
+        configs = [("disk", "memory_tier_limit_bytes = 0\n")]  # the tier is on by default
         if args.memory_tier_mb > 0:
             tier = [("tier", tier_config(args))]
             configs = [*configs, *tier] if args.compare_tier else tier
@@ -458,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 if args.llmuxd_log is not None:
                     args.llmuxd_log.write_text("\n".join(logs))
+                shutil.rmtree(f"/dev/shm/llmux-bench-tier-{os.getpid()}", ignore_errors=True)
     print_table(rows)
     print_medians(rows)
     return 0

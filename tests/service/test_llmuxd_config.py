@@ -26,7 +26,7 @@ def test_the_defaults_are_llmuxds() -> None:
     assert engine.cuda_plugin_dir == "/usr/lib/criu/"
     assert engine.ghost_limit_bytes == 512 << 20
     assert engine.memory_tier_dir == Path("/dev/shm/llmux-checkpoints")
-    assert engine.memory_tier_limit_bytes == 0 and engine.prefetch_threads == 0
+    assert engine.memory_tier_limit_bytes == -1 and engine.prefetch_threads == 0  # automatic
     assert (engine.criu_timeout_secs, engine.criu_timeout_secs_per_gib) == (120.0, 60.0)
     assert EngineConfig() == engine, "the core's defaults are the same ones"
 
@@ -47,7 +47,7 @@ def test_every_problem_is_listed_with_its_key() -> None:
                       "cuda_mode must be one of api, binary, plugin, off",
                       "criu_timeout_secs must be positive",
                       "criu_timeout_secs_per_gib must be >= 0", "log_level must be one of",
-                      "memory_tier_limit_bytes must be >= 0", "bus must be a str, not int"):
+                      "memory_tier_limit_bytes must be >= 0, or -1", "bus must be a str, not int"):
         assert complaint in text
 
 

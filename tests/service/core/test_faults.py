@@ -381,7 +381,8 @@ async def test_the_disk_filling_during_a_dump_is_no_space_and_loses_nothing(
                        f'--action-script "{act}"; fi\n'
                        f'exec "{criu_path}" "$@"\n')
     wrapper.chmod(0o755)
-    eng = await _open(small_state / "state", str(wrapper))
+    # the images on disk (no memory tier): the disk that fills is the one CRIU writes to
+    eng = await _open(small_state / "state", str(wrapper), memory_tier_limit_bytes=0)
     answer = await model.answer()
     with pytest.raises(NoSpace) as err:
         await eng.checkpoint(ME, "full", model.root)
@@ -430,12 +431,14 @@ async def test_a_damaged_checkpoint_is_refused_before_criu_by_name(
     """A checkpoint changed after its commit (truncated, a link planted, its manifest
     edited or broken) is refused with a named error before CRIU or any file is put back;
     the running model is untouched; a new checkpoint replaces the damaged one."""
-    eng = await _open(state_dir, criu_path)
+    eng = await _open(state_dir, criu_path, memory_tier_limit_bytes=0)
     answer = await model.answer()
     m = await eng.checkpoint(ME, "d", model.root, leave_running=True)
     assert any(f.reason == "dev-shm" for f in m.files)
     _damage(state_dir, "d", how)
-    eng = await _open(state_dir, criu_path)  # as after a restart of the service
+    # as after a restart of the service; the images on disk (no memory tier): the damage
+    # is done to the disk's copy
+    eng = await _open(state_dir, criu_path, memory_tier_limit_bytes=0)
     if how == "garbage-manifest":
         assert eng.list_checkpoints() == []
         with pytest.raises(NotFound):

@@ -158,7 +158,7 @@ async def test_a_newer_dump_supersedes_the_upload(
     assert generations == {record.generation}, f"stale generations left: {generations}"
 
 
-async def test_a_checkpoint_in_the_memory_tier_is_uploaded_after_its_move_to_disk(
+async def test_a_checkpoint_in_the_memory_tier_is_uploaded_after_its_copy_to_disk(
     criu_path: str, tmp_path: Path, file_config: RemoteConfig, spawn_target: TargetFactory,
 ) -> None:
     a = await CheckpointEngine.open(EngineConfig(
@@ -169,7 +169,8 @@ async def test_a_checkpoint_in_the_memory_tier_is_uploaded_after_its_move_to_dis
     assert a.uploads is not None
     await a.uploads.wait()
     assert a.uploads.errors == {}
-    assert not a.store.in_memory(MODEL), "uploaded before the images' move to disk"
+    assert a.store.on_disk(MODEL), "uploaded before the images' copy to disk"
+    assert a.store.in_memory(MODEL), "the memory copy stays for the restores"
     b = await open_host(criu_path, tmp_path / "host-b", file_config)
     await b.restore(ME, MODEL)
     assert await t.ping() == after(answer)
