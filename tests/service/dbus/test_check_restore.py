@@ -13,9 +13,9 @@ from xml.etree import ElementTree
 
 import pytest
 
-from llmux.service.core.store import IMAGES
+from llmux.service.core.store import DISK_COPY, IMAGES
 from tests.support.llmuxd_harness import BUS_NAME, OBJECT_PATH, Llmuxd
-from tests.support.procs import pid_alive
+from tests.support.procs import pid_alive, wait_until
 
 pytestmark = [pytest.mark.dbus, pytest.mark.criu]
 
@@ -48,6 +48,11 @@ def test_check_restore_answers_what_restore_would(llmuxd: Llmuxd, spawn_counter)
     assert job_id == 1
     assert llmuxd.ok("WaitJob", "ud", job_id, 120) == ["done", "", ""]
 
+    # the memory tier's durable copy is written behind the dump: let it finish, so that
+    # what changes below could only be the check's doing
+    cr = llmuxd.state_dir / "cr"
+    wait_until(lambda: (cr / DISK_COPY).is_dir() and not list(cr.glob(".tmp-images-*")), 60,
+               "the checkpoint's disk copy to be complete")
     before = _tree(llmuxd.state_dir)
     assert llmuxd.ok("CheckRestore", "s", "cr") == [True, ""]
     assert _tree(llmuxd.state_dir) == before, "the check touched the checkpoint"
