@@ -392,9 +392,13 @@ class Dumper(JobBase):
         removes them itself only when it ends on its own): left, each would keep a deleted
         /dev/shm segment's memory until a later dump found it stale."""
         try:
+            # the files deleted since the look-around too (an engine unlinks segments as it
+            # runs): CRIU remaps whatever is deleted when it reaches the fd
+            _live, deleted = resources.open_paths(d.pids)
+            dirs = sorted(set(d.remap_dirs) | set(upperfiles.link_remap_dirs(deleted, d.view)))
+            ids = d.tree.deleted_ids | resources.deleted_file_ids(d.pids)
             mine = resources.owned_by(
-                [d.view.resolve(p) for p in upperfiles.list_link_remaps(d.remap_dirs, d.view)],
-                d.tree.deleted_ids)
+                [d.view.resolve(p) for p in upperfiles.list_link_remaps(dirs, d.view)], ids)
         except (OSError, ValueError) as exc:
             log.warning("checkpoint %s: its link-remap files not looked for: %s", d.model, exc)
             return
