@@ -174,7 +174,7 @@ def hold_pid(pid: int, tries: int = 50) -> subprocess.Popen[bytes] | None:
     try:
         for _ in range(tries):
             last.write_text(str(pid - 1))
-            p = subprocess.Popen(["sleep", "600"])
+            p = subprocess.Popen(["sleep", "300"])
             if p.pid == pid:
                 return p
             p.kill()

@@ -33,7 +33,7 @@ from llmux.service.core.engine import (
 )
 from llmux.service.core.store import FINAL_KILL, CheckpointStore
 from tests.support.criu_testlib import Target, TargetFactory, blocking_criu, criu_after_dump
-from tests.support.procs import wait_until_async
+from tests.support.procs import hold_pid, wait_until_async
 
 pytestmark = pytest.mark.criu
 
@@ -137,27 +137,6 @@ async def test_leave_running_then_restore_refused_while_pids_live(
     assert (await t.ping())[0] == "pong"
 
 
-def _take_pid(pid: int) -> subprocess.Popen[bytes] | None:
-    """Start a process that gets exactly this PID (via ns_last_pid), or None.
-
-    The PID counter is put back afterwards, so that other processes do not go on to take
-    the PIDs right after it (the tree's thread IDs)."""
-    last = Path("/proc/sys/kernel/ns_last_pid")
-    before = int(last.read_text())
-    try:
-        for _ in range(50):
-            last.write_text(str(pid - 1))
-            p = subprocess.Popen(["sleep", "300"])
-            if p.pid == pid:
-                return p
-            p.kill()
-            p.wait()
-        return None
-    finally:
-        if int(last.read_text()) < before:
-            last.write_text(str(before))
-
-
 async def test_restore_with_pid_taken_names_the_holder_and_keeps_checkpoint(
     engine: CheckpointEngine, spawn_target: TargetFactory
 ) -> None:
@@ -167,7 +146,7 @@ async def test_restore_with_pid_taken_names_the_holder_and_keeps_checkpoint(
     assert not m.pid_namespace and m.inner_pids == []
     await wait_until_async(lambda: not proctree.taken(t.pids), 30,
                            f"the dumped tree {t.pids} to be gone")
-    squatter = _take_pid(t.child)
+    squatter = hold_pid(t.child)
     if squatter is None:
         pytest.skip("could not place a process on a chosen PID (busy machine)")
     try:
