@@ -63,6 +63,21 @@ def listed_checkpoints(address: str) -> list[str]:
 
     return asyncio.run(ask())
 
+
+def explained(address: str, model: str) -> str:
+    """`llmux checkpoints --explain MODEL` as text: what fills the checkpoint's images."""
+    import asyncio
+
+    from llmux.client.hostclient import HostClient
+    from llmux.client.opscli import render_breakdown
+
+    async def ask() -> str:
+        async with HostClient(address) as client:
+            return render_breakdown(await client.explain_checkpoint(model))
+
+    return asyncio.run(ask())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -272,6 +287,13 @@ def main() -> int:
                   not any(Path(f"/proc/{p}").exists() for p in pids) and gpu_mib(pids) == 0,
                   pids=pids)
             check("llmuxd lists the checkpoint", MODEL in listed_checkpoints(bus.address))
+            try:  # what the image holds, for the performance page (not a check)
+                t = time.monotonic()
+                text = explained(bus.address, MODEL)
+                (out / "explain-A.txt").write_text(text)
+                print(f"explain ({time.monotonic() - t:.1f} s):\n{text}", flush=True)
+            except Exception as e:  # noqa: BLE001 (reported, the test goes on)
+                print(f"explain failed: {type(e).__name__}: {e}", flush=True)
             shim.container.remove()
 
         def next_round(letter: str, how: str) -> None:

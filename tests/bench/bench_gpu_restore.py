@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import importlib.util
 import json
+import mmap
 import os
 import shutil
 import subprocess
@@ -129,6 +130,34 @@ def _read_file(path: Path, offset: int = 0, length: int | None = None) -> int:
     return done
 
 
+def _read_fresh(path: Path, huge: bool) -> float:
+    """GB/s of one reader filling memory never touched before (as CRIU's restorer fills a
+    restored process's mappings: every 4 KiB page faulted in, zeroed, then copied into),
+    with ``huge``: the mapping asks for transparent huge pages (2 MiB faults)."""
+    size = path.stat().st_size
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if huge:
+        with contextlib.suppress(OSError, AttributeError):
+            region.madvise(mmap.MADV_HUGEPAGE)
+    view = memoryview(region)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            t = time.perf_counter()
+            done = 0
+            while done < size:
+                n = os.preadv(fd, [view[done:done + 64 * MIB]], done)
+                if not n:
+                    break
+                done += n
+            return done / (time.perf_counter() - t) / GB
+        finally:
+            os.close(fd)
+    finally:
+        view.release()
+        region.close()
+
+
 def parallel_read(paths: Sequence[Path], threads: int) -> tuple[float, int]:
     """Read ``paths`` with ``threads`` readers, big files split in pieces: (s, bytes)."""
     pieces: list[tuple[Path, int, int]] = []
@@ -157,6 +186,9 @@ def storage_speeds(directory: Path, nbytes: int, label: str) -> dict[str, float]
             out[f"{label}_read_{'cold' if dropped else 'cached?'}_{threads}t"] = done / secs / GB
         secs, done = parallel_read([path], 1)
         out[f"{label}_read_cached_1t"] = done / secs / GB
+        if label == "tmpfs":  # CRIU 4.2.1's restorer: one reader per process, fresh memory
+            out["tmpfs_read_fresh_1t"] = _read_fresh(path, huge=False)
+            out["tmpfs_read_fresh_thp_1t"] = _read_fresh(path, huge=True)
     finally:
         path.unlink(missing_ok=True)
     return out
@@ -449,6 +481,8 @@ def checkpoint_cycle(ctx: Context, service: Service, weights: str, tier: str,
         row.image_bytes = int(manifest.images_bytes)
         row.moved_bytes = row.image_bytes
         row.note = f"CUDA {manifest.cuda_seconds:.2f} s, dump {manifest.dump_seconds:.2f} s"
+        if OUT and level == 2 and tier == "memory":  # what the image holds, for the docs
+            write_breakdown(service, f"explain-{engine.size_mb}-{weights}.txt")
         if tier.startswith("disk"):
             stats["dropped"] = drop_caches()
 
@@ -491,6 +525,21 @@ def checkpoint_cycle(ctx: Context, service: Service, weights: str, tier: str,
 
     cycle(ctx, f"{weights}+checkpoint [{tier}]{ctx.label}", sleep, wake, limit)
     service.forget()
+
+
+def write_breakdown(service: Service, name: str, model: str = "bench") -> None:
+    """`llmux checkpoints --explain` of the checkpoint just taken, next to the log."""
+    from llmux.client.opscli import render_breakdown
+    from llmux.service.core.explain import explain
+
+    store = service.engine.store
+    try:
+        text = render_breakdown(explain(store.get(model), store.images_dir(model),
+                                        store.files_dir(model)))
+    except Exception as exc:  # noqa: BLE001 (the benchmark goes on)
+        text = f"explain failed: {type(exc).__name__}: {exc}"
+    Path(OUT[0].name).with_name(name).write_text(text + "\n")
+    say(f"  breakdown written to {name}")
 
 
 def parallel_resume(args: argparse.Namespace, workdir: Path, service: Service,
