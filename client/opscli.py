@@ -270,6 +270,7 @@ def _checkpoint_row(info: CheckpointInfo) -> list[str]:
         info.owner,
         f"{info.dump_seconds:.1f} s",
         info.location,
+        info.storage or "-",
         str(info.live_trees),
     ]
 
@@ -328,10 +329,13 @@ def cmd_checkpoints_list(args: argparse.Namespace) -> int:
             print("no checkpoints")
             return EXIT_OK
         headers = ["MODEL", "SIZE", "CREATED", "ROOT PID", "PIDS", "OWNER", "DUMP", "WHERE",
-                   "LIVE"]
+                   "STORAGE", "LIVE"]
         print_table(headers, [_checkpoint_row(p) for p in found])
         total = sum(p.size_bytes for p in found)
         print(f"\n{len(found)} checkpoint(s), {format_bytes(total)}")
+        for p in found:
+            if p.problem:
+                print(f"warning: checkpoint {p.model}: {p.problem}")
         return EXIT_OK
 
     return _run(args, work)

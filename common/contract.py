@@ -331,6 +331,14 @@ class CheckpointInfo(Record):
     the object store; a restore downloads it) or "both"."""
     live_trees: int = _dbus("LiveTrees", "u", 0)
     """How many trees restored from this checkpoint are running now (read when asked)."""
+    storage: str = _dbus("Storage", "s", "")
+    """Where this host holds the images: "disk"; "memory+disk" (llmuxd's memory tier, with
+    the durable copy on disk); "memory" (the memory tier only: the copy to disk is still
+    being written, or failed and is retried: see Problem); "" when only the remote store
+    has the checkpoint."""
+    problem: str = _dbus("Problem", "s", "")
+    """What puts the checkpoint at risk, empty when nothing does (e.g. its copy to disk
+    failed: a reboot would lose it)."""
 
 
 

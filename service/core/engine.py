@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 from collections.abc import Mapping
+from dataclasses import replace
 
 from llmux.common.contract import CheckpointBreakdown, CheckpointInfo, HostInfo, JobProgress
 from llmux.common.errors import Busy, HostError, InvalidArgument
@@ -165,10 +166,22 @@ class CheckpointEngine:
         for model in sorted(local.keys() | remote.keys()):
             if model in local:
                 where = "both" if model in remote else "local"
-                infos.append(local[model].info(where))
+                infos.append(self.current(local[model].info(where)))
             else:
                 infos.append(remote[model].manifest.info("remote"))
         return infos
+
+    def current(self, info: CheckpointInfo) -> CheckpointInfo:
+        """``info`` with the properties that change while the checkpoint exists read now:
+        the trees restored from it, where this host holds its images and what puts it at
+        risk."""
+        model = info.model
+        storage = ""
+        if self.store.has(model):
+            storage = "disk" if not self.store.in_memory(model) else (
+                "memory+disk" if self.store.on_disk(model) else "memory")
+        return replace(info, live_trees=self.restored.live(model), storage=storage,
+                       problem=self.mover.write_errors.get(model, "") if storage else "")
 
     async def refresh_remote(self, timeout_secs: float = REMOTE_LIST_TIMEOUT_SECS) -> None:
         """Re-read the remote store's index (what other hosts uploaded); a store that does

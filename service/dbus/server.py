@@ -16,7 +16,6 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from dbus_next.aio.message_bus import MessageBus
@@ -142,7 +141,7 @@ class HostServer:
 
     def _checkpoint_props(self, model: str) -> dict[str, Any]:
         info = self._checkpoints[model][1]
-        return replace(info, live_trees=self.engine.restored.live(model)).to_properties()
+        return self.engine.current(info).to_properties()
 
     def _job(self, operation: Operation, caller: Caller, prepared: Prepared[object]) -> Reply:
         """The prepared operation as a job; the reply (id, path) announces it."""

@@ -172,7 +172,10 @@ def test_checkpoint_list_inspect_restore_delete(
     header, row = table.splitlines()[:2]
     assert header.split()[:3] == ["MODEL", "SIZE", "CREATED"]
     assert row.split()[0] == "opscli-a" and str(target.pid) in row
-    assert header.split()[-2:] == ["WHERE", "LIVE"] and row.split()[-2:] == ["local", "0"], table
+    assert header.split()[-3:] == ["WHERE", "STORAGE", "LIVE"], table
+    assert row.split()[-3] == "local" and row.split()[-1] == "0", table
+    assert row.split()[-2] in ("memory", "memory+disk"), table  # the default memory tier
+    assert "warning:" not in table
     [listed] = ok_json("checkpoints", "list", "--bus", address)
     assert listed["Model"] == "opscli-a" and listed["RootPid"] == target.pid
     assert listed["SizeBytes"] > 64 << 20

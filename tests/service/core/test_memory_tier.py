@@ -312,6 +312,9 @@ async def test_a_failed_copy_to_disk_keeps_the_memory_copy_and_says_so(
     await engine.wait_moves()
     assert engine.store.in_memory("m") and not engine.store.on_disk("m")
     assert "No space left on device" in engine.mover.write_errors["m"]
+    (info,) = engine.checkpoint_infos()  # what `llmux checkpoints` shows the operator
+    assert (info.storage, info.location) == ("memory", "local")
+    assert "writing its images to disk failed" in info.problem and "No space" in info.problem
     assert any("is in the memory tier only" in r.getMessage() for r in caplog.records)
     assert list((small_state / "state" / "m").glob(".tmp-images-*")) == []
     await engine.restore(ME, "m")  # nothing lost: it is restored from memory
@@ -322,6 +325,8 @@ async def test_a_failed_copy_to_disk_keeps_the_memory_copy_and_says_so(
                            "the copy to disk to be tried again")
     assert "m" not in engine.mover.write_errors
     assert engine.store.in_memory("m")
+    (info,) = engine.checkpoint_infos()
+    assert (info.storage, info.problem) == ("memory+disk", "")
 
 
 async def test_a_copy_to_disk_cut_short_is_found_incomplete_and_written_again(

@@ -65,8 +65,19 @@ def test_busctl_alone_drives_checkpoint_restore_and_reads_progress(
         ".CudaPids",
         ".Manifest",
         ".ListenPorts",
+        ".Storage",
+        ".Problem",
     ):
         assert member in shape.stdout
+
+    def storage() -> list[str]:
+        got = llmuxd.busctl("--json=short", "get-property", BUS_NAME,
+                            f"{OBJECT_PATH}/checkpoint/m1", CHECKPOINT, "Storage", "Problem")
+        return [json.loads(line)["data"] for line in got.stdout.splitlines()]
+
+    # the default memory tier holds the images; their durable copy is written behind
+    assert storage()[0] in ("memory", "memory+disk")
+    wait_until(lambda: storage() == ["memory+disk", ""], 60, "the copy to disk")
     ports = llmuxd.busctl("--json=short", "get-property", BUS_NAME,
                           f"{OBJECT_PATH}/checkpoint/m1", CHECKPOINT, "ListenPorts")
     assert json.loads(ports.stdout)["data"] == json.loads(
