@@ -181,7 +181,8 @@ class CheckpointEngine:
             storage = "disk" if not self.store.in_memory(model) else (
                 "memory+disk" if self.store.on_disk(model) else "memory")
         return replace(info, live_trees=self.restored.live(model), storage=storage,
-                       problem=self.mover.write_errors.get(model, "") if storage else "")
+                       problem=self.mover.write_errors.get(model, "")
+                       if storage == "memory" else "")
 
     async def refresh_remote(self, timeout_secs: float = REMOTE_LIST_TIMEOUT_SECS) -> None:
         """Re-read the remote store's index (what other hosts uploaded); a store that does
