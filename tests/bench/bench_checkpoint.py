@@ -32,11 +32,11 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmux.service.core import criuimages
 from llmux.service.core.authz import Caller
 from llmux.service.core.engine import CheckpointEngine, EngineConfig
 from llmux.shim.builtin import testing
@@ -267,40 +267,6 @@ class Reaper:
 # --------------------------------------------------------------------------- CRIU's stats
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """(field number, value) of a protobuf message: enough for CRIU's stats entries."""
-    pos = 0
-    while pos < len(data):
-        key, pos = _varint(data, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(data, pos)
-            yield number, value
-        elif wire == 2:
-            length, pos = _varint(data, pos)
-            yield number, data[pos : pos + length]
-            pos += length
-        elif wire == 1:
-            yield number, int.from_bytes(data[pos : pos + 8], "little")
-            pos += 8
-        elif wire == 5:
-            yield number, int.from_bytes(data[pos : pos + 4], "little")
-            pos += 4
-        else:
-            return
-
-
 # images/stats.proto: stats_entry { dump = 1; restore = 2 }
 _DUMP_STATS = {1: "freezing_us", 2: "frozen_us", 3: "memdump_us", 4: "memwrite_us",
                5: "pages_scanned", 6: "pages_skipped_parent", 7: "pages_written",
@@ -311,21 +277,17 @@ _RESTORE_STATS = {1: "pages_compared", 2: "pages_skipped_cow", 3: "forking_us",
 
 
 def criu_stats(path: Path) -> dict[str, int]:
-    """Decode a stats-dump / stats-restore image: magic, magic, then one sized entry."""
+    """Decode a stats-dump / stats-restore image (llmuxd's own reader of CRIU's images)."""
     try:
-        data = path.read_bytes()
-    except OSError:
+        entry = next(criuimages.entries(path), b"")
+    except (OSError, criuimages.ImageError):
         return {}
-    if len(data) < 12:
-        return {}
-    size = int.from_bytes(data[8:12], "little")
-    entry = data[12 : 12 + size]
     out: dict[str, int] = {}
-    for number, sub in _fields(entry):
+    for number, sub in criuimages.fields(entry):
         names = _DUMP_STATS if number == 1 else _RESTORE_STATS if number == 2 else None
         if names is None or not isinstance(sub, bytes):
             continue
-        for n, v in _fields(sub):
+        for n, v in criuimages.fields(sub):
             if n in names and isinstance(v, int):
                 out[names[n]] = v
     return out
