@@ -337,8 +337,9 @@ class CheckpointInfo(Record):
     being written, or failed and is retried: see Problem); "" when only the remote store
     has the checkpoint."""
     problem: str = _dbus("Problem", "s", "")
-    """What puts the checkpoint at risk, empty when nothing does (e.g. its copy to disk
-    failed: a reboot would lose it)."""
+    """What puts the checkpoint at risk, empty when nothing does: its copy to disk failed
+    (a reboot would lose it), or its upload to the remote store failed (other hosts cannot
+    restore it)."""
 
 
 

@@ -180,9 +180,11 @@ class CheckpointEngine:
         if self.store.has(model):
             storage = "disk" if not self.store.in_memory(model) else (
                 "memory+disk" if self.store.on_disk(model) else "memory")
+        problems = [self.mover.write_errors.get(model, "") if storage == "memory" else ""]
+        if self.uploads is not None and info.location == "local":
+            problems.append(self.uploads.errors.get(model, ""))
         return replace(info, live_trees=self.restored.live(model), storage=storage,
-                       problem=self.mover.write_errors.get(model, "")
-                       if storage == "memory" else "")
+                       problem="; ".join(p for p in problems if p))
 
     async def refresh_remote(self, timeout_secs: float = REMOTE_LIST_TIMEOUT_SECS) -> None:
         """Re-read the remote store's index (what other hosts uploaded); a store that does

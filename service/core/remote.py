@@ -21,6 +21,7 @@ the engine calls it, in threads.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import logging
@@ -184,8 +185,17 @@ class RemoteStore:
         generation = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"
         files: dict[str, RemoteFile] = {}
         for rel, path in _checkpoint_files(directory):
-            size, sha = _sha256(path, cancelled)
-            self.backend.put_file(f"{model}/{generation}/{rel}", path, cancelled)
+            try:
+                size, sha = _sha256(path, cancelled)
+                self.backend.put_file(f"{model}/{generation}/{rel}", path, cancelled)
+            except Cancelled:
+                raise
+            except (HostError, OSError) as exc:
+                if path.exists():
+                    raise
+                # the file went away under the upload (the memory tier dropped its copy)
+                raise FileNotFoundError(errno.ENOENT, "gone while it was uploaded",
+                                        str(path)) from exc
             files[rel] = RemoteFile(size, sha)
         if cancelled():
             raise Cancelled(f"upload of {model} superseded")
@@ -295,9 +305,20 @@ class Uploader:
         t = time.monotonic()
         try:
             manifest = self._manifest(model)
-            record = await asyncio.to_thread(
-                self.remote.upload, model, self._directory(model), manifest,
-                superseded.is_set)
+            try:
+                record = await asyncio.to_thread(
+                    self.remote.upload, model, self._directory(model), manifest,
+                    superseded.is_set)
+            except FileNotFoundError as exc:
+                # the memory tier dropped its copy under the upload (the disk copy is
+                # complete by then): once again, from wherever the images are now
+                log.info("upload of %s: %s moved while it was read; starting again",
+                         model, exc.filename)
+                if self._settled is not None:
+                    await self._settled()
+                record = await asyncio.to_thread(
+                    self.remote.upload, model, self._directory(model),
+                    self._manifest(model), superseded.is_set)
         except Cancelled:
             log.info("upload of %s to %s superseded by a newer checkpoint", model,
                      self.remote.url)

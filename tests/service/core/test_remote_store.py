@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -173,6 +174,36 @@ async def test_a_checkpoint_in_the_memory_tier_is_uploaded_after_its_copy_to_dis
     assert a.store.in_memory(MODEL), "the memory copy stays for the restores"
     b = await open_host(criu_path, tmp_path / "host-b", file_config)
     await b.restore(ME, MODEL)
+    assert await t.ping() == after(answer)
+
+
+async def test_a_memory_copy_dropped_under_its_upload_is_uploaded_from_disk(
+    criu_path: str, tmp_path: Path, file_config: RemoteConfig, spawn_target: TargetFactory,
+) -> None:
+    a = await CheckpointEngine.open(EngineConfig(
+        state_dir=tmp_path / "host-a", criu_path=criu_path, cuda_mode="off",
+        memory_tier_dir=tmp_path / "tier", memory_tier_limit_bytes=1 << 30,
+        remote=file_config))
+    assert a.remote is not None and a.uploads is not None
+    backend = a.remote.backend
+    put_file = backend.put_file
+    dropped: list[int] = []
+
+    def put_then_drop(key: str, path: Path, cancelled: Any) -> None:
+        put_file(key, path, cancelled)
+        if not dropped:  # the tier gives its memory back after the first file is up
+            dropped.append(a.store.drop_memory_copy(MODEL))
+
+    backend.put_file = put_then_drop  # type: ignore[method-assign]
+    t, answer = await dumped_on_a(a, spawn_target)
+    await a.uploads.wait()
+    assert dropped and dropped[0] > 0, "the memory copy was not dropped under the upload"
+    assert not a.store.in_memory(MODEL) and a.store.on_disk(MODEL)
+    assert a.uploads.errors == {}, a.uploads.errors
+    (info,) = a.checkpoint_infos()
+    assert (info.location, info.storage, info.problem) == ("both", "disk", "")
+    b = await open_host(criu_path, tmp_path / "host-b", file_config)
+    await b.restore(ME, MODEL)  # every file arrived, each sha256 checked
     assert await t.ping() == after(answer)
 
 
