@@ -128,6 +128,19 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+@contextlib.contextmanager
+def tmpfs_at(directory: Path, size_mb: int) -> Iterator[Path]:
+    """A root-only tmpfs of ``size_mb`` MiB mounted on ``directory`` (made), unmounted after:
+    a state folder that fills up on cue."""
+    directory.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs",
+                    str(directory)], check=True)
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
 def mount_overlay(directory: Path, lower: str = "/") -> Path:
     """An overlay of ``lower`` with its upper, work and merged directories in ``directory``
     (made here): a container's root filesystem. Returns the merged directory (root)."""

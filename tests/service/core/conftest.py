@@ -18,7 +18,7 @@ from llmux.common import proctree
 from llmux.service.core.criu import BUNDLE_PATH, parse_version
 from llmux.service.core.engine import CheckpointEngine, EngineConfig
 from tests.support.criu_testlib import TARGET, Target, TargetFactory, reap, reaping
-from tests.support.procs import wait_until_async
+from tests.support.procs import tmpfs_at, wait_until_async
 
 
 def find_criu() -> str | None:
@@ -157,12 +157,5 @@ async def spawn_target(tmp_path: Path) -> AsyncIterator[TargetFactory]:
 @pytest.fixture
 def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs, unmounted at teardown."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mnt)], check=True
-    )
-    try:
+    with tmpfs_at(tmp_path / "tiny", 1) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)

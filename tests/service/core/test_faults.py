@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from llmux.common.errors import (
 from llmux.service.core.engine import Caller, CheckpointEngine, EngineConfig
 from llmux.shim.builtin.testing import EngineProcess, start_engine_async
 from tests.support.criu_testlib import blocking_criu, reap, reaping
-from tests.support.procs import wait_until_async
+from tests.support.procs import tmpfs_at, wait_until_async
 
 pytestmark = pytest.mark.criu
 
@@ -384,15 +384,9 @@ async def test_a_stuck_criu_is_killed_and_the_tree_runs_on(
 
 
 @pytest.fixture
-def small_state(tmp_path: Path) -> AsyncIterator[Path]:
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400m,mode=0700", "tmpfs", str(mnt)],
-                   check=True)
-    try:
+def small_state(tmp_path: Path) -> Iterator[Path]:
+    with tmpfs_at(tmp_path / "small", 400) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 async def test_the_disk_filling_during_a_dump_is_no_space_and_loses_nothing(

@@ -22,7 +22,7 @@ from llmux.service.core.engine import CheckpointEngine, EngineConfig
 from llmux.service.core.manifest import Manifest
 from llmux.service.core.store import DISK_COPY, TIER_OWNER, CheckpointStore
 from tests.support.criu_testlib import TargetFactory
-from tests.support.procs import wait_until_async
+from tests.support.procs import tmpfs_at, wait_until_async
 
 pytestmark = pytest.mark.criu
 ME = Caller(pid=os.getpid(), uid=os.getuid())
@@ -278,14 +278,8 @@ async def test_over_the_ceiling_the_oldest_memory_copy_goes_first(
 
 @pytest.fixture
 def small_state(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m,mode=0700", "tmpfs", str(mnt)],
-                   check=True)
-    try:
+    with tmpfs_at(tmp_path / "small", 300) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 async def test_a_failed_copy_to_disk_keeps_the_memory_copy_and_says_so(

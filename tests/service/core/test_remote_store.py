@@ -39,9 +39,13 @@ MODEL = "tiny-remote"
 BUCKET = "llmux-checkpoints"
 
 
-async def open_host(criu_path: str, state: Path, remote: RemoteConfig) -> CheckpointEngine:
+async def open_host(criu_path: str, state: Path, remote: RemoteConfig,
+                    tier: Path | None = None) -> CheckpointEngine:
+    """A host's llmuxd core on ``state``; with ``tier``, its memory tier there (1 GiB)."""
+    tiered: dict[str, Any] = {"memory_tier_dir": tier, "memory_tier_limit_bytes": 1 << 30}
     eng = await CheckpointEngine.open(EngineConfig(
-        state_dir=state, criu_path=criu_path, cuda_mode="off", remote=remote))
+        state_dir=state, criu_path=criu_path, cuda_mode="off", remote=remote,
+        **(tiered if tier is not None else {})))
     eng.pid_free_timeout = 5.0
     return eng
 
@@ -162,10 +166,7 @@ async def test_a_newer_dump_supersedes_the_upload(
 async def test_a_checkpoint_in_the_memory_tier_is_uploaded_after_its_copy_to_disk(
     criu_path: str, tmp_path: Path, file_config: RemoteConfig, spawn_target: TargetFactory,
 ) -> None:
-    a = await CheckpointEngine.open(EngineConfig(
-        state_dir=tmp_path / "host-a", criu_path=criu_path, cuda_mode="off",
-        memory_tier_dir=tmp_path / "tier", memory_tier_limit_bytes=1 << 30,
-        remote=file_config))
+    a = await open_host(criu_path, tmp_path / "host-a", file_config, tier=tmp_path / "tier")
     t, answer = await dumped_on_a(a, spawn_target)
     assert a.uploads is not None
     await a.uploads.wait()
@@ -180,10 +181,7 @@ async def test_a_checkpoint_in_the_memory_tier_is_uploaded_after_its_copy_to_dis
 async def test_a_memory_copy_dropped_under_its_upload_is_uploaded_from_disk(
     criu_path: str, tmp_path: Path, file_config: RemoteConfig, spawn_target: TargetFactory,
 ) -> None:
-    a = await CheckpointEngine.open(EngineConfig(
-        state_dir=tmp_path / "host-a", criu_path=criu_path, cuda_mode="off",
-        memory_tier_dir=tmp_path / "tier", memory_tier_limit_bytes=1 << 30,
-        remote=file_config))
+    a = await open_host(criu_path, tmp_path / "host-a", file_config, tier=tmp_path / "tier")
     assert a.remote is not None and a.uploads is not None
     backend = a.remote.backend
     put_file = backend.put_file
