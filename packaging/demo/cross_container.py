@@ -33,9 +33,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nscontainer import NsContainer, PodmanContainer  # noqa: E402
 
 Container = NsContainer | PodmanContainer
+T = TypeVar("T")
 
 MODEL = "qwen3-0.6b"
 PROMPT = [{"role": "user", "content": "Name three colors."}]
@@ -51,31 +52,36 @@ VLLM_ARGS = "--dtype bfloat16 --max-model-len 2048 --kv-cache-memory-bytes 2G"
 
 
 
-def listed_checkpoints(address: str) -> list[str]:
-    """The models llmuxd lists, asked through llmux's own client (a GPU host may lack busctl)."""
+def ask_llmuxd(address: str, question: Callable[[Any], Awaitable[T]]) -> T:
+    """``question(client)`` answered through llmux's own client (a GPU host may lack busctl)."""
     import asyncio
 
     from llmux.client.hostclient import HostClient
 
-    async def ask() -> list[str]:
+    async def ask() -> T:
         async with HostClient(address) as client:
-            return [c.model for c in await client.list_checkpoints()]
+            return await question(client)
 
     return asyncio.run(ask())
+
+
+async def _listed(client: Any) -> list[str]:
+    return [c.model for c in await client.list_checkpoints()]
+
+
+def listed_checkpoints(address: str) -> list[str]:
+    """The models llmuxd lists."""
+    return ask_llmuxd(address, _listed)
 
 
 def explained(address: str, model: str) -> str:
     """`llmux checkpoints --explain MODEL` as text: what fills the checkpoint's images."""
-    import asyncio
-
-    from llmux.client.hostclient import HostClient
     from llmux.client.opscli import render_breakdown
 
-    async def ask() -> str:
-        async with HostClient(address) as client:
-            return render_breakdown(await client.explain_checkpoint(model))
+    async def breakdown(client: Any) -> str:
+        return render_breakdown(await client.explain_checkpoint(model))
 
-    return asyncio.run(ask())
+    return ask_llmuxd(address, breakdown)
 
 
 def free_port() -> int:
