@@ -351,7 +351,8 @@ class MemoryPart:
     """e.g. "heap", "thread stacks", "anonymous >= 1 MiB", "libraries (private)"."""
     mappings: int = 0
     stored_bytes: int = 0
-    """Bytes of it in CRIU's pages images (or, for a saved file, its size)."""
+    """Bytes of it in CRIU's pages images (or, for a saved file, what its copy takes:
+    holes, never written, take nothing)."""
     zero_bytes: int = 0
     """Of those, bytes in pages that are all zeros."""
     file_equal_bytes: int = 0

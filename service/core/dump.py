@@ -500,7 +500,7 @@ class Dumper(JobBase):
             image_sizes=await asyncio.to_thread(image_sizes, images),
             created=time.time(),
             images_bytes=images_bytes,
-            files_bytes=sum(f.size for f in saved),
+            files_bytes=sum(f.held_bytes for f in saved),
             dump_seconds=round(d.dump_secs, 3),
             cuda_seconds=round(d.cuda_secs, 3),
             total_seconds=round(time.monotonic() - d.started, 3),

@@ -263,10 +263,12 @@ def _saved_files(manifest: Manifest, files_dir: Path) -> list[MemoryPart]:
         t = tallies.setdefault(FILE_KINDS.get(f.reason, f.reason), _Tally())
         t.mappings += 1
         t.mapped += f.size
-        t.stored += f.size
+        t.stored += f.held_bytes
+        zero = 0
         with contextlib.suppress(OSError), open(files_dir / f.stored, "rb") as src:
             while chunk := src.read(READ_CHUNK):
-                t.zero += _zero_pages(memoryview(chunk)) * PAGE
+                zero += _zero_pages(memoryview(chunk)) * PAGE
+        t.zero += max(0, zero - (f.size - f.held_bytes))  # holes are not stored zeros
     return [t.part(k) for k, t in sorted(tallies.items())]
 
 

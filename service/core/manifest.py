@@ -49,6 +49,7 @@ class Manifest:
     source_cgroups: str = ""
     images_bytes: int = 0
     files_bytes: int = 0
+    """What the saved files take: their holes (most of vLLM's /dev/shm rings) take nothing."""
     expected_bytes: int = 0
     dump_seconds: float = 0.0
     """CRIU's dump alone."""

@@ -48,6 +48,14 @@ class SavedFile:
     mtime_ns: int = 0
     reason: str = "upper"
     """"upper" (only in the container's writable layer) or "link-remap"."""
+    held: int | None = None
+    """Bytes the stored copy takes (holes excluded: a 400 MiB ring buffer of zeros takes
+    none); None in checkpoints of earlier versions."""
+
+    @property
+    def held_bytes(self) -> int:
+        """What the copy takes on disk or in the memory tier (its size where not recorded)."""
+        return self.size if self.held is None else self.held
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -65,6 +73,7 @@ class SavedFile:
             stored=str(data.get("stored", "")),
             mtime_ns=int(str(data.get("mtime_ns", 0))),
             reason=str(data.get("reason", "upper")),
+            held=None if data.get("held") is None else int(str(data["held"])),
         )
 
 
@@ -157,15 +166,17 @@ def _copy_data(fin: BinaryIO, fout: BinaryIO) -> None:
     fout.truncate(size)
 
 
-def _hash_copy(src: Path, dst: Path) -> tuple[str, int]:
-    """Copy sparse; the copy's checksum skips its zeros (zerodigest: a restore reads no hole)."""
+def _hash_copy(src: Path, dst: Path) -> tuple[str, int, int]:
+    """Copy sparse; the copy's checksum skips its zeros (zerodigest: a restore reads no hole).
+    Returns the checksum, the size and the bytes the copy takes."""
     h = zerodigest.NonzeroDigest()
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with src.open("rb") as fin, os.fdopen(fd, "wb") as fout:
         size = _sparse_copy(fin, fout, h)
         fout.flush()
         os.fsync(fout.fileno())
-    return h.hexdigest(size), size
+        held = min(size, os.fstat(fout.fileno()).st_blocks * 512)
+    return h.hexdigest(size), size, held
 
 
 def save(
@@ -190,9 +201,9 @@ def save(
             out.append(entry)
         elif stat.S_ISREG(st.st_mode):
             stored = f"{i:05d}-{PurePosixPath(path).name}"[:200]
-            digest, size = _hash_copy(src, files_dir / stored)
+            digest, size, held = _hash_copy(src, files_dir / stored)
             out.append(replace(entry, kind="file", size=size, sha256=digest, stored=stored,
-                               mtime_ns=st.st_mtime_ns))
+                               mtime_ns=st.st_mtime_ns, held=held))
     return out
 
 

@@ -48,8 +48,9 @@ private[4096 * 3] = (private[4096 * 3] + 1) % 256   # this one differs
 shared = mmap.mmap(-1, 4 << 20)       # MAP_SHARED anonymous: CRIU stores it once
 shared.write(os.urandom(4 << 20))
 fd = os.open(shm, os.O_RDWR | os.O_CREAT, 0o600)
-os.ftruncate(fd, 1 << 20)
-segment = mmap.mmap(fd, 1 << 20)
+os.ftruncate(fd, 4 << 20)
+segment = mmap.mmap(fd, 4 << 20)      # like vLLM's rings: mostly never written
+segment[(1 << 20) + 5:(1 << 20) + 105] = b"r" * 100
 def spin():
     buf = bytearray(64 << 10)         # on the heap; the thread's stack is touched
     while True:
@@ -125,7 +126,12 @@ async def test_every_stored_byte_is_sorted_by_kind(
 
     [segment] = b.files
     assert segment.kind == "/dev/shm segments"
-    assert segment.stored_bytes == segment.zero_bytes == MiB
+    assert segment.mapped_bytes == 4 * MiB
+    # the copy holds the one MiB with data; the rest are holes, neither stored nor zeros
+    assert MiB <= segment.stored_bytes < MiB + 64 * 1024
+    assert segment.zero_bytes == MiB - 4096
+    assert m.files_bytes == segment.stored_bytes
+    assert m.size_bytes == m.images_bytes + m.files_bytes
 
     # the mapped file replaced by a FIFO: not compared, and the read does not hang
     weights = tmp_path / "weights.bin"
