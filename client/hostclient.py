@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
@@ -303,11 +303,14 @@ class HostClient:
         *,
         leave_running: bool = False,
         weights_bytes: int = 0,
+        gpus: Sequence[int] = (),
         progress: ProgressCallback | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - cancels the job too
     ) -> CheckpointInfo:
-        """Dumps the tree under root_pid; returns the checkpoint's properties."""
-        options = CheckpointOptions(leave_running=leave_running, weights_bytes=weights_bytes)
+        """Dumps the tree under root_pid; returns the checkpoint's properties. ``gpus``:
+        where its CUDA state is (kept as the checkpoint's Gpus)."""
+        options = CheckpointOptions(leave_running=leave_running, weights_bytes=weights_bytes,
+                                    gpus=list(gpus))
         await self._run_job(contract.CHECKPOINT, [model, root_pid], options, progress, timeout)
         found = await self.get_checkpoint(model)
         if found is None:

@@ -202,8 +202,12 @@ class Options:
         return {f.name: f.metadata["dbus"][1] for f in fields(cls)}  # type: ignore[arg-type]
 
     def items(self) -> list[tuple[str, str, Any]]:
-        """(name, signature, value) of every option, for the client's variants."""
-        return [(name, sig, getattr(self, name)) for name, sig in self.signatures().items()]
+        """(name, signature, value) of every option set to other than its default, for the
+        client's variants: an llmuxd that predates an option (and refuses options it does
+        not know) still takes a call that leaves it at its default."""
+        defaults = type(self)()
+        return [(name, sig, getattr(self, name)) for name, sig in self.signatures().items()
+                if getattr(self, name) != getattr(defaults, name)]
 
 
 @dataclass(frozen=True)
@@ -217,6 +221,10 @@ class CheckpointOptions(Options):
     """Dump but keep the tree running."""
     weights_bytes: int = _option("t", 0)
     """Hint for the free-space check: weights still in the processes."""
+    gpus: list[int] = field(default_factory=list, metadata={"dbus": ("", "au")})
+    """The GPUs the tree's CUDA state is on, in the caller's numbering: kept with the
+    checkpoint (its ``Gpus``) so that a caller started afresh knows where a restore lands
+    and what ``gpu_map`` to ask for to move it."""
 
 
 @dataclass(frozen=True)
@@ -322,6 +330,9 @@ class CheckpointInfo(Record):
     kernel_release: str = _dbus("KernelRelease", "s", "")
     driver_version: str = _dbus("DriverVersion", "s", "")
     cuda_pids: list[int] = _dbus("CudaPids", "au", factory=list)  # noqa: RUF009
+    gpus: list[int] = _dbus("Gpus", "au", factory=list)  # noqa: RUF009
+    """The GPUs its CUDA state is on, as the caller said at the dump (Checkpoint's option
+    ``gpus``, in the caller's numbering); empty when it did not say."""
     manifest: str = _dbus("Manifest", "s", "{}")
     """The whole manifest, JSON."""
     listen_ports: list[int] = _dbus("ListenPorts", "au", factory=list)  # noqa: RUF009

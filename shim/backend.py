@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -64,6 +64,14 @@ class RestoredTree:
     pids: list[int]
 
 
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """A checkpoint llmuxd holds for one of our models."""
+
+    gpus: list[int]
+    """The GPUs its CUDA state is on (host indices), as given at the dump; empty: unknown."""
+
+
 class ProcessBackend(Protocol):
     async def check(self) -> None:
         """Raise HostUnavailable with a clear message if llmuxd cannot be reached."""
@@ -75,8 +83,10 @@ class ProcessBackend(Protocol):
         """``gpu_map``: old GPU to new GPU (host indices), every GPU of the CUDA state."""
         ...
 
-    async def checkpoint(self, model: str, root_pid: int, *, weights_bytes: int) -> None:
-        """Dump the tree to images; the tree is gone afterwards."""
+    async def checkpoint(self, model: str, root_pid: int, *, weights_bytes: int,
+                         gpus: Sequence[int] = ()) -> None:
+        """Dump the tree to images; the tree is gone afterwards. ``gpus``: where its CUDA
+        state is (host indices), kept with the checkpoint for a shim started later."""
 
     async def restore(self, model: str, *, keep_images: bool,
                       gpu_map: Mapping[int, int] | None = None,
@@ -87,7 +97,9 @@ class ProcessBackend(Protocol):
         would not be found where the shim looks for it)."""
         ...
 
-    async def has_checkpoint(self, model: str) -> bool: ...
+    async def find_checkpoint(self, model: str) -> StoredCheckpoint | None:
+        """The model's checkpoint llmuxd holds, or None."""
+        ...
 
 
 class RestoreChecker(Protocol):
@@ -145,9 +157,10 @@ class HostServiceBackend:
         await self._run("resume", model, lambda c: c.resume(
             model, root_pid, gpu_map=gpu_map, timeout=self.job_timeout_secs))
 
-    async def checkpoint(self, model: str, root_pid: int, *, weights_bytes: int) -> None:
+    async def checkpoint(self, model: str, root_pid: int, *, weights_bytes: int,
+                         gpus: Sequence[int] = ()) -> None:
         await self._run("checkpoint", model, lambda c: c.checkpoint(
-            model, root_pid, leave_running=False, weights_bytes=weights_bytes,
+            model, root_pid, leave_running=False, weights_bytes=weights_bytes, gpus=gpus,
             timeout=self.job_timeout_secs))
 
     async def restore(self, model: str, *, keep_images: bool,
@@ -186,14 +199,15 @@ class HostServiceBackend:
         ok, why = await self._run("restore check", model, lambda c: c.check_restore(model))
         return None if ok else str(why)
 
-    async def has_checkpoint(self, model: str) -> bool:
+    async def find_checkpoint(self, model: str) -> StoredCheckpoint | None:
         client = await self._connected()
         try:
-            return await client.get_checkpoint(model) is not None
+            info: CheckpointInfo | None = await client.get_checkpoint(model)
         except errors.NotFound:
-            return False
+            return None
         except Exception as e:
             raise host_error(f"looking up the checkpoint of model {model}", e) from e
+        return None if info is None else StoredCheckpoint(gpus=list(info.gpus))
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -208,10 +208,13 @@ class Lifecycle:
             return
         for name, rec in self._models.items():
             cp = rec.config.checkpoint_path
-            if await self.backend.has_checkpoint(name) or (cp is not None and cp.exists()):
+            found = await self.backend.find_checkpoint(name)
+            if found is not None or (cp is not None and cp.exists()):
                 rec.set(ModelState.CHECKPOINTED)
                 rec.sleep_level = None
                 log.info("model %s: a checkpoint exists; the first request restores it", name)
+            if found is not None and found.gpus and self.placement is not None:
+                self.placement.found_home(name, found.gpus)
 
     # ------------------------------------------------------------------ queries
 
@@ -582,7 +585,8 @@ class Lifecycle:
         # no established TCP connection into the tree at dump time
         await self.engines.prepare_dump(name, root_pid=eng.root_pid)
         self.supervisor.expect_exit(name)
-        await backend.checkpoint(name, eng.root_pid, weights_bytes=self._weights_bytes(rec))
+        await backend.checkpoint(name, eng.root_pid, weights_bytes=self._weights_bytes(rec),
+                                 gpus=self._gpus(name) or ())
         await self.supervisor.wait_exit(name)
         return ModelState.CHECKPOINTED
 

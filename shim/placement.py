@@ -257,6 +257,20 @@ class Placement:
                 return movable[0].name
         return None
 
+    def found_home(self, model: str, gpus: Sequence[int]) -> None:
+        """A checkpoint found at start-up holds CUDA state on ``gpus`` (as recorded at its
+        dump): its restore lands there unless moved. GPUs this host lacks, or a count the
+        model no longer needs, are logged and left out: the driver then restores it where
+        it was taken, whatever the plan says."""
+        have = {g.index for g in self.gpus}
+        if not self.need(model):
+            return
+        if len(gpus) != self.need(model) or not set(gpus) <= have:
+            log.warning("model=%s action=checkpoint_gpus_ignored gpus=%s host_gpus=%s "
+                        "need=%d", model, _gpus(gpus), _gpus(sorted(have)), self.need(model))
+            return
+        self._home[model] = tuple(gpus)
+
     def came_up(self, model: str) -> None:
         """The model's engine runs on the GPUs it was given: its CUDA state is there now."""
         gpus = self._target.get(model)

@@ -58,6 +58,23 @@ def check_pid_arg(root_pid: int) -> None:
         raise InvalidArgument(f"root PID must be a positive integer, not {root_pid!r}")
 
 
+#: more GPU indices than any host has: a list this long is not a placement
+_MAX_GPUS = 64
+
+
+def check_gpus(gpus: Sequence[int]) -> list[int]:
+    """The option ``gpus`` as the manifest keeps it; InvalidArgument naming what is wrong."""
+    out = list(gpus)
+    if len(out) > _MAX_GPUS:
+        raise InvalidArgument(f"gpus lists {len(out)} GPUs; at most {_MAX_GPUS}")
+    if any(isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < 1 << 16 for g in out):
+        raise InvalidArgument(f"gpus must be GPU indices (0 to 65535): {out!r}")
+    doubled = sorted({g for g in out if out.count(g) > 1})
+    if doubled:
+        raise InvalidArgument(f"gpus names GPU {doubled[0]} twice")
+    return out
+
+
 @dataclass(frozen=True)
 class Tree:
     """A tree found fit to dump: its PIDs, its container, the space its dump needs."""
@@ -163,11 +180,14 @@ class Dumper(JobBase):
         """Called with the model once a checkpoint is committed (the remote upload)."""
 
     async def prepare(self, caller: Caller, model: str, root_pid: int, *,
-                      leave_running: bool, weights_bytes: int) -> Prepared[Manifest]:
+                      leave_running: bool, weights_bytes: int,
+                      gpus: Sequence[int] = ()) -> Prepared[Manifest]:
         """Checks a dump of ``root_pid``'s tree (the caller's right on it, what CRIU cannot
-        dump, a container it could not go back to, free space) and claims model and PID."""
+        dump, a container it could not go back to, free space) and claims model and PID.
+        ``gpus``: the caller's word for where the tree's CUDA state is, kept for its restore."""
         check_model(model)
         check_pid_arg(root_pid)
+        gpus = check_gpus(gpus)
         if (
             isinstance(weights_bytes, bool)
             or not isinstance(weights_bytes, int)
@@ -192,7 +212,7 @@ class Dumper(JobBase):
                             self.inspect_tree, model, root_pid, weights_bytes
                         )
                     return await self._run(caller, model, root_pid, leave_running, found,
-                                           report, started)
+                                           report, started, gpus)
 
             return body
 
@@ -267,9 +287,11 @@ class Dumper(JobBase):
         )
 
     async def _run(self, caller: Caller, model: str, root_pid: int, leave_running: bool,
-                   tree: Tree, report: Reporter, started: float) -> Manifest:
+                   tree: Tree, report: Reporter, started: float,
+                   gpus: list[int]) -> Manifest:
         await asyncio.to_thread(sweep_shm, self.store, self.claims.models)
-        pending = await self._describe(caller, model, root_pid, leave_running, tree)
+        pending = replace(await self._describe(caller, model, root_pid, leave_running, tree),
+                          gpus=gpus)
         await self.mover.make_room(tree.expected, for_tier=True)  # the oldest copies go
         staging = await asyncio.to_thread(self.store.begin, model, tree.expected)
         view = await asyncio.to_thread(ViewRoot, root_pid if tree.ctx.foreign else None)

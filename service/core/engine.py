@@ -24,7 +24,7 @@ import importlib.metadata
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from llmux.common.contract import CheckpointBreakdown, CheckpointInfo, HostInfo, JobProgress
@@ -248,19 +248,21 @@ class CheckpointEngine:
 
     async def prepare_checkpoint(
         self, caller: Caller, model: str, root_pid: int, *,
-        leave_running: bool = False, weights_bytes: int = 0,
+        leave_running: bool = False, weights_bytes: int = 0, gpus: Sequence[int] = (),
     ) -> Prepared[Manifest]:
         """Checks a dump of ``root_pid``'s tree and claims model and PID (dump.py)."""
         return await self.dumper.prepare(caller, model, root_pid, leave_running=leave_running,
-                                         weights_bytes=weights_bytes)
+                                         weights_bytes=weights_bytes, gpus=gpus)
 
     async def checkpoint(
         self, caller: Caller, model: str, root_pid: int, *, leave_running: bool = False,
-        weights_bytes: int = 0, progress: ProgressSink | None = None,
+        weights_bytes: int = 0, gpus: Sequence[int] = (),
+        progress: ProgressSink | None = None,
     ) -> Manifest:
         """prepare_checkpoint, then run it."""
         prepared = await self.prepare_checkpoint(
-            caller, model, root_pid, leave_running=leave_running, weights_bytes=weights_bytes
+            caller, model, root_pid, leave_running=leave_running, weights_bytes=weights_bytes,
+            gpus=gpus,
         )
         return await prepared.run(progress)
 

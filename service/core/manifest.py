@@ -78,6 +78,9 @@ class Manifest:
     """The tree has a network namespace of its own (owned by its user namespace): its
     listening ports are its own, free wherever it restores, and its TCP connections
     restore by TCP repair."""
+    gpus: list[int] = field(default_factory=list)
+    """The GPUs the tree's CUDA state is on, in the caller's numbering, as the caller said
+    at the dump (the shim's placement): where its restore comes back unless moved."""
     format: int = FORMAT
 
     @property
@@ -110,6 +113,7 @@ class Manifest:
             kernel_release=self.kernel_release,
             driver_version=self.driver_version,
             cuda_pids=list(self.cuda_pids),
+            gpus=list(self.gpus),
             manifest=self.to_json(),
             listen_ports=list(self.listen_ports),
             location=location,
@@ -155,6 +159,9 @@ class Manifest:
             raise ManifestMismatch("manifest has invalid PIDs")
         if not self.pids or self.pids[0] != self.root_pid:
             raise ManifestMismatch("manifest's PID list does not start with its root PID")
+        if not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0
+                   for g in self.gpus):
+            raise ManifestMismatch("manifest has invalid GPU indices")
         if not all(isinstance(k, str) and "/" not in k and isinstance(v, int)
                    for k, v in self.image_sizes.items()):
             raise ManifestMismatch("manifest has invalid image sizes")

@@ -160,7 +160,7 @@ class HostServer:
     ) -> Reply:
         prepared = await self.engine.prepare_checkpoint(
             call.caller, model, root_pid, leave_running=options.leave_running,
-            weights_bytes=options.weights_bytes,
+            weights_bytes=options.weights_bytes, gpus=options.gpus,
         )
         return self._job(Operation.CHECKPOINT, call.caller, prepared)
 

@@ -28,9 +28,10 @@ async def test_hostclient_checkpoint_then_restore(llmuxd: Llmuxd, spawn_counter)
         HostClient(llmuxd.bus.address) as client,
     ):
         props = await client.checkpoint(
-            "tiny-0.1b", target.pid, progress=progress.append, timeout=120
+            "tiny-0.1b", target.pid, gpus=[1, 0], progress=progress.append, timeout=120
         )
         assert props.model == "tiny-0.1b"
+        assert props.gpus == [1, 0]  # kept as said, for a caller started afresh
         assert props.root_pid == target.pid and props.pids[0] == target.pid
         assert props.size_bytes > 64 << 20
         assert json.loads(props.manifest)["root_pid"] == target.pid

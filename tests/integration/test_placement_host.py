@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.llmuxd_harness import Llmuxd
+from tests.support.llmuxd_harness import BUS_NAME, OBJECT_PATH, Llmuxd
 
 pytestmark = [pytest.mark.criu, pytest.mark.dbus]
 
@@ -40,3 +40,29 @@ def test_a_checkpoint_from_gpu_0_is_restored_on_gpu_1(llmuxd: Llmuxd, start_shim
     assert shim.model_status(B)["state"] == "stopped"
     assert shim.model_status(C)["state"] == "running"
     assert "action=move_gpus map={0: 1}" in shim.log()
+
+
+def test_a_shim_started_afresh_knows_the_gpu_of_a_checkpoint(
+        llmuxd: Llmuxd, start_shim: Any) -> None:
+    """The GPUs of the CUDA state travel with the checkpoint (its Gpus): a new shim places
+    the restore where the state is, instead of somewhere the driver would not put it."""
+    shim = start_shim(llmuxd.bus.address, {A: "discard+checkpoint", B: "retain+stop",
+                                           C: "retain+stop"}, gpus=2)
+    shim.text(B)
+    first = shim.text(A)
+    assert (shim.model_status(B)["gpus"], shim.model_status(A)["gpus"]) == ([0], [1])
+    shim.text(B)
+    shim.text(C)  # A is the least recently used: checkpointed from GPU 1
+    assert shim.model_status(A)["state"] == "checkpointed"
+    listed = llmuxd.busctl("get-property", BUS_NAME, f"{OBJECT_PATH}/checkpoint/alpha",
+                           f"{BUS_NAME}.Checkpoint", "Gpus")
+    assert listed.stdout.split() == ["au", "1", "1"], listed.stderr
+    assert shim.stop() == 0
+
+    again = start_shim(same_as=shim)
+    a = again.model_status(A)
+    assert a["state"] == "checkpointed" and a["gpus"] == [1], a
+    assert again.text(A) == first  # both GPUs free: it comes back where its state is
+    a = again.model_status(A)
+    assert a["last_wake"] == "restore" and a["gpus"] == [1], a
+    assert "move_gpus" not in again.log()

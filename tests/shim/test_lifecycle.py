@@ -15,7 +15,7 @@ import asyncio
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from llmux.common import resources
-from llmux.shim.backend import RestoredTree
+from llmux.shim.backend import RestoredTree, StoredCheckpoint
 from llmux.shim.config import Config, EvictionPolicy, ProcessStrategy, WeightStrategy
 from llmux.shim.errors import ConfigError, EngineFailed, HostUnavailable, ModelNotFound
 from llmux.shim.lifecycle import Lifecycle, ModelState, WakeKind
@@ -289,7 +289,8 @@ class SignalBackend:
         self.calls.append(("resume", model))
         os.killpg(root_pid, signal.SIGCONT)
 
-    async def checkpoint(self, model: str, root_pid: int, *, weights_bytes: int) -> None:
+    async def checkpoint(self, model: str, root_pid: int, *, weights_bytes: int,
+                         gpus: Sequence[int] = ()) -> None:
         self.calls.append(("checkpoint", model))
         port = self.config.models[model].port
         async with httpx.AsyncClient(trust_env=False) as c:
@@ -329,8 +330,8 @@ class SignalBackend:
                 await c.post(f"http://127.0.0.1:{port}/sleep", params={"level": str(level)})
         return RestoredTree(root_pid=proc.pid, pids=[proc.pid])
 
-    async def has_checkpoint(self, model: str) -> bool:
-        return model in self.images
+    async def find_checkpoint(self, model: str) -> StoredCheckpoint | None:
+        return StoredCheckpoint(gpus=[]) if model in self.images else None
 
     def reap(self) -> None:
         for p in self.foreign:

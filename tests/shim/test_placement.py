@@ -186,6 +186,21 @@ def test_home_is_preferred_when_it_costs_no_more() -> None:
     assert _up(p, "a", [Res("b", 1)], max_active=1) == ((1,), ())
 
 
+def test_a_checkpoint_found_at_start_up_is_homed_where_its_state_is(
+        caplog: pytest.LogCaptureFixture) -> None:
+    p = _placed({"a": {}, "tp": {"gpu_count": 2}, "b": {}}, n=3)
+    p.found_home("a", [2])
+    assert p.devices("a") == (2,)
+    assert _up(p, "a", []) == ((2,), ())  # no remap: where the state is
+    p.found_home("tp", [0, 1])
+    assert p.devices("tp") == (0, 1)
+    # a GPU this host lacks, or another count than the model needs: left out, and said
+    p.found_home("b", [7])
+    p.found_home("b", [0, 1])
+    assert p.devices("b") is None
+    assert caplog.text.count("action=checkpoint_gpus_ignored") == 2
+
+
 def test_usage_lists_each_gpu() -> None:
     p = _placed({"a": {}, "tp": {"gpu_count": 2}}, n=3)
     _up(p, "tp", [])

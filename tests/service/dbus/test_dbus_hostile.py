@@ -80,7 +80,9 @@ WRONG_TYPES: list[tuple[str, str, tuple[str, ...]]] = [
 WRONG_OPTIONS = {
     "Checkpoint": {"leave_running": [("s", "true"), ("u", "1"), ("i", "1"), ("as", "1 x")],
                    "weights_bytes": [("s", "1"), ("i", "-1"), ("b", "true"), ("d", "1.5"),
-                                     ("u", "1")]},
+                                     ("u", "1")],
+                   "gpus": [("u", "1"), ("as", "0 1"), ("au", "0 0"),
+                            ("au", " ".join(map(str, range(65))))]},
     "Restore": {"keep_images": [("s", "false"), ("u", "0"), ("y", "1")]},
 }
 
@@ -128,7 +130,8 @@ def test_every_method_with_wrong_types(llmuxd: Llmuxd) -> None:
         head = ("m", str(os.getpid())) if method == "Checkpoint" else ("m",)
         for name, values in options.items():
             for sig, value in values:
-                value_args = ["2", *value.split()] if sig == "as" else [value]
+                value_args = ([str(len(value.split())), *value.split()]
+                              if sig.startswith("a") else [value])
                 message = refused(llmuxd, method, MODEL_METHODS[method][0], *head, "1", name,
                                   sig, *value_args)
                 assert name in message
