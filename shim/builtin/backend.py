@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 
 SLEEP_TAGS = frozenset({"weights", "kv_cache"})
 _PREFIX_CACHE_ENTRIES = 8192
+#: vLLM's trait, copied where asked (=1): a prompt whose KV blocks are in the prefix cache is
+#: prefilled by another kernel path than a cold one, and a model with near-tied logits (random
+#: weights) then answers otherwise, the same way on every later hit, until the cache is reset
+#: (a sleep). Seen with vLLM 0.24 on an H100, a Qwen3-8B-shaped model, no eviction at all.
+PREFIX_DRIFT_ENV = "LLMUX_BUILTIN_PREFIX_DRIFT"
 _RECENT_BANNED = 4
 
 
@@ -93,6 +98,9 @@ class ModelBackend(ABC):
         self.state = SleepState()
         self._prefix_cache: OrderedDict[tuple[int, ...], int] = OrderedDict()
         self.prefix_cache_hits = 0
+        self._drift = os.environ.get(PREFIX_DRIFT_ENV) == "1"
+        #: a cached prompt's first token, as the warm path computes it (PREFIX_DRIFT_ENV)
+        self._warm_first: dict[tuple[int, ...], int] = {}
 
     # -- what a backend provides -------------------------------------------------------
     @abstractmethod
@@ -199,6 +207,7 @@ class ModelBackend(ABC):
 
     def reset_prefix_cache(self) -> None:
         self._prefix_cache.clear()
+        self._warm_first.clear()
 
     def check_ready(self) -> None:
         """Refuse to compute on weights that are not there (a clear error, never garbage)."""
@@ -213,13 +222,22 @@ class ModelBackend(ABC):
                 'with POST /collective_rpc {"method": "reload_weights"} or POST /reload_weights',
                 503, "ServiceUnavailableError")
 
-    def next_token(self, ids: Sequence[int]) -> int:
-        """Greedy decoding, avoiding the last few tokens so the text does not loop at once."""
+    def next_token(self, ids: Sequence[int], first: bool = False) -> int:
+        """Greedy decoding, avoiding the last few tokens so the text does not loop at once.
+        ``first``: ``ids`` is a request's whole prompt (its prefill)."""
         key = tuple(ids)
         cached = self._prefix_cache.get(key)
         if cached is not None:
             self._prefix_cache.move_to_end(key)
             self.prefix_cache_hits += 1
+            if first and self._drift:
+                warm = self._warm_first.get(key)
+                if warm is None:
+                    warm = self._predict(ids, {*ids[-_RECENT_BANNED:], cached})
+                    if len(self._warm_first) >= _PREFIX_CACHE_ENTRIES:
+                        self._warm_first.clear()
+                    self._warm_first[key] = warm
+                return warm
             return cached
         token = self._predict(ids, set(ids[-_RECENT_BANNED:]))
         self._prefix_cache[key] = token

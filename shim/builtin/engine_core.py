@@ -46,6 +46,7 @@ class RunningRequest:
     ids: list[int]
     remaining: int
     new_tokens: list[int] = field(default_factory=list)
+    prompt_len: int = 0
 
 
 class EngineCore:
@@ -146,8 +147,9 @@ class EngineCore:
             except EngineError as exc:
                 self._send_error(request_id, exc)
                 return
+            prompt = list(message["prompt_token_ids"])
             self.running[request_id] = RunningRequest(
-                request_id, list(message["prompt_token_ids"]), int(message["max_tokens"])
+                request_id, prompt, int(message["max_tokens"]), prompt_len=len(prompt)
             )
         elif kind == protocol.UTILITY:
             self._utility(request_id, str(message["method"]), message.get("kwargs") or {})
@@ -158,7 +160,8 @@ class EngineCore:
         backend = self._backend()
         outputs = []
         for request in list(self.running.values()):
-            token = int(backend.call("next_token", request.ids))
+            token = int(backend.call("next_token", request.ids,
+                                     len(request.ids) == request.prompt_len))
             request.ids.append(token)
             request.remaining -= 1
             self.tokens_generated += 1

@@ -194,3 +194,30 @@ def test_sigkill_of_the_api_server_alone_leaves_cleanup_to_the_resource_tracker(
         path.unlink(missing_ok=True)
         for socket_path in sockets:
             Path(socket_path).unlink(missing_ok=True)
+
+
+def _greedy(engine: EngineProcess) -> str:
+    body = {"model": engine.model_path, "temperature": 0.0, "max_tokens": 10,
+            "messages": [{"role": "user", "content": "What is 2+2?"}]}
+    r = httpx.post(f"{engine.base_url}/v1/chat/completions", json=body, timeout=60)
+    r.raise_for_status()
+    return str(r.json()["choices"][0]["message"]["content"])
+
+
+def test_a_prefix_cache_hit_can_change_the_greedy_answer(engine_env: EngineEnv) -> None:
+    """vLLM 0.24, H100, a Qwen3-8B-shaped model with random weights, no eviction: the first
+    answer, then another on every repeat (the prompt's blocks from the prefix cache), until a
+    sleep resets the cache. Copied where asked (LLMUX_BUILTIN_PREFIX_DRIFT=1)."""
+    env = {**engine_env("pure"), "LLMUX_BUILTIN_PREFIX_DRIFT": "1"}
+    with start_engine("test-org/prefix-drift", weights_mb=1, extra_env=env) as engine:
+        cold = _greedy(engine)
+        warm = _greedy(engine)
+        assert warm != cold
+        assert _greedy(engine) == warm  # stable from then on
+        httpx.post(f"{engine.base_url}/sleep", params={"level": "1"}, timeout=60
+                   ).raise_for_status()
+        httpx.post(f"{engine.base_url}/wake_up", timeout=60).raise_for_status()
+        assert _greedy(engine) == cold  # the sleep reset the prefix cache
+    with start_engine("test-org/prefix-drift", weights_mb=1, extra_env=engine_env("pure")
+                      ) as engine:
+        assert _greedy(engine) == _greedy(engine) == cold  # off by default
