@@ -26,6 +26,7 @@ PAGE = 4096
 _COMMON_MAGICS = (0x54564319, 0x55105940)
 
 # vma_entry.status bits (criu/include/image.h)
+VMA_AREA_REGULAR = 1 << 0
 VMA_AREA_STACK = 1 << 1
 VMA_AREA_VSYSCALL = 1 << 2
 VMA_AREA_VDSO = 1 << 3
@@ -44,6 +45,15 @@ PE_LAZY = 1 << 1
 PE_PRESENT = 1 << 2
 
 PROT_WRITE = 0x2
+
+
+def magic(path: Path) -> bytes:
+    """The magic words an image starts with (what a copy written anew starts with too)."""
+    with path.open("rb") as f:
+        head = f.read(8)
+    if len(head) < 4:
+        raise ImageError(f"{path.name}: too short for a CRIU image")
+    return head[:8] if struct.unpack_from("<I", head)[0] in _COMMON_MAGICS else head[:4]
 
 
 class ImageError(ValueError):

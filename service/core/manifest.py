@@ -51,6 +51,8 @@ class Manifest:
     files_bytes: int = 0
     """What the saved files take: their holes (most of vLLM's /dev/shm rings) take nothing."""
     expected_bytes: int = 0
+    zero_bytes_dropped: int = 0
+    """All-zero pages taken out of the images after the dump (a restore leaves them zero)."""
     dump_seconds: float = 0.0
     """CRIU's dump alone."""
     cuda_seconds: float = 0.0

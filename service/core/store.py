@@ -30,7 +30,7 @@ from pathlib import Path
 
 from llmux.common.contract import DEFAULT_STATE_DIR, valid_model_name
 from llmux.common.errors import HostError, InvalidArgument, ManifestMismatch, NoSpace, NotFound
-from llmux.service.core import memtier
+from llmux.service.core import memtier, zeropages
 from llmux.service.core.durable import fsync_dir, write_durably
 from llmux.service.core.manifest import Manifest
 
@@ -468,6 +468,7 @@ class CheckpointStore:
             return False
         if not dump_completed(tmp / IMAGES) or not valid_model_name(pending.model):
             return False
+        zeropages.recover(tmp / IMAGES)  # a pass over its zero pages: finished or undone
         if not pending.leave_running and runs(pending):
             return False  # the tree still runs: nothing to salvage, just a leftover
         manifest = replace(

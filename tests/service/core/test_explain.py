@@ -23,6 +23,7 @@ import pytest
 from llmux.common.contract import CheckpointBreakdown, MemoryPart
 from llmux.common.errors import AccessDenied, InvalidArgument, ManifestMismatch, NotFound
 from llmux.service.core import explain
+from llmux.service.core.config import EngineConfig
 from llmux.service.core.engine import Caller, CheckpointEngine
 from tests.support.procs import wait_until
 
@@ -60,6 +61,15 @@ open(os.path.join(work, "ready"), "w").write(str(os.getpid()))
 while True:
     time.sleep(1)
 """
+
+
+@pytest.fixture
+async def engine(criu_path: str, state_dir: Path) -> CheckpointEngine:
+    """The zero pages kept in the images (drop_zero_pages off): what explain counts."""
+    eng = await CheckpointEngine.open(EngineConfig(
+        state_dir=state_dir, criu_path=criu_path, cuda_mode="off", drop_zero_pages=False))
+    eng.pid_free_timeout = 1.0
+    return eng
 
 
 @pytest.fixture

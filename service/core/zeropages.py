@@ -1,0 +1,219 @@
+"""Drop the all-zero pages of private anonymous memory from CRIU's images after a dump.
+
+CRIU 4.2.1 stores every present page, also those a process wrote zeros to: on the GPU, the
+CUDA checkpoint's host copy of device memory that was never written (1.3 GiB of a 3.5 GiB
+image of vLLM serving Qwen3-0.6B on an H100), and each stored page is read back and
+copied into fresh memory by the restore. CRIU restores a private anonymous mapping into
+fresh anonymous memory, which reads zero wherever no page is restored (and drops, with
+MADV_DONTNEED, an inherited mapping's pages the image does not list), so a page of zeros
+there need not be stored. Private file mappings keep every page (a page missing there
+would be the file's, not zeros), and so do the images of shared memory and memfds.
+
+Each process's pages image and pagemap are written anew beside the old ones (``.zp``),
+then a marker says the new set is whole and the files are renamed over the old ones: a
+service that dies at any point leaves either the old set or the marker, which
+:func:`recover` completes. A failure (no space for the copy, an image it does not know)
+leaves the old set as it was.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmux.service.core import criuimages as ci
+
+log = logging.getLogger(__name__)
+
+PAGE = ci.PAGE
+#: written once every new file is complete, removed once all are renamed into place
+MARKER = "zeropages.done"
+SUFFIX = ".zp"
+#: what a run reads at a time
+_CHUNK_PAGES = 256
+#: a process whose zero pages are fewer than this keeps its images as they are (the copy
+#: would cost more than it saves)
+MIN_DROP_BYTES = 4 << 20
+#: mappings whose missing pages a restore leaves zero: anonymous and private (heap and
+#: stacks included), with no other status bit (an allow-list: a kind CRIU adds later keeps
+#: its pages)
+_PLAIN_BITS = ci.VMA_AREA_REGULAR | ci.VMA_AREA_STACK | ci.VMA_AREA_HEAP | ci.VMA_ANON_PRIVATE
+_ZEROS = bytes(PAGE)
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """What a pass took out of a checkpoint's images."""
+
+    bytes: int = 0
+    processes: int = 0
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _entry(vaddr: int, nr_pages: int, flags: int) -> bytes:
+    """A pagemap_entry as CRIU 4.2 writes one: vaddr, compat_nr_pages 0, flags, nr_pages."""
+    return (b"\x08" + _varint(vaddr) + b"\x10\x00" + b"\x20" + _varint(flags)
+            + b"\x28" + _varint(nr_pages))
+
+
+def _framed(message: bytes) -> bytes:
+    return struct.pack("<I", len(message)) + message
+
+
+class _Plain:
+    """Which addresses of a process lie in plain private anonymous mappings."""
+
+    def __init__(self, vmas: list[ci.Vma]) -> None:
+        self.vmas = [v for v in vmas if v.status & ci.VMA_ANON_PRIVATE
+                     and not v.status & ~_PLAIN_BITS]
+        self.starts = [v.start for v in self.vmas]
+
+    def __contains__(self, addr: int) -> bool:
+        i = bisect.bisect_right(self.starts, addr) - 1
+        return i >= 0 and self.vmas[i].start <= addr < self.vmas[i].end
+
+
+def _plan(images: Path, pid: int) -> tuple[Path, Path, list[tuple[int, int, int]]] | None:
+    """The pagemap, the pages image and its entries (vaddr, pages, flags) of one process;
+    None when there is nothing this pass may touch (no pagemap, pages in a parent image)."""
+    pagemap_path = images / f"pagemap-{pid}.img"
+    if not pagemap_path.exists():
+        return None
+    pagemap = ci.read_pagemap(pagemap_path)
+    pages_path = images / f"pages-{pagemap.pages_id}.img"
+    if not pages_path.exists() or not all(e.stored for e in pagemap.entries):
+        return None
+    flags = []
+    for raw in list(ci.entries(pagemap_path))[1:]:
+        f = dict((n, v) for n, v in ci.fields(raw) if isinstance(v, int)).get(4, ci.PE_PRESENT)
+        # PE_LAZY only says a lazy restore could fault them in: they are in the image
+        if f not in (ci.PE_PRESENT, ci.PE_PRESENT | ci.PE_LAZY):
+            return None
+        flags.append(f)
+    return pagemap_path, pages_path, [(e.vaddr, e.nr_pages, f)
+                                      for e, f in zip(pagemap.entries, flags, strict=True)]
+
+
+def _rewrite(images: Path, pid: int) -> int:
+    """The process's images without its droppable zero pages, as ``.zp`` files beside the
+    old ones; returns the bytes dropped (0: nothing written)."""
+    plan = _plan(images, pid)
+    if plan is None:
+        return 0
+    pagemap_path, pages_path, entries = plan
+    plain = _Plain(ci.read_vmas(images, pid))
+    # first pass: count, so that a process with little to drop is not copied
+    droppable = 0
+    with pages_path.open("rb") as src:
+        for vaddr, n, _flags in entries:
+            for first in range(0, n, _CHUNK_PAGES):
+                count = min(_CHUNK_PAGES, n - first)
+                buf = src.read(count * PAGE)
+                if len(buf) != count * PAGE:
+                    raise ci.ImageError(f"{pages_path.name}: shorter than its pagemap")
+                for i in range(count):
+                    addr = vaddr + (first + i) * PAGE
+                    if buf[i * PAGE:(i + 1) * PAGE] == _ZEROS and addr in plain:
+                        droppable += 1
+        if src.read(1):
+            raise ci.ImageError(f"{pages_path.name}: longer than its pagemap")
+    if droppable * PAGE < MIN_DROP_BYTES:
+        return 0
+    new_entries: list[bytes] = []
+    with pages_path.open("rb") as src, open(str(pages_path) + SUFFIX, "xb") as dst:
+        os.fchmod(dst.fileno(), 0o600)
+        for vaddr, n, flags in entries:
+            run_start, run_len = 0, 0
+            for first in range(0, n, _CHUNK_PAGES):
+                count = min(_CHUNK_PAGES, n - first)
+                buf = src.read(count * PAGE)
+                for i in range(count):
+                    addr = vaddr + (first + i) * PAGE
+                    page = buf[i * PAGE:(i + 1) * PAGE]
+                    if page == _ZEROS and addr in plain:
+                        if run_len:
+                            new_entries.append(_entry(run_start, run_len, flags))
+                            run_len = 0
+                        continue
+                    if not run_len:
+                        run_start = addr
+                    run_len += 1
+                    dst.write(page)
+            if run_len:
+                new_entries.append(_entry(run_start, run_len, flags))
+        dst.flush()
+        os.fsync(dst.fileno())
+    head = next(ci.entries(pagemap_path))
+    body = ci.magic(pagemap_path) + _framed(head) + b"".join(map(_framed, new_entries))
+    with open(str(pagemap_path) + SUFFIX, "xb") as out:
+        os.fchmod(out.fileno(), 0o600)
+        out.write(body)
+        out.flush()
+        os.fsync(out.fileno())
+    return droppable * PAGE
+
+
+def drop(images: Path) -> Dropped:
+    """Take the droppable zero pages out of every process's images (blocking). Any failure
+    leaves the images as they were, logged."""
+    total, processes = 0, 0
+    try:
+        for pid, _ppid in ci.read_pstree(images):
+            dropped = _rewrite(images, pid)
+            if dropped:
+                total += dropped
+                processes += 1
+    except (OSError, ci.ImageError) as exc:
+        log.warning("zero pages of %s kept: %s", images, exc)
+        _discard(images)
+        return Dropped()
+    if not total:
+        return Dropped()
+    _fsync_dir(images)
+    (images / MARKER).touch(mode=0o600)
+    _fsync_dir(images)
+    recover(images)
+    return Dropped(total, processes)
+
+
+def recover(images: Path) -> None:
+    """Finish or undo a pass the service did not live to complete: with the marker the new
+    files are whole and go into place; without it they are removed."""
+    if not (images / MARKER).exists():
+        _discard(images)
+        return
+    for new in sorted(images.glob(f"*{SUFFIX}")):
+        os.replace(new, new.with_name(new.name.removesuffix(SUFFIX)))
+    _fsync_dir(images)
+    (images / MARKER).unlink()
+    _fsync_dir(images)
+
+
+def _discard(images: Path) -> None:
+    for new in images.glob(f"*{SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError):
+            new.unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

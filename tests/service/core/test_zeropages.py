@@ -1,0 +1,195 @@
+"""Zero pages taken out of CRIU's images after a dump (zeropages.py), with real CRIU.
+
+The target is a parent and a forked child whose memory is known: private anonymous pages
+written with zeros (dropped), data and a mix (the data kept), a private file mapping whose
+pages were overwritten with zeros (kept: a missing page there would be the file's), shared
+anonymous memory, and a block both inherit from the parent, whose halves each of them then
+zeroed: a page the child's image no longer lists must come back zero in the child, not as
+the parent's copy. After the restore each process checks every byte and writes its verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from llmux.service.core import criuimages, zeropages
+from llmux.service.core.config import EngineConfig
+from llmux.service.core.engine import Caller, CheckpointEngine
+from tests.support.criu_testlib import reaping
+from tests.support.procs import wait_until_async
+
+pytestmark = pytest.mark.criu
+
+ME = Caller(pid=os.getpid(), uid=0)
+MiB = 1 << 20
+
+TARGET = r"""
+import mmap, os, signal, sys, time
+work = sys.argv[1]
+MiB, PAGE = 1 << 20, 4096
+zeros = mmap.mmap(-1, 16 * MiB, flags=mmap.MAP_PRIVATE)
+for o in range(0, len(zeros), PAGE):
+    zeros[o] = 0                                  # present, all zeros
+data = mmap.mmap(-1, 8 * MiB, flags=mmap.MAP_PRIVATE)
+data.write(b"\xab" * len(data))
+mixed = mmap.mmap(-1, 4 * MiB, flags=mmap.MAP_PRIVATE)
+for o in range(0, len(mixed), PAGE):
+    mixed[o:o + PAGE] = (b"\x5a" if (o // PAGE) % 2 else b"\0") * PAGE
+with open(os.path.join(work, "file.bin"), "rb") as f:
+    fmap = mmap.mmap(f.fileno(), 4 * MiB, flags=mmap.MAP_PRIVATE,
+                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+fmap[:] = bytes(4 * MiB)                          # zeros over the file's 0x77
+shared = mmap.mmap(-1, 4 * MiB)
+shared[:] = bytes(4 * MiB)
+inherited = mmap.mmap(-1, 8 * MiB, flags=mmap.MAP_PRIVATE)
+inherited.write(b"\xcd" * len(inherited))
+half = 4 * MiB
+child = os.fork()
+role = "child" if child == 0 else "parent"
+if child == 0:
+    inherited[:half] = bytes(half)                # the child zeroes the first half
+else:
+    inherited[half:] = bytes(half)                # the parent the second
+
+def check():
+    want = {
+        "zeros": (zeros, bytes(16 * MiB)),
+        "data": (data, b"\xab" * (8 * MiB)),
+        "mixed": (mixed, b"".join((b"\x5a" if i % 2 else b"\0") * PAGE
+                                  for i in range(4 * MiB // PAGE))),
+        "file mapping": (fmap, bytes(4 * MiB)),
+        "shared": (shared, bytes(4 * MiB)),
+        "inherited": (inherited, (bytes(half) + b"\xcd" * half) if role == "child"
+                      else (b"\xcd" * half + bytes(half))),
+    }
+    bad = [name for name, (m, expect) in want.items() if m[:] != expect]
+    return "ok" if not bad else "differs: " + ", ".join(bad)
+
+def verify(_sig, _frame):
+    path = os.path.join(work, "verdict-" + role)
+    with open(path + ".tmp", "w") as f:
+        f.write(check())
+    os.rename(path + ".tmp", path)
+
+signal.signal(signal.SIGUSR1, verify)
+open(os.path.join(work, "ready-" + role), "w").write(str(os.getpid()))
+while True:
+    time.sleep(0.2)
+"""
+
+
+async def _start(work: Path) -> tuple[subprocess.Popen[bytes], int]:
+    (work / "file.bin").write_bytes(b"\x77" * (4 * MiB))
+    proc = subprocess.Popen([sys.executable, "-c", TARGET, str(work)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    await wait_until_async(lambda: all((work / f"ready-{r}").exists()
+                                       for r in ("parent", "child")) or proc.poll() is not None,
+                           30, "the target to be ready")
+    assert proc.poll() is None, "the target died"
+    return proc, int((work / "ready-child").read_text())
+
+
+async def _verdicts(work: Path, pids: list[int]) -> dict[str, str]:
+    for role in ("parent", "child"):
+        (work / f"verdict-{role}").unlink(missing_ok=True)
+    for pid in pids:
+        os.kill(pid, signal.SIGUSR1)
+    await wait_until_async(lambda: all((work / f"verdict-{r}").exists()
+                                       for r in ("parent", "child")), 30, "the verdicts")
+    return {r: (work / f"verdict-{r}").read_text() for r in ("parent", "child")}
+
+
+@pytest.fixture
+async def target(tmp_path: Path) -> AsyncIterator[tuple[Path, subprocess.Popen[bytes], int]]:
+    work = tmp_path / "work"
+    work.mkdir()
+    proc, child = await _start(work)
+    async with reaping(lambda: [proc.pid, child]):
+        yield work, proc, child
+        for pid in (proc.pid, child):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await asyncio.sleep(0.2)
+
+
+async def test_zero_pages_leave_the_images_and_come_back_as_zeros(
+        engine: CheckpointEngine,
+        target: tuple[Path, subprocess.Popen[bytes], int]) -> None:
+    work, proc, child = target
+    assert await _verdicts(work, [proc.pid, child]) == {"parent": "ok", "child": "ok"}
+
+    m = await engine.checkpoint(ME, "zeros", proc.pid)
+    # each process: 16 MiB + 2 MiB of mix + its zeroed half, and the inherited zeros the
+    # child shares with the parent; never the file mapping's or the shared memory's pages
+    assert m.zero_bytes_dropped >= 2 * (16 + 2 + 4) * MiB, m.zero_bytes_dropped
+    assert m.zero_bytes_dropped < 2 * (16 + 2 + 4 + 4) * MiB, m.zero_bytes_dropped
+    images = engine.store.images_dir("zeros")
+    assert not list(images.glob(f"*{zeropages.SUFFIX}"))
+    assert not (images / zeropages.MARKER).exists()
+    for pid in (proc.pid, child):
+        plain_zeros, other_zeros = _stored_zero_pages(images, pid)
+        assert plain_zeros == 0, f"PID {pid}: zero pages of anonymous memory still stored"
+        assert other_zeros >= 4 * MiB, "the file mapping's zeros must stay"
+
+    await wait_until_async(lambda: proc.poll() is not None, 30, "the dumped tree to end")
+    restored = await engine.restore(ME, "zeros")
+    assert restored.root_pid == proc.pid
+    assert await _verdicts(work, [proc.pid, child]) == {"parent": "ok", "child": "ok"}
+
+
+async def test_without_it_every_page_stays(
+        criu_path: str, tmp_path: Path,
+        target: tuple[Path, subprocess.Popen[bytes], int]) -> None:
+    _work, proc, child = target
+    engine = await CheckpointEngine.open(EngineConfig(
+        state_dir=tmp_path / "state-kept", criu_path=criu_path, cuda_mode="off",
+        memory_tier_limit_bytes=0, drop_zero_pages=False))
+    m = await engine.checkpoint(ME, "kept", proc.pid, leave_running=True)
+    assert m.zero_bytes_dropped == 0
+    plain_zeros, _ = _stored_zero_pages(engine.store.images_dir("kept"), child)
+    assert plain_zeros >= (16 + 2 + 4) * MiB
+
+
+def _stored_zero_pages(images: Path, pid: int) -> tuple[int, int]:
+    """Bytes of all-zero pages the process's images store: in plain private anonymous
+    memory, and elsewhere."""
+    plain = zeropages._Plain(criuimages.read_vmas(images, pid))
+    pagemap = criuimages.read_pagemap(images / f"pagemap-{pid}.img")
+    found = [0, 0]
+    with open(images / f"pages-{pagemap.pages_id}.img", "rb") as pages:
+        for e in pagemap.entries:
+            for i in range(e.nr_pages):
+                if pages.read(criuimages.PAGE) == bytes(criuimages.PAGE):
+                    found[0 if e.vaddr + i * criuimages.PAGE in plain else 1] += 1
+    return found[0] * criuimages.PAGE, found[1] * criuimages.PAGE
+
+
+def test_an_interrupted_pass_is_finished_or_undone(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "pages-1.img").write_bytes(b"old pages")
+    (images / "pagemap-7.img").write_bytes(b"old map")
+    (images / "pages-1.img.zp").write_bytes(b"new pages")
+    (images / "pagemap-7.img.zp").write_bytes(b"new map")
+    zeropages.recover(images)  # no marker: the new files were not all written
+    assert sorted(p.name for p in images.iterdir()) == ["pagemap-7.img", "pages-1.img"]
+    assert (images / "pages-1.img").read_bytes() == b"old pages"
+
+    (images / "pages-1.img.zp").write_bytes(b"new pages")
+    (images / "pagemap-7.img.zp").write_bytes(b"new map")
+    (images / zeropages.MARKER).touch()
+    os.replace(images / "pages-1.img.zp", images / "pages-1.img")  # died after one rename
+    zeropages.recover(images)
+    assert sorted(p.name for p in images.iterdir()) == ["pagemap-7.img", "pages-1.img"]
+    assert (images / "pages-1.img").read_bytes() == b"new pages"
+    assert (images / "pagemap-7.img").read_bytes() == b"new map"
