@@ -590,7 +590,9 @@ def _read_init_pid(fd: int) -> int | None:
     """The PID the launcher reports for the init of the engine's PID namespace; None when
     it ran the engine without one (it closed the pipe unwritten) or died first."""
     try:
-        ready, _, _ = select.select([fd], [], [], _LAUNCH_REPORT_SECS)
+        p = select.poll()  # not select(): a shim holding thousands of connections has fds
+        p.register(fd, select.POLLIN)  # past FD_SETSIZE (1024)
+        ready = p.poll(_LAUNCH_REPORT_SECS * 1000)
         data = os.read(fd, 32) if ready else b""
     finally:
         os.close(fd)

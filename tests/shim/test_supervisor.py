@@ -356,3 +356,28 @@ async def test_what_a_tree_leaves_behind_is_removed_when_it_ends(
         assert not sup.tmp_dir("m2").exists() and not Path(other_segment).exists()
     finally:
         await sup.aclose()
+
+
+def test_the_launch_report_is_read_from_any_fd_number() -> None:
+    """A shim holding thousands of connections opens the launcher's pipe past FD_SETSIZE
+    (1024), where select() refuses ("filedescriptor out of range"): the report is still read."""
+    import resource
+
+    from llmux.shim.supervisor import _read_init_pid
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    high = 1500
+    if hard != resource.RLIM_INFINITY and hard <= high:
+        pytest.skip(f"the hard fd limit ({hard}) is below fd {high}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, high + 1), hard))
+    try:
+        r, w = os.pipe()
+        os.dup2(r, high)
+        os.close(r)
+        os.write(w, b"4242\n")
+        os.close(w)
+        assert _read_init_pid(high) == 4242  # and the fd is closed
+        with pytest.raises(OSError):
+            os.fstat(high)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
