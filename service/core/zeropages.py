@@ -25,6 +25,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from llmux.service.core import criuimages as ci
 
@@ -34,8 +35,8 @@ PAGE = ci.PAGE
 #: written once every new file is complete, removed once all are renamed into place
 MARKER = "zeropages.done"
 SUFFIX = ".zp"
-#: what a run reads at a time
-_CHUNK_PAGES = 256
+#: what a pass reads at a time
+_CHUNK_PAGES = 1024
 #: a process whose zero pages are fewer than this keeps its images as they are (the copy
 #: would cost more than it saves)
 MIN_DROP_BYTES = 4 << 20
@@ -44,6 +45,7 @@ MIN_DROP_BYTES = 4 << 20
 #: its pages)
 _PLAIN_BITS = ci.VMA_AREA_REGULAR | ci.VMA_AREA_STACK | ci.VMA_AREA_HEAP | ci.VMA_ANON_PRIVATE
 _ZEROS = bytes(PAGE)
+_HEAD = bytes(8)  # a page whose first 8 bytes are not zero is kept at once
 
 
 @dataclass(frozen=True)
@@ -112,53 +114,65 @@ def _plan(images: Path, pid: int) -> tuple[Path, Path, list[tuple[int, int, int]
 
 def _rewrite(images: Path, pid: int) -> int:
     """The process's images without its droppable zero pages, as ``.zp`` files beside the
-    old ones; returns the bytes dropped (0: nothing written)."""
+    old ones; returns the bytes dropped (0: nothing written). One read of the pages image;
+    the copy starts at the first droppable page (what comes before it is copied as is)."""
     plan = _plan(images, pid)
     if plan is None:
         return 0
     pagemap_path, pages_path, entries = plan
     plain = _Plain(ci.read_vmas(images, pid))
-    # first pass: count, so that a process with little to drop is not copied
-    droppable = 0
-    with pages_path.open("rb") as src:
-        for vaddr, n, _flags in entries:
-            for first in range(0, n, _CHUNK_PAGES):
-                count = min(_CHUNK_PAGES, n - first)
-                buf = src.read(count * PAGE)
-                if len(buf) != count * PAGE:
-                    raise ci.ImageError(f"{pages_path.name}: shorter than its pagemap")
-                for i in range(count):
-                    addr = vaddr + (first + i) * PAGE
-                    if buf[i * PAGE:(i + 1) * PAGE] == _ZEROS and addr in plain:
-                        droppable += 1
-        if src.read(1):
-            raise ci.ImageError(f"{pages_path.name}: longer than its pagemap")
-    if droppable * PAGE < MIN_DROP_BYTES:
-        return 0
+    out_path = Path(str(pages_path) + SUFFIX)
     new_entries: list[bytes] = []
-    with pages_path.open("rb") as src, open(str(pages_path) + SUFFIX, "xb") as dst:
-        os.fchmod(dst.fileno(), 0o600)
-        for vaddr, n, flags in entries:
-            run_start, run_len = 0, 0
-            for first in range(0, n, _CHUNK_PAGES):
-                count = min(_CHUNK_PAGES, n - first)
-                buf = src.read(count * PAGE)
-                for i in range(count):
-                    addr = vaddr + (first + i) * PAGE
-                    page = buf[i * PAGE:(i + 1) * PAGE]
-                    if page == _ZEROS and addr in plain:
+    dropped = 0
+    dst: BinaryIO | None = None
+    try:
+        with pages_path.open("rb") as src:
+            done = 0  # bytes of the pages image before the current chunk
+            for vaddr, n, flags in entries:
+                run_start = run_len = 0
+                for first in range(0, n, _CHUNK_PAGES):
+                    count = min(_CHUNK_PAGES, n - first)
+                    raw = src.read(count * PAGE)
+                    buf = memoryview(raw)  # written from without copies; compared as bytes
+                    if len(raw) != count * PAGE:
+                        raise ci.ImageError(f"{pages_path.name}: shorter than its pagemap")
+                    base = vaddr + first * PAGE
+                    kept_from = 0  # this chunk's pages from here on are kept, not yet written
+                    for i in range(count):
+                        addr, at = base + i * PAGE, i * PAGE
+                        if (raw[at:at + 8] != _HEAD or raw[at:at + PAGE] != _ZEROS
+                                or addr not in plain):
+                            if not run_len:
+                                run_start = addr
+                            run_len += 1
+                            continue
+                        if dst is None:
+                            dst = _copy_start(pages_path, out_path, done)
+                        if kept_from < i:
+                            dst.write(buf[kept_from * PAGE:i * PAGE])
+                        kept_from = i + 1
+                        dropped += PAGE
                         if run_len:
                             new_entries.append(_entry(run_start, run_len, flags))
                             run_len = 0
-                        continue
-                    if not run_len:
-                        run_start = addr
-                    run_len += 1
-                    dst.write(page)
-            if run_len:
-                new_entries.append(_entry(run_start, run_len, flags))
+                    if dst is not None and kept_from < count:
+                        dst.write(buf[kept_from * PAGE:])
+                    done += count * PAGE
+                if run_len:
+                    new_entries.append(_entry(run_start, run_len, flags))
+            if src.read(1):
+                raise ci.ImageError(f"{pages_path.name}: longer than its pagemap")
+        if dst is None:
+            return 0
+        if dropped < MIN_DROP_BYTES:  # not worth the renames
+            dst.close()
+            out_path.unlink()
+            return 0
         dst.flush()
         os.fsync(dst.fileno())
+    finally:
+        if dst is not None:
+            dst.close()
     head = next(ci.entries(pagemap_path))
     body = ci.magic(pagemap_path) + _framed(head) + b"".join(map(_framed, new_entries))
     with open(str(pagemap_path) + SUFFIX, "xb") as out:
@@ -166,7 +180,26 @@ def _rewrite(images: Path, pid: int) -> int:
         out.write(body)
         out.flush()
         os.fsync(out.fileno())
-    return droppable * PAGE
+    return dropped
+
+
+def _copy_start(src_path: Path, out_path: Path, length: int) -> BinaryIO:
+    """The new pages image, holding the first ``length`` bytes of the old one."""
+    dst = open(out_path, "xb")  # noqa: SIM115 - the caller writes on and closes it
+    try:
+        os.fchmod(dst.fileno(), 0o600)
+        with src_path.open("rb") as src:
+            left = length
+            while left:
+                chunk = src.read(min(left, 8 << 20))
+                if not chunk:
+                    raise ci.ImageError(f"{src_path.name}: shorter than its pagemap")
+                dst.write(chunk)
+                left -= len(chunk)
+    except BaseException:
+        dst.close()
+        raise
+    return dst
 
 
 def drop(images: Path) -> Dropped:

@@ -122,6 +122,14 @@ async def target(tmp_path: Path) -> AsyncIterator[tuple[Path, subprocess.Popen[b
         await asyncio.sleep(0.2)
 
 
+@pytest.fixture
+async def engine(criu_path: str, state_dir: Path) -> CheckpointEngine:
+    eng = await CheckpointEngine.open(EngineConfig(
+        state_dir=state_dir, criu_path=criu_path, cuda_mode="off", drop_zero_pages=True))
+    eng.pid_free_timeout = 1.0
+    return eng
+
+
 async def test_zero_pages_leave_the_images_and_come_back_as_zeros(
         engine: CheckpointEngine,
         target: tuple[Path, subprocess.Popen[bytes], int]) -> None:
