@@ -147,8 +147,14 @@ class Vma:
 class PagemapEntry:
     vaddr: int
     nr_pages: int
-    stored: bool
-    """Its pages are in the pages image (not in a parent image, not left to lazy pages)."""
+    flags: int
+    """PE_* bits (images before the flags field: PE_PARENT or PE_PRESENT, as CRIU reads
+    them)."""
+
+    @property
+    def stored(self) -> bool:
+        """Its pages are in the pages image (not in a parent image)."""
+        return bool(self.flags & PE_PRESENT)
 
 
 @dataclass(frozen=True)
@@ -199,11 +205,32 @@ def read_pagemap(path: Path) -> Pagemap:
     out = []
     for raw in it:
         f = _ints(raw)
-        # images before the flags field: a page is stored unless in the parent
-        stored = bool(f[4] & PE_PRESENT) if 4 in f else not f.get(3, 0)
+        # as CRIU's pagemap_entry fix-up: in_parent (field 3) means PE_PARENT; images
+        # before the flags field (4) hold present pages otherwise
+        flags = f.get(4, 0) | PE_PARENT if f.get(3) else f.get(4, PE_PRESENT)
         # nr_pages is field 5 (uint64) since CRIU 3.16; older images have field 2 (uint32)
-        out.append(PagemapEntry(f.get(1, 0), f.get(5) or f.get(2, 0), stored))
+        out.append(PagemapEntry(f.get(1, 0), f.get(5) or f.get(2, 0), flags))
     return Pagemap(pages_id, tuple(out))
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_pagemap_entry(e: PagemapEntry) -> bytes:
+    """A pagemap_entry as CRIU 4.2 writes one: vaddr, compat_nr_pages 0, flags, nr_pages."""
+    return (b"\x08" + _encode_varint(e.vaddr) + b"\x10\x00" + b"\x20" + _encode_varint(e.flags)
+            + b"\x28" + _encode_varint(e.nr_pages))
+
+
+def framed(message: bytes) -> bytes:
+    """An image entry: its size (u32), then the message."""
+    return struct.pack("<I", len(message)) + message
 
 
 def read_file_paths(images: Path) -> dict[int, str]:

@@ -22,12 +22,12 @@ import bisect
 import contextlib
 import logging
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from llmux.service.core import criuimages as ci
+from llmux.service.core.durable import fsync_dir, write_durably
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ MIN_DROP_BYTES = 4 << 20
 _PLAIN_BITS = ci.VMA_AREA_REGULAR | ci.VMA_AREA_STACK | ci.VMA_AREA_HEAP | ci.VMA_ANON_PRIVATE
 _ZEROS = bytes(PAGE)
 _HEAD = bytes(8)  # a page whose first 8 bytes are not zero is kept at once
+#: pagemap flags of pages stored in order in the process's own pages image
+_SEQUENTIAL = (ci.PE_PRESENT, ci.PE_PRESENT | ci.PE_LAZY)
 
 
 @dataclass(frozen=True)
@@ -54,28 +56,6 @@ class Dropped:
 
     bytes: int = 0
     processes: int = 0
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _entry(vaddr: int, nr_pages: int, flags: int) -> bytes:
-    """A pagemap_entry as CRIU 4.2 writes one: vaddr, compat_nr_pages 0, flags, nr_pages."""
-    return (b"\x08" + _varint(vaddr) + b"\x10\x00" + b"\x20" + _varint(flags)
-            + b"\x28" + _varint(nr_pages))
-
-
-def _framed(message: bytes) -> bytes:
-    return struct.pack("<I", len(message)) + message
 
 
 class _Plain:
@@ -91,25 +71,18 @@ class _Plain:
         return i >= 0 and self.vmas[i].start <= addr < self.vmas[i].end
 
 
-def _plan(images: Path, pid: int) -> tuple[Path, Path, list[tuple[int, int, int]]] | None:
-    """The pagemap, the pages image and its entries (vaddr, pages, flags) of one process;
-    None when there is nothing this pass may touch (no pagemap, pages in a parent image)."""
+def _plan(images: Path, pid: int) -> tuple[Path, Path, tuple[ci.PagemapEntry, ...]] | None:
+    """The pagemap, the pages image and its entries of one process; None when there is
+    nothing this pass may touch (no pagemap, pages in a parent image)."""
     pagemap_path = images / f"pagemap-{pid}.img"
     if not pagemap_path.exists():
         return None
     pagemap = ci.read_pagemap(pagemap_path)
     pages_path = images / f"pages-{pagemap.pages_id}.img"
-    if not pages_path.exists() or not all(e.stored for e in pagemap.entries):
+    # PE_LAZY only says a lazy restore could fault them in: they are in the image
+    if not pages_path.exists() or any(e.flags not in _SEQUENTIAL for e in pagemap.entries):
         return None
-    flags = []
-    for raw in list(ci.entries(pagemap_path))[1:]:
-        f = dict((n, v) for n, v in ci.fields(raw) if isinstance(v, int)).get(4, ci.PE_PRESENT)
-        # PE_LAZY only says a lazy restore could fault them in: they are in the image
-        if f not in (ci.PE_PRESENT, ci.PE_PRESENT | ci.PE_LAZY):
-            return None
-        flags.append(f)
-    return pagemap_path, pages_path, [(e.vaddr, e.nr_pages, f)
-                                      for e, f in zip(pagemap.entries, flags, strict=True)]
+    return pagemap_path, pages_path, pagemap.entries
 
 
 def _rewrite(images: Path, pid: int) -> int:
@@ -122,13 +95,14 @@ def _rewrite(images: Path, pid: int) -> int:
     pagemap_path, pages_path, entries = plan
     plain = _Plain(ci.read_vmas(images, pid))
     out_path = Path(str(pages_path) + SUFFIX)
-    new_entries: list[bytes] = []
+    new_entries: list[ci.PagemapEntry] = []
     dropped = 0
     dst: BinaryIO | None = None
     try:
         with pages_path.open("rb") as src:
             done = 0  # bytes of the pages image before the current chunk
-            for vaddr, n, flags in entries:
+            for e in entries:
+                vaddr, n, flags = e.vaddr, e.nr_pages, e.flags
                 run_start = run_len = 0
                 for first in range(0, n, _CHUNK_PAGES):
                     count = min(_CHUNK_PAGES, n - first)
@@ -153,13 +127,13 @@ def _rewrite(images: Path, pid: int) -> int:
                         kept_from = i + 1
                         dropped += PAGE
                         if run_len:
-                            new_entries.append(_entry(run_start, run_len, flags))
+                            new_entries.append(ci.PagemapEntry(run_start, run_len, flags))
                             run_len = 0
                     if dst is not None and kept_from < count:
                         dst.write(buf[kept_from * PAGE:])
                     done += count * PAGE
                 if run_len:
-                    new_entries.append(_entry(run_start, run_len, flags))
+                    new_entries.append(ci.PagemapEntry(run_start, run_len, flags))
             if src.read(1):
                 raise ci.ImageError(f"{pages_path.name}: longer than its pagemap")
         if dst is None:
@@ -174,12 +148,8 @@ def _rewrite(images: Path, pid: int) -> int:
         if dst is not None:
             dst.close()
     head = next(ci.entries(pagemap_path))
-    body = ci.magic(pagemap_path) + _framed(head) + b"".join(map(_framed, new_entries))
-    with open(str(pagemap_path) + SUFFIX, "xb") as out:
-        os.fchmod(out.fileno(), 0o600)
-        out.write(body)
-        out.flush()
-        os.fsync(out.fileno())
+    write_durably(Path(str(pagemap_path) + SUFFIX), ci.magic(pagemap_path) + ci.framed(head)
+                  + b"".join(ci.framed(ci.encode_pagemap_entry(e)) for e in new_entries))
     return dropped
 
 
@@ -218,9 +188,9 @@ def drop(images: Path) -> Dropped:
         return Dropped()
     if not total:
         return Dropped()
-    _fsync_dir(images)
+    fsync_dir(images)
     (images / MARKER).touch(mode=0o600)
-    _fsync_dir(images)
+    fsync_dir(images)
     recover(images)
     return Dropped(total, processes)
 
@@ -233,20 +203,12 @@ def recover(images: Path) -> None:
         return
     for new in sorted(images.glob(f"*{SUFFIX}")):
         os.replace(new, new.with_name(new.name.removesuffix(SUFFIX)))
-    _fsync_dir(images)
+    fsync_dir(images)
     (images / MARKER).unlink()
-    _fsync_dir(images)
+    fsync_dir(images)
 
 
 def _discard(images: Path) -> None:
-    for new in images.glob(f"*{SUFFIX}"):
+    for new in images.glob(f"*{SUFFIX}*"):  # write_durably's temp files too
         with contextlib.suppress(FileNotFoundError):
             new.unlink()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

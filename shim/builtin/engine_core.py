@@ -22,7 +22,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any
 
 import zmq
@@ -45,7 +45,6 @@ class RunningRequest:
     request_id: str
     ids: list[int]
     remaining: int
-    new_tokens: list[int] = field(default_factory=list)
     prompt_len: int = 0
 
 

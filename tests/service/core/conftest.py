@@ -9,8 +9,9 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,13 +87,26 @@ def state_dir(tmp_path: Path) -> Path:
     return tmp_path / "state"
 
 
+OpenEngine = Callable[..., Awaitable[CheckpointEngine]]
+
+
 @pytest.fixture
-async def engine(criu_path: str, state_dir: Path) -> CheckpointEngine:
-    eng = await CheckpointEngine.open(
-        EngineConfig(state_dir=state_dir, criu_path=criu_path, cuda_mode="off")
-    )
-    eng.pid_free_timeout = 1.0
-    return eng
+def open_engine(criu_path: str, state_dir: Path) -> OpenEngine:
+    """open_engine(**settings): an engine on the test's state folder and CRIU, CUDA off;
+    ``settings`` are EngineConfig's (state_dir too)."""
+
+    async def open_(**settings: Any) -> CheckpointEngine:
+        eng = await CheckpointEngine.open(EngineConfig(
+            **{"state_dir": state_dir, "criu_path": criu_path, "cuda_mode": "off", **settings}))
+        eng.pid_free_timeout = 1.0
+        return eng
+
+    return open_
+
+
+@pytest.fixture
+async def engine(open_engine: OpenEngine) -> CheckpointEngine:
+    return await open_engine()
 
 
 @pytest.fixture

@@ -23,8 +23,8 @@ import pytest
 from llmux.common.contract import CheckpointBreakdown, MemoryPart
 from llmux.common.errors import AccessDenied, InvalidArgument, ManifestMismatch, NotFound
 from llmux.service.core import explain
-from llmux.service.core.config import EngineConfig
 from llmux.service.core.engine import Caller, CheckpointEngine
+from tests.service.core.conftest import OpenEngine
 from tests.support.procs import wait_until
 
 pytestmark = pytest.mark.criu
@@ -64,12 +64,9 @@ while True:
 
 
 @pytest.fixture
-async def engine(criu_path: str, state_dir: Path) -> CheckpointEngine:
+async def engine(open_engine: OpenEngine) -> CheckpointEngine:
     """The zero pages kept in the images (drop_zero_pages off): what explain counts."""
-    eng = await CheckpointEngine.open(EngineConfig(
-        state_dir=state_dir, criu_path=criu_path, cuda_mode="off", drop_zero_pages=False))
-    eng.pid_free_timeout = 1.0
-    return eng
+    return await open_engine(drop_zero_pages=False)
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from llmux.service.core import criuimages, zeropages
-from llmux.service.core.config import EngineConfig
 from llmux.service.core.engine import Caller, CheckpointEngine
+from tests.service.core.conftest import OpenEngine
 from tests.support.criu_testlib import reaping
 from tests.support.procs import wait_until_async
 
@@ -123,11 +123,8 @@ async def target(tmp_path: Path) -> AsyncIterator[tuple[Path, subprocess.Popen[b
 
 
 @pytest.fixture
-async def engine(criu_path: str, state_dir: Path) -> CheckpointEngine:
-    eng = await CheckpointEngine.open(EngineConfig(
-        state_dir=state_dir, criu_path=criu_path, cuda_mode="off", drop_zero_pages=True))
-    eng.pid_free_timeout = 1.0
-    return eng
+async def engine(open_engine: OpenEngine) -> CheckpointEngine:
+    return await open_engine(drop_zero_pages=True)
 
 
 async def test_zero_pages_leave_the_images_and_come_back_as_zeros(
@@ -156,12 +153,11 @@ async def test_zero_pages_leave_the_images_and_come_back_as_zeros(
 
 
 async def test_without_it_every_page_stays(
-        criu_path: str, tmp_path: Path,
+        open_engine: OpenEngine, tmp_path: Path,
         target: tuple[Path, subprocess.Popen[bytes], int]) -> None:
     _work, proc, child = target
-    engine = await CheckpointEngine.open(EngineConfig(
-        state_dir=tmp_path / "state-kept", criu_path=criu_path, cuda_mode="off",
-        memory_tier_limit_bytes=0, drop_zero_pages=False))
+    engine = await open_engine(state_dir=tmp_path / "state-kept", memory_tier_limit_bytes=0,
+                               drop_zero_pages=False)
     m = await engine.checkpoint(ME, "kept", proc.pid, leave_running=True)
     assert m.zero_bytes_dropped == 0
     plain_zeros, _ = _stored_zero_pages(engine.store.images_dir("kept"), child)
