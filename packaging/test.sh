@@ -3,6 +3,18 @@
 # and runs every test tier this machine supports. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The run needs room: about 5 GiB for the two virtualenvs, then checkpoint images, models and
+# podman's containers in the temporary folder. A full disk otherwise shows up as hundreds of
+# unrelated errors; say it once, by name.
+need_gib=${LLMUX_TEST_DISK_GIB:-10}
+for where in "$PWD" "${TMPDIR:-/tmp}"; do
+    free_gib=$(df -P -BG "$where" | awk 'NR == 2 { sub("G", "", $4); print $4 }')
+    if [ "${free_gib:-0}" -lt "$need_gib" ]; then
+        echo "test.sh: $where has ${free_gib:-0} GiB free; the tests need about $need_gib GiB" \
+             "(LLMUX_TEST_DISK_GIB sets the bound)" >&2
+        exit 1
+    fi
+done
 bash packaging/setup-dev.sh
 VENV=${LLMUX_VENV:-$PWD/.venv}
 echo "== ruff"; "$VENV/bin/ruff" check common service client shim tests

@@ -21,7 +21,7 @@ from typing import Any
 
 from llmux.common import gpumem, proctree, resources
 from llmux.common.errors import CriuFailed, HostError, InvalidArgument, NoSpace, Unsupported
-from llmux.service.core import authz, compat, pidns, procerrors, upperfiles, zeropages
+from llmux.service.core import authz, compat, pidns, procerrors, upperfiles
 from llmux.service.core.authz import Caller
 from llmux.service.core.claims import Prepared, Reporter, uncancellable
 from llmux.service.core.container import ContainerContext
@@ -500,18 +500,6 @@ class Dumper(JobBase):
             log.info("checkpoint %s: removed %d /dev/shm file(s) of the dumped tree",
                      d.model, len(removed))
 
-    async def _drop_zero_pages(self, d: Dump) -> int:
-        """The zero pages out of the images (a restore leaves them zero); the bytes."""
-        if not self.config.drop_zero_pages:
-            return 0
-        d.report(0.93, 0, 0.0, "dropping zero pages")
-        t = time.monotonic()
-        dropped = await asyncio.to_thread(zeropages.drop, d.staging.images)
-        if dropped.bytes:
-            log.info("checkpoint %s: %d MiB of zero pages dropped (%d process(es)) in %.2fs",
-                     d.model, dropped.bytes >> 20, dropped.processes, time.monotonic() - t)
-        return dropped.bytes
-
     async def _finish(self, d: Dump) -> Manifest:
         """Save the files, release or reap the tree, commit: the manifest's last fields."""
         if d.late_failure is not None:
@@ -522,7 +510,6 @@ class Dumper(JobBase):
             )
             d.warnings.append(f"CRIU completed the dump but then ended badly ({what}); kept")
         images = d.staging.images
-        dropped = await self._drop_zero_pages(d)
         d.report(0.95, await asyncio.to_thread(dir_bytes, images), 0.0, "saving files")
         saved = await self._save_files(d)
         for w in d.warnings:
@@ -536,7 +523,6 @@ class Dumper(JobBase):
             created=time.time(),
             images_bytes=images_bytes,
             files_bytes=sum(f.held_bytes for f in saved),
-            zero_bytes_dropped=dropped,
             dump_seconds=round(d.dump_secs, 3),
             cuda_seconds=round(d.cuda_secs, 3),
             total_seconds=round(time.monotonic() - d.started, 3),

@@ -90,7 +90,7 @@ class CheckpointEngine:
         self.restored = RestoredRegistry(store.root / ".restored.json")
         self.claims = Claims()
         self._version = _service_version()
-        self.mover = TierMover(store, self.claims)
+        self.mover = TierMover(store, self.claims, drop_zero_pages=config.drop_zero_pages)
         base = JobBase(config, criu, store, cuda, self.claims, self.restored)
         self.dumper = Dumper(base, self.mover)
         self.restorer = Restorer(base)

@@ -299,8 +299,7 @@ def explain(manifest: Manifest, images: Path, files_dir: Path,
 
 
 def _explain_for(store: CheckpointStore, caller: Caller, model: str) -> CheckpointBreakdown:
-    manifest = store.get(model)
-    authz.check_owner(caller, manifest.owner_uid, model)
+    authz.check_owner(caller, store.get(model).owner_uid, model)
     try:
         view = ViewRoot(caller.pid)
     except OSError:  # the caller is gone: no mapped file is compared
@@ -312,12 +311,15 @@ def _explain_for(store: CheckpointStore, caller: Caller, model: str) -> Checkpoi
             return view.path / path.lstrip("/")
 
         for attempt in (1, 2):
+            # read without holding the model: the images may move between the tiers or
+            # lose their zero pages (tiermove.py) under the read; then once again
+            manifest = store.get(model)
             images = store.images_dir(model)
-            check_images(model, images, manifest.image_sizes)
             try:
+                check_images(model, images, manifest.image_sizes)
                 return explain(manifest, images, store.files_dir(model), opener)
-            except FileNotFoundError:
-                if attempt == 2:  # moved between the tiers twice while it was read
+            except (FileNotFoundError, ManifestMismatch, ci.ImageError):
+                if attempt == 2:
                     raise
         raise AssertionError("unreachable")
     except ci.ImageError as exc:

@@ -291,6 +291,7 @@ class CheckpointStore:
             except HostError as exc:
                 log.warning("ignoring %s: %s", entry, exc)
                 continue
+            manifest = self._settle_zero_pages(entry, manifest)
             if not self._settle_tiers(entry, manifest, cleaned):
                 continue
             self._manifests[manifest.model] = manifest
@@ -329,6 +330,52 @@ class CheckpointStore:
         shutil.rmtree(entry, ignore_errors=True)
         cleaned.append(f"{entry.name} (images in memory lost)")
         return False
+
+    def _settle_zero_pages(self, entry: Path, manifest: Manifest) -> Manifest:
+        """A zero-page pass the service died in (found at start-up) or that failed half way,
+        finished (the manifest gets the new sizes) or undone."""
+        images = entry / IMAGES
+        if not images.is_dir():
+            return manifest
+        if not zeropages.recover(images):
+            return manifest
+        if image_sizes(images) != manifest.image_sizes:
+            manifest = self._record_zero_pages(
+                entry, manifest, manifest.images_bytes - dir_bytes(images))
+            log.warning("checkpoint %s: finished the zero-page pass a stop cut short",
+                        entry.name)
+        zeropages.settle(images)
+        return manifest
+
+    def install_zero_pages(self, model: str, created: float, images: Path,
+                           dropped: int) -> Manifest | None:
+        """Put the new images of a zero-page pass in place and record their sizes (the
+        caller holds the model: no restore reads the images meanwhile). None, the new files
+        removed, when the checkpoint the pass read was replaced or deleted meanwhile."""
+        manifest = self._manifests.get(model)
+        if (manifest is None or manifest.created != created
+                or self.images_dir(model).resolve() != images):
+            zeropages.discard(images)
+            return None
+        try:
+            zeropages.install(images)
+            manifest = self._record_zero_pages(self.path(model), manifest,
+                                               manifest.zero_bytes_dropped + dropped)
+            zeropages.settle(images)
+        except OSError:
+            # half in place: finished as at start-up, or undone if the marker is not there
+            with contextlib.suppress(OSError):
+                self._settle_zero_pages(self.path(model), manifest)
+            raise
+        return manifest
+
+    def _record_zero_pages(self, entry: Path, manifest: Manifest, dropped: int) -> Manifest:
+        images = entry / IMAGES
+        manifest = replace(manifest, images_bytes=dir_bytes(images),
+                           image_sizes=image_sizes(images), zero_bytes_dropped=max(dropped, 0))
+        write_durably(entry / MANIFEST, manifest.to_json())
+        self._manifests[manifest.model] = manifest
+        return manifest
 
     # ---- the memory tier -----------------------------------------------------------
 
@@ -468,7 +515,6 @@ class CheckpointStore:
             return False
         if not dump_completed(tmp / IMAGES) or not valid_model_name(pending.model):
             return False
-        zeropages.recover(tmp / IMAGES)  # a pass over its zero pages: finished or undone
         if not pending.leave_running and runs(pending):
             return False  # the tree still runs: nothing to salvage, just a leftover
         manifest = replace(

@@ -1,24 +1,26 @@
-"""The memory tier's background work: each checkpoint's durable copy, and memory given back.
+"""The background work on a committed checkpoint: its zero pages out, its durable copy,
+memory given back.
 
-A dump that fits writes its images to the memory tier (a tmpfs; memtier.py says how much
-it may hold). Behind the job that made them they are copied to disk, without holding the
-model (a restore reads the memory copy meanwhile) and giving way while a restore runs; the
-memory copy stays for the restores to come. It is dropped, the oldest checkpoints' first,
-when the tier is over its ceiling or the host's available memory under the reserve:
-before a dump or a restore that needs the memory, and every few seconds while the tier
-holds anything. Only a copy with a complete twin on disk is dropped; a failed copy to disk
-keeps the memory copy, says so in the log and in the checkpoint's ``write_errors``, and is
-tried again.
+Behind the job that made a checkpoint, with the model not held (a restore reads the images
+meanwhile) and giving way while any restore runs: first the zero-page pass (zeropages.py,
+``drop_zero_pages``), held to the model only for its renames; then, for images in the
+memory tier (a tmpfs; memtier.py says how much it may hold), their copy to disk. The memory
+copy stays for the restores to come. It is dropped, the oldest checkpoints' first, when the
+tier is over its ceiling or the host's available memory under the reserve: before a dump
+or a restore that needs the memory, and every few seconds while the tier holds anything.
+Only a copy with a complete twin on disk is dropped; a failed copy to disk keeps the memory
+copy, says so in the log and in the checkpoint's ``write_errors``, and is tried again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 
 from llmux.common.errors import Busy
-from llmux.service.core import memtier
+from llmux.service.core import memtier, zeropages
 from llmux.service.core.claims import Claims
 from llmux.service.core.store import CheckpointStore
 
@@ -31,9 +33,11 @@ MOVE_WAIT_SECS = 600.0
 AFTER_RESTORE_SECS = 3.0
 #: how often the tier's use and the host's memory are measured while the tier holds images
 WATCH_SECS = 2.0
-#: copies of one model in a row, each superseded by a new dump of it, before the watch's
-#: next turn takes over
+#: turns of one model's work in a row, each superseded by a new dump of it, before the
+#: watch's next turn takes over
 _COPY_ATTEMPTS = 5
+#: how often a finished zero-page pass asks again for a model a job holds
+_CLAIM_POLL_SECS = 0.2
 #: how long after a failed copy to disk it is tried again
 RETRY_SECS = 30.0
 
@@ -41,37 +45,53 @@ RETRY_SECS = 30.0
 class TierMover:
     """The copies to disk in flight and the watch over the tier's memory."""
 
-    def __init__(self, store: CheckpointStore, claims: Claims) -> None:
+    def __init__(self, store: CheckpointStore, claims: Claims, *,
+                 drop_zero_pages: bool = False) -> None:
         self.store = store
         self.claims = claims
+        self.drop_zero_pages = drop_zero_pages
         self._movers: dict[str, asyncio.Task[None]] = {}
         self._watcher: asyncio.Task[None] | None = None
         self.write_errors: dict[str, str] = {}
         """Each checkpoint whose copy to disk failed: why (until one succeeds)."""
         self._failed_at: dict[str, float] = {}
 
-    def start(self, model: str) -> None:
-        """Write ``model``'s durable copy in the background if its images are in memory
-        only; keep watching the tier."""
-        if self.store.in_memory(model) and model not in self._movers:
-            mover = asyncio.create_task(self._copy_to_disk(model), name=f"copy-{model}")
+    def start(self, model: str, *, committed: bool = True) -> None:
+        """The background work on ``model``'s checkpoint: the zero-page pass of a checkpoint
+        just ``committed``, the durable copy of images in memory only; keep watching the
+        tier."""
+        zero_pass = committed and self.drop_zero_pages
+        if (zero_pass or self.store.in_memory(model)) and model not in self._movers:
+            mover = asyncio.create_task(self._after_commit(model, zero_pass),
+                                        name=f"after-commit-{model}")
             self._movers[model] = mover
             mover.add_done_callback(lambda _t: self._movers.pop(model, None))
         self._watch()
 
     def resume(self) -> None:
-        """At start-up: the copies to disk that a stop cut short, written again."""
+        """At start-up: the copies to disk that a stop cut short, written again (a
+        zero-page pass a stop cut short is not: the checkpoint keeps its zero pages)."""
         for model, on_disk in self.store.memory_copies():
             if not on_disk:
-                self.start(model)
+                self.start(model, committed=False)
         self._watch()
 
-    async def _copy_to_disk(self, model: str) -> None:
-        """The copy; again while the checkpoint is replaced under it (a new dump of the
-        model commits while the old one's copy runs: that copy is dropped with it)."""
+    async def _after_commit(self, model: str, zero_pass: bool) -> None:
+        """The zero-page pass, then the copy to disk; again while the checkpoint is replaced
+        under them (a new dump of the model commits meanwhile: the old one's work is
+        dropped with it)."""
         store = self.store
+        passed: float | None = None  # the checkpoint (by its creation time) already passed
         for _attempt in range(_COPY_ATTEMPTS):
-            if not (store.has(model) and store.in_memory(model) and not store.on_disk(model)):
+            if not store.has(model):
+                break
+            created = store.get(model).created
+            if zero_pass and passed != created:
+                await self._drop_zero_pages(model, created)
+                passed = created
+                if not store.has(model) or store.get(model).created != created:
+                    continue
+            if not (store.in_memory(model) and not store.on_disk(model)):
                 break
             try:
                 copied = await asyncio.to_thread(store.copy_to_disk, model, self._give_way)
@@ -89,6 +109,48 @@ class TierMover:
                 log.info("wrote the images of %s to disk; its memory copy stays", model)
                 break
         await self.make_room()
+
+    async def _drop_zero_pages(self, model: str, created: float) -> None:
+        """The pass over one checkpoint: its new images written beside the old ones, then
+        put in place while this holds the model (after the job that holds it now)."""
+        images = self.store.images_dir(model).resolve()  # the tier's folder, not the link
+        t = time.monotonic()
+        try:
+            need = await asyncio.to_thread(zeropages.room_needed, images)
+            if self.store.in_memory(model):  # the new files take memory until the old go
+                memory = memtier.Memory.read()
+                room = memory.available - memory.reserve
+            else:
+                room = (await asyncio.to_thread(shutil.disk_usage, images)).free
+        except OSError:
+            return  # the checkpoint went away
+        if need > room:
+            log.info("checkpoint %s keeps its zero pages: the pass needs up to %d MiB beside "
+                     "its images, %d MiB are free", model, need >> 20, max(room, 0) >> 20)
+            return
+        dropped = await asyncio.to_thread(zeropages.prepare, images, self._give_way)
+        if not dropped.bytes:
+            return
+        while True:
+            try:
+                release = self.claims.claim(model)
+                break
+            except Busy:
+                await asyncio.sleep(_CLAIM_POLL_SECS)
+        try:
+            manifest = await asyncio.to_thread(
+                self.store.install_zero_pages, model, created, images, dropped.bytes)
+        except OSError as exc:
+            log.warning("checkpoint %s keeps its zero pages: %s", model, exc)
+            return
+        finally:
+            release()
+        if manifest is None:
+            log.info("checkpoint %s was replaced during its zero-page pass", model)
+            return
+        log.info("checkpoint %s: %d MiB of zero pages dropped (%d process(es)) in %.2fs; "
+                 "%d MiB of images", model, dropped.bytes >> 20, dropped.processes,
+                 time.monotonic() - t, manifest.images_bytes >> 20)
 
     def _give_way(self) -> None:
         """Blocks a copy's chunk (in its thread) while a restore runs and AFTER_RESTORE_SECS

@@ -9,11 +9,13 @@ MADV_DONTNEED, an inherited mapping's pages the image does not list), so a page 
 there need not be stored. Private file mappings keep every page (a page missing there
 would be the file's, not zeros), and so do the images of shared memory and memfds.
 
-Each process's pages image and pagemap are written anew beside the old ones (``.zp``),
-then a marker says the new set is whole and the files are renamed over the old ones: a
-service that dies at any point leaves either the old set or the marker, which
-:func:`recover` completes. A failure (no space for the copy, an image it does not know)
-leaves the old set as it was.
+The pass runs behind the dump, on a committed checkpoint (tiermove.py): :func:`prepare`
+writes each process's new pages image and pagemap beside the old ones (``.zp``) while
+restores may read the old ones; then, with the model held, :func:`install` writes a marker
+saying the new set is whole and renames it over the old one, the store records the new
+sizes in the manifest, and :func:`settle` removes the marker. A service that dies at any
+point leaves either the old set or the marker, which :func:`recover` completes. A failure
+(no space for the copy, an image it does not know) leaves the old set as it was.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import bisect
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -85,7 +88,7 @@ def _plan(images: Path, pid: int) -> tuple[Path, Path, tuple[ci.PagemapEntry, ..
     return pagemap_path, pages_path, pagemap.entries
 
 
-def _rewrite(images: Path, pid: int) -> int:
+def _rewrite(images: Path, pid: int, pause: Callable[[], None]) -> int:
     """The process's images without its droppable zero pages, as ``.zp`` files beside the
     old ones; returns the bytes dropped (0: nothing written). One read of the pages image;
     the copy starts at the first droppable page (what comes before it is copied as is)."""
@@ -105,6 +108,7 @@ def _rewrite(images: Path, pid: int) -> int:
                 vaddr, n, flags = e.vaddr, e.nr_pages, e.flags
                 run_start = run_len = 0
                 for first in range(0, n, _CHUNK_PAGES):
+                    pause()
                     count = min(_CHUNK_PAGES, n - first)
                     raw = src.read(count * PAGE)
                     buf = memoryview(raw)  # written from without copies; compared as bytes
@@ -172,43 +176,68 @@ def _copy_start(src_path: Path, out_path: Path, length: int) -> BinaryIO:
     return dst
 
 
-def drop(images: Path) -> Dropped:
-    """Take the droppable zero pages out of every process's images (blocking). Any failure
-    leaves the images as they were, logged."""
+def prepare(images: Path, pause: Callable[[], None] = lambda: None) -> Dropped:
+    """The new images of every process without its droppable zero pages, written beside
+    the old ones (blocking; ``pause()`` before each chunk may block: the pass is background
+    work and gives way). The old images stay in place until :func:`install`. A failure
+    leaves them as they were, with no new file, and returns nothing dropped (logged)."""
     total, processes = 0, 0
     try:
+        discard(images)  # what a pass cut short by a stop left
         for pid, _ppid in ci.read_pstree(images):
-            dropped = _rewrite(images, pid)
+            dropped = _rewrite(images, pid, pause)
             if dropped:
                 total += dropped
                 processes += 1
     except (OSError, ci.ImageError) as exc:
-        log.warning("zero pages of %s kept: %s", images, exc)
-        _discard(images)
+        if images.is_dir():
+            log.warning("zero pages of %s kept: %s", images, exc)
+        discard(images)
         return Dropped()
-    if not total:
-        return Dropped()
-    fsync_dir(images)
-    (images / MARKER).touch(mode=0o600)
-    fsync_dir(images)
-    recover(images)
     return Dropped(total, processes)
 
 
-def recover(images: Path) -> None:
+def room_needed(images: Path) -> int:
+    """The most a pass writes beside the images before the old ones go: its pages images."""
+    return sum(p.stat().st_size for p in images.glob("pages-*.img"))
+
+
+def install(images: Path) -> None:
+    """The new set in place of the old (the caller holds the model: no restore reads the
+    images meanwhile); the marker stays until :func:`settle`, after the manifest."""
+    fsync_dir(images)
+    (images / MARKER).touch(mode=0o600)
+    fsync_dir(images)
+    _rename_new(images)
+
+
+def settle(images: Path) -> None:
+    """The pass is over: its marker goes, once the manifest has the new sizes."""
+    with contextlib.suppress(FileNotFoundError):
+        (images / MARKER).unlink()
+    fsync_dir(images)
+
+
+def recover(images: Path) -> bool:
     """Finish or undo a pass the service did not live to complete: with the marker the new
-    files are whole and go into place; without it they are removed."""
+    files are whole and go into place (True: the caller records their sizes, then
+    :func:`settle`); without it they are removed (False)."""
     if not (images / MARKER).exists():
-        _discard(images)
-        return
+        discard(images)
+        return False
+    _rename_new(images)
+    return True
+
+
+def _rename_new(images: Path) -> None:
     for new in sorted(images.glob(f"*{SUFFIX}")):
         os.replace(new, new.with_name(new.name.removesuffix(SUFFIX)))
     fsync_dir(images)
-    (images / MARKER).unlink()
-    fsync_dir(images)
 
 
-def _discard(images: Path) -> None:
-    for new in images.glob(f"*{SUFFIX}*"):  # write_durably's temp files too
-        with contextlib.suppress(FileNotFoundError):
-            new.unlink()
+def discard(images: Path) -> None:
+    """The new files of a pass not installed (none, if the folder is gone)."""
+    with contextlib.suppress(FileNotFoundError):
+        for new in images.glob(f"*{SUFFIX}*"):  # write_durably's temp files too
+            with contextlib.suppress(FileNotFoundError):
+                new.unlink()

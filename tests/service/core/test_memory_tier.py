@@ -332,7 +332,8 @@ async def test_a_copy_to_disk_cut_short_is_found_incomplete_and_written_again(
     llmuxd opening the same state directory, as a restart does)."""
     caplog.set_level(logging.INFO, logger="llmux")
     config = EngineConfig(state_dir=tmp_path / "state", criu_path=criu_path, cuda_mode="off",
-                          memory_tier_dir=tmp_path / "tier", memory_tier_limit_bytes=1 << 30)
+                          memory_tier_dir=tmp_path / "tier", memory_tier_limit_bytes=1 << 30,
+                          drop_zero_pages=False)  # the pauses below are the copy's alone
     first = await CheckpointEngine.open(config)
     t = await spawn_target()
     before = await t.ping()
@@ -376,7 +377,8 @@ async def test_a_new_dump_during_the_copy_of_the_old_one_is_copied_too(
     caplog.set_level(logging.INFO, logger="llmux")
     engine = await CheckpointEngine.open(EngineConfig(
         state_dir=tmp_path / "state", criu_path=criu_path, cuda_mode="off",
-        memory_tier_dir=tmp_path / "tier", memory_tier_limit_bytes=1 << 30))
+        memory_tier_dir=tmp_path / "tier", memory_tier_limit_bytes=1 << 30,
+        drop_zero_pages=False))  # the pauses below are the copy's alone
     held = threading.Event()
     monkeypatch.setattr(engine.mover, "_give_way", lambda: held.wait(30))
     t = await spawn_target()

@@ -6,12 +6,16 @@ pages were overwritten with zeros (kept: a missing page there would be the file'
 anonymous memory, and a block both inherit from the parent, whose halves each of them then
 zeroed: a page the child's image no longer lists must come back zero in the child, not as
 the parent's copy. After the restore each process checks every byte and writes its verdict.
+
+The pass runs behind the dump: the checkpoint's job answers first, the pass gives way to
+restores and puts its images in place only while no job holds the model.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -21,8 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from llmux.service.core import criuimages, zeropages
+from llmux.service.core import criuimages, tiermove, zeropages
 from llmux.service.core.engine import Caller, CheckpointEngine
+from llmux.service.core.store import image_sizes
 from tests.service.core.conftest import OpenEngine
 from tests.support.criu_testlib import reaping
 from tests.support.procs import wait_until_async
@@ -133,7 +138,9 @@ async def test_zero_pages_leave_the_images_and_come_back_as_zeros(
     work, proc, child = target
     assert await _verdicts(work, [proc.pid, child]) == {"parent": "ok", "child": "ok"}
 
-    m = await engine.checkpoint(ME, "zeros", proc.pid)
+    await engine.checkpoint(ME, "zeros", proc.pid)
+    await engine.mover.wait()
+    m = engine.store.get("zeros")
     # each process: 16 MiB + 2 MiB of mix + its zeroed half, and the inherited zeros the
     # child shares with the parent; never the file mapping's or the shared memory's pages
     assert m.zero_bytes_dropped >= 2 * (16 + 2 + 4) * MiB, m.zero_bytes_dropped
@@ -158,8 +165,9 @@ async def test_without_it_every_page_stays(
     _work, proc, child = target
     engine = await open_engine(state_dir=tmp_path / "state-kept", memory_tier_limit_bytes=0,
                                drop_zero_pages=False)
-    m = await engine.checkpoint(ME, "kept", proc.pid, leave_running=True)
-    assert m.zero_bytes_dropped == 0
+    await engine.checkpoint(ME, "kept", proc.pid, leave_running=True)
+    await engine.mover.wait()
+    assert engine.store.get("kept").zero_bytes_dropped == 0
     plain_zeros, _ = _stored_zero_pages(engine.store.images_dir("kept"), child)
     assert plain_zeros >= (16 + 2 + 4) * MiB
 
@@ -178,6 +186,79 @@ def _stored_zero_pages(images: Path, pid: int) -> tuple[int, int]:
     return found[0] * criuimages.PAGE, found[1] * criuimages.PAGE
 
 
+async def test_the_pass_waits_for_restores_and_for_a_job_holding_the_model(
+        engine: CheckpointEngine,
+        target: tuple[Path, subprocess.Popen[bytes], int]) -> None:
+    work, proc, child = target
+    with engine.claims.restoring():  # a restore of another model runs: the pass gives way
+        await engine.checkpoint(ME, "zeros", proc.pid)
+        before = dict(engine.store.get("zeros").image_sizes)
+        await asyncio.sleep(1.0)
+        images = engine.store.images_dir("zeros")
+        assert not list(images.glob(f"*{zeropages.SUFFIX}")), "the pass did not give way"
+        assert engine.store.get("zeros").image_sizes == before == image_sizes(images)
+    release = engine.claims.claim("zeros")  # a job holds the model: the pass may not swap
+    try:
+        await wait_until_async(
+            lambda: len(list(images.glob(f"pagemap-*.img{zeropages.SUFFIX}"))) == 2,
+            30 + 2 * tiermove.AFTER_RESTORE_SECS, "the pass to write its new images")
+        await asyncio.sleep(0.5)
+        assert engine.store.get("zeros").image_sizes == before
+        assert image_sizes(images) == before
+        assert not (images / zeropages.MARKER).exists()
+    finally:
+        release()
+    await engine.mover.wait()
+    m = engine.store.get("zeros")
+    assert m.zero_bytes_dropped >= 2 * (16 + 2 + 4) * MiB
+    assert m.image_sizes != before and sum(m.image_sizes.values()) < sum(before.values())
+    assert not list(images.glob(f"*{zeropages.SUFFIX}*"))
+
+    await wait_until_async(lambda: proc.poll() is not None, 30, "the dumped tree to end")
+    await engine.restore(ME, "zeros")
+    assert await _verdicts(work, [proc.pid, child]) == {"parent": "ok", "child": "ok"}
+
+
+async def test_no_pass_without_room_for_its_new_images_beside_the_old(
+        engine: CheckpointEngine, target: tuple[Path, subprocess.Popen[bytes], int],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    _work, proc, _child = target
+    caplog.set_level(logging.INFO, logger="llmux")
+    monkeypatch.setattr(zeropages, "room_needed", lambda images: 1 << 60)
+    await engine.checkpoint(ME, "zeros", proc.pid, leave_running=True)
+    await engine.mover.wait()
+    assert engine.store.get("zeros").zero_bytes_dropped == 0
+    assert any("keeps its zero pages: the pass needs up to" in r.getMessage()
+               for r in caplog.records)
+
+
+async def test_a_pass_cut_short_by_a_crash_is_finished_at_start_up(
+        open_engine: OpenEngine,
+        target: tuple[Path, subprocess.Popen[bytes], int]) -> None:
+    work, proc, child = target
+    engine = await open_engine(memory_tier_limit_bytes=0, drop_zero_pages=False)
+    await engine.checkpoint(ME, "zeros", proc.pid)
+    images = engine.store.images_dir("zeros")
+    before = dict(engine.store.get("zeros").image_sizes)
+    # what a service that died in the middle of the renames leaves
+    assert zeropages.prepare(images).bytes >= 2 * (16 + 2 + 4) * MiB
+    (images / zeropages.MARKER).touch()
+    first = sorted(images.glob(f"*{zeropages.SUFFIX}"))[0]
+    first.replace(first.with_name(first.name.removesuffix(zeropages.SUFFIX)))
+
+    again = await open_engine(memory_tier_limit_bytes=0, drop_zero_pages=False)
+    m = again.store.get("zeros")
+    assert not (images / zeropages.MARKER).exists()
+    assert not list(images.glob(f"*{zeropages.SUFFIX}*"))
+    assert m.image_sizes != before
+    assert image_sizes(images) == m.image_sizes
+    assert m.zero_bytes_dropped >= 2 * (16 + 2 + 4) * MiB
+
+    await wait_until_async(lambda: proc.poll() is not None, 30, "the dumped tree to end")
+    await again.restore(ME, "zeros")
+    assert await _verdicts(work, [proc.pid, child]) == {"parent": "ok", "child": "ok"}
+
+
 def test_an_interrupted_pass_is_finished_or_undone(tmp_path: Path) -> None:
     images = tmp_path / "images"
     images.mkdir()
@@ -185,7 +266,7 @@ def test_an_interrupted_pass_is_finished_or_undone(tmp_path: Path) -> None:
     (images / "pagemap-7.img").write_bytes(b"old map")
     (images / "pages-1.img.zp").write_bytes(b"new pages")
     (images / "pagemap-7.img.zp").write_bytes(b"new map")
-    zeropages.recover(images)  # no marker: the new files were not all written
+    assert not zeropages.recover(images)  # no marker: the new files were not all written
     assert sorted(p.name for p in images.iterdir()) == ["pagemap-7.img", "pages-1.img"]
     assert (images / "pages-1.img").read_bytes() == b"old pages"
 
@@ -193,7 +274,8 @@ def test_an_interrupted_pass_is_finished_or_undone(tmp_path: Path) -> None:
     (images / "pagemap-7.img.zp").write_bytes(b"new map")
     (images / zeropages.MARKER).touch()
     os.replace(images / "pages-1.img.zp", images / "pages-1.img")  # died after one rename
-    zeropages.recover(images)
+    assert zeropages.recover(images)  # the marker stays until the manifest is written
+    zeropages.settle(images)
     assert sorted(p.name for p in images.iterdir()) == ["pagemap-7.img", "pages-1.img"]
     assert (images / "pages-1.img").read_bytes() == b"new pages"
     assert (images / "pagemap-7.img").read_bytes() == b"new map"
