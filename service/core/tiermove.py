@@ -55,18 +55,30 @@ class TierMover:
         self.write_errors: dict[str, str] = {}
         """Each checkpoint whose copy to disk failed: why (until one succeeds)."""
         self._failed_at: dict[str, float] = {}
+        self._again: set[str] = set()
+        """Models committed anew while their work was in flight."""
 
     def start(self, model: str, *, committed: bool = True) -> None:
         """The background work on ``model``'s checkpoint: the zero-page pass of a checkpoint
         just ``committed``, the durable copy of images in memory only; keep watching the
         tier."""
         zero_pass = committed and self.drop_zero_pages
-        if (zero_pass or self.store.in_memory(model)) and model not in self._movers:
+        if model in self._movers:
+            if committed:  # a new checkpoint: if the work in flight ends without it, again
+                self._again.add(model)
+        elif zero_pass or self.store.in_memory(model):
             mover = asyncio.create_task(self._after_commit(model, zero_pass),
                                         name=f"after-commit-{model}")
             self._movers[model] = mover
-            mover.add_done_callback(lambda _t: self._movers.pop(model, None))
+            mover.add_done_callback(lambda _t: self._done(model))
         self._watch()
+
+    def _done(self, model: str) -> None:
+        self._movers.pop(model, None)
+        if model in self._again:
+            self._again.discard(model)
+            if self.store.has(model):
+                self.start(model)
 
     def resume(self) -> None:
         """At start-up: the copies to disk that a stop cut short, written again (a
@@ -86,6 +98,7 @@ class TierMover:
             if not store.has(model):
                 break
             created = store.get(model).created
+            self._again.discard(model)  # the checkpoint in hand now is the newest
             if zero_pass and passed != created:
                 await self._drop_zero_pages(model, created)
                 passed = created
@@ -226,7 +239,7 @@ class TierMover:
                 failed = self._failed_at.get(model)
                 if failed is None or now - failed > RETRY_SECS:
                     self._failed_at.pop(model, None)
-                    self.start(model)
+                    self.start(model, committed=False)
             await asyncio.sleep(WATCH_SECS)
 
     async def wait(self) -> None:

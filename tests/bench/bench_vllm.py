@@ -229,9 +229,15 @@ def sleep(shim: Any, daemon: Any) -> tuple[float, dict[str, Any]]:
     sleep_s = time.perf_counter() - t0
     if slept.get("state") != "checkpointed":
         raise RuntimeError(f"sleep did not checkpoint: {slept}\n{shim.logs()}")
+    return sleep_s, read_manifest(daemon)
+
+
+def read_manifest(daemon: Any) -> dict[str, Any]:
+    """llmuxd's manifest of the checkpoint as it is now (the zero-page pass behind a dump
+    rewrites it)."""
     manifest: dict[str, Any] = json.loads(
         (daemon.state_dir / podman_shim.MODEL / "manifest.json").read_text())
-    return sleep_s, manifest
+    return manifest
 
 
 def keep(args: argparse.Namespace, daemon: Any, size: str, what: str) -> None:
@@ -306,6 +312,11 @@ def measure(size: str, model_dir: Path, bed: Any, args: argparse.Namespace, root
                                  "the restored engine to end with container B")
         else:
             time.sleep(args.settle)
+            if args.settle:
+                manifest = read_manifest(daemon)
+                say(size, f"after {args.settle:.0f} s: {manifest['images_bytes'] / MB:.0f} MB "
+                          f"of images, {manifest.get('zero_bytes_dropped', 0) / MB:.0f} MB "
+                          "of zero pages dropped")
             same = timed_wake(a, "restore", args.drop_caches, daemon)
             keep(args, daemon, size, "same")
             say(size, f"restore in the same container {same.total_s:.2f} s; sleep (dump) again")
@@ -428,6 +439,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="llmuxd's memory tier (a /dev/shm folder) up to this size; 0: none")
     p.add_argument("--compare-tier", action="store_true",
                    help="with --memory-tier-mb: each repeat runs without the tier, then with it")
+    p.add_argument("--compare-zero-pages", action="store_true",
+                   help="each repeat runs llmuxd with drop_zero_pages off, then on (with "
+                        "--settle long enough for the pass before the restore)")
     p.add_argument("--evict-images", action="store_true",
                    help="before a restore, evict only the state directory's files from the "
                         "page cache (the images on disk cold; libraries and the memory tier "
@@ -466,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.memory_tier_mb > 0:
             tier = [("tier", tier_config(args))]
             configs = [*configs, *tier] if args.compare_tier else tier
+        if args.compare_zero_pages:
+            configs = [(f"{label}-zp-{on}", f"{config}drop_zero_pages = {on}\n")
+                       for label, config in configs for on in ("false", "true")]
         logs: list[str] = []
         with harness.running_bus(workdir / "bus") as bus:
             try:

@@ -351,8 +351,8 @@ async def test_a_copy_to_disk_cut_short_is_found_incomplete_and_written_again(
         await first.checkpoint(ME, "m", t.pid)
         await _gone(t.pids)
         partial = tmp_path / "state" / "m"
-        await wait_until_async(lambda: bool(list(partial.glob(".tmp-images-*"))), 10,
-                               "the copy to disk to begin")
+        await wait_until_async(lambda: bool(list(partial.glob(".tmp-images-*")))
+                               and len(copied) > 2, 10, "the copy to disk to be held")
         assert not first.store.on_disk("m")
         second = await CheckpointEngine.open(config)  # the restart
         assert any("an incomplete copy to disk" in r.getMessage() for r in caplog.records)
