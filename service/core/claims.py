@@ -143,6 +143,10 @@ class Claims:
         #: time.monotonic() when the last restore's CRIU ended (the copies to disk let the
         #: restored engine reach its first token before they go on)
         self.last_restore_end = 0.0
+        #: models background work holds for a moment: a job for one waits, never Busy
+        self._moments: dict[str, asyncio.Event] = {}
+        #: set each time a model is let go (what a moment waits for)
+        self._let_go = asyncio.Event()
 
     def claim(self, model: str, root_pid: int | None = None) -> Callable[[], None]:
         """Claims the model (and root PID) for one job; returns what lets go of it."""
@@ -158,6 +162,7 @@ class Claims:
             self.models.discard(model)
             if root_pid is not None:
                 self.pids.discard(root_pid)
+            self._let_go.set()
 
         return release
 
@@ -165,6 +170,8 @@ class Claims:
         self, model: str, root_pid: int | None, checks: Callable[[], Awaitable[Body[T]]],
     ) -> Prepared[T]:
         """Claim, then run ``checks`` (which return the job's body); a failed check lets go."""
+        while (moment := self._moments.get(model)) is not None:
+            await moment.wait()
         release = self.claim(model, root_pid)
         try:
             body = await checks()
@@ -172,6 +179,25 @@ class Claims:
             release()
             raise
         return Prepared(model, body, release)
+
+    @contextlib.asynccontextmanager
+    async def moment(self, model: str) -> AsyncIterator[None]:
+        """Holds the model for a moment of background work (the renames of a zero-page
+        pass), once no job holds it: a job asked for meanwhile waits for the moment to end
+        instead of failing with Busy (background work never refuses the operator's)."""
+        while model in self.models:
+            self._let_go.clear()
+            await self._let_go.wait()
+        done = asyncio.Event()
+        self._moments[model] = done
+        self.models.add(model)
+        try:
+            yield
+        finally:
+            self.models.discard(model)
+            del self._moments[model]
+            done.set()
+            self._let_go.set()
 
     @contextlib.asynccontextmanager
     async def remap_guard(self, needed: bool) -> AsyncIterator[None]:

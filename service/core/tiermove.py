@@ -36,8 +36,6 @@ WATCH_SECS = 2.0
 #: turns of one model's work in a row, each superseded by a new dump of it, before the
 #: watch's next turn takes over
 _COPY_ATTEMPTS = 5
-#: how often a finished zero-page pass asks again for a model a job holds
-_CLAIM_POLL_SECS = 0.2
 #: how long after a failed copy to disk it is tried again
 RETRY_SECS = 30.0
 
@@ -144,20 +142,13 @@ class TierMover:
         dropped = await asyncio.to_thread(zeropages.prepare, images, self._give_way)
         if not dropped.bytes:
             return
-        while True:
-            try:
-                release = self.claims.claim(model)
-                break
-            except Busy:
-                await asyncio.sleep(_CLAIM_POLL_SECS)
         try:
-            manifest = await asyncio.to_thread(
-                self.store.install_zero_pages, model, created, images, dropped.bytes)
+            async with self.claims.moment(model):  # a restore waits for the renames
+                manifest = await asyncio.to_thread(
+                    self.store.install_zero_pages, model, created, images, dropped.bytes)
         except OSError as exc:
             log.warning("checkpoint %s keeps its zero pages: %s", model, exc)
             return
-        finally:
-            release()
         if manifest is None:
             log.info("checkpoint %s was replaced during its zero-page pass", model)
             return

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import io
 import logging
+import mmap
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,7 +90,32 @@ def _plan(images: Path, pid: int) -> tuple[Path, Path, tuple[ci.PagemapEntry, ..
     return pagemap_path, pages_path, pagemap.entries
 
 
-def _rewrite(images: Path, pid: int, pause: Callable[[], None]) -> int:
+class _Buffer:
+    """One chunk of memory mapped for a pass and unmapped after it. Reads and copies go
+    through it: a heap buffer of a few MiB in each worker thread would stay in that
+    thread's malloc arena, and llmuxd's RSS would grow with every dump it passes over."""
+
+    def __init__(self, size: int) -> None:
+        self.map = mmap.mmap(-1, size)
+        self.view = memoryview(self.map)
+
+    def read(self, src: io.BufferedReader, size: int) -> int:
+        """Up to ``size`` bytes of ``src`` into the buffer's start; how many."""
+        got = 0
+        while got < size:
+            n = src.readinto(self.view[got:size])
+            if not n:
+                break
+            got += n
+        return got
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):  # a view still held: unmapped when freed
+            self.view.release()
+            self.map.close()
+
+
+def _rewrite(images: Path, pid: int, pause: Callable[[], None], buf: _Buffer) -> int:
     """The process's images without its droppable zero pages, as ``.zp`` files beside the
     old ones; returns the bytes dropped (0: nothing written). One read of the pages image;
     the copy starts at the first droppable page (what comes before it is copied as is)."""
@@ -110,10 +137,9 @@ def _rewrite(images: Path, pid: int, pause: Callable[[], None]) -> int:
                 for first in range(0, n, _CHUNK_PAGES):
                     pause()
                     count = min(_CHUNK_PAGES, n - first)
-                    raw = src.read(count * PAGE)
-                    buf = memoryview(raw)  # written from without copies; compared as bytes
-                    if len(raw) != count * PAGE:
+                    if buf.read(src, count * PAGE) != count * PAGE:
                         raise ci.ImageError(f"{pages_path.name}: shorter than its pagemap")
+                    raw = buf.map  # sliced as bytes to compare, written from as a view
                     base = vaddr + first * PAGE
                     kept_from = 0  # this chunk's pages from here on are kept, not yet written
                     for i in range(count):
@@ -127,14 +153,14 @@ def _rewrite(images: Path, pid: int, pause: Callable[[], None]) -> int:
                         if dst is None:
                             dst = _copy_start(pages_path, out_path, done)
                         if kept_from < i:
-                            dst.write(buf[kept_from * PAGE:i * PAGE])
+                            dst.write(buf.view[kept_from * PAGE:i * PAGE])
                         kept_from = i + 1
                         dropped += PAGE
                         if run_len:
                             new_entries.append(ci.PagemapEntry(run_start, run_len, flags))
                             run_len = 0
                     if dst is not None and kept_from < count:
-                        dst.write(buf[kept_from * PAGE:])
+                        dst.write(buf.view[kept_from * PAGE:count * PAGE])
                     done += count * PAGE
                 if run_len:
                     new_entries.append(ci.PagemapEntry(run_start, run_len, flags))
@@ -158,22 +184,21 @@ def _rewrite(images: Path, pid: int, pause: Callable[[], None]) -> int:
 
 
 def _copy_start(src_path: Path, out_path: Path, length: int) -> BinaryIO:
-    """The new pages image, holding the first ``length`` bytes of the old one."""
-    dst = open(out_path, "xb")  # noqa: SIM115 - the caller writes on and closes it
+    """The new pages image, holding the first ``length`` bytes of the old one (copied by
+    the kernel: no buffer of ours)."""
+    fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        os.fchmod(dst.fileno(), 0o600)
         with src_path.open("rb") as src:
-            left = length
-            while left:
-                chunk = src.read(min(left, 8 << 20))
-                if not chunk:
+            offset = 0
+            while offset < length:
+                n = os.sendfile(fd, src.fileno(), offset, length - offset)
+                if not n:
                     raise ci.ImageError(f"{src_path.name}: shorter than its pagemap")
-                dst.write(chunk)
-                left -= len(chunk)
+                offset += n
+        return open(fd, "wb")
     except BaseException:
-        dst.close()
+        os.close(fd)
         raise
-    return dst
 
 
 def prepare(images: Path, pause: Callable[[], None] = lambda: None) -> Dropped:
@@ -182,10 +207,12 @@ def prepare(images: Path, pause: Callable[[], None] = lambda: None) -> Dropped:
     work and gives way). The old images stay in place until :func:`install`. A failure
     leaves them as they were, with no new file, and returns nothing dropped (logged)."""
     total, processes = 0, 0
+    buf = _Buffer(_CHUNK_PAGES * PAGE)
     try:
         discard(images)  # what a pass cut short by a stop left
         for pid, _ppid in ci.read_pstree(images):
-            dropped = _rewrite(images, pid, pause)
+            pause()  # before the process's files are open: a wait holds none
+            dropped = _rewrite(images, pid, pause, buf)
             if dropped:
                 total += dropped
                 processes += 1
@@ -194,6 +221,8 @@ def prepare(images: Path, pause: Callable[[], None] = lambda: None) -> Dropped:
             log.warning("zero pages of %s kept: %s", images, exc)
         discard(images)
         return Dropped()
+    finally:
+        buf.close()
     return Dropped(total, processes)
 
 

@@ -20,12 +20,13 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from llmux.service.core import criuimages, tiermove, zeropages
+from llmux.service.core.claims import Claims
 from llmux.service.core.engine import Caller, CheckpointEngine
 from llmux.service.core.store import image_sizes
 from tests.service.core.conftest import OpenEngine
@@ -217,6 +218,39 @@ async def test_the_pass_waits_for_restores_and_for_a_job_holding_the_model(
     await wait_until_async(lambda: proc.poll() is not None, 30, "the dumped tree to end")
     await engine.restore(ME, "zeros")
     assert await _verdicts(work, [proc.pid, child]) == {"parent": "ok", "child": "ok"}
+
+
+async def test_a_job_asked_for_during_the_pass_s_renames_waits_for_them() -> None:
+    """Background work never refuses the operator's: a restore asked for while a pass
+    holds the model for its renames runs after them, not Busy."""
+    claims = Claims()
+    release = claims.claim("m")  # a job holds the model: the moment waits for it
+    entered, leave = asyncio.Event(), asyncio.Event()
+
+    async def renames() -> None:
+        async with claims.moment("m"):
+            entered.set()
+            await leave.wait()
+
+    moment = asyncio.create_task(renames())
+    await asyncio.sleep(0.05)
+    assert not entered.is_set(), "the moment began while a job held the model"
+    release()
+    await asyncio.wait_for(entered.wait(), 5)
+
+    async def checks() -> Callable[[object], Awaitable[str]]:
+        async def body(_progress: object) -> str:
+            return "ran"
+        return body
+
+    job = asyncio.create_task(claims.prepare("m", None, checks))
+    await asyncio.sleep(0.05)
+    assert not job.done(), "the job did not wait for the moment"
+    leave.set()
+    prepared = await asyncio.wait_for(job, 5)
+    assert await prepared.run() == "ran"
+    await moment
+    assert "m" not in claims.models
 
 
 async def test_no_pass_without_room_for_its_new_images_beside_the_old(
