@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import time
 
 from llmux.common.errors import Busy
@@ -33,9 +32,6 @@ MOVE_WAIT_SECS = 600.0
 AFTER_RESTORE_SECS = 3.0
 #: how often the tier's use and the host's memory are measured while the tier holds images
 WATCH_SECS = 2.0
-#: turns of one model's work in a row, each superseded by a new dump of it, before the
-#: watch's next turn takes over
-_COPY_ATTEMPTS = 5
 #: how long after a failed copy to disk it is tried again
 RETRY_SECS = 30.0
 
@@ -87,57 +83,57 @@ class TierMover:
         self._watch()
 
     async def _after_commit(self, model: str, zero_pass: bool) -> None:
-        """The zero-page pass, then the copy to disk; again while the checkpoint is replaced
-        under them (a new dump of the model commits meanwhile: the old one's work is
-        dropped with it)."""
+        """The zero-page pass, then the copy to disk, of the checkpoint the model has now.
+        A new dump of the model committed meanwhile drops this work with the old
+        checkpoint and gets its own turn when this ends (``_done``)."""
         store = self.store
-        passed: float | None = None  # the checkpoint (by its creation time) already passed
-        for _attempt in range(_COPY_ATTEMPTS):
-            if not store.has(model):
-                break
-            created = store.get(model).created
-            self._again.discard(model)  # the checkpoint in hand now is the newest
-            if zero_pass and passed != created:
-                await self._drop_zero_pages(model, created)
-                passed = created
-                if not store.has(model) or store.get(model).created != created:
-                    continue
-            if not (store.in_memory(model) and not store.on_disk(model)):
-                break
-            try:
-                copied = await asyncio.to_thread(store.copy_to_disk, model, self._give_way)
-            except OSError as exc:
-                self.write_errors[model] = f"writing its images to disk failed: {exc}"
-                self._failed_at[model] = time.monotonic()
-                log.warning("checkpoint %s is in the memory tier only (a reboot would lose "
-                            "it): writing its images to disk failed: %s; kept in memory, "
-                            "tried again in %.0fs", model, exc, RETRY_SECS)
-                return
-            if copied is not None and await asyncio.to_thread(
-                    store.finish_disk_copy, model, *copied):
-                self.write_errors.pop(model, None)
-                self._failed_at.pop(model, None)
-                log.info("wrote the images of %s to disk; its memory copy stays", model)
-                break
+        if not store.has(model):
+            return
+        created = store.get(model).created
+        self._again.discard(model)  # the checkpoint in hand now is the newest
+        if zero_pass:
+            await self._drop_zero_pages(model, created)
+        if (store.has(model) and store.get(model).created == created
+                and store.in_memory(model) and not store.on_disk(model)):
+            await self._copy_to_disk(model)
         await self.make_room()
+
+    async def _copy_to_disk(self, model: str) -> None:
+        try:
+            copied = await asyncio.to_thread(self.store.copy_to_disk, model, self._give_way)
+        except OSError as exc:
+            self.write_errors[model] = f"writing its images to disk failed: {exc}"
+            self._failed_at[model] = time.monotonic()
+            log.warning("checkpoint %s is in the memory tier only (a reboot would lose "
+                        "it): writing its images to disk failed: %s; kept in memory, "
+                        "tried again in %.0fs", model, exc, RETRY_SECS)
+            return
+        if copied is not None and await asyncio.to_thread(
+                self.store.finish_disk_copy, model, *copied):
+            self.write_errors.pop(model, None)
+            self._failed_at.pop(model, None)
+            log.info("wrote the images of %s to disk; its memory copy stays", model)
 
     async def _drop_zero_pages(self, model: str, created: float) -> None:
         """The pass over one checkpoint: its new images written beside the old ones, then
         put in place while this holds the model (after the job that holds it now)."""
         images = self.store.images_dir(model).resolve()  # the tier's folder, not the link
         t = time.monotonic()
+        store = self.store
         try:
             need = await asyncio.to_thread(zeropages.room_needed, images)
-            if self.store.in_memory(model):  # the new files take memory until the old go
-                memory = memtier.Memory.read()
-                room = memory.available - memory.reserve
+            if store.in_memory(model):  # the new files take the tier's memory until the old go
+                used = await asyncio.to_thread(store.memory_used_bytes)
+                fits = memtier.fits(store.memory_limit_bytes, used, need, memtier.Memory.read())
+                where = "in the memory tier"
             else:
-                room = (await asyncio.to_thread(shutil.disk_usage, images)).free
+                fits = need <= await asyncio.to_thread(store.free_bytes)
+                where = "on the disk"
         except OSError:
             return  # the checkpoint went away
-        if need > room:
-            log.info("checkpoint %s keeps its zero pages: the pass needs up to %d MiB beside "
-                     "its images, %d MiB are free", model, need >> 20, max(room, 0) >> 20)
+        if not fits:
+            log.info("checkpoint %s keeps its zero pages: the pass needs up to %d MiB %s "
+                     "beside its images", model, need >> 20, where)
             return
         dropped = await asyncio.to_thread(zeropages.prepare, images, self._give_way)
         if not dropped.bytes:
@@ -145,7 +141,7 @@ class TierMover:
         try:
             async with self.claims.moment(model):  # a restore waits for the renames
                 manifest = await asyncio.to_thread(
-                    self.store.install_zero_pages, model, created, images, dropped.bytes)
+                    store.install_zero_pages, model, created, images, dropped.bytes)
         except OSError as exc:
             log.warning("checkpoint %s keeps its zero pages: %s", model, exc)
             return
