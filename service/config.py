@@ -7,6 +7,8 @@
     cuda_checkpoint = "cuda-checkpoint"
     cuda_plugin_dir = "/usr/lib/criu/"
     ghost_limit_bytes = 536870912
+    network_lock = "auto"          # CRIU's lock of TCP connections: auto | nftables |
+                                   # iptables | skip (a checkpoint restores with its own)
     memory_tier_dir = "/dev/shm/llmux-checkpoints"  # a tmpfs folder for images, kept
     memory_tier_limit_bytes = -1       # up to this many bytes (-1: half the memory available
                                        # without the tier; 0: no memory tier)

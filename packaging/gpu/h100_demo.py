@@ -419,7 +419,8 @@ class CriuDriver:
                 stale.unlink()
         if self.tool is not None:
             try:
-                sync(self.tool.dump(self.module.DumpRequest(pid=root, images_dir=images)))
+                sync(self.tool.dump(self.module.DumpRequest(
+                    pid=root, images_dir=images, network_lock=self.tool.network_lock)))
             except Exception as exc:
                 return False, str(exc)
             return True, ""
@@ -430,7 +431,8 @@ class CriuDriver:
 
     def restore(self, images: Path, pidfile: Path) -> tuple[bool, str]:
         if self.tool is not None:
-            request = self.module.RestoreRequest(images_dir=images, pidfile=pidfile)
+            request = self.module.RestoreRequest(
+                images_dir=images, pidfile=pidfile, network_lock=self.tool.network_lock)
             try:
                 sync(self.tool.restore(request))
             except Exception as exc:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from llmux.common.configschema import Check, Problem, checked, internal, setting
 from llmux.common.contract import DEFAULT_STATE_DIR
+from llmux.service.core.criu import AUTO as AUTO_LOCK
+from llmux.service.core.criu import NETWORK_LOCKS
 from llmux.service.core.cuda import DEFAULT_BINARY, MODES
 from llmux.service.core.memtier import AUTO
 
@@ -70,6 +72,11 @@ class EngineConfig:
     cuda_checkpoint_path: str = setting(DEFAULT_BINARY, key="cuda_checkpoint")
     cuda_plugin_dir: str = setting("/usr/lib/criu/")
     ghost_limit_bytes: int = setting(512 << 20, check=_positive)
+    network_lock: str = setting(AUTO_LOCK, check=one_of((AUTO_LOCK, *NETWORK_LOCKS)))
+    """How CRIU keeps packets away from the tree's TCP connections while it dumps or
+    restores them: "auto" (nftables where this host's CRIU and kernel can, else iptables
+    where iptables-restore is installed, else skip), or one of them by name. A checkpoint
+    records its method; its restore uses the same one."""
     memory_tier_dir: Path | None = setting(DEFAULT_MEMORY_TIER_DIR)
     """A tmpfs folder for checkpoint images (the memory tier); see memory_tier_limit_bytes.
     None: no folder (then the limit must be 0)."""

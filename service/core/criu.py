@@ -84,6 +84,8 @@ class DumpRequest:
     foreign_mntns: bool = False
     plugin_dir: str | None = None
     log_name: str = "dump.log"
+    network_lock: str = "iptables"
+    """--network-lock (NETWORK_LOCKS); the restore must use the same one."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,10 @@ class RestoreRequest:
     cgroup_procs: Sequence[Path] = ()
     """cgroup.procs files CRIU is moved into before it forks the tree, which inherits them."""
     log_name: str = "restore.log"
+    network_lock: str = "iptables"
+    """The dump's --network-lock: a tree on a network it shares is locked connection by
+    connection, by rules that stay from its dump until its restore removes them, by the
+    same method (CRIU's iptables rules or its nftables table)."""
 
 
 @dataclass
@@ -120,15 +126,34 @@ _COMMON = ("--tcp-established", "--ext-unix-sk", "--link-remap", "--file-locks")
 _SBIN_PATH = "/usr/sbin:/sbin:/usr/local/sbin"
 
 
-def network_lock_options(search_path: str | None = None) -> list[str]:
-    """CRIU locks a tree's TCP connections with iptables-restore while it dumps or restores
-    them. A host without it (the GPU machines here have none) gets --network-lock skip:
-    without it CRIU fails on the first established connection (an engine's torch.distributed
-    store has one). The tree is frozen meanwhile, so only packets sent to it from outside
-    could be lost, and engines listen on loopback with their requests drained first."""
+NETWORK_LOCKS = ("nftables", "iptables", "skip")
+"""CRIU's ways of keeping packets away from a tree's TCP connections while it dumps or
+restores them (--network-lock), fastest first."""
+AUTO = "auto"
+
+
+def legacy_network_lock(search_path: str | None = None) -> str:
+    """What a checkpoint that did not record its method was dumped with: iptables where
+    iptables-restore is on PATH, else skip (without a lock CRIU fails on the first
+    established connection; an engine's torch.distributed store has one)."""
     path = search_path if search_path is not None else (
         os.environ.get("PATH", "") + os.pathsep + _SBIN_PATH)
-    return [] if shutil.which("iptables-restore", path=path) else ["--network-lock", "skip"]
+    return "iptables" if shutil.which("iptables-restore", path=path) else "skip"
+
+
+async def usable_network_locks(binary: str, search_path: str | None = None) -> tuple[str, ...]:
+    """The methods this host's CRIU can use, fastest first ("skip" always).
+
+    nftables locks and unlocks in CRIU's own process (libnftables); iptables runs
+    iptables-restore up to seven times per unlock, 45 ms of a 0.46 s restore of real vLLM
+    on the CPU box (docs/performance.md). nftables needs a CRIU built with libnftables and
+    a kernel with nf_tables set concatenation, which ``criu check`` answers.
+    """
+    code, _out = await _run_quick([binary, "check", "--feature", "network_lock_nftables"])
+    found = ["nftables"] if code == 0 else []
+    if legacy_network_lock(search_path) == "iptables":
+        found.append("iptables")
+    return (*found, "skip")
 
 
 def _logged(log_name: str) -> list[str]:
@@ -150,8 +175,8 @@ def _plugins(plugin_dir: str | None) -> list[str]:
 
 def dump_argv(binary: str, req: DumpRequest) -> list[str]:
     argv = [binary, "dump", "--tree", str(req.pid), "--images-dir", str(req.images_dir),
-            *_COMMON, *network_lock_options(), "--ghost-limit", str(req.ghost_limit_bytes),
-            *_logged(req.log_name)]
+            *_COMMON, "--network-lock", req.network_lock,
+            "--ghost-limit", str(req.ghost_limit_bytes), *_logged(req.log_name)]
     if req.leave_running:
         argv.append("--leave-running")
     argv += _job_options(req.shell_job, req.foreign_mntns)
@@ -162,7 +187,7 @@ def dump_argv(binary: str, req: DumpRequest) -> list[str]:
 
 def restore_argv(binary: str, req: RestoreRequest) -> list[str]:
     argv = [binary, "restore", "--images-dir", str(req.images_dir), "--restore-detached",
-            "--pidfile", str(req.pidfile), *_COMMON, *network_lock_options(),
+            "--pidfile", str(req.pidfile), *_COMMON, "--network-lock", req.network_lock,
             *_logged(req.log_name)]
     argv += _job_options(req.shell_job, req.foreign_mntns)
     if req.root is not None:
@@ -204,15 +229,27 @@ def _child_setup(cgroup_files: Sequence[Path]) -> Callable[[], None]:
 
 
 class CriuTool:
-    """One criu binary whose version was checked."""
+    """One criu binary whose version was checked, and the network lock its dumps use.
 
-    def __init__(self, path: str, version: CriuVersion) -> None:
+    ``network_locks``: every method this host's CRIU can use (a restore must use its
+    dump's), ``network_lock`` first.
+    """
+
+    def __init__(self, path: str, version: CriuVersion,
+                 network_locks: tuple[str, ...] = ("skip",)) -> None:
         self.path = path
         self.version = version
+        self.network_locks = network_locks
+
+    @property
+    def network_lock(self) -> str:
+        """The method new dumps use."""
+        return self.network_locks[0]
 
     @classmethod
-    async def locate(cls, path: str = "criu") -> CriuTool:
-        """Find the binary and refuse anything older than CRIU 4.0, saying what to do."""
+    async def locate(cls, path: str = "criu", network_lock: str = AUTO) -> CriuTool:
+        """Find the binary and refuse anything older than CRIU 4.0, saying what to do;
+        ``network_lock`` (AUTO: the fastest this host has) must be usable here."""
         found = path if "/" in path else shutil.which(path)
         if found is None and path == "criu" and os.access(BUNDLE_PATH, os.X_OK):
             found = BUNDLE_PATH
@@ -230,7 +267,15 @@ class CriuTool:
                 f"CRIU {version} at {found} is too old: llmux needs CRIU {MIN_MAJOR}.0 or later "
                 f"(CRIU 3.x cannot dump on current kernels); {INSTALL_HINT}"
             )
-        return cls(found, version)
+        usable = await usable_network_locks(found)
+        if network_lock != AUTO:
+            if network_lock not in usable:
+                raise Unsupported(
+                    f"network_lock = {network_lock!r} cannot be used on this host: "
+                    f"{found} can use {', '.join(usable)} (nftables needs a CRIU built with "
+                    "libnftables and the kernel's nf_tables; iptables needs iptables-restore)")
+            usable = (network_lock, *(m for m in usable if m != network_lock))
+        return cls(found, version, usable)
 
     async def check(self) -> tuple[bool, str]:
         code, out = await _run_quick([self.path, "check"])

@@ -276,6 +276,7 @@ class Dumper(JobBase):
             created=0.0,
             rootfs=rootfs,
             compat=await asyncio.to_thread(compat.host_facts, str(self.criu.version), rootfs),
+            network_lock=self.criu.network_lock,
             foreign_mntns=ctx.foreign,
             shell_job=await asyncio.to_thread(_session_outside, pids),
             external_mounts=[ExternalMountRecord(e.key, e.mount_point) for e in ctx.externals],
@@ -360,6 +361,7 @@ class Dumper(JobBase):
             shell_job=d.pending.shell_job,
             foreign_mntns=ctx.foreign,
             plugin_dir=self.config.cuda_plugin_dir if self.config.cuda_mode == "plugin" else None,
+            network_lock=d.pending.network_lock,
         )
 
         def journal_criu(run: CriuRun) -> None:

@@ -118,7 +118,7 @@ class CheckpointEngine:
         problems = config.problems()
         if problems:
             raise InvalidArgument("; ".join(why for _key, why in problems))
-        criu = await CriuTool.locate(config.criu_path)
+        criu = await CriuTool.locate(config.criu_path, config.network_lock)
         store = CheckpointStore(config.state_dir, config.memory_tier_dir,
                                 config.memory_tier_limit_bytes)
         await asyncio.to_thread(recovery.recover, store)
@@ -222,14 +222,14 @@ class CheckpointEngine:
 
     def check_manifest(self, manifest: Manifest, target: ContainerContext) -> None:
         """Refuse, precisely, a checkpoint this host or this container cannot take back."""
-        restorecheck.check_manifest(manifest, target, self.criu.version)
+        restorecheck.check_manifest(manifest, target, self.criu)
 
     async def check_restore(self, caller: Caller, model: str) -> None:
         """The checks of prepare_restore alone (restorecheck): nothing claimed, no job, no
         file touched; raises what prepare_restore would."""
         check_model(model)
         record = await self.restorer.remote_record(model)
-        await restorecheck.check_restore(self.store, self.criu.version, caller, model,
+        await restorecheck.check_restore(self.store, self.criu, caller, model,
                                          remote=record.manifest if record else None)
 
     def take_back_interrupted_restores(self) -> list[str]:

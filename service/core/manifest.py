@@ -13,6 +13,7 @@ from typing import Any
 
 from llmux.common.contract import CheckpointInfo
 from llmux.common.errors import ManifestMismatch
+from llmux.service.core.criu import NETWORK_LOCKS, legacy_network_lock
 from llmux.service.core.upperfiles import SavedFile
 
 FORMAT = 1
@@ -80,10 +81,17 @@ class Manifest:
     """The tree has a network namespace of its own (owned by its user namespace): its
     listening ports are its own, free wherever it restores, and its TCP connections
     restore by TCP repair."""
+    network_lock: str = ""
+    """CRIU's --network-lock at the dump (criu.NETWORK_LOCKS), which its restore must use;
+    "" in checkpoints of older versions (restore_network_lock says what they used)."""
     gpus: list[int] = field(default_factory=list)
     """The GPUs the tree's CUDA state is on, in the caller's numbering, as the caller said
     at the dump (the shim's placement): where its restore comes back unless moved."""
     format: int = FORMAT
+
+    def restore_network_lock(self) -> str:
+        """The --network-lock its restore must use: the dump's."""
+        return self.network_lock or legacy_network_lock()
 
     @property
     def size_bytes(self) -> int:
@@ -169,3 +177,6 @@ class Manifest:
             raise ManifestMismatch("manifest has invalid image sizes")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.compat.items()):
             raise ManifestMismatch("manifest has invalid compatibility fields")
+        if self.network_lock not in ("", *NETWORK_LOCKS):
+            raise ManifestMismatch(
+                f"manifest has an unknown network_lock {str(self.network_lock)[:40]!r}")

@@ -118,7 +118,7 @@ class Restorer(JobBase):
             started = time.monotonic()
             record = await self.remote_record(model)
             manifest, target = await restorecheck.check_restore(
-                self.store, self.criu.version, caller, model,
+                self.store, self.criu, caller, model,
                 remote=record.manifest if record is not None else None)
             # a replica needs a tree in namespaces of its own; a PID-bound one that runs
             # holds the very PIDs a second one needs (PidInUse, as ever)
@@ -271,6 +271,7 @@ class Restorer(JobBase):
             foreign_mntns=r.manifest.foreign_mntns or target.foreign,
             plugin_dir=self.config.cuda_plugin_dir if self.config.cuda_mode == "plugin" else None,
             cgroup_procs=cgroup_procs,
+            network_lock=r.manifest.restore_network_lock(),
         )
 
     async def _criu_restore(self, r: Restore, req: RestoreRequest) -> None:

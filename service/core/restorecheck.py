@@ -18,7 +18,7 @@ from llmux.common.errors import ManifestMismatch, NotFound, Unsupported
 from llmux.service.core import authz, compat, devcopy, upperfiles
 from llmux.service.core.authz import Caller
 from llmux.service.core.container import ContainerContext
-from llmux.service.core.criu import CriuVersion
+from llmux.service.core.criu import CriuTool
 from llmux.service.core.cuda import driver_version
 from llmux.service.core.manifest import Manifest
 from llmux.service.core.store import CheckpointStore, check_images, check_model
@@ -30,7 +30,7 @@ NOT_RESTORABLE = (ManifestMismatch, Unsupported)
 
 
 async def check_restore(
-    store: CheckpointStore, criu: CriuVersion, caller: Caller, model: str,
+    store: CheckpointStore, criu: CriuTool, caller: Caller, model: str,
     remote: Manifest | None = None,
 ) -> tuple[Manifest, ContainerContext]:
     """The checkpoint of ``model`` and the caller's container it would restore into.
@@ -54,13 +54,20 @@ async def check_restore(
     return manifest, target
 
 
-def check_manifest(manifest: Manifest, target: ContainerContext, criu: CriuVersion) -> None:
+def check_manifest(manifest: Manifest, target: ContainerContext, tool: CriuTool) -> None:
     """Refuse, precisely, a checkpoint this host or this container cannot take back."""
+    criu = tool.version
     major = manifest.criu_version.split(".", 1)[0]
     if major != str(criu.major):
         raise ManifestMismatch(
             f"checkpoint {manifest.model!r} was dumped by CRIU {manifest.criu_version}; "
             f"this host runs CRIU {criu}"
+        )
+    lock = manifest.restore_network_lock()
+    if lock not in tool.network_locks:
+        raise ManifestMismatch(
+            f"checkpoint {manifest.model!r} was dumped under CRIU's {lock} network lock, "
+            f"which its restore must undo; this host can use {', '.join(tool.network_locks)}"
         )
     kernel = os.uname().release
     if manifest.kernel_release != kernel:

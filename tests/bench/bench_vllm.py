@@ -442,6 +442,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare-zero-pages", action="store_true",
                    help="each repeat runs llmuxd with drop_zero_pages off, then on (with "
                         "--settle long enough for the pass before the restore)")
+    p.add_argument("--compare-network-lock", action="store_true",
+                   help="each repeat runs llmuxd with CRIU's network lock by iptables, then "
+                        "by nftables")
     p.add_argument("--evict-images", action="store_true",
                    help="before a restore, evict only the state directory's files from the "
                         "page cache (the images on disk cold; libraries and the memory tier "
@@ -483,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.compare_zero_pages:
             configs = [(f"{label}-zp-{on}", f"{config}drop_zero_pages = {on}\n")
                        for label, config in configs for on in ("false", "true")]
+        if args.compare_network_lock:
+            configs = [(f"{label}-{lock}", f'{config}network_lock = "{lock}"\n')
+                       for label, config in configs for lock in ("iptables", "nftables")]
         logs: list[str] = []
         with harness.running_bus(workdir / "bus") as bus:
             try:

@@ -8,6 +8,7 @@ restored, not cold-started, answers the same, and the holders keep their PIDs.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -18,8 +19,9 @@ import pytest
 
 from llmux.common.contract import BUS_NAME, CHECKPOINT_INTERFACE, checkpoint_path
 from llmux.common.resources import connected_ports
+from llmux.service.core.criu import usable_network_locks
 from llmux.service.core.pidns import inner_pids, owns_network
-from tests.support.llmuxd_harness import Llmuxd
+from tests.support.llmuxd_harness import CRIU, Llmuxd
 from tests.support.podman_shim import MODEL, Reaper, ShimFactory
 from tests.support.procs import hold_pid, wait_until
 
@@ -114,6 +116,9 @@ def test_a_tree_with_open_tcp_connections_restores_in_its_own_network(
         assert body["state"] == "checkpointed", f"{body}\n{a.logs()}"
         manifest = json.loads((llmuxd.state_dir / MODEL / "manifest.json").read_text())
         assert manifest["net_namespace"] is True
+        # locked by the fastest method this host has (nftables where CRIU and the kernel
+        # can), recorded for the restore, which must undo the same
+        assert manifest["network_lock"] == asyncio.run(usable_network_locks(CRIU))[0]
         assert a.answer() == first
         woke = a.model_status()
         assert woke["last_wake"] == "restore", f"{woke}\n{a.logs()}"
@@ -157,6 +162,47 @@ def test_a_tree_on_the_containers_network_with_tcp_connections_is_refused_by_nam
         assert "LLMUX_NET_NAMESPACE=0" in error, error
         assert MODEL not in [p.name for p in llmuxd.state_dir.iterdir()]
         assert a.answer() == first  # started again, the same answer
+    finally:
+        leftovers = shims.cleanup()
+        assert not leftovers, leftovers
+
+
+def test_a_checkpoint_restores_under_the_network_lock_of_its_dump(
+    llmuxd: Llmuxd, podman_rootfs: str, reaper: Reaper, tmp_path: Path
+) -> None:
+    """A checkpoint dumped under CRIU's iptables lock (an older llmuxd, or network_lock =
+    "iptables") restores under an llmuxd that now picks its method itself (nftables here),
+    with the method it recorded: its TCP links come back, no CRIU rule is left in its
+    network (a lock left in place drops the forwarder's loopback traffic: no answer), and
+    it answers the same."""
+    config = llmuxd.workdir / "llmuxd.toml"
+    shims = ShimFactory(
+        rootfs=podman_rootfs, bus_dir=Path(llmuxd.bus.socket_path).parent,
+        bus_address_in=f"unix:path=/run/llmux-bus/{Path(llmuxd.bus.socket_path).name}",
+        workdir=tmp_path / "shared", backend="torch")
+    try:
+        llmuxd.stop()
+        config.write_text('network_lock = "iptables"\n')
+        llmuxd.start()
+        a = shims.start("a")
+        first = a.answer()
+        reaper.watch(list(a.model_status()["pids"]))
+        body = a.control("sleep")
+        assert body["state"] == "checkpointed", f"{body}\n{a.logs()}"
+        manifest = json.loads((llmuxd.state_dir / MODEL / "manifest.json").read_text())
+        assert manifest["network_lock"] == "iptables" and manifest["net_namespace"] is True
+        llmuxd.stop()
+        config.write_text("")  # auto: the fastest method this host has
+        llmuxd.start()
+        assert a.answer() == first
+        woke = a.model_status()
+        assert woke["last_wake"] == "restore", f"{woke}\n{a.logs()}\n{llmuxd.log()}"
+        pids = list(woke["pids"])
+        assert connected_ports(pids), "the torch links did not come back"
+        rules = subprocess.run(["nsenter", "-t", str(pids[0]), "-n", "iptables-save"],
+                               capture_output=True, text=True, check=True).stdout
+        assert "CRIU" not in rules, rules
+        assert a.answer() == first
     finally:
         leftovers = shims.cleanup()
         assert not leftovers, leftovers

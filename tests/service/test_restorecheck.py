@@ -16,12 +16,12 @@ import pytest
 from llmux.common.errors import ManifestMismatch
 from llmux.service.core import restorecheck
 from llmux.service.core.container import ContainerContext
-from llmux.service.core.criu import CriuVersion
+from llmux.service.core.criu import CriuTool, CriuVersion, legacy_network_lock
 from llmux.service.core.manifest import Manifest
 from llmux.service.core.store import IMAGES, CheckpointStore
 
 HOST = ContainerContext(pid=1, mnt_ns="mnt:[1]", foreign=False, root=None, overlay=None)
-CRIU = CriuVersion(4, 2, 1)
+CRIU = CriuTool("criu", CriuVersion(4, 2, 1), ("nftables", "iptables", "skip"))
 
 
 def _manifest(**kw: Any) -> Manifest:
@@ -36,9 +36,9 @@ def test_manifest_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     """The rules the operator page used to copy: now only llmuxd's."""
     monkeypatch.setattr(restorecheck, "driver_version", lambda: "580.1")
 
-    def why(**kw: Any) -> str | None:
+    def why(tool: CriuTool = CRIU, **kw: Any) -> str | None:
         try:
-            restorecheck.check_manifest(_manifest(**kw), HOST, CRIU)
+            restorecheck.check_manifest(_manifest(**kw), HOST, tool)
         except ManifestMismatch as e:
             return e.message
         return None
@@ -51,6 +51,21 @@ def test_manifest_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "driver 570.0" in (why(driver_version="570.0", cuda_pids=[7]) or "")
     assert why(driver_version="580.1", cuda_pids=[7]) is None
     assert "another image" in (why(rootfs={"kind": "overlay", "lowerdirs": ["/x"]}) or "")
+    # the restore must undo the dump's network lock
+    nft_only = CriuTool("criu", CriuVersion(4, 2, 1), ("nftables", "skip"))
+    assert why(nft_only, network_lock="nftables") is None
+    assert why(nft_only, network_lock="skip") is None
+    assert ("dumped under CRIU's iptables network lock, which its restore must undo; this "
+            "host can use nftables, skip") in (why(nft_only, network_lock="iptables") or "")
+    # a checkpoint of an older version: what it was dumped with on this host
+    older = why(nft_only, network_lock="")
+    assert (older is None) == (legacy_network_lock() in nft_only.network_locks)
+
+
+def test_an_unknown_network_lock_is_a_malformed_manifest() -> None:
+    """It becomes an argument of CRIU's: only the names CRIU knows pass."""
+    with pytest.raises(ManifestMismatch, match="unknown network_lock"):
+        Manifest.from_dict({**_manifest().to_dict(), "network_lock": "--action-script=/x"})
 
 
 def test_intact_and_files_present_only_look(tmp_path: Path) -> None:

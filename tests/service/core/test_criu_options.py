@@ -1,26 +1,67 @@
-"""CRIU's network lock: iptables where the host has it, none where it has not."""
+"""CRIU's network lock: the fastest method this host's CRIU can use, and the restore of a
+checkpoint with the method of its dump."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from pathlib import Path
 
-from llmux.service.core.criu import DumpRequest, dump_argv, network_lock_options
+import pytest
+
+from llmux.common.errors import Unsupported
+from llmux.service.core.criu import (
+    CriuTool,
+    DumpRequest,
+    RestoreRequest,
+    dump_argv,
+    legacy_network_lock,
+    restore_argv,
+    usable_network_locks,
+)
 
 
-def test_network_lock_skipped_without_iptables_restore(tmp_path: Path) -> None:
-    assert network_lock_options(str(tmp_path)) == ["--network-lock", "skip"]
+def _tool(directory: Path, name: str, code: int) -> Path:
+    """An executable that reports CRIU 4.2.1 and answers `check` with exit ``code``."""
+    path = directory / name
+    path.write_text(f"#!/bin/sh\n[ \"$1\" = check ] && exit {code}\necho 'Version: 4.2.1'\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
 
 
-def test_network_lock_left_to_criu_with_iptables_restore(tmp_path: Path) -> None:
-    tool = tmp_path / "iptables-restore"
-    tool.write_text("#!/bin/sh\n")
-    tool.chmod(tool.stat().st_mode | stat.S_IXUSR)
-    assert network_lock_options(str(tmp_path)) == []
+def test_legacy_lock_is_iptables_only_where_iptables_restore_is(tmp_path: Path) -> None:
+    assert legacy_network_lock(str(tmp_path)) == "skip"
+    _tool(tmp_path, "iptables-restore", 0)
+    assert legacy_network_lock(str(tmp_path)) == "iptables"
 
 
-def test_dump_argv_carries_the_choice(tmp_path: Path) -> None:
-    argv = dump_argv("criu", DumpRequest(pid=os.getpid(), images_dir=tmp_path))
-    skipped = "--network-lock" in argv
-    assert skipped == (network_lock_options() != [])
+def test_usable_locks_fastest_first(tmp_path: Path) -> None:
+    """nftables only where `criu check --feature network_lock_nftables` passes."""
+    yes, no = _tool(tmp_path, "criu-nft", 0), _tool(tmp_path, "criu-old", 1)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert asyncio.run(usable_network_locks(str(yes), str(bare))) == ("nftables", "skip")
+    assert asyncio.run(usable_network_locks(str(no), str(bare))) == ("skip",)
+    _tool(tmp_path, "iptables-restore", 0)
+    assert asyncio.run(usable_network_locks(str(yes), str(tmp_path))) == (
+        "nftables", "iptables", "skip")
+
+
+def test_a_named_lock_this_host_lacks_is_refused_by_key(tmp_path: Path) -> None:
+    criu = _tool(tmp_path, "criu", 1)  # the nftables check fails
+    refused = (r"network_lock = 'nftables' cannot be used on this host: "
+               r".* can use (iptables, )?skip \(")
+    with pytest.raises(Unsupported, match=refused):
+        asyncio.run(CriuTool.locate(str(criu), "nftables"))
+    tool = asyncio.run(CriuTool.locate(str(criu), "skip"))
+    assert tool.network_lock == "skip"
+
+
+def test_both_argvs_carry_the_method(tmp_path: Path) -> None:
+    dump = dump_argv("criu", DumpRequest(pid=os.getpid(), images_dir=tmp_path,
+                                         network_lock="nftables"))
+    restore = restore_argv("criu", RestoreRequest(images_dir=tmp_path, pidfile=tmp_path / "p",
+                                                  network_lock="iptables"))
+    assert dump[dump.index("--network-lock") + 1] == "nftables"
+    assert restore[restore.index("--network-lock") + 1] == "iptables"
