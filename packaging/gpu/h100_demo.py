@@ -431,8 +431,7 @@ class CriuDriver:
 
     def restore(self, images: Path, pidfile: Path) -> tuple[bool, str]:
         if self.tool is not None:
-            request = self.module.RestoreRequest(
-                images_dir=images, pidfile=pidfile, network_lock=self.tool.network_lock)
+            request = self.module.RestoreRequest(images_dir=images, pidfile=pidfile)
             try:
                 sync(self.tool.restore(request))
             except Exception as exc:

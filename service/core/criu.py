@@ -85,7 +85,8 @@ class DumpRequest:
     plugin_dir: str | None = None
     log_name: str = "dump.log"
     network_lock: str = "iptables"
-    """--network-lock (NETWORK_LOCKS); the restore must use the same one."""
+    """--network-lock (NETWORK_LOCKS). CRIU records it in the images and unlocks their
+    restore by the same method (it ignores --network-lock at a restore)."""
 
 
 @dataclass(frozen=True)
@@ -102,10 +103,6 @@ class RestoreRequest:
     cgroup_procs: Sequence[Path] = ()
     """cgroup.procs files CRIU is moved into before it forks the tree, which inherits them."""
     log_name: str = "restore.log"
-    network_lock: str = "iptables"
-    """The dump's --network-lock: a tree on a network it shares is locked connection by
-    connection, by rules that stay from its dump until its restore removes them, by the
-    same method (CRIU's iptables rules or its nftables table)."""
 
 
 @dataclass
@@ -132,26 +129,26 @@ restores them (--network-lock), fastest first."""
 AUTO = "auto"
 
 
-def legacy_network_lock(search_path: str | None = None) -> str:
-    """What a checkpoint that did not record its method was dumped with: iptables where
-    iptables-restore is on PATH, else skip (without a lock CRIU fails on the first
-    established connection; an engine's torch.distributed store has one)."""
+def iptables_restore_found(search_path: str | None = None) -> bool:
+    """Whether CRIU finds iptables-restore (on PATH or in the sbin directories)."""
     path = search_path if search_path is not None else (
         os.environ.get("PATH", "") + os.pathsep + _SBIN_PATH)
-    return "iptables" if shutil.which("iptables-restore", path=path) else "skip"
+    return shutil.which("iptables-restore", path=path) is not None
 
 
 async def usable_network_locks(binary: str, search_path: str | None = None) -> tuple[str, ...]:
-    """The methods this host's CRIU can use, fastest first ("skip" always).
+    """The methods this host's CRIU can use, fastest first ("skip" always: without a lock
+    CRIU fails on the first established connection, and an engine's torch.distributed
+    store has one; the tree is frozen meanwhile and engines listen on loopback).
 
-    nftables locks and unlocks in CRIU's own process (libnftables); iptables runs
-    iptables-restore up to seven times per unlock, 45 ms of a 0.46 s restore of real vLLM
-    on the CPU box (docs/performance.md). nftables needs a CRIU built with libnftables and
-    a kernel with nf_tables set concatenation, which ``criu check`` answers.
+    nftables locks and unlocks in CRIU's own process (libnftables): 7-12 ms to unlock at
+    the end of a restore, against 49-66 ms for iptables, which runs iptables-restore up
+    to seven times (docs/performance.md). It needs a CRIU built with libnftables and a
+    kernel with nf_tables set concatenation, which ``criu check`` answers.
     """
     code, _out = await _run_quick([binary, "check", "--feature", "network_lock_nftables"])
     found = ["nftables"] if code == 0 else []
-    if legacy_network_lock(search_path) == "iptables":
+    if iptables_restore_found(search_path):
         found.append("iptables")
     return (*found, "skip")
 
@@ -187,7 +184,7 @@ def dump_argv(binary: str, req: DumpRequest) -> list[str]:
 
 def restore_argv(binary: str, req: RestoreRequest) -> list[str]:
     argv = [binary, "restore", "--images-dir", str(req.images_dir), "--restore-detached",
-            "--pidfile", str(req.pidfile), *_COMMON, "--network-lock", req.network_lock,
+            "--pidfile", str(req.pidfile), *_COMMON,
             *_logged(req.log_name)]
     argv += _job_options(req.shell_job, req.foreign_mntns)
     if req.root is not None:
@@ -231,7 +228,7 @@ def _child_setup(cgroup_files: Sequence[Path]) -> Callable[[], None]:
 class CriuTool:
     """One criu binary whose version was checked, and the network lock its dumps use.
 
-    ``network_locks``: every method this host's CRIU can use (a restore must use its
+    ``network_locks``: every method this host's CRIU can use (a restore unlocks by its
     dump's), ``network_lock`` first.
     """
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from llmux.common.contract import CheckpointInfo
 from llmux.common.errors import ManifestMismatch
-from llmux.service.core.criu import NETWORK_LOCKS, legacy_network_lock
+from llmux.service.core.criu import NETWORK_LOCKS
 from llmux.service.core.upperfiles import SavedFile
 
 FORMAT = 1
@@ -82,16 +82,13 @@ class Manifest:
     listening ports are its own, free wherever it restores, and its TCP connections
     restore by TCP repair."""
     network_lock: str = ""
-    """CRIU's --network-lock at the dump (criu.NETWORK_LOCKS), which its restore must use;
-    "" in checkpoints of older versions (restore_network_lock says what they used)."""
+    """CRIU's --network-lock at the dump (criu.NETWORK_LOCKS): CRIU unlocks the restore by
+    the same method, which the restoring host must have; "" in checkpoints of older
+    versions (iptables where the dumping host had iptables-restore, else skip)."""
     gpus: list[int] = field(default_factory=list)
     """The GPUs the tree's CUDA state is on, in the caller's numbering, as the caller said
     at the dump (the shim's placement): where its restore comes back unless moved."""
     format: int = FORMAT
-
-    def restore_network_lock(self) -> str:
-        """The --network-lock its restore must use: the dump's."""
-        return self.network_lock or legacy_network_lock()
 
     @property
     def size_bytes(self) -> int:

@@ -271,7 +271,6 @@ class Restorer(JobBase):
             foreign_mntns=r.manifest.foreign_mntns or target.foreign,
             plugin_dir=self.config.cuda_plugin_dir if self.config.cuda_mode == "plugin" else None,
             cgroup_procs=cgroup_procs,
-            network_lock=r.manifest.restore_network_lock(),
         )
 
     async def _criu_restore(self, r: Restore, req: RestoreRequest) -> None:

@@ -63,8 +63,8 @@ def check_manifest(manifest: Manifest, target: ContainerContext, tool: CriuTool)
             f"checkpoint {manifest.model!r} was dumped by CRIU {manifest.criu_version}; "
             f"this host runs CRIU {criu}"
         )
-    lock = manifest.restore_network_lock()
-    if lock not in tool.network_locks:
+    lock = manifest.network_lock
+    if lock and lock not in tool.network_locks:
         raise ManifestMismatch(
             f"checkpoint {manifest.model!r} was dumped under CRIU's {lock} network lock, "
             f"which its restore must undo; this host can use {', '.join(tool.network_locks)}"

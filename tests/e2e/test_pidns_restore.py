@@ -171,10 +171,10 @@ def test_a_checkpoint_restores_under_the_network_lock_of_its_dump(
     llmuxd: Llmuxd, podman_rootfs: str, reaper: Reaper, tmp_path: Path
 ) -> None:
     """A checkpoint dumped under CRIU's iptables lock (an older llmuxd, or network_lock =
-    "iptables") restores under an llmuxd that now picks its method itself (nftables here),
-    with the method it recorded: its TCP links come back, no CRIU rule is left in its
-    network (a lock left in place drops the forwarder's loopback traffic: no answer), and
-    it answers the same."""
+    "iptables") restores under an llmuxd that now picks its method itself (nftables here):
+    CRIU unlocks it by the method in its images, its TCP links come back, no CRIU rule is
+    left in its network (a lock left in place drops the forwarder's loopback traffic: no
+    answer), and it answers the same."""
     config = llmuxd.workdir / "llmuxd.toml"
     shims = ShimFactory(
         rootfs=podman_rootfs, bus_dir=Path(llmuxd.bus.socket_path).parent,

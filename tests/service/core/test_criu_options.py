@@ -1,5 +1,5 @@
-"""CRIU's network lock: the fastest method this host's CRIU can use, and the restore of a
-checkpoint with the method of its dump."""
+"""CRIU's network lock: the fastest method this host's CRIU can use at a dump (CRIU
+unlocks a restore by the dump's method, recorded in its images)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from llmux.service.core.criu import (
     DumpRequest,
     RestoreRequest,
     dump_argv,
-    legacy_network_lock,
+    iptables_restore_found,
     restore_argv,
     usable_network_locks,
 )
@@ -30,10 +30,10 @@ def _tool(directory: Path, name: str, code: int) -> Path:
     return path
 
 
-def test_legacy_lock_is_iptables_only_where_iptables_restore_is(tmp_path: Path) -> None:
-    assert legacy_network_lock(str(tmp_path)) == "skip"
+def test_iptables_restore_looked_up_on_the_path_given(tmp_path: Path) -> None:
+    assert not iptables_restore_found(str(tmp_path))
     _tool(tmp_path, "iptables-restore", 0)
-    assert legacy_network_lock(str(tmp_path)) == "iptables"
+    assert iptables_restore_found(str(tmp_path))
 
 
 def test_usable_locks_fastest_first(tmp_path: Path) -> None:
@@ -58,10 +58,10 @@ def test_a_named_lock_this_host_lacks_is_refused_by_key(tmp_path: Path) -> None:
     assert tool.network_lock == "skip"
 
 
-def test_both_argvs_carry_the_method(tmp_path: Path) -> None:
+def test_the_dump_names_the_method_and_the_restore_leaves_it_to_criu(tmp_path: Path) -> None:
+    """CRIU ignores --network-lock at a restore (with a warning): the images say."""
     dump = dump_argv("criu", DumpRequest(pid=os.getpid(), images_dir=tmp_path,
                                          network_lock="nftables"))
-    restore = restore_argv("criu", RestoreRequest(images_dir=tmp_path, pidfile=tmp_path / "p",
-                                                  network_lock="iptables"))
+    restore = restore_argv("criu", RestoreRequest(images_dir=tmp_path, pidfile=tmp_path / "p"))
     assert dump[dump.index("--network-lock") + 1] == "nftables"
-    assert restore[restore.index("--network-lock") + 1] == "iptables"
+    assert "--network-lock" not in restore
