@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from llmux.common.errors import Busy
 from llmux.service.core import memtier, zeropages
@@ -51,6 +52,9 @@ class TierMover:
         self._failed_at: dict[str, float] = {}
         self._again: set[str] = set()
         """Models committed anew while their work was in flight."""
+        self.on_change: Callable[[], None] = lambda: None
+        """Called when this work changed what a checkpoint or the host shows (a smaller
+        image, where the images are, the disk's free bytes): the bus announces it."""
 
     def start(self, model: str, *, committed: bool = True) -> None:
         """The background work on ``model``'s checkpoint: the zero-page pass of a checkpoint
@@ -69,6 +73,7 @@ class TierMover:
 
     def _done(self, model: str) -> None:
         self._movers.pop(model, None)
+        self.on_change()
         if model in self._again:
             self._again.discard(model)
             if self.store.has(model):
@@ -203,6 +208,8 @@ class TierMover:
                 log.info("dropped the memory copy of %s (%d MiB; %d MiB available): the "
                          "tier gives memory back, its copy on disk stays", model,
                          freed >> 20, memory.available >> 20)
+        if dropped:
+            self.on_change()
         return dropped
 
     def _watch(self) -> None:

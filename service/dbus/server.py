@@ -68,6 +68,8 @@ class HostServer:
         self._checkpoints: dict[str, tuple[ContractObject, CheckpointInfo]] = {}
         if engine.uploads is not None:  # an upload done: the checkpoint is "both" now
             engine.uploads.on_change = self.sync_checkpoints
+        # the work behind a dump: a smaller image, its copy on disk, memory given back
+        engine.mover.on_change = self.sync_checkpoints
         self.dispatcher = Dispatcher(bus)
         # every method of contract.py, each to the one handler marked @exports(...) below
         for on_path, route in routes(self):

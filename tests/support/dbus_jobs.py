@@ -49,6 +49,11 @@ class SignalRecorder:
     def members(self, member: str) -> list[list[Any]]:
         return [body for name, _path, body in self.signals if name == member]
 
+    def announced(self, path: str, prop: str) -> list[Any]:
+        """Every value of ``prop`` that PropertiesChanged announced on ``path``, in order."""
+        return [body[1][prop].value for name, on, body in self.signals
+                if name == "PropertiesChanged" and on == path and prop in body[1]]
+
     async def wait_for(self, member: str, timeout: float = 60) -> list[Any]:
         found = await wait_until_async(lambda: self.members(member), timeout,
                                        f"a {member} signal")
