@@ -419,8 +419,7 @@ class CriuDriver:
                 stale.unlink()
         if self.tool is not None:
             try:
-                sync(self.tool.dump(self.module.DumpRequest(
-                    pid=root, images_dir=images, network_lock=self.tool.network_lock)))
+                sync(self.tool.dump(self.module.DumpRequest(pid=root, images_dir=images)))
             except Exception as exc:
                 return False, str(exc)
             return True, ""

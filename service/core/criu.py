@@ -84,9 +84,6 @@ class DumpRequest:
     foreign_mntns: bool = False
     plugin_dir: str | None = None
     log_name: str = "dump.log"
-    network_lock: str = "iptables"
-    """--network-lock (NETWORK_LOCKS). CRIU records it in the images and unlocks their
-    restore by the same method (it ignores --network-lock at a restore)."""
 
 
 @dataclass(frozen=True)
@@ -170,9 +167,11 @@ def _plugins(plugin_dir: str | None) -> list[str]:
     return ["--libdir", plugin_dir] if plugin_dir else []
 
 
-def dump_argv(binary: str, req: DumpRequest) -> list[str]:
+def dump_argv(binary: str, req: DumpRequest, network_lock: str) -> list[str]:
+    """``network_lock`` (NETWORK_LOCKS): CRIU records it in the images and unlocks their
+    restore by the same method (it ignores --network-lock at a restore)."""
     argv = [binary, "dump", "--tree", str(req.pid), "--images-dir", str(req.images_dir),
-            *_COMMON, "--network-lock", req.network_lock,
+            *_COMMON, "--network-lock", network_lock,
             "--ghost-limit", str(req.ghost_limit_bytes), *_logged(req.log_name)]
     if req.leave_running:
         argv.append("--leave-running")
@@ -286,8 +285,8 @@ class CriuTool:
         timeout_secs: float | None = None,
     ) -> CriuRun:
         return await self._run(
-            dump_argv(self.path, req), req.images_dir, req.log_name, "dump", on_start, (),
-            timeout_secs,
+            dump_argv(self.path, req, self.network_lock), req.images_dir, req.log_name, "dump",
+            on_start, (), timeout_secs,
         )
 
     async def restore(

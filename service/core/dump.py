@@ -361,7 +361,6 @@ class Dumper(JobBase):
             shell_job=d.pending.shell_job,
             foreign_mntns=ctx.foreign,
             plugin_dir=self.config.cuda_plugin_dir if self.config.cuda_mode == "plugin" else None,
-            network_lock=d.pending.network_lock,
         )
 
         def journal_criu(run: CriuRun) -> None:

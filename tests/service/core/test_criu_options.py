@@ -60,8 +60,7 @@ def test_a_named_lock_this_host_lacks_is_refused_by_key(tmp_path: Path) -> None:
 
 def test_the_dump_names_the_method_and_the_restore_leaves_it_to_criu(tmp_path: Path) -> None:
     """CRIU ignores --network-lock at a restore (with a warning): the images say."""
-    dump = dump_argv("criu", DumpRequest(pid=os.getpid(), images_dir=tmp_path,
-                                         network_lock="nftables"))
+    dump = dump_argv("criu", DumpRequest(pid=os.getpid(), images_dir=tmp_path), "nftables")
     restore = restore_argv("criu", RestoreRequest(images_dir=tmp_path, pidfile=tmp_path / "p"))
     assert dump[dump.index("--network-lock") + 1] == "nftables"
     assert "--network-lock" not in restore
