@@ -74,6 +74,24 @@ def listed_checkpoints(address: str) -> list[str]:
     return ask_llmuxd(address, _listed)
 
 
+def settled(address: str, model: str, within: float) -> tuple[float, str, int]:
+    """Waits until llmuxd's work behind a dump is over for ``model`` (the zero-page pass,
+    then the copy of the memory tier's images to disk: Storage leaves "memory"); returns
+    (seconds waited, Storage, SizeBytes)."""
+    async def info(client: Any) -> tuple[str, int]:
+        for c in await client.list_checkpoints():
+            if c.model == model:
+                return c.storage, c.size_bytes
+        return "", 0
+
+    t = time.monotonic()
+    storage, size = ask_llmuxd(address, info)
+    while storage == "memory" and time.monotonic() - t < within:
+        time.sleep(0.25)
+        storage, size = ask_llmuxd(address, info)
+    return time.monotonic() - t, storage, size
+
+
 def explained(address: str, model: str) -> str:
     """`llmux checkpoints --explain MODEL` as text: what fills the checkpoint's images."""
     from llmux.client.opscli import render_breakdown
@@ -195,6 +213,10 @@ def main() -> int:
     parser.add_argument("--container", choices=("auto", "podman", "ns"), default="auto",
                         help="podman where it runs (auto), else namespaces (nscontainer.py)")
     parser.add_argument("--workdir", default="/var/tmp")
+    parser.add_argument("--settle", type=float, default=120.0, metavar="SECONDS",
+                        help="after each sleep, wait up to this long for llmuxd's work behind "
+                             "the dump (zero-page pass, copy to disk) so that the next restore "
+                             "reads the images an operator's later restores read; 0: no wait")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "gpu-out"))
     args = parser.parse_args()
 
@@ -266,6 +288,13 @@ def main() -> int:
             run.step(name, cond, **data)
             return cond
 
+        def settle(letter: str) -> None:
+            if not args.settle:
+                return
+            secs, storage, size = settled(bus.address, MODEL, args.settle)
+            check(f"the work behind {letter}'s dump is over", storage != "memory",
+                  secs=round(secs, 2), storage=storage, images_mib=size >> 20)
+
         def guarded(name: str, fn: Callable[[], None]) -> bool:
             try:
                 fn()
@@ -293,6 +322,7 @@ def main() -> int:
                   not any(Path(f"/proc/{p}").exists() for p in pids) and gpu_mib(pids) == 0,
                   pids=pids)
             check("llmuxd lists the checkpoint", MODEL in listed_checkpoints(bus.address))
+            settle("A")
             try:  # what the image holds, for the performance page (not a check)
                 t = time.monotonic()
                 text = explained(bus.address, MODEL)
@@ -325,6 +355,7 @@ def main() -> int:
                 code, body, secs = shim.control("sleep")
                 check(f"sleep in {letter}: {args.eviction}",
                       code == 200 and body.get("state") == "checkpointed", secs=round(secs, 2))
+                settle(letter)
                 shim.container.remove()
 
         ok = guarded("round A", round_one)

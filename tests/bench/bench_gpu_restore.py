@@ -273,15 +273,19 @@ class Service:
     """The daemon's CheckpointEngine on a state folder (disk or tmpfs)."""
 
     def __init__(self, state_dir: Path, criu: str, gpu: bool, prefetch_threads: int = 0,
-                 memory_tier: Path | None = None) -> None:
+                 memory_tier: Path | None = None, drop_zero_pages: bool = True) -> None:
         """``memory_tier``: llmuxd's memory tier (images in that tmpfs folder, a copy written
-        to ``state_dir`` in the background), as ``memory_tier_dir`` in llmuxd.toml sets it."""
+        to ``state_dir`` in the background), as ``memory_tier_dir`` in llmuxd.toml sets it;
+        ``drop_zero_pages`` as in llmuxd.toml (on by default there too)."""
         from llmux.service.core.authz import Caller
         from llmux.service.core.engine import CheckpointEngine, EngineConfig
 
         self.caller = Caller(pid=os.getpid(), uid=0)
         self.state_dir = state_dir
-        config = EngineConfig(state_dir=state_dir, criu_path=criu,
+        self.answered = self.behind = 0.0
+        self.memory_tier_zeros = memory_tier is not None and not drop_zero_pages
+        self.dumped = 0
+        config = EngineConfig(drop_zero_pages=drop_zero_pages, state_dir=state_dir, criu_path=criu,
                               cuda_mode="api" if gpu else "off",
                               prefetch_threads=prefetch_threads, memory_tier_dir=memory_tier,
                               memory_tier_limit_bytes=64 << 30 if memory_tier else 0)
@@ -294,8 +298,22 @@ class Service:
         return demo.sync(self.engine.resume(self.caller, model, engine.root))
 
     def checkpoint(self, engine: Engine, model: str = "bench") -> Any:
+        """The dump, then the work llmuxd does behind it (the zero-page pass, the copy of
+        a memory-tier checkpoint to disk) in the same event loop, which would otherwise
+        cancel it; ``self.answered`` / ``self.behind`` are the two times, ``self.dumped``
+        the image's size before the pass."""
+        async def dump_then_settle() -> Any:
+            t = time.perf_counter()
+            dumped = await self.engine.checkpoint(self.caller, model, engine.root)
+            self.answered = time.perf_counter() - t
+            self.dumped = int(dumped.images_bytes)
+            t = time.perf_counter()
+            await self.engine.wait_moves()
+            self.behind = time.perf_counter() - t
+            return self.engine.store.get(model)
+
         with demo.TreeReaper(engine.pids):
-            manifest = demo.sync(self.engine.checkpoint(self.caller, model, engine.root))
+            manifest = demo.sync(dump_then_settle())
         with contextlib.suppress(Exception):
             engine.proc.wait(timeout=10)
         demo.wait_gone(engine.pids, 30)
@@ -361,6 +379,8 @@ class Context:
     rows: list[Row] = field(default_factory=list)
     prefetch_label: str = ""
     disk_prefetch: Service | None = None
+    #: the memory tier without the zero-page pass (--compare-zero-pages)
+    memory_zeros: Service | None = None
     #: appended to each row's policy: what differs from the default engine
     label: str = ""
 
@@ -443,7 +463,7 @@ def run_cycles(ctx: Context, policies: set[str]) -> None:
               lambda r: f"pinned D2H/H2D {limits.get('pinned_d2h', 0):.1f}/"
                         f"{pinned_h2d:.1f} GB/s; target >= 10 GB/s each way")
     tiers = (("disk", ctx.disk), (f"disk, {ctx.prefetch_label}", ctx.disk_prefetch),
-             ("memory", ctx.memory))
+             ("memory", ctx.memory), ("memory, zero pages kept", ctx.memory_zeros))
     for weights in ("retain", "discard", "offload"):
         if weights == "offload":
             if "offload+keep_running" in policies:
@@ -462,7 +482,8 @@ def run_cycles(ctx: Context, policies: set[str]) -> None:
         if f"{weights}+checkpoint" not in policies:
             continue
         for tier, tier_service in tiers:
-            if tier_service is not None and (weights == "offload" or tier != tiers[1][0]):
+            if tier_service is not None and (weights == "offload" or tier != tiers[1][0]) \
+                    and (weights == "discard" or tier != tiers[3][0]):
                 checkpoint_cycle(ctx, tier_service, weights, tier, wbytes)
 
 
@@ -480,9 +501,12 @@ def checkpoint_cycle(ctx: Context, service: Service, weights: str, tier: str,
         stats["checkpoint"] = time.perf_counter() - t
         row.image_bytes = int(manifest.images_bytes)
         row.moved_bytes = row.image_bytes
-        row.note = f"CUDA {manifest.cuda_seconds:.2f} s, dump {manifest.dump_seconds:.2f} s"
-        if OUT and level == 2 and tier == "memory":  # what the image holds, for the docs
-            write_breakdown(service, f"explain-{engine.size_mb}-{weights}.txt")
+        row.note = f"CUDA {manifest.cuda_seconds:.2f} s, dump {manifest.dump_seconds:.2f} s, " \
+                   f"answered {service.answered:.2f} s, behind it {service.behind:.2f} s " \
+                   f"(zero pages: {service.dumped / GB:.2f} -> {row.image_bytes / GB:.2f} GB)"
+        if OUT and level == 2 and tier.startswith("memory"):  # what it holds, for the docs
+            kept = "-zeros" if service.memory_tier_zeros else ""
+            write_breakdown(service, f"explain-{engine.size_mb}-{weights}{kept}.txt")
         if tier.startswith("disk"):
             stats["dropped"] = drop_caches()
 
@@ -520,7 +544,7 @@ def checkpoint_cycle(ctx: Context, service: Service, weights: str, tier: str,
             if cache:
                 ideal += wbytes / (cache * GB)
                 what += f" + {wbytes / GB:.2f} GB of weights"
-        return f"{tier} read of {what}: {ideal:.2f} s " \
+        return f"{tier.split(',')[0]} read of {what}: {ideal:.2f} s " \
                f"(restore->first token {row.first_token_secs / ideal:.2f}x)"
 
     cycle(ctx, f"{weights}+checkpoint [{tier}]{ctx.label}", sleep, wake, limit)
@@ -691,6 +715,11 @@ def bench_engine(args: argparse.Namespace, size: int, workdir: Path, criu: str,
             if args.memory_tier:
                 ctx.memory = Service(Path(args.images_dir) / f"state-tier-{size}", criu, gpu,
                                      memory_tier=Path(args.memory_dir) / f"tier-{size}")
+                if args.compare_zero_pages and not label:
+                    ctx.memory_zeros = Service(
+                        Path(args.images_dir) / f"state-tierz-{size}", criu, gpu,
+                        memory_tier=Path(args.memory_dir) / f"tierz-{size}",
+                        drop_zero_pages=False)
         run_cycles(ctx, policies)
         rows.extend(ctx.rows)
         return checksum
@@ -719,6 +748,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--load-threads", type=int, default=8,
                         help="also run discard+checkpoint with this many readers loading the "
                              "weights (the lever, against vLLM's default: one)")
+    parser.add_argument("--compare-zero-pages", action="store_true",
+                        help="also run discard+checkpoint from the memory tier without the "
+                             "zero-page pass (the lever, against llmuxd's default: on)")
     parser.add_argument("--keep-cache", action="store_true",
                         help="never drop the page cache (on a shared machine)")
     parser.add_argument("--out", default=os.environ.get("OUT", ""))
