@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -46,6 +47,7 @@ from llmux.shim.memory import FreeMemory, Measurement, MemoryMeter, MemorySource
 from llmux.shim.placement import Placement
 from llmux.shim.supervisor import Supervisor
 from llmux.shim.transitions import Action, WakeKind
+from llmux.shim.weightfiles import Prefetched, prefetch, weight_files
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -159,6 +161,8 @@ class Lifecycle:
         self._transitions: set[asyncio.Future[Any]] = set()
         #: which GPUs each engine is given (several GPUs); None: the host is one slot
         self.placement: Placement | None = None
+        #: each model's last read-ahead of its weight files behind a restore or resume
+        self.last_prefetch: dict[str, Prefetched] = {}
         supervisor.add_death_listener(self._on_death)
 
     def place_on(self, placement: Placement) -> None:
@@ -431,19 +435,56 @@ class Lifecycle:
         if state is ModelState.SUSPENDED:
             eng = self.supervisor.engine(name)
             assert eng is not None  # state SUSPENDED is effective only while it is alive
-            await backend.resume(name, eng.root_pid, **self._moved(name))
-            await self.supervisor.wait_healthy(name, within_secs=self.engine_call_timeout_secs)
-            await self._wake_weights(rec)
+            async with self._weights_ahead(rec):
+                await backend.resume(name, eng.root_pid, **self._moved(name))
+                await self.supervisor.wait_healthy(
+                    name, within_secs=self.engine_call_timeout_secs)
+                await self._wake_weights(rec)
             return WakeKind.RESUME
         if state is ModelState.CHECKPOINTED:
             keep = self.config.checkpoint.keep_images if self.config.checkpoint else True
-            await asyncio.to_thread(self.supervisor.prepare_tmp_dir, name, fresh=False)
-            tree = await self._restore(backend, rec, keep)
-            await self.supervisor.adopt(name, tree.root_pid, tree.pids)
-            await self.supervisor.wait_healthy(name)
-            await self._wake_weights(rec)
+            async with self._weights_ahead(rec):
+                await asyncio.to_thread(self.supervisor.prepare_tmp_dir, name, fresh=False)
+                tree = await self._restore(backend, rec, keep)
+                await self.supervisor.adopt(name, tree.root_pid, tree.pids)
+                await self.supervisor.wait_healthy(name)
+                await self._wake_weights(rec)
             return WakeKind.RESTORE
         raise Conflict(f"model {name}: cannot activate from state {state}")
+
+    @contextlib.asynccontextmanager
+    async def _weights_ahead(self, rec: _Model) -> AsyncIterator[None]:
+        """While a tree whose weights were discarded comes back (restore or CUDA resume),
+        their files are read into the page cache, so that the reload after it finds them
+        there (weightfiles.py). The outcome is kept in ``last_prefetch`` and logged."""
+        level = rec.sleep_level
+        if level is None:  # a checkpoint from an earlier run: its configured eviction
+            level = _WEIGHT_LEVEL[rec.config.eviction.weights]
+        if level != 2:
+            yield
+            return
+        stop = threading.Event()
+        config, env = rec.config, self.supervisor.env(rec.config)
+
+        def ahead() -> Prefetched:
+            return prefetch(weight_files(config, env), stop)
+
+        task = asyncio.create_task(asyncio.to_thread(ahead))
+        try:
+            yield
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            try:
+                done = await task
+            except Exception as e:  # the wake itself decides; this only reads ahead
+                log.warning("model=%s action=prefetch_weights failed: %s", config.name, e)
+            else:
+                self.last_prefetch[config.name] = done
+                log.info("model=%s action=prefetch_weights files=%d mib=%d seconds=%.3f%s",
+                         config.name, done.files, done.bytes >> 20, done.seconds,
+                         f" skipped={done.skipped!r}" if done.skipped else "")
 
     async def _restore(self, backend: ProcessBackend, rec: _Model, keep: bool) -> RestoredTree:
         """The restore; a replica's (replicas_from_checkpoint) waits while llmuxd restores

@@ -25,10 +25,13 @@ def hf_cache_dir() -> Path:
     return Path(hf_home) if hf_home else user_cache_dir() / "huggingface"
 
 
-def checkpoint_dir(model_path: str, backend: str, weights_mb: int) -> Path:
-    """<HF cache>/llmux-builtin/<model_path>/<backend>-<N>mb: one checkpoint per variant."""
+def checkpoint_dir(model_path: str, backend: str, weights_mb: int,
+                   cache: Path | None = None) -> Path:
+    """<HF cache>/llmux-builtin/<model_path>/<backend>-<N>mb: one checkpoint per variant
+    (``cache``: another process's HF cache, default this one's)."""
     safe_parts = [_safe_component(part) for part in model_path.split("/") if part]
-    return hf_cache_dir().joinpath("llmux-builtin", *safe_parts, f"{backend}-{weights_mb}mb")
+    return (cache or hf_cache_dir()).joinpath("llmux-builtin", *safe_parts,
+                                              f"{backend}-{weights_mb}mb")
 
 
 def jit_log_path(name: str, fingerprint: str) -> Path:

@@ -39,10 +39,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support import procs
-
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # run as a script (the GPU machine): the tests' support package
+from tests.support import procs  # noqa: E402
+
 GB = 1e9
+#: the tier's label when the weights are not read ahead during the restore
+NOT_AHEAD = "weights not read ahead"
 MIB = 1 << 20
 
 
@@ -202,6 +205,7 @@ class Engine:
     port: int
     log_path: Path
     pids: list[int] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def root(self) -> int:
@@ -241,7 +245,17 @@ def start_engine(size_mb: int, device: str, workdir: Path, extra: Sequence[str] 
     env.setdefault("HF_HOME", str(workdir / "hf"))
     env["LLMUX_BUILTIN_LOAD_THREADS"] = str(readers)
     proc = demo._spawn(argv, log_path, env)
-    return Engine(size_mb, proc, port, log_path)
+    return Engine(size_mb, proc, port, log_path, env=env)
+
+
+def weight_files(engine: Engine) -> list[Path]:
+    """The engine's weights file, found as the shim finds it (llmux.shim.weightfiles)."""
+    from llmux.shim.config import EngineKind, ModelConfig
+    from llmux.shim.weightfiles import weight_files as found
+
+    config = ModelConfig(name="bench", model_path=f"bench/model-{engine.size_mb}", port=1,
+                         engine=EngineKind.BUILTIN, weights_mb=engine.size_mb)
+    return found(config, engine.env)
 
 
 def wait_engine(engine: Engine, timeout: float = 900) -> None:
@@ -381,6 +395,8 @@ class Context:
     disk_prefetch: Service | None = None
     #: the memory tier without the zero-page pass (--compare-zero-pages)
     memory_zeros: Service | None = None
+    #: the disk again, the weights not read ahead during the restore (--compare-prefetch)
+    disk_no_ahead: Service | None = None
     #: appended to each row's policy: what differs from the default engine
     label: str = ""
 
@@ -463,7 +479,8 @@ def run_cycles(ctx: Context, policies: set[str]) -> None:
               lambda r: f"pinned D2H/H2D {limits.get('pinned_d2h', 0):.1f}/"
                         f"{pinned_h2d:.1f} GB/s; target >= 10 GB/s each way")
     tiers = (("disk", ctx.disk), (f"disk, {ctx.prefetch_label}", ctx.disk_prefetch),
-             ("memory", ctx.memory), ("memory, zero pages kept", ctx.memory_zeros))
+             ("memory", ctx.memory), ("memory, zero pages kept", ctx.memory_zeros),
+             (f"disk, {NOT_AHEAD}", ctx.disk_no_ahead))
     for weights in ("retain", "discard", "offload"):
         if weights == "offload":
             if "offload+keep_running" in policies:
@@ -483,7 +500,7 @@ def run_cycles(ctx: Context, policies: set[str]) -> None:
             continue
         for tier, tier_service in tiers:
             if tier_service is not None and (weights == "offload" or tier != tiers[1][0]) \
-                    and (weights == "discard" or tier != tiers[3][0]):
+                    and (weights == "discard" or tier not in (tiers[3][0], tiers[4][0])):
                 checkpoint_cycle(ctx, tier_service, weights, tier, wbytes)
 
 
@@ -511,7 +528,13 @@ def checkpoint_cycle(ctx: Context, service: Service, weights: str, tier: str,
             stats["dropped"] = drop_caches()
 
     def wake(row: Row) -> None:
+        from llmux.shim.weightfiles import prefetch
+
         source = service.images_in()
+        ahead: concurrent.futures.Future[Any] | None = None
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        if level == 2 and NOT_AHEAD not in tier:  # as the shim does for a discard checkpoint
+            ahead = pool.submit(prefetch, weight_files(engine))
         t = time.perf_counter()
         service.restore(engine)
         restore_secs = time.perf_counter() - t
@@ -521,6 +544,11 @@ def checkpoint_cycle(ctx: Context, service: Service, weights: str, tier: str,
             t = time.perf_counter()
             engine.post("/collective_rpc", {"method": "reload_weights"})
             row.note += f", reload of the weights {time.perf_counter() - t:.2f} s"
+        if ahead is not None:
+            done = ahead.result()
+            row.note += f", weights read ahead: {done.bytes / GB:.2f} GB asked for in " \
+                        f"{done.seconds:.2f} s{' (' + done.skipped + ')' if done.skipped else ''}"
+        pool.shutdown()
         row.note += f", restore {restore_secs:.2f} s (images in {source})"
         if tier.startswith("disk"):
             row.note += " (page cache dropped)" if stats.get("dropped") else " (cache NOT dropped)"
@@ -712,6 +740,8 @@ def bench_engine(args: argparse.Namespace, size: int, workdir: Path, criu: str,
                 ctx.prefetch_label = f"{args.prefetch_threads} prefetch readers"
                 ctx.disk_prefetch = Service(Path(args.images_dir) / f"state-pf-{size}", criu,
                                             gpu, prefetch_threads=args.prefetch_threads)
+            if args.compare_prefetch and not label:
+                ctx.disk_no_ahead = ctx.disk
             if args.memory_tier:
                 ctx.memory = Service(Path(args.images_dir) / f"state-tier-{size}", criu, gpu,
                                      memory_tier=Path(args.memory_dir) / f"tier-{size}")
@@ -751,6 +781,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--compare-zero-pages", action="store_true",
                         help="also run discard+checkpoint from the memory tier without the "
                              "zero-page pass (the lever, against llmuxd's default: on)")
+    parser.add_argument("--compare-prefetch", action="store_true",
+                        help="also run discard+checkpoint from the disk without reading the "
+                             "weights ahead during the restore (the lever, against the shim's "
+                             "default: read ahead)")
     parser.add_argument("--keep-cache", action="store_true",
                         help="never drop the page cache (on a shared machine)")
     parser.add_argument("--out", default=os.environ.get("OUT", ""))
