@@ -29,8 +29,10 @@ from llmux.shim.config import EngineKind, ModelConfig
 
 #: the formats vLLM loads, best first: the first that a folder holds is the weights
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
-#: how much one readahead request asks for: small enough to stop soon when told to
-CHUNK_BYTES = 64 << 20
+#: what one readahead request may ask for where the device does not say (the kernel's
+#: default read_ahead_kb): the kernel reads at most max(read_ahead_kb, max_sectors_kb) of
+#: one POSIX_FADV_WILLNEED and drops the rest
+DEFAULT_CHUNK_BYTES = 128 << 10
 #: the share of the memory available now that the files may take
 MEMORY_SHARE = 0.5
 
@@ -110,10 +112,28 @@ def available_bytes() -> int:
     return 0
 
 
+def readahead_bytes(fd: int) -> int:
+    """The most one ``POSIX_FADV_WILLNEED`` on ``fd`` reads: its block device's
+    max(read_ahead_kb, max_sectors_kb) (a partition's are its disk's), else the default."""
+    try:
+        dev = os.fstat(fd).st_dev
+        block = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve()
+    except OSError:
+        return DEFAULT_CHUNK_BYTES
+    for folder in (block / "queue", block.parent / "queue"):
+        try:
+            kib = max(int((folder / name).read_text()) for name in
+                      ("read_ahead_kb", "max_sectors_kb"))
+        except (OSError, ValueError):
+            continue
+        return max(kib << 10, DEFAULT_CHUNK_BYTES)
+    return DEFAULT_CHUNK_BYTES
+
+
 def prefetch(files: Sequence[Path], stop: threading.Event | None = None) -> Prefetched:
-    """Ask the kernel to read ``files`` into the page cache (``POSIX_FADV_WILLNEED``, chunk
-    by chunk: no copies into this process); returns once every request is queued, or at
-    ``stop``. Blocking: run it in a thread."""
+    """Ask the kernel to read ``files`` into the page cache (``POSIX_FADV_WILLNEED``, in
+    requests no larger than it serves whole: no copies into this process); returns once
+    every request is queued, or at ``stop``. Blocking: run it in a thread."""
     t = time.monotonic()
     sizes: list[tuple[Path, int]] = []
     for path in files:
@@ -135,10 +155,11 @@ def prefetch(files: Sequence[Path], stop: threading.Event | None = None) -> Pref
         except OSError:
             continue
         try:
-            for offset in range(0, size, CHUNK_BYTES):
+            chunk = readahead_bytes(fd)
+            for offset in range(0, size, chunk):
                 if stop is not None and stop.is_set():
                     return Prefetched(done, asked, time.monotonic() - t, skipped="stopped")
-                length = min(CHUNK_BYTES, size - offset)
+                length = min(chunk, size - offset)
                 os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
                 asked += length
         except OSError:

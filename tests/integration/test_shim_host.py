@@ -9,6 +9,7 @@ CRIU 4.2, `llmux serve` with two built-in engines, HTTP on loopback.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,9 @@ def test_control_sleep_and_wake_checkpoint_a(llmuxd: Llmuxd, start_shim: Any) ->
     a = shim.model_status(A)
     assert a["last_wake"] == "restore" and sorted(a["pids"]) == sorted(pids), a
     assert shim.text(A) == first
+    # the weights were discarded: their file was read ahead while the tree came back
+    ahead = re.findall(rf"model={A} action=prefetch_weights files=(\d+) mib=(\d+)", shim.log())
+    assert ahead and ahead[-1][0] == "1" and int(ahead[-1][1]) >= 8, shim.log()[-4000:]
 
 
 def test_cuda_suspend_without_gpu_is_refused_and_escalates_to_stop(
