@@ -33,6 +33,10 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
 #: default read_ahead_kb): the kernel reads at most max(read_ahead_kb, max_sectors_kb) of
 #: one POSIX_FADV_WILLNEED and drops the rest
 DEFAULT_CHUNK_BYTES = 128 << 10
+#: requests in flight at once: a few, so that the restore's own reads of its images from
+#: the same disk take their turns between them (8.6 GB queued at once held a restore's
+#: reads behind them: 1.36 s -> 5.23 s)
+WINDOW_CHUNKS = 2
 #: the share of the memory available now that the files may take
 MEMORY_SHARE = 0.5
 
@@ -132,8 +136,9 @@ def readahead_bytes(fd: int) -> int:
 
 def prefetch(files: Sequence[Path], stop: threading.Event | None = None) -> Prefetched:
     """Ask the kernel to read ``files`` into the page cache (``POSIX_FADV_WILLNEED``, in
-    requests no larger than it serves whole: no copies into this process); returns once
-    every request is queued, or at ``stop``. Blocking: run it in a thread."""
+    requests no larger than it serves whole, a few in flight at a time: no copies into this
+    process); returns once the last request is queued, or at ``stop``. Blocking: run it in a
+    thread."""
     t = time.monotonic()
     sizes: list[tuple[Path, int]] = []
     for path in files:
@@ -155,13 +160,18 @@ def prefetch(files: Sequence[Path], stop: threading.Event | None = None) -> Pref
         except OSError:
             continue
         try:
+            # this descriptor's own reads (the waits below) start no readahead of their own
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             chunk = readahead_bytes(fd)
-            for offset in range(0, size, chunk):
+            offsets = range(0, size, chunk)
+            for i, offset in enumerate(offsets):
                 if stop is not None and stop.is_set():
                     return Prefetched(done, asked, time.monotonic() - t, skipped="stopped")
                 length = min(chunk, size - offset)
                 os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
                 asked += length
+                if i >= WINDOW_CHUNKS:  # wait for an earlier request: a bounded window
+                    os.pread(fd, 1, offsets[i - WINDOW_CHUNKS] + chunk - 1)
         except OSError:
             continue
         finally:
