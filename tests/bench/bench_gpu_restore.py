@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import importlib.util
 import json
+import logging
 import mmap
 import os
 import shutil
@@ -797,6 +798,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         OUT.append(open(Path(args.out) / "bench_gpu_restore.log", "w"))  # noqa: SIM115
+        # the daemon's library says where a restore's time went (CRIU, then the CUDA restore)
+        handler = logging.FileHandler(Path(args.out) / "llmuxd-library.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("llmux").addHandler(handler)
+        logging.getLogger("llmux").setLevel(logging.INFO)
     workdir = Path(tempfile.mkdtemp(prefix="llmux-bench-"))
     demo.make_import_root(workdir)
     criu = demo.find_criu(args.criu)
