@@ -36,6 +36,11 @@ STOP_BOUND_SECS = 8.0
 """How long SIGTERM waits for the running jobs to end (systemd's stop and users expect
 llmuxd to be gone within 10 s, whatever it was doing)."""
 
+DURABLE_BOUND_SECS = 60.0
+"""How long SIGTERM then waits for the work behind the last dumps: a checkpoint whose images
+are still in the memory tier only (a tmpfs) would not survive the reboot that may follow.
+Within the unit's TimeoutStopSec (90 s)."""
+
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -99,6 +104,7 @@ async def run(config: DaemonConfig, notifier: Notifier) -> int:
         for handler in logging.getLogger().handlers:
             handler.flush()
         os._exit(1)
+    await _finish_durable_copies(engine)
     watchdog.cancel()
     stopped.cancel()
     if not disconnected.done():
@@ -106,6 +112,23 @@ async def run(config: DaemonConfig, notifier: Notifier) -> int:
         await asyncio.gather(disconnected, return_exceptions=True)
     log.info("stopped")
     return code
+
+
+async def _finish_durable_copies(engine: CheckpointEngine) -> None:
+    """Waits (bounded) for the copies to disk in flight; names what a reboot would lose."""
+    if engine.mover.busy():
+        log.info("stopping: finishing the work behind the last dump(s) (their copies to disk)")
+        try:
+            await asyncio.wait_for(engine.wait_moves(), DURABLE_BOUND_SECS)
+        except TimeoutError:
+            log.error("the copies to disk did not end within %.0f s of SIGTERM",
+                      DURABLE_BOUND_SECS)
+    await engine.mover.close()
+    lost = [model for model, on_disk in engine.store.memory_copies() if not on_disk]
+    if lost:
+        log.warning("checkpoint(s) %s are in the memory tier only: a reboot loses them "
+                    "(the next start of llmuxd copies them to disk if they are still there)",
+                    ", ".join(lost))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -236,6 +236,10 @@ class TierMover:
                     self.start(model, committed=False)
             await asyncio.sleep(WATCH_SECS)
 
+    def busy(self) -> bool:
+        """True while work behind a dump is in flight."""
+        return bool(self._movers)
+
     async def wait(self) -> None:
         """Until every copy to disk in flight is done (tests; a clean stop)."""
         while self._movers:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -18,12 +19,14 @@ from pathlib import Path
 import pytest
 
 from llmux.common.proctree import tracer_of
+from llmux.service.core.store import DISK_COPY
 from tests.support.dbus_jobs import counts_on, no_half_checkpoints
 from tests.support.llmuxd_harness import (
     BUS_NAME,
     OBJECT_PATH,
     Llmuxd,
     children_of,
+    kill_pid,
     pid_state,
 )
 from tests.support.procs import pid_alive, wait_until
@@ -331,3 +334,31 @@ def test_a_refused_request_is_the_calls_own_error_and_makes_no_job(
     assert (job_id, job_path) == (1, f"{OBJECT_PATH}/job/1"), "refusals made no jobs"
     assert llmuxd.ok("WaitJob", "ud", job_id, 120) == ["done", "", ""]
     assert pid_alive(target.pid)
+
+
+def test_sigterm_right_after_a_dump_finishes_its_copy_to_disk_first(
+    llmuxd: Llmuxd, spawn_counter
+) -> None:
+    """A reboot may follow llmuxd's stop at once. A checkpoint whose images are still only
+    in the memory tier (a tmpfs) would not survive it: SIGTERM waits for the copy to disk.
+    The reboot is then played by removing the tier's folder: llmuxd, started again, lists
+    the checkpoint and restores the process from the disk."""
+    target = spawn_counter(megabytes=256)
+    job_id, _path = llmuxd.ok("Checkpoint", "sua{sv}", "m1", target.pid, 0)
+    assert llmuxd.ok("WaitJob", "ud", job_id, 120) == ["done", "", ""]
+    images = llmuxd.state_dir / "m1" / "images"
+    assert images.is_symlink(), "the default memory tier should hold the images"
+    tier = images.resolve()
+    assert llmuxd.stop() == 0, llmuxd.log()[-3000:]
+    assert (llmuxd.state_dir / "m1" / DISK_COPY).is_dir(), llmuxd.log()[-3000:]
+    assert "in the memory tier only" not in llmuxd.log()
+
+    shutil.rmtree(tier)  # the reboot: tmpfs is empty again
+    target.reap()
+    llmuxd.start()
+    assert [c[0] for c in llmuxd.ok("ListCheckpoints")[0]] == ["m1"], llmuxd.log()[-3000:]
+    reached = target.last()
+    job_id, _path = llmuxd.ok("Restore", "sa{sv}", "m1", 0)
+    assert llmuxd.ok("WaitJob", "ud", job_id, 120) == ["done", "", ""], llmuxd.log()[-3000:]
+    wait_until(lambda: target.last() > reached, 30, "the restored counter to go on")
+    kill_pid(target.pid)
