@@ -115,16 +115,8 @@ async def run(config: DaemonConfig, notifier: Notifier) -> int:
 
 
 async def _finish_durable_copies(engine: CheckpointEngine) -> None:
-    """Waits (bounded) for the copies to disk in flight; names what a reboot would lose."""
-    if engine.mover.busy():
-        log.info("stopping: finishing the work behind the last dump(s) (their copies to disk)")
-        try:
-            await asyncio.wait_for(engine.wait_moves(), DURABLE_BOUND_SECS)
-        except TimeoutError:
-            log.error("the copies to disk did not end within %.0f s of SIGTERM",
-                      DURABLE_BOUND_SECS)
-    await engine.mover.close()
-    lost = [model for model, on_disk in engine.store.memory_copies() if not on_disk]
+    """Names what a reboot would lose once the engine's background work is over."""
+    lost = await engine.close(DURABLE_BOUND_SECS)
     if lost:
         log.warning("checkpoint(s) %s are in the memory tier only: a reboot loses them "
                     "(the next start of llmuxd copies them to disk if they are still there)",

@@ -161,8 +161,6 @@ class Lifecycle:
         self._transitions: set[asyncio.Future[Any]] = set()
         #: which GPUs each engine is given (several GPUs); None: the host is one slot
         self.placement: Placement | None = None
-        #: each model's last read-ahead of its weight files behind a restore or resume
-        self.last_prefetch: dict[str, Prefetched] = {}
         supervisor.add_death_listener(self._on_death)
 
     def place_on(self, placement: Placement) -> None:
@@ -456,7 +454,7 @@ class Lifecycle:
     async def _weights_ahead(self, rec: _Model) -> AsyncIterator[None]:
         """While a tree whose weights were discarded comes back (restore or CUDA resume),
         their files are read into the page cache, so that the reload after it finds them
-        there (weightfiles.py). The outcome is kept in ``last_prefetch`` and logged."""
+        there (weightfiles.py). The outcome is logged."""
         level = rec.sleep_level
         if level is None:  # a checkpoint from an earlier run: its configured eviction
             level = _WEIGHT_LEVEL[rec.config.eviction.weights]
@@ -481,7 +479,6 @@ class Lifecycle:
             except Exception as e:  # the wake itself decides; this only reads ahead
                 log.warning("model=%s action=prefetch_weights failed: %s", config.name, e)
             else:
-                self.last_prefetch[config.name] = done
                 log.info("model=%s action=prefetch_weights files=%d mib=%d seconds=%.3f%s",
                          config.name, done.files, done.bytes >> 20, done.seconds,
                          f" skipped={done.skipped!r}" if done.skipped else "")

@@ -244,6 +244,20 @@ class CheckpointEngine:
         """Until every move to disk in flight is done (tests; a clean stop)."""
         await self.mover.wait()
 
+    async def close(self, within: float) -> list[str]:
+        """A clean stop: the work behind the last dumps finished (``within`` seconds at
+        most: a checkpoint in the memory tier only would not survive a reboot), the
+        tier's watch stopped. Returns the models still in memory only."""
+        if self.mover.busy():
+            log.info("stopping: finishing the work behind the last dump(s) (their copies "
+                     "to disk)")
+            try:
+                await asyncio.wait_for(self.mover.wait(), within)
+            except TimeoutError:
+                log.error("the copies to disk did not end within %.0f s", within)
+        await self.mover.close()
+        return [model for model, on_disk in self.store.memory_copies() if not on_disk]
+
     # ---- jobs: prepare_* checks and claims, Prepared.run is the job ----------------------
 
     async def prepare_checkpoint(
